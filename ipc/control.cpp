@@ -1,0 +1,100 @@
+#include "control.hpp"
+
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+namespace tcps::ipc {
+
+std::string default_engine_socket_path() {
+    const uid_t uid = getuid();
+    if (uid == 0) return "/run/tcps/engine.sock";
+    if (const char *xdg = std::getenv("XDG_RUNTIME_DIR"); xdg && *xdg)
+        return std::string(xdg) + "/tcps/engine.sock";
+    return "/tmp/tcps-" + std::to_string(uid) + "/engine.sock";
+}
+
+std::string engine_socket_path() {
+    if (const char *env = std::getenv(kEngineSocketEnv); env && *env) return env;
+    return default_engine_socket_path();
+}
+
+// Raw syscalls: inside libtcps.so, ::sendmsg/::recvmsg would be the shim's own interposers.
+static ssize_t raw_sendmsg(int sock, const msghdr *msg, int flags) {
+    return syscall(SYS_sendmsg, sock, msg, flags);
+}
+static ssize_t raw_recvmsg(int sock, msghdr *msg, int flags) {
+    return syscall(SYS_recvmsg, sock, msg, flags);
+}
+
+int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds) {
+    if (nfds < 0 || nfds > kMaxControlFds) return -EINVAL;
+    iovec iov{const_cast<ControlMessage *>(&msg), sizeof(msg)};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxControlFds)] = {};
+    msghdr header{};
+    header.msg_iov = &iov;
+    header.msg_iovlen = 1;
+    if (nfds > 0) {
+        header.msg_control = control;
+        header.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        cmsghdr *cmsg = CMSG_FIRSTHDR(&header);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        std::memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
+    }
+    for (;;) {
+        ssize_t n = raw_sendmsg(sock, &header, MSG_NOSIGNAL);
+        if (n == static_cast<ssize_t>(sizeof(msg))) return 0;
+        if (n >= 0) return -EPROTO;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags) {
+    for (int i = 0; i < max_fds; ++i) fds[i] = -1;
+    iovec iov{&msg, sizeof(msg)};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxControlFds)] = {};
+    msghdr header{};
+    header.msg_iov = &iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control;
+    header.msg_controllen = sizeof(control);
+    ssize_t n;
+    do {
+        n = raw_recvmsg(sock, &header, flags | MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    if (n == 0) return -ECONNRESET;
+
+    int received = 0;
+    bool excess = false;
+    for (cmsghdr *cmsg = CMSG_FIRSTHDR(&header); cmsg; cmsg = CMSG_NXTHDR(&header, cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+        const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; ++i) {
+            int fd;
+            std::memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+            if (received < max_fds) {
+                fds[received++] = fd;
+            } else {
+                close(fd);
+                excess = true;
+            }
+        }
+    }
+    if (excess || (header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) ||
+        n != static_cast<ssize_t>(sizeof(msg))) {
+        for (int i = 0; i < received; ++i) {
+            close(fds[i]);
+            fds[i] = -1;
+        }
+        return -EPROTO;
+    }
+    return 0;
+}
+
+}  // namespace tcps::ipc

@@ -1,0 +1,53 @@
+// The control socket: how a client process finds the engine and receives its region.
+//
+// AF_UNIX SOCK_SEQPACKET (message boundaries, SO_PEERCRED, SCM_RIGHTS). Used only to set a
+// session up, to register a sleeping thread's pipe, and (by its EOF) to tell either side that
+// the other has gone. Nothing on the data path touches it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace tcps::ipc {
+
+enum class ControlType : uint32_t {
+    kHello = 1,           // client -> engine: {version}
+    kHelloReply = 2,      // engine -> client: {result, session_id} + fds [region memfd, doorbell]
+    kRegisterWaiter = 3,  // client -> engine: {arg = waiter index} + fds [pipe write end]
+    kWaiterReply = 4,     // engine -> client: {result}
+};
+
+struct ControlMessage {
+    uint32_t type;  // ControlType
+    uint32_t version;
+    int32_t arg;
+    int32_t result;  // 0 or -errno
+    uint32_t session_id;
+    uint32_t reserved[3];
+};
+static_assert(sizeof(ControlMessage) == 32, "control messages are 32 bytes");
+
+inline constexpr int kMaxControlFds = 2;
+
+// Environment variable naming the engine's control socket (both sides).
+inline constexpr const char *kEngineSocketEnv = "TCPS_ENGINE_SOCKET";
+
+// The default control socket path: /run/tcps/engine.sock for root, else
+// $XDG_RUNTIME_DIR/tcps/engine.sock, else /tmp/tcps-<uid>/engine.sock.
+std::string default_engine_socket_path();
+
+// The path to use: $TCPS_ENGINE_SOCKET if set and non-empty, else the default.
+std::string engine_socket_path();
+
+// Sends one message with up to kMaxControlFds descriptors. Returns 0 or -errno.
+// These call the real libc functions (the shim must not intercept its own control traffic:
+// it uses AF_UNIX, which the shim passes through anyway).
+int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds);
+
+// Receives one message and up to kMaxControlFds descriptors (set to -1 if absent; received
+// descriptors are close-on-exec). Returns 0, -errno, or -ECONNRESET on EOF. A message of the
+// wrong size, or carrying more descriptors than asked for, is -EPROTO (extra fds are closed).
+int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags = 0);
+
+}  // namespace tcps::ipc

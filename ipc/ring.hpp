@@ -1,0 +1,112 @@
+// Lock-free pieces shared by both sides: byte-ring copies and the work queue.
+// Header-only so the shim's hot path inlines them.
+#pragma once
+
+#include <sys/uio.h>
+#include <cstring>
+
+#include "layout.hpp"
+
+namespace tcps::ipc {
+
+// Copies `len` bytes into a ring of `ring_bytes` (a power of two) at free-running index `pos`,
+// wrapping at the end. The caller has checked that `len` bytes are free.
+inline void ring_copy_in(uint8_t *ring, uint32_t ring_bytes, uint32_t pos, const void *src,
+                         size_t len) {
+    const uint32_t at = pos & (ring_bytes - 1);
+    const size_t first = len < ring_bytes - at ? len : ring_bytes - at;
+    std::memcpy(ring + at, src, first);
+    if (len > first) std::memcpy(ring, static_cast<const uint8_t *>(src) + first, len - first);
+}
+
+inline void ring_copy_out(const uint8_t *ring, uint32_t ring_bytes, uint32_t pos, void *dst,
+                          size_t len) {
+    const uint32_t at = pos & (ring_bytes - 1);
+    const size_t first = len < ring_bytes - at ? len : ring_bytes - at;
+    std::memcpy(dst, ring + at, first);
+    if (len > first) std::memcpy(static_cast<uint8_t *>(dst) + first, ring, len - first);
+}
+
+// Gathers up to `len` bytes from an iovec array into the ring; returns the bytes copied.
+inline size_t ring_copy_in_iov(uint8_t *ring, uint32_t ring_bytes, uint32_t pos,
+                               const struct iovec *iov, size_t iovcnt, size_t len) {
+    size_t done = 0;
+    for (size_t i = 0; i < iovcnt && done < len; ++i) {
+        size_t n = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
+        ring_copy_in(ring, ring_bytes, pos + static_cast<uint32_t>(done), iov[i].iov_base, n);
+        done += n;
+    }
+    return done;
+}
+
+// Scatters up to `len` bytes from the ring into an iovec array; returns the bytes copied.
+inline size_t ring_copy_out_iov(const uint8_t *ring, uint32_t ring_bytes, uint32_t pos,
+                                const struct iovec *iov, size_t iovcnt, size_t len) {
+    size_t done = 0;
+    for (size_t i = 0; i < iovcnt && done < len; ++i) {
+        size_t n = iov[i].iov_len < len - done ? iov[i].iov_len : len - done;
+        ring_copy_out(ring, ring_bytes, pos + static_cast<uint32_t>(done), iov[i].iov_base, n);
+        done += n;
+    }
+    return done;
+}
+
+// --- work queue (client threads produce, the engine consumes) ---
+
+// Engine, before handing the region over: entry i is free for position i.
+inline void work_queue_init(const RegionView &region) {
+    for (uint32_t i = 0; i < kWorkQueueEntries; ++i)
+        region.work_entry(i).seq.store(i, std::memory_order_relaxed);
+    region.header().wq_tail.store(0, std::memory_order_relaxed);
+    region.header().wq_head.store(0, std::memory_order_relaxed);
+}
+
+// Client: queues `slot` for the engine. Returns false only if the queue is full, which the
+// doorbell_queued rule makes impossible for a well-behaved client.
+inline bool work_queue_push(const RegionView &region, uint32_t slot) {
+    auto &tail = region.header().wq_tail;
+    uint32_t pos = tail.load(std::memory_order_relaxed);
+    for (;;) {
+        WorkEntry &entry = region.work_entry(pos & (kWorkQueueEntries - 1));
+        const uint32_t seq = entry.seq.load(std::memory_order_acquire);
+        const int32_t diff = static_cast<int32_t>(seq - pos);
+        if (diff == 0) {
+            if (tail.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) {
+                entry.slot = slot;
+                entry.seq.store(pos + 1, std::memory_order_release);
+                return true;
+            }
+        } else if (diff < 0) {
+            return false;
+        } else {
+            pos = tail.load(std::memory_order_relaxed);
+        }
+    }
+}
+
+// Client: marks `slot` as having work and queues it unless it is already queued. The seq_cst
+// exchange pairs with the engine's seq_cst clear: either the engine sees what the caller
+// published before this call, or the caller sees the flag clear and queues the slot again.
+inline void ring_doorbell(const RegionView &region, uint32_t slot) {
+    if (region.slot(slot).doorbell_queued.exchange(1, std::memory_order_seq_cst) == 0)
+        work_queue_push(region, slot);
+}
+
+enum class PopResult { kEmpty, kSlot, kGarbage };
+
+// Engine: takes the next queued slot. The entry is client-written: kGarbage means the client
+// broke the protocol (a slot index out of range) and its session must end.
+inline PopResult work_queue_pop(const RegionView &region, uint32_t &slot_out) {
+    auto &head_index = region.header().wq_head;
+    const uint32_t head = head_index.load(std::memory_order_relaxed);
+    WorkEntry &entry = region.work_entry(head & (kWorkQueueEntries - 1));
+    if (entry.seq.load(std::memory_order_acquire) != head + 1) return PopResult::kEmpty;
+    const uint32_t slot = entry.slot;
+    entry.seq.store(head + kWorkQueueEntries, std::memory_order_release);
+    head_index.store(head + 1, std::memory_order_release);
+    if (slot >= kMaxSockets) return PopResult::kGarbage;
+    slot_out = slot;
+    return PopResult::kSlot;
+}
+
+}  // namespace tcps::ipc
