@@ -10,6 +10,11 @@
 //  * Every field is written by exactly one side; the comments name it. The engine treats every
 //    client-written field as untrusted: it loads it once into a local, checks it, then uses the
 //    local (no double fetch).
+//  * A slot's indices (both sides', the client's too) are zeroed by the engine while it still
+//    owns the slot: before it answers kSocket and before it publishes an accepted connection.
+//  * A side that publishes (a store-release) and then reads what the other side published
+//    (engine_sleeping, flags, a waiter's state) needs a seq_cst fence in between: release/acquire
+//    alone allows the store-load reordering that loses a wake-up.
 //  * Producer and consumer indices are free-running uint32 counters; a ring holds
 //    `tail - head` bytes/entries, which must never exceed its capacity. Publish with
 //    store-release, read with load-acquire.
@@ -73,7 +78,7 @@ enum class Op : uint32_t {
     // arg0 = backlog. Result 0 or -errno. Then the engine accepts eagerly into the accept ring.
     kListen = 3,
     // addr/addr_len. Result -EINPROGRESS: the connect has started; its outcome arrives in flags
-    // (kFlagConnected, or an error with kFlagError/so_error). Other results are immediate errors
+    // (kFlagConnected, or kFlagReset with so_error/error_gen). Other results are immediate errors
     // (-EISCONN, -EALREADY, -EINVAL, -EAFNOSUPPORT...).
     kConnect = 4,
     // arg0 = how (SHUT_RD/SHUT_WR/SHUT_RDWR). SHUT_WR takes effect after the tx ring drains.
@@ -200,7 +205,7 @@ struct alignas(kCacheLine) SocketSlot {
 static_assert(sizeof(SocketSlot) % kCacheLine == 0, "slots are whole cache lines");
 static_assert(offsetof(SocketSlot, tx_head) == kCacheLine, "engine-written indices on line 1");
 static_assert(offsetof(SocketSlot, request) % kCacheLine == 0, "request starts a cache line");
-static_assert(sizeof(SocketSlot) == 1024, "slot size is part of the layout (version bump)");
+static_assert(sizeof(SocketSlot) == 1088, "slot size is part of the layout (version bump)");
 
 // A sleeping client thread. Each waiter has a pipe: the client holds the read end, the engine
 // the write end (registered over the control socket). The client arms (state = kArmed, slot),
@@ -285,7 +290,7 @@ constexpr size_t rx_ring_offset(uint32_t slot) {
 }
 static_assert(kRingsOffset % kPageSize == 0, "rings are page aligned (hole punching on free)");
 static_assert(kRingPairBytes % kPageSize == 0, "each socket's rings are whole pages");
-static_assert(kRegionBytes == 4096 + 16384 + 32768 + 4194304 + 4096ull * 131072,
+static_assert(kRegionBytes == 4096 + 16384 + 32768 + 4096ull * 1088 + 4096ull * 131072,
               "region size: header + waiters + work queue + slots + rings");
 
 // Typed views over a mapped region (either side).

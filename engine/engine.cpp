@@ -1,0 +1,512 @@
+#include "engine.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "control.hpp"
+#include "log.hpp"
+#include "session.hpp"
+#include "worker.hpp"
+
+namespace tcps::engine {
+
+namespace {
+
+constexpr uint64_t kHelloTimeoutNs = 2'000'000'000;
+constexpr size_t kMaxPendingHellos = 1024;
+constexpr int kMaxWakeFds = 260;
+constexpr int kSoPeerPidfd = 77;  // SO_PEERPIDFD, Linux 6.5; not in these headers yet
+
+// --- signals: a flag and eventfd writes, nothing else (async-signal-safe) ---
+std::atomic<bool> g_stop{false};
+std::atomic<bool> g_dump_stats{false};
+int g_wake_fds[kMaxWakeFds];
+std::atomic<int> g_wake_count{0};
+
+void on_signal(int signo) {
+    const int saved_errno = errno;
+    if (signo == SIGUSR1) {
+        g_dump_stats.store(true);
+    } else {
+        g_stop.store(true);
+    }
+    const uint64_t one = 1;
+    const int count = g_wake_count.load();
+    // SIGUSR1 needs only the main thread (fd 0); a stop wakes the workers too.
+    const int limit = signo == SIGUSR1 ? (count > 0 ? 1 : 0) : count;
+    for (int k = 0; k < limit; ++k) {
+        ssize_t ignored = write(g_wake_fds[k], &one, sizeof(one));
+        (void)ignored;
+    }
+    errno = saved_errno;
+}
+
+void add_wake_fd(int fd) {
+    const int n = g_wake_count.load();
+    if (n >= kMaxWakeFds) return;
+    g_wake_fds[n] = fd;
+    g_wake_count.store(n + 1);
+}
+
+uint64_t monotonic_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
+}
+
+int read_unprivileged_port_start() {
+    const int fd = open("/proc/sys/net/ipv4/ip_unprivileged_port_start", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1024;
+    char buffer[32] = {};
+    const ssize_t n = read(fd, buffer, sizeof(buffer) - 1);
+    close(fd);
+    if (n <= 0) return 1024;
+    char *end = nullptr;
+    const long value = std::strtol(buffer, &end, 10);
+    if (end == buffer || value < 0 || value > 65536) return 1024;
+    return static_cast<int>(value);
+}
+
+// The effective uid on the "Uid:" line of /proc/PID/status (real, effective, saved, fs).
+bool parse_effective_uid(const std::string &text, uid_t &uid) {
+    const size_t at = text.find("\nUid:");
+    if (at == std::string::npos) return false;
+    unsigned long real = 0, effective = 0;
+    if (std::sscanf(text.c_str() + at + 5, "%lu %lu", &real, &effective) != 2) return false;
+    uid = static_cast<uid_t>(effective);
+    return true;
+}
+
+// CapEff of the process behind control connection `sock`, 0 whenever in doubt: the process
+// is gone, its pid may have been reused, or its uid is not the one SO_PEERCRED reported.
+uint64_t read_capabilities(int sock, const ucred &cred) {
+    // A pidfd pins the peer's identity: if it is still alive after we read its status, the
+    // pid was not reused in between. Older kernels lack SO_PEERPIDFD: the uid check remains.
+    int pidfd = -1;
+    socklen_t len = sizeof(pidfd);
+    if (getsockopt(sock, SOL_SOCKET, kSoPeerPidfd, &pidfd, &len) != 0) pidfd = -1;
+    const std::string path = "/proc/" + std::to_string(cred.pid) + "/status";
+    std::string text;
+    if (const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC); fd >= 0) {
+        char buffer[4096];
+        for (int k = 0; k < 16; ++k) {
+            const ssize_t n = read(fd, buffer, sizeof(buffer));
+            if (n <= 0) break;
+            text.append(buffer, static_cast<size_t>(n));
+        }
+        close(fd);
+    }
+    bool trusted = true;
+    if (pidfd >= 0) {
+        trusted = syscall(SYS_pidfd_send_signal, pidfd, 0, nullptr, 0) == 0;
+        close(pidfd);
+    }
+    uid_t uid;
+    uint64_t caps = 0;
+    if (!trusted || !parse_effective_uid(text, uid) || uid != cred.uid ||
+        !parse_cap_eff(text, caps))
+        return 0;
+    return caps;
+}
+
+void raise_fd_limit() {
+    rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &limit);
+    }
+}
+
+// mkdir -p for the socket's directory; new directories get 0755.
+bool make_parent_dirs(const std::string &path, std::string &error) {
+    const size_t slash = path.rfind('/');
+    if (slash == std::string::npos || slash == 0) return true;
+    const std::string dir = path.substr(0, slash);
+    for (size_t pos = 1; pos <= dir.size(); ++pos) {
+        if (pos != dir.size() && dir[pos] != '/') continue;
+        const std::string prefix = dir.substr(0, pos);
+        if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+            error = "cannot create " + prefix + ": " + std::strerror(errno);
+            return false;
+        }
+    }
+    return true;
+}
+
+enum class ListenResult { kOk, kFailed, kBusy };
+
+ListenResult open_control_socket(const std::string &path, int &listener, ino_t &inode,
+                                 std::string &error) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (path.size() >= sizeof(addr.sun_path)) {
+        error = "socket path too long: " + path;
+        return ListenResult::kFailed;
+    }
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    if (!make_parent_dirs(path, error)) return ListenResult::kFailed;
+
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            error = path + " exists and is not a socket";
+            return ListenResult::kFailed;
+        }
+        // A live engine answers; only a dead one's file may be removed.
+        const int probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        if (probe >= 0) {
+            const int rc = connect(probe, reinterpret_cast<sockaddr *>(&addr), sizeof(addr));
+            close(probe);
+            if (rc == 0) {
+                error = "another engine is already serving " + path;
+                return ListenResult::kBusy;
+            }
+        }
+        if (unlink(path.c_str()) != 0 && errno != ENOENT) {
+            error = "cannot remove stale " + path + ": " + std::strerror(errno);
+            return ListenResult::kFailed;
+        }
+        log_line("removed stale control socket %s", path.c_str());
+    }
+
+    listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (listener < 0) {
+        error = std::string("socket: ") + std::strerror(errno);
+        return ListenResult::kFailed;
+    }
+    if (bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
+        error = "bind " + path + ": " + std::strerror(errno);
+        return errno == EADDRINUSE ? ListenResult::kBusy : ListenResult::kFailed;
+    }
+    // Any local user may use the engine; what each may do is checked per client.
+    if (chmod(path.c_str(), 0666) != 0) {
+        error = "chmod " + path + ": " + std::strerror(errno);
+        return ListenResult::kFailed;
+    }
+    if (listen(listener, 128) != 0) {
+        error = std::string("listen: ") + std::strerror(errno);
+        return ListenResult::kFailed;
+    }
+    inode = lstat(path.c_str(), &st) == 0 ? st.st_ino : 0;
+    return ListenResult::kOk;
+}
+
+struct PendingHello {
+    int fd;
+    uint64_t deadline_ns;
+    ClientCreds creds;
+};
+
+class Engine {
+  public:
+    explicit Engine(const Options &options) : options_(options) {}
+    ~Engine();
+    int run();
+
+  private:
+    bool start_workers();
+    void accept_clients();
+    // Returns false when the connection is finished with (closed or handed over).
+    bool on_hello_readable(PendingHello &hello);
+    void start_session(PendingHello &hello);
+    void reply_hello_error(int fd, int error);
+    void log_stats();
+    void stop_workers();
+
+    Options options_;
+    std::string path_;
+    int listener_ = -1;
+    ino_t inode_ = 0;
+    int wake_fd_ = -1;
+    int unprivileged_port_start_ = 1024;
+    uint32_t next_session_id_ = 1;
+    std::vector<std::unique_ptr<Worker>> workers_;
+    std::vector<PendingHello> hellos_;
+};
+
+Engine::~Engine() {
+    for (PendingHello &hello : hellos_) close(hello.fd);
+    if (listener_ >= 0) close(listener_);
+    if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+bool Engine::start_workers() {
+    std::vector<int> cores = options_.cores;
+    if (cores.empty()) cores.push_back(-1);
+    for (size_t k = 0; k < cores.size(); ++k) {
+        WorkerConfig config;
+        config.index = static_cast<int>(k);
+        config.core = cores[k];
+        config.spin_us = options_.spin_us;
+        config.busy_poll = options_.busy_poll;
+        config.unprivileged_port_start = unprivileged_port_start_;
+        auto worker = std::make_unique<Worker>(config, g_stop);
+        const std::string error = worker->init();
+        if (!error.empty()) {
+            log_line("worker %zu: %s", k, error.c_str());
+            return false;
+        }
+        add_wake_fd(worker->doorbell_fd());
+        workers_.push_back(std::move(worker));
+    }
+    // Workers never take signals: the handler runs on this thread and wakes them.
+    sigset_t blocked, previous;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGTERM);
+    sigaddset(&blocked, SIGINT);
+    sigaddset(&blocked, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &blocked, &previous);
+    bool ok = true;
+    for (auto &worker : workers_) {
+        const std::string error = worker->start();
+        if (!error.empty()) {
+            log_line("%s", error.c_str());
+            ok = false;
+            break;
+        }
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    return ok;
+}
+
+void Engine::stop_workers() {
+    g_stop.store(true);
+    const uint64_t one = 1;
+    for (auto &worker : workers_) {
+        ssize_t ignored = write(worker->doorbell_fd(), &one, sizeof(one));
+        (void)ignored;
+    }
+    for (auto &worker : workers_) worker->join();
+}
+
+void Engine::log_stats() {
+    for (size_t k = 0; k < workers_.size(); ++k) {
+        const WorkerStats &st = workers_[k]->stats();
+        log_line(
+            "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, "
+            "bytes in %llu out %llu, violations %llu",
+            k, static_cast<unsigned long long>(st.sessions.load()),
+            static_cast<unsigned long long>(st.sessions_total.load()),
+            static_cast<unsigned long long>(st.sockets.load()),
+            static_cast<unsigned long long>(st.accepts.load()),
+            static_cast<unsigned long long>(st.bytes_in.load()),
+            static_cast<unsigned long long>(st.bytes_out.load()),
+            static_cast<unsigned long long>(st.violations.load()));
+    }
+}
+
+void Engine::accept_clients() {
+    for (int k = 0; k < 64; ++k) {
+        const int fd = accept4(listener_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+                log_line("accept on the control socket: %s", std::strerror(errno));
+            return;
+        }
+        if (hellos_.size() >= kMaxPendingHellos) {
+            log_line("too many clients waiting to say hello; dropping one");
+            close(fd);
+            continue;
+        }
+        ucred cred{};
+        socklen_t len = sizeof(cred);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+            close(fd);
+            continue;
+        }
+        PendingHello hello;
+        hello.fd = fd;
+        hello.deadline_ns = monotonic_ns() + kHelloTimeoutNs;
+        hello.creds.pid = cred.pid;
+        hello.creds.uid = cred.uid;
+        hello.creds.gid = cred.gid;
+        hello.creds.caps = read_capabilities(fd, cred);
+        hellos_.push_back(hello);
+    }
+}
+
+void Engine::reply_hello_error(int fd, int error) {
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kHelloReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.result = error;
+    ipc::send_control(fd, reply, nullptr, 0);
+}
+
+bool Engine::on_hello_readable(PendingHello &hello) {
+    ipc::ControlMessage msg;
+    int unused_fd = -1;
+    // A hello carries no descriptors: any sent along are closed and the message refused.
+    const int rc = ipc::recv_control(hello.fd, msg, &unused_fd, 0, MSG_DONTWAIT);
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK) return true;
+    if (rc == -ECONNRESET) {
+        close(hello.fd);
+        return false;
+    }
+    if (rc < 0 || msg.type != static_cast<uint32_t>(ipc::ControlType::kHello) ||
+        msg.version != ipc::kLayoutVersion) {
+        TCPS_LOG_VERBOSE("client pid %d: bad hello (%s), refused", hello.creds.pid,
+                         rc < 0 ? std::strerror(-rc) : "type or version");
+        reply_hello_error(hello.fd, -EPROTONOSUPPORT);
+        close(hello.fd);
+        return false;
+    }
+    start_session(hello);
+    return false;
+}
+
+void Engine::start_session(PendingHello &hello) {
+    auto session = std::make_unique<Session>();
+    session->creds = hello.creds;
+    const uint32_t id = next_session_id_++;
+    const int rc = create_region(*session, id);
+    if (rc != 0) {
+        log_line("client pid %d: cannot create its region: %s", hello.creds.pid,
+                 std::strerror(-rc));
+        reply_hello_error(hello.fd, rc);
+        close(hello.fd);
+        return;
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kHelloReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.result = 0;
+    reply.session_id = id;
+    const int fds[2] = {session->memfd, session->doorbell_fd};
+    const int sent = ipc::send_control(hello.fd, reply, fds, 2);
+    if (sent != 0) {
+        TCPS_LOG_VERBOSE("client pid %d: hello reply failed: %s", hello.creds.pid,
+                         std::strerror(-sent));
+        close(hello.fd);
+        return;
+    }
+    session->control_fd = hello.fd;
+    Worker *best = workers_.front().get();
+    for (auto &worker : workers_)
+        if (worker->load() < best->load()) best = worker.get();
+    TCPS_LOG_VERBOSE("session %u: pid %d uid %u gid %u caps %#llx", id, hello.creds.pid,
+                     hello.creds.uid, hello.creds.gid,
+                     static_cast<unsigned long long>(hello.creds.caps));
+    best->adopt(std::move(session));
+}
+
+int Engine::run() {
+    raise_fd_limit();
+    signal(SIGPIPE, SIG_IGN);
+    unprivileged_port_start_ = read_unprivileged_port_start();
+    path_ = options_.socket_path.empty() ? ipc::engine_socket_path() : options_.socket_path;
+
+    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd_ < 0) {
+        log_line("eventfd: %s", std::strerror(errno));
+        return 1;
+    }
+    add_wake_fd(wake_fd_);
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGTERM, &action, nullptr);
+    sigaction(SIGINT, &action, nullptr);
+    sigaction(SIGUSR1, &action, nullptr);
+
+    std::string error;
+    const ListenResult listened = open_control_socket(path_, listener_, inode_, error);
+    if (listened != ListenResult::kOk) {
+        log_line("%s", error.c_str());
+        return 1;
+    }
+    if (!start_workers()) {
+        stop_workers();
+        unlink(path_.c_str());
+        return 1;
+    }
+    log_line("listening on %s with %zu worker%s", path_.c_str(), workers_.size(),
+             workers_.size() == 1 ? "" : "s");
+    if (options_.ready_fd >= 0) {
+        static const char kReady[] = "ready\n";
+        ssize_t ignored = write(options_.ready_fd, kReady, sizeof(kReady) - 1);
+        (void)ignored;
+        close(options_.ready_fd);
+    }
+
+    std::vector<pollfd> fds;
+    while (!g_stop.load()) {
+        fds.clear();
+        fds.push_back({wake_fd_, POLLIN, 0});
+        fds.push_back({listener_, POLLIN, 0});
+        uint64_t next_deadline = UINT64_MAX;
+        for (const PendingHello &hello : hellos_) {
+            fds.push_back({hello.fd, POLLIN, 0});
+            next_deadline = std::min(next_deadline, hello.deadline_ns);
+        }
+        int timeout_ms = -1;
+        if (next_deadline != UINT64_MAX) {
+            const uint64_t now = monotonic_ns();
+            timeout_ms =
+                next_deadline <= now ? 0 : static_cast<int>((next_deadline - now) / 1'000'000 + 1);
+        }
+        const int ready = poll(fds.data(), fds.size(), timeout_ms);
+        if (ready < 0 && errno != EINTR) {
+            log_line("poll: %s", std::strerror(errno));
+            break;
+        }
+        if (g_stop.load()) break;
+        if (fds[0].revents & POLLIN) {
+            uint64_t drained;
+            ssize_t ignored = read(wake_fd_, &drained, sizeof(drained));
+            (void)ignored;
+        }
+        if (g_dump_stats.exchange(false)) log_stats();
+        // Hellos first: the vector grows when clients are accepted below.
+        const uint64_t now = monotonic_ns();
+        std::vector<PendingHello> still_waiting;
+        for (size_t k = 0; k < hellos_.size(); ++k) {
+            PendingHello &hello = hellos_[k];
+            const short revents = ready > 0 ? fds[k + 2].revents : 0;
+            bool keep = true;
+            if (revents & (POLLIN | POLLHUP | POLLERR)) keep = on_hello_readable(hello);
+            if (keep && now >= hello.deadline_ns) {
+                TCPS_LOG_VERBOSE("client pid %d: no hello within 2 s, dropped", hello.creds.pid);
+                close(hello.fd);
+                keep = false;
+            }
+            if (keep) still_waiting.push_back(hello);
+        }
+        hellos_.swap(still_waiting);
+        if (fds[1].revents & POLLIN) accept_clients();
+    }
+
+    log_line("stopping");
+    stop_workers();
+    if (options_.verbose) log_stats();
+    // Remove the socket file only if it is still ours.
+    struct stat st;
+    if (lstat(path_.c_str(), &st) == 0 && st.st_ino == inode_) unlink(path_.c_str());
+    return 0;
+}
+
+}  // namespace
+
+int run_engine(const Options &options) {
+    Engine engine(options);
+    return engine.run();
+}
+
+}  // namespace tcps::engine

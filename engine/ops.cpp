@@ -1,0 +1,298 @@
+// Control requests: one outstanding per socket, answered in SocketSlot::response.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <string>
+
+#include "reuseport.hpp"
+#include "worker.hpp"
+
+#ifndef SO_BUSY_POLL_BUDGET
+#define SO_BUSY_POLL_BUDGET 70
+#endif
+
+namespace tcps::engine {
+
+namespace {
+
+std::string read_small_file(const char *path) {
+    std::string text;
+    const int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return text;
+    char buffer[1024];
+    const ssize_t n = read(fd, buffer, sizeof(buffer));
+    if (n > 0) text.assign(buffer, static_cast<size_t>(n));
+    close(fd);
+    return text;
+}
+
+int get_int_option(int fd, int level, int optname, int fallback) {
+    int value = 0;
+    socklen_t len = sizeof(value);
+    if (getsockopt(fd, level, optname, &value, &len) != 0) return fallback;
+    return value;
+}
+
+const sockaddr *as_sockaddr(const uint8_t *bytes) {
+    return reinterpret_cast<const sockaddr *>(bytes);
+}
+
+}  // namespace
+
+void Worker::respond(Session &s, uint32_t i, uint32_t seq, int result, const uint8_t *opt,
+                     uint32_t opt_len) {
+    ipc::SocketSlot &slot = s.region.slot(i);
+    slot.response.result = result;
+    slot.response.opt_len = opt_len;
+    if (opt_len > 0) std::memcpy(slot.response.opt, opt, opt_len);
+    slot.resp_seq.store(seq, std::memory_order_release);
+    bump_event(s, i);
+}
+
+void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
+    EngineSlot &es = s.slots[i];
+    // One copy out of the region; everything below reads the copy only.
+    ipc::Request req;
+    std::memcpy(&req, &s.region.slot(i).request, sizeof(req));
+    es.last_req_seq = req_seq;
+    int result = check_request(req, i, es.state);
+    if (result != 0) return respond(s, i, req_seq, result);
+    switch (static_cast<ipc::Op>(req.op)) {
+        case ipc::Op::kSocket:
+            result = op_socket(s, i, req);
+            break;
+        case ipc::Op::kBind:
+            result = op_bind(s, i, req);
+            break;
+        case ipc::Op::kListen:
+            result = op_listen(s, i, req);
+            break;
+        case ipc::Op::kConnect:
+            result = op_connect(s, i, req);
+            break;
+        case ipc::Op::kShutdown:
+            result = op_shutdown(s, i, req);
+            break;
+        case ipc::Op::kClose:
+            // Answered first: the client does not wait, and may reuse the slot once it is free.
+            respond(s, i, req_seq, 0);
+            start_close(s, i, req.arg0 == 1);
+            return;
+        case ipc::Op::kSetSockOpt:
+            result = op_setsockopt(s, i, req);
+            break;
+        case ipc::Op::kGetSockOpt: {
+            uint8_t out[ipc::kOptMax];
+            uint32_t out_len = 0;
+            result = op_getsockopt(s, i, req, out, out_len);
+            return respond(s, i, req_seq, result, out, result == 0 ? out_len : 0);
+        }
+        case ipc::Op::kGetSockName:
+            result = op_getsockname(s, i);
+            break;
+        case ipc::Op::kIoctl:
+            result = op_ioctl(s, i, req);
+            break;
+        default:
+            result = -EINVAL;
+            break;
+    }
+    if (s.ending) return;
+    respond(s, i, req_seq, result);
+}
+
+int Worker::op_socket(Session &s, uint32_t i, const ipc::Request &req) {
+    const int fd = socket(req.arg0, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
+    if (fd < 0) return -errno;
+    init_slot(s, i, fd, req.arg0, 0);
+    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                 std::memory_order_release);
+    ++s.open_sockets;
+    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+}
+
+int Worker::op_bind(Session &s, uint32_t i, const ipc::Request &req) {
+    EngineSlot &es = s.slots[i];
+    const int denied =
+        check_bind_permission(req.addr, req.addr_len, s.creds, config_.unprivileged_port_start);
+    if (denied != 0) return denied;
+    const bool reuseport = get_int_option(es.fd, SOL_SOCKET, SO_REUSEPORT, 0) != 0;
+    const bool v6_only =
+        es.family == AF_INET6 && get_int_option(es.fd, IPPROTO_IPV6, IPV6_V6ONLY, 0) != 0;
+    ReuseportRegistry &registry = reuseport_registry();
+    // Check, bind and record under one lock, so two clients cannot both pass the check.
+    std::lock_guard<std::mutex> lock(registry.mutex());
+    BoundAddress wanted;
+    if (reuseport && parse_bound_address(req.addr, req.addr_len, v6_only, wanted) &&
+        wanted.port != 0 && registry.conflicts(wanted, s.creds.uid))
+        return -EADDRINUSE;
+    if (bind(es.fd, as_sockaddr(req.addr), req.addr_len) != 0) return -errno;
+    refresh_addresses(s, i, false);
+    if (reuseport && es.reuseport_token == 0) {
+        sockaddr_storage bound;
+        socklen_t len = sizeof(bound);
+        BoundAddress actual;
+        if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&bound), &len) == 0 &&
+            parse_bound_address(reinterpret_cast<const uint8_t *>(&bound), len, v6_only, actual))
+            es.reuseport_token = registry.add(actual, s.creds.uid);
+    }
+    publish_flags(s, i, es.flags | ipc::kFlagBound);
+    return 0;
+}
+
+int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
+    EngineSlot &es = s.slots[i];
+    if (listen(es.fd, req.arg0) != 0) return -errno;
+    refresh_addresses(s, i, false);
+    if (!(es.flags & ipc::kFlagListening)) {
+        publish_flags(s, i, es.flags | ipc::kFlagListening | ipc::kFlagBound);
+        s.listeners.push_back(static_cast<uint16_t>(i));
+    }
+    update_kernel_mask(s, i);
+    post_accept(s, i);
+    return 0;
+}
+
+int Worker::op_connect(Session &s, uint32_t i, const ipc::Request &req) {
+    EngineSlot &es = s.slots[i];
+    if (es.flags & ipc::kFlagConnected) return -EISCONN;
+    if (es.flags & ipc::kFlagConnecting) return -EALREADY;
+    // The kernel's own non-blocking connect: its immediate errors are exactly Linux's.
+    if (connect(es.fd, as_sockaddr(req.addr), req.addr_len) == 0) {
+        on_connected(s, i);
+        return 0;
+    }
+    const int error = errno;
+    if (error != EINPROGRESS) return -error;
+    refresh_addresses(s, i, false);
+    // A new attempt after a failed one starts clean.
+    publish_flags(
+        s, i,
+        (es.flags & ~(ipc::kFlagReset | ipc::kFlagRxEof)) | ipc::kFlagConnecting | ipc::kFlagBound);
+    post_connect_poll(s, i);
+    return -EINPROGRESS;
+}
+
+int Worker::op_shutdown(Session &s, uint32_t i, const ipc::Request &req) {
+    EngineSlot &es = s.slots[i];
+    const int how = req.arg0;
+    const bool rd = how == SHUT_RD || how == SHUT_RDWR;
+    const bool wr = how == SHUT_WR || how == SHUT_RDWR;
+    uint32_t flags = es.flags;
+    if (!(flags & ipc::kFlagConnected) || (flags & ipc::kFlagReset)) {
+        // Nothing in the rings to wait for: the kernel answers (ENOTCONN, listener, ...).
+        if (shutdown(es.fd, how) != 0) return -errno;
+        if (rd) flags |= ipc::kFlagRxShut;
+        if (wr) flags |= ipc::kFlagTxShut;
+    } else {
+        if (rd) {
+            if (shutdown(es.fd, SHUT_RD) != 0 && errno != ENOTCONN) return -errno;
+            flags |= ipc::kFlagRxShut;
+        }
+        if (wr && !(flags & ipc::kFlagTxShut) && !es.shut_wr_pending) {
+            // Applied once the bytes queued before it have gone (post_send/on_send).
+            es.shut_wr_pending = true;
+            es.shut_wr_tail = es.tx_tail;
+        }
+    }
+    update_kernel_mask(s, i);
+    publish_flags(s, i, flags);
+    bump_event(s, i);
+    if (es.shut_wr_pending && !es.send_posted && es.tx_head == es.tx_tail) apply_shut_wr(s, i);
+    return 0;
+}
+
+int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
+    EngineSlot &es = s.slots[i];
+    const int level = req.arg0;
+    const int optname = req.arg1;
+    SocketFacts facts;
+    std::string allowed, available;
+    if (level == SOL_SOCKET && (optname == SO_BINDTODEVICE || optname == SO_BINDTOIFINDEX))
+        facts.bound_to_device = get_int_option(es.fd, SOL_SOCKET, SO_BINDTOIFINDEX, 0) != 0;
+    if (level == SOL_SOCKET && optname == SO_BUSY_POLL_BUDGET)
+        facts.busy_poll_budget = get_int_option(es.fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, 0);
+    if (level == IPPROTO_TCP && optname == TCP_CONGESTION) {
+        allowed = read_small_file("/proc/sys/net/ipv4/tcp_allowed_congestion_control");
+        available = read_small_file("/proc/sys/net/ipv4/tcp_available_congestion_control");
+        facts.allowed_congestion = allowed;
+        facts.available_congestion = available;
+    }
+    const OptionDecision decision =
+        decide_setsockopt(level, optname, req.opt, req.opt_len, s.creds.caps, facts);
+    switch (decision.action) {
+        case OptionAction::kRefuse:
+            return decision.error;
+        case OptionAction::kEngineOnly: {
+            int value;
+            std::memcpy(&value, req.opt, sizeof(value));
+            es.rcvlowat = value < 0 ? INT_MAX : (value == 0 ? 1 : value);
+            return 0;
+        }
+        case OptionAction::kKernel:
+            break;
+    }
+    if (setsockopt(es.fd, level, optname, req.opt, req.opt_len) != 0) return -errno;
+    return 0;
+}
+
+int Worker::op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
+                          uint32_t &out_len) {
+    EngineSlot &es = s.slots[i];
+    const auto room = static_cast<uint32_t>(std::min<int32_t>(req.arg2, ipc::kOptMax));
+    const GetOptionDecision decision = decide_getsockopt(req.arg0, req.arg1);
+    int value = 0;
+    switch (decision.action) {
+        case GetOptionAction::kRefuse:
+            return decision.error;
+        case GetOptionAction::kSoError:
+            value = s.region.slot(i).so_error.exchange(0, std::memory_order_acq_rel);
+            if (value == 0) value = get_int_option(es.fd, SOL_SOCKET, SO_ERROR, 0);
+            break;
+        case GetOptionAction::kRcvLowat:
+            value = es.rcvlowat;
+            break;
+        case GetOptionAction::kKernel: {
+            uint8_t buffer[ipc::kOptMax] = {};
+            // Some options read input from the buffer (the client's opt bytes).
+            std::memcpy(buffer, req.opt, std::min<uint32_t>(req.opt_len, ipc::kOptMax));
+            socklen_t len = room;
+            if (getsockopt(es.fd, req.arg0, req.arg1, buffer, &len) != 0) return -errno;
+            out_len = std::min<uint32_t>(len, room);
+            std::memcpy(out, buffer, out_len);
+            return 0;
+        }
+    }
+    // Integer answers: like Linux, as many bytes as the caller offered, at most an int.
+    out_len = std::min<uint32_t>(room, sizeof(int));
+    std::memcpy(out, &value, out_len);
+    return 0;
+}
+
+int Worker::op_getsockname(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    sockaddr_storage addr;
+    socklen_t len = sizeof(addr);
+    if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) != 0) return -errno;
+    refresh_addresses(s, i, false);
+    return 0;
+}
+
+int Worker::op_ioctl(Session &s, uint32_t i, const ipc::Request &req) {
+    const auto request = static_cast<unsigned long>(static_cast<uint32_t>(req.arg0));
+    if (!ioctl_allowed(request)) return -ENOTTY;
+    int value = 0;
+    if (ioctl(s.slots[i].fd, request, &value) != 0) return -errno;
+    return value;
+}
+
+}  // namespace tcps::engine

@@ -1,0 +1,130 @@
+#include "options.hpp"
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+namespace tcps::engine {
+
+// Upper bound on CPU numbers and on the workers one engine runs.
+static constexpr long kMaxCpu = 4095;
+static constexpr size_t kMaxWorkers = 256;
+
+static bool parse_long(const std::string &text, long min, long max, long &out) {
+    if (text.empty()) return false;
+    for (char c : text)
+        if (c < '0' || c > '9') return false;
+    errno = 0;
+    char *end = nullptr;
+    const long value = std::strtol(text.c_str(), &end, 10);
+    if (errno != 0 || *end != '\0' || value < min || value > max) return false;
+    out = value;
+    return true;
+}
+
+bool parse_core_list(const std::string &text, std::vector<int> &cores) {
+    std::vector<int> result;
+    size_t pos = 0;
+    if (text.empty()) return false;
+    while (pos <= text.size()) {
+        size_t comma = text.find(',', pos);
+        if (comma == std::string::npos) comma = text.size();
+        const std::string item = text.substr(pos, comma - pos);
+        const size_t dash = item.find('-');
+        long first, last;
+        if (dash == std::string::npos) {
+            if (!parse_long(item, 0, kMaxCpu, first)) return false;
+            last = first;
+        } else {
+            if (!parse_long(item.substr(0, dash), 0, kMaxCpu, first) ||
+                !parse_long(item.substr(dash + 1), 0, kMaxCpu, last) || last < first)
+                return false;
+        }
+        for (long cpu = first; cpu <= last; ++cpu) {
+            for (int seen : result)
+                if (seen == cpu) return false;
+            result.push_back(static_cast<int>(cpu));
+            if (result.size() > kMaxWorkers) return false;
+        }
+        pos = comma + 1;
+    }
+    cores = std::move(result);
+    return true;
+}
+
+const char *usage_text() {
+    return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
+           "[--ready-fd FD] [--verbose]\n"
+           "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
+           "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
+           "  --spin-us N    spin this long without work before sleeping (default 50)\n"
+           "  --busy-poll    never sleep\n"
+           "  --ready-fd FD  write \"ready\\n\" to FD once listening, then close it\n"
+           "  --verbose      log every session\n";
+}
+
+bool parse_options(int argc, char **argv, Options &options, std::string &error) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string arg = argv[i];
+        std::string value;
+        bool has_value = false;
+        const size_t eq = arg.find('=');
+        std::string name = arg;
+        if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+            name = arg.substr(0, eq);
+            value = arg.substr(eq + 1);
+            has_value = true;
+        }
+        auto take_value = [&]() -> bool {
+            if (has_value) return true;
+            if (i + 1 >= argc) {
+                error = name + " needs a value";
+                return false;
+            }
+            value = argv[++i];
+            return true;
+        };
+        if (name == "--socket") {
+            if (!take_value()) return false;
+            if (value.empty()) {
+                error = "--socket needs a path";
+                return false;
+            }
+            options.socket_path = value;
+        } else if (name == "--cores") {
+            if (!take_value()) return false;
+            if (!parse_core_list(value, options.cores)) {
+                error = "invalid core list '" + value + "'";
+                return false;
+            }
+        } else if (name == "--spin-us") {
+            if (!take_value()) return false;
+            long us;
+            if (!parse_long(value, 0, 10'000'000, us)) {
+                error = "invalid --spin-us '" + value + "'";
+                return false;
+            }
+            options.spin_us = static_cast<int>(us);
+        } else if (name == "--ready-fd") {
+            if (!take_value()) return false;
+            long fd;
+            if (!parse_long(value, 0, 1 << 20, fd)) {
+                error = "invalid --ready-fd '" + value + "'";
+                return false;
+            }
+            options.ready_fd = static_cast<int>(fd);
+        } else if (name == "--busy-poll" && !has_value) {
+            options.busy_poll = true;
+        } else if ((name == "--help" || name == "-h") && !has_value) {
+            options.help = true;
+        } else if (name == "--verbose" && !has_value) {
+            options.verbose = true;
+        } else {
+            error = "unknown argument '" + arg + "'";
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace tcps::engine

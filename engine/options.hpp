@@ -1,0 +1,27 @@
+// tcpsd's command line.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace tcps::engine {
+
+struct Options {
+    std::string socket_path;  // empty: ipc::engine_socket_path()
+    std::vector<int> cores;   // one worker per entry, pinned; empty: one unpinned worker
+    int spin_us = 50;
+    bool busy_poll = false;
+    int ready_fd = -1;
+    bool verbose = false;
+    bool help = false;
+};
+
+// Parses "1", "0,1", "2-3", "0,2-3": CPU numbers in order, no duplicates. False if malformed.
+bool parse_core_list(const std::string &text, std::vector<int> &cores);
+
+// Parses argv into `options`. On a usage error returns false with a message in `error`.
+bool parse_options(int argc, char **argv, Options &options, std::string &error);
+
+const char *usage_text();
+
+}  // namespace tcps::engine

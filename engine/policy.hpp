@@ -1,0 +1,121 @@
+// Pure checks the engine applies to client input: ring indices, request records, bind and
+// socket-option permissions. No I/O here, so the unit tests can cover every branch.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string_view>
+
+#include "layout.hpp"
+
+namespace tcps::engine {
+
+// Capability bits as /proc/PID/status CapEff numbers them.
+inline constexpr uint64_t kCapNetBindService = 1ull << 10;
+inline constexpr uint64_t kCapNetAdmin = 1ull << 12;
+inline constexpr uint64_t kCapNetRaw = 1ull << 13;
+
+struct ClientCreds {
+    pid_t pid = 0;
+    uid_t uid = 0;
+    gid_t gid = 0;
+    uint64_t caps = 0;  // CapEff
+};
+
+// Parses the hex CapEff value out of the text of /proc/PID/status. False if absent/malformed.
+bool parse_cap_eff(std::string_view status_text, uint64_t &caps);
+
+// --- ring indices (free-running u32; every argument loaded once from the region) ---
+
+// The client's tx_tail may not be more than a ring ahead of the engine's tx_head, and may not
+// fall behind bytes the kernel is already sending (`in_flight`).
+constexpr bool tx_tail_valid(uint32_t tx_tail, uint32_t tx_head, uint32_t in_flight) {
+    const uint32_t queued = tx_tail - tx_head;
+    return queued <= ipc::kTxRingBytes && queued >= in_flight;
+}
+
+// The client's rx_head may not pass rx_tail nor lag it by more than the ring.
+constexpr bool rx_head_valid(uint32_t rx_head, uint32_t rx_tail) {
+    return rx_tail - rx_head <= ipc::kRxRingBytes;
+}
+
+constexpr bool acc_head_valid(uint32_t acc_head, uint32_t acc_tail) {
+    return acc_tail - acc_head <= ipc::kAcceptRingEntries;
+}
+
+// --- requests ---
+
+// Checks a request copied out of the region against the engine's own view of the slot.
+// Returns 0 if the engine may carry it out, else the -errno to answer with.
+int check_request(const ipc::Request &request, uint32_t slot, ipc::SlotState engine_state);
+
+// Port (host order) of an AF_INET/AF_INET6 socket address, or -1 if it has none.
+int sockaddr_port(const uint8_t *addr, uint32_t len);
+
+// 0, or -EACCES when binding `addr` needs a privilege the client lacks (as Linux decides it:
+// port != 0 below ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE).
+int check_bind_permission(const uint8_t *addr, uint32_t len, const ClientCreds &creds,
+                          int unprivileged_port_start);
+
+// --- reuseport ownership ---
+
+// A bound address as the reuseport check compares it: IPv4 (also v4-mapped IPv6) or IPv6.
+struct BoundAddress {
+    bool v6 = false;  // false: addr[0..4) holds an IPv4 address
+    bool v6_only = false;
+    uint8_t addr[16] = {};
+    uint16_t port = 0;
+};
+
+// False if the bytes are not an AF_INET/AF_INET6 address.
+bool parse_bound_address(const uint8_t *addr, uint32_t len, bool v6_only, BoundAddress &out);
+
+// Whether two bound addresses claim the same port the way Linux's bind conflict check sees it:
+// same port and equal addresses, or either one a wildcard covering the other.
+bool bound_addresses_overlap(const BoundAddress &a, const BoundAddress &b);
+
+// --- socket options ---
+
+// What the engine knows about the kernel socket when it judges a setsockopt.
+struct SocketFacts {
+    bool bound_to_device = false;  // SO_BINDTOIFINDEX != 0
+    int busy_poll_budget = 0;      // SO_BUSY_POLL_BUDGET now
+    // Congestion control names (space separated) as in /proc/sys/net/ipv4/.
+    std::string_view allowed_congestion;
+    std::string_view available_congestion;
+};
+
+enum class OptionAction {
+    kKernel,      // apply to the kernel socket and return its result
+    kRefuse,      // answer `error` without touching the socket
+    kEngineOnly,  // the engine keeps the value itself (SO_RCVLOWAT), answer 0
+};
+
+struct OptionDecision {
+    OptionAction action = OptionAction::kKernel;
+    int error = 0;  // -errno for kRefuse
+};
+
+// setsockopt(level, optname, value[0..len)) by a client holding `caps`.
+OptionDecision decide_setsockopt(int level, int optname, const uint8_t *value, uint32_t len,
+                                 uint64_t caps, const SocketFacts &facts);
+
+enum class GetOptionAction {
+    kKernel,
+    kRefuse,
+    kSoError,   // the slot's so_error, then cleared
+    kRcvLowat,  // the engine's own value
+};
+
+struct GetOptionDecision {
+    GetOptionAction action = GetOptionAction::kKernel;
+    int error = 0;
+};
+
+GetOptionDecision decide_getsockopt(int level, int optname);
+
+// Only these ioctls reach the kernel socket; each takes an int out-parameter.
+bool ioctl_allowed(unsigned long request);
+
+}  // namespace tcps::engine

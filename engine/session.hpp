@@ -1,0 +1,105 @@
+// One client process's session: its region, its credentials, and the engine's private record
+// of every socket slot. The region is client-writable; everything in this file that is not in
+// the region is the engine's own truth, which it never reads back from shared memory.
+#pragma once
+
+#include <array>
+#include <bitset>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layout.hpp"
+#include "policy.hpp"
+
+namespace tcps::engine {
+
+inline constexpr uint16_t kNoSlot = 0xffff;
+
+// The engine's view of one socket slot.
+struct EngineSlot {
+    int fd = -1;
+    uint32_t gen = 0;  // incarnation: bumped each time the slot opens, part of user_data
+    ipc::SlotState state = ipc::SlotState::kFree;
+    uint32_t flags = 0;         // what the engine last published in SocketSlot::flags
+    uint32_t last_req_seq = 0;  // the last req_seq answered (kept across incarnations)
+    int family = 0;
+
+    // Ring indices: heads/tails the engine owns, and the last validated client values.
+    uint32_t tx_head = 0;
+    uint32_t tx_tail = 0;
+    uint32_t rx_tail = 0;
+    uint32_t rx_head = 0;
+    uint32_t acc_tail = 0;
+    uint32_t acc_head = 0;
+
+    uint32_t send_len = 0;  // bytes of the send in flight
+    uint16_t inflight = 0;  // SQEs whose completion refers to this slot
+    bool recv_posted = false;
+    bool send_posted = false;
+    bool accept_posted = false;
+    bool connect_posted = false;
+    bool accept_retry = false;  // accepting paused by a resource error, retried on a tick
+    bool timed = false;         // in the worker's list of slots to look at on each tick
+
+    bool shut_wr_pending = false;
+    uint32_t shut_wr_tail = 0;
+
+    bool close_reset = false;
+    bool send_cancelled = false;     // a reset close cancelled the send in flight
+    uint32_t close_tail = 0;         // a graceful close drains the tx ring up to here
+    uint64_t close_progress_ns = 0;  // last time the drain moved
+
+    uint16_t accepted_by = kNoSlot;      // listener slot that accepted this connection
+    uint32_t accepted_by_gen = 0;        // and that listener's incarnation
+    uint32_t accept_pos = 0;             // its position in that listener's accept ring
+    uint16_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
+
+    int rcvlowat = 1;
+    uint64_t reuseport_token = 0;
+};
+
+struct Session {
+    uint32_t id = 0;
+    ClientCreds creds;
+    int control_fd = -1;
+    int memfd = -1;
+    int doorbell_fd = -1;  // this session's eventfd: the client writes it when we sleep
+    ipc::RegionView region;
+
+    // Worker-assigned identity for user_data.
+    uint32_t index = 0;
+    uint32_t gen = 0;
+
+    std::unique_ptr<EngineSlot[]> slots;
+    std::array<int, ipc::kMaxWaiters> waiter_fds;
+    uint32_t waiter_scan_limit = 0;           // 1 + the highest registered waiter index
+    std::vector<uint16_t> free_engine_slots;  // engine-allocated range, a stack
+    std::vector<uint16_t> listeners;
+
+    // Slots whose readiness changed in this batch, for waking waiters.
+    std::vector<uint16_t> changed;
+    std::bitset<ipc::kMaxSockets> changed_bits;
+    bool dirty = false;  // in the worker's list of sessions to wake
+
+    bool ending = false;
+    uint32_t inflight = 0;  // every SQE whose completion refers to this session
+    bool control_posted = false;
+    bool doorbell_posted = false;
+    uint64_t doorbell_value = 0;  // the eventfd read's buffer
+    uint32_t open_sockets = 0;
+
+    Session();
+    ~Session();
+    Session(const Session &) = delete;
+    Session &operator=(const Session &) = delete;
+
+    // Unmaps the region and closes every descriptor the session still holds.
+    void release();
+};
+
+// Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
+int create_region(Session &session, uint32_t session_id);
+
+}  // namespace tcps::engine

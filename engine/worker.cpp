@@ -1,0 +1,1173 @@
+#include "worker.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+
+#include "fence.hpp"
+#include "log.hpp"
+#include "reuseport.hpp"
+#include "ring.hpp"
+
+namespace tcps::engine {
+
+namespace {
+
+constexpr unsigned kSqEntries = 4096;
+constexpr unsigned kCqEntries = 32768;
+constexpr uint32_t kMaxSessions = 4096;  // 12 bits of user_data
+constexpr uint32_t kQueueBatch = 64;     // slots popped per session per iteration
+constexpr unsigned kCqeBatch = 256;
+constexpr uint64_t kTickNs = 100'000'000;
+// A graceful close that makes no progress for this long (the peer stopped reading) is reset.
+constexpr uint64_t kDrainTimeoutNs = 30'000'000'000ull;
+constexpr uint64_t kShutdownWaitNs = 500'000'000;
+constexpr uint32_t kRxMask = ipc::kRxRingBytes - 1;
+constexpr uint32_t kTxMask = ipc::kTxRingBytes - 1;
+constexpr uint32_t kAcceptMask = ipc::kAcceptRingEntries - 1;
+
+uint64_t monotonic_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
+}
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+struct NamedOp {
+    int op;
+    const char *name;
+};
+constexpr NamedOp kNeededOps[] = {
+    {IORING_OP_RECV, "IORING_OP_RECV"},
+    {IORING_OP_SEND, "IORING_OP_SEND"},
+    {IORING_OP_ACCEPT, "IORING_OP_ACCEPT"},
+    {IORING_OP_POLL_ADD, "IORING_OP_POLL_ADD"},
+    {IORING_OP_ASYNC_CANCEL, "IORING_OP_ASYNC_CANCEL"},
+    {IORING_OP_READ, "IORING_OP_READ"},
+};
+
+}  // namespace
+
+Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
+    : config_(config), stop_(stop) {
+    table_.resize(kMaxSessions);
+    free_indices_.reserve(kMaxSessions);
+    for (uint32_t i = kMaxSessions; i-- > 0;) free_indices_.push_back(i);
+}
+
+Worker::~Worker() {
+    if (thread_.joinable()) thread_.join();
+    if (ring_ready_) io_uring_queue_exit(&ring_);
+    if (doorbell_fd_ >= 0) close(doorbell_fd_);
+}
+
+std::string Worker::init() {
+    io_uring_params params{};
+    params.flags = IORING_SETUP_CQSIZE;
+    params.cq_entries = kCqEntries;
+    int rc = io_uring_queue_init_params(kSqEntries, &ring_, &params);
+    if (rc < 0) return std::string("io_uring_queue_init: ") + std::strerror(-rc);
+    ring_ready_ = true;
+    if (!(params.features & IORING_FEAT_FAST_POLL))
+        return "io_uring lacks IORING_FEAT_FAST_POLL (needs Linux 5.7+)";
+    if (!(params.features & IORING_FEAT_NODROP))
+        return "io_uring lacks IORING_FEAT_NODROP (needs Linux 5.5+)";
+    io_uring_probe *probe = io_uring_get_probe_ring(&ring_);
+    if (!probe) return "io_uring: cannot probe supported operations";
+    std::string missing;
+    for (const NamedOp &op : kNeededOps) {
+        if (!io_uring_opcode_supported(probe, op.op)) {
+            missing = std::string("io_uring lacks ") + op.name;
+            break;
+        }
+    }
+    io_uring_free_probe(probe);
+    if (!missing.empty()) return missing;
+    doorbell_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (doorbell_fd_ < 0) return std::string("eventfd: ") + std::strerror(errno);
+    return {};
+}
+
+std::string Worker::start() {
+    thread_ = std::thread([this] { run(); });
+    if (config_.core >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(config_.core, &set);
+        const int rc = pthread_setaffinity_np(thread_.native_handle(), sizeof(set), &set);
+        if (rc != 0)
+            return "cannot pin worker to core " + std::to_string(config_.core) + ": " +
+                   std::strerror(rc);
+    }
+    return {};
+}
+
+void Worker::join() {
+    if (thread_.joinable()) thread_.join();
+}
+
+void Worker::adopt(std::unique_ptr<Session> session) {
+    {
+        std::lock_guard<std::mutex> lock(pending_mutex_);
+        pending_.push_back(std::move(session));
+        queued_.fetch_add(1, std::memory_order_relaxed);
+    }
+    has_pending_.store(true, std::memory_order_seq_cst);
+    const uint64_t one = 1;
+    ssize_t ignored = write(doorbell_fd_, &one, sizeof(one));
+    (void)ignored;
+}
+
+uint64_t Worker::user_data(Kind kind, uint32_t session, uint32_t slot, uint32_t gen) {
+    return (static_cast<uint64_t>(kind) << 56) | (static_cast<uint64_t>(session & 0xfff) << 44) |
+           (static_cast<uint64_t>(slot & 0xfff) << 32) | gen;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop
+
+void Worker::run() {
+    char name[16];
+    std::snprintf(name, sizeof(name), "tcpsd-w%d", config_.index);
+    pthread_setname_np(pthread_self(), name);
+    now_ns_ = monotonic_ns();
+    uint64_t last_work = now_ns_;
+    const uint64_t spin_ns = static_cast<uint64_t>(config_.spin_us) * 1000;
+    post_worker_doorbell();
+    for (;;) {
+        if (stop_.load(std::memory_order_relaxed)) {
+            shutdown_all();
+            return;
+        }
+        bool work = false;
+        if (has_pending_.load(std::memory_order_acquire)) work |= adopt_pending();
+        // Index loop: ending a session may change active_.
+        for (size_t k = 0; k < active_.size(); ++k) {
+            Session *s = table_[active_[k]].get();
+            if (s && !s->ending) work |= process_queue(*s);
+        }
+        if (reap() > 0) work = true;
+        flush_wakes();
+        if (!ending_.empty()) free_ended_sessions();
+        if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
+        if (!doorbell_posted_) post_worker_doorbell();
+
+        now_ns_ = monotonic_ns();
+        if (!timed_.empty() && now_ns_ >= next_housekeeping_ns_) {
+            housekeeping(now_ns_);
+            next_housekeeping_ns_ = now_ns_ + kTickNs;
+        }
+        if (work) {
+            last_work = now_ns_;
+        } else if (!config_.busy_poll && now_ns_ - last_work >= spin_ns) {
+            sleep_until_work();
+            now_ns_ = monotonic_ns();
+            last_work = now_ns_;
+        } else {
+            cpu_relax();
+        }
+    }
+}
+
+bool Worker::adopt_pending() {
+    std::vector<std::unique_ptr<Session>> incoming;
+    {
+        std::lock_guard<std::mutex> lock(pending_mutex_);
+        incoming.swap(pending_);
+        has_pending_.store(false, std::memory_order_relaxed);
+    }
+    for (auto &owned : incoming) {
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+        if (free_indices_.empty()) {
+            // Cannot serve it: the client sees engine_alive = 0 and falls back.
+            log_line("worker %d: too many sessions, refusing session %u", config_.index, owned->id);
+            owned->region.header().engine_alive.store(0, std::memory_order_seq_cst);
+            continue;  // the destructor closes everything
+        }
+        Session &s = *owned;
+        s.index = free_indices_.back();
+        free_indices_.pop_back();
+        s.gen = next_session_gen_++;
+        const int flags = fcntl(s.control_fd, F_GETFL);
+        if (flags >= 0) fcntl(s.control_fd, F_SETFL, flags | O_NONBLOCK);
+        table_[s.index] = std::move(owned);
+        active_.push_back(s.index);
+        stats_.sessions.fetch_add(1, std::memory_order_relaxed);
+        stats_.sessions_total.fetch_add(1, std::memory_order_relaxed);
+        TCPS_LOG_VERBOSE("session %u (pid %d uid %u): served by worker %d", s.id, s.creds.pid,
+                         s.creds.uid, config_.index);
+        post_control_poll(s);
+        post_session_doorbell(s);
+    }
+    return !incoming.empty();
+}
+
+bool Worker::process_queue(Session &s) {
+    uint32_t n = 0;
+    for (; n < kQueueBatch; ++n) {
+        uint32_t slot;
+        const ipc::PopResult result = ipc::work_queue_pop(s.region, slot);
+        if (result == ipc::PopResult::kEmpty) break;
+        if (result == ipc::PopResult::kGarbage) {
+            violation(s, "work queue entry holds a slot index >= %u", ipc::kMaxSockets);
+            return true;
+        }
+        process_slot(s, slot);
+        if (s.ending) return true;
+    }
+    return n > 0;
+}
+
+void Worker::process_slot(Session &s, uint32_t i) {
+    ipc::SocketSlot &slot = s.region.slot(i);
+    // Clear first, then read: a doorbell rung after this point queues the slot again. An
+    // exchange rather than the contract's store(0): reading the client's exchange(1) makes its
+    // earlier index stores visible to the loads below in the C++ model, not just on x86.
+    slot.doorbell_queued.exchange(0, std::memory_order_seq_cst);
+    const uint32_t req_seq = slot.req_seq.load(std::memory_order_acquire);
+    const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
+    const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
+    const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
+    EngineSlot &es = s.slots[i];
+    // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it.
+    if (es.state == ipc::SlotState::kOpen) {
+        apply_client_indices(s, i, tx_tail, rx_head, acc_head);
+        if (s.ending) return;
+    }
+    if (req_seq != es.last_req_seq) handle_request(s, i, req_seq);
+}
+
+void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
+                                  uint32_t acc_head) {
+    EngineSlot &es = s.slots[i];
+    if (!tx_tail_valid(tx_tail, es.tx_head, es.send_len))
+        return violation(s, "slot %u: tx_tail %u outside the tx ring (tx_head %u)", i, tx_tail,
+                         es.tx_head);
+    if (!rx_head_valid(rx_head, es.rx_tail))
+        return violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
+                         es.rx_tail);
+    if (!acc_head_valid(acc_head, es.acc_tail))
+        return violation(s, "slot %u: acc_head %u outside the accept ring (acc_tail %u)", i,
+                         acc_head, es.acc_tail);
+    // Bytes queued after a shutdown(SHUT_WR) are never sent.
+    const bool tx_closed = es.shut_wr_pending || (es.flags & ipc::kFlagTxShut);
+    if (tx_tail != es.tx_tail && !tx_closed) {
+        es.tx_tail = tx_tail;
+        post_send(s, i);
+    }
+    es.rx_head = rx_head;
+    if ((es.flags & ipc::kFlagRxPaused) && es.rx_tail - es.rx_head < ipc::kRxRingBytes)
+        post_recv(s, i);
+    es.acc_head = acc_head;
+    if (es.flags & ipc::kFlagAcceptPaused) post_accept(s, i);
+}
+
+unsigned Worker::reap() {
+    struct Completion {
+        uint64_t user_data;
+        int32_t res;
+    };
+    Completion batch[kCqeBatch];
+    unsigned total = 0;
+    for (;;) {
+        unsigned count = 0;
+        unsigned head;
+        io_uring_cqe *cqe;
+        io_uring_for_each_cqe(&ring_, head, cqe) {
+            batch[count++] = {cqe->user_data, cqe->res};
+            if (count == kCqeBatch) break;
+        }
+        if (count == 0) {
+            // Completions the kernel could not fit in the CQ wait on its overflow list.
+            if (io_uring_cq_has_overflow(&ring_)) {
+                io_uring_get_events(&ring_);
+                if (io_uring_cq_ready(&ring_) > 0) continue;
+            }
+            break;
+        }
+        io_uring_cq_advance(&ring_, count);
+        for (unsigned k = 0; k < count; ++k) handle_completion(batch[k].user_data, batch[k].res);
+        total += count;
+        if (count < kCqeBatch || total >= 4 * kCqeBatch) break;
+    }
+    return total;
+}
+
+void Worker::handle_completion(uint64_t data, int32_t res) {
+    const auto kind = static_cast<Kind>(data >> 56);
+    if (kind == Kind::kIgnore) return;
+    if (kind == Kind::kWorkerDoorbell) {
+        doorbell_posted_ = false;
+        return;
+    }
+    const uint32_t index = (data >> 44) & 0xfff;
+    const uint32_t i = (data >> 32) & 0xfff;
+    const uint32_t gen = static_cast<uint32_t>(data);
+    Session *sp = table_[index].get();
+    if (!sp) {
+        log_line("worker %d: completion for missing session %u (bug)", config_.index, index);
+        return;
+    }
+    Session &s = *sp;
+    if (s.inflight > 0) --s.inflight;
+    switch (kind) {
+        case Kind::kSessionDoorbell:
+            s.doorbell_posted = false;
+            if (!s.ending) post_session_doorbell(s);
+            break;
+        case Kind::kControl:
+            s.control_posted = false;
+            on_control(s, res);
+            break;
+        case Kind::kRecv:
+        case Kind::kSend:
+        case Kind::kAccept:
+        case Kind::kConnect: {
+            EngineSlot &es = s.slots[i];
+            if (es.inflight > 0) --es.inflight;
+            if (es.gen != gen) {
+                log_line("worker %d: stale completion for session %u slot %u (bug)", config_.index,
+                         s.id, i);
+                break;
+            }
+            if (kind == Kind::kRecv) on_recv(s, i, res);
+            if (kind == Kind::kSend) on_send(s, i, res);
+            if (kind == Kind::kAccept) on_accept(s, i, res);
+            if (kind == Kind::kConnect) on_connect(s, i, res);
+            break;
+        }
+        default:
+            break;
+    }
+}
+
+void Worker::flush_wakes() {
+    if (dirty_.empty()) return;
+    // Our stores (indices, flags, event_gen) before our loads of the waiters: pairs with the
+    // client's arm-then-recheck, so either it sees our change or we see it armed.
+    full_fence();
+    for (Session *s : dirty_) {
+        wake_session(*s);
+        s->dirty = false;
+    }
+    dirty_.clear();
+}
+
+void Worker::wake_session(Session &s) {
+    if (!s.ending && s.waiter_scan_limit > 0 &&
+        s.region.header().waiters_armed.load(std::memory_order_acquire) != 0) {
+        for (uint32_t w = 0; w < s.waiter_scan_limit; ++w) {
+            if (s.waiter_fds[w] < 0) continue;
+            ipc::Waiter &waiter = s.region.waiter(w);
+            uint32_t state = waiter.state.load(std::memory_order_acquire);
+            if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
+            const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
+            const bool match =
+                slot == ipc::kWaitAnySlot || (slot < ipc::kMaxSockets && s.changed_bits.test(slot));
+            if (!match) continue;
+            if (waiter.state.compare_exchange_strong(
+                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
+                    std::memory_order_acq_rel)) {
+                const char byte = 1;
+                ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
+                (void)ignored;
+            }
+        }
+    }
+    for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
+    s.changed.clear();
+}
+
+void Worker::set_sleeping(uint32_t value) {
+    for (uint32_t index : active_) {
+        Session *s = table_[index].get();
+        if (s && !s->ending)
+            s->region.header().engine_sleeping.store(value, std::memory_order_seq_cst);
+    }
+}
+
+bool Worker::any_queue_has_work() {
+    for (uint32_t index : active_) {
+        Session *s = table_[index].get();
+        if (!s || s->ending) continue;
+        const uint32_t head = s->region.header().wq_head.load(std::memory_order_relaxed);
+        const ipc::WorkEntry &entry = s->region.work_entry(head & (ipc::kWorkQueueEntries - 1));
+        if (entry.seq.load(std::memory_order_acquire) == head + 1) return true;
+    }
+    return false;
+}
+
+void Worker::sleep_until_work() {
+    set_sleeping(1);
+    // engine_sleeping before re-reading the queues: a client that pushed before seeing our
+    // flag is caught by this re-check, one that pushed after it writes the doorbell.
+    full_fence();
+    if (stop_.load(std::memory_order_relaxed) || has_pending_.load(std::memory_order_acquire) ||
+        io_uring_cq_ready(&ring_) > 0 || any_queue_has_work()) {
+        set_sleeping(0);
+        return;
+    }
+    if (!doorbell_posted_) post_worker_doorbell();
+    io_uring_cqe *cqe = nullptr;
+    int rc;
+    if (!timed_.empty()) {
+        __kernel_timespec ts{};
+        ts.tv_nsec = kTickNs;
+        rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+    } else {
+        rc = io_uring_submit_and_wait(&ring_, 1);
+    }
+    if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+        log_line("worker %d: io_uring wait: %s", config_.index, std::strerror(-rc));
+    set_sleeping(0);
+}
+
+void Worker::housekeeping(uint64_t now) {
+    std::vector<TimedSlot> items;
+    items.swap(timed_);
+    for (const TimedSlot &item : items) {
+        Session *s = table_[item.session_index].get();
+        if (!s || s->gen != item.session_gen || s->ending) continue;
+        EngineSlot &es = s->slots[item.slot];
+        es.timed = false;
+        if (es.gen != item.slot_gen || es.state == ipc::SlotState::kFree) continue;
+        if (es.state == ipc::SlotState::kClosing) {
+            const bool draining = !es.close_reset && es.tx_head != es.close_tail &&
+                                  (es.flags & ipc::kFlagConnected) &&
+                                  !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut));
+            if (draining && now - es.close_progress_ns > kDrainTimeoutNs) {
+                TCPS_LOG_VERBOSE("session %u slot %u: close drain timed out, resetting", s->id,
+                                 item.slot);
+                start_close(*s, item.slot, true);
+            } else {
+                // Re-issue cancels that may have been lost, then look again.
+                if (es.recv_posted) cancel(*s, item.slot, Kind::kRecv);
+                if (es.accept_posted) cancel(*s, item.slot, Kind::kAccept);
+                if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
+                if (es.send_posted && (es.close_reset || !draining))
+                    cancel(*s, item.slot, Kind::kSend);
+                maybe_finish_close(*s, item.slot);
+            }
+            if (es.state == ipc::SlotState::kClosing) schedule(*s, item.slot);
+            continue;
+        }
+        es.accept_retry = false;
+        post_recv(*s, item.slot);
+        post_send(*s, item.slot);
+        post_accept(*s, item.slot);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// io_uring helpers
+
+io_uring_sqe *Worker::get_sqe() {
+    for (int attempt = 0; attempt < 3; ++attempt) {
+        if (io_uring_sqe *sqe = io_uring_get_sqe(&ring_)) return sqe;
+        io_uring_submit(&ring_);
+    }
+    return nullptr;
+}
+
+void Worker::schedule(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.timed) return;
+    es.timed = true;
+    timed_.push_back({s.index, s.gen, static_cast<uint16_t>(i), es.gen});
+}
+
+void Worker::post_worker_doorbell() {
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return;
+    io_uring_prep_read(sqe, doorbell_fd_, &doorbell_value_, sizeof(doorbell_value_), 0);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kWorkerDoorbell, 0, 0, 0));
+    doorbell_posted_ = true;
+}
+
+void Worker::post_session_doorbell(Session &s) {
+    if (s.doorbell_posted) return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return;
+    io_uring_prep_read(sqe, s.doorbell_fd, &s.doorbell_value, sizeof(s.doorbell_value), 0);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kSessionDoorbell, s.index, 0, s.gen));
+    s.doorbell_posted = true;
+    ++s.inflight;
+}
+
+void Worker::post_control_poll(Session &s) {
+    if (s.control_posted) return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return end_session(s, "out of submission queue entries");
+    io_uring_prep_poll_add(sqe, s.control_fd, POLLIN | POLLRDHUP);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kControl, s.index, 0, s.gen));
+    s.control_posted = true;
+    ++s.inflight;
+}
+
+void Worker::cancel(Session &s, uint32_t i, Kind kind) {
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return;  // the tick re-issues it
+    io_uring_prep_cancel64(sqe, user_data(kind, s.index, i, s.slots[i].gen), 0);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kIgnore, 0, 0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data path
+
+void Worker::post_recv(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
+        (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)))
+        return;
+    ipc::SocketSlot &slot = s.region.slot(i);
+    if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) {
+        // Full: pause, then look at rx_head once more so a client that freed space just
+        // before seeing the flag is not missed (it rings only when it sees the flag).
+        if (!(es.flags & ipc::kFlagRxPaused))
+            publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
+        full_fence();
+        const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
+        if (!rx_head_valid(rx_head, es.rx_tail))
+            return violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
+                             es.rx_tail);
+        es.rx_head = rx_head;
+        if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) return;
+    }
+    if (es.flags & ipc::kFlagRxPaused) publish_flags(s, i, es.flags & ~ipc::kFlagRxPaused);
+    const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
+    const uint32_t offset = es.rx_tail & kRxMask;
+    const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i) + offset, len, 0);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kRecv, s.index, i, es.gen));
+    es.recv_posted = true;
+    ++es.inflight;
+    ++s.inflight;
+}
+
+void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.recv_posted = false;
+    if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (res > 0) {
+        es.rx_tail += static_cast<uint32_t>(res);
+        s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);
+        stats_.bytes_in.fetch_add(res, std::memory_order_relaxed);
+        bump_event(s, i);
+        post_recv(s, i);
+    } else if (res == 0) {
+        update_kernel_mask(s, i);
+        publish_flags(s, i, es.flags | ipc::kFlagRxEof);
+        bump_event(s, i);
+    } else if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
+        schedule(s, i);  // transient: try again on the next tick, not in a tight loop
+    } else if (res != -ECANCELED) {
+        record_error(s, i, -res);
+    }
+}
+
+void Worker::post_send(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.send_posted) return;
+    const bool open = es.state == ipc::SlotState::kOpen;
+    const bool draining = es.state == ipc::SlotState::kClosing && !es.close_reset;
+    if ((!open && !draining) || !(es.flags & ipc::kFlagConnected) ||
+        (es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)))
+        return;
+    const uint32_t tail = open ? es.tx_tail : es.close_tail;
+    const uint32_t pending = tail - es.tx_head;
+    if (pending == 0) {
+        if (es.shut_wr_pending && open) apply_shut_wr(s, i);
+        return;
+    }
+    const uint32_t offset = es.tx_head & kTxMask;
+    const uint32_t len = std::min(pending, ipc::kTxRingBytes - offset);
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i) + offset, len, MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kSend, s.index, i, es.gen));
+    es.send_posted = true;
+    es.send_len = len;
+    ++es.inflight;
+    ++s.inflight;
+}
+
+void Worker::on_send(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.send_posted = false;
+    es.send_len = 0;
+    if (res > 0) {
+        es.tx_head += static_cast<uint32_t>(res);
+        es.close_progress_ns = now_ns_;
+        if (es.state != ipc::SlotState::kFree) {
+            s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
+            bump_event(s, i);
+        }
+        stats_.bytes_out.fetch_add(res, std::memory_order_relaxed);
+    } else if (res == 0 || res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
+        schedule(s, i);  // transient: try again on the next tick, not in a tight loop
+        return;
+    } else if (res < 0 && res != -ECANCELED) {
+        record_error(s, i, -res);
+    }
+    if (es.state == ipc::SlotState::kClosing) return maybe_finish_close(s, i);
+    post_send(s, i);
+}
+
+void Worker::apply_shut_wr(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    es.shut_wr_pending = false;
+    if (es.flags & ipc::kFlagTxShut) return;
+    if (shutdown(es.fd, SHUT_WR) != 0 && errno != ENOTCONN) {
+        record_error(s, i, errno);
+        return;
+    }
+    update_kernel_mask(s, i);
+    publish_flags(s, i, es.flags | ipc::kFlagTxShut);
+    bump_event(s, i);
+}
+
+void Worker::post_accept(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagListening) ||
+        es.accept_posted || es.accept_retry)
+        return;
+    auto has_room = [&] {
+        return es.acc_tail - es.acc_head < ipc::kAcceptRingEntries && !s.free_engine_slots.empty();
+    };
+    if (!has_room()) {
+        if (!(es.flags & ipc::kFlagAcceptPaused))
+            publish_flags(s, i, es.flags | ipc::kFlagAcceptPaused, true);
+        full_fence();
+        const uint32_t acc_head = s.region.slot(i).acc_head.load(std::memory_order_acquire);
+        if (!acc_head_valid(acc_head, es.acc_tail))
+            return violation(s, "slot %u: acc_head %u outside the accept ring (acc_tail %u)", i,
+                             acc_head, es.acc_tail);
+        es.acc_head = acc_head;
+        if (!has_room()) return;
+    }
+    if (es.flags & ipc::kFlagAcceptPaused) publish_flags(s, i, es.flags & ~ipc::kFlagAcceptPaused);
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    // The engine slot is taken now, so the accepted connection always has a home.
+    es.accept_reserved = s.free_engine_slots.back();
+    s.free_engine_slots.pop_back();
+    io_uring_prep_accept(sqe, es.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kAccept, s.index, i, es.gen));
+    es.accept_posted = true;
+    ++es.inflight;
+    ++s.inflight;
+}
+
+void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.accept_posted = false;
+    const uint16_t reserved = es.accept_reserved;
+    es.accept_reserved = kNoSlot;
+    if (es.state != ipc::SlotState::kOpen || res < 0) {
+        if (reserved != kNoSlot) s.free_engine_slots.push_back(reserved);
+        if (res >= 0) {
+            close(res);  // the listener is closing
+        } else if (es.state == ipc::SlotState::kOpen) {
+            if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
+                log_line("session %u slot %u: accept: %s; retrying", s.id, i, std::strerror(-res));
+                es.accept_retry = true;
+                schedule(s, i);
+            } else if (res == -EINVAL) {
+                // Not listening any more (shutdown(SHUT_RD) on the listener).
+            } else if (res != -ECANCELED) {
+                post_accept(s, i);  // ECONNABORTED and friends concern one connection only
+            }
+        }
+        if (es.state == ipc::SlotState::kClosing) maybe_finish_close(s, i);
+        return;
+    }
+    const uint32_t j = reserved;
+    init_slot(s, j, res, es.family, ipc::kFlagConnected | ipc::kFlagBound);
+    EngineSlot &conn = s.slots[j];
+    conn.rcvlowat = es.rcvlowat;  // inherited from the listener, as the kernel does
+    conn.accepted_by = static_cast<uint16_t>(i);
+    conn.accepted_by_gen = es.gen;
+    conn.accept_pos = es.acc_tail;
+    refresh_addresses(s, j, true);
+    update_kernel_mask(s, j);
+    ipc::SocketSlot &conn_slot = s.region.slot(j);
+    conn.last_req_seq = conn_slot.req_seq.load(std::memory_order_acquire);
+    conn_slot.resp_seq.store(conn.last_req_seq, std::memory_order_relaxed);
+    conn_slot.state.store(static_cast<uint32_t>(ipc::SlotState::kOpen), std::memory_order_release);
+    post_recv(s, j);
+    ++s.open_sockets;
+    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    stats_.accepts.fetch_add(1, std::memory_order_relaxed);
+
+    // Publish only now that the slot is complete.
+    ipc::SocketSlot &listener = s.region.slot(i);
+    listener.accept_ring[es.acc_tail & kAcceptMask] = j;
+    ++es.acc_tail;
+    listener.acc_tail.store(es.acc_tail, std::memory_order_release);
+    bump_event(s, i);
+    post_accept(s, i);
+}
+
+void Worker::resume_listeners(Session &s) {
+    for (uint16_t li : s.listeners)
+        if (s.slots[li].flags & ipc::kFlagAcceptPaused) post_accept(s, li);
+}
+
+void Worker::post_connect_poll(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.connect_posted) return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    io_uring_prep_poll_add(sqe, es.fd, POLLOUT);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kConnect, s.index, i, es.gen));
+    es.connect_posted = true;
+    ++es.inflight;
+    ++s.inflight;
+}
+
+void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.connect_posted = false;
+    if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (res == -ECANCELED || !(es.flags & ipc::kFlagConnecting)) return;
+    int error = 0;
+    socklen_t len = sizeof(error);
+    if (getsockopt(es.fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+    if (error == 0 && res < 0) error = -res;
+    if (error == 0) {
+        sockaddr_storage peer;
+        socklen_t peer_len = sizeof(peer);
+        if (getpeername(es.fd, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
+            return on_connected(s, i);
+        if (errno != ENOTCONN) {
+            error = errno;
+        } else if (res > 0 && (res & (POLLHUP | POLLERR))) {
+            error = ECONNRESET;
+        } else {
+            return post_connect_poll(s, i);  // woke early: still connecting
+        }
+    }
+    record_error(s, i, error);
+}
+
+void Worker::on_connected(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    refresh_addresses(s, i, true);
+    update_kernel_mask(s, i);
+    publish_flags(s, i, (es.flags & ~ipc::kFlagConnecting) | ipc::kFlagConnected | ipc::kFlagBound);
+    bump_event(s, i);
+    post_recv(s, i);
+    post_send(s, i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control socket of a session
+
+void Worker::on_control(Session &s, int32_t res) {
+    if (s.ending) return;
+    if (res < 0 && res != -ECANCELED) return end_session(s, "control socket poll failed");
+    for (int k = 0; k < 16; ++k) {
+        ipc::ControlMessage msg;
+        int fd = -1;
+        const int rc = ipc::recv_control(s.control_fd, msg, &fd, 1, MSG_DONTWAIT);
+        if (rc == -EAGAIN || rc == -EWOULDBLOCK) break;
+        if (rc == -ECONNRESET) return end_session(s, "client closed its control socket");
+        if (rc == -EPROTO) return violation(s, "malformed control message");
+        if (rc < 0) return end_session(s, "control socket error");
+        handle_control_message(s, msg, fd);
+        if (s.ending) return;
+    }
+    post_control_poll(s);
+}
+
+void Worker::handle_control_message(Session &s, const ipc::ControlMessage &msg, int fd) {
+    if (msg.type != static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter)) {
+        if (fd >= 0) close(fd);
+        return violation(s, "unexpected control message type %u", msg.type);
+    }
+    int result = 0;
+    int flags = -1;
+    int own = -1;
+    struct stat st;
+    if (fd < 0 || msg.arg < 0 || msg.arg >= static_cast<int32_t>(ipc::kMaxWaiters)) {
+        result = -EINVAL;
+    } else if (fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode) || (flags = fcntl(fd, F_GETFL)) < 0 ||
+               ((flags & O_ACCMODE) != O_WRONLY && (flags & O_ACCMODE) != O_RDWR)) {
+        result = -EINVAL;  // only a pipe the client can write: the engine writes one byte
+    } else {
+        // Our own open file description of the same pipe, non-blocking: O_NONBLOCK on the
+        // one we received is shared with the client, which could clear it and make our
+        // write block. The client already holds this pipe open for writing, so reopening it
+        // for writing gives the client nothing new.
+        char proc_path[64];
+        std::snprintf(proc_path, sizeof(proc_path), "/proc/self/fd/%d", fd);
+        own = open(proc_path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (own < 0) result = -EINVAL;  // e.g. ENXIO: nobody holds the read end
+    }
+    if (fd >= 0) close(fd);
+    if (result == 0) {
+        const auto w = static_cast<uint32_t>(msg.arg);
+        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
+        s.waiter_fds[w] = own;
+        s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kWaiterReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.arg = msg.arg;
+    reply.result = result;
+    reply.session_id = s.id;
+    const int rc = ipc::send_control(s.control_fd, reply, nullptr, 0);
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK)
+        return violation(s, "client does not read its control replies");
+    if (rc < 0) return end_session(s, "control socket error");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slot state
+
+void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags) {
+    EngineSlot &es = s.slots[i];
+    const uint32_t last_req_seq = es.last_req_seq;
+    const uint32_t gen = es.gen + 1;
+    es = EngineSlot{};
+    es.last_req_seq = last_req_seq;
+    es.gen = gen;
+    es.fd = fd;
+    es.family = family;
+    es.state = ipc::SlotState::kOpen;
+    es.flags = flags;
+
+    ipc::SocketSlot &slot = s.region.slot(i);
+    // The client's indices too: the engine owns the slot until it answers kSocket or
+    // publishes the accepted connection, and a reused slot must start with empty rings.
+    slot.tx_tail.store(0, std::memory_order_relaxed);
+    slot.rx_head.store(0, std::memory_order_relaxed);
+    slot.acc_head.store(0, std::memory_order_relaxed);
+    slot.tx_head.store(0, std::memory_order_relaxed);
+    slot.rx_tail.store(0, std::memory_order_relaxed);
+    slot.acc_tail.store(0, std::memory_order_relaxed);
+    slot.so_error.store(0, std::memory_order_relaxed);
+    slot.error_gen.store(0, std::memory_order_relaxed);
+    slot.kernel_mask.store(0, std::memory_order_relaxed);
+    slot.local_addr.len = 0;
+    slot.peer_addr.len = 0;
+    slot.flags.store(flags, std::memory_order_relaxed);
+    slot.event_gen.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Worker::publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst) {
+    s.slots[i].flags = flags;
+    s.region.slot(i).flags.store(flags,
+                                 seq_cst ? std::memory_order_seq_cst : std::memory_order_release);
+}
+
+void Worker::mark_changed(Session &s, uint32_t i) {
+    if (!s.changed_bits.test(i)) {
+        s.changed_bits.set(i);
+        s.changed.push_back(static_cast<uint16_t>(i));
+    }
+    if (!s.dirty) {
+        s.dirty = true;
+        dirty_.push_back(&s);
+    }
+}
+
+void Worker::bump_event(Session &s, uint32_t i) {
+    s.region.slot(i).event_gen.fetch_add(1, std::memory_order_release);
+    mark_changed(s, i);
+}
+
+void Worker::record_error(Session &s, uint32_t i, int error) {
+    EngineSlot &es = s.slots[i];
+    if (es.flags & ipc::kFlagReset) return;  // the first error is the one reported
+    ipc::SocketSlot &slot = s.region.slot(i);
+    slot.so_error.store(error, std::memory_order_relaxed);
+    slot.error_gen.fetch_add(1, std::memory_order_release);
+    update_kernel_mask(s, i);
+    publish_flags(s, i, (es.flags & ~ipc::kFlagConnecting) | ipc::kFlagReset);
+    bump_event(s, i);
+}
+
+void Worker::update_kernel_mask(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    pollfd p{es.fd, POLLIN | POLLOUT | POLLRDHUP | POLLPRI, 0};
+    uint32_t mask = 0;
+    if (es.fd >= 0 && poll(&p, 1, 0) > 0)
+        mask = static_cast<uint32_t>(p.revents) & (POLLHUP | POLLERR | POLLRDHUP | POLLOUT);
+    s.region.slot(i).kernel_mask.store(mask, std::memory_order_relaxed);
+}
+
+static void store_address(ipc::SockAddrRecord &record, const sockaddr_storage &addr,
+                          socklen_t len) {
+    const uint32_t n = std::min<uint32_t>(len, ipc::kSockAddrMax);
+    std::memcpy(record.bytes, &addr, n);
+    record.len = n;
+}
+
+void Worker::refresh_addresses(Session &s, uint32_t i, bool peer) {
+    EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
+    sockaddr_storage addr;
+    socklen_t len = sizeof(addr);
+    if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
+        store_address(slot.local_addr, addr, len);
+    if (!peer) return;
+    len = sizeof(addr);
+    if (getpeername(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
+        store_address(slot.peer_addr, addr, len);
+}
+
+void Worker::start_close(Session &s, uint32_t i, bool reset) {
+    EngineSlot &es = s.slots[i];
+    if (es.state == ipc::SlotState::kFree) return;
+    if (es.state == ipc::SlotState::kOpen) {
+        es.state = ipc::SlotState::kClosing;
+        s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kClosing),
+                                     std::memory_order_release);
+        es.close_tail = es.tx_tail;
+        es.close_progress_ns = now_ns_;
+        if (es.flags & ipc::kFlagListening) {
+            for (size_t k = 0; k < s.listeners.size(); ++k) {
+                if (s.listeners[k] == i) {
+                    s.listeners[k] = s.listeners.back();
+                    s.listeners.pop_back();
+                    break;
+                }
+            }
+            // Connections accepted but never taken by the application die with it.
+            const uint32_t untaken = es.acc_tail - es.acc_head;
+            for (uint32_t j = ipc::kClientSlots; j < ipc::kMaxSockets && untaken > 0; ++j) {
+                const EngineSlot &conn = s.slots[j];
+                if (conn.state == ipc::SlotState::kOpen && conn.accepted_by == i &&
+                    conn.accepted_by_gen == es.gen && conn.accept_pos - es.acc_head < untaken)
+                    start_close(s, j, true);
+            }
+        }
+        if (es.recv_posted) cancel(s, i, Kind::kRecv);
+        if (es.accept_posted) cancel(s, i, Kind::kAccept);
+        if (es.connect_posted) cancel(s, i, Kind::kConnect);
+    }
+    if (reset && !es.close_reset) {
+        es.close_reset = true;
+        if (es.fd >= 0) {
+            const linger abortive{1, 0};  // close() sends RST
+            setsockopt(es.fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+        }
+    }
+    maybe_finish_close(s, i);
+}
+
+void Worker::maybe_finish_close(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.state != ipc::SlotState::kClosing) return;
+    const bool draining = !es.close_reset && es.tx_head != es.close_tail &&
+                          (es.flags & ipc::kFlagConnected) &&
+                          !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut));
+    if (draining) {
+        post_send(s, i);
+        schedule(s, i);  // for the drain deadline
+        return;
+    }
+    if (es.send_posted && !es.send_cancelled) {
+        es.send_cancelled = true;
+        cancel(s, i, Kind::kSend);
+    }
+    if (es.inflight > 0) return;
+    finish_close(s, i);
+}
+
+void Worker::finish_close(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.fd >= 0) {
+        if (!es.close_reset) {
+            // A positive linger would make close() block this thread; the kernel still
+            // delivers what it holds after close() without it.
+            linger current{};
+            socklen_t len = sizeof(current);
+            if (getsockopt(es.fd, SOL_SOCKET, SO_LINGER, &current, &len) == 0 && current.l_onoff &&
+                current.l_linger > 0) {
+                const linger off{0, 0};
+                setsockopt(es.fd, SOL_SOCKET, SO_LINGER, &off, sizeof(off));
+            }
+        }
+        close(es.fd);
+        if (s.open_sockets > 0) --s.open_sockets;
+        stats_.sockets.fetch_sub(1, std::memory_order_relaxed);
+    }
+    reuseport_registry().remove(es.reuseport_token);
+    if (es.accept_reserved != kNoSlot) s.free_engine_slots.push_back(es.accept_reserved);
+
+    const uint32_t last_req_seq = es.last_req_seq;
+    const uint32_t gen = es.gen;
+    const bool timed = es.timed;
+    es = EngineSlot{};
+    es.last_req_seq = last_req_seq;
+    es.gen = gen;
+    es.timed = timed;  // a stale tick entry drops itself: the slot is free
+
+    if (s.ending) return;  // the whole region goes away
+    ipc::SocketSlot &slot = s.region.slot(i);
+    slot.flags.store(0, std::memory_order_relaxed);
+    slot.tx_head.store(0, std::memory_order_relaxed);
+    slot.rx_tail.store(0, std::memory_order_relaxed);
+    slot.acc_tail.store(0, std::memory_order_relaxed);
+    slot.so_error.store(0, std::memory_order_relaxed);
+    slot.kernel_mask.store(0, std::memory_order_relaxed);
+    slot.local_addr.len = 0;
+    slot.peer_addr.len = 0;
+    // Give the ring pages back: the memfd is sparse and only live sockets should cost memory.
+    fallocate(s.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              static_cast<off_t>(ipc::tx_ring_offset(i)), static_cast<off_t>(ipc::kRingPairBytes));
+    slot.state.store(static_cast<uint32_t>(ipc::SlotState::kFree), std::memory_order_release);
+    bump_event(s, i);
+    if (i >= ipc::kClientSlots) {
+        s.free_engine_slots.push_back(static_cast<uint16_t>(i));
+        resume_listeners(s);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session lifetime
+
+void Worker::violation(Session &s, const char *format, ...) {
+    if (s.ending) return;
+    char what[256];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(what, sizeof(what), format, args);
+    va_end(args);
+    log_line("session %u (pid %d): protocol violation: %s", s.id, s.creds.pid, what);
+    stats_.violations.fetch_add(1, std::memory_order_relaxed);
+    end_session(s, "protocol violation");
+}
+
+void Worker::end_session(Session &s, const char *why) {
+    if (s.ending) return;
+    s.ending = true;
+    TCPS_LOG_VERBOSE("session %u (pid %d): ending: %s", s.id, s.creds.pid, why);
+    ipc::RegionHeader &header = s.region.header();
+    header.engine_alive.store(0, std::memory_order_seq_cst);
+    header.engine_sleeping.store(0, std::memory_order_relaxed);
+    // Every registered waiter gets a byte and then EOF: no client thread sleeps on us.
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
+        if (s.waiter_fds[w] < 0) continue;
+        uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
+        s.region.waiter(w).state.compare_exchange_strong(
+            armed, static_cast<uint32_t>(ipc::WaiterState::kSignaled), std::memory_order_acq_rel);
+        const char byte = 1;
+        ssize_t ignored = write(s.waiter_fds[w], &byte, 1);
+        (void)ignored;
+        close(s.waiter_fds[w]);
+        s.waiter_fds[w] = -1;
+    }
+    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i)
+        if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
+    // EOF on the control socket tells the client at once and completes our poll on it. The
+    // doorbell read is cancelled, not completed by a write: the eventfd's file description is
+    // shared with the client, which could make a write from us block.
+    if (s.control_fd >= 0) shutdown(s.control_fd, SHUT_RDWR);
+    if (s.doorbell_posted) {
+        if (io_uring_sqe *sqe = get_sqe()) {
+            io_uring_prep_cancel64(sqe, user_data(Kind::kSessionDoorbell, s.index, 0, s.gen), 0);
+            io_uring_sqe_set_data64(sqe, user_data(Kind::kIgnore, 0, 0, 0));
+        }
+    }
+    ending_.push_back(s.index);
+}
+
+void Worker::free_ended_sessions() {
+    for (size_t k = 0; k < ending_.size();) {
+        Session *s = table_[ending_[k]].get();
+        if (s && s->inflight > 0) {
+            ++k;
+            continue;
+        }
+        ending_[k] = ending_.back();
+        ending_.pop_back();
+        if (s) free_session(*s);
+    }
+}
+
+void Worker::free_session(Session &s) {
+    const uint32_t index = s.index;
+    for (size_t k = 0; k < dirty_.size(); ++k) {
+        if (dirty_[k] == &s) {
+            dirty_[k] = dirty_.back();
+            dirty_.pop_back();
+            break;
+        }
+    }
+    for (size_t k = 0; k < active_.size(); ++k) {
+        if (active_[k] == index) {
+            active_[k] = active_.back();
+            active_.pop_back();
+            break;
+        }
+    }
+    TCPS_LOG_VERBOSE("session %u (pid %d): freed", s.id, s.creds.pid);
+    table_[index].reset();  // unmaps the region, closes its descriptors
+    free_indices_.push_back(index);
+    stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void Worker::shutdown_all() {
+    adopt_pending();
+    // Copy: ending a session may free it and edit active_.
+    const std::vector<uint32_t> indices = active_;
+    for (uint32_t index : indices)
+        if (Session *s = table_[index].get()) end_session(*s, "engine stopping");
+    const uint64_t deadline = monotonic_ns() + kShutdownWaitNs;
+    while (!active_.empty() && monotonic_ns() < deadline) {
+        io_uring_cqe *cqe = nullptr;
+        __kernel_timespec ts{};
+        ts.tv_nsec = 20'000'000;
+        io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+        now_ns_ = monotonic_ns();
+        reap();
+        if (!timed_.empty()) housekeeping(now_ns_);
+        free_ended_sessions();
+    }
+    // Whatever did not finish in time: close the sockets, but leave those regions mapped,
+    // since the kernel may still complete an operation into them until the ring is gone.
+    for (uint32_t index : active_) {
+        Session *s = table_[index].get();
+        if (!s) continue;
+        for (uint32_t i = 0; i < ipc::kMaxSockets; ++i) {
+            if (s->slots[i].fd >= 0) close(s->slots[i].fd);
+            s->slots[i].fd = -1;
+        }
+        s->region.base = nullptr;
+        s->release();
+        stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
+    }
+    if (ring_ready_) {
+        io_uring_queue_exit(&ring_);
+        ring_ready_ = false;
+    }
+    for (uint32_t index : active_) table_[index].reset();
+    active_.clear();
+    ending_.clear();
+    dirty_.clear();
+}
+
+}  // namespace tcps::engine

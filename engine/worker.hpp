@@ -1,0 +1,183 @@
+// A worker: one thread, one io_uring, the sessions assigned to it and their kernel sockets.
+// Nothing on the data path is shared with other threads; the only cross-thread inputs are the
+// hand-off queue of new sessions (mutex + doorbell eventfd) and the stop flag.
+#pragma once
+
+#include <liburing.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "control.hpp"
+#include "session.hpp"
+
+namespace tcps::engine {
+
+struct WorkerConfig {
+    int index = 0;
+    int core = -1;  // -1: not pinned
+    int spin_us = 50;
+    bool busy_poll = false;
+    int unprivileged_port_start = 1024;
+};
+
+// Written by the worker (relaxed), read by the main thread for logs.
+struct WorkerStats {
+    std::atomic<uint64_t> sessions{0};  // live now
+    std::atomic<uint64_t> sessions_total{0};
+    std::atomic<uint64_t> sockets{0};  // open now
+    std::atomic<uint64_t> accepts{0};
+    std::atomic<uint64_t> bytes_in{0};   // network -> rx rings
+    std::atomic<uint64_t> bytes_out{0};  // tx rings -> network
+    std::atomic<uint64_t> violations{0};
+};
+
+class Worker {
+  public:
+    Worker(const WorkerConfig &config, const std::atomic<bool> &stop);
+    ~Worker();
+    Worker(const Worker &) = delete;
+    Worker &operator=(const Worker &) = delete;
+
+    // Sets up the io_uring (probing every operation it uses) and the doorbell eventfd.
+    // Returns an empty string or what is missing.
+    std::string init();
+    // Starts the thread and pins it. Returns an empty string or the error.
+    std::string start();
+    void join();
+
+    // The eventfd that wakes this worker (signal handler, session hand-off).
+    int doorbell_fd() const { return doorbell_fd_; }
+    const WorkerStats &stats() const { return stats_; }
+    uint64_t load() const { return stats_.sessions.load(std::memory_order_relaxed) + queued_; }
+
+    // Any thread: hands a session (region created, hello answered) to this worker.
+    void adopt(std::unique_ptr<Session> session);
+
+  private:
+    enum class Kind : uint8_t {
+        kIgnore = 0,
+        kWorkerDoorbell,
+        kSessionDoorbell,
+        kControl,
+        kRecv,
+        kSend,
+        kAccept,
+        kConnect,
+    };
+
+    struct TimedSlot {
+        uint32_t session_index;
+        uint32_t session_gen;
+        uint16_t slot;
+        uint32_t slot_gen;
+    };
+
+    void run();
+    void shutdown_all();
+
+    // --- loop pieces ---
+    bool adopt_pending();
+    bool process_queue(Session &s);
+    void process_slot(Session &s, uint32_t i);
+    unsigned reap();
+    void handle_completion(uint64_t user_data, int32_t res);
+    void flush_wakes();
+    void wake_session(Session &s);
+    void sleep_until_work();
+    bool any_queue_has_work();
+    void set_sleeping(uint32_t value);
+    void housekeeping(uint64_t now);
+
+    // --- io_uring helpers ---
+    io_uring_sqe *get_sqe();
+    static uint64_t user_data(Kind kind, uint32_t session, uint32_t slot, uint32_t gen);
+    void post_worker_doorbell();
+    void post_session_doorbell(Session &s);
+    void post_control_poll(Session &s);
+    void cancel(Session &s, uint32_t i, Kind kind);
+    void schedule(Session &s, uint32_t i);
+
+    // --- data path ---
+    void apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
+                              uint32_t acc_head);
+    void post_recv(Session &s, uint32_t i);
+    void post_send(Session &s, uint32_t i);
+    void post_accept(Session &s, uint32_t i);
+    void post_connect_poll(Session &s, uint32_t i);
+    void on_recv(Session &s, uint32_t i, int32_t res);
+    void on_send(Session &s, uint32_t i, int32_t res);
+    void on_accept(Session &s, uint32_t i, int32_t res);
+    void on_connect(Session &s, uint32_t i, int32_t res);
+    void on_connected(Session &s, uint32_t i);
+    void on_control(Session &s, int32_t res);
+    void handle_control_message(Session &s, const ipc::ControlMessage &msg, int fd);
+    void resume_listeners(Session &s);
+
+    // --- slot state ---
+    void init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags);
+    void publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst = false);
+    void bump_event(Session &s, uint32_t i);
+    void mark_changed(Session &s, uint32_t i);
+    void record_error(Session &s, uint32_t i, int error);
+    void update_kernel_mask(Session &s, uint32_t i);
+    void refresh_addresses(Session &s, uint32_t i, bool peer);
+    void apply_shut_wr(Session &s, uint32_t i);
+    void start_close(Session &s, uint32_t i, bool reset);
+    void maybe_finish_close(Session &s, uint32_t i);
+    void finish_close(Session &s, uint32_t i);
+
+    // --- requests (ops.cpp) ---
+    void handle_request(Session &s, uint32_t i, uint32_t req_seq);
+    void respond(Session &s, uint32_t i, uint32_t seq, int result, const uint8_t *opt = nullptr,
+                 uint32_t opt_len = 0);
+    int op_socket(Session &s, uint32_t i, const ipc::Request &req);
+    int op_bind(Session &s, uint32_t i, const ipc::Request &req);
+    int op_listen(Session &s, uint32_t i, const ipc::Request &req);
+    int op_connect(Session &s, uint32_t i, const ipc::Request &req);
+    int op_shutdown(Session &s, uint32_t i, const ipc::Request &req);
+    int op_setsockopt(Session &s, uint32_t i, const ipc::Request &req);
+    int op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
+                      uint32_t &out_len);
+    int op_getsockname(Session &s, uint32_t i);
+    int op_ioctl(Session &s, uint32_t i, const ipc::Request &req);
+
+    // --- session lifetime ---
+    void violation(Session &s, const char *format, ...) __attribute__((format(printf, 3, 4)));
+    void end_session(Session &s, const char *why);
+    // Sessions are freed only here, at one point of the loop, once nothing refers to them.
+    void free_ended_sessions();
+    void free_session(Session &s);
+
+    WorkerConfig config_;
+    const std::atomic<bool> &stop_;
+    WorkerStats stats_;
+    io_uring ring_{};
+    bool ring_ready_ = false;
+    int doorbell_fd_ = -1;
+    uint64_t doorbell_value_ = 0;
+    bool doorbell_posted_ = false;
+    std::thread thread_;
+
+    std::mutex pending_mutex_;
+    std::vector<std::unique_ptr<Session>> pending_;
+    std::atomic<bool> has_pending_{false};
+    std::atomic<uint64_t> queued_{0};
+
+    std::vector<std::unique_ptr<Session>> table_;  // by Session::index
+    std::vector<uint32_t> free_indices_;
+    std::vector<uint32_t> active_;  // indices of sessions in table_
+    std::vector<Session *> dirty_;
+    std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
+    std::vector<TimedSlot> timed_;
+    uint32_t next_session_gen_ = 1;
+    uint64_t now_ns_ = 0;
+    uint64_t next_housekeeping_ns_ = 0;
+};
+
+}  // namespace tcps::engine

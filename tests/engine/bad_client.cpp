@@ -1,0 +1,517 @@
+// bad_client: a private tcpsd faces one good client and several broken or hostile ones.
+// After each bad one, the engine must still run and the good client must still move data;
+// a client that broke the protocol must see its own session ended (engine_alive == 0).
+//
+//   bad_client /path/to/tcpsd [tcpsd arguments...]
+#include <arpa/inet.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <string>
+
+#include "raw_client.hpp"
+
+using namespace tcps;
+using namespace tcps::test;
+
+namespace {
+
+constexpr int kWaitMs = 3000;
+
+uint16_t port_of(const ipc::SockAddrRecord &record) {
+    sockaddr_in addr{};
+    std::memcpy(&addr, record.bytes, std::min<size_t>(record.len, sizeof(addr)));
+    return ntohs(addr.sin_port);
+}
+
+sockaddr_in loopback(uint16_t port) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return addr;
+}
+
+int kernel_connect(uint16_t port) {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK_OR_FAIL(fd >= 0, "socket: %s", std::strerror(errno));
+    const sockaddr_in addr = loopback(port);
+    // The engine's kernel listener completes the handshake by itself: this does not block long.
+    CHECK_OR_FAIL(connect(fd, reinterpret_cast<const sockaddr *>(&addr), sizeof(addr)) == 0,
+                  "connect to 127.0.0.1:%u: %s", port, std::strerror(errno));
+    return fd;
+}
+
+uint16_t local_port(int fd) {
+    sockaddr_in addr{};
+    socklen_t len = sizeof(addr);
+    getsockname(fd, reinterpret_cast<sockaddr *>(&addr), &len);
+    return ntohs(addr.sin_port);
+}
+
+// Reads exactly `len` bytes from a kernel socket within the deadline.
+bool kernel_recv_exact(int fd, void *data, size_t len, int timeout_ms) {
+    size_t done = 0;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (done < len) {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() <= 0) return false;
+        pollfd p{fd, POLLIN, 0};
+        if (poll(&p, 1, static_cast<int>(left.count())) != 1) return false;
+        const ssize_t n = recv(fd, static_cast<char *>(data) + done, len - done, 0);
+        if (n <= 0) return false;
+        done += static_cast<size_t>(n);
+    }
+    return true;
+}
+
+// Whether the kernel peer sees the connection end (EOF or reset) within the deadline.
+bool kernel_sees_end(int fd, int timeout_ms) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() <= 0) return false;
+        pollfd p{fd, POLLIN, 0};
+        if (poll(&p, 1, static_cast<int>(left.count())) != 1) return false;
+        char buffer[256];
+        const ssize_t n = recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN)) return true;
+    }
+}
+
+// Whether a control socket reaches EOF (the engine closed or shut it down) in time.
+bool control_sees_eof(int fd, int timeout_ms) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() <= 0) return false;
+        pollfd p{fd, POLLIN, 0};
+        if (poll(&p, 1, static_cast<int>(left.count())) != 1) return false;
+        char buffer[64];
+        const ssize_t n = recv(fd, buffer, sizeof(buffer), MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN)) return true;
+    }
+}
+
+int set_int_option(RawClient &c, uint32_t slot, int level, int optname, int value) {
+    return c.request_result(slot, uint32_t(ipc::Op::kSetSockOpt), level, optname, 0, nullptr, 0,
+                            &value, sizeof(value));
+}
+
+// A port nothing listens on (bound and released again).
+uint16_t closed_port() {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr = loopback(0);
+    bind(fd, reinterpret_cast<sockaddr *>(&addr), sizeof(addr));
+    const uint16_t port = local_port(fd);
+    close(fd);
+    return port;
+}
+
+// Runs `body` in a child process that has become uid/gid 65534 (so CapEff is empty), and
+// waits for it (bounded). Returns the child's exit status, or -1.
+int run_unprivileged(const std::function<void()> &body) {
+    const pid_t child = fork();
+    if (child == 0) {
+        if (setgroups(0, nullptr) != 0 || setgid(65534) != 0 || setuid(65534) != 0) _exit(3);
+        body();
+        _exit(0);
+    }
+    int status = 0;
+    const bool done = wait_until([&] { return waitpid(child, &status, WNOHANG) == child; }, 10000);
+    if (!done) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+        return -1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+struct Good {
+    RawClient client;
+    uint32_t listener = 0;
+    uint32_t conn = 0;
+    int peer = -1;  // the kernel end of the connection
+    int round = 0;
+};
+
+// A message each way between the good client (through the engine) and its kernel peer.
+void round_trip(Good &good, const char *after) {
+    ++good.round;
+    const std::string ping = "ping " + std::to_string(good.round);
+    CHECK_OR_FAIL(send(good.peer, ping.data(), ping.size(), MSG_NOSIGNAL) ==
+                      static_cast<ssize_t>(ping.size()),
+                  "kernel send: %s", std::strerror(errno));
+    std::string got(ping.size(), '\0');
+    size_t have = 0;
+    const bool arrived = wait_until(
+        [&] {
+            have += good.client.recv(good.conn, got.data() + have, got.size() - have);
+            return have == got.size();
+        },
+        kWaitMs);
+    CHECK_OR_FAIL(arrived, "after %s: data from the kernel peer did not reach the rx ring", after);
+    CHECK_OR_FAIL(got == ping, "after %s: rx ring holds '%s', expected '%s'", after, got.c_str(),
+                  ping.c_str());
+
+    const std::string pong = "pong " + std::to_string(good.round);
+    CHECK_OR_FAIL(good.client.send(good.conn, pong.data(), pong.size()) == pong.size(),
+                  "after %s: tx ring full", after);
+    std::string back(pong.size(), '\0');
+    CHECK_OR_FAIL(kernel_recv_exact(good.peer, back.data(), back.size(), kWaitMs),
+                  "after %s: data from the tx ring did not reach the kernel peer", after);
+    CHECK_OR_FAIL(back == pong, "after %s: kernel peer got '%s'", after, back.c_str());
+}
+
+void check_engine_ok(EngineProcess &engine, Good &good, const char *after) {
+    CHECK_OR_FAIL(engine.running(), "tcpsd died after %s", after);
+    CHECK_OR_FAIL(good.client.engine_alive(), "good session ended after %s", after);
+    round_trip(good, after);
+    std::printf("ok: %s\n", after);
+}
+
+void setup_good(Good &good, const std::string &path) {
+    RawClient &c = good.client;
+    CHECK_OR_FAIL(c.connect(path) == 0, "good client: hello failed");
+    CHECK_OR_FAIL(c.engine_alive(), "good client: engine_alive is 0 after hello");
+    const uint32_t L = good.listener;
+    CHECK_OR_FAIL(c.request_result(L, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "kSocket");
+    CHECK_OR_FAIL(c.slot(L).state.load() == uint32_t(ipc::SlotState::kOpen), "slot not open");
+    const sockaddr_in any_port = loopback(0);
+    CHECK_OR_FAIL(
+        c.request_result(L, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port, sizeof(any_port)) == 0,
+        "kBind 127.0.0.1:0");
+    CHECK_OR_FAIL(c.slot(L).flags.load() & ipc::kFlagBound, "kFlagBound not set");
+    const uint16_t port = port_of(c.slot(L).local_addr);
+    CHECK_OR_FAIL(port != 0, "bind left no local port in local_addr");
+    CHECK_OR_FAIL(c.request_result(L, uint32_t(ipc::Op::kListen), 16) == 0, "kListen");
+    CHECK_OR_FAIL(c.slot(L).flags.load() & ipc::kFlagListening, "kFlagListening not set");
+
+    good.peer = kernel_connect(port);
+    int conn = -1;
+    CHECK_OR_FAIL(wait_until([&] { return (conn = c.accept(L)) >= 0; }, kWaitMs),
+                  "accepted connection never appeared in the accept ring");
+    CHECK_OR_FAIL(conn >= int(ipc::kClientSlots) && conn < int(ipc::kMaxSockets),
+                  "accept ring holds slot %d, outside the engine's range", conn);
+    good.conn = static_cast<uint32_t>(conn);
+    ipc::SocketSlot &s = c.slot(good.conn);
+    CHECK_OR_FAIL(s.state.load() == uint32_t(ipc::SlotState::kOpen), "accepted slot not open");
+    CHECK_OR_FAIL(s.flags.load() & ipc::kFlagConnected, "accepted slot not connected");
+    CHECK_OR_FAIL(port_of(s.peer_addr) == local_port(good.peer),
+                  "accepted slot's peer_addr port %u, kernel client is on %u", port_of(s.peer_addr),
+                  local_port(good.peer));
+    CHECK_OR_FAIL(port_of(s.local_addr) == port, "accepted slot's local_addr port is wrong");
+    round_trip(good, "setup");
+
+    // A sleeping thread's pipe is written when its slot changes.
+    int waiter[2];
+    CHECK_OR_FAIL(pipe2(waiter, O_CLOEXEC) == 0, "pipe");
+    CHECK_OR_FAIL(c.register_waiter(0, waiter[1]) == 0, "kRegisterWaiter refused");
+    close(waiter[1]);
+    ipc::Waiter &w = c.region().waiter(0);
+    c.region().header().waiters_armed.fetch_add(1);
+    w.slot.store(good.conn);
+    w.state.store(uint32_t(ipc::WaiterState::kArmed));
+    CHECK_OR_FAIL(send(good.peer, "x", 1, MSG_NOSIGNAL) == 1, "kernel send");
+    pollfd p{waiter[0], POLLIN, 0};
+    CHECK_OR_FAIL(poll(&p, 1, kWaitMs) == 1, "armed waiter was not woken by arriving data");
+    CHECK_OR_FAIL(w.state.load() == uint32_t(ipc::WaiterState::kSignaled),
+                  "woken waiter is not kSignaled");
+    w.state.store(uint32_t(ipc::WaiterState::kIdle));
+    c.region().header().waiters_armed.fetch_sub(1);
+    char x;
+    CHECK_OR_FAIL(wait_until([&] { return c.recv(good.conn, &x, 1) == 1; }, kWaitMs), "no x");
+    char drained;
+    CHECK_OR_FAIL(read(waiter[0], &drained, 1) == 1, "waiter pipe empty");
+    close(waiter[0]);
+    std::printf("ok: good client (accept ring, rx ring, tx ring, waiter)\n");
+}
+
+void expect_session_ended(RawClient &bad, const char *what) {
+    CHECK_OR_FAIL(wait_until([&] { return !bad.engine_alive(); }, kWaitMs),
+                  "%s: the bad session still has engine_alive == 1", what);
+    CHECK_OR_FAIL(control_sees_eof(bad.control_fd(), kWaitMs),
+                  "%s: the bad session's control socket was not closed", what);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        std::fprintf(stderr, "usage: bad_client /path/to/tcpsd [tcpsd arguments...]\n");
+        return 2;
+    }
+    const std::vector<std::string> engine_args(argv + 2, argv + argc);
+    if (!cores_available(engine_args)) {
+        std::printf("SKIP: this machine lacks the CPUs named by --cores\n");
+        return 77;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    char dir_template[] = "/tmp/tcps-bad-client-XXXXXX";
+    const char *dir = mkdtemp(dir_template);
+    CHECK_OR_FAIL(dir, "mkdtemp: %s", std::strerror(errno));
+    const std::string path = std::string(dir) + "/engine.sock";
+
+    EngineProcess engine;
+    CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
+
+    Good good;
+    setup_good(good, path);
+
+    {  // (b) an out-of-range slot index pushed into the work queue
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (b): hello");
+        ipc::work_queue_push(bad.region(), 5000);
+        bad.kick();
+        expect_session_ended(bad, "(b) slot index 5000 in the work queue");
+        check_engine_ok(engine, good, "(b) out-of-range slot index in the work queue");
+    }
+    {  // (c) tx_tail far beyond the tx ring
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c): hello");
+        CHECK_OR_FAIL(bad.request_result(3, uint32_t(ipc::Op::kSocket), AF_INET) == 0,
+                      "(c) kSocket");
+        bad.slot(3).tx_tail.store(1u << 30, std::memory_order_release);
+        bad.ring(3);
+        expect_session_ended(bad, "(c) tx_tail far beyond the ring");
+        check_engine_ok(engine, good, "(c) tx_tail far beyond the tx ring");
+    }
+    {  // (c2) rx_head past rx_tail
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c2): hello");
+        CHECK_OR_FAIL(bad.request_result(7, uint32_t(ipc::Op::kSocket), AF_INET6) == 0,
+                      "(c2) kSocket");
+        bad.slot(7).rx_head.store(12345, std::memory_order_release);
+        bad.ring(7);
+        expect_session_ended(bad, "(c2) rx_head past rx_tail");
+        check_engine_ok(engine, good, "(c2) rx_head past rx_tail");
+    }
+    {  // (d) requests the engine refuses one by one: the session lives on
+        RawClient odd;
+        CHECK_OR_FAIL(odd.connect(path) == 0, "client (d): hello");
+        RawClient::Reply reply = odd.request(0, 99);
+        CHECK_OR_FAIL(reply.answered, "(d) unknown op not answered");
+        CHECK_OR_FAIL(reply.result == -EINVAL, "(d) unknown op: %d, expected -EINVAL",
+                      reply.result);
+        CHECK_OR_FAIL(odd.request_result(0, 0) == -EINVAL, "(d) op kNone");
+        const sockaddr_in addr = loopback(0);
+        CHECK_OR_FAIL(
+            odd.request_result(5, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == -EBADF,
+            "(d) kBind on a free slot");
+        CHECK_OR_FAIL(odd.request_result(2000, uint32_t(ipc::Op::kSocket), AF_INET) == -EBADF,
+                      "(d) kSocket on an engine slot");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSocket), AF_UNIX) == -EAFNOSUPPORT,
+                      "(d) kSocket AF_UNIX");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSocket), AF_INET) == 0,
+                      "(d) kSocket after the refusals");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kShutdown), 7) == -EINVAL,
+                      "(d) kShutdown how=7");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kShutdown), SHUT_WR) == -ENOTCONN,
+                      "(d) kShutdown on an unconnected socket");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kIoctl), 0x5401) == -ENOTTY,
+                      "(d) unknown ioctl");
+        CHECK_OR_FAIL(
+            odd.request_result(1, uint32_t(ipc::Op::kSetSockOpt), SOL_SOCKET, SO_ATTACH_FILTER, 0,
+                               nullptr, 0, "xxxxxxxxxxxxxxxx", 16) == -ENOPROTOOPT,
+            "(d) SO_ATTACH_FILTER must be refused");
+        const int one = 1;
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSetSockOpt), IPPROTO_TCP,
+                                         TCP_NODELAY, 0, nullptr, 0, &one, sizeof(one)) == 0,
+                      "(d) TCP_NODELAY");
+        RawClient::Reply nodelay =
+            odd.request(1, uint32_t(ipc::Op::kGetSockOpt), IPPROTO_TCP, TCP_NODELAY, 4);
+        CHECK_OR_FAIL(nodelay.answered && nodelay.result == 0 && nodelay.opt.size() == 4 &&
+                          nodelay.opt[0] == 1,
+                      "(d) getsockopt TCP_NODELAY");
+        int fds[2];
+        CHECK_OR_FAIL(pipe2(fds, O_CLOEXEC) == 0, "pipe");
+        CHECK_OR_FAIL(odd.register_waiter(int(ipc::kMaxWaiters), fds[1]) == -EINVAL,
+                      "(d) waiter index out of range");
+        CHECK_OR_FAIL(odd.register_waiter(0, fds[0]) == -EINVAL, "(d) read end as waiter");
+        close(fds[0]);
+        close(fds[1]);
+        CHECK_OR_FAIL(odd.engine_alive(), "(d) the session ended: refusals must not end it");
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kClose)) == 0, "(d) kClose");
+        CHECK_OR_FAIL(
+            wait_until([&] { return odd.slot(1).state.load() == uint32_t(ipc::SlotState::kFree); },
+                       kWaitMs),
+            "(d) closed slot never became free");
+        check_engine_ok(engine, good, "(d) unknown op and refused requests");
+    }
+    {  // (e) a client that connects and says nothing: dropped after 2 s, nobody waits on it
+        const int silent = connect_control(path);
+        CHECK_OR_FAIL(silent >= 0, "(e) connect");
+        round_trip(good, "(e) while a silent client is connected");
+        CHECK_OR_FAIL(control_sees_eof(silent, 5000), "(e) silent client was never dropped");
+        close(silent);
+        check_engine_ok(engine, good, "(e) silent client");
+    }
+    {  // (e) garbage bytes instead of a hello
+        const int garbage = connect_control(path);
+        CHECK_OR_FAIL(garbage >= 0, "(e) connect");
+        CHECK_OR_FAIL(send(garbage, "garbage", 7, MSG_NOSIGNAL) == 7, "(e) send");
+        ipc::ControlMessage reply{};
+        int fd = -1;
+        const int rc = recv_control_within(garbage, reply, &fd, 1, kWaitMs);
+        CHECK_OR_FAIL(rc == 0 || rc == -ECONNRESET, "(e) garbage hello: %d", rc);
+        if (rc == 0)
+            CHECK_OR_FAIL(reply.result == -EPROTONOSUPPORT, "(e) garbage hello answered %d",
+                          reply.result);
+        CHECK_OR_FAIL(control_sees_eof(garbage, kWaitMs), "(e) garbage client not dropped");
+        close(garbage);
+        check_engine_ok(engine, good, "(e) garbage bytes instead of a hello");
+    }
+    {  // (e) a hello of another layout version
+        const int old = connect_control(path);
+        ipc::ControlMessage hello{};
+        hello.type = uint32_t(ipc::ControlType::kHello);
+        hello.version = 999;
+        CHECK_OR_FAIL(ipc::send_control(old, hello, nullptr, 0) == 0, "(e) send");
+        ipc::ControlMessage reply{};
+        int fd = -1;
+        CHECK_OR_FAIL(recv_control_within(old, reply, &fd, 1, kWaitMs) == 0, "(e) no reply");
+        CHECK_OR_FAIL(reply.result == -EPROTONOSUPPORT, "(e) version 999 answered %d",
+                      reply.result);
+        close(old);
+        check_engine_ok(engine, good, "(e) hello with the wrong version");
+    }
+    {  // (e) garbage on the control socket of an established session
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "(e) hello");
+        CHECK_OR_FAIL(send(bad.control_fd(), "junk", 4, MSG_NOSIGNAL) == 4, "(e) send");
+        expect_session_ended(bad, "(e) garbage on a session's control socket");
+        check_engine_ok(engine, good, "(e) garbage on a session's control socket");
+    }
+    {  // (f) a client that dies with an open connection: the engine closes it
+        RawClient dying;
+        CHECK_OR_FAIL(dying.connect(path) == 0, "(f) hello");
+        CHECK_OR_FAIL(dying.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(f)");
+        const sockaddr_in addr = loopback(0);
+        CHECK_OR_FAIL(
+            dying.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == 0,
+            "(f) bind");
+        CHECK_OR_FAIL(dying.request_result(0, uint32_t(ipc::Op::kListen), 4) == 0, "(f) listen");
+        const int peer = kernel_connect(port_of(dying.slot(0).local_addr));
+        CHECK_OR_FAIL(wait_until([&] { return dying.slot(0).acc_tail.load() == 1; }, kWaitMs),
+                      "(f) no accepted connection");
+        dying.disconnect();
+        CHECK_OR_FAIL(kernel_sees_end(peer, kWaitMs),
+                      "(f) the dead client's connection was not closed");
+        close(peer);
+        check_engine_ok(engine, good, "(f) client died with an open connection");
+    }
+
+    {  // (g) connect errors: immediate ones answered, asynchronous ones in so_error
+        RawClient c;
+        CHECK_OR_FAIL(c.connect(path) == 0, "(g) hello");
+        CHECK_OR_FAIL(c.request_result(2, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(g)");
+        const sockaddr_in refused = loopback(closed_port());
+        CHECK_OR_FAIL(
+            c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, 4) == -EINVAL,
+            "(g) connect with a 4-byte address");
+        sockaddr_in6 v6{};
+        v6.sin6_family = AF_INET6;
+        v6.sin6_port = htons(9);
+        v6.sin6_addr = in6addr_loopback;
+        CHECK_OR_FAIL(c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &v6, sizeof(v6)) ==
+                          -EAFNOSUPPORT,
+                      "(g) IPv6 address on an IPv4 socket");
+        const int rc =
+            c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, sizeof(refused));
+        CHECK_OR_FAIL(rc == -EINPROGRESS, "(g) connect answered %d", rc);
+        ipc::SocketSlot &s = c.slot(2);
+        CHECK_OR_FAIL(wait_until([&] { return (s.flags.load() & ipc::kFlagReset) != 0; }, kWaitMs),
+                      "(g) refused connect never flagged");
+        CHECK_OR_FAIL(s.so_error.load() == ECONNREFUSED && s.error_gen.load() == 1,
+                      "(g) so_error %d error_gen %u", s.so_error.load(), s.error_gen.load());
+        CHECK_OR_FAIL(!(s.flags.load() & (ipc::kFlagConnected | ipc::kFlagConnecting)),
+                      "(g) refused socket still connecting/connected");
+        RawClient::Reply error =
+            c.request(2, uint32_t(ipc::Op::kGetSockOpt), SOL_SOCKET, SO_ERROR, 4);
+        int reported = 0;
+        if (error.opt.size() == 4) std::memcpy(&reported, error.opt.data(), 4);
+        CHECK_OR_FAIL(error.answered && error.result == 0 && reported == ECONNREFUSED,
+                      "(g) getsockopt(SO_ERROR) gave %d", reported);
+        CHECK_OR_FAIL(s.so_error.load() == 0, "(g) SO_ERROR did not clear so_error");
+        check_engine_ok(engine, good, "(g) connect errors");
+    }
+    if (geteuid() == 0) {  // (h) the engine enforces an unprivileged client's rights itself
+        CHECK_OR_FAIL(chmod(dir, 0755) == 0, "chmod");
+        RawClient owner;
+        CHECK_OR_FAIL(owner.connect(path) == 0, "(h) hello");
+        CHECK_OR_FAIL(owner.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
+        CHECK_OR_FAIL(set_int_option(owner, 0, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h) reuseport");
+        const sockaddr_in any_port = loopback(0);
+        CHECK_OR_FAIL(owner.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port,
+                                           sizeof(any_port)) == 0,
+                      "(h) bind");
+        const uint16_t shared_port = port_of(owner.slot(0).local_addr);
+        const sockaddr_in shared = loopback(shared_port);
+        // Same uid: Linux lets it share the port, so does the engine.
+        CHECK_OR_FAIL(owner.request_result(1, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
+        CHECK_OR_FAIL(set_int_option(owner, 1, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
+        CHECK_OR_FAIL(owner.request_result(1, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared,
+                                           sizeof(shared)) == 0,
+                      "(h) same-uid SO_REUSEPORT bind refused");
+        const int status = run_unprivileged([&] {
+            RawClient c;
+            CHECK_OR_FAIL(c.connect(path) == 0, "(h) unprivileged hello");
+            CHECK_OR_FAIL(c.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
+            const sockaddr_in port80 = loopback(80);
+            int rc =
+                c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &port80, sizeof(port80));
+            CHECK_OR_FAIL(rc == -EACCES, "(h) unprivileged bind to port 80: %d", rc);
+            rc = set_int_option(c, 0, SOL_SOCKET, SO_MARK, 5);
+            CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_MARK: %d", rc);
+            rc = set_int_option(c, 0, SOL_SOCKET, SO_DEBUG, 1);
+            CHECK_OR_FAIL(rc == -EACCES, "(h) unprivileged SO_DEBUG: %d", rc);
+            rc = set_int_option(c, 0, SOL_SOCKET, SO_PRIORITY, 7);
+            CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_PRIORITY 7: %d", rc);
+            rc = set_int_option(c, 0, SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20);
+            CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_RCVBUFFORCE: %d", rc);
+            rc = set_int_option(c, 0, IPPROTO_TCP, TCP_REPAIR, 1);
+            CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged TCP_REPAIR: %d", rc);
+            CHECK_OR_FAIL(set_int_option(c, 0, SOL_SOCKET, SO_PRIORITY, 3) == 0, "(h) prio 3");
+            CHECK_OR_FAIL(set_int_option(c, 0, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
+            rc = c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared, sizeof(shared));
+            CHECK_OR_FAIL(rc == -EADDRINUSE, "(h) SO_REUSEPORT bind onto another uid's port: %d",
+                          rc);
+            const sockaddr_in high = loopback(0);
+            CHECK_OR_FAIL(
+                c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &high, sizeof(high)) == 0,
+                "(h) unprivileged bind to an ephemeral port");
+        });
+        CHECK_OR_FAIL(status == 0, "(h) unprivileged client failed (status %d)", status);
+        check_engine_ok(engine, good, "(h) unprivileged client's rights");
+    } else {
+        std::printf("skip: (h) needs root to create an unprivileged client\n");
+    }
+
+    // SIGTERM: every session sees engine_alive = 0, waiters wake, sockets close, exit 0.
+    int waiter[2];
+    CHECK_OR_FAIL(pipe2(waiter, O_CLOEXEC) == 0, "pipe");
+    CHECK_OR_FAIL(good.client.register_waiter(1, waiter[1]) == 0, "register waiter 1");
+    close(waiter[1]);
+    const auto stop_started = Clock::now();
+    const int status = engine.stop(2000);
+    const auto stop_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - stop_started).count();
+    CHECK_OR_FAIL(status == 0, "tcpsd did not exit 0 within 2 s of SIGTERM (status %d)", status);
+    CHECK_OR_FAIL(!good.client.engine_alive(), "engine_alive still 1 after SIGTERM");
+    pollfd p{waiter[0], POLLIN, 0};
+    CHECK_OR_FAIL(poll(&p, 1, 0) == 1, "waiter pipe not woken at shutdown");
+    CHECK_OR_FAIL(kernel_sees_end(good.peer, kWaitMs), "connection not closed at shutdown");
+    struct stat st;
+    CHECK_OR_FAIL(lstat(path.c_str(), &st) != 0, "control socket file left behind");
+    close(waiter[0]);
+    close(good.peer);
+    rmdir(dir);
+    std::printf("ok: SIGTERM shutdown in %lld ms\n", static_cast<long long>(stop_ms));
+    std::printf("PASS\n");
+    return 0;
+}

@@ -1,0 +1,372 @@
+// A minimal client of tcpsd for tests: speaks the control protocol and drives the region
+// directly, without the shim. Also starts and stops a private engine process.
+// Every wait has a deadline.
+#pragma once
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "control.hpp"
+#include "layout.hpp"
+#include "ring.hpp"
+
+namespace tcps::test {
+
+using Clock = std::chrono::steady_clock;
+
+// Full barrier between publishing and reading the engine's flags (see engine/fence.hpp for
+// why sanitizer builds use an RMW).
+inline void full_fence() {
+#if defined(__SANITIZE_THREAD__)
+    static std::atomic<unsigned> barrier{0};
+    barrier.fetch_add(0, std::memory_order_seq_cst);
+#else
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+// Polls `done` until it holds or `timeout_ms` passes; between polls the thread yields and
+// then sleeps briefly (bounded: the deadline ends the wait).
+inline bool wait_until(const std::function<bool()> &done, int timeout_ms) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (unsigned spins = 0;; ++spins) {
+        if (done()) return true;
+        if (Clock::now() >= deadline) return done();
+        if (spins < 1000) {
+            std::this_thread::yield();
+        } else {
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+    }
+}
+
+[[noreturn]] inline void fail(const char *format, ...) __attribute__((format(printf, 1, 2)));
+inline void fail(const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    std::fprintf(stderr, "FAIL: ");
+    std::vfprintf(stderr, format, args);
+    std::fprintf(stderr, "\n");
+    va_end(args);
+    std::exit(1);
+}
+
+#define CHECK_OR_FAIL(cond, ...)                      \
+    do {                                              \
+        if (!(cond)) ::tcps::test::fail(__VA_ARGS__); \
+    } while (0)
+
+// A tcpsd child process on a private socket.
+class EngineProcess {
+  public:
+    ~EngineProcess() { kill_hard(); }
+
+    // Starts `binary` and waits (bounded) for its "ready" line.
+    bool start(const std::string &binary, const std::string &socket_path,
+               const std::vector<std::string> &extra = {}) {
+        socket_path_ = socket_path;
+        int ready[2];
+        if (pipe2(ready, O_CLOEXEC) != 0) return false;
+        pid_ = fork();
+        if (pid_ < 0) return false;
+        if (pid_ == 0) {
+            dup2(ready[1], 3);  // keeps fd 3 open across exec (dup2 clears close-on-exec)
+            std::vector<std::string> args = {binary, "--socket", socket_path, "--ready-fd", "3"};
+            for (const auto &arg : extra) args.push_back(arg);
+            std::vector<char *> argv;
+            for (auto &arg : args) argv.push_back(arg.data());
+            argv.push_back(nullptr);
+            execv(binary.c_str(), argv.data());
+            _exit(127);
+        }
+        close(ready[1]);
+        pollfd p{ready[0], POLLIN, 0};
+        char buffer[16] = {};
+        bool ok = poll(&p, 1, 10000) == 1 && read(ready[0], buffer, sizeof(buffer)) > 0 &&
+                  std::strncmp(buffer, "ready", 5) == 0;
+        close(ready[0]);
+        return ok;
+    }
+
+    bool running() {
+        if (pid_ <= 0) return false;
+        int status;
+        const pid_t r = waitpid(pid_, &status, WNOHANG);
+        if (r == pid_) {
+            status_ = status;
+            pid_ = -1;
+            return false;
+        }
+        return true;
+    }
+
+    // SIGTERM, then waits up to `timeout_ms`. Returns the exit status or -1.
+    int stop(int timeout_ms) {
+        if (pid_ <= 0) return WIFEXITED(status_) ? WEXITSTATUS(status_) : -1;
+        kill(pid_, SIGTERM);
+        const bool exited = wait_until([&] { return !running(); }, timeout_ms);
+        if (!exited) return -1;
+        return WIFEXITED(status_) ? WEXITSTATUS(status_) : -1;
+    }
+
+    void kill_hard() {
+        if (pid_ > 0) {
+            kill(pid_, SIGKILL);
+            waitpid(pid_, nullptr, 0);
+            pid_ = -1;
+        }
+    }
+
+    pid_t pid() const { return pid_; }
+    const std::string &socket_path() const { return socket_path_; }
+
+  private:
+    pid_t pid_ = -1;
+    int status_ = 0;
+    std::string socket_path_;
+};
+
+// Whether every CPU of a "--cores LIST" among `args` is online here (a test that names two
+// cores skips on a one-CPU machine). Understands the "0,1" and "2-3" forms.
+inline bool cores_available(const std::vector<std::string> &args) {
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    for (size_t i = 0; i + 1 < args.size(); ++i) {
+        if (args[i] != "--cores") continue;
+        const std::string &list = args[i + 1];
+        long highest = 0, value = 0;
+        for (char c : list) {
+            if (c >= '0' && c <= '9') {
+                value = value * 10 + (c - '0');
+                highest = std::max(highest, value);
+            } else {
+                value = 0;
+            }
+        }
+        if (highest >= online) return false;
+    }
+    return true;
+}
+
+inline int connect_control(const std::string &path) {
+    const int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+    if (connect(fd, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+// Waits up to `timeout_ms` for one control message. 0, -ETIMEDOUT or recv_control's error.
+inline int recv_control_within(int fd, ipc::ControlMessage &msg, int *fds, int max_fds,
+                               int timeout_ms) {
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, timeout_ms) != 1) return -ETIMEDOUT;
+    return ipc::recv_control(fd, msg, fds, max_fds, MSG_DONTWAIT);
+}
+
+class RawClient {
+  public:
+    RawClient() = default;
+    RawClient(const RawClient &) = delete;
+    RawClient &operator=(const RawClient &) = delete;
+    ~RawClient() { disconnect(); }
+
+    // Connects and says hello. 0 or -errno (the engine's result or a local error).
+    int connect(const std::string &path) {
+        control_ = connect_control(path);
+        if (control_ < 0) return -errno;
+        ipc::ControlMessage hello{};
+        hello.type = static_cast<uint32_t>(ipc::ControlType::kHello);
+        hello.version = ipc::kLayoutVersion;
+        int rc = ipc::send_control(control_, hello, nullptr, 0);
+        if (rc != 0) return rc;
+        ipc::ControlMessage reply{};
+        int fds[2] = {-1, -1};
+        rc = recv_control_within(control_, reply, fds, 2, 5000);
+        if (rc != 0) return rc;
+        if (reply.type != static_cast<uint32_t>(ipc::ControlType::kHelloReply)) return -EPROTO;
+        if (reply.result != 0) return reply.result;
+        if (fds[0] < 0 || fds[1] < 0) return -EPROTO;
+        memfd_ = fds[0];
+        doorbell_ = fds[1];
+        session_id_ = reply.session_id;
+        void *base =
+            mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_, 0);
+        if (base == MAP_FAILED) return -errno;
+        region_.base = static_cast<uint8_t *>(base);
+        if (region_.header().magic != ipc::kRegionMagic ||
+            region_.header().version != ipc::kLayoutVersion)
+            return -EPROTO;
+        return 0;
+    }
+
+    // Closes the control socket: to the engine this client has died.
+    void close_control() {
+        if (control_ >= 0) close(control_);
+        control_ = -1;
+    }
+
+    void disconnect() {
+        close_control();
+        if (region_.base) munmap(region_.base, ipc::kRegionBytes);
+        region_.base = nullptr;
+        for (int *fd : {&memfd_, &doorbell_}) {
+            if (*fd >= 0) close(*fd);
+            *fd = -1;
+        }
+    }
+
+    const ipc::RegionView &region() const { return region_; }
+    ipc::SocketSlot &slot(uint32_t i) const { return region_.slot(i); }
+    int control_fd() const { return control_; }
+    uint32_t session_id() const { return session_id_; }
+    bool engine_alive() const {
+        return region_.header().engine_alive.load(std::memory_order_acquire) != 0;
+    }
+
+    // Writes the worker's doorbell if it sleeps (the store before it is the caller's).
+    void kick() {
+        full_fence();
+        if (region_.header().engine_sleeping.load(std::memory_order_seq_cst) != 0) {
+            const uint64_t one = 1;
+            ssize_t ignored = write(doorbell_, &one, sizeof(one));
+            (void)ignored;
+        }
+    }
+
+    void ring(uint32_t i) {
+        ipc::ring_doorbell(region_, i);
+        kick();
+    }
+
+    struct Reply {
+        bool answered = false;
+        int result = 0;
+        std::vector<uint8_t> opt;
+    };
+
+    // Writes a request into slot `i`, rings, and waits up to `timeout_ms` for the answer.
+    Reply request(uint32_t i, uint32_t op, int32_t arg0 = 0, int32_t arg1 = 0, int32_t arg2 = 0,
+                  const void *addr = nullptr, uint32_t addr_len = 0, const void *opt = nullptr,
+                  uint32_t opt_len = 0, int timeout_ms = 3000) {
+        ipc::SocketSlot &s = slot(i);
+        ipc::Request &req = s.request;
+        req.op = op;
+        req.arg0 = arg0;
+        req.arg1 = arg1;
+        req.arg2 = arg2;
+        req.addr_len = addr_len;
+        req.opt_len = opt_len;
+        if (addr && addr_len)
+            std::memcpy(req.addr, addr, std::min<uint32_t>(addr_len, ipc::kSockAddrMax));
+        if (opt && opt_len) std::memcpy(req.opt, opt, std::min<uint32_t>(opt_len, ipc::kOptMax));
+        const uint32_t seq = s.req_seq.load(std::memory_order_relaxed) + 1;
+        s.req_seq.store(seq, std::memory_order_release);
+        ring(i);
+        Reply reply;
+        reply.answered = wait_until(
+            [&] { return s.resp_seq.load(std::memory_order_acquire) == seq; }, timeout_ms);
+        if (reply.answered) {
+            reply.result = s.response.result;
+            const uint32_t n = std::min<uint32_t>(s.response.opt_len, ipc::kOptMax);
+            reply.opt.assign(s.response.opt, s.response.opt + n);
+        }
+        return reply;
+    }
+
+    int request_result(uint32_t i, uint32_t op, int32_t arg0 = 0, int32_t arg1 = 0,
+                       int32_t arg2 = 0, const void *addr = nullptr, uint32_t addr_len = 0,
+                       const void *opt = nullptr, uint32_t opt_len = 0) {
+        Reply reply = request(i, op, arg0, arg1, arg2, addr, addr_len, opt, opt_len);
+        return reply.answered ? reply.result : -ETIMEDOUT;
+    }
+
+    // Copies what fits into the tx ring and publishes it. Returns the bytes queued.
+    size_t send(uint32_t i, const void *data, size_t len) {
+        ipc::SocketSlot &s = slot(i);
+        const uint32_t tail = s.tx_tail.load(std::memory_order_relaxed);
+        const uint32_t head = s.tx_head.load(std::memory_order_acquire);
+        const size_t space = ipc::kTxRingBytes - (tail - head);
+        const size_t n = std::min(space, len);
+        if (n == 0) return 0;
+        ipc::ring_copy_in(region_.tx_ring(i), ipc::kTxRingBytes, tail, data, n);
+        s.tx_tail.store(tail + static_cast<uint32_t>(n), std::memory_order_release);
+        ring(i);
+        return n;
+    }
+
+    // Takes what is in the rx ring (up to `len`). Returns the bytes copied.
+    size_t recv(uint32_t i, void *data, size_t len) {
+        ipc::SocketSlot &s = slot(i);
+        const uint32_t head = s.rx_head.load(std::memory_order_relaxed);
+        const uint32_t tail = s.rx_tail.load(std::memory_order_acquire);
+        const size_t n = std::min<size_t>(tail - head, len);
+        if (n == 0) return 0;
+        ipc::ring_copy_out(region_.rx_ring(i), ipc::kRxRingBytes, head, data, n);
+        s.rx_head.store(head + static_cast<uint32_t>(n), std::memory_order_release);
+        full_fence();
+        if (s.flags.load(std::memory_order_seq_cst) & ipc::kFlagRxPaused) ring(i);
+        return n;
+    }
+
+    // Takes one accepted connection from listener `i`: its slot index, or -1 if none waits.
+    int accept(uint32_t i) {
+        ipc::SocketSlot &s = slot(i);
+        const uint32_t head = s.acc_head.load(std::memory_order_relaxed);
+        const uint32_t tail = s.acc_tail.load(std::memory_order_acquire);
+        if (head == tail) return -1;
+        const uint32_t conn = s.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
+        s.acc_head.store(head + 1, std::memory_order_release);
+        full_fence();
+        if (s.flags.load(std::memory_order_seq_cst) & ipc::kFlagAcceptPaused) ring(i);
+        return static_cast<int>(conn);
+    }
+
+    // Registers `pipe_write_end` as waiter `index`. The engine's result, or -errno.
+    int register_waiter(int index, int pipe_write_end) {
+        ipc::ControlMessage msg{};
+        msg.type = static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter);
+        msg.version = ipc::kLayoutVersion;
+        msg.arg = index;
+        int rc = ipc::send_control(control_, msg, &pipe_write_end, 1);
+        if (rc != 0) return rc;
+        ipc::ControlMessage reply{};
+        int fd = -1;
+        rc = recv_control_within(control_, reply, &fd, 1, 3000);
+        if (rc != 0) return rc;
+        if (reply.type != static_cast<uint32_t>(ipc::ControlType::kWaiterReply)) return -EPROTO;
+        return reply.result;
+    }
+
+  private:
+    int control_ = -1;
+    int memfd_ = -1;
+    int doorbell_ = -1;
+    uint32_t session_id_ = 0;
+    ipc::RegionView region_;
+};
+
+}  // namespace tcps::test

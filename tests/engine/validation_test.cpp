@@ -1,0 +1,385 @@
+// The engine's checks of client input: ring indices, request records, bind and option
+// permissions, and its command line. Pure functions, no engine running.
+#define CATCH_CONFIG_MAIN
+#include <arpa/inet.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <ctime>
+
+#include "options.hpp"
+#include "policy.hpp"
+
+using namespace tcps;
+using namespace tcps::engine;
+
+namespace {
+
+ipc::Request make_request(ipc::Op op, int32_t arg0 = 0) {
+    ipc::Request request{};
+    request.op = static_cast<uint32_t>(op);
+    request.arg0 = arg0;
+    return request;
+}
+
+std::vector<uint8_t> inet_addr_bytes(const char *ip, uint16_t port) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    inet_pton(AF_INET, ip, &addr.sin_addr);
+    std::vector<uint8_t> bytes(sizeof(addr));
+    std::memcpy(bytes.data(), &addr, sizeof(addr));
+    return bytes;
+}
+
+std::vector<uint8_t> inet6_addr_bytes(const char *ip, uint16_t port) {
+    sockaddr_in6 addr{};
+    addr.sin6_family = AF_INET6;
+    addr.sin6_port = htons(port);
+    inet_pton(AF_INET6, ip, &addr.sin6_addr);
+    std::vector<uint8_t> bytes(sizeof(addr));
+    std::memcpy(bytes.data(), &addr, sizeof(addr));
+    return bytes;
+}
+
+BoundAddress bound(const std::vector<uint8_t> &bytes, bool v6_only = false) {
+    BoundAddress address;
+    REQUIRE(
+        parse_bound_address(bytes.data(), static_cast<uint32_t>(bytes.size()), v6_only, address));
+    return address;
+}
+
+OptionDecision set_int(int level, int optname, int value, uint64_t caps,
+                       const SocketFacts &facts = {}) {
+    return decide_setsockopt(level, optname, reinterpret_cast<const uint8_t *>(&value),
+                             sizeof(value), caps, facts);
+}
+
+bool refused_with(const OptionDecision &d, int error) {
+    return d.action == OptionAction::kRefuse && d.error == error;
+}
+
+bool passed(const OptionDecision &d) {
+    return d.action == OptionAction::kKernel;
+}
+
+}  // namespace
+
+TEST_CASE("tx_tail may run at most one ring ahead of tx_head", "[rings]") {
+    CHECK(tx_tail_valid(0, 0, 0));
+    CHECK(tx_tail_valid(ipc::kTxRingBytes, 0, 0));
+    CHECK_FALSE(tx_tail_valid(ipc::kTxRingBytes + 1, 0, 0));
+    CHECK_FALSE(tx_tail_valid(1u << 30, 0, 0));
+    // Behind tx_head (a u32 "negative" distance) is a violation.
+    CHECK_FALSE(tx_tail_valid(99, 100, 0));
+    // Wrapping free-running counters.
+    CHECK(tx_tail_valid(5, 0xfffffff0u, 0));
+    CHECK_FALSE(tx_tail_valid(0x10000u + 0x20u, 0xfffffff0u, 0));
+}
+
+TEST_CASE("tx_tail may not fall behind bytes the kernel is sending", "[rings]") {
+    CHECK(tx_tail_valid(1000, 0, 1000));
+    CHECK_FALSE(tx_tail_valid(999, 0, 1000));
+    CHECK(tx_tail_valid(2000, 0, 1000));
+}
+
+TEST_CASE("rx_head may not pass rx_tail nor lag it by more than the ring", "[rings]") {
+    CHECK(rx_head_valid(0, 0));
+    CHECK(rx_head_valid(0, ipc::kRxRingBytes));
+    CHECK_FALSE(rx_head_valid(0, ipc::kRxRingBytes + 1));
+    CHECK_FALSE(rx_head_valid(12345, 0));
+    CHECK(rx_head_valid(0xffffff00u, 0x100u));
+    CHECK_FALSE(rx_head_valid(0x101u, 0x100u));
+}
+
+TEST_CASE("acc_head stays within the accept ring", "[rings]") {
+    CHECK(acc_head_valid(0, 0));
+    CHECK(acc_head_valid(0, ipc::kAcceptRingEntries));
+    CHECK_FALSE(acc_head_valid(0, ipc::kAcceptRingEntries + 1));
+    CHECK_FALSE(acc_head_valid(1, 0));
+}
+
+TEST_CASE("unknown and empty ops are answered -EINVAL", "[requests]") {
+    ipc::Request request{};
+    request.op = 0;
+    CHECK(check_request(request, 0, ipc::SlotState::kOpen) == -EINVAL);
+    request.op = ipc::kOpCount;
+    CHECK(check_request(request, 0, ipc::SlotState::kOpen) == -EINVAL);
+    request.op = 0xffffffffu;
+    CHECK(check_request(request, 0, ipc::SlotState::kFree) == -EINVAL);
+}
+
+TEST_CASE("kSocket needs a free client slot and an inet family", "[requests]") {
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_INET), 0, ipc::SlotState::kFree) == 0);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_INET6), ipc::kClientSlots - 1,
+                        ipc::SlotState::kFree) == 0);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_INET), ipc::kClientSlots,
+                        ipc::SlotState::kFree) == -EBADF);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_INET), 3, ipc::SlotState::kOpen) ==
+          -EBADF);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_INET), 3, ipc::SlotState::kClosing) ==
+          -EBADF);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_UNIX), 3, ipc::SlotState::kFree) ==
+          -EAFNOSUPPORT);
+    CHECK(check_request(make_request(ipc::Op::kSocket, AF_PACKET), 3, ipc::SlotState::kFree) ==
+          -EAFNOSUPPORT);
+}
+
+TEST_CASE("requests on a slot that is not open are -EBADF", "[requests]") {
+    for (ipc::Op op :
+         {ipc::Op::kBind, ipc::Op::kListen, ipc::Op::kConnect, ipc::Op::kShutdown, ipc::Op::kClose,
+          ipc::Op::kSetSockOpt, ipc::Op::kGetSockOpt, ipc::Op::kGetSockName, ipc::Op::kIoctl}) {
+        CHECK(check_request(make_request(op), 5, ipc::SlotState::kFree) == -EBADF);
+        CHECK(check_request(make_request(op), 5, ipc::SlotState::kClosing) == -EBADF);
+        CHECK(check_request(make_request(op), ipc::kMaxSockets, ipc::SlotState::kOpen) == -EBADF);
+    }
+}
+
+TEST_CASE("lengths beyond the request records are -EINVAL", "[requests]") {
+    ipc::Request request = make_request(ipc::Op::kBind);
+    request.addr_len = ipc::kSockAddrMax;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == 0);
+    request.addr_len = ipc::kSockAddrMax + 1;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == -EINVAL);
+    request = make_request(ipc::Op::kConnect);
+    request.addr_len = 0xffffffffu;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == -EINVAL);
+    request = make_request(ipc::Op::kSetSockOpt);
+    request.opt_len = ipc::kOptMax;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == 0);
+    request.opt_len = ipc::kOptMax + 1;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == -EINVAL);
+    request = make_request(ipc::Op::kGetSockOpt);
+    request.arg2 = -1;
+    CHECK(check_request(request, 1, ipc::SlotState::kOpen) == -EINVAL);
+}
+
+TEST_CASE("shutdown's how is checked first, as Linux does", "[requests]") {
+    CHECK(check_request(make_request(ipc::Op::kShutdown, SHUT_RD), 1, ipc::SlotState::kOpen) == 0);
+    CHECK(check_request(make_request(ipc::Op::kShutdown, SHUT_RDWR), 1, ipc::SlotState::kOpen) ==
+          0);
+    CHECK(check_request(make_request(ipc::Op::kShutdown, 3), 1, ipc::SlotState::kOpen) == -EINVAL);
+    CHECK(check_request(make_request(ipc::Op::kShutdown, -1), 1, ipc::SlotState::kOpen) == -EINVAL);
+}
+
+TEST_CASE("CapEff is read from /proc/PID/status text", "[caps]") {
+    uint64_t caps = 0;
+    CHECK(parse_cap_eff("Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n", caps));
+    CHECK(caps == 0x000001ffffffffffull);
+    CHECK(parse_cap_eff("CapEff:\t0000000000003400", caps));
+    CHECK((caps & kCapNetBindService) != 0);
+    CHECK((caps & kCapNetAdmin) != 0);
+    CHECK((caps & kCapNetRaw) != 0);
+    CHECK_FALSE(parse_cap_eff("CapPrm:\t0000000000003400\n", caps));
+    CHECK_FALSE(parse_cap_eff("CapEff:\t\n", caps));
+    CHECK_FALSE(parse_cap_eff("CapEff:\t00000000000000000\n", caps));  // 17 digits
+    CHECK_FALSE(parse_cap_eff("CapEff:\t12zz\n", caps));
+    CHECK_FALSE(parse_cap_eff("xCapEff:\t1\n", caps));
+}
+
+TEST_CASE("binding a port below ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE", "[bind]") {
+    ClientCreds user{1, 1000, 1000, 0};
+    ClientCreds with_cap{1, 1000, 1000, kCapNetBindService};
+    ClientCreds root{1, 0, 0, 0};
+    const auto port80 = inet_addr_bytes("127.0.0.1", 80);
+    const auto port8080 = inet_addr_bytes("127.0.0.1", 8080);
+    const auto port0 = inet_addr_bytes("0.0.0.0", 0);
+    CHECK(check_bind_permission(port80.data(), 16, user, 1024) == -EACCES);
+    CHECK(check_bind_permission(port80.data(), 16, with_cap, 1024) == 0);
+    CHECK(check_bind_permission(port80.data(), 16, root, 1024) == 0);
+    CHECK(check_bind_permission(port8080.data(), 16, user, 1024) == 0);
+    CHECK(check_bind_permission(port0.data(), 16, user, 1024) == 0);
+    // The sysctl moves the limit.
+    CHECK(check_bind_permission(port80.data(), 16, user, 80) == 0);
+    CHECK(check_bind_permission(port8080.data(), 16, user, 9000) == -EACCES);
+    const auto v6_port22 = inet6_addr_bytes("::1", 22);
+    CHECK(check_bind_permission(v6_port22.data(), 28, user, 1024) == -EACCES);
+    // AF_UNSPEC binds like AF_INET on Linux: its port counts too.
+    auto unspec = inet_addr_bytes("0.0.0.0", 25);
+    const sa_family_t family = AF_UNSPEC;
+    std::memcpy(unspec.data(), &family, sizeof(family));
+    CHECK(check_bind_permission(unspec.data(), 16, user, 1024) == -EACCES);
+    // Too short to name a port: the kernel answers EINVAL.
+    CHECK(check_bind_permission(port80.data(), 2, user, 1024) == 0);
+}
+
+TEST_CASE("reuseport addresses overlap as Linux's bind conflict check sees them", "[bind]") {
+    const auto any80 = bound(inet_addr_bytes("0.0.0.0", 80));
+    const auto lo80 = bound(inet_addr_bytes("127.0.0.1", 80));
+    const auto other80 = bound(inet_addr_bytes("127.0.0.2", 80));
+    const auto lo81 = bound(inet_addr_bytes("127.0.0.1", 81));
+    CHECK(bound_addresses_overlap(lo80, lo80));
+    CHECK(bound_addresses_overlap(any80, lo80));
+    CHECK(bound_addresses_overlap(lo80, any80));
+    CHECK_FALSE(bound_addresses_overlap(lo80, other80));
+    CHECK_FALSE(bound_addresses_overlap(lo80, lo81));
+    const auto v6any80 = bound(inet6_addr_bytes("::", 80));
+    const auto v6any80_only = bound(inet6_addr_bytes("::", 80), true);
+    const auto v6lo80 = bound(inet6_addr_bytes("::1", 80));
+    const auto mapped80 = bound(inet6_addr_bytes("::ffff:127.0.0.1", 80));
+    CHECK(bound_addresses_overlap(v6any80, lo80));
+    CHECK_FALSE(bound_addresses_overlap(v6any80_only, lo80));
+    CHECK_FALSE(bound_addresses_overlap(v6lo80, lo80));
+    CHECK(bound_addresses_overlap(v6lo80, v6any80));
+    CHECK(bound_addresses_overlap(mapped80, lo80));
+    // Port 0 never conflicts (the kernel picks one).
+    const auto any0 = bound(inet_addr_bytes("0.0.0.0", 0));
+    CHECK_FALSE(bound_addresses_overlap(any0, any0));
+    BoundAddress ignored;
+    const uint8_t junk[4] = {1, 0, 0, 0};
+    CHECK_FALSE(parse_bound_address(junk, sizeof(junk), false, ignored));
+}
+
+TEST_CASE("options that carry pointers or descriptors are refused", "[sockopt]") {
+    const uint64_t all = kCapNetAdmin | kCapNetRaw | kCapNetBindService;
+    for (int optname :
+         {SO_ATTACH_FILTER, SO_ATTACH_BPF, SO_ATTACH_REUSEPORT_CBPF, SO_ATTACH_REUSEPORT_EBPF}) {
+        CHECK(refused_with(set_int(SOL_SOCKET, optname, 0, all), -ENOPROTOOPT));
+    }
+    CHECK(passed(set_int(SOL_SOCKET, SO_DETACH_FILTER, 0, 0)));
+    CHECK(decide_getsockopt(IPPROTO_TCP, TCP_ZEROCOPY_RECEIVE).action == GetOptionAction::kRefuse);
+}
+
+TEST_CASE("privileged options need the client's capability, not the engine's", "[sockopt]") {
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_MARK, 7, 0), -EPERM));
+    CHECK(passed(set_int(SOL_SOCKET, SO_MARK, 7, kCapNetAdmin)));
+    CHECK(passed(set_int(SOL_SOCKET, SO_MARK, 7, kCapNetRaw)));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20, kCapNetRaw), -EPERM));
+    CHECK(passed(set_int(SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20, kCapNetAdmin)));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_SNDBUFFORCE, 1 << 20, 0), -EPERM));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_DEBUG, 1, 0), -EACCES));
+    CHECK(passed(set_int(SOL_SOCKET, SO_DEBUG, 0, 0)));
+    CHECK(passed(set_int(SOL_SOCKET, SO_PRIORITY, 6, 0)));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_PRIORITY, 7, 0), -EPERM));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_PRIORITY, -1, 0), -EPERM));
+    CHECK(passed(set_int(SOL_SOCKET, SO_PRIORITY, 7, kCapNetAdmin)));
+    CHECK(refused_with(set_int(IPPROTO_IP, IP_TRANSPARENT, 1, 0), -EPERM));
+    CHECK(passed(set_int(IPPROTO_IP, IP_TRANSPARENT, 0, 0)));
+    CHECK(passed(set_int(IPPROTO_IP, IP_TRANSPARENT, 1, kCapNetRaw)));
+    CHECK(refused_with(set_int(IPPROTO_IPV6, IPV6_TRANSPARENT, 1, 0), -EPERM));
+    CHECK(refused_with(set_int(IPPROTO_TCP, TCP_REPAIR, 1, kCapNetRaw), -EPERM));
+    CHECK(passed(set_int(IPPROTO_TCP, TCP_REPAIR, 1, kCapNetAdmin)));
+    CHECK(refused_with(set_int(IPPROTO_IP, IP_XFRM_POLICY, 0, 0), -EPERM));
+    CHECK(refused_with(set_int(IPPROTO_IPV6, IPV6_HOPOPTS, 0, kCapNetAdmin), -EPERM));
+    CHECK(refused_with(set_int(SOL_SOCKET, SO_PREFER_BUSY_POLL, 1, 0), -EPERM));
+    CHECK(passed(set_int(SOL_SOCKET, SO_PREFER_BUSY_POLL, 0, 0)));
+}
+
+TEST_CASE("SO_BINDTODEVICE: the first binding is free, changing it needs CAP_NET_RAW",
+          "[sockopt]") {
+    const char device[] = "lo";
+    const auto *bytes = reinterpret_cast<const uint8_t *>(device);
+    SocketFacts unbound, already;
+    already.bound_to_device = true;
+    CHECK(passed(decide_setsockopt(SOL_SOCKET, SO_BINDTODEVICE, bytes, 3, 0, unbound)));
+    CHECK(
+        refused_with(decide_setsockopt(SOL_SOCKET, SO_BINDTODEVICE, bytes, 3, 0, already), -EPERM));
+    CHECK(passed(decide_setsockopt(SOL_SOCKET, SO_BINDTODEVICE, bytes, 3, kCapNetRaw, already)));
+}
+
+TEST_CASE("SO_TXTIME on another clock than CLOCK_MONOTONIC needs CAP_NET_ADMIN", "[sockopt]") {
+    struct {
+        clockid_t clock;
+        uint32_t flags;
+    } txtime{CLOCK_TAI, 0};
+    const auto *bytes = reinterpret_cast<const uint8_t *>(&txtime);
+    CHECK(refused_with(decide_setsockopt(SOL_SOCKET, SO_TXTIME, bytes, sizeof(txtime), 0, {}),
+                       -EPERM));
+    txtime.clock = CLOCK_MONOTONIC;
+    CHECK(passed(decide_setsockopt(SOL_SOCKET, SO_TXTIME, bytes, sizeof(txtime), 0, {})));
+}
+
+TEST_CASE("TCP_CONGESTION: unprivileged clients only get allowed algorithms", "[sockopt]") {
+    SocketFacts facts;
+    facts.allowed_congestion = "reno cubic\n";
+    facts.available_congestion = "reno cubic bbr\n";
+    auto set = [&](const char *name, uint64_t caps) {
+        return decide_setsockopt(IPPROTO_TCP, TCP_CONGESTION,
+                                 reinterpret_cast<const uint8_t *>(name),
+                                 static_cast<uint32_t>(std::strlen(name)), caps, facts);
+    };
+    CHECK(passed(set("cubic", 0)));
+    CHECK(passed(set("reno", 0)));
+    CHECK(refused_with(set("bbr", 0), -EPERM));
+    CHECK(refused_with(set("nonesuch", 0), -ENOENT));
+    CHECK(refused_with(set("cub", 0), -ENOENT));
+    CHECK(passed(set("bbr", kCapNetAdmin)));
+}
+
+TEST_CASE("ordinary options pass through to the kernel socket", "[sockopt]") {
+    CHECK(passed(set_int(SOL_SOCKET, SO_REUSEADDR, 1, 0)));
+    CHECK(passed(set_int(SOL_SOCKET, SO_REUSEPORT, 1, 0)));
+    CHECK(passed(set_int(SOL_SOCKET, SO_KEEPALIVE, 1, 0)));
+    CHECK(passed(set_int(SOL_SOCKET, SO_RCVBUF, 1 << 20, 0)));
+    CHECK(passed(set_int(IPPROTO_TCP, TCP_NODELAY, 1, 0)));
+    CHECK(passed(set_int(IPPROTO_TCP, TCP_KEEPIDLE, 30, 0)));
+    CHECK(passed(set_int(IPPROTO_TCP, TCP_CORK, 1, 0)));
+    CHECK(passed(set_int(IPPROTO_TCP, TCP_DEFER_ACCEPT, 5, 0)));
+    CHECK(passed(set_int(IPPROTO_IPV6, IPV6_V6ONLY, 1, 0)));
+    // The rx ring decides readability: SO_RCVLOWAT stays in the engine.
+    CHECK(set_int(SOL_SOCKET, SO_RCVLOWAT, 10, 0).action == OptionAction::kEngineOnly);
+    CHECK(decide_getsockopt(SOL_SOCKET, SO_ERROR).action == GetOptionAction::kSoError);
+    CHECK(decide_getsockopt(SOL_SOCKET, SO_RCVLOWAT).action == GetOptionAction::kRcvLowat);
+    CHECK(decide_getsockopt(IPPROTO_TCP, TCP_INFO).action == GetOptionAction::kKernel);
+}
+
+TEST_CASE("only data-size ioctls reach the kernel socket", "[ioctl]") {
+    CHECK(ioctl_allowed(SIOCINQ));
+    CHECK(ioctl_allowed(SIOCOUTQ));
+    CHECK(ioctl_allowed(SIOCOUTQNSD));
+    CHECK(ioctl_allowed(SIOCATMARK));
+    CHECK_FALSE(ioctl_allowed(SIOCGIFCONF));  // takes a pointer
+    CHECK_FALSE(ioctl_allowed(0));
+}
+
+TEST_CASE("core lists", "[cli]") {
+    std::vector<int> cores;
+    CHECK(parse_core_list("1", cores));
+    CHECK(cores == std::vector<int>{1});
+    CHECK(parse_core_list("0,1", cores));
+    CHECK(cores == std::vector<int>{0, 1});
+    CHECK(parse_core_list("2-3", cores));
+    CHECK(cores == std::vector<int>{2, 3});
+    CHECK(parse_core_list("0,2-4", cores));
+    CHECK(cores == std::vector<int>{0, 2, 3, 4});
+    for (const char *bad :
+         {"", ",", "1,", "a", "3-1", "1-", "-1", "1,1", "0-1,1", "99999", "1 ", "0x1"})
+        CHECK_FALSE(parse_core_list(bad, cores));
+}
+
+TEST_CASE("command line", "[cli]") {
+    auto parse = [](std::vector<std::string> args, Options &options, std::string &error) {
+        std::vector<char *> argv;
+        static std::string name = "tcpsd";
+        argv.push_back(name.data());
+        for (auto &arg : args) argv.push_back(arg.data());
+        return parse_options(static_cast<int>(argv.size()), argv.data(), options, error);
+    };
+    Options options;
+    std::string error;
+    REQUIRE(parse({"--socket", "/tmp/x.sock", "--cores", "0-1", "--spin-us", "10", "--busy-poll",
+                   "--ready-fd", "5", "--verbose"},
+                  options, error));
+    CHECK(options.socket_path == "/tmp/x.sock");
+    CHECK(options.cores == std::vector<int>{0, 1});
+    CHECK(options.spin_us == 10);
+    CHECK(options.busy_poll);
+    CHECK(options.ready_fd == 5);
+    CHECK(options.verbose);
+    Options defaults;
+    REQUIRE(parse({}, defaults, error));
+    CHECK(defaults.spin_us == 50);
+    CHECK(defaults.cores.empty());
+    Options bad;
+    CHECK_FALSE(parse({"--cores", "x"}, bad, error));
+    CHECK_FALSE(parse({"--spin-us"}, bad, error));
+    CHECK_FALSE(parse({"--spin-us", "-5"}, bad, error));
+    CHECK_FALSE(parse({"--bogus"}, bad, error));
+    CHECK(parse({"--cores=3"}, bad, error));
+    CHECK(bad.cores == std::vector<int>{3});
+}
