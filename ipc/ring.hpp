@@ -13,6 +13,7 @@ namespace tcps::ipc {
 // wrapping at the end. The caller has checked that `len` bytes are free.
 inline void ring_copy_in(uint8_t *ring, uint32_t ring_bytes, uint32_t pos, const void *src,
                          size_t len) {
+    if (len == 0) return;  // src may be NULL then ({NULL, 0} iovecs); memcpy must not see it
     const uint32_t at = pos & (ring_bytes - 1);
     const size_t first = len < ring_bytes - at ? len : ring_bytes - at;
     std::memcpy(ring + at, src, first);
@@ -21,6 +22,7 @@ inline void ring_copy_in(uint8_t *ring, uint32_t ring_bytes, uint32_t pos, const
 
 inline void ring_copy_out(const uint8_t *ring, uint32_t ring_bytes, uint32_t pos, void *dst,
                           size_t len) {
+    if (len == 0) return;
     const uint32_t at = pos & (ring_bytes - 1);
     const size_t first = len < ring_bytes - at ? len : ring_bytes - at;
     std::memcpy(dst, ring + at, first);

@@ -1,0 +1,580 @@
+// The interposed entry points: the only symbols libtcps.so exports (libtcps.map).
+//
+// Every one has the same shape (Onload's): not initialised -> libc; the fd is an offloaded
+// socket -> our operation; anything else -> libc, untouched. errno is left as it was on
+// success and set from the operation's -errno on failure, exactly as the kernel would.
+// Both fcntl and fcntl64 are defined here; with _FILE_OFFSET_BITS=64 glibc's headers would
+// rename our fcntl to fcntl64 (__REDIRECT) and the two would clash.
+#undef _FILE_OFFSET_BITS
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/sendfile.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdarg>
+
+#include "libc.hpp"
+#include "ops.hpp"
+
+extern "C" [[noreturn]] void __chk_fail(void);
+
+using namespace tcps::shim;
+
+namespace {
+
+__attribute__((constructor)) void tcps_load() {
+    shim_init();
+}
+
+template <class T>
+T finish(long rc, int saved_errno) {
+    if (rc < 0) {
+        errno = static_cast<int>(-rc);
+        return static_cast<T>(-1);
+    }
+    errno = saved_errno;
+    return static_cast<T>(rc);
+}
+
+// The real call; ENOSYS if libc lacks it (the shim said so at start).
+template <class Fn, class... Args>
+auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
+    const Fn fn = real(slot);
+    if (!fn) {
+        errno = ENOSYS;
+        return static_cast<decltype(slot(args...))>(-1);
+    }
+    return fn(args...);
+}
+
+bool offloaded(int fd, SocketRef &ref) {
+    return __builtin_expect(g_fds.size() != 0, 1) && find_socket(fd, ref);
+}
+
+int64_t ms_to_ns(int timeout_ms) {
+    return timeout_ms < 0 ? -1 : static_cast<int64_t>(timeout_ms) * 1'000'000;
+}
+
+// A caller's timespec as a timeout: -1 forever, or -EINVAL if malformed.
+int64_t timespec_to_ns(const timespec *ts) {
+    if (!ts) return -1;
+    if (ts->tv_sec < 0 || ts->tv_nsec < 0 || ts->tv_nsec >= 1'000'000'000) return -EINVAL;
+    if (ts->tv_sec > INT64_MAX / 1'000'000'000 - 1) return -1;
+    return static_cast<int64_t>(ts->tv_sec) * 1'000'000'000 + ts->tv_nsec;
+}
+
+long send_one(SocketRef &ref, const void *buf, size_t len, int flags) {
+    iovec iov{const_cast<void *>(buf), len};
+    return op_send(ref, &iov, 1, flags);
+}
+
+long recv_one(SocketRef &ref, void *buf, size_t len, int flags) {
+    iovec iov{buf, len};
+    return op_recv(ref, &iov, 1, flags);
+}
+
+// recvfrom()/recvmsg() on TCP: no source address (length 0), no control data, no flags.
+long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
+    if (!msg) return -EFAULT;
+    if (msg->msg_iovlen > IOV_MAX) return -EMSGSIZE;
+    const long rc = op_recv(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
+    if (rc >= 0) {
+        msg->msg_namelen = 0;
+        msg->msg_controllen = 0;
+        msg->msg_flags = 0;
+    }
+    return rc;
+}
+
+long fcntl_common(int fd, int cmd, unsigned long arg, bool &handled) {
+    handled = true;
+    if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) {
+        const long rc = op_dupfd(fd, cmd, static_cast<int>(arg));
+        if (rc != kUseKernel) return rc;
+        handled = false;
+        return 0;
+    }
+    SocketRef ref;
+    if (offloaded(fd, ref)) return op_fcntl(ref, cmd, arg);
+    handled = false;
+    return 0;
+}
+
+long poll_common(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigmask,
+                 bool &handled) {
+    handled = poll_has_offloaded(fds, nfds);
+    if (!handled) return 0;
+    return op_poll(fds, nfds, timeout_ns, sigmask);
+}
+
+// The real epoll_wait family for an epoll without offloaded members. If it gained some while
+// the caller slept (another thread added one), the wake-up that told it so is ours, not the
+// application's: it is removed, and the wait goes on in op_epoll_wait() for the time left.
+template <class RealWait>
+long epoll_wait_kernel(int epfd, epoll_event *events, int maxevents, int64_t timeout_ns,
+                       const sigset_t *sigmask, RealWait &&real_wait) {
+    const uint64_t start = timeout_ns > 0 ? now_ns() : 0;
+    const int n = real_wait();
+    if (n < 0) return -errno;
+    if (n == 0 || !epoll_has_members(epfd)) return n;
+    const int kept = epoll_strip_wake(epfd, events, n);
+    if (kept > 0 || timeout_ns == 0) return kept;
+    int64_t left = -1;
+    if (timeout_ns > 0) {
+        const auto spent = static_cast<int64_t>(now_ns() - start);
+        left = spent >= timeout_ns ? 0 : timeout_ns - spent;
+    }
+    const long rc = op_epoll_wait(epfd, events, maxevents, left, sigmask);
+    return rc == kUseKernel ? 0 : rc;
+}
+
+long epoll_wait_common(int epfd, epoll_event *events, int maxevents, int64_t timeout_ns,
+                       const sigset_t *sigmask, bool &handled) {
+    handled = false;
+    if (g_fds.size() == 0) return 0;
+    if (g_fds.get(epfd).kind() == FdKind::kSocket) {  // a socket is no epoll
+        handled = true;
+        return -EINVAL;
+    }
+    if (!epoll_has_members(epfd)) return 0;
+    const long rc = op_epoll_wait(epfd, events, maxevents, timeout_ns, sigmask);
+    handled = rc != kUseKernel;
+    return rc;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// sockets
+
+TCPS_EXPORT int socket(int domain, int type, int protocol) __THROW {
+    const int saved = errno;
+    if (g_fds.size() != 0 && (domain == AF_INET || domain == AF_INET6) &&
+        (type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) == SOCK_STREAM &&
+        (protocol == 0 || protocol == IPPROTO_TCP)) {
+        const long rc = op_socket(domain, type, protocol);
+        if (rc != kUseKernel) return finish<int>(rc, saved);
+        errno = saved;
+    }
+    return pass(libc.socket, domain, type, protocol);
+}
+
+TCPS_EXPORT int bind(int fd, const sockaddr *addr, socklen_t len) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_bind(ref, addr, len), saved);
+    return pass(libc.bind, fd, addr, len);
+}
+
+TCPS_EXPORT int listen(int fd, int backlog) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_listen(ref, backlog), saved);
+    return pass(libc.listen, fd, backlog);
+}
+
+TCPS_EXPORT int accept(int fd, sockaddr *addr, socklen_t *len) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_accept(ref, addr, len, 0), saved);
+    return pass(libc.accept, fd, addr, len);
+}
+
+TCPS_EXPORT int accept4(int fd, sockaddr *addr, socklen_t *len, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_accept(ref, addr, len, flags), saved);
+    return pass(libc.accept4, fd, addr, len, flags);
+}
+
+TCPS_EXPORT int connect(int fd, const sockaddr *addr, socklen_t len) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_connect(ref, addr, len), saved);
+    return pass(libc.connect, fd, addr, len);
+}
+
+TCPS_EXPORT int shutdown(int fd, int how) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_shutdown(ref, how), saved);
+    return pass(libc.shutdown, fd, how);
+}
+
+TCPS_EXPORT int getsockname(int fd, sockaddr *addr, socklen_t *len) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_getsockname(ref, addr, len), saved);
+    return pass(libc.getsockname, fd, addr, len);
+}
+
+TCPS_EXPORT int getpeername(int fd, sockaddr *addr, socklen_t *len) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_getpeername(ref, addr, len), saved);
+    return pass(libc.getpeername, fd, addr, len);
+}
+
+TCPS_EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_getsockopt(ref, level, name, value, len), saved);
+    return pass(libc.getsockopt, fd, level, name, value, len);
+}
+
+TCPS_EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t len) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_setsockopt(ref, level, name, value, len), saved);
+    return pass(libc.setsockopt, fd, level, name, value, len);
+}
+
+// ---------------------------------------------------------------------------------------------
+// data
+
+TCPS_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, flags), saved);
+    return pass(libc.send, fd, buf, len, flags);
+}
+
+TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const sockaddr *addr,
+                           socklen_t addr_len) {
+    SocketRef ref;
+    const int saved = errno;
+    // TCP ignores the address (tcp_sendmsg never looks at msg_name).
+    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, flags), saved);
+    return pass(libc.sendto, fd, buf, len, flags, addr, addr_len);
+}
+
+TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) {
+        if (!msg) return finish<ssize_t>(-EFAULT, saved);
+        if (msg->msg_iovlen > IOV_MAX) return finish<ssize_t>(-EMSGSIZE, saved);
+        return finish<ssize_t>(op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags),
+                               saved);
+    }
+    return pass(libc.sendmsg, fd, msg, flags);
+}
+
+TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, 0), saved);
+    return pass(libc.write, fd, buf, len);
+}
+
+TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<ssize_t>(op_send(ref, iov, iovcnt, 0), saved);
+    return pass(libc.writev, fd, iov, iovcnt);
+}
+
+TCPS_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(out_fd, ref))
+        return finish<ssize_t>(op_sendfile(ref, in_fd, offset, count), saved);
+    return pass(libc.sendfile, out_fd, in_fd, offset, count);
+}
+
+TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count) __THROW {
+    static_assert(sizeof(off64_t) == sizeof(off_t), "64-bit targets only: one offset type");
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(out_fd, ref))
+        return finish<ssize_t>(op_sendfile(ref, in_fd, reinterpret_cast<off_t *>(offset), count),
+                               saved);
+    if (!real(libc.sendfile64))
+        return pass(libc.sendfile, out_fd, in_fd, reinterpret_cast<off_t *>(offset), count);
+    return pass(libc.sendfile64, out_fd, in_fd, offset, count);
+}
+
+TCPS_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<ssize_t>(recv_one(ref, buf, len, flags), saved);
+    return pass(libc.recv, fd, buf, len, flags);
+}
+
+TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr *addr,
+                             socklen_t *addr_len) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) {
+        const long rc = recv_one(ref, buf, len, flags);
+        if (rc >= 0 && addr && addr_len) *addr_len = 0;  // TCP has no source address to give
+        return finish<ssize_t>(rc, saved);
+    }
+    return pass(libc.recvfrom, fd, buf, len, flags, addr, addr_len);
+}
+
+TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<ssize_t>(recv_msg(ref, msg, flags), saved);
+    return pass(libc.recvmsg, fd, msg, flags);
+}
+
+TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) {
+        if (len == 0) return 0;  // sock_read_iter(): "Match SYS5 behaviour"
+        return finish<ssize_t>(recv_one(ref, buf, len, 0), saved);
+    }
+    return pass(libc.read, fd, buf, len);
+}
+
+TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) {
+        if (iovcnt >= 0 && iovcnt <= IOV_MAX) {
+            size_t total = 0;
+            for (int i = 0; iov && i < iovcnt; ++i) total += iov[i].iov_len;
+            if (total == 0) return 0;  // as read() of nothing
+        }
+        return finish<ssize_t>(op_recv(ref, iov, iovcnt, 0), saved);
+    }
+    return pass(libc.readv, fd, iov, iovcnt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// descriptors
+
+TCPS_EXPORT int close(int fd) {
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        const long rc = op_close(fd);
+        if (rc != kUseKernel) return finish<int>(rc, saved);
+    }
+    return pass(libc.close, fd);
+}
+
+TCPS_EXPORT int fcntl(int fd, int cmd, ...) {
+    va_list args;
+    va_start(args, cmd);
+    const unsigned long arg = va_arg(args, unsigned long);
+    va_end(args);
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        bool handled;
+        const long rc = fcntl_common(fd, cmd, arg, handled);
+        if (handled) return finish<int>(rc, saved);
+    }
+    return pass(libc.fcntl, fd, cmd, arg);
+}
+
+TCPS_EXPORT int fcntl64(int fd, int cmd, ...) {
+    va_list args;
+    va_start(args, cmd);
+    const unsigned long arg = va_arg(args, unsigned long);
+    va_end(args);
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        bool handled;
+        const long rc = fcntl_common(fd, cmd, arg, handled);
+        if (handled) return finish<int>(rc, saved);
+    }
+    if (!real(libc.fcntl64)) return pass(libc.fcntl, fd, cmd, arg);
+    return pass(libc.fcntl64, fd, cmd, arg);
+}
+
+TCPS_EXPORT int ioctl(int fd, unsigned long request, ...) __THROW {
+    va_list args;
+    va_start(args, request);
+    void *arg = va_arg(args, void *);
+    va_end(args);
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_ioctl(ref, request, arg), saved);
+    return pass(libc.ioctl, fd, request, arg);
+}
+
+TCPS_EXPORT int dup(int fd) __THROW {
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        const long rc = op_dup(fd);
+        if (rc != kUseKernel) return finish<int>(rc, saved);
+    }
+    return pass(libc.dup, fd);
+}
+
+TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        const long rc = op_dup3(oldfd, newfd, 0, false);
+        if (rc != kUseKernel) return finish<int>(rc, saved);
+    }
+    return pass(libc.dup2, oldfd, newfd);
+}
+
+TCPS_EXPORT int dup3(int oldfd, int newfd, int flags) __THROW {
+    const int saved = errno;
+    if (g_fds.size() != 0) {
+        const long rc = op_dup3(oldfd, newfd, flags, true);
+        if (rc != kUseKernel) return finish<int>(rc, saved);
+    }
+    return pass(libc.dup3, oldfd, newfd, flags);
+}
+
+// ---------------------------------------------------------------------------------------------
+// readiness
+
+// glibc declares poll()'s array write-only (__attr_access): it is read as well, here as in
+// the kernel, so GCC's "may be used uninitialized" about it is wrong.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+TCPS_EXPORT int poll(pollfd *fds, nfds_t nfds, int timeout) {
+    const int saved = errno;
+    bool handled;
+    const long rc = poll_common(fds, nfds, ms_to_ns(timeout), nullptr, handled);
+    if (handled) return finish<int>(rc, saved);
+    return pass(libc.poll, fds, nfds, timeout);
+}
+
+TCPS_EXPORT int ppoll(pollfd *fds, nfds_t nfds, const timespec *timeout, const sigset_t *sigmask) {
+    const int saved = errno;
+    if (poll_has_offloaded(fds, nfds)) {
+        const int64_t timeout_ns = timespec_to_ns(timeout);
+        if (timeout && timeout_ns < 0) return finish<int>(-EINVAL, saved);
+        return finish<int>(op_poll(fds, nfds, timeout_ns, sigmask), saved);
+    }
+    return pass(libc.ppoll, fds, nfds, timeout, sigmask);
+}
+
+TCPS_EXPORT int __poll_chk(pollfd *fds, nfds_t nfds, int timeout, size_t fdslen) {
+    if (fdslen / sizeof(*fds) < nfds) __chk_fail();
+    return poll(fds, nfds, timeout);
+}
+
+TCPS_EXPORT int __ppoll_chk(pollfd *fds, nfds_t nfds, const timespec *timeout,
+                            const sigset_t *sigmask, size_t fdslen) {
+    if (fdslen / sizeof(*fds) < nfds) __chk_fail();
+    return ppoll(fds, nfds, timeout, sigmask);
+}
+
+#pragma GCC diagnostic pop
+
+TCPS_EXPORT int select(int nfds, fd_set *r, fd_set *w, fd_set *e, timeval *timeout) {
+    const int saved = errno;
+    if (select_has_offloaded(nfds, r, w, e)) {
+        int64_t timeout_ns = -1;
+        if (timeout) {
+            if (timeout->tv_sec < 0 || timeout->tv_usec < 0) return finish<int>(-EINVAL, saved);
+            timeout_ns = static_cast<int64_t>(timeout->tv_sec) * 1'000'000'000 +
+                         static_cast<int64_t>(timeout->tv_usec) * 1000;
+        }
+        int64_t remaining = 0;
+        const long rc = op_select(nfds, r, w, e, timeout_ns, nullptr, &remaining);
+        if (timeout) {  // Linux's select() reports the time left
+            timeout->tv_sec = static_cast<time_t>(remaining / 1'000'000'000);
+            timeout->tv_usec = static_cast<suseconds_t>(remaining % 1'000'000'000 / 1000);
+        }
+        return finish<int>(rc, saved);
+    }
+    return pass(libc.select, nfds, r, w, e, timeout);
+}
+
+TCPS_EXPORT int pselect(int nfds, fd_set *r, fd_set *w, fd_set *e, const timespec *timeout,
+                        const sigset_t *sigmask) {
+    const int saved = errno;
+    if (select_has_offloaded(nfds, r, w, e)) {
+        const int64_t timeout_ns = timespec_to_ns(timeout);
+        if (timeout && timeout_ns < 0) return finish<int>(-EINVAL, saved);
+        return finish<int>(op_select(nfds, r, w, e, timeout_ns, sigmask, nullptr), saved);
+    }
+    return pass(libc.pselect, nfds, r, w, e, timeout, sigmask);
+}
+
+TCPS_EXPORT int epoll_create(int size) __THROW {
+    return pass(libc.epoll_create, size);
+}
+
+TCPS_EXPORT int epoll_create1(int flags) __THROW {
+    return pass(libc.epoll_create1, flags);
+}
+
+TCPS_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event *event) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<int>(op_epoll_ctl(epfd, op, ref, event), saved);
+    if (g_fds.size() != 0 && g_fds.get(epfd).kind() == FdKind::kSocket) {
+        // A socket is no epoll (the kernel would see our O_PATH placeholder and say EBADF).
+        if ((op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD) && !event)
+            return finish<int>(-EFAULT, saved);
+        return finish<int>(real(libc.fcntl)(fd, F_GETFD) < 0 ? -EBADF : -EINVAL, saved);
+    }
+    return pass(libc.epoll_ctl, epfd, op, fd, event);
+}
+
+TCPS_EXPORT int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout) {
+    const int saved = errno;
+    bool handled;
+    const long rc = epoll_wait_common(epfd, events, maxevents, ms_to_ns(timeout), nullptr, handled);
+    if (handled) return finish<int>(rc, saved);
+    if (g_fds.size() == 0) return pass(libc.epoll_wait, epfd, events, maxevents, timeout);
+    auto wait = [&] { return pass(libc.epoll_wait, epfd, events, maxevents, timeout); };
+    return finish<int>(epoll_wait_kernel(epfd, events, maxevents, ms_to_ns(timeout), nullptr, wait),
+                       saved);
+}
+
+TCPS_EXPORT int epoll_pwait(int epfd, epoll_event *events, int maxevents, int timeout,
+                            const sigset_t *sigmask) {
+    const int saved = errno;
+    bool handled;
+    const long rc = epoll_wait_common(epfd, events, maxevents, ms_to_ns(timeout), sigmask, handled);
+    if (handled) return finish<int>(rc, saved);
+    if (g_fds.size() == 0) return pass(libc.epoll_pwait, epfd, events, maxevents, timeout, sigmask);
+    auto wait = [&] { return pass(libc.epoll_pwait, epfd, events, maxevents, timeout, sigmask); };
+    return finish<int>(epoll_wait_kernel(epfd, events, maxevents, ms_to_ns(timeout), sigmask, wait),
+                       saved);
+}
+
+TCPS_EXPORT int epoll_pwait2(int epfd, epoll_event *events, int maxevents, const timespec *timeout,
+                             const sigset_t *sigmask) {
+    const int saved = errno;
+    if (g_fds.size() != 0 &&
+        (epoll_has_members(epfd) || g_fds.get(epfd).kind() == FdKind::kSocket)) {
+        const int64_t timeout_ns = timespec_to_ns(timeout);
+        if (timeout && timeout_ns < 0) return finish<int>(-EINVAL, saved);
+        bool handled;
+        const long rc = epoll_wait_common(epfd, events, maxevents, timeout_ns, sigmask, handled);
+        if (handled) return finish<int>(rc, saved);
+    }
+    const int64_t timeout_ns = timespec_to_ns(timeout);
+    if (g_fds.size() == 0 || (timeout && timeout_ns < 0))
+        return pass(libc.epoll_pwait2, epfd, events, maxevents, timeout, sigmask);
+    auto wait = [&] { return pass(libc.epoll_pwait2, epfd, events, maxevents, timeout, sigmask); };
+    return finish<int>(epoll_wait_kernel(epfd, events, maxevents, timeout_ns, sigmask, wait),
+                       saved);
+}
+
+// ---------------------------------------------------------------------------------------------
+// _FORTIFY_SOURCE variants: the buffer check, then the plain call.
+
+TCPS_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags) {
+    if (len > buflen) __chk_fail();
+    return recv(fd, buf, len, flags);
+}
+
+TCPS_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
+                                   sockaddr *addr, socklen_t *addr_len) {
+    if (len > buflen) __chk_fail();
+    return recvfrom(fd, buf, len, flags, addr, addr_len);
+}
+
+TCPS_EXPORT ssize_t __read_chk(int fd, void *buf, size_t len, size_t buflen) {
+    if (len > buflen) __chk_fail();
+    return read(fd, buf, len);
+}

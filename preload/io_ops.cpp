@@ -1,0 +1,366 @@
+// The data path: send and receive through the socket's rings, no syscall while the engine is
+// awake and the ring has room/data.
+#include <limits.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+
+#include "libc.hpp"
+#include "ops.hpp"
+#include "ring.hpp"
+
+namespace tcps::shim {
+
+namespace {
+
+// A position inside the caller's iovec array, so one call can copy in several pieces.
+struct IovCursor {
+    const iovec *iov;
+    int count;
+    int index = 0;
+    size_t offset = 0;
+    size_t remaining = 0;
+};
+
+// Validates an iovec array as readv/writev do and returns its total length, or -errno.
+long iov_total(const iovec *iov, int iovcnt, size_t &total) {
+    total = 0;
+    if (iovcnt < 0 || iovcnt > IOV_MAX) return -EINVAL;
+    if (iovcnt > 0 && !iov) return -EFAULT;
+    for (int i = 0; i < iovcnt; ++i) {
+        if (iov[i].iov_len > static_cast<size_t>(SSIZE_MAX) - total) return -EINVAL;
+        total += iov[i].iov_len;
+    }
+    return 0;
+}
+
+void copy_into_ring(IovCursor &c, uint8_t *ring, uint32_t pos, size_t n) {
+    while (n > 0) {
+        const iovec &v = c.iov[c.index];
+        const size_t chunk = std::min(n, v.iov_len - c.offset);
+        if (chunk > 0) {
+            ipc::ring_copy_in(ring, ipc::kTxRingBytes, pos,
+                              static_cast<const uint8_t *>(v.iov_base) + c.offset, chunk);
+            pos += static_cast<uint32_t>(chunk);
+            n -= chunk;
+            c.offset += chunk;
+            c.remaining -= chunk;
+        }
+        if (c.offset == v.iov_len) {
+            ++c.index;
+            c.offset = 0;
+        }
+    }
+}
+
+// `discard`: MSG_TRUNC on TCP drops the bytes without copying them.
+void copy_from_ring(IovCursor &c, const uint8_t *ring, uint32_t pos, size_t n, bool discard) {
+    if (discard) {
+        c.remaining -= n;
+        return;
+    }
+    while (n > 0) {
+        const iovec &v = c.iov[c.index];
+        const size_t chunk = std::min(n, v.iov_len - c.offset);
+        if (chunk > 0) {
+            ipc::ring_copy_out(ring, ipc::kRxRingBytes, pos,
+                               static_cast<uint8_t *>(v.iov_base) + c.offset, chunk);
+            pos += static_cast<uint32_t>(chunk);
+            n -= chunk;
+            c.offset += chunk;
+            c.remaining -= chunk;
+        }
+        if (c.offset == v.iov_len) {
+            ++c.index;
+            c.offset = 0;
+        }
+    }
+}
+
+// Engine flags as this client must read them: once Linux would have disconnected the socket
+// (see SocketSnapshot::disconnected), the earlier Reset/EOF/shutdown flags no longer count.
+uint32_t effective_flags(const SocketRef &ref) {
+    uint32_t flags = ref.shm->flags.load(std::memory_order_acquire);
+    if (ref.sock->disconnected.load(std::memory_order_relaxed))
+        flags &= ~(ipc::kFlagReset | ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagTxShut);
+    return flags;
+}
+
+bool connecting(const SocketRef &ref, uint32_t flags) {
+    return !(flags & (ipc::kFlagConnected | ipc::kFlagReset)) &&
+           ((flags & ipc::kFlagConnecting) ||
+            ref.sock->connect_state.load(std::memory_order_relaxed) == kConnecting);
+}
+
+// RAII for the tx lock with the "holder sleeps" hint non-blocking senders look at.
+class TxSleeping {
+  public:
+    explicit TxSleeping(Socket &sock) : sock_(sock) { sock_.tx_sleeping.store(true); }
+    ~TxSleeping() { sock_.tx_sleeping.store(false); }
+    TxSleeping(const TxSleeping &) = delete;
+    TxSleeping &operator=(const TxSleeping &) = delete;
+
+  private:
+    Socket &sock_;
+};
+
+}  // namespace
+
+long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
+    size_t total;
+    if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
+    if (flags & MSG_OOB) return -EOPNOTSUPP;  // urgent data is not carried by the channel
+    Socket &sock = *ref.sock;
+    ipc::SocketSlot &shm = *ref.shm;
+    const bool nonblock =
+        sock.nonblocking.load(std::memory_order_relaxed) || (flags & MSG_DONTWAIT);
+    const int64_t timeout = effective_timeout(sock, nonblock, false);
+
+    if (!sock.tx_lock.try_lock()) {
+        // The holder waits for room: there is none for us either.
+        if (nonblock && sock.tx_sleeping.load()) return -EAGAIN;
+        sock.tx_lock.lock();
+    }
+    IovCursor cursor{iov, iovcnt, 0, 0, total};
+    uint8_t *ring = region().tx_ring(ref.slot);
+    size_t sent = 0;
+    long result = 0;
+    bool sigpipe = false;
+    for (;;) {
+        if (stale(ref)) {
+            result = sent ? static_cast<long>(sent) : -EBADF;
+            break;
+        }
+        const uint32_t state = effective_flags(ref);
+        bool broken = session_dead() || error_pending(ref) ||
+                      (state & (ipc::kFlagReset | ipc::kFlagTxShut)) || sock.shut_wr.load() ||
+                      sock.listening.load();
+        if (!broken && !(state & ipc::kFlagConnected)) {
+            if (!connecting(ref, state)) {
+                broken = true;  // never connected: Linux says EPIPE
+            } else {
+                // sk_stream_wait_connect(): wait for the handshake.
+                if (timeout == 0) {
+                    result = sent ? static_cast<long>(sent) : -EAGAIN;
+                    break;
+                }
+                auto settled = [&] {
+                    return (effective_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset)) ||
+                           error_pending(ref) || session_dead() || stale(ref);
+                };
+                const WaitResult waited = wait_until(ref.slot, settled, timeout, true);
+                if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
+                    result = waited == WaitResult::kTimeout ? -EAGAIN : -EINTR;
+                    break;
+                }
+                continue;
+            }
+        }
+        if (broken) {
+            if (sent) {
+                result = static_cast<long>(sent);
+                break;
+            }
+            // sk_stream_error(): a pending error first, else EPIPE with its SIGPIPE.
+            const int pending = session_dead() ? 0 : take_error(ref);
+            const int error = pending ? pending : EPIPE;
+            sigpipe = error == EPIPE && !(flags & MSG_NOSIGNAL);
+            result = -error;
+            break;
+        }
+        if (cursor.remaining == 0) {
+            result = static_cast<long>(sent);
+            break;
+        }
+        const uint32_t tail = shm.tx_tail.load(std::memory_order_relaxed);
+        const uint32_t used = tail - shm.tx_head.load(std::memory_order_acquire);
+        const uint32_t space = used < ipc::kTxRingBytes ? ipc::kTxRingBytes - used : 0;
+        if (space > 0) {
+            const size_t n = std::min<size_t>(space, cursor.remaining);
+            copy_into_ring(cursor, ring, tail, n);
+            shm.tx_tail.store(tail + static_cast<uint32_t>(n), std::memory_order_release);
+            notify_engine(ref.slot);
+            sent += n;
+            continue;
+        }
+        if (timeout == 0) {
+            result = sent ? static_cast<long>(sent) : -EAGAIN;
+            break;
+        }
+        auto room = [&] {
+            const uint32_t in_ring = shm.tx_tail.load(std::memory_order_relaxed) -
+                                     shm.tx_head.load(std::memory_order_acquire);
+            return in_ring < ipc::kTxRingBytes ||
+                   (shm.flags.load(std::memory_order_acquire) &
+                    (ipc::kFlagReset | ipc::kFlagTxShut)) ||
+                   error_pending(ref) || session_dead() || stale(ref);
+        };
+        WaitResult waited;
+        {
+            TxSleeping sleeping(sock);
+            waited = wait_until(ref.slot, room, timeout, true);
+        }
+        if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
+            result = sent ? static_cast<long>(sent)
+                          : (waited == WaitResult::kTimeout ? -EAGAIN : -EINTR);
+            break;
+        }
+    }
+    sock.tx_lock.unlock();
+    // As the kernel does (send_sig() in sk_stream_error()); after unlocking, so that a
+    // handler that writes to this socket does not wait for ourselves.
+    if (sigpipe) raise(SIGPIPE);
+    return result;
+}
+
+long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
+    size_t total;
+    if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
+    if (flags & MSG_OOB) return -EINVAL;  // no urgent data is ever pending here
+    Socket &sock = *ref.sock;
+    ipc::SocketSlot &shm = *ref.shm;
+    if (sock.listening.load()) return -ENOTCONN;
+    const bool nonblock =
+        sock.nonblocking.load(std::memory_order_relaxed) || (flags & MSG_DONTWAIT);
+    const int64_t timeout = effective_timeout(sock, nonblock, true);
+    const bool peek = flags & MSG_PEEK;
+    const bool waitall = (flags & MSG_WAITALL) && !nonblock;
+    const bool discard = flags & MSG_TRUNC;
+
+    IovCursor cursor{iov, iovcnt, 0, 0, total};
+    const uint8_t *ring = region().rx_ring(ref.slot);
+    size_t copied = 0;
+    long result = 0;
+    sock.rx_lock.lock();
+    for (;;) {
+        if (stale(ref)) {
+            result = copied ? static_cast<long>(copied) : -EBADF;
+            break;
+        }
+        const uint32_t head = shm.rx_head.load(std::memory_order_relaxed);
+        const uint32_t available =
+            std::min(shm.rx_tail.load(std::memory_order_acquire) - head, ipc::kRxRingBytes);
+        if (available > 0 && !peek) {
+            const size_t n = std::min<size_t>(available, cursor.remaining);
+            copy_from_ring(cursor, ring, head, n, discard);
+            shm.rx_head.store(head + static_cast<uint32_t>(n), std::memory_order_release);
+            // Our rx_head before our look at the flag; the engine pauses, then re-reads
+            // rx_head (post_recv): one of us sees the other.
+            std::atomic_thread_fence(std::memory_order_seq_cst);
+            if (shm.flags.load(std::memory_order_relaxed) & ipc::kFlagRxPaused)
+                notify_engine(ref.slot);
+            copied += n;
+            if (cursor.remaining == 0 || !waitall) {
+                result = static_cast<long>(copied);
+                break;
+            }
+            continue;
+        }
+        const uint32_t state = effective_flags(ref);
+        const bool dead = session_dead();
+        const bool pending = !dead && error_pending(ref);
+        const bool eof = dead || (state & (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
+                         sock.shut_rd.load();
+        if (peek && available > 0 && (!waitall || available >= total || pending || eof)) {
+            const size_t n = std::min<size_t>(available, total);
+            copy_from_ring(cursor, ring, head, n, discard);
+            result = static_cast<long>(n);
+            break;
+        }
+        if (copied > 0 && (pending || eof)) {
+            result = static_cast<long>(copied);  // the error waits for the next call
+            break;
+        }
+        if (pending) {
+            if (const int error = take_error(ref)) {
+                result = -error;
+                break;
+            }
+            continue;
+        }
+        if (dead) {
+            result = -ECONNRESET;
+            break;
+        }
+        if (eof) {
+            result = 0;
+            break;
+        }
+        if (!(state & ipc::kFlagConnected) && !connecting(ref, state)) {
+            result = -ENOTCONN;
+            break;
+        }
+        if (timeout == 0) {
+            result = copied ? static_cast<long>(copied) : -EAGAIN;
+            break;
+        }
+        // Like sk_wait_data(): other threads may use the socket while we sleep.
+        sock.rx_lock.unlock();
+        const uint32_t seen = peek ? available : 0;
+        auto ready = [&] {
+            return shm.rx_tail.load(std::memory_order_acquire) -
+                           shm.rx_head.load(std::memory_order_relaxed) >
+                       seen ||
+                   (effective_flags(ref) &
+                    (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
+                   sock.shut_rd.load() || error_pending(ref) || session_dead() || stale(ref);
+        };
+        const WaitResult waited = wait_until(ref.slot, ready, timeout, true);
+        sock.rx_lock.lock();
+        if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
+            result = copied ? static_cast<long>(copied)
+                            : (waited == WaitResult::kTimeout ? -EAGAIN : -EINTR);
+            break;
+        }
+    }
+    sock.rx_lock.unlock();
+    return result;
+}
+
+long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count) {
+    off_t start;
+    if (offset) {
+        if (*offset < 0) return -EINVAL;
+        start = *offset;
+    } else {
+        start = lseek(in_fd, 0, SEEK_CUR);
+        if (start < 0) return errno == ESPIPE ? -EINVAL : -errno;
+    }
+    if (count == 0) return 0;
+    constexpr size_t kChunk = 64 * 1024;
+    const size_t room = std::min(count, kChunk);
+    void *buffer = std::malloc(room);  // bulk path: not worth a thread's stack
+    if (!buffer) return -ENOMEM;
+    size_t total = 0;
+    long result = 0;
+    while (total < count) {
+        const size_t want = std::min(room, count - total);
+        const ssize_t got = pread(in_fd, buffer, want, start + static_cast<off_t>(total));
+        if (got < 0) {
+            result = -errno;
+            break;
+        }
+        if (got == 0) break;  // end of file
+        iovec iov{buffer, static_cast<size_t>(got)};
+        const long sent = op_send(ref, &iov, 1, 0);
+        if (sent < 0) {
+            result = sent;
+            break;
+        }
+        total += static_cast<size_t>(sent);
+        if (sent < got) break;  // non-blocking and the ring is full, or interrupted
+    }
+    std::free(buffer);
+    if (total == 0 && result < 0) return result;
+    // sendfile() moves *offset, or the file position when there is no offset.
+    if (offset)
+        *offset = start + static_cast<off_t>(total);
+    else
+        lseek(in_fd, start + static_cast<off_t>(total), SEEK_SET);
+    return static_cast<long>(total);
+}
+
+}  // namespace tcps::shim

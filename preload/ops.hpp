@@ -1,0 +1,84 @@
+// The shim's operations on offloaded sockets, called by the interposed entry points
+// (interpose.cpp) once they know the fd is ours. Each returns a result >= 0 or -errno, the
+// way the kernel returns it; the entry point turns that into -1/errno for the application.
+#pragma once
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "session.hpp"
+
+namespace tcps::shim {
+
+// op_socket's answer when the call must go to the kernel (not TCP, no engine, no slot).
+inline constexpr long kUseKernel = LONG_MIN;
+
+// socket_ops.cpp
+long op_socket(int domain, int type, int protocol);
+long op_bind(SocketRef &ref, const sockaddr *addr, socklen_t len);
+long op_listen(SocketRef &ref, int backlog);
+long op_connect(SocketRef &ref, const sockaddr *addr, socklen_t len);
+long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags);
+long op_shutdown(SocketRef &ref, int how);
+long op_getsockname(SocketRef &ref, sockaddr *addr, socklen_t *len);
+long op_getpeername(SocketRef &ref, sockaddr *addr, socklen_t *len);
+long op_getsockopt(SocketRef &ref, int level, int name, void *value, socklen_t *len);
+long op_setsockopt(SocketRef &ref, int level, int name, const void *value, socklen_t len);
+long op_fcntl(SocketRef &ref, int cmd, unsigned long arg);
+long op_ioctl(SocketRef &ref, unsigned long request, void *arg);
+
+// Descriptor bookkeeping for any fd the table knows (socket, epoll, internal). These also
+// make the real call; they return kUseKernel when the fd is none of ours.
+long op_close(int fd);
+long op_dup(int fd);
+long op_dup3(int oldfd, int newfd, int flags, bool is_dup3);
+long op_dupfd(int fd, int cmd, int min_fd);
+
+// io_ops.cpp
+long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
+long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
+// sendfile() to an offloaded socket: the file's bytes are read here and sent through the ring.
+long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count);
+
+// poll.cpp: poll/ppoll and select/pselect on a set that may hold offloaded fds.
+// timeout_ns < 0: forever.
+bool poll_has_offloaded(const pollfd *fds, nfds_t nfds);
+long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigmask);
+bool select_has_offloaded(int nfds, const fd_set *r, const fd_set *w, const fd_set *e);
+long op_select(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t timeout_ns,
+               const sigset_t *sigmask, int64_t *remaining_ns);
+
+// epoll.cpp
+long op_epoll_ctl(int epfd, int op, SocketRef &ref, epoll_event *event);
+// True when epfd has offloaded members (op_epoll_wait must run) or is ours to check.
+bool epoll_has_members(int epfd);
+long op_epoll_wait(int epfd, epoll_event *events, int maxevents, int64_t timeout_ns,
+                   const sigset_t *sigmask);
+// After a real epoll_wait() on an fd that became one of ours while it slept: drops our
+// wake-up events from its result. Returns the events left.
+int epoll_strip_wake(int epfd, epoll_event *events, int n);
+// The epoll registry `id` lost one fd that named it (close/dup2 over it).
+void epoll_release(uint32_t id);
+// Another fd now names registry `id` (dup of an epoll fd).
+void epoll_retain(uint32_t id);
+
+// Final close of an offloaded socket (its last fd is gone).
+void socket_release(uint32_t slot);
+
+// Timeouts: SO_RCVTIMEO/SO_SNDTIMEO as wait_until() takes them.
+inline int64_t effective_timeout(const Socket &sock, bool nonblocking, bool receive) {
+    if (nonblocking) return 0;
+    const int64_t t = receive ? sock.rcv_timeout_ns.load(std::memory_order_relaxed)
+                              : sock.snd_timeout_ns.load(std::memory_order_relaxed);
+    if (t < 0) return 0;  // a negative timeval: never wait
+    return t == 0 ? -1 : t;
+}
+
+}  // namespace tcps::shim

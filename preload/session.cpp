@@ -1,0 +1,639 @@
+#include "session.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "control.hpp"
+#include "libc.hpp"
+#include "ring.hpp"
+
+namespace tcps::shim {
+
+FdTable g_fds;
+uint64_t g_spin_ns = 20'000;
+
+namespace {
+
+#define TCPS_TLS __attribute__((tls_model("initial-exec"))) thread_local
+
+enum SessionState : int { kNone = 0, kActive = 1, kUnavailable = 2, kDead = 3 };
+
+constexpr uint64_t kRetryNs = 1'000'000'000;           // engine retry: at most once a second
+constexpr uint64_t kControlTimeoutNs = 2'000'000'000;  // hello and waiter replies
+constexpr size_t kMaxFdTable = size_t{1} << 20;
+
+constinit Socket g_sockets[ipc::kMaxSockets];
+
+std::atomic<int> g_init_state{0};  // 0 not yet, 1 ready, -1 inert
+bool g_debug = false;
+bool g_debug_said = false;
+
+std::atomic<int> g_state{kNone};
+ipc::RegionView g_region;
+uint32_t g_session_id = 0;
+std::atomic<int> g_control_fd{-1};
+std::atomic<int> g_doorbell_fd{-1};
+uint64_t g_retry_after_ns = 0;  // under g_setup_mutex
+// Bumped when the session is replaced (fork): thread-local waiters of an older one are void.
+std::atomic<uint32_t> g_epoch{1};
+pthread_mutex_t g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+// Client slots this process holds (slot.state alone cannot say: a slot is kFree until the
+// engine has answered kSocket).
+std::atomic<uint64_t> g_client_slots[ipc::kClientSlots / 64];
+std::atomic<uint32_t> g_slot_hint{0};
+
+// Waiters: which indices are taken, and the read end of each one's pipe.
+std::atomic<uint64_t> g_waiter_bits[ipc::kMaxWaiters / 64];
+std::atomic<int> g_waiter_fds[ipc::kMaxWaiters];
+pthread_key_t g_waiter_key;
+
+TCPS_TLS int tl_waiter = -1;
+TCPS_TLS uint32_t tl_waiter_epoch = 0;
+TCPS_TLS bool tl_armed = false;
+TCPS_TLS bool tl_byte_taken = false;
+TCPS_TLS bool tl_acquiring = false;
+
+void debug_line(const char *text) {
+    if (!g_debug || g_debug_said) return;
+    g_debug_said = true;
+    ssize_t ignored = real(libc.write)(2, text, std::strlen(text));
+    (void)ignored;
+}
+
+int high_fd_base() {
+    rlimit limit{};
+    int base = 512;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+        limit.rlim_cur > 64 + 512)
+        base = static_cast<int>(limit.rlim_cur - 64);
+    return base;
+}
+
+int dup_high(int fd) {
+    int moved = real(libc.fcntl)(fd, F_DUPFD_CLOEXEC, high_fd_base());
+    if (moved < 0) moved = real(libc.fcntl)(fd, F_DUPFD_CLOEXEC, 0);
+    return moved;
+}
+
+void close_internal(std::atomic<int> &holder) {
+    const int fd = holder.exchange(-1);
+    if (fd < 0) return;
+    g_fds.take_if(fd, FdRef::internal());
+    real(libc.close)(fd);
+}
+
+// Waits for one control message, for at most the control timeout.
+int recv_control_timed(int fd, ipc::ControlMessage &msg, int *fds, int max_fds) {
+    const uint64_t deadline = now_ns() + kControlTimeoutNs;
+    for (;;) {
+        const int rc = ipc::recv_control(fd, msg, fds, max_fds, MSG_DONTWAIT);
+        if (rc != -EAGAIN && rc != -EWOULDBLOCK) return rc;
+        const uint64_t now = now_ns();
+        if (now >= deadline) return -ETIMEDOUT;
+        const uint64_t left = deadline - now;
+        timespec ts{static_cast<time_t>(left / 1'000'000'000),
+                    static_cast<long>(left % 1'000'000'000)};
+        pollfd p{fd, POLLIN, 0};
+        const int n = real(libc.ppoll)(&p, 1, &ts, nullptr);
+        if (n < 0 && errno != EINTR) return -errno;
+    }
+}
+
+bool header_matches(const ipc::RegionHeader &h) {
+    return h.magic == ipc::kRegionMagic && h.version == ipc::kLayoutVersion &&
+           h.region_bytes == ipc::kRegionBytes && h.max_sockets == ipc::kMaxSockets &&
+           h.client_slots == ipc::kClientSlots && h.tx_ring_bytes == ipc::kTxRingBytes &&
+           h.rx_ring_bytes == ipc::kRxRingBytes && h.max_waiters == ipc::kMaxWaiters &&
+           h.engine_alive.load(std::memory_order_acquire) == 1;
+}
+
+// Connects to the engine and maps this process's region. 0 or -errno; `why` says what failed.
+int connect_engine(const char *&why) {
+    const std::string path = ipc::engine_socket_path();
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (path.size() >= sizeof(addr.sun_path)) {
+        why = "socket path too long";
+        return -ENAMETOOLONG;
+    }
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    const int sock = real(libc.socket)(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (sock < 0) {
+        why = "socket(AF_UNIX)";
+        return -errno;
+    }
+    int rc = 0;
+    int fds[ipc::kMaxControlFds] = {-1, -1};
+    void *base = MAP_FAILED;
+    ipc::ControlMessage hello{};
+    ipc::ControlMessage reply{};
+    struct stat st {};
+    if (real(libc.connect)(sock, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
+        rc = -errno;
+        why = "connect";
+        goto fail;
+    }
+    hello.type = static_cast<uint32_t>(ipc::ControlType::kHello);
+    hello.version = ipc::kLayoutVersion;
+    if ((rc = ipc::send_control(sock, hello, nullptr, 0)) != 0) {
+        why = "hello";
+        goto fail;
+    }
+    if ((rc = recv_control_timed(sock, reply, fds, ipc::kMaxControlFds)) != 0) {
+        why = "hello reply";
+        goto fail;
+    }
+    if (reply.type != static_cast<uint32_t>(ipc::ControlType::kHelloReply) || reply.result != 0 ||
+        fds[0] < 0 || fds[1] < 0) {
+        rc = reply.result < 0 ? reply.result : -EPROTO;
+        why = "engine refused the session";
+        goto fail;
+    }
+    // A region smaller than the layout would fault (SIGBUS) on first touch of its end.
+    if (fstat(fds[0], &st) != 0 || static_cast<uint64_t>(st.st_size) < ipc::kRegionBytes) {
+        rc = -EPROTO;
+        why = "region too small";
+        goto fail;
+    }
+    base = mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    if (base == MAP_FAILED) {
+        rc = -errno;
+        why = "mmap";
+        goto fail;
+    }
+    g_region.base = static_cast<uint8_t *>(base);
+    if (!header_matches(g_region.header())) {
+        rc = -EPROTO;
+        why = "region header does not match this libtcps";
+        goto fail;
+    }
+    real(libc.close)(fds[0]);
+    g_session_id = reply.session_id;
+    g_doorbell_fd.store(move_high_internal(fds[1]));
+    g_control_fd.store(move_high_internal(sock));
+    return 0;
+
+fail:
+    if (base != MAP_FAILED) munmap(base, ipc::kRegionBytes);
+    g_region.base = nullptr;
+    for (int fd : fds)
+        if (fd >= 0) real(libc.close)(fd);
+    real(libc.close)(sock);
+    return rc;
+}
+
+void release_waiter(int index) {
+    if (index < 0 || index >= static_cast<int>(ipc::kMaxWaiters)) return;
+    close_internal(g_waiter_fds[index]);
+    g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
+}
+
+// pthread key destructor: the thread is exiting, its waiter is free again.
+void release_waiter_at_exit(void *value) {
+    const int index = static_cast<int>(reinterpret_cast<intptr_t>(value)) - 1;
+    if (tl_waiter == index && tl_waiter_epoch == g_epoch.load()) release_waiter(index);
+    tl_waiter = -1;
+}
+
+// Claims a waiter index for this thread and registers a fresh pipe for it with the engine.
+bool acquire_waiter() {
+    if (tl_acquiring) return false;  // a signal handler interrupted our own registration
+    tl_acquiring = true;
+    int index = -1;
+    for (uint32_t i = 0; i < ipc::kMaxWaiters && index < 0; ++i) {
+        const uint64_t bit = uint64_t{1} << (i % 64);
+        if (g_waiter_bits[i / 64].load() & bit) continue;
+        if (!(g_waiter_bits[i / 64].fetch_or(bit) & bit)) index = static_cast<int>(i);
+    }
+    if (index < 0) {
+        tl_acquiring = false;
+        return false;
+    }
+    int pipe_fds[2];
+    if (pipe2(pipe_fds, O_CLOEXEC) != 0) {
+        g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
+        tl_acquiring = false;
+        return false;
+    }
+    ipc::Waiter &waiter = g_region.waiter(static_cast<uint32_t>(index));
+    waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle));
+    waiter.slot.store(ipc::kWaitAnySlot);
+
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter);
+    msg.version = ipc::kLayoutVersion;
+    msg.arg = index;
+    ipc::ControlMessage reply{};
+    int rc;
+    pthread_mutex_lock(&g_control_mutex);
+    const int control = g_control_fd.load();
+    rc = ipc::send_control(control, msg, &pipe_fds[1], 1);
+    if (rc == 0) {
+        int none = -1;
+        rc = recv_control_timed(control, reply, &none, 0);
+        if (rc == 0 && (reply.type != static_cast<uint32_t>(ipc::ControlType::kWaiterReply) ||
+                        reply.arg != index))
+            rc = -EPROTO;
+        if (rc == 0) rc = reply.result;
+    }
+    pthread_mutex_unlock(&g_control_mutex);
+    real(libc.close)(pipe_fds[1]);  // the engine holds it now: its death is our EOF
+    if (rc != 0) {
+        real(libc.close)(pipe_fds[0]);
+        g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
+        if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
+        tl_acquiring = false;
+        return false;
+    }
+    g_waiter_fds[index].store(move_high_internal(pipe_fds[0]));
+    tl_waiter = index;
+    tl_waiter_epoch = g_epoch.load();
+    pthread_setspecific(g_waiter_key, reinterpret_cast<void *>(static_cast<intptr_t>(index + 1)));
+    tl_acquiring = false;
+    return true;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+bool shim_init() {
+    const int state = g_init_state.load(std::memory_order_acquire);
+    if (state != 0) return state > 0;
+    if (!resolve_libc()) {
+        g_init_state.store(-1);
+        return false;
+    }
+    if (const char *spin = std::getenv("TCPS_SPIN_US"); spin && *spin)
+        g_spin_ns = std::strtoull(spin, nullptr, 10) * 1000;
+    if (const char *debug = std::getenv("TCPS_DEBUG"); debug && *debug && *debug != '0')
+        g_debug = true;
+    for (auto &fd : g_waiter_fds) fd.store(-1, std::memory_order_relaxed);
+
+    rlimit limit{};
+    size_t entries = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &limit) == 0)
+        entries = limit.rlim_max == RLIM_INFINITY ? kMaxFdTable : limit.rlim_max;
+    if (entries > kMaxFdTable) entries = kMaxFdTable;
+    if (entries < 1024) entries = 1024;
+    if (pthread_key_create(&g_waiter_key, release_waiter_at_exit) != 0 || !g_fds.init(entries)) {
+        g_init_state.store(-1);
+        return false;
+    }
+    pthread_atfork(nullptr, nullptr, after_fork_in_child);
+    g_init_state.store(1, std::memory_order_release);
+    return true;
+}
+
+void Socket::open(int family, bool nonblock, uint32_t gen) {
+    domain = family;
+    nonblocking.store(nonblock);
+    file_flags.store(0);
+    listening.store(false);
+    linger_reset.store(false);
+    shut_rd.store(false);
+    shut_wr.store(false);
+    disconnected.store(false);
+    connect_state.store(kUnconnected);
+    rcv_timeout_ns.store(0);
+    snd_timeout_ns.store(0);
+    consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
+    acc_head.store(0);
+    tx_sleeping.store(false);
+    refs.store(1);
+    generation.store(gen, std::memory_order_release);
+}
+
+Socket &socket_state(uint32_t slot) {
+    return g_sockets[slot];
+}
+
+bool find_socket(int fd, SocketRef &out) {
+    const FdRef ref = g_fds.get(fd);
+    if (ref.kind() != FdKind::kSocket || ref.slot() >= ipc::kMaxSockets || !g_region.base)
+        return false;
+    Socket &sock = g_sockets[ref.slot()];
+    // A close racing on another thread may have handed the slot to a new socket.
+    if (sock.generation.load(std::memory_order_acquire) != ref.generation()) return false;
+    out.fd = fd;
+    out.slot = ref.slot();
+    out.generation = ref.generation();
+    out.sock = &sock;
+    out.shm = &g_region.slot(ref.slot());
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+bool session_usable(bool create) {
+    const int state = g_state.load(std::memory_order_acquire);
+    if (state == kActive)
+        return g_region.header().engine_alive.load(std::memory_order_relaxed) != 0;
+    if (!create || state == kDead || g_init_state.load() <= 0) return false;
+    pthread_mutex_lock(&g_setup_mutex);
+    bool usable = false;
+    const int again = g_state.load();
+    if (again == kActive) {
+        usable = g_region.header().engine_alive.load() != 0;
+    } else if (again != kDead && now_ns() >= g_retry_after_ns) {
+        const char *why = "";
+        const int rc = connect_engine(why);
+        char line[256];
+        if (rc == 0) {
+            g_state.store(kActive, std::memory_order_release);
+            usable = true;
+            std::snprintf(line, sizeof(line),
+                          "tcps: pid %d: TCP offloaded to the engine (session %u)\n", getpid(),
+                          g_session_id);
+        } else {
+            g_state.store(kUnavailable);
+            g_retry_after_ns = now_ns() + kRetryNs;
+            std::snprintf(line, sizeof(line),
+                          "tcps: pid %d: no engine (%s: %s); TCP stays in the kernel\n", getpid(),
+                          why, std::strerror(-rc));
+        }
+        debug_line(line);
+    }
+    pthread_mutex_unlock(&g_setup_mutex);
+    return usable;
+}
+
+bool session_dead() {
+    const int state = g_state.load(std::memory_order_acquire);
+    if (state == kDead) return true;
+    return state == kActive && g_region.header().engine_alive.load(std::memory_order_relaxed) == 0;
+}
+
+void mark_session_dead() {
+    int expected = kActive;
+    g_state.compare_exchange_strong(expected, kDead);
+}
+
+const ipc::RegionView &region() {
+    return g_region;
+}
+
+int claim_client_slot() {
+    const uint32_t start = g_slot_hint.fetch_add(1, std::memory_order_relaxed);
+    for (uint32_t k = 0; k < ipc::kClientSlots; ++k) {
+        const uint32_t slot = (start + k) % ipc::kClientSlots;
+        const uint64_t bit = uint64_t{1} << (slot % 64);
+        std::atomic<uint64_t> &word = g_client_slots[slot / 64];
+        if (word.load(std::memory_order_relaxed) & bit) continue;
+        if (g_region.slot(slot).state.load(std::memory_order_acquire) !=
+            static_cast<uint32_t>(ipc::SlotState::kFree))
+            continue;
+        if (word.fetch_or(bit, std::memory_order_acq_rel) & bit) continue;
+        return static_cast<int>(slot);
+    }
+    return -1;
+}
+
+void release_client_slot(uint32_t slot) {
+    if (slot >= ipc::kClientSlots) return;
+    g_client_slots[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_acq_rel);
+}
+
+void notify_engine(uint32_t slot) {
+    ipc::ring_doorbell(g_region, slot);
+    // Our push before our look at engine_sleeping; the engine sets it and then re-checks the
+    // queue (engine worker sleep_until_work): one of us sees the other.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (g_region.header().engine_sleeping.load(std::memory_order_relaxed)) {
+        const uint64_t one = 1;
+        ssize_t ignored =
+            real(libc.write)(g_doorbell_fd.load(std::memory_order_relaxed), &one, sizeof(one));
+        (void)ignored;
+    }
+}
+
+int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
+    if (!session_usable(false)) return -ECONNRESET;
+    Socket &sock = g_sockets[slot];
+    ipc::SocketSlot &shm = g_region.slot(slot);
+    pthread_mutex_lock(&sock.request_mutex);
+    std::memcpy(&shm.request, &req, sizeof(req));
+    const uint32_t seq = shm.req_seq.load(std::memory_order_relaxed) + 1;
+    shm.req_seq.store(seq, std::memory_order_release);
+    notify_engine(slot);
+    auto answered = [&] { return shm.resp_seq.load(std::memory_order_acquire) == seq; };
+    const WaitResult waited = wait_until(slot, answered, -1, false);
+    int result = -ECONNRESET;
+    if (waited == WaitResult::kReady) {
+        result = shm.response.result;
+        if (response) std::memcpy(response, &shm.response, sizeof(*response));
+    }
+    pthread_mutex_unlock(&sock.request_mutex);
+    return result;
+}
+
+void request_close(uint32_t slot, bool reset) {
+    if (!session_usable(false)) return;
+    Socket &sock = g_sockets[slot];
+    ipc::SocketSlot &shm = g_region.slot(slot);
+    pthread_mutex_lock(&sock.request_mutex);
+    ipc::Request req{};
+    req.op = static_cast<uint32_t>(ipc::Op::kClose);
+    req.arg0 = reset ? 1 : 0;
+    std::memcpy(&shm.request, &req, sizeof(req));
+    shm.req_seq.store(shm.req_seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    notify_engine(slot);
+    pthread_mutex_unlock(&sock.request_mutex);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+int take_error(SocketRef &ref) {
+    const uint32_t gen = ref.shm->error_gen.load(std::memory_order_acquire);
+    uint32_t consumed = ref.sock->consumed_error_gen.load(std::memory_order_relaxed);
+    if (gen == consumed) return 0;
+    const int error = ref.shm->so_error.load(std::memory_order_relaxed);
+    if (!ref.sock->consumed_error_gen.compare_exchange_strong(consumed, gen)) return 0;
+    return error > 0 ? error : 0;
+}
+
+bool error_pending(const SocketRef &ref) {
+    const uint32_t gen = ref.shm->error_gen.load(std::memory_order_acquire);
+    return gen != ref.sock->consumed_error_gen.load(std::memory_order_relaxed) &&
+           ref.shm->so_error.load(std::memory_order_relaxed) > 0;
+}
+
+SocketSnapshot snapshot(const SocketRef &ref) {
+    SocketSnapshot s;
+    const ipc::SocketSlot &shm = *ref.shm;
+    const Socket &sock = *ref.sock;
+    s.dead = session_dead();
+    s.flags = shm.flags.load(std::memory_order_acquire);
+    s.tx_used =
+        shm.tx_tail.load(std::memory_order_relaxed) - shm.tx_head.load(std::memory_order_acquire);
+    s.rx_available =
+        shm.rx_tail.load(std::memory_order_acquire) - shm.rx_head.load(std::memory_order_relaxed);
+    s.accept_available = shm.acc_tail.load(std::memory_order_acquire) -
+                         sock.acc_head.load(std::memory_order_relaxed);
+    s.error_pending = error_pending(ref);
+    s.listening = sock.listening.load(std::memory_order_relaxed);
+    s.connect_started = sock.connect_state.load(std::memory_order_relaxed) == kConnecting;
+    s.disconnected = sock.disconnected.load(std::memory_order_relaxed);
+    s.shut_rd = sock.shut_rd.load(std::memory_order_relaxed);
+    s.shut_wr = sock.shut_wr.load(std::memory_order_relaxed);
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+bool waiter_arm(uint32_t slot) {
+    if (tl_armed) return false;  // a signal handler inside our own wait
+    if (!session_usable(false)) return false;
+    if (tl_waiter < 0 || tl_waiter_epoch != g_epoch.load(std::memory_order_relaxed)) {
+        tl_waiter = -1;
+        if (!acquire_waiter()) return false;
+    }
+    tl_armed = true;  // before the store: a nested arm from a signal handler must see it
+    tl_byte_taken = false;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    ipc::RegionHeader &header = g_region.header();
+    ipc::Waiter &waiter = g_region.waiter(static_cast<uint32_t>(tl_waiter));
+    header.waiters_armed.fetch_add(1, std::memory_order_seq_cst);
+    waiter.slot.store(slot, std::memory_order_relaxed);
+    waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kArmed), std::memory_order_seq_cst);
+    // Armed before the caller re-reads the slot: pairs with the engine's fence between its
+    // publishing and its look at the waiters (flush_wakes).
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return true;
+}
+
+int waiter_fd() {
+    return tl_waiter >= 0 ? g_waiter_fds[tl_waiter].load() : -1;
+}
+
+BlockResult waiter_block(uint64_t deadline_ns) {
+    const int fd = waiter_fd();
+    if (deadline_ns == 0) {
+        char byte;
+        const ssize_t n = real(libc.read)(fd, &byte, 1);
+        if (n == 1) {
+            tl_byte_taken = true;
+            return BlockResult::kWoken;
+        }
+        if (n < 0 && errno == EINTR) return BlockResult::kInterrupted;
+        mark_session_dead();  // EOF: the engine is gone
+        return BlockResult::kDead;
+    }
+    const uint64_t now = now_ns();
+    if (now >= deadline_ns) return BlockResult::kTimeout;
+    const uint64_t left = deadline_ns - now;
+    timespec ts{static_cast<time_t>(left / 1'000'000'000), static_cast<long>(left % 1'000'000'000)};
+    pollfd p{fd, POLLIN, 0};
+    const int n = real(libc.ppoll)(&p, 1, &ts, nullptr);
+    if (n == 0) return BlockResult::kTimeout;
+    if (n < 0) return errno == EINTR ? BlockResult::kInterrupted : BlockResult::kDead;
+    if (p.revents & POLLIN) return BlockResult::kWoken;
+    mark_session_dead();
+    return BlockResult::kDead;
+}
+
+void waiter_disarm() {
+    if (!tl_armed) return;
+    ipc::Waiter &waiter = g_region.waiter(static_cast<uint32_t>(tl_waiter));
+    const uint32_t previous = waiter.state.exchange(static_cast<uint32_t>(ipc::WaiterState::kIdle),
+                                                    std::memory_order_seq_cst);
+    if (previous == static_cast<uint32_t>(ipc::WaiterState::kSignaled) && !tl_byte_taken) {
+        // The engine writes its byte right after signalling: take it, or the pipe would wake
+        // our next sleep for nothing.
+        char byte;
+        ssize_t n;
+        do {
+            n = real(libc.read)(waiter_fd(), &byte, 1);
+        } while (n < 0 && errno == EINTR);
+        if (n == 0) mark_session_dead();
+    }
+    g_region.header().waiters_armed.fetch_sub(1, std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    tl_armed = false;
+}
+
+void nap(uint64_t deadline_ns) {
+    uint64_t sleep_ns = 1'000'000;
+    if (deadline_ns != 0) {
+        const uint64_t now = now_ns();
+        if (now >= deadline_ns) return;
+        if (deadline_ns - now < sleep_ns) sleep_ns = deadline_ns - now;
+    }
+    timespec ts{0, static_cast<long>(sleep_ns)};
+    nanosleep(&ts, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+int move_high_internal(int fd) {
+    const int moved = real(libc.fcntl)(fd, F_DUPFD_CLOEXEC, high_fd_base());
+    if (moved >= 0) {
+        real(libc.close)(fd);
+        fd = moved;
+    }
+    g_fds.set(fd, FdRef::internal());
+    return fd;
+}
+
+void relocate_internal(int fd) {
+    auto relocate = [fd](std::atomic<int> &holder) {
+        if (holder.load() != fd) return false;
+        const int moved = dup_high(fd);
+        if (moved < 0) return true;  // nowhere to go: the dup2 will take ours
+        g_fds.set(moved, FdRef::internal());
+        holder.store(moved);
+        g_fds.take_if(fd, FdRef::internal());
+        return true;  // the caller's dup2 closes the old number for us
+    };
+    if (relocate(g_control_fd) || relocate(g_doorbell_fd)) return;
+    for (auto &holder : g_waiter_fds)
+        if (relocate(holder)) return;
+}
+
+void after_fork_in_child() {
+    // The child shares the parent's region pages and descriptions: it must never touch that
+    // session. Drop our copies of its descriptors and forget its sockets; the child's first
+    // TCP socket() sets up a session of its own.
+    const int state = g_state.load();
+    if (state == kActive || state == kDead) {
+        close_internal(g_control_fd);
+        close_internal(g_doorbell_fd);
+        for (auto &holder : g_waiter_fds) close_internal(holder);
+        if (g_region.base) munmap(g_region.base, ipc::kRegionBytes);
+    }
+    g_region.base = nullptr;
+    g_state.store(kNone);
+    g_retry_after_ns = 0;
+    g_epoch.fetch_add(1);
+    for (auto &word : g_client_slots) word.store(0);
+    for (auto &word : g_waiter_bits) word.store(0);
+    g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
+    g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
+    for (Socket &sock : g_sockets) {
+        sock.refs.store(0);
+        sock.rx_lock.reset();
+        sock.tx_lock.reset();
+        sock.request_mutex = PTHREAD_MUTEX_INITIALIZER;
+    }
+    tl_waiter = -1;
+    tl_armed = false;
+    tl_acquiring = false;
+    g_fds.forget_all();
+    epoll_after_fork();
+}
+
+}  // namespace tcps::shim

@@ -1,0 +1,196 @@
+// The client's side of the channel: the engine session (control socket, region, doorbell),
+// the client-private state of each offloaded socket, control requests, and how a thread waits.
+#pragma once
+
+#include <pthread.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "common.hpp"
+#include "fd_table.hpp"
+#include "layout.hpp"
+#include "readiness.hpp"
+
+namespace tcps::shim {
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide state
+
+// Every fd the shim knows about. Empty (size 0) until the library constructor ran: every
+// lookup misses and every call goes straight to libc.
+extern FdTable g_fds;
+
+// Spin before sleeping (TCPS_SPIN_US, default 20 µs).
+extern uint64_t g_spin_ns;
+
+// Library constructor work; idempotent. False: the shim stays inert.
+bool shim_init();
+
+// ---------------------------------------------------------------------------------------------
+// Client-private state of one offloaded socket, indexed by its slot (client or engine range).
+
+enum ConnectState : int { kUnconnected = 0, kConnecting = 1, kConnected = 2 };
+
+struct Socket {
+    std::atomic<uint32_t> refs{0};        // fd numbers that refer to it (dup)
+    std::atomic<uint32_t> generation{0};  // bumped each time the slot becomes ours
+    int domain = 0;
+    // O_NONBLOCK belongs to the open file description, which dup'ed fds share: so here.
+    std::atomic<bool> nonblocking{false};
+    std::atomic<int> file_flags{0};  // O_APPEND/O_ASYNC as set with F_SETFL
+    std::atomic<bool> listening{false};
+    std::atomic<bool> linger_reset{false};  // SO_LINGER {1, 0}: close() resets
+    std::atomic<bool> shut_rd{false};
+    std::atomic<bool> shut_wr{false};
+    std::atomic<bool> disconnected{false};  // a failed connect was reported (see readiness)
+    std::atomic<int> connect_state{kUnconnected};
+    // SO_RCVTIMEO/SO_SNDTIMEO: 0 blocks forever, > 0 a limit, < 0 never waits (Linux stores a
+    // negative timeval as a zero timeout).
+    std::atomic<int64_t> rcv_timeout_ns{0};
+    std::atomic<int64_t> snd_timeout_ns{0};
+    std::atomic<uint32_t> consumed_error_gen{0};
+    std::atomic<uint32_t> acc_head{0};     // accept ring entries taken (mirrors slot.acc_head)
+    SocketLock rx_lock;                    // recv and accept
+    SocketLock tx_lock;                    // send
+    std::atomic<bool> tx_sleeping{false};  // the tx lock holder waits for ring space
+    pthread_mutex_t request_mutex = PTHREAD_MUTEX_INITIALIZER;  // one request at a time
+
+    // Fresh state for a socket that just became ours.
+    void open(int family, bool nonblock, uint32_t gen);
+};
+
+Socket &socket_state(uint32_t slot);
+
+// What an interposed call needs to act on an offloaded fd.
+struct SocketRef {
+    int fd = -1;
+    uint32_t slot = 0;
+    uint32_t generation = 0;
+    Socket *sock = nullptr;
+    ipc::SocketSlot *shm = nullptr;
+};
+
+// The offloaded socket behind `fd`, or false if the fd is not one of ours.
+bool find_socket(int fd, SocketRef &out);
+// The socket was closed (and its slot perhaps reused) since `ref` was taken.
+inline bool stale(const SocketRef &ref) {
+    return ref.sock->generation.load(std::memory_order_acquire) != ref.generation;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session
+
+// True when an engine session is up and alive; on the first call that asks (`create`), tries
+// to set one up (retried at most once a second after a failure). False: use the kernel.
+bool session_usable(bool create);
+
+// The session is up but the engine is gone: offloaded sockets fail, new ones use the kernel.
+bool session_dead();
+void mark_session_dead();
+
+const ipc::RegionView &region();
+
+// Client slots: one whose state is kFree and that this client does not hold. -1 if none.
+int claim_client_slot();
+void release_client_slot(uint32_t slot);
+
+// After publishing work on `slot`: queue it for the engine and kick the engine if it sleeps.
+void notify_engine(uint32_t slot);
+
+// Sends a control request for `slot` and waits for its response (uninterruptible, like the
+// kernel's own work inside a syscall). Returns the engine's result, or -ECONNRESET if the
+// engine is gone. `response`, if given, receives a copy of the response.
+int request(uint32_t slot, const ipc::Request &req, ipc::Response *response = nullptr);
+
+// kClose without waiting for the response.
+void request_close(uint32_t slot, bool reset);
+
+// ---------------------------------------------------------------------------------------------
+// Error and readiness helpers
+
+// The pending error of a socket, reported once per generation (as Linux's sock_error()).
+// Returns the positive errno and consumes it, or 0.
+int take_error(SocketRef &ref);
+bool error_pending(const SocketRef &ref);
+
+SocketSnapshot snapshot(const SocketRef &ref);
+inline uint32_t current_mask(const SocketRef &ref) {
+    return poll_mask(snapshot(ref));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting: spin, then sleep on this thread's waiter pipe.
+
+enum class WaitResult { kReady, kTimeout, kInterrupted, kDead };
+enum class BlockResult { kWoken, kTimeout, kInterrupted, kDead };
+
+// Arms this thread's waiter for `slot` (or ipc::kWaitAnySlot). False when no waiter can be
+// had (nested use from a signal handler, none left, registration failed): the caller naps.
+bool waiter_arm(uint32_t slot);
+// The armed waiter's pipe (read end), for callers that poll it together with other fds.
+int waiter_fd();
+// Sleeps until the engine signals, the deadline passes (0: none) or a signal arrives. Without
+// a deadline it blocks in read(), so the kernel's SA_RESTART rule applies; with one, in ppoll().
+BlockResult waiter_block(uint64_t deadline_ns);
+// Back to idle; consumes the engine's byte if it signalled. Must follow every waiter_arm().
+void waiter_disarm();
+// A short sleep for when no waiter is available.
+void nap(uint64_t deadline_ns);
+
+// Waits until `ready()` (re-checked after every wake-up), the timeout (ns; < 0 none, 0 do not
+// wait), a signal (if `interruptible`), or the engine's death.
+template <class Ready>
+WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, bool interruptible) {
+    if (ready()) return WaitResult::kReady;
+    if (session_dead()) return WaitResult::kDead;
+    if (timeout_ns == 0) return WaitResult::kTimeout;
+    const uint64_t start = now_ns();
+    const uint64_t deadline = timeout_ns > 0 ? start + static_cast<uint64_t>(timeout_ns) : 0;
+    const uint64_t spin_end = start + g_spin_ns;
+    for (unsigned i = 1;; ++i) {
+        cpu_relax();
+        if (ready()) return WaitResult::kReady;
+        if ((i & 15) == 0 && now_ns() >= spin_end) break;
+    }
+    for (;;) {
+        if (!waiter_arm(slot)) {
+            nap(deadline);
+            if (ready()) return WaitResult::kReady;
+            if (session_dead()) return WaitResult::kDead;
+            if (deadline != 0 && now_ns() >= deadline) return WaitResult::kTimeout;
+            continue;
+        }
+        // Armed before this re-check: a change after it finds us armed and signals.
+        if (ready()) {
+            waiter_disarm();
+            return WaitResult::kReady;
+        }
+        if (session_dead()) {
+            waiter_disarm();
+            return WaitResult::kDead;
+        }
+        const BlockResult blocked = waiter_block(deadline);
+        waiter_disarm();
+        if (ready()) return WaitResult::kReady;
+        if (blocked == BlockResult::kDead || session_dead()) return WaitResult::kDead;
+        if (blocked == BlockResult::kTimeout) return WaitResult::kTimeout;
+        if (blocked == BlockResult::kInterrupted && interruptible) return WaitResult::kInterrupted;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shim's own descriptors
+
+// Moves `fd` to a high number (close-on-exec) so it rarely collides with the application's,
+// and marks it internal. Returns the new fd (or `fd` itself if no high number is free).
+int move_high_internal(int fd);
+// The application is about to dup2() onto one of our descriptors: move ours out of the way.
+void relocate_internal(int fd);
+
+// pthread_atfork child handler.
+void after_fork_in_child();
+// Its epoll part (epoll.cpp): the registries' locks and wake-up descriptors.
+void epoll_after_fork();
+
+}  // namespace tcps::shim

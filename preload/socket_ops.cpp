@@ -1,0 +1,647 @@
+// Socket control operations: socket, bind, listen, connect, accept, shutdown, names, options,
+// fcntl, ioctl, close and dup, with Linux's results for each case.
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+#include "libc.hpp"
+#include "ops.hpp"
+#include "ring.hpp"
+
+namespace tcps::shim {
+
+namespace {
+
+// SO_RCVTIMEO_NEW/SO_SNDTIMEO_NEW (Linux 5.1): same 16-byte layout as timeval on 64-bit.
+constexpr int kSoRcvTimeoNew = 66;
+constexpr int kSoSndTimeoNew = 67;
+constexpr socklen_t kMaxSockAddr = sizeof(sockaddr_storage);  // the kernel's limit
+
+// An O_PATH descriptor of /dev/null keeps the number of an offloaded socket: the kernel
+// never reuses it behind us, and a call we do not intercept gets EBADF, never another
+// object's data. openat directly: an interposed open() (fakeroot, say) has no business here.
+int open_placeholder(bool cloexec) {
+    const long fd = syscall(SYS_openat, AT_FDCWD, "/dev/null", O_PATH | (cloexec ? O_CLOEXEC : 0));
+    return fd < 0 ? -errno : static_cast<int>(fd);
+}
+
+int copy_address(ipc::Request &req, const sockaddr *addr, socklen_t len) {
+    if (len > kMaxSockAddr) return -EINVAL;
+    if (len > 0 && !addr) return -EFAULT;
+    const uint32_t n = std::min<uint32_t>(len, ipc::kSockAddrMax);
+    if (n > 0) std::memcpy(req.addr, addr, n);
+    req.addr_len = n;
+    return 0;
+}
+
+// Copies an address record out as the kernel's move_addr_to_user() does: truncated to the
+// caller's room, with the full length reported.
+long give_address(const ipc::SockAddrRecord &record, sockaddr *addr, socklen_t *len) {
+    if (!len) return -EFAULT;
+    if (static_cast<int>(*len) < 0) return -EINVAL;
+    const uint32_t full = std::min<uint32_t>(record.len, ipc::kSockAddrMax);
+    const uint32_t n = std::min<uint32_t>(full, *len);
+    if (n > 0) {
+        if (!addr) return -EFAULT;
+        std::memcpy(addr, record.bytes, n);
+    }
+    *len = full;
+    return 0;
+}
+
+// A listener whose engine is gone gets no more connections: accept() behaves as on an idle
+// listener (EAGAIN, or a wait that only a signal or SO_RCVTIMEO ends) instead of failing at
+// once, which would spin a server that retries accept() in a loop.
+long accept_without_engine(int64_t timeout_ns) {
+    if (timeout_ns == 0) return -EAGAIN;
+    timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000),
+                static_cast<long>(timeout_ns % 1'000'000'000)};
+    const int rc = real(libc.ppoll)(nullptr, 0, timeout_ns < 0 ? nullptr : &ts, nullptr);
+    return rc < 0 ? -errno : -EAGAIN;
+}
+
+ipc::Request make_request(ipc::Op op, int arg0 = 0, int arg1 = 0, int arg2 = 0) {
+    ipc::Request req{};
+    req.op = static_cast<uint32_t>(op);
+    req.arg0 = arg0;
+    req.arg1 = arg1;
+    req.arg2 = arg2;
+    return req;
+}
+
+uint32_t slot_flags(const SocketRef &ref) {
+    return ref.shm->flags.load(std::memory_order_acquire);
+}
+
+// The kernel keeps socket timeouts in jiffies (CONFIG_HZ, invisible to user space): learn
+// the tick once from a kernel socket, so our timeouts round and read back as Linux's do.
+int64_t jiffy_ns() {
+    static std::atomic<int64_t> cached{0};
+    int64_t tick = cached.load(std::memory_order_relaxed);
+    if (tick > 0) return tick;
+    tick = 1000;  // no rounding if the kernel will not say
+    const int probe = real(libc.socket)(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (probe >= 0) {
+        timeval tv{0, 1};
+        socklen_t len = sizeof(tv);
+        if (real(libc.setsockopt)(probe, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) == 0 &&
+            real(libc.getsockopt)(probe, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0 &&
+            tv.tv_sec == 0 && tv.tv_usec > 0)
+            tick = static_cast<int64_t>(tv.tv_usec) * 1000;
+        real(libc.close)(probe);
+    }
+    cached.store(tick, std::memory_order_relaxed);
+    return tick;
+}
+
+int64_t timeval_to_timeout(const timeval &tv) {
+    if (tv.tv_sec < 0) return -1;  // Linux: a zero timeout, i.e. never wait
+    const int64_t ns = static_cast<int64_t>(tv.tv_sec) * 1'000'000'000 + tv.tv_usec * 1000;
+    if (ns == 0) return 0;
+    const int64_t tick = jiffy_ns();
+    return (ns + tick - 1) / tick * tick;
+}
+
+timeval timeout_to_timeval(int64_t ns) {
+    if (ns <= 0) return {0, 0};
+    return {static_cast<time_t>(ns / 1'000'000'000),
+            static_cast<suseconds_t>((ns % 1'000'000'000 + 999) / 1000)};
+}
+
+// Gives an int option back as Linux does: at most sizeof(int) bytes, length reported.
+long give_int(int value, void *out, socklen_t *len) {
+    if (!len) return -EFAULT;
+    if (static_cast<int>(*len) < 0) return -EINVAL;
+    const socklen_t n = std::min<socklen_t>(*len, sizeof(int));
+    if (n > 0) {
+        if (!out) return -EFAULT;
+        std::memcpy(out, &value, n);
+    }
+    *len = n;
+    return 0;
+}
+
+// Forgets whatever the table held for `fd` after the kernel closed or replaced it.
+void forget_entry(FdRef previous) {
+    switch (previous.kind()) {
+        case FdKind::kSocket: {
+            Socket &sock = socket_state(previous.slot());
+            if (sock.generation.load() == previous.generation() &&
+                sock.refs.fetch_sub(1, std::memory_order_acq_rel) == 1)
+                socket_release(previous.slot());
+            break;
+        }
+        case FdKind::kEpoll:
+            epoll_release(previous.id());
+            break;
+        default:
+            break;
+    }
+}
+
+// One more fd names what `ref` names.
+void retain_entry(FdRef ref) {
+    if (ref.kind() == FdKind::kSocket)
+        socket_state(ref.slot()).refs.fetch_add(1, std::memory_order_acq_rel);
+    else if (ref.kind() == FdKind::kEpoll)
+        epoll_retain(ref.id());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+long op_socket(int domain, int type, int protocol) {
+    if (!session_usable(true)) return kUseKernel;
+    const int slot = claim_client_slot();
+    if (slot < 0) return kUseKernel;  // all client slots busy: this one stays in the kernel
+    const int fd = open_placeholder(type & SOCK_CLOEXEC);
+    if (fd < 0) {
+        release_client_slot(static_cast<uint32_t>(slot));
+        return fd;  // EMFILE/ENFILE, as socket() would say
+    }
+    if (static_cast<size_t>(fd) >= g_fds.size()) {
+        real(libc.close)(fd);
+        release_client_slot(static_cast<uint32_t>(slot));
+        return kUseKernel;
+    }
+    (void)protocol;
+    const int rc = request(static_cast<uint32_t>(slot), make_request(ipc::Op::kSocket, domain));
+    if (rc != 0) {
+        // The engine could not (out of descriptors, dying): the kernel can still serve.
+        real(libc.close)(fd);
+        release_client_slot(static_cast<uint32_t>(slot));
+        return kUseKernel;
+    }
+    Socket &sock = socket_state(static_cast<uint32_t>(slot));
+    const uint32_t gen = sock.generation.load() + 1;
+    sock.open(domain, type & SOCK_NONBLOCK, gen);
+    g_fds.set(fd, FdRef::socket(static_cast<uint32_t>(slot), gen));
+    return fd;
+}
+
+long op_bind(SocketRef &ref, const sockaddr *addr, socklen_t len) {
+    ipc::Request req = make_request(ipc::Op::kBind);
+    if (const int rc = copy_address(req, addr, len); rc != 0) return rc;
+    return request(ref.slot, req);
+}
+
+long op_listen(SocketRef &ref, int backlog) {
+    const int rc = request(ref.slot, make_request(ipc::Op::kListen, backlog));
+    if (rc == 0) {
+        ref.sock->listening.store(true);
+        ref.sock->shut_rd.store(false);
+    }
+    return rc;
+}
+
+long op_connect(SocketRef &ref, const sockaddr *addr, socklen_t len) {
+    Socket &sock = *ref.sock;
+    ipc::Request req = make_request(ipc::Op::kConnect);
+    if (const int rc = copy_address(req, addr, len); rc != 0) return rc;
+    if (len < sizeof(sa_family_t)) return -EINVAL;
+    if (sock.listening.load()) return -EISCONN;
+
+    // __inet_stream_connect(): what the call says depends on the socket's state.
+    long error;
+    const int state = sock.connect_state.load();
+    if (state == kConnected) return -EISCONN;
+    if (state == kConnecting) {
+        error = -EALREADY;
+    } else {
+        int rc = request(ref.slot, req);
+        // After a failed attempt the engine's own socket is still "connecting" in its kernel
+        // until a connect() collects the failure (ECONNABORTED, the error having gone to the
+        // engine): that call resets it, and the next one starts the new attempt.
+        if (rc == -ECONNABORTED && sock.disconnected.load()) rc = request(ref.slot, req);
+        if (rc == 0) {
+            sock.connect_state.store(kConnected);
+            return 0;
+        }
+        if (rc != -EINPROGRESS) return rc;
+        sock.disconnected.store(false);
+        sock.connect_state.store(kConnecting);
+        // A non-blocking connect that has just started says so, however fast the handshake
+        // (or its failure) was: only a later call reports the outcome.
+        if (effective_timeout(sock, sock.nonblocking.load(), false) == 0) return -EINPROGRESS;
+        error = -EINPROGRESS;
+    }
+
+    auto settled = [&] {
+        return (slot_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset)) || error_pending(ref) ||
+               session_dead() || stale(ref);
+    };
+    if (!settled()) {
+        const int64_t timeout = effective_timeout(sock, sock.nonblocking.load(), false);
+        switch (wait_until(ref.slot, settled, timeout, true)) {
+            case WaitResult::kTimeout:
+                return error;  // EINPROGRESS/EALREADY: still connecting
+            case WaitResult::kInterrupted:
+                return -EINTR;
+            case WaitResult::kDead:
+                return -ECONNREFUSED;
+            case WaitResult::kReady:
+                break;
+        }
+    }
+    if (stale(ref)) return -EBADF;
+    if (session_dead()) return -ECONNREFUSED;
+    const uint32_t flags = slot_flags(ref);
+    if ((flags & ipc::kFlagConnected) && !(flags & ipc::kFlagReset)) {
+        sock.connect_state.store(kConnected);
+        return 0;
+    }
+    // The attempt failed: report its error once; Linux then disconnects the socket, which
+    // may connect again.
+    const int failure = take_error(ref);
+    sock.connect_state.store(kUnconnected);
+    sock.disconnected.store(true);
+    return -(failure ? failure : ECONNABORTED);
+}
+
+long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
+    Socket &listener = *ref.sock;
+    if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) return -EINVAL;
+    if (!listener.listening.load()) return -EINVAL;
+    if (addr && !len) return -EFAULT;
+    if (addr && static_cast<int>(*len) < 0) return -EINVAL;
+
+    // The new fd first: without one, Linux's accept fails and the connection stays queued.
+    const int fd = open_placeholder(flags & SOCK_CLOEXEC);
+    if (fd < 0) return fd;
+    if (static_cast<size_t>(fd) >= g_fds.size()) {
+        real(libc.close)(fd);
+        return -EMFILE;
+    }
+    const int64_t timeout = effective_timeout(listener, listener.nonblocking.load(), true);
+    ipc::SocketSlot &shm = *ref.shm;
+    uint32_t taken = ipc::kMaxSockets;
+    long error = 0;
+    listener.rx_lock.lock();
+    while (taken == ipc::kMaxSockets) {
+        if (stale(ref)) {
+            error = -EBADF;
+            break;
+        }
+        if (!listener.listening.load()) {
+            error = -EINVAL;
+            break;
+        }
+        if (session_dead()) {
+            error = accept_without_engine(timeout);
+            break;
+        }
+        const uint32_t head = listener.acc_head.load(std::memory_order_relaxed);
+        if (head != shm.acc_tail.load(std::memory_order_acquire)) {
+            const uint32_t index = shm.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
+            listener.acc_head.store(head + 1, std::memory_order_relaxed);
+            shm.acc_head.store(head + 1, std::memory_order_release);
+            // Our acc_head before our look at the flag; the engine sets it, then re-reads
+            // acc_head (post_accept): one of us sees the other.
+            std::atomic_thread_fence(std::memory_order_seq_cst);
+            if (shm.flags.load(std::memory_order_relaxed) & ipc::kFlagAcceptPaused)
+                notify_engine(ref.slot);
+            // Engine-written: an index outside the engine's range is skipped, never used.
+            if (index >= ipc::kClientSlots && index < ipc::kMaxSockets) taken = index;
+            continue;
+        }
+        if (timeout == 0) {
+            error = -EAGAIN;
+            break;
+        }
+        listener.rx_lock.unlock();
+        auto ready = [&] {
+            return shm.acc_tail.load(std::memory_order_acquire) !=
+                       listener.acc_head.load(std::memory_order_relaxed) ||
+                   !listener.listening.load() || stale(ref);
+        };
+        const WaitResult waited = wait_until(ref.slot, ready, timeout, true);
+        listener.rx_lock.lock();
+        if (waited == WaitResult::kTimeout) error = -EAGAIN;
+        if (waited == WaitResult::kInterrupted) error = -EINTR;
+        if (error != 0) break;
+    }
+    listener.rx_lock.unlock();
+    if (error != 0) {
+        real(libc.close)(fd);
+        return error;
+    }
+
+    Socket &sock = socket_state(taken);
+    const uint32_t gen = sock.generation.load() + 1;
+    sock.open(listener.domain, flags & SOCK_NONBLOCK, gen);
+    sock.connect_state.store(kConnected);
+    // sk_clone_lock() copies these from the listener.
+    sock.rcv_timeout_ns.store(listener.rcv_timeout_ns.load());
+    sock.snd_timeout_ns.store(listener.snd_timeout_ns.load());
+    sock.linger_reset.store(listener.linger_reset.load());
+    g_fds.set(fd, FdRef::socket(taken, gen));
+    if (addr) give_address(region().slot(taken).peer_addr, addr, len);
+    return fd;
+}
+
+long op_shutdown(SocketRef &ref, int how) {
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return -EINVAL;
+    Socket &sock = *ref.sock;
+    const bool listening = sock.listening.load();
+    const bool connecting = sock.connect_state.load() == kConnecting &&
+                            !(slot_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset));
+    const int rc = request(ref.slot, make_request(ipc::Op::kShutdown, how));
+    if (rc != 0 && rc != -ENOTCONN) return rc;
+    // inet_shutdown(): a listener (SHUT_RD) or a connecting socket is disconnected instead;
+    // any other socket records the shutdown, even when the answer is ENOTCONN.
+    if (listening || connecting) {
+        if (how != SHUT_WR) {
+            sock.listening.store(false);
+            sock.connect_state.store(kUnconnected);
+            sock.disconnected.store(true);
+        }
+        return rc;
+    }
+    if (how != SHUT_WR) sock.shut_rd.store(true);
+    if (how != SHUT_RD) sock.shut_wr.store(true);
+    return rc;
+}
+
+long op_getsockname(SocketRef &ref, sockaddr *addr, socklen_t *len) {
+    if (!len) return -EFAULT;
+    if (ref.shm->local_addr.len == 0) request(ref.slot, make_request(ipc::Op::kGetSockName));
+    ipc::SockAddrRecord record = ref.shm->local_addr;
+    if (record.len == 0 || record.len > ipc::kSockAddrMax) {
+        // Unbound: the wildcard address of the socket's family, port 0, as Linux reports it.
+        std::memset(&record, 0, sizeof(record));
+        const sa_family_t family = static_cast<sa_family_t>(ref.sock->domain);
+        record.len = family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+        std::memcpy(record.bytes, &family, sizeof(family));
+    }
+    return give_address(record, addr, len);
+}
+
+long op_getpeername(SocketRef &ref, sockaddr *addr, socklen_t *len) {
+    const uint32_t flags = slot_flags(ref);
+    const ipc::SockAddrRecord record = ref.shm->peer_addr;
+    if (!(flags & ipc::kFlagConnected) || (flags & ipc::kFlagReset) || record.len == 0 ||
+        ref.sock->listening.load())
+        return -ENOTCONN;
+    return give_address(record, addr, len);
+}
+
+long op_getsockopt(SocketRef &ref, int level, int name, void *value, socklen_t *len) {
+    if (!len) return -EFAULT;
+    if (static_cast<int>(*len) < 0) return -EINVAL;
+    Socket &sock = *ref.sock;
+    if (level == SOL_SOCKET) {
+        switch (name) {
+            case SO_RCVTIMEO:
+            case SO_SNDTIMEO:
+            case kSoRcvTimeoNew:
+            case kSoSndTimeoNew: {
+                const bool rcv = name == SO_RCVTIMEO || name == kSoRcvTimeoNew;
+                const timeval tv = timeout_to_timeval(rcv ? sock.rcv_timeout_ns.load()
+                                                          : sock.snd_timeout_ns.load());
+                const socklen_t n = std::min<socklen_t>(*len, sizeof(tv));
+                if (n > 0) {
+                    if (!value) return -EFAULT;
+                    std::memcpy(value, &tv, n);
+                }
+                *len = n;
+                return 0;
+            }
+            case SO_ERROR:
+                return give_int(take_error(ref), value, len);
+            case SO_TYPE:
+                return give_int(SOCK_STREAM, value, len);
+            case SO_DOMAIN:
+                return give_int(sock.domain, value, len);
+            case SO_PROTOCOL:
+                return give_int(IPPROTO_TCP, value, len);
+            case SO_ACCEPTCONN:
+                return give_int(sock.listening.load() ? 1 : 0, value, len);
+            default:
+                break;
+        }
+    }
+    if (*len > 0 && !value) return -EFAULT;
+    const socklen_t room = std::min<socklen_t>(*len, ipc::kOptMax);
+    ipc::Request req = make_request(ipc::Op::kGetSockOpt, level, name, static_cast<int>(room));
+    // Some options read their input from the buffer (TCP_ULP-style queries).
+    if (room > 0) std::memcpy(req.opt, value, room);
+    req.opt_len = room;
+    ipc::Response response;
+    const int rc = request(ref.slot, req, &response);
+    if (rc < 0) return rc;
+    const uint32_t n = std::min<uint32_t>(response.opt_len, room);
+    if (n > 0) std::memcpy(value, response.opt, n);
+    *len = n;
+    return 0;
+}
+
+long op_setsockopt(SocketRef &ref, int level, int name, const void *value, socklen_t len) {
+    if (static_cast<int>(len) < 0) return -EINVAL;
+    if (len > 0 && !value) return -EFAULT;
+    Socket &sock = *ref.sock;
+    if (level == SOL_SOCKET && (name == SO_RCVTIMEO || name == SO_SNDTIMEO ||
+                                name == kSoRcvTimeoNew || name == kSoSndTimeoNew)) {
+        // Kept by the client: only it waits. sock_set_timeout()'s checks.
+        timeval tv;
+        if (len < sizeof(tv)) return -EINVAL;
+        std::memcpy(&tv, value, sizeof(tv));
+        if (tv.tv_usec < 0 || tv.tv_usec >= 1'000'000) return -EDOM;
+        const int64_t timeout = timeval_to_timeout(tv);
+        if (name == SO_RCVTIMEO || name == kSoRcvTimeoNew)
+            sock.rcv_timeout_ns.store(timeout);
+        else
+            sock.snd_timeout_ns.store(timeout);
+        return 0;
+    }
+    ipc::Request req = make_request(ipc::Op::kSetSockOpt, level, name);
+    req.opt_len = std::min<uint32_t>(len, ipc::kOptMax);
+    if (req.opt_len > 0) std::memcpy(req.opt, value, req.opt_len);
+    const int rc = request(ref.slot, req);
+    if (rc == 0 && level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(linger)) {
+        linger value_linger;
+        std::memcpy(&value_linger, value, sizeof(value_linger));
+        sock.linger_reset.store(value_linger.l_onoff && value_linger.l_linger == 0);
+    }
+    return rc;
+}
+
+long op_fcntl(SocketRef &ref, int cmd, unsigned long arg) {
+    Socket &sock = *ref.sock;
+    switch (cmd) {
+        case F_GETFL:
+            return O_RDWR | (sock.nonblocking.load() ? O_NONBLOCK : 0) | sock.file_flags.load();
+        case F_SETFL:
+            // O_NONBLOCK is ours to keep. O_APPEND and O_ASYNC are remembered as Linux does,
+            // but SIGIO is not delivered.
+            sock.nonblocking.store(arg & O_NONBLOCK);
+            sock.file_flags.store(static_cast<int>(arg & (O_APPEND | O_ASYNC)));
+            return 0;
+        case F_DUPFD:
+        case F_DUPFD_CLOEXEC:
+            return op_dupfd(ref.fd, cmd, static_cast<int>(arg));
+        case F_GETOWN:
+        case F_SETOWN:
+        case F_GETSIG:
+        case F_SETSIG:
+            return 0;
+        default: {
+            // F_GETFD/F_SETFD and the rest: the placeholder holds FD_CLOEXEC.
+            const int rc = real(libc.fcntl)(ref.fd, cmd, arg);
+            return rc < 0 ? -errno : rc;
+        }
+    }
+}
+
+long op_ioctl(SocketRef &ref, unsigned long request_code, void *arg) {
+    Socket &sock = *ref.sock;
+    switch (request_code) {
+        case FIONBIO: {
+            if (!arg) return -EFAULT;
+            int on;
+            std::memcpy(&on, arg, sizeof(on));
+            sock.nonblocking.store(on != 0);
+            return 0;
+        }
+        case FIONREAD: {  // SIOCINQ
+            if (!arg) return -EFAULT;
+            if (sock.listening.load()) return -EINVAL;
+            const int n = static_cast<int>(ref.shm->rx_tail.load(std::memory_order_acquire) -
+                                           ref.shm->rx_head.load(std::memory_order_relaxed));
+            std::memcpy(arg, &n, sizeof(n));
+            return 0;
+        }
+        case SIOCOUTQ:
+        case SIOCOUTQNSD: {
+            if (!arg) return -EFAULT;
+            if (sock.listening.load()) return -EINVAL;
+            // The kernel's queue in the engine plus what still waits in our tx ring.
+            const int in_kernel =
+                request(ref.slot, make_request(ipc::Op::kIoctl, static_cast<int>(request_code)));
+            if (in_kernel < 0) return in_kernel;
+            const int n =
+                in_kernel + static_cast<int>(ref.shm->tx_tail.load() - ref.shm->tx_head.load());
+            std::memcpy(arg, &n, sizeof(n));
+            return 0;
+        }
+        case SIOCATMARK: {
+            if (!arg) return -EFAULT;
+            const int rc = request(ref.slot, make_request(ipc::Op::kIoctl, SIOCATMARK));
+            if (rc < 0) return rc;
+            std::memcpy(arg, &rc, sizeof(rc));
+            return 0;
+        }
+        case FIOASYNC:
+            return 0;  // SIGIO is not supported: accepted and ignored
+        default:
+            break;
+    }
+    if (request_code >= 0x8910 && request_code <= 0x89ff) {
+        // Interface and routing ioctls (SIOCGIFADDR...) do not concern this socket: any
+        // socket of the family answers them.
+        const int other = real(libc.socket)(sock.domain, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (other < 0) return -errno;
+        const int rc = real(libc.ioctl)(other, request_code, arg);
+        const int saved = errno;
+        real(libc.close)(other);
+        return rc < 0 ? -saved : rc;
+    }
+    return -ENOTTY;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void socket_release(uint32_t slot) {
+    Socket &sock = socket_state(slot);
+    ipc::SocketSlot &shm = region().slot(slot);
+    // Any thread still inside a call on this socket finds it stale and gives up.
+    sock.generation.fetch_add(1, std::memory_order_acq_rel);
+    if (!session_dead()) {
+        // Unread bytes make Linux reset instead of closing gracefully.
+        const bool unread = shm.rx_tail.load(std::memory_order_acquire) !=
+                            shm.rx_head.load(std::memory_order_relaxed);
+        request_close(slot, sock.linger_reset.load() || unread);
+    }
+    release_client_slot(slot);
+}
+
+long op_close(int fd) {
+    const FdRef ref = g_fds.get(fd);
+    switch (ref.kind()) {
+        case FdKind::kNone:
+            return kUseKernel;
+        case FdKind::kInternal:
+            return -EBADF;  // ours: to the application it is not open
+        case FdKind::kSocket:
+        case FdKind::kEpoll:
+            break;
+    }
+    // The entry first, then the number (the kernel may hand it out again at once).
+    if (!g_fds.take_if(fd, ref)) return kUseKernel;
+    const int rc = real(libc.close)(fd);
+    const int saved = errno;
+    forget_entry(ref);
+    return rc < 0 ? -saved : 0;
+}
+
+long op_dup(int fd) {
+    const FdRef ref = g_fds.get(fd);
+    if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
+    const int copy = real(libc.dup)(fd);
+    if (copy < 0) return -errno;
+    retain_entry(ref);
+    if (!g_fds.set(copy, ref)) {
+        real(libc.close)(copy);
+        forget_entry(ref);
+        return -EMFILE;
+    }
+    return copy;
+}
+
+long op_dupfd(int fd, int cmd, int min_fd) {
+    const FdRef ref = g_fds.get(fd);
+    if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
+    const int copy = real(libc.fcntl)(fd, cmd, min_fd);
+    if (copy < 0) return -errno;
+    retain_entry(ref);
+    if (!g_fds.set(copy, ref)) {
+        real(libc.close)(copy);
+        forget_entry(ref);
+        return -EMFILE;
+    }
+    return copy;
+}
+
+long op_dup3(int oldfd, int newfd, int flags, bool is_dup3) {
+    const FdRef old_ref = g_fds.get(oldfd);
+    const FdRef new_ref = g_fds.get(newfd);
+    const bool old_ours = old_ref.kind() == FdKind::kSocket || old_ref.kind() == FdKind::kEpoll;
+    if (!old_ours && new_ref.empty()) return kUseKernel;
+    if (old_ref.kind() == FdKind::kInternal) return -EBADF;
+    if (oldfd == newfd) {
+        if (is_dup3) return -EINVAL;
+        return newfd;  // dup2(fd, fd) of an open fd
+    }
+    // The application wants the number of one of our descriptors: ours moves away.
+    if (new_ref.kind() == FdKind::kInternal) relocate_internal(newfd);
+    const int rc = is_dup3 ? real(libc.dup3)(oldfd, newfd, flags) : real(libc.dup2)(oldfd, newfd);
+    if (rc < 0) return -errno;
+    // The kernel closed what newfd held: forget it, as close() would.
+    const FdRef previous = g_fds.take(newfd);
+    if (previous.kind() != FdKind::kInternal) forget_entry(previous);
+    if (old_ours) {
+        retain_entry(old_ref);
+        g_fds.set(newfd, old_ref);
+    }
+    return rc;
+}
+
+}  // namespace tcps::shim

@@ -1,0 +1,1711 @@
+// Socket semantics as an application sees them, on 127.0.0.1 and ::1.
+//
+// One line per observation, with content that does not depend on the run: no ports, addresses
+// that vary, timings or buffer sizes; errno names, return values, byte counts and poll masks as
+// names. run.sh runs this natively and under libtcps.so and diffs the two outputs, so every
+// line is a statement about Linux's behaviour that the offloaded sockets must reproduce.
+//
+// Every wait is bounded: a wait that expires prints TIMEOUT into the line (and so into the diff).
+//
+// --expect-offload: at the end, the TCP descriptors kept open since the start must not be kernel
+// sockets (their /proc/self/fd link is not "socket:[...]"); if they are, the shim silently fell
+// back to the kernel, which is reported on stderr with exit status 3.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kWaitMs = 5000;  // the bound on every wait for something that must happen
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+std::string g_prefix;
+
+void say(const char *format, ...) __attribute__((format(printf, 1, 2)));
+void say(const char *format, ...) {
+    char line[1024];
+    va_list args;
+    va_start(args, format);
+    std::vsnprintf(line, sizeof(line), format, args);
+    va_end(args);
+    std::printf("%s%s\n", g_prefix.c_str(), line);
+}
+
+std::string err_name(int error) {
+    const char *name = strerrorname_np(error);
+    return name ? name : "E" + std::to_string(error);
+}
+
+// "5" for a success, "-1 EAGAIN" for a failure (errno read at once).
+std::string rc(long value) {
+    if (value >= 0) return std::to_string(value);
+    return std::to_string(value) + " " + err_name(errno);
+}
+
+const char *yes(bool value) {
+    return value ? "yes" : "no";
+}
+
+std::string poll_names(int mask) {
+    static const std::pair<int, const char *> kNames[] = {
+        {POLLIN, "POLLIN"},         {POLLPRI, "POLLPRI"},       {POLLOUT, "POLLOUT"},
+        {POLLRDNORM, "POLLRDNORM"}, {POLLRDBAND, "POLLRDBAND"}, {POLLWRNORM, "POLLWRNORM"},
+        {POLLWRBAND, "POLLWRBAND"}, {POLLERR, "POLLERR"},       {POLLHUP, "POLLHUP"},
+        {POLLRDHUP, "POLLRDHUP"},   {POLLNVAL, "POLLNVAL"}};
+    std::string out;
+    for (auto [bit, name] : kNames) {
+        if (!(mask & bit)) continue;
+        if (!out.empty()) out += "|";
+        out += name;
+        mask &= ~bit;
+    }
+    if (mask) out += (out.empty() ? "" : "|") + std::to_string(mask);
+    return out.empty() ? "none" : out;
+}
+
+std::string epoll_names(uint32_t mask) {
+    static const std::pair<uint32_t, const char *> kNames[] = {
+        {EPOLLIN, "EPOLLIN"},         {EPOLLPRI, "EPOLLPRI"},      {EPOLLOUT, "EPOLLOUT"},
+        {EPOLLERR, "EPOLLERR"},       {EPOLLHUP, "EPOLLHUP"},      {EPOLLRDHUP, "EPOLLRDHUP"},
+        {EPOLLRDNORM, "EPOLLRDNORM"}, {EPOLLWRNORM, "EPOLLWRNORM"}};
+    std::string out;
+    for (auto [bit, name] : kNames) {
+        if (!(mask & bit)) continue;
+        if (!out.empty()) out += "|";
+        out += name;
+        mask &= ~bit;
+    }
+    if (mask) out += (out.empty() ? "" : "|") + std::to_string(mask);
+    return out.empty() ? "none" : out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses and sockets
+
+struct Family {
+    int af;
+    const char *tag;
+};
+constexpr Family kV4{AF_INET, "v4"};
+constexpr Family kV6{AF_INET6, "v6"};
+
+struct Address {
+    sockaddr_storage storage{};
+    socklen_t len = 0;
+    sockaddr *get() { return reinterpret_cast<sockaddr *>(&storage); }
+    const sockaddr *get() const { return reinterpret_cast<const sockaddr *>(&storage); }
+};
+
+Address loopback(int af, uint16_t port) {
+    Address address;
+    if (af == AF_INET) {
+        auto *in = reinterpret_cast<sockaddr_in *>(&address.storage);
+        in->sin_family = AF_INET;
+        in->sin_port = htons(port);
+        in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        address.len = sizeof(sockaddr_in);
+    } else {
+        auto *in6 = reinterpret_cast<sockaddr_in6 *>(&address.storage);
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons(port);
+        in6->sin6_addr = in6addr_loopback;
+        address.len = sizeof(sockaddr_in6);
+    }
+    return address;
+}
+
+Address any_v6(uint16_t port) {
+    Address address;
+    auto *in6 = reinterpret_cast<sockaddr_in6 *>(&address.storage);
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(port);
+    in6->sin6_addr = in6addr_any;
+    address.len = sizeof(sockaddr_in6);
+    return address;
+}
+
+uint16_t port_of(const sockaddr_storage &storage) {
+    if (storage.ss_family == AF_INET)
+        return ntohs(reinterpret_cast<const sockaddr_in *>(&storage)->sin_port);
+    if (storage.ss_family == AF_INET6)
+        return ntohs(reinterpret_cast<const sockaddr_in6 *>(&storage)->sin6_port);
+    return 0;
+}
+
+std::string family_name(int af) {
+    switch (af) {
+        case AF_INET:
+            return "AF_INET";
+        case AF_INET6:
+            return "AF_INET6";
+        case AF_UNIX:
+            return "AF_UNIX";
+        case AF_UNSPEC:
+            return "AF_UNSPEC";
+        default:
+            return "AF_" + std::to_string(af);
+    }
+}
+
+std::string host_of(const sockaddr_storage &storage) {
+    char text[INET6_ADDRSTRLEN] = "?";
+    if (storage.ss_family == AF_INET)
+        inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in *>(&storage)->sin_addr, text,
+                  sizeof(text));
+    else if (storage.ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6 *>(&storage)->sin6_addr, text,
+                  sizeof(text));
+    return text;
+}
+
+Address local_of(int fd) {
+    Address address;
+    address.len = sizeof(address.storage);
+    if (getsockname(fd, address.get(), &address.len) != 0) address.len = 0;
+    return address;
+}
+
+Address peer_of(int fd) {
+    Address address;
+    address.len = sizeof(address.storage);
+    if (getpeername(fd, address.get(), &address.len) != 0) address.len = 0;
+    return address;
+}
+
+uint16_t local_port(int fd) {
+    return port_of(local_of(fd).storage);
+}
+
+int tcp_socket(int af, int flags = 0) {
+    int fd = socket(af, SOCK_STREAM | flags, 0);
+    if (fd < 0) {
+        std::fprintf(stderr, "semantics: socket: %s\n", std::strerror(errno));
+        std::exit(2);
+    }
+    return fd;
+}
+
+void set_int(int fd, int level, int name, int value) {
+    if (setsockopt(fd, level, name, &value, sizeof(value)) != 0)
+        std::fprintf(stderr, "semantics: setsockopt(%d, %d): %s\n", level, name,
+                     std::strerror(errno));
+}
+
+int get_int(int fd, int level, int name) {
+    int value = -12345;
+    socklen_t len = sizeof(value);
+    if (getsockopt(fd, level, name, &value, &len) != 0) return -errno;
+    return value;
+}
+
+// getsockopt's own result for an int option: "0" or "-1 ENOPROTOOPT".
+std::string get_rc(int fd, int level, int name) {
+    int value = 0;
+    socklen_t len = sizeof(value);
+    return rc(getsockopt(fd, level, name, &value, &len));
+}
+
+// A listener on the family's loopback address and a kernel-chosen port.
+int listener(const Family &family, int backlog = 16) {
+    int fd = tcp_socket(family.af);
+    Address address = loopback(family.af, 0);
+    if (bind(fd, address.get(), address.len) != 0 || listen(fd, backlog) != 0) {
+        std::fprintf(stderr, "semantics: listener: %s\n", std::strerror(errno));
+        std::exit(2);
+    }
+    return fd;
+}
+
+int connect_to(const Family &family, uint16_t port) {
+    int fd = tcp_socket(family.af);
+    Address address = loopback(family.af, port);
+    if (connect(fd, address.get(), address.len) != 0) {
+        std::fprintf(stderr, "semantics: connect: %s\n", std::strerror(errno));
+        std::exit(2);
+    }
+    return fd;
+}
+
+struct Pair {
+    int client = -1;
+    int server = -1;
+    void close_both() {
+        if (client >= 0) close(client);
+        if (server >= 0) close(server);
+        client = server = -1;
+    }
+};
+
+Pair connected_pair(const Family &family) {
+    int lfd = listener(family);
+    Pair pair;
+    pair.client = connect_to(family, local_port(lfd));
+    pair.server = accept(lfd, nullptr, nullptr);
+    if (pair.server < 0) {
+        std::fprintf(stderr, "semantics: accept: %s\n", std::strerror(errno));
+        std::exit(2);
+    }
+    close(lfd);
+    return pair;
+}
+
+// A port on which nothing listens: a socket bound to it (not listening) keeps anyone else from
+// taking it while the test connects there.
+struct ClosedPort {
+    int holder = -1;
+    uint16_t port = 0;
+    explicit ClosedPort(const Family &family) {
+        holder = tcp_socket(family.af);
+        Address address = loopback(family.af, 0);
+        if (bind(holder, address.get(), address.len) != 0) std::exit(2);
+        port = local_port(holder);
+    }
+    ~ClosedPort() { close(holder); }
+};
+
+void reset_close(int fd) {
+    linger option{1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, sizeof(option));
+    close(fd);
+}
+
+bool is_nonblocking(int fd) {
+    return (fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+}
+bool is_cloexec(int fd) {
+    return (fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0;
+}
+
+void set_nonblocking(int fd, bool on) {
+    int flags = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded waits
+
+int ms_left(Clock::time_point deadline) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    return left.count() > 0 ? static_cast<int>(left.count()) : 0;
+}
+
+// poll() for `events` until any is reported or the bound passes. Returns revents (0: timeout).
+int wait_events(int fd, short events, int timeout_ms = kWaitMs) {
+    pollfd entry{fd, events, 0};
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+        int n = poll(&entry, 1, ms_left(deadline));
+        if (n > 0) return entry.revents;
+        if (n == 0 || errno != EINTR) return 0;
+    }
+}
+
+// Waits until `bits` all show in poll's revents (other bits may show first).
+int wait_bits(int fd, short events, int bits) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    for (;;) {
+        pollfd entry{fd, events, 0};
+        int n = poll(&entry, 1, 0);
+        if (n > 0 && (entry.revents & bits) == bits) return entry.revents;
+        if (ms_left(deadline) == 0) return 0;
+        // The bits wanted are not up yet; the ones that are would make poll() return at once,
+        // so re-check at a short interval until the deadline.
+        usleep(1000);
+    }
+}
+
+// Waits until at least `n` bytes can be read, without consuming them (MSG_PEEK).
+bool wait_available(int fd, size_t n) {
+    std::vector<char> buf(n);
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    for (;;) {
+        ssize_t got = recv(fd, buf.data(), n, MSG_PEEK | MSG_DONTWAIT);
+        if (got >= static_cast<ssize_t>(n)) return true;
+        if (got == 0) return false;  // EOF: it will never come
+        if (ms_left(deadline) == 0) return false;
+        if (got < 0)
+            wait_events(fd, POLLIN, ms_left(deadline));
+        else
+            usleep(1000);  // some bytes are there (poll would not block); the rest are coming
+    }
+}
+
+// Reads exactly n bytes (blocking socket or not), bounded.
+ssize_t read_exact(int fd, void *buf, size_t n) {
+    size_t done = 0;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (done < n) {
+        if (!(wait_events(fd, POLLIN, ms_left(deadline)) & (POLLIN | POLLHUP | POLLERR))) break;
+        ssize_t got = recv(fd, static_cast<char *>(buf) + done, n - done, MSG_DONTWAIT);
+        if (got == 0) break;
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue;
+            break;
+        }
+        done += static_cast<size_t>(got);
+    }
+    return static_cast<ssize_t>(done);
+}
+
+std::string read_text(int fd, size_t n) {
+    std::string text(n, '\0');
+    ssize_t got = read_exact(fd, text.data(), n);
+    text.resize(got > 0 ? static_cast<size_t>(got) : 0);
+    return text;
+}
+
+bool send_all(int fd, const void *buf, size_t n) {
+    size_t done = 0;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (done < n) {
+        ssize_t sent =
+            send(fd, static_cast<const char *>(buf) + done, n - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent > 0) {
+            done += static_cast<size_t>(sent);
+            continue;
+        }
+        if (sent < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (!wait_events(fd, POLLOUT, ms_left(deadline))) return false;
+            continue;
+        }
+        return false;
+    }
+    return true;
+}
+
+bool send_text(int fd, const std::string &text) {
+    return send_all(fd, text.data(), text.size());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+
+std::atomic<int> g_sigpipe_count{0};
+std::atomic<int> g_sigusr1_count{0};
+
+void count_sigpipe(int) {
+    g_sigpipe_count.fetch_add(1);
+}
+void count_sigusr1(int) {
+    g_sigusr1_count.fetch_add(1);
+}
+
+void install(int sig, void (*handler)(int), bool restart) {
+    struct sigaction action {};
+    action.sa_handler = handler;
+    action.sa_flags = restart ? SA_RESTART : 0;
+    sigemptyset(&action.sa_mask);
+    sigaction(sig, &action, nullptr);
+}
+
+// The state letter of a thread of this process ('S' while it sleeps in a blocking call).
+char thread_state(pid_t tid) {
+    char path[64];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%d/stat", static_cast<int>(tid));
+    FILE *file = std::fopen(path, "r");
+    if (!file) return '?';
+    char buf[512] = {};
+    size_t n = std::fread(buf, 1, sizeof(buf) - 1, file);
+    std::fclose(file);
+    buf[n] = '\0';
+    const char *paren = std::strrchr(buf, ')');
+    return paren && paren[1] == ' ' ? paren[2] : '?';
+}
+
+bool wait_thread_sleeping(pid_t tid) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (ms_left(deadline) > 0) {
+        if (thread_state(tid) == 'S') return true;
+        usleep(1000);
+    }
+    return false;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checksums and data
+
+uint64_t fnv1a(uint64_t hash, const uint8_t *data, size_t len) {
+    for (size_t i = 0; i < len; ++i) {
+        hash ^= data[i];
+        hash *= 1099511628211ull;
+    }
+    return hash;
+}
+constexpr uint64_t kFnvBasis = 14695981039346656037ull;
+
+struct XorShift {
+    uint64_t state;
+    uint64_t next() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        return state;
+    }
+};
+
+std::vector<uint8_t> deterministic_bytes(size_t len, uint64_t seed) {
+    std::vector<uint8_t> bytes(len);
+    XorShift rng{seed};
+    for (auto &byte : bytes) byte = static_cast<uint8_t>(rng.next() >> 24);
+    return bytes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checks, one function per behaviour.
+
+void check_blocking_basics(const Family &family) {
+    Pair pair = connected_pair(family);
+    say("blocking: send=%s", rc(send(pair.client, "hello", 5, 0)).c_str());
+    char buf[16] = {};
+    say("blocking: recv=%s data=%s", rc(recv(pair.server, buf, sizeof(buf), 0)).c_str(), buf);
+    say("blocking: reply send=%s", rc(send(pair.server, "world!", 6, 0)).c_str());
+    std::memset(buf, 0, sizeof(buf));
+    say("blocking: reply recv=%s data=%s", rc(read_exact(pair.client, buf, 6)).c_str(), buf);
+    pair.close_both();
+}
+
+void check_nonblocking(const Family &family) {
+    Pair pair = connected_pair(family);
+    set_nonblocking(pair.client, true);
+    char buf[16];
+    say("nonblocking: recv with no data=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("nonblocking: read with no data=%s", rc(read(pair.client, buf, sizeof(buf))).c_str());
+    say("nonblocking: send=%s", rc(send(pair.client, "abc", 3, 0)).c_str());
+    say("nonblocking: peer got=%s", read_text(pair.server, 3).c_str());
+
+    int lfd = listener(family);
+    set_nonblocking(lfd, true);
+    say("nonblocking: accept with none pending=%s", rc(accept(lfd, nullptr, nullptr)).c_str());
+    int client = connect_to(family, local_port(lfd));
+    say("nonblocking: listener readable after connect=%s",
+        poll_names(wait_events(lfd, POLLIN)).c_str());
+    int accepted = accept(lfd, nullptr, nullptr);
+    say("nonblocking: accept after connect ok=%s, accepted socket nonblocking=%s",
+        yes(accepted >= 0), yes(accepted >= 0 && is_nonblocking(accepted)));
+    close(accepted);
+    close(client);
+    close(lfd);
+    pair.close_both();
+}
+
+void check_nonblocking_connect(const Family &family) {
+    int lfd = listener(family);
+    int fd = tcp_socket(family.af, SOCK_NONBLOCK);
+    Address address = loopback(family.af, local_port(lfd));
+    say("nonblocking connect: connect=%s", rc(connect(fd, address.get(), address.len)).c_str());
+    say("nonblocking connect: poll=%s", poll_names(wait_events(fd, POLLOUT)).c_str());
+    say("nonblocking connect: poll in|out=%s",
+        poll_names(wait_events(fd, POLLIN | POLLOUT, 0)).c_str());
+    say("nonblocking connect: SO_ERROR=%d", get_int(fd, SOL_SOCKET, SO_ERROR));
+    // The first connect() after the outcome reports it (0); only the next one is EISCONN.
+    say("nonblocking connect: connect again=%s",
+        rc(connect(fd, address.get(), address.len)).c_str());
+    say("nonblocking connect: and again=%s", rc(connect(fd, address.get(), address.len)).c_str());
+    int accepted = accept(lfd, nullptr, nullptr);
+    say("nonblocking connect: accepted=%s", yes(accepted >= 0));
+    say("nonblocking connect: send=%s", rc(send(fd, "x", 1, 0)).c_str());
+    say("nonblocking connect: peer got=%s", read_text(accepted, 1).c_str());
+    close(accepted);
+    close(fd);
+    close(lfd);
+}
+
+void check_connect_refused(const Family &family) {
+    ClosedPort closed(family);
+    Address address = loopback(family.af, closed.port);
+    int fd = tcp_socket(family.af);
+    say("refused: blocking connect=%s", rc(connect(fd, address.get(), address.len)).c_str());
+    say("refused: SO_ERROR after blocking connect=%d", get_int(fd, SOL_SOCKET, SO_ERROR));
+    close(fd);
+
+    fd = tcp_socket(family.af, SOCK_NONBLOCK);
+    say("refused: nonblocking connect=%s", rc(connect(fd, address.get(), address.len)).c_str());
+    // Wait for the outcome (POLLERR), then look at the whole mask once it has settled.
+    wait_bits(fd, POLLIN | POLLOUT, POLLERR | POLLHUP);
+    say("refused: poll=%s", poll_names(wait_events(fd, POLLIN | POLLOUT, 0)).c_str());
+    int error = get_int(fd, SOL_SOCKET, SO_ERROR);
+    say("refused: SO_ERROR=%s",
+        error > 0 ? err_name(error).c_str() : std::to_string(error).c_str());
+    say("refused: SO_ERROR again=%d", get_int(fd, SOL_SOCKET, SO_ERROR));
+    say("refused: poll after SO_ERROR=%s",
+        poll_names(wait_events(fd, POLLIN | POLLOUT, 0)).c_str());
+    close(fd);
+
+    // The error also arrives through a recv() on the failed socket, once.
+    fd = tcp_socket(family.af, SOCK_NONBLOCK);
+    connect(fd, address.get(), address.len);
+    wait_bits(fd, POLLIN | POLLOUT, POLLERR);
+    char byte;
+    say("refused: recv after failed connect=%s", rc(recv(fd, &byte, 1, 0)).c_str());
+    say("refused: recv again=%s", rc(recv(fd, &byte, 1, 0)).c_str());
+    close(fd);
+}
+
+void check_bind(const Family &family) {
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    Address address = loopback(family.af, port);
+
+    int fd = tcp_socket(family.af);
+    say("bind: same port as a listener=%s", rc(bind(fd, address.get(), address.len)).c_str());
+    close(fd);
+    fd = tcp_socket(family.af);
+    set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+    say("bind: same port as a listener with SO_REUSEADDR=%s",
+        rc(bind(fd, address.get(), address.len)).c_str());
+    close(fd);
+    close(lfd);
+
+    fd = tcp_socket(family.af);
+    Address any_port = loopback(family.af, 0);
+    const std::string bound = rc(bind(fd, any_port.get(), any_port.len));
+    say("bind: port 0=%s, port chosen=%s", bound.c_str(), yes(local_port(fd) != 0));
+    say("bind: again on a bound socket=%s", rc(bind(fd, any_port.get(), any_port.len)).c_str());
+    close(fd);
+
+    // Two sockets with SO_REUSEPORT share a listening port.
+    int first = tcp_socket(family.af), second = tcp_socket(family.af);
+    set_int(first, SOL_SOCKET, SO_REUSEPORT, 1);
+    set_int(second, SOL_SOCKET, SO_REUSEPORT, 1);
+    bind(first, any_port.get(), any_port.len);
+    listen(first, 4);
+    Address shared = loopback(family.af, local_port(first));
+    const std::string second_bind = rc(bind(second, shared.get(), shared.len));
+    say("bind: SO_REUSEPORT second bind=%s listen=%s", second_bind.c_str(),
+        rc(listen(second, 4)).c_str());
+    close(first);
+    close(second);
+
+    // SO_REUSEADDR: rebinding a port whose server side closed first (TIME_WAIT).
+    lfd = tcp_socket(family.af);
+    set_int(lfd, SOL_SOCKET, SO_REUSEADDR, 1);
+    bind(lfd, any_port.get(), any_port.len);
+    listen(lfd, 4);
+    Address reuse = loopback(family.af, local_port(lfd));
+    int client = connect_to(family, local_port(lfd));
+    int accepted = accept(lfd, nullptr, nullptr);
+    close(lfd);
+    close(accepted);  // the server closes first: its side ends in TIME_WAIT
+    char byte;
+    wait_events(client, POLLIN);
+    say("bind: client sees the server's FIN, recv=%s", rc(recv(client, &byte, 1, 0)).c_str());
+    close(client);
+    fd = tcp_socket(family.af);
+    say("bind: port in TIME_WAIT without SO_REUSEADDR=%s",
+        rc(bind(fd, reuse.get(), reuse.len)).c_str());
+    close(fd);
+    fd = tcp_socket(family.af);
+    set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+    const std::string rebind = rc(bind(fd, reuse.get(), reuse.len));
+    say("bind: port in TIME_WAIT with SO_REUSEADDR=%s listen=%s", rebind.c_str(),
+        rc(listen(fd, 4)).c_str());
+    close(fd);
+}
+
+void check_fill_and_drain(const Family &family) {
+    Pair pair = connected_pair(family);
+    set_nonblocking(pair.client, true);
+    std::vector<uint8_t> chunk(16384);
+    uint64_t sent = 0, sent_hash = kFnvBasis;
+    bool eagain = false;
+    ssize_t n = 0;
+    while (sent < (256u << 20)) {
+        for (size_t i = 0; i < chunk.size(); ++i) chunk[i] = static_cast<uint8_t>((sent + i) % 251);
+        n = send(pair.client, chunk.data(), chunk.size(), 0);
+        if (n < 0) {
+            eagain = errno == EAGAIN;
+            break;
+        }
+        sent_hash = fnv1a(sent_hash, chunk.data(), static_cast<size_t>(n));
+        sent += static_cast<uint64_t>(n);
+    }
+    say("fill: a non-blocking sender with a reader that does not read reaches EAGAIN=%s",
+        yes(eagain));
+    uint64_t received = 0, received_hash = kFnvBasis;
+    std::vector<uint8_t> buf(65536);
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 4);
+    while (received < sent && ms_left(deadline) > 0) {
+        if (!wait_events(pair.server, POLLIN, ms_left(deadline))) break;
+        ssize_t got = recv(pair.server, buf.data(), buf.size(), MSG_DONTWAIT);
+        if (got <= 0) continue;
+        received_hash = fnv1a(received_hash, buf.data(), static_cast<size_t>(got));
+        received += static_cast<uint64_t>(got);
+    }
+    say("fill: the reader drains every byte sent=%s, content intact=%s", yes(received == sent),
+        yes(received_hash == sent_hash));
+    say("fill: sender writable again=%s", poll_names(wait_events(pair.client, POLLOUT)).c_str());
+    pair.close_both();
+}
+
+void check_partial_reads(const Family &family) {
+    Pair pair = connected_pair(family);
+    std::string hundred(100, 'p');
+    send_text(pair.client, hundred);
+    wait_available(pair.server, 100);
+    char buf[4096];
+    say("partial read: recv(4096) with 100 available=%s",
+        rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+    send_text(pair.client, hundred);
+    wait_available(pair.server, 100);
+    say("partial read: recv(30)=%s", rc(recv(pair.server, buf, 30, 0)).c_str());
+    say("partial read: then recv(4096)=%s", rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+    say("partial read: recv(0)=%s", rc(recv(pair.server, buf, 0, MSG_DONTWAIT)).c_str());
+    pair.close_both();
+}
+
+void check_msg_flags(const Family &family) {
+    Pair pair = connected_pair(family);
+    char buf[64] = {};
+    send_text(pair.client, "abcdef");
+    wait_available(pair.server, 6);
+    ssize_t n = recv(pair.server, buf, 3, MSG_PEEK);
+    say("MSG_PEEK: peek 3=%s data=%.3s", rc(n).c_str(), buf);
+    n = recv(pair.server, buf, sizeof(buf), MSG_PEEK);
+    say("MSG_PEEK: peek all=%s data=%.6s", rc(n).c_str(), buf);
+    std::memset(buf, 0, sizeof(buf));
+    n = recv(pair.server, buf, sizeof(buf), 0);
+    say("MSG_PEEK: then recv=%s data=%.6s", rc(n).c_str(), buf);
+
+    say("MSG_DONTWAIT: recv on a blocking socket with no data=%s",
+        rc(recv(pair.server, buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    say("MSG_DONTWAIT: socket still blocking=%s", yes(!is_nonblocking(pair.server)));
+    say("MSG_DONTWAIT: send=%s", rc(send(pair.client, "dw", 2, MSG_DONTWAIT)).c_str());
+    say("MSG_DONTWAIT: peer got=%s", read_text(pair.server, 2).c_str());
+
+    // MSG_WAITALL: four pieces arrive 20 ms apart; one recv returns them all.
+    std::thread sender([fd = pair.client] {
+        std::string piece(250, 'w');
+        for (int i = 0; i < 4; ++i) {
+            send_text(fd, piece);
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+    });
+    std::vector<char> big(1000);
+    n = recv(pair.server, big.data(), big.size(), MSG_WAITALL);
+    sender.join();
+    say("MSG_WAITALL: recv(1000) of 4 x 250 bytes sent apart=%s", rc(n).c_str());
+
+    // MSG_WAITALL stops early at EOF.
+    send_text(pair.client, "0123456789");
+    shutdown(pair.client, SHUT_WR);
+    n = recv(pair.server, big.data(), 100, MSG_WAITALL);
+    say("MSG_WAITALL: recv(100) when the peer sends 10 then FIN=%s", rc(n).c_str());
+    pair.close_both();
+}
+
+void check_sigpipe(const Family &family) {
+    Pair pair = connected_pair(family);
+    shutdown(pair.client, SHUT_WR);
+    const int before = g_sigpipe_count.load();
+    // The result first, then the count: say()'s arguments are evaluated in no fixed order.
+    auto report = [&](const char *call, long result) {
+        const std::string text = rc(result);
+        say("SIGPIPE: %s after SHUT_WR=%s, SIGPIPEs=%d", call, text.c_str(),
+            g_sigpipe_count.load() - before);
+    };
+    report("send", send(pair.client, "x", 1, 0));
+    report("send(MSG_NOSIGNAL)", send(pair.client, "x", 1, MSG_NOSIGNAL));
+    report("write", write(pair.client, "x", 1));
+    iovec iov{const_cast<char *>("x"), 1};
+    report("writev", writev(pair.client, &iov, 1));
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    report("sendmsg(MSG_NOSIGNAL)", sendmsg(pair.client, &msg, MSG_NOSIGNAL));
+    report("sendmsg", sendmsg(pair.client, &msg, 0));
+    char byte;
+    say("SIGPIPE: the peer reads EOF=%s", rc(recv(pair.server, &byte, 1, 0)).c_str());
+    pair.close_both();
+}
+
+void check_eof(const Family &family) {
+    Pair pair = connected_pair(family);
+    send_text(pair.server, "last");
+    close(pair.server);
+    pair.server = -1;
+    char buf[16] = {};
+    wait_available(pair.client, 4);
+    say("EOF: data before the FIN=%s data=%.4s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str(),
+        buf);
+    say("EOF: recv after FIN=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("EOF: recv again=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("EOF: read=%s", rc(read(pair.client, buf, sizeof(buf))).c_str());
+    say("EOF: poll=%s", poll_names(wait_events(pair.client, POLLIN | POLLRDHUP, 0)).c_str());
+    pair.close_both();
+}
+
+void check_reset(const Family &family) {
+    Pair pair = connected_pair(family);
+    reset_close(pair.server);  // SO_LINGER {1, 0}: close sends RST
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLHUP);
+    say("RST: poll=%s",
+        poll_names(wait_events(pair.client, POLLIN | POLLOUT | POLLRDHUP, 0)).c_str());
+    char buf[16];
+    say("RST: recv=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("RST: recv again=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("RST: poll after the error was reported=%s",
+        poll_names(wait_events(pair.client, POLLIN | POLLOUT | POLLRDHUP, 0)).c_str());
+    say("RST: send=%s", rc(send(pair.client, "x", 1, MSG_NOSIGNAL)).c_str());
+    say("RST: SO_ERROR=%d", get_int(pair.client, SOL_SOCKET, SO_ERROR));
+    pair.close_both();
+
+    // The error goes to the first call that looks: here send, not recv.
+    pair = connected_pair(family);
+    reset_close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLHUP);
+    say("RST: send first=%s", rc(send(pair.client, "x", 1, MSG_NOSIGNAL)).c_str());
+    say("RST: then recv=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    pair.close_both();
+
+    // Closing with unread data in the receive queue also resets the connection (RFC 2525).
+    pair = connected_pair(family);
+    send_text(pair.client, "unread");
+    wait_available(pair.server, 6);
+    close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLHUP);
+    say("RST: after the peer closed with unread data, recv=%s",
+        rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    pair.close_both();
+
+    // SO_LINGER round trip.
+    pair = connected_pair(family);
+    linger option{1, 5}, got{};
+    socklen_t len = sizeof(got);
+    setsockopt(pair.client, SOL_SOCKET, SO_LINGER, &option, sizeof(option));
+    getsockopt(pair.client, SOL_SOCKET, SO_LINGER, &got, &len);
+    say("SO_LINGER: set {1,5} reads back {%d,%d} len=%u", got.l_onoff, got.l_linger, len);
+    pair.close_both();
+}
+
+void check_half_close(const Family &family) {
+    Pair pair = connected_pair(family);
+    send_text(pair.client, "request");
+    say("half-close: shutdown(SHUT_WR)=%s", rc(shutdown(pair.client, SHUT_WR)).c_str());
+    say("half-close: peer poll=%s",
+        poll_names(wait_bits(pair.server, POLLIN | POLLRDHUP, POLLRDHUP)).c_str());
+    const std::string request = read_text(pair.server, 7);
+    char rest[8];
+    say("half-close: peer reads=%s then recv=%s", request.c_str(),
+        rc(recv(pair.server, rest, sizeof(rest), 0)).c_str());
+    say("half-close: peer sends back=%s", rc(send(pair.server, "response", 8, 0)).c_str());
+    say("half-close: the half-closed side still reads=%s", read_text(pair.client, 8).c_str());
+    say("half-close: poll on the half-closed side=%s",
+        poll_names(wait_events(pair.client, POLLIN | POLLOUT | POLLRDHUP, 0)).c_str());
+    say("half-close: shutdown(SHUT_WR) again=%s", rc(shutdown(pair.client, SHUT_WR)).c_str());
+    close(pair.server);
+    pair.server = -1;
+    char byte;
+    wait_events(pair.client, POLLIN);
+    say("half-close: EOF after the peer closes=%s", rc(recv(pair.client, &byte, 1, 0)).c_str());
+    pair.close_both();
+
+    pair = connected_pair(family);
+    say("half-close: shutdown(SHUT_RDWR)=%s", rc(shutdown(pair.client, SHUT_RDWR)).c_str());
+    wait_events(pair.server, POLLIN);
+    say("half-close: peer of SHUT_RDWR reads=%s", rc(recv(pair.server, &byte, 1, 0)).c_str());
+    say("half-close: recv after own SHUT_RDWR=%s", rc(recv(pair.client, &byte, 1, 0)).c_str());
+    say("half-close: shutdown(99)=%s", rc(shutdown(pair.client, 99)).c_str());
+    pair.close_both();
+}
+
+void check_names(const Family &family) {
+    int fresh = tcp_socket(family.af);
+    Address address = local_of(fresh);
+    say("names: unbound getsockname family=%s host=%s port=%u len=%u",
+        family_name(address.storage.ss_family).c_str(), host_of(address.storage).c_str(),
+        port_of(address.storage), address.len);
+    Address none;
+    none.len = sizeof(none.storage);
+    say("names: unconnected getpeername=%s", rc(getpeername(fresh, none.get(), &none.len)).c_str());
+    close(fresh);
+
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    Address listen_address = local_of(lfd);
+    say("names: listener family=%s host=%s port chosen=%s",
+        family_name(listen_address.storage.ss_family).c_str(),
+        host_of(listen_address.storage).c_str(), yes(port != 0));
+    int client = connect_to(family, port);
+    Address peer{};
+    peer.len = sizeof(peer.storage);
+    int server = accept(lfd, peer.get(), &peer.len);
+    Address client_local = local_of(client), client_peer = peer_of(client);
+    Address server_local = local_of(server), server_peer = peer_of(server);
+    say("names: client local family=%s host=%s ephemeral port=%s len=%u",
+        family_name(client_local.storage.ss_family).c_str(), host_of(client_local.storage).c_str(),
+        yes(port_of(client_local.storage) != 0), client_local.len);
+    say("names: client peer host=%s port is the listener's=%s",
+        host_of(client_peer.storage).c_str(), yes(port_of(client_peer.storage) == port));
+    say("names: accepted local host=%s port is the listener's=%s",
+        host_of(server_local.storage).c_str(), yes(port_of(server_local.storage) == port));
+    say("names: accepted peer host=%s port is the client's=%s, accept's address agrees=%s",
+        host_of(server_peer.storage).c_str(),
+        yes(port_of(server_peer.storage) == port_of(client_local.storage)),
+        yes(peer.len == server_peer.len && port_of(peer.storage) == port_of(server_peer.storage)));
+
+    // A buffer too small for the address: truncated, and the length says the full size.
+    sockaddr_storage small{};
+    socklen_t small_len = 4;
+    const std::string truncated =
+        rc(getsockname(client, reinterpret_cast<sockaddr *>(&small), &small_len));
+    say("names: getsockname into 4 bytes=%s len=%u", truncated.c_str(), small_len);
+    close(server);
+    close(client);
+    close(lfd);
+}
+
+void check_timeouts(const Family &family) {
+    Pair pair = connected_pair(family);
+    timeval timeout{0, 100'000}, got{};
+    socklen_t len = sizeof(got);
+    setsockopt(pair.client, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    getsockopt(pair.client, SOL_SOCKET, SO_RCVTIMEO, &got, &len);
+    say("SO_RCVTIMEO: reads back %ld.%06ld", static_cast<long>(got.tv_sec),
+        static_cast<long>(got.tv_usec));
+    char buf[16];
+    auto start = Clock::now();
+    ssize_t n = recv(pair.client, buf, sizeof(buf), 0);
+    auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+    say("SO_RCVTIMEO: recv=%s after >= 90 ms=%s", rc(n).c_str(), yes(elapsed.count() >= 90));
+    send_text(pair.server, "t");
+    say("SO_RCVTIMEO: recv with data=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+
+    // SO_SNDTIMEO: fill until nothing more is taken, then a blocking send times out.
+    setsockopt(pair.client, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    std::vector<char> chunk(65536, 's');
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 4);
+    for (bool took_more = true; took_more && ms_left(deadline) > 0;) {
+        took_more = false;
+        while (send(pair.client, chunk.data(), chunk.size(), MSG_DONTWAIT) > 0) took_more = true;
+        if (wait_events(pair.client, POLLOUT, 200) & POLLOUT) took_more = true;
+    }
+    start = Clock::now();
+    n = send(pair.client, chunk.data(), chunk.size(), 0);
+    elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start);
+    say("SO_SNDTIMEO: send on a full socket=%s after >= 90 ms=%s",
+        n < 0 ? rc(n).c_str() : "partial", yes(elapsed.count() >= 90));
+    pair.close_both();
+}
+
+void check_eintr(const Family &family) {
+    const pid_t main_tid = static_cast<pid_t>(syscall(SYS_gettid));
+    const pthread_t main_thread = pthread_self();
+    Pair pair = connected_pair(family);
+    char buf[16] = {};
+
+    // Without SA_RESTART a signal ends the blocking recv with EINTR.
+    install(SIGUSR1, count_sigusr1, false);
+    g_sigusr1_count = 0;
+    std::atomic<bool> returned{false};
+    std::thread signaller([&] {
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+        while (!returned.load() && ms_left(deadline) > 0) {
+            if (wait_thread_sleeping(main_tid)) pthread_kill(main_thread, SIGUSR1);
+            for (int i = 0; i < 100 && !returned.load(); ++i) usleep(1000);
+        }
+        if (!returned.load()) send_text(pair.server, "unblock");  // never leave recv hanging
+    });
+    ssize_t n = recv(pair.client, buf, sizeof(buf), 0);
+    returned = true;
+    signaller.join();
+    say("EINTR: blocking recv interrupted by a handler without SA_RESTART=%s, handler ran=%s",
+        rc(n).c_str(), yes(g_sigusr1_count.load() > 0));
+
+    // With SA_RESTART the call goes on and gets the data sent after the signal.
+    install(SIGUSR1, count_sigusr1, true);
+    g_sigusr1_count = 0;
+    std::thread late_sender([&] {
+        if (wait_thread_sleeping(main_tid)) pthread_kill(main_thread, SIGUSR1);
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+        while (g_sigusr1_count.load() == 0 && ms_left(deadline) > 0) usleep(1000);
+        wait_thread_sleeping(main_tid);  // back in the restarted call
+        send_text(pair.server, "late");
+    });
+    std::memset(buf, 0, sizeof(buf));
+    n = recv(pair.client, buf, sizeof(buf), 0);
+    late_sender.join();
+    say("EINTR: with SA_RESTART recv=%s data=%s, handler ran=%s", rc(n).c_str(), buf,
+        yes(g_sigusr1_count.load() > 0));
+    install(SIGUSR1, SIG_DFL, false);
+    pair.close_both();
+}
+
+void check_options(const Family &family) {
+    Pair pair = connected_pair(family);
+    const int fd = pair.client;
+    struct IntOption {
+        const char *name;
+        int level, optname, value;
+    };
+    const IntOption options[] = {
+        {"SO_REUSEADDR", SOL_SOCKET, SO_REUSEADDR, 1},
+        {"SO_REUSEPORT", SOL_SOCKET, SO_REUSEPORT, 1},
+        {"SO_KEEPALIVE", SOL_SOCKET, SO_KEEPALIVE, 1},
+        {"TCP_NODELAY", IPPROTO_TCP, TCP_NODELAY, 1},
+        {"TCP_KEEPIDLE", IPPROTO_TCP, TCP_KEEPIDLE, 30},
+        {"TCP_KEEPINTVL", IPPROTO_TCP, TCP_KEEPINTVL, 5},
+        {"TCP_KEEPCNT", IPPROTO_TCP, TCP_KEEPCNT, 3},
+        {"SO_OOBINLINE", SOL_SOCKET, SO_OOBINLINE, 1},
+    };
+    for (const auto &option : options) {
+        const int before = get_int(fd, option.level, option.optname);
+        const int value = option.value;
+        int set = setsockopt(fd, option.level, option.optname, &value, sizeof(value));
+        say("options: %s default=%d set %d=%s reads back %d", option.name, before, value,
+            rc(set).c_str(), get_int(fd, option.level, option.optname));
+    }
+    set_int(fd, SOL_SOCKET, SO_KEEPALIVE, 0);
+    say("options: SO_KEEPALIVE cleared reads back %d", get_int(fd, SOL_SOCKET, SO_KEEPALIVE));
+    const int size = 65536;
+    say("options: SO_RCVBUF set=%s SO_SNDBUF set=%s (values not printed: the kernel doubles them)",
+        rc(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size))).c_str(),
+        rc(setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size))).c_str());
+    say("options: SO_RCVBUF reads back more than requested=%s",
+        yes(get_int(fd, SOL_SOCKET, SO_RCVBUF) >= size));
+    say("options: SO_ERROR=%d SO_TYPE=%s SO_DOMAIN=%s SO_PROTOCOL=%s SO_ACCEPTCONN=%d",
+        get_int(fd, SOL_SOCKET, SO_ERROR),
+        get_int(fd, SOL_SOCKET, SO_TYPE) == SOCK_STREAM ? "SOCK_STREAM" : "?",
+        family_name(get_int(fd, SOL_SOCKET, SO_DOMAIN)).c_str(),
+        get_int(fd, SOL_SOCKET, SO_PROTOCOL) == IPPROTO_TCP ? "IPPROTO_TCP" : "?",
+        get_int(fd, SOL_SOCKET, SO_ACCEPTCONN));
+
+    tcp_info info{};
+    socklen_t len = sizeof(info);
+    int got = getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len);
+    say("options: TCP_INFO=%s tcpi_state=%s", rc(got).c_str(),
+        info.tcpi_state == 1 ? "ESTABLISHED" : std::to_string(info.tcpi_state).c_str());
+    char congestion[32] = {};
+    len = sizeof(congestion);
+    got = getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, congestion, &len);
+    say("options: TCP_CONGESTION=%s algorithm named=%s", rc(got).c_str(), yes(congestion[0] != 0));
+
+    int lfd = listener(family);
+    len = sizeof(info);
+    std::memset(&info, 0, sizeof(info));
+    getsockopt(lfd, IPPROTO_TCP, TCP_INFO, &info, &len);
+    say("options: listener SO_ACCEPTCONN=%d tcpi_state=%s", get_int(lfd, SOL_SOCKET, SO_ACCEPTCONN),
+        info.tcpi_state == 10 ? "LISTEN" : std::to_string(info.tcpi_state).c_str());
+    close(lfd);
+
+    if (family.af == AF_INET6) {
+        int v6 = tcp_socket(AF_INET6);
+        set_int(v6, IPPROTO_IPV6, IPV6_V6ONLY, 1);
+        say("options: IPV6_V6ONLY set 1 reads back %d", get_int(v6, IPPROTO_IPV6, IPV6_V6ONLY));
+        close(v6);
+    }
+
+    // Errors the kernel gives for options it does not know or lengths that are wrong.
+    int value = 1;
+    say("options: unknown SOL_SOCKET option set=%s get=%s",
+        rc(setsockopt(fd, SOL_SOCKET, 9999, &value, sizeof(value))).c_str(),
+        get_rc(fd, SOL_SOCKET, 9999).c_str());
+    say("options: TCP_NODELAY with optlen 2=%s",
+        rc(setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &value, 2)).c_str());
+    say("options: unknown level set=%s",
+        rc(setsockopt(fd, 12345, 1, &value, sizeof(value))).c_str());
+    pair.close_both();
+}
+
+void check_ioctls_and_fcntl(const Family &family) {
+    Pair pair = connected_pair(family);
+    int available = -1;
+    const std::string result_empty = rc(ioctl(pair.server, FIONREAD, &available));
+    say("FIONREAD: with nothing sent=%s value=%d", result_empty.c_str(), available);
+    std::string payload(1234, 'f');
+    send_text(pair.client, payload);
+    wait_available(pair.server, payload.size());
+    available = -1;
+    ioctl(pair.server, FIONREAD, &available);
+    int inq = -1;
+    ioctl(pair.server, SIOCINQ, &inq);
+    say("FIONREAD: after the peer sent 1234 bytes=%d SIOCINQ=%d", available, inq);
+    read_text(pair.server, payload.size());
+    available = -1;
+    ioctl(pair.server, FIONREAD, &available);
+    say("FIONREAD: after reading them=%d", available);
+
+    int on = 1, off = 0;
+    std::string result = rc(ioctl(pair.server, FIONBIO, &on));
+    say("FIONBIO: set=%s nonblocking=%s", result.c_str(), yes(is_nonblocking(pair.server)));
+    char byte;
+    say("FIONBIO: recv=%s", rc(recv(pair.server, &byte, 1, 0)).c_str());
+    result = rc(ioctl(pair.server, FIONBIO, &off));
+    say("FIONBIO: clear=%s nonblocking=%s", result.c_str(), yes(is_nonblocking(pair.server)));
+
+    const int flags = fcntl(pair.client, F_GETFL);
+    say("fcntl: F_GETFL access mode=%s nonblocking=%s",
+        (flags & O_ACCMODE) == O_RDWR ? "O_RDWR" : std::to_string(flags & O_ACCMODE).c_str(),
+        yes(flags & O_NONBLOCK));
+    result = rc(fcntl(pair.client, F_SETFL, flags | O_NONBLOCK));
+    say("fcntl: F_SETFL O_NONBLOCK=%s nonblocking=%s", result.c_str(),
+        yes(is_nonblocking(pair.client)));
+    say("fcntl: recv=%s", rc(recv(pair.client, &byte, 1, 0)).c_str());
+    result = rc(fcntl(pair.client, F_SETFL, flags));
+    say("fcntl: F_SETFL back=%s nonblocking=%s", result.c_str(), yes(is_nonblocking(pair.client)));
+    result = rc(fcntl(pair.client, F_SETFD, FD_CLOEXEC));
+    say("fcntl: F_SETFD FD_CLOEXEC=%s cloexec=%s", result.c_str(), yes(is_cloexec(pair.client)));
+    fcntl(pair.client, F_SETFD, 0);
+    say("fcntl: cleared cloexec=%s", yes(is_cloexec(pair.client)));
+    int created = tcp_socket(family.af, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    say("fcntl: socket(SOCK_NONBLOCK|SOCK_CLOEXEC) nonblocking=%s cloexec=%s",
+        yes(is_nonblocking(created)), yes(is_cloexec(created)));
+    close(created);
+
+    int lfd = listener(family);
+    say("FIONREAD: on a listener=%s", rc(ioctl(lfd, FIONREAD, &available)).c_str());
+    close(lfd);
+    pair.close_both();
+}
+
+void check_poll_and_select(const Family &family) {
+    int fresh = tcp_socket(family.af);
+    say("readiness: fresh socket poll=%s",
+        poll_names(wait_events(fresh, POLLIN | POLLOUT, 0)).c_str());
+    close(fresh);
+
+    int lfd = listener(family);
+    say("readiness: idle listener poll=%s",
+        poll_names(wait_events(lfd, POLLIN | POLLOUT, 0)).c_str());
+    int client = connect_to(family, local_port(lfd));
+    say("readiness: listener with a pending connection poll=%s",
+        poll_names(wait_events(lfd, POLLIN)).c_str());
+    int server = accept(lfd, nullptr, nullptr);
+    say("readiness: connected, no data poll=%s",
+        poll_names(wait_events(server, POLLIN | POLLOUT, 0)).c_str());
+
+    fd_set readable, writable;
+    FD_ZERO(&readable);
+    FD_ZERO(&writable);
+    FD_SET(server, &readable);
+    FD_SET(server, &writable);
+    timeval zero{0, 0};
+    int n = select(server + 1, &readable, &writable, nullptr, &zero);
+    say("select: no data=%d readable=%s writable=%s", n, yes(FD_ISSET(server, &readable)),
+        yes(FD_ISSET(server, &writable)));
+
+    send_text(client, "data");
+    say("readiness: after the peer sent poll=%s",
+        poll_names(wait_bits(server, POLLIN | POLLOUT, POLLIN)).c_str());
+    FD_ZERO(&readable);
+    FD_SET(server, &readable);
+    timeval bound{5, 0};
+    n = select(server + 1, &readable, nullptr, nullptr, &bound);
+    say("select: with data=%d readable=%s", n, yes(FD_ISSET(server, &readable)));
+    read_text(server, 4);
+
+    // select() with a timeout on a quiet socket returns 0.
+    FD_ZERO(&readable);
+    FD_SET(server, &readable);
+    timeval short_wait{0, 50'000};
+    say("select: quiet socket with 50 ms timeout=%d",
+        select(server + 1, &readable, nullptr, nullptr, &short_wait));
+
+    // poll() on several descriptors, one of them a pipe (a kernel fd).
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    (void)!write(pipe_fds[1], "p", 1);
+    pollfd entries[2] = {{server, POLLIN, 0}, {pipe_fds[0], POLLIN, 0}};
+    n = poll(entries, 2, kWaitMs);
+    say("poll: socket and pipe, pipe ready=%d socket=%s pipe=%s", n,
+        poll_names(entries[0].revents).c_str(), poll_names(entries[1].revents).c_str());
+    send_text(client, "z");
+    wait_available(server, 1);
+    n = poll(entries, 2, kWaitMs);
+    say("poll: socket and pipe, both ready=%d socket=%s pipe=%s", n,
+        poll_names(entries[0].revents).c_str(), poll_names(entries[1].revents).c_str());
+    read_text(server, 1);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    pollfd negative{-1, POLLIN, 0};
+    say("poll: a negative fd is ignored=%d", poll(&negative, 1, 0));
+    close(server);
+    close(client);
+    close(lfd);
+}
+
+int epoll_count(int ep, epoll_event *events, int max, int timeout_ms) {
+    for (;;) {
+        int n = epoll_wait(ep, events, max, timeout_ms);
+        if (n >= 0 || errno != EINTR) return n;
+    }
+}
+
+std::string epoll_once(int ep, int timeout_ms) {
+    epoll_event events[4];
+    int n = epoll_count(ep, events, 4, timeout_ms);
+    if (n <= 0) return std::to_string(n);
+    std::string out = std::to_string(n);
+    for (int i = 0; i < n; ++i) out += " " + epoll_names(events[i].events);
+    return out;
+}
+
+void check_epoll(const Family &family) {
+    Pair pair = connected_pair(family);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+
+    // Level-triggered: reported as long as data is there.
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = pair.server;
+    say("epoll LT: add=%s", rc(epoll_ctl(ep, EPOLL_CTL_ADD, pair.server, &event)).c_str());
+    say("epoll LT: add again=%s", rc(epoll_ctl(ep, EPOLL_CTL_ADD, pair.server, &event)).c_str());
+    say("epoll LT: no data=%s", epoll_once(ep, 0).c_str());
+    send_text(pair.client, "lt");
+    say("epoll LT: data=%s", epoll_once(ep, kWaitMs).c_str());
+    wait_available(pair.server, 2);
+    say("epoll LT: data still there=%s", epoll_once(ep, kWaitMs).c_str());
+    read_text(pair.server, 2);
+    say("epoll LT: after reading=%s", epoll_once(ep, 0).c_str());
+
+    // Edge-triggered: once per arrival of new data.
+    event.events = EPOLLIN | EPOLLET;
+    say("epoll ET: mod=%s", rc(epoll_ctl(ep, EPOLL_CTL_MOD, pair.server, &event)).c_str());
+    send_text(pair.client, "a");
+    say("epoll ET: first data=%s", epoll_once(ep, kWaitMs).c_str());
+    say("epoll ET: no new data=%s", epoll_once(ep, 50).c_str());
+    send_text(pair.client, "b");
+    say("epoll ET: more data=%s", epoll_once(ep, kWaitMs).c_str());
+    say("epoll ET: quiet again=%s", epoll_once(ep, 50).c_str());
+    read_text(pair.server, 2);
+
+    // Edge-triggered EPOLLOUT: one report for a writable socket.
+    int ep_out = epoll_create1(EPOLL_CLOEXEC);
+    epoll_event out_event{};
+    out_event.events = EPOLLOUT | EPOLLET;
+    out_event.data.fd = pair.client;
+    epoll_ctl(ep_out, EPOLL_CTL_ADD, pair.client, &out_event);
+    say("epoll ET: EPOLLOUT on a writable socket=%s", epoll_once(ep_out, kWaitMs).c_str());
+    say("epoll ET: EPOLLOUT reported again=%s", epoll_once(ep_out, 50).c_str());
+    close(ep_out);
+
+    // One-shot: disarmed after one report until EPOLL_CTL_MOD re-arms it.
+    event.events = EPOLLIN | EPOLLONESHOT;
+    epoll_ctl(ep, EPOLL_CTL_MOD, pair.server, &event);
+    send_text(pair.client, "1");
+    say("epoll ONESHOT: first data=%s", epoll_once(ep, kWaitMs).c_str());
+    send_text(pair.client, "2");
+    wait_available(pair.server, 2);
+    say("epoll ONESHOT: disarmed=%s", epoll_once(ep, 50).c_str());
+    say("epoll ONESHOT: re-arm=%s", rc(epoll_ctl(ep, EPOLL_CTL_MOD, pair.server, &event)).c_str());
+    say("epoll ONESHOT: after re-arm=%s", epoll_once(ep, kWaitMs).c_str());
+    read_text(pair.server, 2);
+
+    // The peer's shutdown(SHUT_WR): EPOLLRDHUP.
+    event.events = EPOLLIN | EPOLLRDHUP;
+    epoll_ctl(ep, EPOLL_CTL_MOD, pair.server, &event);
+    shutdown(pair.client, SHUT_WR);
+    wait_bits(pair.server, POLLIN | POLLRDHUP, POLLRDHUP);
+    say("epoll RDHUP: after the peer's SHUT_WR=%s", epoll_once(ep, kWaitMs).c_str());
+    say("epoll: del=%s", rc(epoll_ctl(ep, EPOLL_CTL_DEL, pair.server, nullptr)).c_str());
+    say("epoll: del again=%s", rc(epoll_ctl(ep, EPOLL_CTL_DEL, pair.server, nullptr)).c_str());
+    say("epoll: after del=%s", epoll_once(ep, 0).c_str());
+    pair.close_both();
+
+    // RST: EPOLLHUP and EPOLLERR.
+    pair = connected_pair(family);
+    event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP;
+    event.data.fd = pair.client;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.client, &event);
+    say("epoll: connected=%s", epoll_once(ep, kWaitMs).c_str());
+    reset_close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLHUP | POLLERR);
+    say("epoll: after RST=%s", epoll_once(ep, kWaitMs).c_str());
+    pair.close_both();
+
+    // A listener reports EPOLLIN for a pending connection.
+    int lfd = listener(family);
+    event.events = EPOLLIN;
+    event.data.fd = lfd;
+    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &event);
+    say("epoll: idle listener=%s", epoll_once(ep, 0).c_str());
+    int client = connect_to(family, local_port(lfd));
+    say("epoll: listener with a pending connection=%s", epoll_once(ep, kWaitMs).c_str());
+    int accepted = accept(lfd, nullptr, nullptr);
+    say("epoll: listener after accept=%s", epoll_once(ep, 0).c_str());
+    close(accepted);
+    close(client);
+    epoll_ctl(ep, EPOLL_CTL_DEL, lfd, nullptr);
+    close(lfd);
+
+    // A socket and a pipe in one set: each reported with its own data.
+    pair = connected_pair(family);
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    epoll_event tagged{};
+    tagged.events = EPOLLIN;
+    tagged.data.u64 = 1;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.server, &tagged);
+    tagged.data.u64 = 2;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pipe_fds[0], &tagged);
+    (void)!write(pipe_fds[1], "p", 1);
+    epoll_event events[4];
+    int n = epoll_count(ep, events, 4, kWaitMs);
+    say("epoll: mixed set, pipe written=%d tag=%llu", n,
+        n > 0 ? static_cast<unsigned long long>(events[0].data.u64) : 0ull);
+    char byte;
+    (void)!read(pipe_fds[0], &byte, 1);
+    send_text(pair.client, "s");
+    n = epoll_count(ep, events, 4, kWaitMs);
+    say("epoll: mixed set, socket written=%d tag=%llu", n,
+        n > 0 ? static_cast<unsigned long long>(events[0].data.u64) : 0ull);
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    pair.close_both();
+    close(ep);
+}
+
+void check_accept4(const Family &family) {
+    int lfd = listener(family);
+    int client = connect_to(family, local_port(lfd));
+    Address peer;
+    peer.len = sizeof(peer.storage);
+    int accepted = accept4(lfd, peer.get(), &peer.len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    say("accept4: SOCK_NONBLOCK|SOCK_CLOEXEC ok=%s nonblocking=%s cloexec=%s peer=%s %s",
+        yes(accepted >= 0), yes(is_nonblocking(accepted)), yes(is_cloexec(accepted)),
+        family_name(peer.storage.ss_family).c_str(), host_of(peer.storage).c_str());
+    close(accepted);
+    close(client);
+    client = connect_to(family, local_port(lfd));
+    accepted = accept(lfd, nullptr, nullptr);
+    say("accept: plain nonblocking=%s cloexec=%s", yes(is_nonblocking(accepted)),
+        yes(is_cloexec(accepted)));
+    close(accepted);
+    close(client);
+    say("accept4: bad flags=%s", rc(accept4(lfd, nullptr, nullptr, 0x4)).c_str());
+    close(lfd);
+
+    int unlistened = tcp_socket(family.af);
+    say("accept: on a socket that is not listening=%s",
+        rc(accept(unlistened, nullptr, nullptr)).c_str());
+    close(unlistened);
+}
+
+void check_unconnected(const Family &family) {
+    int fd = tcp_socket(family.af);
+    char buf[8];
+    const int before = g_sigpipe_count.load();
+    say("unconnected: send(MSG_NOSIGNAL)=%s", rc(send(fd, "x", 1, MSG_NOSIGNAL)).c_str());
+    const std::string sent = rc(send(fd, "x", 1, 0));
+    say("unconnected: send=%s SIGPIPEs=%d", sent.c_str(), g_sigpipe_count.load() - before);
+    say("unconnected: recv=%s", rc(recv(fd, buf, sizeof(buf), 0)).c_str());
+    say("unconnected: read=%s", rc(read(fd, buf, sizeof(buf))).c_str());
+    say("unconnected: shutdown=%s", rc(shutdown(fd, SHUT_RDWR)).c_str());
+    close(fd);
+
+    int lfd = listener(family);
+    say("listener: recv=%s", rc(recv(lfd, buf, sizeof(buf), 0)).c_str());
+    say("listener: send(MSG_NOSIGNAL)=%s", rc(send(lfd, "x", 1, MSG_NOSIGNAL)).c_str());
+    Address address = loopback(family.af, local_port(lfd));
+    say("listener: connect=%s", rc(connect(lfd, address.get(), address.len)).c_str());
+    say("listener: listen again=%s", rc(listen(lfd, 8)).c_str());
+    close(lfd);
+}
+
+void check_vector_io(const Family &family) {
+    Pair pair = connected_pair(family);
+    char part1[] = "ab", part2[] = "cde", part3[] = "f";
+    iovec out[3] = {{part1, 2}, {part2, 3}, {part3, 1}};
+    say("writev: 3 iovecs=%s", rc(writev(pair.client, out, 3)).c_str());
+    wait_available(pair.server, 6);
+    char in1[4] = {}, in2[4] = {};
+    iovec in[2] = {{in1, 3}, {in2, 3}};
+    say("readv: 2 x 3=%s data=%s|%s", rc(readv(pair.server, in, 2)).c_str(), in1, in2);
+
+    char m1[] = "hello ", m2[] = "msg";
+    iovec parts[2] = {{m1, 6}, {m2, 3}};
+    msghdr msg{};
+    msg.msg_iov = parts;
+    msg.msg_iovlen = 2;
+    say("sendmsg: 2 iovecs=%s", rc(sendmsg(pair.client, &msg, 0)).c_str());
+    wait_available(pair.server, 9);
+    char got[16] = {};
+    sockaddr_storage from{};
+    iovec into{got, sizeof(got) - 1};
+    msghdr rmsg{};
+    rmsg.msg_name = &from;
+    rmsg.msg_namelen = sizeof(from);
+    rmsg.msg_iov = &into;
+    rmsg.msg_iovlen = 1;
+    say("recvmsg: MSG_PEEK=%s", rc(recvmsg(pair.server, &rmsg, MSG_PEEK)).c_str());
+    rmsg.msg_namelen = sizeof(from);
+    std::memset(got, 0, sizeof(got));
+    ssize_t n = recvmsg(pair.server, &rmsg, 0);
+    say("recvmsg: =%s data=%s namelen=%u flags=%d", rc(n).c_str(), got, rmsg.msg_namelen,
+        rmsg.msg_flags);
+
+    say("write: =%s", rc(write(pair.client, "plain", 5)).c_str());
+    wait_available(pair.server, 5);
+    std::memset(got, 0, sizeof(got));
+    say("read: =%s data=%s", rc(read(pair.server, got, sizeof(got))).c_str(), got);
+
+    say("sendto: no address=%s", rc(sendto(pair.client, "to", 2, 0, nullptr, 0)).c_str());
+    wait_available(pair.server, 2);
+    socklen_t from_len = sizeof(from);
+    std::memset(got, 0, sizeof(got));
+    n = recvfrom(pair.server, got, sizeof(got), 0, reinterpret_cast<sockaddr *>(&from), &from_len);
+    say("recvfrom: =%s data=%s addrlen=%u", rc(n).c_str(), got, from_len);
+
+    iovec empty{nullptr, 0};
+    say("writev: zero-length=%s", rc(writev(pair.client, &empty, 1)).c_str());
+    volatile int negative_count = -1;  // volatile: the compiler rightly warns about a constant
+    say("writev: iovcnt -1=%s", rc(writev(pair.client, out, negative_count)).c_str());
+    pair.close_both();
+}
+
+void check_bulk(const Family &family) {
+    constexpr size_t kBytes = 1 << 20;
+    Pair pair = connected_pair(family);
+    const std::vector<uint8_t> up = deterministic_bytes(kBytes, 0x1234567);
+    const std::vector<uint8_t> down = deterministic_bytes(kBytes, 0x7654321);
+    // Sends in chunks of varying sizes (blocking sockets), both directions at once.
+    auto sender = [](int fd, const std::vector<uint8_t> &data, uint64_t seed) {
+        XorShift rng{seed};
+        size_t done = 0;
+        while (done < data.size()) {
+            size_t len = 1 + rng.next() % 65536;
+            if (len > data.size() - done) len = data.size() - done;
+            ssize_t n = send(fd, data.data() + done, len, MSG_NOSIGNAL);
+            if (n <= 0) return;
+            done += static_cast<size_t>(n);
+        }
+    };
+    auto receiver = [](int fd, uint64_t &total, uint64_t &hash) {
+        std::vector<uint8_t> buf(40000);
+        total = 0;
+        hash = kFnvBasis;
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 6);
+        while (total < kBytes && ms_left(deadline) > 0) {
+            if (!wait_events(fd, POLLIN, ms_left(deadline))) break;
+            ssize_t n = recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+            if (n == 0) break;
+            if (n < 0) continue;
+            hash = fnv1a(hash, buf.data(), static_cast<size_t>(n));
+            total += static_cast<uint64_t>(n);
+        }
+    };
+    uint64_t up_total = 0, up_hash = 0, down_total = 0, down_hash = 0;
+    std::thread up_sender(sender, pair.client, std::cref(up), 11);
+    std::thread down_sender(sender, pair.server, std::cref(down), 22);
+    std::thread down_receiver(receiver, pair.client, std::ref(down_total), std::ref(down_hash));
+    receiver(pair.server, up_total, up_hash);
+    down_receiver.join();
+    up_sender.join();
+    down_sender.join();
+    say("1 MB: client to server bytes=%llu checksum %s", static_cast<unsigned long long>(up_total),
+        up_hash == fnv1a(kFnvBasis, up.data(), up.size()) ? "ok" : "BAD");
+    say("1 MB: server to client bytes=%llu checksum %s",
+        static_cast<unsigned long long>(down_total),
+        down_hash == fnv1a(kFnvBasis, down.data(), down.size()) ? "ok" : "BAD");
+    pair.close_both();
+}
+
+void check_bad_input(const Family &family) {
+    int spare = dup(0);
+    close(spare);  // a descriptor number that is not open
+    char buf[8];
+    say("bad fd: recv=%s send=%s", rc(recv(spare, buf, 1, 0)).c_str(),
+        rc(send(spare, "x", 1, MSG_NOSIGNAL)).c_str());
+    say("bad fd: getsockopt=%s close=%s", get_rc(spare, SOL_SOCKET, SO_ERROR).c_str(),
+        rc(close(spare)).c_str());
+    Address somewhere = loopback(family.af, 1);
+    say("bad fd: -1 connect=%s", rc(connect(-1, somewhere.get(), somewhere.len)).c_str());
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    Address name;
+    name.len = sizeof(name.storage);
+    say("not a socket: recv on a pipe=%s getsockname=%s",
+        rc(recv(pipe_fds[0], buf, 1, MSG_DONTWAIT)).c_str(),
+        rc(getsockname(pipe_fds[0], name.get(), &name.len)).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+
+    int fd = tcp_socket(family.af);
+    Address address = loopback(family.af, 1);
+    say("bad length: connect addrlen 3=%s", rc(connect(fd, address.get(), 3)).c_str());
+    say("bad length: bind addrlen 3=%s", rc(bind(fd, address.get(), 3)).c_str());
+    Address wrong = loopback(family.af == AF_INET ? AF_INET6 : AF_INET, 1);
+    say("bad family: connect with the other family's address=%s",
+        rc(connect(fd, wrong.get(), wrong.len)).c_str());
+    Address unspecified = loopback(family.af, 0);
+    unspecified.storage.ss_family = AF_UNIX;
+    say("bad family: bind an AF_UNIX family address=%s",
+        rc(bind(fd, unspecified.get(), unspecified.len)).c_str());
+    Address foreign;
+    if (family.af == AF_INET) {
+        foreign = loopback(AF_INET, 0);
+        inet_pton(AF_INET, "192.0.2.1",
+                  &reinterpret_cast<sockaddr_in *>(&foreign.storage)->sin_addr);
+    } else {
+        foreign = loopback(AF_INET6, 0);
+        inet_pton(AF_INET6, "2001:db8::1",
+                  &reinterpret_cast<sockaddr_in6 *>(&foreign.storage)->sin6_addr);
+    }
+    say("bad address: bind to an address not on this host=%s",
+        rc(bind(fd, foreign.get(), foreign.len)).c_str());
+    close(fd);
+
+    Pair pair = connected_pair(family);
+    say("connected: listen=%s", rc(listen(pair.client, 4)).c_str());
+    Address elsewhere = loopback(family.af, local_port(pair.server));
+    say("connected: connect again=%s",
+        rc(connect(pair.client, elsewhere.get(), elsewhere.len)).c_str());
+    say("bad pointer: setsockopt NULL optval=%s",
+        rc(setsockopt(pair.client, SOL_SOCKET, SO_KEEPALIVE, nullptr, sizeof(int))).c_str());
+    pair.close_both();
+
+    say("bad protocol: socket(SOCK_STREAM, IPPROTO_UDP)=%s",
+        rc(socket(family.af, SOCK_STREAM, IPPROTO_UDP)).c_str());
+}
+
+void check_v4_mapped() {
+    int lfd = tcp_socket(AF_INET6);
+    set_int(lfd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
+    Address any = any_v6(0);
+    bind(lfd, any.get(), any.len);
+    listen(lfd, 4);
+    const uint16_t port = local_port(lfd);
+    int client = connect_to(kV4, port);
+    Address peer;
+    peer.len = sizeof(peer.storage);
+    int accepted = accept(lfd, peer.get(), &peer.len);
+    say("v4-mapped: IPv6 listener on :: accepts from 127.0.0.1, peer family=%s host=%s",
+        family_name(peer.storage.ss_family).c_str(), host_of(peer.storage).c_str());
+    Address local = local_of(accepted);
+    say("v4-mapped: accepted local host=%s", host_of(local.storage).c_str());
+    Address client_peer = peer_of(client);
+    say("v4-mapped: the IPv4 client sees family=%s host=%s",
+        family_name(client_peer.storage.ss_family).c_str(), host_of(client_peer.storage).c_str());
+    send_text(client, "mapped");
+    say("v4-mapped: data=%s", read_text(accepted, 6).c_str());
+    close(accepted);
+    close(client);
+    close(lfd);
+
+    // An IPv6 client can reach an IPv4 listener through ::ffff:127.0.0.1.
+    lfd = listener(kV4);
+    int v6 = tcp_socket(AF_INET6);
+    Address mapped = loopback(AF_INET6, local_port(lfd));
+    inet_pton(AF_INET6, "::ffff:127.0.0.1",
+              &reinterpret_cast<sockaddr_in6 *>(&mapped.storage)->sin6_addr);
+    say("v4-mapped: IPv6 socket connects to ::ffff:127.0.0.1=%s",
+        rc(connect(v6, mapped.get(), mapped.len)).c_str());
+    Address v6_peer = peer_of(v6), v6_local = local_of(v6);
+    say("v4-mapped: its peer=%s local=%s", host_of(v6_peer.storage).c_str(),
+        host_of(v6_local.storage).c_str());
+    peer.len = sizeof(peer.storage);
+    accepted = accept(lfd, peer.get(), &peer.len);
+    say("v4-mapped: the IPv4 listener sees family=%s host=%s",
+        family_name(peer.storage.ss_family).c_str(), host_of(peer.storage).c_str());
+    close(accepted);
+    close(v6);
+    close(lfd);
+
+    // IPV6_V6ONLY listener: IPv4 connections are refused.
+    lfd = tcp_socket(AF_INET6);
+    set_int(lfd, IPPROTO_IPV6, IPV6_V6ONLY, 1);
+    bind(lfd, any.get(), any.len);
+    listen(lfd, 4);
+    int v4 = tcp_socket(AF_INET);
+    Address target = loopback(AF_INET, local_port(lfd));
+    say("v6only: IPv4 connect to an IPV6_V6ONLY listener=%s",
+        rc(connect(v4, target.get(), target.len)).c_str());
+    close(v4);
+    close(lfd);
+}
+
+void check_passthrough() {
+    int pair[2];
+    say("AF_UNIX: socketpair(SOCK_STREAM)=%s",
+        rc(socketpair(AF_UNIX, SOCK_STREAM, 0, pair)).c_str());
+    say("AF_UNIX: send=%s", rc(send(pair[0], "unix", 4, 0)).c_str());
+    char buf[16] = {};
+    say("AF_UNIX: recv=%s data=%s", rc(recv(pair[1], buf, sizeof(buf), 0)).c_str(), buf);
+    int available = -1;
+    (void)!write(pair[0], "abc", 3);
+    wait_events(pair[1], POLLIN);
+    ioctl(pair[1], FIONREAD, &available);
+    say("AF_UNIX: FIONREAD=%d poll=%s", available,
+        poll_names(wait_events(pair[1], POLLIN | POLLOUT, 0)).c_str());
+    char link[64] = {};
+    std::snprintf(buf, sizeof(buf), "%d", pair[0]);
+    (void)!readlink(("/proc/self/fd/" + std::string(buf)).c_str(), link, sizeof(link) - 1);
+    say("AF_UNIX: is a kernel socket=%s", yes(std::strncmp(link, "socket:", 7) == 0));
+    close(pair[0]);
+    close(pair[1]);
+
+    for (const Family &family : {kV4, kV6}) {
+        int a = socket(family.af, SOCK_DGRAM, 0), b = socket(family.af, SOCK_DGRAM, 0);
+        Address any_port = loopback(family.af, 0);
+        bind(a, any_port.get(), any_port.len);
+        bind(b, any_port.get(), any_port.len);
+        Address to = loopback(family.af, local_port(b));
+        say("UDP %s: sendto=%s", family.tag,
+            rc(sendto(a, "dgram", 5, 0, to.get(), to.len)).c_str());
+        wait_events(b, POLLIN);
+        Address from;
+        from.len = sizeof(from.storage);
+        std::memset(buf, 0, sizeof(buf));
+        ssize_t n = recvfrom(b, buf, sizeof(buf), 0, from.get(), &from.len);
+        say("UDP %s: recvfrom=%s data=%s from the sender=%s", family.tag, rc(n).c_str(), buf,
+            yes(port_of(from.storage) == local_port(a)));
+        std::memset(link, 0, sizeof(link));
+        (void)!readlink(("/proc/self/fd/" + std::to_string(a)).c_str(), link, sizeof(link) - 1);
+        say("UDP %s: is a kernel socket=%s", family.tag,
+            yes(std::strncmp(link, "socket:", 7) == 0));
+        close(a);
+        close(b);
+    }
+}
+
+bool ipv6_available() {
+    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    if (fd < 0) return false;
+    Address address = loopback(AF_INET6, 0);
+    const bool ok = bind(fd, address.get(), address.len) == 0;
+    close(fd);
+    return ok;
+}
+
+// TCP sockets opened at the start and kept until the end: a listener, a client and the
+// connection it accepted. --expect-offload checks that none of them is a kernel socket.
+struct Keepers {
+    int lfd = -1;
+    Pair pair;
+    std::vector<int> fds() const { return {lfd, pair.client, pair.server}; }
+};
+
+Keepers open_keepers() {
+    Keepers keepers;
+    keepers.lfd = listener(kV4);
+    keepers.pair.client = connect_to(kV4, local_port(keepers.lfd));
+    keepers.pair.server = accept(keepers.lfd, nullptr, nullptr);
+    return keepers;
+}
+
+int check_keepers(const Keepers &keepers, bool expect_offload) {
+    g_prefix = "";
+    send_text(keepers.pair.client, "still here");
+    say("end: the connection opened first still works=%s",
+        yes(read_text(keepers.pair.server, 10) == "still here"));
+    int kernel_sockets = 0;
+    for (int fd : keepers.fds()) {
+        char link[128] = {};
+        (void)!readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), link, sizeof(link) - 1);
+        if (std::strncmp(link, "socket:", 7) == 0) {
+            ++kernel_sockets;
+            if (expect_offload)
+                std::fprintf(stderr, "semantics: fd %d is a kernel socket (%s): not offloaded\n",
+                             fd, link);
+        }
+    }
+    if (expect_offload && kernel_sockets > 0) {
+        std::fprintf(stderr,
+                     "semantics: --expect-offload: %d of %zu TCP descriptors are kernel sockets: "
+                     "the shim fell back to the kernel\n",
+                     kernel_sockets, keepers.fds().size());
+        return 3;
+    }
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    bool expect_offload = false;
+    for (int i = 1; i < argc; ++i) {
+        if (std::strcmp(argv[i], "--expect-offload") == 0) {
+            expect_offload = true;
+        } else {
+            std::fprintf(stderr, "usage: %s [--expect-offload]\n", argv[0]);
+            return 2;
+        }
+    }
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    install(SIGPIPE, count_sigpipe, true);
+
+    // A stuck call must not hang the test run: give up loudly after two minutes.
+    std::thread([] {
+        std::this_thread::sleep_for(std::chrono::seconds(120));
+        std::fprintf(stderr, "semantics: watchdog: still running after 120 s, giving up\n");
+        std::fflush(stdout);
+        _exit(4);
+    }).detach();
+
+    Keepers keepers = open_keepers();
+
+    std::vector<Family> families = {kV4};
+    if (ipv6_available())
+        families.push_back(kV6);
+    else
+        say("[v6] unavailable on this host: IPv6 checks skipped");
+
+    for (const Family &family : families) {
+        g_prefix = std::string("[") + family.tag + "] ";
+        check_blocking_basics(family);
+        check_nonblocking(family);
+        check_nonblocking_connect(family);
+        check_connect_refused(family);
+        check_bind(family);
+        check_fill_and_drain(family);
+        check_partial_reads(family);
+        check_msg_flags(family);
+        check_sigpipe(family);
+        check_eof(family);
+        check_reset(family);
+        check_half_close(family);
+        check_names(family);
+        check_timeouts(family);
+        check_eintr(family);
+        check_options(family);
+        check_ioctls_and_fcntl(family);
+        check_poll_and_select(family);
+        check_epoll(family);
+        check_accept4(family);
+        check_unconnected(family);
+        check_vector_io(family);
+        check_bulk(family);
+        check_bad_input(family);
+    }
+    g_prefix = "[mixed] ";
+    if (families.size() > 1) check_v4_mapped();
+    g_prefix = "[passthrough] ";
+    check_passthrough();
+
+    const int status = check_keepers(keepers, expect_offload);
+    std::fflush(stdout);
+    return status;
+}
