@@ -41,6 +41,8 @@ struct EpollSet {
     size_t rotate = 0;  // where the next scan starts: fairness when maxevents is small
 };
 
+// Added to event_gen once the engine is gone, so that EPOLLET sees its end as a new edge.
+constexpr uint32_t kEngineEndEdge = 1u << 31;
 constexpr uint32_t kControlBits = EPOLLET | EPOLLONESHOT | EPOLLEXCLUSIVE | EPOLLWAKEUP;
 constexpr uint32_t kExclusiveOk =
     EPOLLIN | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLWAKEUP | EPOLLET | EPOLLEXCLUSIVE;
@@ -200,8 +202,10 @@ int collect(EpollSet &set, epoll_event *out, int room) {
         if (entry.disabled || !entry_alive(entry)) continue;
         SocketRef ref;
         if (!find_socket(entry.fd, ref)) continue;
-        // The generation first: a change after it shows as a new generation next time.
-        const uint32_t gen = ref.shm->event_gen.load(std::memory_order_acquire);
+        // The generation first: a change after it shows as a new generation next time. The
+        // engine's end is an edge of its own: a killed engine bumps nothing.
+        const uint32_t gen = ref.shm->event_gen.load(std::memory_order_acquire) +
+                             (session_dead() ? kEngineEndEdge : 0);
         const uint32_t mask = reported_events(current_mask(ref), entry.events & ~kControlBits);
         if (!mask) continue;
         if (entry.events & EPOLLET) {

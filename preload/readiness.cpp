@@ -8,8 +8,12 @@ uint32_t poll_mask(const SocketSnapshot &s) {
     constexpr uint32_t kIn = POLLIN | POLLRDNORM;
     constexpr uint32_t kOut = POLLOUT | POLLWRNORM;
     // inet_csk_listen_poll(): only "a connection is waiting". Without an engine none ever
-    // will: the listener stays quiet rather than wake its server in a loop.
-    if (s.listening) return s.accept_available > 0 && !s.dead ? kIn : 0;
+    // will: the listener is readable once, for the accept() that reports the end
+    // (ECONNABORTED), and quiet after, rather than wake its server in a loop.
+    if (s.listening) {
+        if (s.dead) return s.end_unreported ? kIn : 0;
+        return s.accept_available > 0 ? kIn : 0;
+    }
     // No engine: wake everyone else, so each call finds out (ECONNRESET/EPIPE) and closes.
     if (s.dead) return kIn | kOut | POLLHUP | POLLERR | POLLRDHUP;
 

@@ -24,6 +24,8 @@ struct SocketSnapshot {
     bool shut_rd = false;  // the application called shutdown(SHUT_RD/SHUT_RDWR)
     bool shut_wr = false;  // the application called shutdown(SHUT_WR/SHUT_RDWR)
     bool dead = false;     // the engine session is gone
+    // A listener's accept() has not yet reported the engine's end (it does so once).
+    bool end_unreported = false;
 };
 
 // POLL* bits (identical to the EPOLL* values on Linux), including POLLRDNORM/POLLWRNORM and

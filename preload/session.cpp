@@ -308,6 +308,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     shut_rd.store(false);
     shut_wr.store(false);
     disconnected.store(false);
+    end_reported.store(false);
     connect_state.store(kUnconnected);
     rcv_timeout_ns.store(0);
     snd_timeout_ns.store(0);
@@ -486,6 +487,7 @@ SocketSnapshot snapshot(const SocketRef &ref) {
                          sock.acc_head.load(std::memory_order_relaxed);
     s.error_pending = error_pending(ref);
     s.listening = sock.listening.load(std::memory_order_relaxed);
+    s.end_unreported = !sock.end_reported.load(std::memory_order_relaxed);
     s.connect_started = sock.connect_state.load(std::memory_order_relaxed) == kConnecting;
     s.disconnected = sock.disconnected.load(std::memory_order_relaxed);
     s.shut_rd = sock.shut_rd.load(std::memory_order_relaxed);

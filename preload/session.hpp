@@ -44,6 +44,8 @@ struct Socket {
     std::atomic<bool> shut_rd{false};
     std::atomic<bool> shut_wr{false};
     std::atomic<bool> disconnected{false};  // a failed connect was reported (see readiness)
+    // A listener's accept() has reported the engine's end (ECONNABORTED): it is quiet since.
+    std::atomic<bool> end_reported{false};
     std::atomic<int> connect_state{kUnconnected};
     // SO_RCVTIMEO/SO_SNDTIMEO: 0 blocks forever, > 0 a limit, < 0 never waits (Linux stores a
     // negative timeval as a zero timeout).

@@ -57,10 +57,15 @@ long give_address(const ipc::SockAddrRecord &record, sockaddr *addr, socklen_t *
     return 0;
 }
 
-// A listener whose engine is gone gets no more connections: accept() behaves as on an idle
-// listener (EAGAIN, or a wait that only a signal or SO_RCVTIMEO ends) instead of failing at
-// once, which would spin a server that retries accept() in a loop.
-long accept_without_engine(int64_t timeout_ns) {
+// A listener whose engine is gone gets no more connections. accept() says so once, with
+// ECONNABORTED ("a connection was aborted before it was accepted"), which servers treat as
+// transient: they log it and go on, rather than exit or retry in a loop. So does every call
+// that was asleep in accept() when the engine went: none of them sleeps on a dead engine.
+// After that the listener behaves as an idle one (EAGAIN, or a wait that only a signal or
+// SO_RCVTIMEO ends), so that a server that retries accept() does not spin.
+long accept_without_engine(Socket &listener, bool was_waiting, int64_t timeout_ns) {
+    const bool first = !listener.end_reported.exchange(true);
+    if (first || was_waiting) return -ECONNABORTED;
     if (timeout_ns == 0) return -EAGAIN;
     timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000),
                 static_cast<long>(timeout_ns % 1'000'000'000)};
@@ -285,6 +290,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     ipc::SocketSlot &shm = *ref.shm;
     uint32_t taken = ipc::kMaxSockets;
     long error = 0;
+    bool waited = false;
     listener.rx_lock.lock();
     while (taken == ipc::kMaxSockets) {
         if (stale(ref)) {
@@ -296,7 +302,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
             break;
         }
         if (session_dead()) {
-            error = accept_without_engine(timeout);
+            error = accept_without_engine(listener, waited, timeout);
             break;
         }
         const uint32_t head = listener.acc_head.load(std::memory_order_relaxed);
@@ -323,10 +329,11 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
                        listener.acc_head.load(std::memory_order_relaxed) ||
                    !listener.listening.load() || stale(ref);
         };
-        const WaitResult waited = wait_until(ref.slot, ready, timeout, true);
+        waited = true;
+        const WaitResult result = wait_until(ref.slot, ready, timeout, true);
         listener.rx_lock.lock();
-        if (waited == WaitResult::kTimeout) error = -EAGAIN;
-        if (waited == WaitResult::kInterrupted) error = -EINTR;
+        if (result == WaitResult::kTimeout) error = -EAGAIN;
+        if (result == WaitResult::kInterrupted) error = -EINTR;
         if (error != 0) break;
     }
     listener.rx_lock.unlock();

@@ -107,19 +107,21 @@ engine_ready() {
     grep -q ready "$TCPS_TEST_DIR/ready" 2>/dev/null
 }
 
-# Starts the private engine and waits (5 s at most) for its "ready" on --ready-fd.
+# Starts the private engine and waits (5 s at most) for its "ready" on --ready-fd. Arguments
+# go to tcpsd (--busy-poll, --spin-us N). A test may start another engine after stopping one.
+# shellcheck disable=SC2120  # arguments are optional
 start_engine() {
     ENGINE_SOCK=$TCPS_TEST_DIR/engine.sock
     : >"$TCPS_TEST_DIR/ready"
-    "$TCPSD" --socket "$ENGINE_SOCK" --ready-fd 3 3>"$TCPS_TEST_DIR/ready" \
-        >"$TCPS_TEST_DIR/engine.log" 2>&1 &
+    "$TCPSD" --socket "$ENGINE_SOCK" --ready-fd 3 "$@" 3>"$TCPS_TEST_DIR/ready" \
+        >>"$TCPS_TEST_DIR/engine.log" 2>&1 &
     ENGINE_PID=$!
     track "$ENGINE_PID"
     # "${PRELOAD[@]}" PROGRAM...: runs PROGRAM with the shim and this engine. A command, not a
     # function, so that `$!` of a background job is the program's own pid (env execs it).
     PRELOAD=(env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK")
     wait_until 5 engine_ready || fail "the engine did not report ready within 5 s"
-    log "engine pid $ENGINE_PID ready on $ENGINE_SOCK"
+    log "engine pid $ENGINE_PID ready on $ENGINE_SOCK${*:+ ($*)}"
 }
 
 # The engine must still be running (a crash during a test is a failure), then stops it and
@@ -134,6 +136,61 @@ stop_engine() {
     ENGINE_PID=
 }
 
+# --- processes: CPU time and sleep, from /proc ---
+
+# utime + stime of process $1, all its threads, in clock ticks (fields 14 and 15 of
+# /proc/PID/stat, counted after the command name, which may hold spaces).
+cpu_ticks() {
+    local stat
+    stat=$(<"/proc/$1/stat") || return 1
+    stat=${stat##*) }
+    # shellcheck disable=SC2086  # split the fields on purpose
+    set -- $stat
+    echo $((${12} + ${13}))
+}
+
+# True when every thread of process $1 is asleep (S) or waiting (D): none runs or spins.
+all_threads_asleep() {
+    local task stat state
+    for task in /proc/"$1"/task/*; do
+        { stat=$(<"$task/stat"); } 2>/dev/null || continue  # a thread that just ended
+        stat=${stat##*) }
+        state=${stat%% *}
+        [[ $state == S || $state == D ]] || return 1
+    done
+}
+
+# Percent of one CPU that processes $2... used over the next $1 seconds (one decimal).
+cpu_percent_over() {
+    local seconds=$1 pid before=0 after=0 start end hz
+    shift
+    hz=$(getconf CLK_TCK)
+    for pid in "$@"; do before=$((before + $(cpu_ticks "$pid"))); done
+    start=${EPOCHREALTIME/./}
+    sleep "$seconds"  # the measurement interval itself, not a wait for something
+    for pid in "$@"; do after=$((after + $(cpu_ticks "$pid"))); done
+    end=${EPOCHREALTIME/./}
+    # ticks / hz seconds of CPU over (end - start) microseconds of wall time, in tenths of %
+    local tenths=$(((after - before) * 1000 * 1000000 / hz / (end - start)))
+    printf '%d.%d\n' $((tenths / 10)) $((tenths % 10))
+}
+
+# Waits up to $1 seconds for a line matching $3 in file $2.
+wait_for_line() {
+    local seconds=$1 file=$2 pattern=$3
+    # shellcheck disable=SC2317  # called by wait_until
+    has_line() { grep -q -- "$pattern" "$file" 2>/dev/null; }
+    wait_until "$seconds" has_line
+}
+
+# Waits up to $1 seconds for file $2 to hold a port number, and prints it.
+wait_for_port_file() {
+    local seconds=$1 file=$2
+    # shellcheck disable=SC2317  # called by wait_until
+    has_port() { [[ -s $file ]]; }
+    wait_until "$seconds" has_port || return 1
+    cat "$file"
+}
 
 # A TCP port on 127.0.0.1 that nothing uses right now (the kernel picks it).
 free_port() {

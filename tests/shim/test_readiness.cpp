@@ -119,12 +119,23 @@ TEST_CASE("a dead engine wakes every waiter with everything") {
     CHECK(poll_mask(s) == (kIn | kOut | POLLHUP | POLLERR | POLLRDHUP));
 }
 
-TEST_CASE("a listener without an engine stays quiet instead of waking its server forever") {
+TEST_CASE("a listener without an engine is readable once, for the accept() that says so") {
+    SocketSnapshot s;
+    s.flags = ipc::kFlagListening | ipc::kFlagBound;
+    s.listening = true;
+    s.accept_available = 2;  // what the engine had queued is gone with it
+    s.dead = true;
+    s.end_unreported = true;
+    CHECK(poll_mask(s) == kIn);
+}
+
+TEST_CASE("a listener without an engine is quiet once accept() reported its end") {
     SocketSnapshot s;
     s.flags = ipc::kFlagListening | ipc::kFlagBound;
     s.listening = true;
     s.accept_available = 2;
     s.dead = true;
+    s.end_unreported = false;
     CHECK(poll_mask(s) == 0);
 }
 
