@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# iperf3 -t 3: server preloaded with a plain client, then a preloaded client against a plain
-# server. Both ends must exit 0 and the JSON report must show bytes moved; ss proves which
-# sockets were tcpsd's.
+# iperf3 -t 3: server preloaded with a plain client, a preloaded client against a plain server,
+# then both preloaded. Both ends must exit 0 and the JSON report must show bytes moved; ss
+# proves which sockets were tcpsd's.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -62,5 +62,6 @@ run_case() {
 
 run_case a yes no
 run_case b no yes
+run_case c yes yes
 stop_engine
 log "iperf3: all cases passed"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # redis-server preloaded, driven by a plain redis-benchmark and redis-cli; then redis-benchmark
-# and redis-cli preloaded against a plain redis-server. ss proves which sockets were tcpsd's.
+# and redis-cli preloaded against a plain redis-server; then all of them preloaded. ss proves
+# which sockets were tcpsd's.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -74,6 +75,24 @@ fi
 grep -m 2 "pid=$ENGINE_PID," "$lines" | sed 's/^/  ss: /'
 log "evidence: redis-benchmark's connections to port $PORT belonged to tcpsd"
 set_get yes
+stop_pid "$REDIS_PID"
+
+log "case c: redis-server, redis-benchmark and redis-cli all preloaded"
+start_redis yes
+expect_engine_listener "$PORT" "$REDIS_PID"
+benchmark yes
+lines=$TCPS_TEST_DIR/bench-ss.txt
+if grep -q "pid=$BENCH_PID," "$lines"; then
+    fail "redis-benchmark (pid $BENCH_PID) held kernel sockets to port $PORT"
+fi
+if grep -q "pid=$REDIS_PID," "$lines"; then
+    fail "redis-server (pid $REDIS_PID) held kernel sockets on port $PORT"
+fi
+grep -q "pid=$ENGINE_PID," "$lines" ||
+    fail "no connection on port $PORT owned by the engine was seen while redis-benchmark ran"
+log "evidence: both ends of port $PORT's connections belonged to tcpsd"
+set_get yes
+kill -0 "$REDIS_PID" 2>/dev/null || fail "redis-server died"
 stop_pid "$REDIS_PID"
 
 stop_engine
