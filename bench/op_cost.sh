@@ -8,7 +8,7 @@
 # application, and the sum of /proc/PID/task/*/schedstat (ns on CPU) for the engine.
 #
 # Usage: bash bench/op_cost.sh [BUILD_DIR]   (default: build)
-# Environment: RUNS (default 5), SCALE (multiplies the call counts, default 1),
+# Environment: RUNS (default 5), SCALE (multiplies the call counts, may be fractional, default 1),
 #              OUT (CSV file, default bench/results/op_cost.csv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +76,7 @@ for op in send recv; do
         4096) count=100000 ;;
         *) count=40000 ;;
         esac
-        count=$((count * scale))
+        count=$(awk -v c="$count" -v s="$scale" 'BEGIN { n = int(c * s); print (n < 1) ? 1 : n }')
         for run in $(seq "$runs"); do
             line=$(taskset -c "$app_core" "$op_cost" "--$op" "$port" "$size" "$count")
             echo "$op,$size,native,$run,$(field cpu_ns_per_call "$line"),0,$(field wall_ns_per_call "$line")" >>"$out"

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Runs every benchmark in turn and prints all their tables: op_cost.sh (experiment 1: CPU per
+# send/recv), latency.sh (experiment 2: round trips), throughput.sh (experiment 3: iperf3) and
+# web_demo.sh (the web server demo). Each compares native and offloaded in the same run.
+#
+# Usage: bash bench/run.sh [--short|--full|--smoke] [BUILD_DIR]   (default: --short build)
+#   --short  RUNS=3, small counts: under ~3 minutes on a 2-core machine
+#   --full   RUNS=10, larger counts and longer runs: for publication
+#   --smoke  RUNS=1, tiny counts: only checks that every run works and every table appears
+#            (tests/bench runs it); its numbers mean nothing
+# RUNS in the environment overrides the mode's. Raw CSVs go to bench/results/.
+# Fails if a script fails or its table is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=short
+build=build
+for arg in "$@"; do
+    case $arg in
+    --short) mode=short ;;
+    --full) mode=full ;;
+    --smoke) mode=smoke ;;
+    -*)
+        echo "usage: bash bench/run.sh [--short|--full|--smoke] [BUILD_DIR]" >&2
+        exit 2
+        ;;
+    *) build=$arg ;;
+    esac
+done
+
+# Per mode: runs; op_cost's, latency's and throughput's SCALE
+# (fractional: 1 means 20,000 round trips and 2 s of sockperf, and 5 s per iperf3 run); the web
+# demo's seconds per run.
+case $mode in
+smoke) runs=1 op_scale=0.05 latency_scale=0.05 throughput_scale=0.2 web_seconds=1 ;;
+short) runs=3 op_scale=1 latency_scale=0.25 throughput_scale=0.4 web_seconds=3 ;;
+full) runs=10 op_scale=2 latency_scale=2 throughput_scale=2 web_seconds=10 ;;
+esac
+runs=${RUNS:-$runs}
+
+# The smoke run is a test: what the host lacks makes it skip (exit 77, meson's SKIP), not fail.
+missing_exit=1
+[[ $mode == smoke ]] && missing_exit=77
+for needed in engine/tcpsd preload/libtcps.so bench/op_cost bench/pingpong; do
+    [[ -e $build/$needed ]] ||
+        { echo "run.sh: $build/$needed is missing: build it first (ninja -C $build)" >&2; exit $missing_exit; }
+done
+for tool in python3 taskset ss iperf3 curl; do
+    command -v "$tool" >/dev/null 2>&1 ||
+        { echo "run.sh: $tool is not installed (bash scripts/setup.sh)" >&2; exit $missing_exit; }
+done
+
+results=$(mktemp -d "${TMPDIR:-/tmp}/tcps-bench.XXXXXX")
+trap 'rm -rf "$results"' EXIT
+# The smoke run's numbers mean nothing: keep its CSVs out of bench/results/.
+csv_dir=bench/results
+[[ $mode == smoke ]] && csv_dir=$results
+
+echo "bench/run.sh --$mode: RUNS=$runs, build $build, $(nproc) cores, $(uname -r)"
+echo "placement: application on core 0; peer or load generator and the engine on core $(($(nproc) - 1))," \
+    "in native and offloaded runs alike"
+
+failed=()
+# $1: title, $2: a regular expression for the table's last row, then the command (environment
+# first).
+experiment() {
+    local title=$1 table_mark=$2 log
+    shift 2
+    log=$results/$(tr -c 'a-z0-9' '_' <<<"$title").txt
+    printf '\n== %s\n' "$title"
+    local started=$SECONDS status=0
+    env "$@" >"$log" 2>"$log.err" || status=$?
+    cat "$log"
+    sed 's/^/   /' "$log.err" >&2
+    if ((status != 0)); then
+        echo "run.sh: $title failed with status $status" >&2
+        failed+=("$title")
+    elif ! grep -qE -- "$table_mark" "$log"; then
+        echo "run.sh: $title printed no table ('$table_mark' is missing)" >&2
+        failed+=("$title")
+    fi
+    echo "($((SECONDS - started)) s)"
+}
+
+experiment "experiment 1: CPU per send/recv (op_cost.sh)" '^recv +16384 +[0-9]' \
+    OUT="$csv_dir/op_cost.csv" RUNS="$runs" SCALE="$op_scale" bash bench/op_cost.sh "$build"
+experiment "experiment 2: round-trip latency (latency.sh)" '^pingpong +1024 +[0-9]' \
+    OUT="$csv_dir/latency.csv" RUNS="$runs" SCALE="$latency_scale" bash bench/latency.sh "$build"
+experiment "experiment 3: bulk throughput, iperf3 (throughput.sh)" '^ +8 +[0-9]' \
+    OUT="$csv_dir/throughput.csv" RUNS="$runs" SCALE="$throughput_scale" bash bench/throughput.sh "$build"
+experiment "web demo: python3 http.server under wrk (web_demo.sh)" 'ratio offloaded / native +[0-9]' \
+    DURATION="$web_seconds" bash bench/web_demo.sh "$build"
+
+if ((${#failed[@]} > 0)); then
+    printf '\nrun.sh: failed: %s\n' "${failed[*]}" >&2
+    exit 1
+fi
+printf '\nrun.sh: all tables printed (raw CSVs in %s)\n' "$csv_dir"
