@@ -166,6 +166,16 @@ int Worker::op_connect(Session &s, uint32_t i, const ipc::Request &req) {
     EngineSlot &es = s.slots[i];
     if (es.flags & ipc::kFlagConnected) return -EISCONN;
     if (es.flags & ipc::kFlagConnecting) return -EALREADY;
+    if (es.flags & ipc::kFlagReset) {
+        // The last attempt failed (refused, timed out, aborted by a shutdown). The engine took
+        // its outcome with SO_ERROR, so its kernel socket still counts as connecting and would
+        // answer ECONNABORTED; the client has already reported the failure as Linux does.
+        // Disconnect it (what __inet_stream_connect() does on that ECONNABORTED): back in
+        // TCP_CLOSE, explicit bind kept, it starts the new attempt below.
+        sockaddr unspec{};
+        unspec.sa_family = AF_UNSPEC;
+        connect(es.fd, &unspec, sizeof(unspec));
+    }
     // The kernel's own non-blocking connect: its immediate errors are exactly Linux's.
     if (connect(es.fd, as_sockaddr(req.addr), req.addr_len) == 0) {
         on_connected(s, i);
@@ -182,12 +192,58 @@ int Worker::op_connect(Session &s, uint32_t i, const ipc::Request &req) {
     return -EINPROGRESS;
 }
 
+int Worker::shutdown_listener(Session &s, uint32_t i, int how) {
+    EngineSlot &es = s.slots[i];
+    // inet_shutdown(): SHUT_WR leaves a listener alone. SHUT_RD disconnects it: accept()
+    // fails with EINVAL, poll says POLLOUT|POLLHUP, the kernel resets the connections in its
+    // queue, and listen() may be called again.
+    if (shutdown(es.fd, how) != 0) return -errno;
+    if (how == SHUT_WR) return 0;
+    stop_listening(s, i);
+    // Ours too: those the engine accepted but the application has not taken.
+    drop_untaken(s, i, false);
+    update_kernel_mask(s, i);
+    publish_flags(s, i, es.flags & ~(ipc::kFlagListening | ipc::kFlagAcceptPaused));
+    bump_event(s, i);
+    return 0;
+}
+
+int Worker::shutdown_connecting(Session &s, uint32_t i, int how) {
+    EngineSlot &es = s.slots[i];
+    // inet_shutdown(): any shutdown in SYN_SENT disconnects: the attempt ends with SO_ERROR
+    // ECONNRESET and connect() may be called again.
+    if (shutdown(es.fd, how) != 0) return -errno;
+    tcp_info info{};
+    socklen_t len = sizeof(info);
+    const bool closed =
+        getsockopt(es.fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_state == TCP_CLOSE;
+    if (closed) {
+        if (es.connect_posted) cancel(s, i, Kind::kConnect);
+        int error = get_int_option(es.fd, SOL_SOCKET, SO_ERROR, 0);
+        record_error(s, i, error != 0 ? error : ECONNRESET);
+        return 0;
+    }
+    // The handshake finished before our shutdown, which then applied to a connection (with
+    // nothing queued yet, so SHUT_WR needs no drain).
+    on_connected(s, i);
+    uint32_t flags = es.flags;
+    if (how != SHUT_WR) flags |= ipc::kFlagRxShut;
+    if (how != SHUT_RD) flags |= ipc::kFlagTxShut;
+    update_kernel_mask(s, i);
+    publish_flags(s, i, flags);
+    bump_event(s, i);
+    return 0;
+}
+
 int Worker::op_shutdown(Session &s, uint32_t i, const ipc::Request &req) {
     EngineSlot &es = s.slots[i];
     const int how = req.arg0;
     const bool rd = how == SHUT_RD || how == SHUT_RDWR;
     const bool wr = how == SHUT_WR || how == SHUT_RDWR;
     uint32_t flags = es.flags;
+    if (flags & ipc::kFlagListening) return shutdown_listener(s, i, how);
+    if ((flags & ipc::kFlagConnecting) && !(flags & (ipc::kFlagConnected | ipc::kFlagReset)))
+        return shutdown_connecting(s, i, how);
     if (!(flags & ipc::kFlagConnected) || (flags & ipc::kFlagReset)) {
         // Nothing in the rings to wait for: the kernel answers (ENOTCONN, listener, ...).
         if (shutdown(es.fd, how) != 0) return -errno;
@@ -233,9 +289,15 @@ int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
         case OptionAction::kRefuse:
             return decision.error;
         case OptionAction::kEngineOnly: {
-            int value;
-            std::memcpy(&value, req.opt, sizeof(value));
-            es.rcvlowat = value < 0 ? INT_MAX : (value == 0 ? 1 : value);
+            // SO_RCVLOWAT. The kernel socket computes Linux's value (negative: INT_MAX, 0: 1,
+            // at most half the receive buffer) and applies its side effect (a larger
+            // SO_RCVBUF); then it goes back to 1, so that the engine's receives keep filling
+            // the rx ring, whose contents are what the application's low-water mark is about.
+            if (setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, req.opt, req.opt_len) != 0)
+                return -errno;
+            es.rcvlowat = get_int_option(es.fd, SOL_SOCKET, SO_RCVLOWAT, 1);
+            const int one = 1;
+            setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
             return 0;
         }
         case OptionAction::kKernel:

@@ -40,6 +40,7 @@ struct EngineSlot {
     bool send_posted = false;
     bool accept_posted = false;
     bool connect_posted = false;
+    bool watch_posted = false;
     bool accept_retry = false;  // accepting paused by a resource error, retried on a tick
     bool timed = false;         // in the worker's list of slots to look at on each tick
 

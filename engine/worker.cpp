@@ -89,6 +89,9 @@ std::string Worker::init() {
         return "io_uring lacks IORING_FEAT_FAST_POLL (needs Linux 5.7+)";
     if (!(params.features & IORING_FEAT_NODROP))
         return "io_uring lacks IORING_FEAT_NODROP (needs Linux 5.5+)";
+    // Came with multishot poll (IORING_POLL_ADD_MULTI), which has no flag of its own.
+    if (!(params.features & IORING_FEAT_RSRC_TAGS))
+        return "io_uring lacks multishot poll (IORING_FEAT_RSRC_TAGS, needs Linux 5.13+)";
     io_uring_probe *probe = io_uring_get_probe_ring(&ring_);
     if (!probe) return "io_uring: cannot probe supported operations";
     std::string missing;
@@ -283,6 +286,7 @@ unsigned Worker::reap() {
     struct Completion {
         uint64_t user_data;
         int32_t res;
+        uint32_t flags;
     };
     Completion batch[kCqeBatch];
     unsigned total = 0;
@@ -291,7 +295,7 @@ unsigned Worker::reap() {
         unsigned head;
         io_uring_cqe *cqe;
         io_uring_for_each_cqe(&ring_, head, cqe) {
-            batch[count++] = {cqe->user_data, cqe->res};
+            batch[count++] = {cqe->user_data, cqe->res, cqe->flags};
             if (count == kCqeBatch) break;
         }
         if (count == 0) {
@@ -303,14 +307,15 @@ unsigned Worker::reap() {
             break;
         }
         io_uring_cq_advance(&ring_, count);
-        for (unsigned k = 0; k < count; ++k) handle_completion(batch[k].user_data, batch[k].res);
+        for (unsigned k = 0; k < count; ++k)
+            handle_completion(batch[k].user_data, batch[k].res, batch[k].flags);
         total += count;
         if (count < kCqeBatch || total >= 4 * kCqeBatch) break;
     }
     return total;
 }
 
-void Worker::handle_completion(uint64_t data, int32_t res) {
+void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
     const auto kind = static_cast<Kind>(data >> 56);
     if (kind == Kind::kIgnore) return;
     if (kind == Kind::kWorkerDoorbell) {
@@ -326,7 +331,9 @@ void Worker::handle_completion(uint64_t data, int32_t res) {
         return;
     }
     Session &s = *sp;
-    if (s.inflight > 0) --s.inflight;
+    // A multishot operation stays in flight until its last completion (no IORING_CQE_F_MORE).
+    const bool more = (cqe_flags & IORING_CQE_F_MORE) != 0;
+    if (s.inflight > 0 && !more) --s.inflight;
     switch (kind) {
         case Kind::kSessionDoorbell:
             s.doorbell_posted = false;
@@ -339,9 +346,10 @@ void Worker::handle_completion(uint64_t data, int32_t res) {
         case Kind::kRecv:
         case Kind::kSend:
         case Kind::kAccept:
-        case Kind::kConnect: {
+        case Kind::kConnect:
+        case Kind::kWatch: {
             EngineSlot &es = s.slots[i];
-            if (es.inflight > 0) --es.inflight;
+            if (es.inflight > 0 && !more) --es.inflight;
             if (es.gen != gen) {
                 log_line("worker %d: stale completion for session %u slot %u (bug)", config_.index,
                          s.id, i);
@@ -351,6 +359,7 @@ void Worker::handle_completion(uint64_t data, int32_t res) {
             if (kind == Kind::kSend) on_send(s, i, res);
             if (kind == Kind::kAccept) on_accept(s, i, res);
             if (kind == Kind::kConnect) on_connect(s, i, res);
+            if (kind == Kind::kWatch) on_watch(s, i, res, more);
             break;
         }
         default:
@@ -461,6 +470,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.recv_posted) cancel(*s, item.slot, Kind::kRecv);
                 if (es.accept_posted) cancel(*s, item.slot, Kind::kAccept);
                 if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
+                if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -472,6 +482,7 @@ void Worker::housekeeping(uint64_t now) {
         post_recv(*s, item.slot);
         post_send(*s, item.slot);
         post_accept(*s, item.slot);
+        if (es.flags & ipc::kFlagRxEof) post_watch(*s, item.slot);
     }
 }
 
@@ -577,6 +588,8 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         update_kernel_mask(s, i);
         publish_flags(s, i, es.flags | ipc::kFlagRxEof);
         bump_event(s, i);
+        // No recv is posted from now on; an RST must still be seen before the next send.
+        post_watch(s, i);
     } else if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
         schedule(s, i);  // transient: try again on the next tick, not in a tight loop
     } else if (res != -ECANCELED) {
@@ -773,10 +786,56 @@ void Worker::on_connected(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     refresh_addresses(s, i, true);
     update_kernel_mask(s, i);
-    publish_flags(s, i, (es.flags & ~ipc::kFlagConnecting) | ipc::kFlagConnected | ipc::kFlagBound);
+    // Reset/RxEof may remain from a failed earlier attempt when a retry connects at once.
+    publish_flags(s, i,
+                  (es.flags & ~(ipc::kFlagConnecting | ipc::kFlagReset | ipc::kFlagRxEof)) |
+                      ipc::kFlagConnected | ipc::kFlagBound);
     bump_event(s, i);
     post_recv(s, i);
     post_send(s, i);
+}
+
+void Worker::post_watch(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.watch_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
+        (es.flags & ipc::kFlagReset))
+        return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    // Multishot: io_uring always adds POLLRDHUP to a poll's events, and after the FIN it
+    // stays set, so a one-shot poll would complete at once. This one completes on every
+    // wake-up that matches (state changes, errors); on_watch looks for POLLERR|POLLHUP.
+    io_uring_prep_poll_multishot(sqe, es.fd, POLLERR | POLLHUP);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kWatch, s.index, i, es.gen));
+    es.watch_posted = true;
+    ++es.inflight;
+    ++s.inflight;
+}
+
+void Worker::on_watch(Session &s, uint32_t i, int32_t res, bool more) {
+    EngineSlot &es = s.slots[i];
+    if (!more) es.watch_posted = false;
+    if (es.state != ipc::SlotState::kOpen) {
+        if (!more) maybe_finish_close(s, i);
+        return;
+    }
+    if (res == -ECANCELED || (es.flags & ipc::kFlagReset)) return;
+    // Ended without an error to report (ENOMEM, a full CQ): armed again on the next tick.
+    if (!more) schedule(s, i);
+    if (res < 0 || !(res & (POLLERR | POLLHUP))) return;  // POLLRDHUP alone: the FIN we know
+    int error = 0;
+    socklen_t len = sizeof(error);
+    if (getsockopt(es.fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+    if (error != 0) {
+        // After the peer's FIN, Linux reports an RST as EPIPE (tcp_reset() in CLOSE_WAIT).
+        record_error(s, i, error);
+        if (es.watch_posted) cancel(s, i, Kind::kWatch);
+        return;
+    }
+    // POLLHUP without an error: both directions are shut (our FIN went, theirs came), or a
+    // send already collected the error and reports it.
+    update_kernel_mask(s, i);
+    bump_event(s, i);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -901,19 +960,23 @@ void Worker::record_error(Session &s, uint32_t i, int error) {
     EngineSlot &es = s.slots[i];
     if (es.flags & ipc::kFlagReset) return;  // the first error is the one reported
     ipc::SocketSlot &slot = s.region.slot(i);
+    // The kernel said POLLERR until the engine took its SO_ERROR; the client's is pending now.
+    update_kernel_mask(s, i, POLLERR);
+    // The error before the flag (both release): a client that sees kFlagReset also sees the
+    // new error_gen and so_error, so it never reports a reset without its error. A client that
+    // sees the error first treats a pending error as a reset (preload/readiness.cpp).
     slot.so_error.store(error, std::memory_order_relaxed);
     slot.error_gen.fetch_add(1, std::memory_order_release);
-    update_kernel_mask(s, i);
     publish_flags(s, i, (es.flags & ~ipc::kFlagConnecting) | ipc::kFlagReset);
     bump_event(s, i);
 }
 
-void Worker::update_kernel_mask(Session &s, uint32_t i) {
+void Worker::update_kernel_mask(Session &s, uint32_t i, uint32_t also) {
     EngineSlot &es = s.slots[i];
     pollfd p{es.fd, POLLIN | POLLOUT | POLLRDHUP | POLLPRI, 0};
-    uint32_t mask = 0;
+    uint32_t mask = also;
     if (es.fd >= 0 && poll(&p, 1, 0) > 0)
-        mask = static_cast<uint32_t>(p.revents) & (POLLHUP | POLLERR | POLLRDHUP | POLLOUT);
+        mask |= static_cast<uint32_t>(p.revents) & (POLLHUP | POLLERR | POLLRDHUP | POLLOUT);
     s.region.slot(i).kernel_mask.store(mask, std::memory_order_relaxed);
 }
 
@@ -946,26 +1009,14 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
                                      std::memory_order_release);
         es.close_tail = es.tx_tail;
         es.close_progress_ns = now_ns_;
-        if (es.flags & ipc::kFlagListening) {
-            for (size_t k = 0; k < s.listeners.size(); ++k) {
-                if (s.listeners[k] == i) {
-                    s.listeners[k] = s.listeners.back();
-                    s.listeners.pop_back();
-                    break;
-                }
-            }
-            // Connections accepted but never taken by the application die with it.
-            const uint32_t untaken = es.acc_tail - es.acc_head;
-            for (uint32_t j = ipc::kClientSlots; j < ipc::kMaxSockets && untaken > 0; ++j) {
-                const EngineSlot &conn = s.slots[j];
-                if (conn.state == ipc::SlotState::kOpen && conn.accepted_by == i &&
-                    conn.accepted_by_gen == es.gen && conn.accept_pos - es.acc_head < untaken)
-                    start_close(s, j, true);
-            }
-        }
+        if (es.flags & ipc::kFlagListening) stop_listening(s, i);
+        // Connections accepted but never taken by the application die with it (also those
+        // of a listener that a shutdown(SHUT_RD) stopped earlier).
+        drop_untaken(s, i, true);
         if (es.recv_posted) cancel(s, i, Kind::kRecv);
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
+        if (es.watch_posted) cancel(s, i, Kind::kWatch);
     }
     if (reset && !es.close_reset) {
         es.close_reset = true;
@@ -975,6 +1026,46 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         }
     }
     maybe_finish_close(s, i);
+}
+
+void Worker::stop_listening(Session &s, uint32_t i) {
+    for (size_t k = 0; k < s.listeners.size(); ++k) {
+        if (s.listeners[k] == i) {
+            s.listeners[k] = s.listeners.back();
+            s.listeners.pop_back();
+            break;
+        }
+    }
+    if (s.slots[i].accept_posted) cancel(s, i, Kind::kAccept);
+}
+
+void Worker::drop_untaken(Session &s, uint32_t i, bool close) {
+    const EngineSlot &es = s.slots[i];
+    const uint32_t untaken = es.acc_tail - es.acc_head;
+    if (untaken == 0) return;
+    for (uint32_t j = ipc::kClientSlots; j < ipc::kMaxSockets; ++j) {
+        const EngineSlot &conn = s.slots[j];
+        if (conn.state != ipc::SlotState::kOpen || conn.accepted_by != i ||
+            conn.accepted_by_gen != es.gen || conn.accept_pos - es.acc_head >= untaken)
+            continue;
+        if (close) {
+            start_close(s, j, true);
+        } else {
+            reset_in_place(s, j);
+        }
+    }
+}
+
+void Worker::reset_in_place(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.state != ipc::SlotState::kOpen || (es.flags & ipc::kFlagReset)) return;
+    // tcp_disconnect() sends the RST and leaves our descriptor open.
+    sockaddr unspec{};
+    unspec.sa_family = AF_UNSPEC;
+    connect(es.fd, &unspec, sizeof(unspec));
+    if (es.recv_posted) cancel(s, i, Kind::kRecv);
+    if (es.watch_posted) cancel(s, i, Kind::kWatch);
+    record_error(s, i, ECONNRESET);
 }
 
 void Worker::maybe_finish_close(Session &s, uint32_t i) {

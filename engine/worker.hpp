@@ -69,6 +69,7 @@ class Worker {
         kSend,
         kAccept,
         kConnect,
+        kWatch,  // multishot poll for an RST on a socket with no recv posted (after the FIN)
     };
 
     struct TimedSlot {
@@ -86,7 +87,7 @@ class Worker {
     bool process_queue(Session &s);
     void process_slot(Session &s, uint32_t i);
     unsigned reap();
-    void handle_completion(uint64_t user_data, int32_t res);
+    void handle_completion(uint64_t user_data, int32_t res, uint32_t cqe_flags);
     void flush_wakes();
     void wake_session(Session &s);
     void sleep_until_work();
@@ -110,11 +111,13 @@ class Worker {
     void post_send(Session &s, uint32_t i);
     void post_accept(Session &s, uint32_t i);
     void post_connect_poll(Session &s, uint32_t i);
+    void post_watch(Session &s, uint32_t i);
     void on_recv(Session &s, uint32_t i, int32_t res);
     void on_send(Session &s, uint32_t i, int32_t res);
     void on_accept(Session &s, uint32_t i, int32_t res);
     void on_connect(Session &s, uint32_t i, int32_t res);
     void on_connected(Session &s, uint32_t i);
+    void on_watch(Session &s, uint32_t i, int32_t res, bool more);
     void on_control(Session &s, int32_t res);
     void handle_control_message(Session &s, const ipc::ControlMessage &msg, int fd);
     void resume_listeners(Session &s);
@@ -125,9 +128,16 @@ class Worker {
     void bump_event(Session &s, uint32_t i);
     void mark_changed(Session &s, uint32_t i);
     void record_error(Session &s, uint32_t i, int error);
-    void update_kernel_mask(Session &s, uint32_t i);
+    // `also`: bits the kernel reported before the engine consumed them (POLLERR with SO_ERROR).
+    void update_kernel_mask(Session &s, uint32_t i, uint32_t also = 0);
     void refresh_addresses(Session &s, uint32_t i, bool peer);
     void apply_shut_wr(Session &s, uint32_t i);
+    // A listener stops (close, shutdown(SHUT_RD)): no more accepts from its kernel socket.
+    void stop_listening(Session &s, uint32_t i);
+    // Connections in listener i's accept ring that the application has not taken: closed
+    // (`close`), or reset but kept, since the application may still take their index.
+    void drop_untaken(Session &s, uint32_t i, bool close);
+    void reset_in_place(Session &s, uint32_t i);
     void start_close(Session &s, uint32_t i, bool reset);
     void maybe_finish_close(Session &s, uint32_t i);
     void finish_close(Session &s, uint32_t i);
@@ -141,6 +151,8 @@ class Worker {
     int op_listen(Session &s, uint32_t i, const ipc::Request &req);
     int op_connect(Session &s, uint32_t i, const ipc::Request &req);
     int op_shutdown(Session &s, uint32_t i, const ipc::Request &req);
+    int shutdown_listener(Session &s, uint32_t i, int how);
+    int shutdown_connecting(Session &s, uint32_t i, int how);
     int op_setsockopt(Session &s, uint32_t i, const ipc::Request &req);
     int op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
                       uint32_t &out_len);

@@ -75,6 +75,27 @@ inline void fail(const char *format, ...) {
         if (!(cond)) ::tcps::test::fail(__VA_ARGS__); \
     } while (0)
 
+// Engines still running when the test exits: fail() calls exit(), which skips the
+// destructors of main()'s locals, and an engine left behind would hold the test's output pipe.
+inline std::vector<pid_t> &live_engines() {
+    static std::vector<pid_t> pids;
+    return pids;
+}
+
+inline pid_t &engines_owner() {
+    static pid_t owner = 0;
+    return owner;
+}
+
+inline void kill_live_engines() {
+    if (getpid() != engines_owner()) return;  // a forked child of the test is exiting
+    for (const pid_t pid : live_engines()) {
+        kill(pid, SIGKILL);
+        waitpid(pid, nullptr, 0);
+    }
+    live_engines().clear();
+}
+
 // A tcpsd child process on a private socket.
 class EngineProcess {
   public:
@@ -99,6 +120,12 @@ class EngineProcess {
             _exit(127);
         }
         close(ready[1]);
+        if (engines_owner() == 0) {
+            engines_owner() = getpid();
+            live_engines();  // constructed first, so destroyed only after the handler has run
+            std::atexit(kill_live_engines);
+        }
+        live_engines().push_back(pid_);
         pollfd p{ready[0], POLLIN, 0};
         char buffer[16] = {};
         bool ok = poll(&p, 1, 10000) == 1 && read(ready[0], buffer, sizeof(buffer)) > 0 &&
@@ -113,6 +140,7 @@ class EngineProcess {
         const pid_t r = waitpid(pid_, &status, WNOHANG);
         if (r == pid_) {
             status_ = status;
+            forget(pid_);
             pid_ = -1;
             return false;
         }
@@ -132,6 +160,7 @@ class EngineProcess {
         if (pid_ > 0) {
             kill(pid_, SIGKILL);
             waitpid(pid_, nullptr, 0);
+            forget(pid_);
             pid_ = -1;
         }
     }
@@ -140,6 +169,17 @@ class EngineProcess {
     const std::string &socket_path() const { return socket_path_; }
 
   private:
+    static void forget(pid_t pid) {
+        std::vector<pid_t> &pids = live_engines();
+        for (size_t k = 0; k < pids.size(); ++k) {
+            if (pids[k] == pid) {
+                pids[k] = pids.back();
+                pids.pop_back();
+                break;
+            }
+        }
+    }
+
     pid_t pid_ = -1;
     int status_ = 0;
     std::string socket_path_;
