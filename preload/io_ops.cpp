@@ -274,6 +274,12 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             result = static_cast<long>(copied);  // the error waits for the next call
             break;
         }
+        // tcp_recvmsg() looks at SOCK_DONE (the peer's FIN) before sk_err: after a FIN, an RST's
+        // error waits for the next send and recv keeps returning 0.
+        if (pending && (state & ipc::kFlagRxEof)) {
+            result = 0;
+            break;
+        }
         if (pending) {
             if (const int error = take_error(ref)) {
                 result = -error;

@@ -789,6 +789,20 @@ void check_reset(const Family &family) {
     say("RST: then recv=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
     pair.close_both();
 
+    // A FIN, then an RST: recv keeps reporting the EOF (tcp_recvmsg checks SOCK_DONE before
+    // sk_err) and the error goes to the next send.
+    pair = connected_pair(family);
+    shutdown(pair.server, SHUT_WR);
+    wait_bits(pair.client, POLLIN | POLLRDHUP, POLLRDHUP);
+    reset_close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLHUP);
+    say("FIN then RST: recv=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("FIN then RST: send=%s", rc(send(pair.client, "x", 1, MSG_NOSIGNAL)).c_str());
+    say("FIN then RST: recv after send=%s", rc(recv(pair.client, buf, sizeof(buf), 0)).c_str());
+    say("FIN then RST: SO_ERROR=%d", get_int(pair.client, SOL_SOCKET, SO_ERROR));
+    pair.close_both();
+
     // Closing with unread data in the receive queue also resets the connection (RFC 2525).
     pair = connected_pair(family);
     send_text(pair.client, "unread");
