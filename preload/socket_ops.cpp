@@ -363,10 +363,11 @@ long op_shutdown(SocketRef &ref, int how) {
                             !(slot_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset));
     const int rc = request(ref.slot, make_request(ipc::Op::kShutdown, how));
     if (rc != 0 && rc != -ENOTCONN) return rc;
-    // inet_shutdown(): a listener (SHUT_RD) or a connecting socket is disconnected instead;
-    // any other socket records the shutdown, even when the answer is ENOTCONN.
+    // inet_shutdown(): a listener (for SHUT_RD/SHUT_RDWR) or a connecting socket (for any
+    // `how`) is disconnected instead; any other socket records the shutdown, even when the
+    // answer is ENOTCONN.
     if (listening || connecting) {
-        if (how != SHUT_WR) {
+        if (connecting || how != SHUT_WR) {
             sock.listening.store(false);
             sock.connect_state.store(kUnconnected);
             sock.disconnected.store(true);
