@@ -229,6 +229,11 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     const bool peek = flags & MSG_PEEK;
     const bool waitall = (flags & MSG_WAITALL) && !nonblock;
     const bool discard = flags & MSG_TRUNC;
+    // sock_rcvlowat(): a blocking call returns once this many bytes are in (or EOF/error).
+    const size_t target =
+        waitall ? total
+                : std::min<size_t>(
+                      static_cast<size_t>(sock.rcvlowat.load(std::memory_order_relaxed)), total);
 
     IovCursor cursor{iov, iovcnt, 0, 0, total};
     const uint8_t *ring = region().rx_ring(ref.slot);
@@ -253,7 +258,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             if (shm.flags.load(std::memory_order_relaxed) & ipc::kFlagRxPaused)
                 notify_engine(ref.slot);
             copied += n;
-            if (cursor.remaining == 0 || !waitall) {
+            if (cursor.remaining == 0 || copied >= target) {
                 result = static_cast<long>(copied);
                 break;
             }
@@ -264,7 +269,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
         const bool pending = !dead && error_pending(ref);
         const bool eof = dead || (state & (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
                          sock.shut_rd.load();
-        if (peek && available > 0 && (!waitall || available >= total || pending || eof)) {
+        if (peek && available > 0 && (available >= target || pending || eof || timeout == 0)) {
             const size_t n = std::min<size_t>(available, total);
             copy_from_ring(cursor, ring, head, n, discard);
             result = static_cast<long>(n);
@@ -317,6 +322,14 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
         const WaitResult waited = wait_until(ref.slot, ready, timeout, true);
         sock.rx_lock.lock();
         if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
+            if (peek && !stale(ref)) {
+                // What a peek short of its target saw still counts, as it does for Linux.
+                const uint32_t now_head = shm.rx_head.load(std::memory_order_relaxed);
+                const uint32_t now_available = std::min(
+                    shm.rx_tail.load(std::memory_order_acquire) - now_head, ipc::kRxRingBytes);
+                copied = std::min<size_t>(now_available, total);
+                copy_from_ring(cursor, ring, now_head, copied, discard);
+            }
             result = copied ? static_cast<long>(copied)
                             : (waited == WaitResult::kTimeout ? -EAGAIN : -EINTR);
             break;

@@ -34,7 +34,8 @@ uint32_t poll_mask(const SocketSnapshot &s) {
     if ((rx_shut && tx_shut) || closed) mask |= POLLHUP;
     if (rx_shut) mask |= kIn | POLLRDHUP;
     if (!connecting) {  // SYN_SENT reports nothing but errors
-        if (s.rx_available > 0) mask |= kIn;
+        // tcp_stream_is_readable(): SO_RCVLOWAT bytes (at least one) are there.
+        if (s.rx_available > 0 && s.rx_available >= s.rcvlowat) mask |= kIn;
         // Writable while there is room; after SHUT_WR too, so a writer finds EPIPE.
         if (tx_shut || s.tx_used < ipc::kTxRingBytes) mask |= kOut;
     }

@@ -13,6 +13,7 @@ struct SocketSnapshot {
     uint32_t flags = 0;             // SocketSlot::flags (ipc::kFlag*)
     uint32_t tx_used = 0;           // tx_tail - tx_head
     uint32_t rx_available = 0;      // rx_tail - rx_head
+    uint32_t rcvlowat = 1;          // SO_RCVLOWAT: readable from this many bytes on
     uint32_t accept_available = 0;  // acc_tail - the client's acc_head
     bool error_pending = false;     // so_error set in a generation not yet reported
     bool listening = false;         // listen() succeeded and no shutdown(SHUT_RD) since

@@ -312,6 +312,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     connect_state.store(kUnconnected);
     rcv_timeout_ns.store(0);
     snd_timeout_ns.store(0);
+    rcvlowat.store(1);
     consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
     acc_head.store(0);
     tx_sleeping.store(false);
@@ -492,6 +493,7 @@ SocketSnapshot snapshot(const SocketRef &ref) {
     s.disconnected = sock.disconnected.load(std::memory_order_relaxed);
     s.shut_rd = sock.shut_rd.load(std::memory_order_relaxed);
     s.shut_wr = sock.shut_wr.load(std::memory_order_relaxed);
+    s.rcvlowat = static_cast<uint32_t>(sock.rcvlowat.load(std::memory_order_relaxed));
     return s;
 }
 

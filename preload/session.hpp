@@ -51,6 +51,8 @@ struct Socket {
     // negative timeval as a zero timeout).
     std::atomic<int64_t> rcv_timeout_ns{0};
     std::atomic<int64_t> snd_timeout_ns{0};
+    // SO_RCVLOWAT as the engine's socket holds it (>= 1): recv and readiness honour it.
+    std::atomic<int> rcvlowat{1};
     std::atomic<uint32_t> consumed_error_gen{0};
     std::atomic<uint32_t> acc_head{0};     // accept ring entries taken (mirrors slot.acc_head)
     SocketLock rx_lock;                    // recv and accept

@@ -350,10 +350,34 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     sock.rcv_timeout_ns.store(listener.rcv_timeout_ns.load());
     sock.snd_timeout_ns.store(listener.snd_timeout_ns.load());
     sock.linger_reset.store(listener.linger_reset.load());
+    sock.rcvlowat.store(listener.rcvlowat.load());
     g_fds.set(fd, FdRef::socket(taken, gen));
     if (addr) give_address(region().slot(taken).peer_addr, addr, len);
     return fd;
 }
+
+namespace {
+
+// After shutdown(SHUT_RD) of a listener the engine has reset the connections the application
+// never took; Linux forgets them, so take them off the accept ring and release their slots.
+void drop_unaccepted(SocketRef &ref) {
+    Socket &listener = *ref.sock;
+    ipc::SocketSlot &shm = *ref.shm;
+    listener.rx_lock.lock();
+    const uint32_t tail = shm.acc_tail.load(std::memory_order_acquire);
+    uint32_t head = listener.acc_head.load(std::memory_order_relaxed);
+    // Engine-written: at most one ring's worth, and only engine-range indices are closed.
+    for (uint32_t n = 0; head != tail && n < ipc::kAcceptRingEntries; ++n, ++head) {
+        const uint32_t index = shm.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
+        if (index >= ipc::kClientSlots && index < ipc::kMaxSockets) request_close(index, true);
+    }
+    listener.acc_head.store(head, std::memory_order_relaxed);
+    shm.acc_head.store(head, std::memory_order_release);
+    listener.rx_lock.unlock();
+    notify_engine(ref.slot);
+}
+
+}  // namespace
 
 long op_shutdown(SocketRef &ref, int how) {
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return -EINVAL;
@@ -372,6 +396,7 @@ long op_shutdown(SocketRef &ref, int how) {
             sock.connect_state.store(kUnconnected);
             sock.disconnected.store(true);
         }
+        if (listening && how != SHUT_WR) drop_unaccepted(ref);
         return rc;
     }
     if (how != SHUT_WR) sock.shut_rd.store(true);
@@ -478,6 +503,18 @@ long op_setsockopt(SocketRef &ref, int level, int name, const void *value, sockl
         linger value_linger;
         std::memcpy(&value_linger, value, sizeof(value_linger));
         sock.linger_reset.store(value_linger.l_onoff && value_linger.l_linger == 0);
+    }
+    if (rc == 0 && level == SOL_SOCKET && name == SO_RCVLOWAT) {
+        // The kernel normalises the value (0 means 1, negative means INT_MAX): ask it.
+        ipc::Request query = make_request(ipc::Op::kGetSockOpt, SOL_SOCKET, SO_RCVLOWAT,
+                                          static_cast<int>(sizeof(int)));
+        query.opt_len = sizeof(int);
+        ipc::Response response;
+        if (request(ref.slot, query, &response) == 0 && response.opt_len >= sizeof(int)) {
+            int lowat;
+            std::memcpy(&lowat, response.opt, sizeof(lowat));
+            sock.rcvlowat.store(std::max(lowat, 1));
+        }
     }
     return rc;
 }

@@ -1447,6 +1447,127 @@ void check_bulk(const Family &family) {
     pair.close_both();
 }
 
+// SO_RCVLOWAT: readiness needs that many bytes; a blocking recv waits for min(len, lowat).
+void check_rcvlowat(const Family &family) {
+    Pair pair = connected_pair(family);
+    set_int(pair.server, SOL_SOCKET, SO_RCVLOWAT, 10);
+    say("SO_RCVLOWAT: set 10, get=%d", get_int(pair.server, SOL_SOCKET, SO_RCVLOWAT));
+    char buf[64];
+    send_text(pair.client, "12345");
+    wait_available(pair.server, 5);
+    say("SO_RCVLOWAT: 5 of 10 bytes, poll(100 ms)=%s",
+        poll_names(wait_events(pair.server, POLLIN, 100)).c_str());
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = pair.server;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.server, &event);
+    epoll_event got[4];
+    say("SO_RCVLOWAT: 5 of 10 bytes, epoll_wait=%d", epoll_wait(ep, got, 4, 0));
+    fd_set readable;
+    FD_ZERO(&readable);
+    FD_SET(pair.server, &readable);
+    timeval zero{0, 0};
+    say("SO_RCVLOWAT: 5 of 10 bytes, select=%d",
+        select(pair.server + 1, &readable, nullptr, nullptr, &zero));
+    say("SO_RCVLOWAT: 5 of 10 bytes, recv(MSG_PEEK|MSG_DONTWAIT)=%s",
+        rc(recv(pair.server, buf, sizeof(buf), MSG_PEEK | MSG_DONTWAIT)).c_str());
+    say("SO_RCVLOWAT: 5 of 10 bytes, recv(len 3)=%s", rc(recv(pair.server, buf, 3, 0)).c_str());
+    send_text(pair.client, "abcdefgh");
+    wait_available(pair.server, 10);
+    say("SO_RCVLOWAT: 10 of 10 bytes, poll=%s",
+        poll_names(wait_events(pair.server, POLLIN, 0)).c_str());
+    say("SO_RCVLOWAT: 10 of 10 bytes, epoll_wait=%d", epoll_wait(ep, got, 4, 0));
+    say("SO_RCVLOWAT: 10 of 10 bytes, recv=%s", rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+
+    // Below the mark: a non-blocking recv takes what there is; a blocking one with a receive
+    // timeout takes it too, once the timeout expires.
+    send_text(pair.client, "12345");
+    wait_available(pair.server, 5);
+    say("SO_RCVLOWAT: 5 of 10 bytes, recv(MSG_DONTWAIT)=%s",
+        rc(recv(pair.server, buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    send_text(pair.client, "12345");
+    wait_available(pair.server, 5);
+    timeval short_wait{0, 100'000};
+    setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &short_wait, sizeof(short_wait));
+    say("SO_RCVLOWAT: 5 of 10 bytes, recv with a 100 ms timeout=%s",
+        rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+    timeval forever{0, 0};
+    setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof(forever));
+
+    // A blocking recv sleeps until the mark is reached (Linux wakes a sleeping reader only then,
+    // counting none of the bytes it already took: hence one send of all ten).
+    std::thread later([&] {
+        usleep(100'000);
+        send_text(pair.client, "1234567890");
+    });
+    say("SO_RCVLOWAT: blocking recv, 10 bytes later=%s",
+        rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+    later.join();
+
+    // 0 means 1.
+    set_int(pair.server, SOL_SOCKET, SO_RCVLOWAT, 0);
+    say("SO_RCVLOWAT: set 0, get=%d", get_int(pair.server, SOL_SOCKET, SO_RCVLOWAT));
+    send_text(pair.client, "1");
+    say("SO_RCVLOWAT: 1 byte at mark 1, poll=%s",
+        poll_names(wait_events(pair.server, POLLIN)).c_str());
+    say("SO_RCVLOWAT: recv=%s", rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+
+    // The peer's FIN makes the socket readable below the mark.
+    set_int(pair.server, SOL_SOCKET, SO_RCVLOWAT, 10);
+    send_text(pair.client, "123");
+    shutdown(pair.client, SHUT_WR);
+    say("SO_RCVLOWAT: 3 bytes then FIN, poll=%s",
+        poll_names(wait_bits(pair.server, POLLIN | POLLRDHUP, POLLRDHUP)).c_str());
+    say("SO_RCVLOWAT: 3 bytes then FIN, recv=%s",
+        rc(recv(pair.server, buf, sizeof(buf), 0)).c_str());
+    close(ep);
+    pair.close_both();
+
+    // An accepted socket inherits the listener's mark.
+    int lfd = listener(family);
+    set_int(lfd, SOL_SOCKET, SO_RCVLOWAT, 8);
+    int client = connect_to(family, local_port(lfd));
+    int server = accept(lfd, nullptr, nullptr);
+    say("SO_RCVLOWAT: accepted from a listener at 8, get=%d",
+        get_int(server, SOL_SOCKET, SO_RCVLOWAT));
+    send_text(client, "1234");
+    wait_available(server, 4);
+    say("SO_RCVLOWAT: accepted, 4 of 8 bytes, poll(100 ms)=%s",
+        poll_names(wait_events(server, POLLIN, 100)).c_str());
+    send_text(client, "5678");
+    say("SO_RCVLOWAT: accepted, 8 of 8 bytes, poll=%s",
+        poll_names(wait_events(server, POLLIN)).c_str());
+    close(server);
+    close(client);
+    close(lfd);
+}
+
+// shutdown(SHUT_RD) of a listener drops the connections waiting to be accepted.
+void check_listener_shutdown(const Family &family) {
+    int lfd = listener(family);
+    int client = connect_to(family, local_port(lfd));
+    say("listener shutdown: pending connection poll=%s",
+        poll_names(wait_events(lfd, POLLIN)).c_str());
+    say("listener shutdown: shutdown(SHUT_RD)=%s", rc(shutdown(lfd, SHUT_RD)).c_str());
+    say("listener shutdown: listen again=%s", rc(listen(lfd, 16)).c_str());
+    set_nonblocking(lfd, true);
+    say("listener shutdown: accept after listen again=%s",
+        rc(accept(lfd, nullptr, nullptr)).c_str());
+    const int seen = wait_events(client, POLLIN);
+    char buf[8];
+    say("listener shutdown: old client readable=%s recv=%s", yes(seen & POLLIN),
+        rc(recv(client, buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    close(client);
+    int fresh = connect_to(family, local_port(lfd));
+    say("listener shutdown: new connection poll=%s", poll_names(wait_events(lfd, POLLIN)).c_str());
+    int accepted = accept(lfd, nullptr, nullptr);
+    say("listener shutdown: new connection accepted=%s", yes(accepted >= 0));
+    if (accepted >= 0) close(accepted);
+    close(fresh);
+    close(lfd);
+}
+
 void check_bad_input(const Family &family) {
     int spare = dup(0);
     close(spare);  // a descriptor number that is not open
@@ -1713,6 +1834,8 @@ int main(int argc, char **argv) {
         check_vector_io(family);
         check_bulk(family);
         check_bad_input(family);
+        check_rcvlowat(family);
+        check_listener_shutdown(family);
     }
     g_prefix = "[mixed] ";
     if (families.size() > 1) check_v4_mapped();
