@@ -22,18 +22,11 @@
 #include <thread>
 #include <vector>
 
+#include "common.hpp"
+
 namespace {
 
-[[noreturn]] void die(const char *what) {
-    std::fprintf(stderr, "op_cost: %s: %s\n", what, std::strerror(errno));
-    std::exit(1);
-}
-
-uint64_t clock_ns(clockid_t clock) {
-    timespec ts;
-    clock_gettime(clock, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
+using namespace tcps::bench;
 
 // The peer: each connection first says what it wants in one byte: 'S' (the client sends,
 // we drain) or 'R' (the client receives, we stream until it closes).
@@ -55,19 +48,7 @@ void serve(int conn) {
 }
 
 int run_peer(const char *port_file) {
-    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (listener < 0) die("socket");
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) < 0) die("bind");
-    if (listen(listener, 16) < 0) die("listen");
-    socklen_t len = sizeof(addr);
-    getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len);
-    FILE *out = std::fopen(port_file, "w");
-    if (!out) die("port file");
-    std::fprintf(out, "%d\n", ntohs(addr.sin_port));
-    std::fclose(out);
+    const int listener = listen_loopback(port_file);
     for (;;) {
         const int conn = accept(listener, nullptr, nullptr);
         if (conn < 0) {
@@ -79,15 +60,7 @@ int run_peer(const char *port_file) {
 }
 
 int run_client(bool sending, int port, size_t size, long count) {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) die("socket");
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(static_cast<uint16_t>(port));
-    if (connect(fd, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) < 0) die("connect");
-    const int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    const int fd = connect_loopback(port);
     const char mode = sending ? 'S' : 'R';
     if (send(fd, &mode, 1, 0) != 1) die("send mode");
 
@@ -120,6 +93,7 @@ int run_client(bool sending, int port, size_t size, long count) {
 }  // namespace
 
 int main(int argc, char **argv) {
+    tcps::bench::program_name = "op_cost";
     if (argc == 3 && std::strcmp(argv[1], "--peer") == 0) return run_peer(argv[2]);
     if (argc == 5 && (std::strcmp(argv[1], "--send") == 0 || std::strcmp(argv[1], "--recv") == 0))
         return run_client(std::strcmp(argv[1], "--send") == 0, std::atoi(argv[2]),

@@ -27,23 +27,11 @@
 #include <string>
 #include <vector>
 
+#include "common.hpp"
+
 namespace {
 
-[[noreturn]] void die(const char *what) {
-    std::fprintf(stderr, "pingpong: %s: %s\n", what, std::strerror(errno));
-    std::exit(1);
-}
-
-uint64_t clock_ns(clockid_t clock) {
-    timespec ts;
-    clock_gettime(clock, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
-
-void set_nodelay(int fd) {
-    const int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
+using namespace tcps::bench;
 
 // Echoes whatever arrives until the client closes. One connection at a time: the benchmark
 // runs one client after another, and a single thread keeps the server's CPU easy to account.
@@ -70,22 +58,7 @@ void echo(int conn) {
 }
 
 int run_server(const char *port_file) {
-    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (listener < 0) die("socket");
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) < 0) die("bind");
-    if (listen(listener, 16) < 0) die("listen");
-    socklen_t len = sizeof(addr);
-    if (getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) < 0) die("getsockname");
-    // Written to a temporary name and renamed, so a reader never sees a half-written port.
-    const std::string tmp = std::string(port_file) + ".tmp";
-    FILE *out = std::fopen(tmp.c_str(), "w");
-    if (!out) die("port file");
-    std::fprintf(out, "%d\n", ntohs(addr.sin_port));
-    std::fclose(out);
-    if (std::rename(tmp.c_str(), port_file) < 0) die("rename port file");
+    const int listener = listen_loopback(port_file);
     for (;;) {
         const int conn = accept(listener, nullptr, nullptr);
         if (conn < 0) {
@@ -124,14 +97,7 @@ int run_client(int port, size_t size, long count) {
         std::fprintf(stderr, "pingpong: SIZE and COUNT must be positive\n");
         return 2;
     }
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) die("socket");
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(static_cast<uint16_t>(port));
-    if (connect(fd, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) < 0) die("connect");
-    set_nodelay(fd);
+    const int fd = connect_loopback(port);
 
     std::vector<char> out(size, 'p');
     std::vector<char> in(size);
@@ -206,6 +172,7 @@ int run_measured(const char *out_file, char **argv) {
 }  // namespace
 
 int main(int argc, char **argv) {
+    tcps::bench::program_name = "pingpong";
     if (argc == 3 && std::strcmp(argv[1], "--server") == 0) return run_server(argv[2]);
     if (argc == 5 && std::strcmp(argv[1], "--client") == 0)
         return run_client(std::atoi(argv[2]), std::strtoul(argv[3], nullptr, 10),

@@ -37,31 +37,8 @@ int main(int argc, char **argv) {
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
 
-    // Kernel echo peer.
-    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    CHECK_OR_FAIL(bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0, "bind");
-    CHECK_OR_FAIL(listen(listener, 4) == 0, "listen");
-    socklen_t len = sizeof(addr);
-    getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len);
-    std::thread echo([&] {
-        pollfd p{listener, POLLIN, 0};
-        if (poll(&p, 1, 5000) != 1) return;
-        const int fd = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-        const int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        char buffer[4096];
-        for (;;) {
-            pollfd q{fd, POLLIN, 0};
-            if (poll(&q, 1, 10000) != 1) break;
-            const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
-            if (n <= 0) break;
-            if (send(fd, buffer, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
-        }
-        close(fd);
-    });
+    KernelEchoPeer echo_peer;
+    const sockaddr_in addr = echo_peer.address();
 
     RawClient c;
     CHECK_OR_FAIL(c.connect(path) == 0, "hello");
@@ -129,8 +106,6 @@ int main(int argc, char **argv) {
     std::printf("ok: %d round trips, median %.1f us, p99 %.1f us, max %.1f us\n", trips,
                 micros[micros.size() / 2], micros[micros.size() * 99 / 100], micros.back());
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kClose)) == 0, "kClose");
-    echo.join();
-    close(listener);
     close(waiter_pipe[0]);
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0");
     rmdir(dir);

@@ -3,7 +3,10 @@
 // Every wait has a deadline.
 #pragma once
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -407,6 +410,53 @@ class RawClient {
     int doorbell_ = -1;
     uint32_t session_id_ = 0;
     ipc::RegionView region_;
+};
+
+// A plain kernel TCP peer on 127.0.0.1 (not offloaded) that echoes one connection back, with
+// TCP_NODELAY, until it closes or stays silent for 10 s.
+class KernelEchoPeer {
+  public:
+    KernelEchoPeer() {
+        listener_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        addr_.sin_family = AF_INET;
+        addr_.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (listener_ < 0 || bind(listener_, reinterpret_cast<sockaddr *>(&addr_), sizeof(addr_)) ||
+            listen(listener_, 4))
+            fail("echo peer: %s", std::strerror(errno));
+        socklen_t len = sizeof(addr_);
+        getsockname(listener_, reinterpret_cast<sockaddr *>(&addr_), &len);
+        thread_ = std::thread([this] { serve(); });
+    }
+    ~KernelEchoPeer() {
+        if (thread_.joinable()) thread_.join();
+        close(listener_);
+    }
+    KernelEchoPeer(const KernelEchoPeer &) = delete;
+    KernelEchoPeer &operator=(const KernelEchoPeer &) = delete;
+
+    const sockaddr_in &address() const { return addr_; }
+
+  private:
+    void serve() {
+        pollfd p{listener_, POLLIN, 0};
+        if (poll(&p, 1, 5000) != 1) return;
+        const int fd = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0) return;
+        const int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        char buffer[4096];
+        for (;;) {
+            pollfd q{fd, POLLIN, 0};
+            if (poll(&q, 1, 10000) != 1) break;
+            const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
+            if (n <= 0 || send(fd, buffer, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+        }
+        close(fd);
+    }
+
+    int listener_ = -1;
+    sockaddr_in addr_{};
+    std::thread thread_;
 };
 
 }  // namespace tcps::test

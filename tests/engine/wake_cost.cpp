@@ -64,30 +64,8 @@ int main(int argc, char **argv) {
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
 
-    // Kernel echo peer.
-    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    CHECK_OR_FAIL(bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0, "bind");
-    CHECK_OR_FAIL(listen(listener, 4) == 0, "listen");
-    socklen_t len = sizeof(addr);
-    getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len);
-    std::thread echo([&] {
-        pollfd p{listener, POLLIN, 0};
-        if (poll(&p, 1, 5000) != 1) return;
-        const int fd = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-        const int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        char buffer[4096];
-        for (;;) {
-            pollfd q{fd, POLLIN, 0};
-            if (poll(&q, 1, 10000) != 1) break;
-            const ssize_t n = recv(fd, buffer, sizeof(buffer), 0);
-            if (n <= 0 || send(fd, buffer, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
-        }
-        close(fd);
-    });
+    KernelEchoPeer echo_peer;
+    const sockaddr_in addr = echo_peer.address();
 
     RawClient c;
     CHECK_OR_FAIL(c.connect(path) == 0, "hello");
@@ -182,8 +160,6 @@ int main(int argc, char **argv) {
         mode.c_str(), micros[micros.size() / 2], micros[micros.size() * 99 / 100],
         engine_us / kTrips, 100.0 * engine_us / wall_us, double(wakes.load()) / kTrips);
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kClose)) == 0, "kClose");
-    echo.join();
-    close(listener);
     for (const int fd : read_ends) close(fd);
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0");
     rmdir(dir);
