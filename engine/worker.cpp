@@ -904,6 +904,17 @@ void Worker::handle_control_message(Session &s, const ipc::ControlMessage &msg, 
 // ---------------------------------------------------------------------------------------------
 // Slot state
 
+// The engine-written indices, error and addresses of a slot, back to those of a new socket.
+static void clear_engine_fields(ipc::SocketSlot &slot) {
+    slot.tx_head.store(0, std::memory_order_relaxed);
+    slot.rx_tail.store(0, std::memory_order_relaxed);
+    slot.acc_tail.store(0, std::memory_order_relaxed);
+    slot.so_error.store(0, std::memory_order_relaxed);
+    slot.kernel_mask.store(0, std::memory_order_relaxed);
+    slot.local_addr.len = 0;
+    slot.peer_addr.len = 0;
+}
+
 void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags) {
     EngineSlot &es = s.slots[i];
     const uint32_t last_req_seq = es.last_req_seq;
@@ -922,14 +933,8 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.tx_tail.store(0, std::memory_order_relaxed);
     slot.rx_head.store(0, std::memory_order_relaxed);
     slot.acc_head.store(0, std::memory_order_relaxed);
-    slot.tx_head.store(0, std::memory_order_relaxed);
-    slot.rx_tail.store(0, std::memory_order_relaxed);
-    slot.acc_tail.store(0, std::memory_order_relaxed);
-    slot.so_error.store(0, std::memory_order_relaxed);
     slot.error_gen.store(0, std::memory_order_relaxed);
-    slot.kernel_mask.store(0, std::memory_order_relaxed);
-    slot.local_addr.len = 0;
-    slot.peer_addr.len = 0;
+    clear_engine_fields(slot);
     slot.flags.store(flags, std::memory_order_relaxed);
     slot.event_gen.fetch_add(1, std::memory_order_relaxed);
 }
@@ -1119,13 +1124,7 @@ void Worker::finish_close(Session &s, uint32_t i) {
     if (s.ending) return;  // the whole region goes away
     ipc::SocketSlot &slot = s.region.slot(i);
     slot.flags.store(0, std::memory_order_relaxed);
-    slot.tx_head.store(0, std::memory_order_relaxed);
-    slot.rx_tail.store(0, std::memory_order_relaxed);
-    slot.acc_tail.store(0, std::memory_order_relaxed);
-    slot.so_error.store(0, std::memory_order_relaxed);
-    slot.kernel_mask.store(0, std::memory_order_relaxed);
-    slot.local_addr.len = 0;
-    slot.peer_addr.len = 0;
+    clear_engine_fields(slot);
     // Give the ring pages back: the memfd is sparse and only live sockets should cost memory.
     fallocate(s.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               static_cast<off_t>(ipc::tx_ring_offset(i)), static_cast<off_t>(ipc::kRingPairBytes));

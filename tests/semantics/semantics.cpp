@@ -353,8 +353,8 @@ bool wait_available(int fd, size_t n) {
         if (got >= static_cast<ssize_t>(n)) return true;
         if (got == 0) return false;  // EOF: it will never come
         if (ms_left(deadline) == 0) return false;
-        if (got < 0)
-            wait_events(fd, POLLIN, ms_left(deadline));
+        if (got < 0)  // short slices: under SO_RCVLOWAT, POLLIN waits for more than n bytes
+            wait_events(fd, POLLIN, std::min(ms_left(deadline), 10));
         else
             usleep(1000);  // some bytes are there (poll would not block); the rest are coming
     }
