@@ -542,6 +542,14 @@ void Worker::cancel(Session &s, uint32_t i, Kind kind) {
 // ---------------------------------------------------------------------------------------------
 // Data path
 
+// Tags an SQE for slot i's completion dispatch and counts it in flight: a slot or a session
+// is freed only when nothing of it is left in the kernel.
+void Worker::track_op(Session &s, uint32_t i, io_uring_sqe *sqe, Kind kind) {
+    io_uring_sqe_set_data64(sqe, user_data(kind, s.index, i, s.slots[i].gen));
+    ++s.slots[i].inflight;
+    ++s.inflight;
+}
+
 void Worker::post_recv(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
@@ -568,10 +576,8 @@ void Worker::post_recv(Session &s, uint32_t i) {
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
     io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i) + offset, len, 0);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kRecv, s.index, i, es.gen));
+    track_op(s, i, sqe, Kind::kRecv);
     es.recv_posted = true;
-    ++es.inflight;
-    ++s.inflight;
 }
 
 void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
@@ -616,11 +622,9 @@ void Worker::post_send(Session &s, uint32_t i) {
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
     io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i) + offset, len, MSG_NOSIGNAL);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kSend, s.index, i, es.gen));
+    track_op(s, i, sqe, Kind::kSend);
     es.send_posted = true;
     es.send_len = len;
-    ++es.inflight;
-    ++s.inflight;
 }
 
 void Worker::on_send(Session &s, uint32_t i, int32_t res) {
@@ -684,10 +688,8 @@ void Worker::post_accept(Session &s, uint32_t i) {
     es.accept_reserved = s.free_engine_slots.back();
     s.free_engine_slots.pop_back();
     io_uring_prep_accept(sqe, es.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kAccept, s.index, i, es.gen));
+    track_op(s, i, sqe, Kind::kAccept);
     es.accept_posted = true;
-    ++es.inflight;
-    ++s.inflight;
 }
 
 void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
@@ -751,10 +753,8 @@ void Worker::post_connect_poll(Session &s, uint32_t i) {
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
     io_uring_prep_poll_add(sqe, es.fd, POLLOUT);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kConnect, s.index, i, es.gen));
+    track_op(s, i, sqe, Kind::kConnect);
     es.connect_posted = true;
-    ++es.inflight;
-    ++s.inflight;
 }
 
 void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
@@ -806,10 +806,8 @@ void Worker::post_watch(Session &s, uint32_t i) {
     // stays set, so a one-shot poll would complete at once. This one completes on every
     // wake-up that matches (state changes, errors); on_watch looks for POLLERR|POLLHUP.
     io_uring_prep_poll_multishot(sqe, es.fd, POLLERR | POLLHUP);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kWatch, s.index, i, es.gen));
+    track_op(s, i, sqe, Kind::kWatch);
     es.watch_posted = true;
-    ++es.inflight;
-    ++s.inflight;
 }
 
 void Worker::on_watch(Session &s, uint32_t i, int32_t res, bool more) {

@@ -102,6 +102,7 @@ class Worker {
     void post_session_doorbell(Session &s);
     void post_control_poll(Session &s);
     void cancel(Session &s, uint32_t i, Kind kind);
+    void track_op(Session &s, uint32_t i, io_uring_sqe *sqe, Kind kind);
     void schedule(Session &s, uint32_t i);
 
     // --- data path ---
