@@ -252,10 +252,8 @@ int main(int argc, char **argv) {
         return 77;
     }
     signal(SIGPIPE, SIG_IGN);
-    char dir_template[] = "/tmp/tcps-bad-client-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp: %s", std::strerror(errno));
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-bad-client");
+    const std::string path = socket_dir.path();
 
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
@@ -443,7 +441,7 @@ int main(int argc, char **argv) {
         check_engine_ok(engine, good, "(g) connect errors");
     }
     if (geteuid() == 0) {  // (h) the engine enforces an unprivileged client's rights itself
-        CHECK_OR_FAIL(chmod(dir, 0755) == 0, "chmod");
+        CHECK_OR_FAIL(chmod(socket_dir.dir().c_str(), 0755) == 0, "chmod");
         RawClient owner;
         CHECK_OR_FAIL(owner.connect(path) == 0, "(h) hello");
         CHECK_OR_FAIL(owner.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
@@ -512,7 +510,6 @@ int main(int argc, char **argv) {
     CHECK_OR_FAIL(lstat(path.c_str(), &st) != 0, "control socket file left behind");
     close(waiter[0]);
     close(good.peer);
-    rmdir(dir);
     std::printf("ok: SIGTERM shutdown in %lld ms\n", static_cast<long long>(stop_ms));
     std::printf("PASS\n");
     return 0;

@@ -74,10 +74,8 @@ int main(int argc, char **argv) {
     }
     signal(SIGPIPE, SIG_IGN);
     const int rounds = argc > 2 ? std::atoi(argv[2]) : 20;
-    char dir_template[] = "/tmp/tcps-churn-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp");
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-churn");
+    const std::string path = socket_dir.path();
     EngineProcess engine;
     const std::vector<std::string> engine_args(argv + std::min(argc, 3), argv + argc);
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
@@ -242,7 +240,6 @@ int main(int argc, char **argv) {
                 rounds * kBurst / 2, seconds);
     close(kernel_listener);
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0");
-    rmdir(dir);
     std::printf("PASS\n");
     return 0;
 }

@@ -30,10 +30,8 @@ int main(int argc, char **argv) {
         std::printf("SKIP: this machine lacks the CPUs named by --cores\n");
         return 77;
     }
-    char dir_template[] = "/tmp/tcps-pingpong-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp");
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-pingpong");
+    const std::string path = socket_dir.path();
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
 
@@ -108,7 +106,6 @@ int main(int argc, char **argv) {
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kClose)) == 0, "kClose");
     close(waiter_pipe[0]);
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0");
-    rmdir(dir);
     std::printf("PASS\n");
     return 0;
 }

@@ -412,6 +412,28 @@ class RawClient {
     ipc::RegionView region_;
 };
 
+// A fresh directory for a private engine's control socket, removed with what is left in it.
+class ControlSocketDir {
+  public:
+    explicit ControlSocketDir(const char *prefix) {
+        std::string pattern = std::string("/tmp/") + prefix + "-XXXXXX";
+        if (!mkdtemp(pattern.data())) fail("mkdtemp: %s", std::strerror(errno));
+        dir_ = pattern;
+    }
+    ~ControlSocketDir() {
+        unlink(path().c_str());
+        rmdir(dir_.c_str());
+    }
+    ControlSocketDir(const ControlSocketDir &) = delete;
+    ControlSocketDir &operator=(const ControlSocketDir &) = delete;
+
+    const std::string &dir() const { return dir_; }
+    std::string path() const { return dir_ + "/engine.sock"; }
+
+  private:
+    std::string dir_;
+};
+
 // A plain kernel TCP peer on 127.0.0.1 (not offloaded) that echoes one connection back, with
 // TCP_NODELAY, until it closes or stays silent for 10 s.
 class KernelEchoPeer {

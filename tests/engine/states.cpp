@@ -535,10 +535,8 @@ int main(int argc, char **argv) {
         std::printf("SKIP: this machine lacks the CPUs named by --cores\n");
         return 77;
     }
-    char dir_template[] = "/tmp/tcps-states-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp: %s", std::strerror(errno));
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-states");
+    const std::string path = socket_dir.path();
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
     RawClient c;
@@ -553,7 +551,6 @@ int main(int argc, char **argv) {
     c.disconnect();
     CHECK_OR_FAIL(engine.stop(5000) == 0, "tcpsd did not exit 0 after SIGTERM");
     unlink(path.c_str());
-    rmdir(dir);
     std::printf("PASS\n");
     return 0;
 }

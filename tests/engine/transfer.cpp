@@ -193,10 +193,8 @@ int main(int argc, char **argv) {
         std::printf("SKIP: this machine lacks the CPUs named by --cores\n");
         return 77;
     }
-    char dir_template[] = "/tmp/tcps-transfer-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp");
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-transfer");
+    const std::string path = socket_dir.path();
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
     if (clients == 1) {
@@ -228,7 +226,6 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(engine.running(), "tcpsd died");
     }
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0 on SIGTERM");
-    rmdir(dir);
     std::printf("PASS\n");
     return 0;
 }

@@ -57,10 +57,8 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     const std::string mode = argv[2];
     const std::vector<std::string> engine_args(argv + 3, argv + argc);
-    char dir_template[] = "/tmp/tcps-wake-cost-XXXXXX";
-    const char *dir = mkdtemp(dir_template);
-    CHECK_OR_FAIL(dir, "mkdtemp");
-    const std::string path = std::string(dir) + "/engine.sock";
+    const ControlSocketDir socket_dir("tcps-wake-cost");
+    const std::string path = socket_dir.path();
     EngineProcess engine;
     CHECK_OR_FAIL(engine.start(argv[1], path, engine_args), "tcpsd did not become ready");
 
@@ -162,6 +160,5 @@ int main(int argc, char **argv) {
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kClose)) == 0, "kClose");
     for (const int fd : read_ends) close(fd);
     CHECK_OR_FAIL(engine.stop(3000) == 0, "tcpsd did not exit 0");
-    rmdir(dir);
     return 0;
 }
