@@ -18,6 +18,7 @@
 #include <ctime>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "control.hpp"
@@ -227,6 +228,7 @@ class Engine {
     bool on_hello_readable(PendingHello &hello);
     void start_session(PendingHello &hello);
     void reply_hello_error(int fd, int error);
+    void join_session(PendingHello &hello, const ipc::ControlMessage &msg);
     void log_stats();
     void stop_workers();
 
@@ -239,6 +241,9 @@ class Engine {
     uint32_t next_session_id_ = 1;
     std::vector<std::unique_ptr<Worker>> workers_;
     std::vector<PendingHello> hellos_;
+    // Which worker serves each session, for forked children joining it. Ids are never reused;
+    // a join for a session that has ended is refused by the worker.
+    std::unordered_map<uint32_t, Worker *> session_workers_;
 };
 
 Engine::~Engine() {
@@ -342,6 +347,14 @@ void Engine::accept_clients() {
     }
 }
 
+static void reply_join_error(int fd, int error) {
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kJoinReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.result = error;
+    ipc::send_control(fd, reply, nullptr, 0);
+}
+
 void Engine::reply_hello_error(int fd, int error) {
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kHelloReply);
@@ -358,6 +371,11 @@ bool Engine::on_hello_readable(PendingHello &hello) {
     if (rc == -EAGAIN || rc == -EWOULDBLOCK) return true;
     if (rc == -ECONNRESET) {
         close(hello.fd);
+        return false;
+    }
+    if (rc == 0 && msg.type == static_cast<uint32_t>(ipc::ControlType::kJoin) &&
+        msg.version == ipc::kLayoutVersion) {
+        join_session(hello, msg);
         return false;
     }
     if (rc < 0 || msg.type != static_cast<uint32_t>(ipc::ControlType::kHello) ||
@@ -397,14 +415,34 @@ void Engine::start_session(PendingHello &hello) {
         close(hello.fd);
         return;
     }
-    session->control_fd = hello.fd;
+    session->members[0].control_fd = hello.fd;
     Worker *best = workers_.front().get();
     for (auto &worker : workers_)
         if (worker->load() < best->load()) best = worker.get();
+    session_workers_[id] = best;
     TCPS_LOG_VERBOSE("session %u: pid %d uid %u gid %u caps %#llx", id, hello.creds.pid,
                      hello.creds.uid, hello.creds.gid,
                      static_cast<unsigned long long>(hello.creds.caps));
     best->adopt(std::move(session));
+}
+
+void Engine::join_session(PendingHello &hello, const ipc::ControlMessage &msg) {
+    // The session's worker checks the token and the reservation; here only where it lives.
+    const auto found = session_workers_.find(msg.session_id);
+    if (found == session_workers_.end()) {
+        TCPS_LOG_VERBOSE("client pid %d: join of unknown session %u refused", hello.creds.pid,
+                         msg.session_id);
+        reply_join_error(hello.fd, -ENOENT);
+        close(hello.fd);
+        return;
+    }
+    JoinRequest join;
+    join.session_id = msg.session_id;
+    join.member = static_cast<uint32_t>(msg.arg);
+    join.token = msg.token;
+    join.control_fd = hello.fd;
+    join.creds = hello.creds;
+    found->second->adopt_join(join);
 }
 
 int Engine::run() {

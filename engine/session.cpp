@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -13,6 +14,7 @@ namespace tcps::engine {
 
 Session::Session() : slots(new EngineSlot[ipc::kMaxSockets]) {
     waiter_fds.fill(-1);
+    waiter_owner.fill(kNoMember);
     free_engine_slots.reserve(ipc::kMaxSockets - ipc::kClientSlots);
     // Highest first so the lowest index is handed out first.
     for (uint32_t i = ipc::kMaxSockets; i-- > ipc::kClientSlots;)
@@ -32,7 +34,11 @@ void Session::release() {
         if (fd >= 0) close(fd);
         fd = -1;
     }
-    for (int *fd : {&control_fd, &memfd, &doorbell_fd}) {
+    for (Member &member : members) {
+        if (member.control_fd >= 0) close(member.control_fd);
+        member.control_fd = -1;
+    }
+    for (int *fd : {&memfd, &doorbell_fd}) {
         if (*fd >= 0) close(*fd);
         *fd = -1;
     }
@@ -58,6 +64,11 @@ int create_region(Session &session, uint32_t session_id) {
     header.rx_ring_bytes = ipc::kRxRingBytes;
     header.max_waiters = ipc::kMaxWaiters;
     header.session_id = session_id;
+    header.max_members = ipc::kMaxMembers;
+    if (getrandom(&session.family_token, sizeof(session.family_token), 0) !=
+        static_cast<ssize_t>(sizeof(session.family_token)))
+        return -EIO;
+    header.family_token = session.family_token;
     header.engine_sleeping.store(0, std::memory_order_relaxed);
     ipc::work_queue_init(session.region);
     header.engine_alive.store(1, std::memory_order_release);

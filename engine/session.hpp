@@ -61,10 +61,22 @@ struct EngineSlot {
     uint64_t reuseport_token = 0;
 };
 
+inline constexpr uint16_t kNoMember = 0xffff;
+inline constexpr uint64_t kReservationNs = 10'000'000'000;  // a forked child joins within 10 s
+
+// One process of the session's family (see ipc::MemberRecord).
+struct Member {
+    ipc::MemberState state = ipc::MemberState::kFree;
+    int control_fd = -1;  // its own control connection, once live
+    bool control_posted = false;
+    ClientCreds creds;
+    uint64_t reserved_until_ns = 0;  // kReserved: freed if nobody joins by then
+};
+
 struct Session {
     uint32_t id = 0;
-    ClientCreds creds;
-    int control_fd = -1;
+    ClientCreds creds;          // of the process that said hello
+    uint64_t family_token = 0;  // the engine's own copy: the region's may have been rewritten
     int memfd = -1;
     int doorbell_fd = -1;  // this session's eventfd: the client writes it when we sleep
     ipc::RegionView region;
@@ -75,6 +87,10 @@ struct Session {
 
     std::unique_ptr<EngineSlot[]> slots;
     std::array<int, ipc::kMaxWaiters> waiter_fds;
+    std::array<uint16_t, ipc::kMaxWaiters> waiter_owner;  // member index, kNoMember if free
+    std::array<Member, ipc::kMaxMembers> members;
+    uint32_t live_members = 0;
+    uint32_t reserved_members = 0;
     uint32_t waiter_scan_limit = 0;           // 1 + the highest registered waiter index
     std::vector<uint16_t> free_engine_slots;  // engine-allocated range, a stack
     std::vector<uint16_t> listeners;
@@ -86,7 +102,6 @@ struct Session {
 
     bool ending = false;
     uint32_t inflight = 0;  // every SQE whose completion refers to this session
-    bool control_posted = false;
     bool doorbell_posted = false;
     uint64_t doorbell_value = 0;  // the eventfd read's buffer
     uint32_t open_sockets = 0;
@@ -102,5 +117,14 @@ struct Session {
 
 // Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
 int create_region(Session &session, uint32_t session_id);
+
+// A pending join: a forked child's control connection, for the worker serving the session.
+struct JoinRequest {
+    uint32_t session_id = 0;
+    uint32_t member = 0;
+    uint64_t token = 0;
+    int control_fd = -1;
+    ClientCreds creds;
+};
 
 }  // namespace tcps::engine

@@ -138,6 +138,17 @@ void Worker::adopt(std::unique_ptr<Session> session) {
     (void)ignored;
 }
 
+void Worker::adopt_join(const JoinRequest &join) {
+    {
+        std::lock_guard<std::mutex> lock(pending_mutex_);
+        pending_joins_.push_back(join);
+    }
+    has_pending_.store(true, std::memory_order_seq_cst);
+    const uint64_t one = 1;
+    ssize_t ignored = write(doorbell_fd_, &one, sizeof(one));
+    (void)ignored;
+}
+
 uint64_t Worker::user_data(Kind kind, uint32_t session, uint32_t slot, uint32_t gen) {
     return (static_cast<uint64_t>(kind) << 56) | (static_cast<uint64_t>(session & 0xfff) << 44) |
            (static_cast<uint64_t>(slot & 0xfff) << 32) | gen;
@@ -173,7 +184,7 @@ void Worker::run() {
         if (!doorbell_posted_) post_worker_doorbell();
 
         now_ns_ = monotonic_ns();
-        if (!timed_.empty() && now_ns_ >= next_housekeeping_ns_) {
+        if ((!timed_.empty() || reservations_ > 0) && now_ns_ >= next_housekeeping_ns_) {
             housekeeping(now_ns_);
             next_housekeeping_ns_ = now_ns_ + kTickNs;
         }
@@ -191,9 +202,11 @@ void Worker::run() {
 
 bool Worker::adopt_pending() {
     std::vector<std::unique_ptr<Session>> incoming;
+    std::vector<JoinRequest> joins;
     {
         std::lock_guard<std::mutex> lock(pending_mutex_);
         incoming.swap(pending_);
+        joins.swap(pending_joins_);
         has_pending_.store(false, std::memory_order_relaxed);
     }
     for (auto &owned : incoming) {
@@ -208,18 +221,26 @@ bool Worker::adopt_pending() {
         s.index = free_indices_.back();
         free_indices_.pop_back();
         s.gen = next_session_gen_++;
-        const int flags = fcntl(s.control_fd, F_GETFL);
-        if (flags >= 0) fcntl(s.control_fd, F_SETFL, flags | O_NONBLOCK);
+        Member &first = s.members[0];
+        const int flags = fcntl(first.control_fd, F_GETFL);
+        if (flags >= 0) fcntl(first.control_fd, F_SETFL, flags | O_NONBLOCK);
+        first.state = ipc::MemberState::kLive;
+        first.creds = s.creds;
+        s.live_members = 1;
+        s.region.member(0).pid.store(s.creds.pid, std::memory_order_relaxed);
+        s.region.member(0).state.store(static_cast<uint32_t>(ipc::MemberState::kLive),
+                                       std::memory_order_release);
         table_[s.index] = std::move(owned);
         active_.push_back(s.index);
         stats_.sessions.fetch_add(1, std::memory_order_relaxed);
         stats_.sessions_total.fetch_add(1, std::memory_order_relaxed);
         TCPS_LOG_VERBOSE("session %u (pid %d uid %u): served by worker %d", s.id, s.creds.pid,
                          s.creds.uid, config_.index);
-        post_control_poll(s);
+        post_control_poll(s, 0);
         post_session_doorbell(s);
     }
-    return !incoming.empty();
+    for (const JoinRequest &join : joins) accept_join(join);
+    return !incoming.empty() || !joins.empty();
 }
 
 bool Worker::process_queue(Session &s) {
@@ -340,8 +361,10 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (!s.ending) post_session_doorbell(s);
             break;
         case Kind::kControl:
-            s.control_posted = false;
-            on_control(s, res);
+            if (i < ipc::kMaxMembers) {
+                s.members[i].control_posted = false;
+                on_control(s, i, res);
+            }
             break;
         case Kind::kRecv:
         case Kind::kSend:
@@ -436,7 +459,7 @@ void Worker::sleep_until_work() {
     if (!doorbell_posted_) post_worker_doorbell();
     io_uring_cqe *cqe = nullptr;
     int rc;
-    if (!timed_.empty()) {
+    if (!timed_.empty() || reservations_ > 0) {
         __kernel_timespec ts{};
         ts.tv_nsec = kTickNs;
         rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
@@ -449,6 +472,7 @@ void Worker::sleep_until_work() {
 }
 
 void Worker::housekeeping(uint64_t now) {
+    if (reservations_ > 0) expire_reservations(now);
     std::vector<TimedSlot> items;
     items.swap(timed_);
     for (const TimedSlot &item : items) {
@@ -522,13 +546,14 @@ void Worker::post_session_doorbell(Session &s) {
     ++s.inflight;
 }
 
-void Worker::post_control_poll(Session &s) {
-    if (s.control_posted) return;
+void Worker::post_control_poll(Session &s, uint32_t member) {
+    Member &m = s.members[member];
+    if (m.control_posted || m.control_fd < 0) return;
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return end_session(s, "out of submission queue entries");
-    io_uring_prep_poll_add(sqe, s.control_fd, POLLIN | POLLRDHUP);
-    io_uring_sqe_set_data64(sqe, user_data(Kind::kControl, s.index, 0, s.gen));
-    s.control_posted = true;
+    io_uring_prep_poll_add(sqe, m.control_fd, POLLIN | POLLRDHUP);
+    io_uring_sqe_set_data64(sqe, user_data(Kind::kControl, s.index, member, s.gen));
+    m.control_posted = true;
     ++s.inflight;
 }
 
@@ -839,33 +864,52 @@ void Worker::on_watch(Session &s, uint32_t i, int32_t res, bool more) {
 // ---------------------------------------------------------------------------------------------
 // Control socket of a session
 
-void Worker::on_control(Session &s, int32_t res) {
-    if (s.ending) return;
-    if (res < 0 && res != -ECANCELED) return end_session(s, "control socket poll failed");
+void Worker::on_control(Session &s, uint32_t member, int32_t res) {
+    if (s.ending || s.members[member].state != ipc::MemberState::kLive) return;
+    const int fd = s.members[member].control_fd;
+    if (res < 0 && res != -ECANCELED) return end_member(s, member, "control socket poll failed");
     for (int k = 0; k < 16; ++k) {
         ipc::ControlMessage msg;
-        int fd = -1;
-        const int rc = ipc::recv_control(s.control_fd, msg, &fd, 1, MSG_DONTWAIT);
+        int received = -1;
+        const int rc = ipc::recv_control(fd, msg, &received, 1, MSG_DONTWAIT);
         if (rc == -EAGAIN || rc == -EWOULDBLOCK) break;
-        if (rc == -ECONNRESET) return end_session(s, "client closed its control socket");
+        if (rc == -ECONNRESET) return end_member(s, member, "client closed its control socket");
         if (rc == -EPROTO) return violation(s, "malformed control message");
-        if (rc < 0) return end_session(s, "control socket error");
-        handle_control_message(s, msg, fd);
-        if (s.ending) return;
+        if (rc < 0) return end_member(s, member, "control socket error");
+        handle_control_message(s, member, msg, received);
+        if (s.ending || s.members[member].state != ipc::MemberState::kLive) return;
     }
-    post_control_poll(s);
+    post_control_poll(s, member);
 }
 
-void Worker::handle_control_message(Session &s, const ipc::ControlMessage &msg, int fd) {
-    if (msg.type != static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter)) {
-        if (fd >= 0) close(fd);
-        return violation(s, "unexpected control message type %u", msg.type);
+void Worker::handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg,
+                                    int fd) {
+    const auto type = static_cast<ipc::ControlType>(msg.type);
+    if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
+    if (fd >= 0) close(fd);
+    if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
+    violation(s, "unexpected control message type %u", msg.type);
+}
+
+bool Worker::reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply) {
+    const int rc = ipc::send_control(s.members[member].control_fd, reply, nullptr, 0);
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK) {
+        violation(s, "client does not read its control replies");
+        return false;
     }
+    if (rc < 0) {
+        end_member(s, member, "control socket error");
+        return false;
+    }
+    return true;
+}
+
+void Worker::register_waiter(Session &s, uint32_t member, int fd) {
     int result = 0;
     int flags = -1;
     int own = -1;
     struct stat st;
-    if (fd < 0 || msg.arg < 0 || msg.arg >= static_cast<int32_t>(ipc::kMaxWaiters)) {
+    if (fd < 0) {
         result = -EINVAL;
     } else if (fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode) || (flags = fcntl(fd, F_GETFL)) < 0 ||
                ((flags & O_ACCMODE) != O_WRONLY && (flags & O_ACCMODE) != O_RDWR)) {
@@ -881,22 +925,169 @@ void Worker::handle_control_message(Session &s, const ipc::ControlMessage &msg, 
         if (own < 0) result = -EINVAL;  // e.g. ENXIO: nobody holds the read end
     }
     if (fd >= 0) close(fd);
+    int32_t index = -1;
     if (result == 0) {
-        const auto w = static_cast<uint32_t>(msg.arg);
-        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
+        for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
+            if (s.waiter_owner[w] == kNoMember && s.waiter_fds[w] < 0) {
+                index = static_cast<int32_t>(w);
+                break;
+            }
+        }
+        if (index < 0) {
+            close(own);
+            result = -ENOSPC;
+        }
+    }
+    if (result == 0) {
+        const auto w = static_cast<uint32_t>(index);
+        ipc::Waiter &waiter = s.region.waiter(w);
+        waiter.slot.store(ipc::kWaitAnySlot, std::memory_order_relaxed);
+        waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle),
+                           std::memory_order_release);
         s.waiter_fds[w] = own;
+        s.waiter_owner[w] = static_cast<uint16_t>(member);
         s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
     }
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kWaiterReply);
     reply.version = ipc::kLayoutVersion;
-    reply.arg = msg.arg;
+    reply.arg = index;
     reply.result = result;
     reply.session_id = s.id;
-    const int rc = ipc::send_control(s.control_fd, reply, nullptr, 0);
-    if (rc == -EAGAIN || rc == -EWOULDBLOCK)
-        return violation(s, "client does not read its control replies");
-    if (rc < 0) return end_session(s, "control socket error");
+    reply_control(s, member, reply);
+}
+
+void Worker::reserve_member(Session &s, uint32_t member) {
+    int32_t index = -1;
+    for (uint32_t m = 1; m < ipc::kMaxMembers; ++m) {  // 0 is the process that said hello
+        if (s.members[m].state == ipc::MemberState::kFree) {
+            index = static_cast<int32_t>(m);
+            break;
+        }
+    }
+    if (index >= 0) {
+        const auto m = static_cast<uint32_t>(index);
+        s.members[m] = Member{};
+        s.members[m].state = ipc::MemberState::kReserved;
+        s.members[m].reserved_until_ns = monotonic_ns() + kReservationNs;
+        ++s.reserved_members;
+        ++reservations_;
+        // The engine owns a free record: the parent fills `held` once we answer.
+        ipc::MemberRecord &record = s.region.member(m);
+        for (auto &word : record.held) word.store(0, std::memory_order_relaxed);
+        record.pid.store(0, std::memory_order_relaxed);
+        record.state.store(static_cast<uint32_t>(ipc::MemberState::kReserved),
+                           std::memory_order_release);
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kReserveReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.arg = index;
+    reply.result = index >= 0 ? 0 : -EMFILE;
+    reply.session_id = s.id;
+    reply_control(s, member, reply);
+}
+
+void Worker::accept_join(const JoinRequest &join) {
+    Session *found = nullptr;
+    for (uint32_t index : active_) {
+        Session *s = table_[index].get();
+        if (s && s->id == join.session_id && !s->ending) found = s;
+    }
+    int result = 0;
+    if (!found) {
+        result = -ENOENT;
+    } else if (join.token != found->family_token || join.member >= ipc::kMaxMembers ||
+               found->members[join.member].state != ipc::MemberState::kReserved) {
+        result = -EPERM;
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kJoinReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.arg = static_cast<int32_t>(join.member);
+    reply.result = result;
+    reply.session_id = join.session_id;
+    if (result != 0) {
+        TCPS_LOG_VERBOSE("client pid %d: join of session %u as member %u refused: %s",
+                         join.creds.pid, join.session_id, join.member, std::strerror(-result));
+        ipc::send_control(join.control_fd, reply, nullptr, 0);
+        close(join.control_fd);
+        return;
+    }
+    Session &s = *found;
+    Member &m = s.members[join.member];
+    m.state = ipc::MemberState::kLive;
+    m.control_fd = join.control_fd;
+    m.creds = join.creds;
+    --s.reserved_members;
+    --reservations_;
+    ++s.live_members;
+    const int flags = fcntl(m.control_fd, F_GETFL);
+    if (flags >= 0) fcntl(m.control_fd, F_SETFL, flags | O_NONBLOCK);
+    ipc::MemberRecord &record = s.region.member(join.member);
+    record.pid.store(join.creds.pid, std::memory_order_relaxed);
+    record.state.store(static_cast<uint32_t>(ipc::MemberState::kLive), std::memory_order_release);
+    TCPS_LOG_VERBOSE("session %u: pid %d joined as member %u", s.id, join.creds.pid, join.member);
+    if (!reply_control(s, join.member, reply)) return;
+    post_control_poll(s, join.member);
+}
+
+void Worker::end_member(Session &s, uint32_t member, const char *why) {
+    Member &m = s.members[member];
+    if (m.state == ipc::MemberState::kFree || s.ending) return;
+    TCPS_LOG_VERBOSE("session %u: member %u (pid %d) ends: %s", s.id, member, m.creds.pid, why);
+    if (m.state == ipc::MemberState::kReserved) {
+        --s.reserved_members;
+        --reservations_;
+    } else {
+        --s.live_members;
+    }
+    // Members end from their connection's poll completion (nothing posted on it then) or
+    // from an expired reservation (no connection), so the descriptor can go now.
+    if (m.control_fd >= 0) close(m.control_fd);
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
+        if (s.waiter_owner[w] != member) continue;
+        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
+        s.waiter_fds[w] = -1;
+        s.waiter_owner[w] = kNoMember;
+    }
+    // Drop the member's hold on each socket it held, as its exit closes its descriptors.
+    ipc::MemberRecord &record = s.region.member(member);
+    for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {
+        uint64_t bits = record.held[word].exchange(0, std::memory_order_acq_rel);
+        while (bits) {
+            const uint32_t i = word * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
+            bits &= bits - 1;
+            if (s.slots[i].state != ipc::SlotState::kOpen) continue;
+            std::atomic<uint32_t> &holders = s.region.slot(i).holders;
+            uint32_t count = holders.load(std::memory_order_acquire);
+            while (count > 0 &&
+                   !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
+            }
+            if (count == 1) {
+                // Unread bytes make the close a reset, as Linux does at exit.
+                const uint32_t head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
+                const uint32_t tail = s.slots[i].rx_tail;
+                start_close(s, i, rx_head_valid(head, tail) && head != tail);
+            }
+        }
+    }
+    record.pid.store(0, std::memory_order_relaxed);
+    record.state.store(static_cast<uint32_t>(ipc::MemberState::kFree), std::memory_order_release);
+    m = Member{};
+    if (s.live_members == 0 && s.reserved_members == 0) end_session(s, why);
+}
+
+void Worker::expire_reservations(uint64_t now) {
+    for (size_t k = 0; k < active_.size(); ++k) {
+        Session *s = table_[active_[k]].get();
+        if (!s || s->ending || s->reserved_members == 0) continue;
+        for (uint32_t m = 0; m < ipc::kMaxMembers && !s->ending; ++m) {
+            if (s->members[m].state == ipc::MemberState::kReserved &&
+                now >= s->members[m].reserved_until_ns)
+                end_member(*s, m, "a reservation nobody joined");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -931,6 +1122,15 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.tx_tail.store(0, std::memory_order_relaxed);
     slot.rx_head.store(0, std::memory_order_relaxed);
     slot.acc_head.store(0, std::memory_order_relaxed);
+    slot.holders.store(0, std::memory_order_relaxed);
+    // Locks a dead member may have left held; the request lock stays with the thread that
+    // waits for our answer to kSocket.
+    for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
+        word->store(0, std::memory_order_relaxed);
+    if (i >= ipc::kClientSlots) {
+        slot.req_lock.store(0, std::memory_order_relaxed);
+        slot.req_lock_owner.store(0, std::memory_order_relaxed);
+    }
     slot.error_gen.store(0, std::memory_order_relaxed);
     clear_engine_fields(slot);
     slot.flags.store(flags, std::memory_order_relaxed);
@@ -1127,6 +1327,8 @@ void Worker::finish_close(Session &s, uint32_t i) {
     fallocate(s.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
               static_cast<off_t>(ipc::tx_ring_offset(i)), static_cast<off_t>(ipc::kRingPairBytes));
     slot.state.store(static_cast<uint32_t>(ipc::SlotState::kFree), std::memory_order_release);
+    // After kFree: a client that wins the claim then finds the slot free (layout.hpp).
+    if (i < ipc::kClientSlots) slot.claim.store(0, std::memory_order_release);
     bump_event(s, i);
     if (i >= ipc::kClientSlots) {
         s.free_engine_slots.push_back(static_cast<uint16_t>(i));
@@ -1173,7 +1375,10 @@ void Worker::end_session(Session &s, const char *why) {
     // EOF on the control socket tells the client at once and completes our poll on it. The
     // doorbell read is cancelled, not completed by a write: the eventfd's file description is
     // shared with the client, which could make a write from us block.
-    if (s.control_fd >= 0) shutdown(s.control_fd, SHUT_RDWR);
+    for (Member &m : s.members)
+        if (m.control_fd >= 0) shutdown(m.control_fd, SHUT_RDWR);
+    reservations_ -= s.reserved_members;
+    s.reserved_members = 0;
     if (s.doorbell_posted) {
         if (io_uring_sqe *sqe = get_sqe()) {
             io_uring_prep_cancel64(sqe, user_data(Kind::kSessionDoorbell, s.index, 0, s.gen), 0);

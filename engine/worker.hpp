@@ -58,6 +58,9 @@ class Worker {
 
     // Any thread: hands a session (region created, hello answered) to this worker.
     void adopt(std::unique_ptr<Session> session);
+    // Any thread: a forked child's control connection that asks to join one of our sessions.
+    // The worker checks it and answers kJoinReply (closing the connection if refused).
+    void adopt_join(const JoinRequest &join);
 
   private:
     enum class Kind : uint8_t {
@@ -100,7 +103,7 @@ class Worker {
     static uint64_t user_data(Kind kind, uint32_t session, uint32_t slot, uint32_t gen);
     void post_worker_doorbell();
     void post_session_doorbell(Session &s);
-    void post_control_poll(Session &s);
+    void post_control_poll(Session &s, uint32_t member);
     void cancel(Session &s, uint32_t i, Kind kind);
     void track_op(Session &s, uint32_t i, io_uring_sqe *sqe, Kind kind);
     void schedule(Session &s, uint32_t i);
@@ -119,8 +122,14 @@ class Worker {
     void on_connect(Session &s, uint32_t i, int32_t res);
     void on_connected(Session &s, uint32_t i);
     void on_watch(Session &s, uint32_t i, int32_t res, bool more);
-    void on_control(Session &s, int32_t res);
-    void handle_control_message(Session &s, const ipc::ControlMessage &msg, int fd);
+    void on_control(Session &s, uint32_t member, int32_t res);
+    void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg,
+                                int fd);
+    void register_waiter(Session &s, uint32_t member, int fd);
+    void reserve_member(Session &s, uint32_t member);
+    void accept_join(const JoinRequest &join);
+    // Sends a reply on a member's control connection; false if the session ended over it.
+    bool reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply);
     void resume_listeners(Session &s);
 
     // --- slot state ---
@@ -160,6 +169,12 @@ class Worker {
     int op_getsockname(Session &s, uint32_t i);
     int op_ioctl(Session &s, uint32_t i, const ipc::Request &req);
 
+    // --- members ---
+    // A member's process is gone (its connection closed) or its reservation expired: its
+    // waiters and its hold on each socket go; the session ends with its last member.
+    void end_member(Session &s, uint32_t member, const char *why);
+    void expire_reservations(uint64_t now);
+
     // --- session lifetime ---
     void violation(Session &s, const char *format, ...) __attribute__((format(printf, 3, 4)));
     void end_session(Session &s, const char *why);
@@ -179,6 +194,7 @@ class Worker {
 
     std::mutex pending_mutex_;
     std::vector<std::unique_ptr<Session>> pending_;
+    std::vector<JoinRequest> pending_joins_;
     std::atomic<bool> has_pending_{false};
     std::atomic<uint64_t> queued_{0};
 
@@ -189,6 +205,7 @@ class Worker {
     std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
     std::vector<TimedSlot> timed_;
     uint32_t next_session_gen_ = 1;
+    uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;
 };

@@ -1,8 +1,10 @@
 // The control socket: how a client process finds the engine and receives its region.
 //
 // AF_UNIX SOCK_SEQPACKET (message boundaries, SO_PEERCRED, SCM_RIGHTS). Used only to set a
-// session up, to register a sleeping thread's pipe, and (by its EOF) to tell either side that
-// the other has gone. Nothing on the data path touches it.
+// session up, to let a forked child join its parent's session, to register a sleeping thread's
+// pipe, and (by its EOF) to tell either side that the other has gone. Every member process of a
+// session has its own connection, so SO_PEERCRED names it and a reply reaches the process that
+// asked. Nothing on the data path touches it.
 #pragma once
 
 #include <cstddef>
@@ -12,10 +14,19 @@
 namespace tcps::ipc {
 
 enum class ControlType : uint32_t {
-    kHello = 1,           // client -> engine: {version}
-    kHelloReply = 2,      // engine -> client: {result, session_id} + fds [region memfd, doorbell]
-    kRegisterWaiter = 3,  // client -> engine: {arg = waiter index} + fds [pipe write end]
-    kWaiterReply = 4,     // engine -> client: {result}
+    kHello = 1,       // client -> engine: {version}
+    kHelloReply = 2,  // engine -> client: {result, session_id} + fds [region memfd, doorbell]
+    // client -> engine: {} + fds [pipe write end]
+    kRegisterWaiter = 3,
+    // engine -> client: {result, arg = the waiter index the engine gave the pipe}
+    kWaiterReply = 4,
+    // A live member about to fork: reserve a member record for the child.
+    kReserveMember = 5,  // client -> engine: {}
+    kReserveReply = 6,   // engine -> client: {result, arg = member index}
+    // The first message on a forked child's own connection, instead of kHello:
+    // {version, session_id, arg = reserved member index, token = the region's family_token}.
+    kJoin = 7,
+    kJoinReply = 8,  // engine -> client: {result}
 };
 
 struct ControlMessage {
@@ -24,7 +35,8 @@ struct ControlMessage {
     int32_t arg;
     int32_t result;  // 0 or -errno
     uint32_t session_id;
-    uint32_t reserved[3];
+    uint32_t reserved;
+    uint64_t token;  // kJoin
 };
 static_assert(sizeof(ControlMessage) == 32, "control messages are 32 bytes");
 

@@ -1,8 +1,12 @@
 // The whole shared-memory contract between libtcps.so (the client) and tcpsd (the engine).
 //
-// One region per client process, created by the engine as a sealed memfd and handed to that
-// client alone over the control socket (SCM_RIGHTS). Only the engine and that client map it, so
-// one client never sees another's sockets or bytes (the seeds' H1: a protected channel).
+// One region per client process family, created by the engine as a sealed memfd and handed to
+// the process that said hello, over the control socket (SCM_RIGHTS). The processes it forks
+// inherit the mapping with the descriptors, and each joins the session as a member with a
+// control connection of its own, so a socket shared across fork is one slot, with one pair of
+// rings, exactly as Linux shares one socket between the processes that hold it. Only the engine
+// and that family map the region, so one family never sees another's sockets or bytes (the
+// seeds' H1: a protected channel).
 //
 // Rules of the contract:
 //  * Fixed-size records, offsets computed from the compile-time constants below, never pointers
@@ -27,7 +31,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 1;
+inline constexpr uint32_t kLayoutVersion = 2;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -46,8 +50,11 @@ inline constexpr uint32_t kRxRingBytes = 64 * 1024;
 // Connections accepted by the engine but not yet taken by the application's accept().
 inline constexpr uint32_t kAcceptRingEntries = 64;
 
-// Threads of one client that can sleep at once, each on its own pipe (see Waiter).
-inline constexpr uint32_t kMaxWaiters = 256;
+// Threads of one family that can sleep at once, each on its own pipe (see Waiter).
+inline constexpr uint32_t kMaxWaiters = 1024;
+
+// Processes of one family that can be members of its session at once (see MemberRecord).
+inline constexpr uint32_t kMaxMembers = 256;
 
 // Work queue: a slot is in it at most once (SocketSlot::doorbell_queued), so kMaxSockets entries
 // can never overflow.
@@ -168,7 +175,23 @@ struct alignas(kCacheLine) SocketSlot {
     // 1 while the slot sits in the work queue. Client: exchange(1) after publishing; push the
     // slot only if it was 0. Engine: store(0) when it pops the slot, then reads the indices.
     std::atomic<uint32_t> doorbell_queued;
-    uint32_t client_reserved[11];
+    // Client slots only: 0 free to claim. A client claims a kFree slot with CAS 0 -> 1 before
+    // kSocket; the engine stores 0 again after it has set state = kFree at the end of a close.
+    std::atomic<uint32_t> claim;
+    // Member processes that hold the socket (an fd in their table). The client that makes it
+    // drop to 0 sends kClose; the engine decrements for each holding member that dies and
+    // closes the socket if it made it drop to 0. Zeroed by the engine with the indices.
+    std::atomic<uint32_t> holders;
+    // Cross-process locks of the family's threads (futex words: 0 free, 1 held, 2 held with
+    // sleepers) and the pid of each holder, so a lock held by a process that died can be
+    // taken over: rx (recv, accept), tx (send), and control requests.
+    std::atomic<uint32_t> rx_lock;
+    std::atomic<uint32_t> tx_lock;
+    std::atomic<uint32_t> req_lock;
+    std::atomic<uint32_t> rx_lock_owner;
+    std::atomic<uint32_t> tx_lock_owner;
+    std::atomic<uint32_t> req_lock_owner;
+    uint32_t client_reserved[3];
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> tx_head;   // bytes the kernel has taken from the tx ring
@@ -208,10 +231,11 @@ static_assert(offsetof(SocketSlot, request) % kCacheLine == 0, "request starts a
 static_assert(sizeof(SocketSlot) == 1088, "slot size is part of the layout (version bump)");
 
 // A sleeping client thread. Each waiter has a pipe: the client holds the read end, the engine
-// the write end (registered over the control socket). The client arms (state = kArmed, slot),
-// re-checks its condition, then blocks reading the pipe; the engine writes one byte to every
-// armed waiter whose slot changed (or that waits on any slot). If the engine dies the pipe's
-// write end closes and the reader wakes with EOF, so no thread sleeps on a dead engine.
+// the write end (registered over the member's control socket; the engine picks the index, resets
+// the record and answers with it, and frees it when that member ends). The client arms (state =
+// kArmed, slot), re-checks its condition, then blocks reading the pipe; the engine writes one byte
+// to every armed waiter whose slot changed (or that waits on any slot). If the engine dies the
+// pipe's write end closes and the reader wakes with EOF, so no thread sleeps on a dead engine.
 enum class WaiterState : uint32_t { kIdle = 0, kArmed = 1, kSignaled = 2 };
 inline constexpr uint32_t kWaitAnySlot = 0xffffffffu;
 struct alignas(kCacheLine) Waiter {
@@ -220,6 +244,22 @@ struct alignas(kCacheLine) Waiter {
     std::atomic<uint32_t> slot;  // client: the slot waited on, or kWaitAnySlot
 };
 static_assert(sizeof(Waiter) == kCacheLine, "one waiter per cache line: no false sharing");
+
+// A process of the family. The engine reserves a record when a member is about to fork
+// (kReserveMember) and makes it live when the child joins on a control connection of its own
+// (kJoin); it frees the record when that connection closes, or 10 s after a reservation that
+// nobody joined. `held` says which sockets the member holds; the engine reads it once the member
+// is gone, to drop that member's hold on each (SocketSlot::holders).
+enum class MemberState : uint32_t { kFree = 0, kReserved = 1, kLive = 2 };
+struct alignas(kCacheLine) MemberRecord {
+    // --- line 0: written by the engine ---
+    std::atomic<uint32_t> state;  // MemberState
+    std::atomic<int32_t> pid;     // the member's pid once live (0 before)
+    uint32_t engine_reserved[14];
+    // --- written by the member itself (and, before fork, by its parent for the reservation) ---
+    std::atomic<uint64_t> held[kMaxSockets / 64];
+};
+static_assert(sizeof(MemberRecord) == kCacheLine + kMaxSockets / 8, "member records");
 
 // The client's work queue: a bounded multi-producer (client threads) single-consumer (engine)
 // queue of slot indices. Each entry carries a sequence number (Vyukov's bounded queue): entry i
@@ -241,7 +281,10 @@ struct alignas(kPageSize) RegionHeader {
     uint32_t rx_ring_bytes;
     uint32_t max_waiters;
     uint32_t session_id;
-    uint32_t reserved0[6];
+    uint32_t max_members;
+    uint32_t reserved0[3];
+    // Proof of membership: a process that can read the region may join the session (kJoin).
+    uint64_t family_token;
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> engine_alive;  // 1 while the session is served; 0 = dead, fall back
@@ -275,8 +318,10 @@ constexpr size_t align_up(size_t value, size_t alignment) {
 inline constexpr size_t kWaitersOffset = sizeof(RegionHeader);
 inline constexpr size_t kWorkQueueOffset =
     align_up(kWaitersOffset + kMaxWaiters * sizeof(Waiter), kPageSize);
-inline constexpr size_t kSlotsOffset =
+inline constexpr size_t kMembersOffset =
     align_up(kWorkQueueOffset + kWorkQueueEntries * sizeof(WorkEntry), kPageSize);
+inline constexpr size_t kSlotsOffset =
+    align_up(kMembersOffset + kMaxMembers * sizeof(MemberRecord), kPageSize);
 inline constexpr size_t kRingsOffset =
     align_up(kSlotsOffset + size_t{kMaxSockets} * sizeof(SocketSlot), kPageSize);
 inline constexpr size_t kRingPairBytes = size_t{kTxRingBytes} + kRxRingBytes;
@@ -290,8 +335,9 @@ constexpr size_t rx_ring_offset(uint32_t slot) {
 }
 static_assert(kRingsOffset % kPageSize == 0, "rings are page aligned (hole punching on free)");
 static_assert(kRingPairBytes % kPageSize == 0, "each socket's rings are whole pages");
-static_assert(kRegionBytes == 4096 + 16384 + 32768 + 4096ull * 1088 + 4096ull * 131072,
-              "region size: header + waiters + work queue + slots + rings");
+static_assert(kRegionBytes ==
+                  4096 + 65536 + 32768 + 256ull * 576 + 4096ull * 1088 + 4096ull * 131072,
+              "region size: header + waiters + work queue + members + slots + rings");
 
 // Typed views over a mapped region (either side).
 struct RegionView {
@@ -303,6 +349,9 @@ struct RegionView {
     }
     WorkEntry &work_entry(uint32_t i) const {
         return reinterpret_cast<WorkEntry *>(base + kWorkQueueOffset)[i];
+    }
+    MemberRecord &member(uint32_t i) const {
+        return reinterpret_cast<MemberRecord *>(base + kMembersOffset)[i];
     }
     SocketSlot &slot(uint32_t i) const {
         return reinterpret_cast<SocketSlot *>(base + kSlotsOffset)[i];

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <ctime>
 
@@ -30,37 +31,69 @@ inline void cpu_relax() {
 #endif
 }
 
-// Serialises one direction of one socket across threads, as Linux's socket lock does: a whole
-// send() is never interleaved with another. Uncontended, lock and unlock are one atomic each;
-// contended threads sleep on a process-private futex (0 free, 1 held, 2 held with sleepers).
+// This process's pid, refreshed in a forked child: the owner mark of the locks below.
+inline std::atomic<int> g_self_pid{0};
+
+// True when process `pid` no longer exists (a lock it held is abandoned).
+inline bool process_gone(int pid) {
+    return pid > 0 && syscall(SYS_kill, pid, 0) != 0 && errno == ESRCH;
+}
+
+// Serialises one direction of one socket (or its control requests) across the threads of every
+// process that holds it, as Linux's socket lock does: a whole send() is never interleaved with
+// another. The lock word lives in the socket's slot in shared memory (layout.hpp); uncontended,
+// lock and unlock are one atomic each, contended threads sleep on a shared futex (0 free, 1
+// held, 2 held with sleepers). The holder's pid sits beside the word, so a lock left held by a
+// process that died is taken over instead of blocking the family forever.
 class SocketLock {
   public:
+    void bind(std::atomic<uint32_t> *word, std::atomic<uint32_t> *owner) {
+        word_ = word;
+        owner_ = owner;
+    }
     bool try_lock() {
         uint32_t expected = 0;
-        return word_.compare_exchange_strong(expected, 1, std::memory_order_acquire,
-                                             std::memory_order_relaxed);
+        if (!word_->compare_exchange_strong(expected, 1, std::memory_order_acquire,
+                                            std::memory_order_relaxed))
+            return false;
+        owner_->store(static_cast<uint32_t>(g_self_pid.load(std::memory_order_relaxed)),
+                      std::memory_order_relaxed);
+        return true;
     }
     void lock() {
         if (try_lock()) return;
         for (int i = 0; i < 100; ++i) {
             cpu_relax();
-            if (word_.load(std::memory_order_relaxed) == 0 && try_lock()) return;
+            if (word_->load(std::memory_order_relaxed) == 0 && try_lock()) return;
         }
         // Uninterruptible like lock_sock(): a signal does not make the caller give up.
-        while (word_.exchange(2, std::memory_order_acquire) != 0)
-            syscall(SYS_futex, reinterpret_cast<uint32_t *>(&word_), FUTEX_WAIT_PRIVATE, 2, nullptr,
-                    nullptr, 0);
+        while (word_->exchange(2, std::memory_order_acquire) != 0) {
+            timespec limit{0, 100'000'000};  // then look whether the holder still lives
+            const long rc = syscall(SYS_futex, reinterpret_cast<uint32_t *>(word_), FUTEX_WAIT, 2,
+                                    &limit, nullptr, 0);
+            if (rc != 0 && errno == ETIMEDOUT) take_over_abandoned();
+        }
+        owner_->store(static_cast<uint32_t>(g_self_pid.load(std::memory_order_relaxed)),
+                      std::memory_order_relaxed);
     }
     void unlock() {
-        if (word_.exchange(0, std::memory_order_release) == 2)
-            syscall(SYS_futex, reinterpret_cast<uint32_t *>(&word_), FUTEX_WAKE_PRIVATE, 1, nullptr,
-                    nullptr, 0);
+        owner_->store(0, std::memory_order_relaxed);
+        if (word_->exchange(0, std::memory_order_release) == 2)
+            syscall(SYS_futex, reinterpret_cast<uint32_t *>(word_), FUTEX_WAKE, 1, nullptr, nullptr,
+                    0);
     }
-    bool held() const { return word_.load(std::memory_order_relaxed) != 0; }
-    void reset() { word_.store(0, std::memory_order_relaxed); }
+    bool held() const { return word_->load(std::memory_order_relaxed) != 0; }
 
   private:
-    std::atomic<uint32_t> word_{0};
+    void take_over_abandoned() {
+        uint32_t pid = owner_->load(std::memory_order_relaxed);
+        if (pid == 0 || !process_gone(static_cast<int>(pid))) return;
+        if (owner_->compare_exchange_strong(pid, 0, std::memory_order_relaxed))
+            word_->store(0, std::memory_order_release);
+    }
+
+    std::atomic<uint32_t> *word_ = nullptr;
+    std::atomic<uint32_t> *owner_ = nullptr;
 };
 
 class SocketLockGuard {

@@ -50,13 +50,17 @@ uint64_t g_retry_after_ns = 0;  // under g_setup_mutex
 std::atomic<uint32_t> g_epoch{1};
 pthread_mutex_t g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
 pthread_mutex_t g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
+// Holds and releases of sockets, and fork's copy of them to the child, one at a time.
+pthread_mutex_t g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
 
-// Client slots this process holds (slot.state alone cannot say: a slot is kFree until the
-// engine has answered kSocket).
-std::atomic<uint64_t> g_client_slots[ipc::kClientSlots / 64];
+uint32_t g_member = 0;       // our member index in the session (0: the process that said hello)
+int g_fork_member = -1;      // reserved for the child of the fork in progress
+bool g_fork_locked = false;  // before_fork() holds g_hold_mutex
+
 std::atomic<uint32_t> g_slot_hint{0};
 
-// Waiters: which indices are taken, and the read end of each one's pipe.
+// Waiters this process registered (the read end of each one's pipe, -1 if not ours), and
+// which of those a thread is using now. A thread that exits leaves its waiter to the next.
 std::atomic<uint64_t> g_waiter_bits[ipc::kMaxWaiters / 64];
 std::atomic<int> g_waiter_fds[ipc::kMaxWaiters];
 pthread_key_t g_waiter_key;
@@ -121,8 +125,8 @@ bool header_matches(const ipc::RegionHeader &h) {
            h.engine_alive.load(std::memory_order_acquire) == 1;
 }
 
-// Connects to the engine and maps this process's region. 0 or -errno; `why` says what failed.
-int connect_engine(const char *&why) {
+// A new connection to the engine's control socket: the fd, or -errno.
+int dial_engine(const char *&why) {
     const std::string path = ipc::engine_socket_path();
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -136,17 +140,35 @@ int connect_engine(const char *&why) {
         why = "socket(AF_UNIX)";
         return -errno;
     }
+    if (real(libc.connect)(sock, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
+        const int error = errno;
+        real(libc.close)(sock);
+        why = "connect";
+        return -error;
+    }
+    return sock;
+}
+
+// The slot locks of every socket are words in the region, shared with the whole family.
+void bind_socket_locks() {
+    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i) {
+        ipc::SocketSlot &slot = g_region.slot(i);
+        g_sockets[i].rx_lock.bind(&slot.rx_lock, &slot.rx_lock_owner);
+        g_sockets[i].tx_lock.bind(&slot.tx_lock, &slot.tx_lock_owner);
+        g_sockets[i].request_lock.bind(&slot.req_lock, &slot.req_lock_owner);
+    }
+}
+
+// Connects to the engine and maps this process's region. 0 or -errno; `why` says what failed.
+int connect_engine(const char *&why) {
+    const int sock = dial_engine(why);
+    if (sock < 0) return sock;
     int rc = 0;
     int fds[ipc::kMaxControlFds] = {-1, -1};
     void *base = MAP_FAILED;
     ipc::ControlMessage hello{};
     ipc::ControlMessage reply{};
     struct stat st {};
-    if (real(libc.connect)(sock, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
-        rc = -errno;
-        why = "connect";
-        goto fail;
-    }
     hello.type = static_cast<uint32_t>(ipc::ControlType::kHello);
     hello.version = ipc::kLayoutVersion;
     if ((rc = ipc::send_control(sock, hello, nullptr, 0)) != 0) {
@@ -183,6 +205,8 @@ int connect_engine(const char *&why) {
     }
     real(libc.close)(fds[0]);
     g_session_id = reply.session_id;
+    g_member = 0;
+    bind_socket_locks();
     g_doorbell_fd.store(move_high_internal(fds[1]));
     g_control_fd.store(move_high_internal(sock));
     return 0;
@@ -196,9 +220,9 @@ fail:
     return rc;
 }
 
+// Thread exit: the waiter stays registered and ours, free for this process's next thread.
 void release_waiter(int index) {
     if (index < 0 || index >= static_cast<int>(ipc::kMaxWaiters)) return;
-    close_internal(g_waiter_fds[index]);
     g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
 }
 
@@ -209,34 +233,34 @@ void release_waiter_at_exit(void *value) {
     tl_waiter = -1;
 }
 
-// Claims a waiter index for this thread and registers a fresh pipe for it with the engine.
+void adopt_waiter(int index) {
+    tl_waiter = index;
+    tl_waiter_epoch = g_epoch.load();
+    pthread_setspecific(g_waiter_key, reinterpret_cast<void *>(static_cast<intptr_t>(index + 1)));
+}
+
+// Gives this thread a waiter: one this process registered that no thread uses, or a fresh pipe
+// registered with the engine, which picks its index.
 bool acquire_waiter() {
     if (tl_acquiring) return false;  // a signal handler interrupted our own registration
     tl_acquiring = true;
-    int index = -1;
-    for (uint32_t i = 0; i < ipc::kMaxWaiters && index < 0; ++i) {
+    for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i) {
         const uint64_t bit = uint64_t{1} << (i % 64);
-        if (g_waiter_bits[i / 64].load() & bit) continue;
-        if (!(g_waiter_bits[i / 64].fetch_or(bit) & bit)) index = static_cast<int>(i);
-    }
-    if (index < 0) {
+        if (g_waiter_fds[i].load() < 0 || (g_waiter_bits[i / 64].load() & bit)) continue;
+        if (g_waiter_bits[i / 64].fetch_or(bit) & bit) continue;
+        adopt_waiter(static_cast<int>(i));
         tl_acquiring = false;
-        return false;
+        return true;
     }
     int pipe_fds[2];
     if (pipe2(pipe_fds, O_CLOEXEC) != 0) {
-        g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
         tl_acquiring = false;
         return false;
     }
-    ipc::Waiter &waiter = g_region.waiter(static_cast<uint32_t>(index));
-    waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle));
-    waiter.slot.store(ipc::kWaitAnySlot);
-
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter);
     msg.version = ipc::kLayoutVersion;
-    msg.arg = index;
+    msg.arg = -1;
     ipc::ControlMessage reply{};
     int rc;
     pthread_mutex_lock(&g_control_mutex);
@@ -245,26 +269,69 @@ bool acquire_waiter() {
     if (rc == 0) {
         int none = -1;
         rc = recv_control_timed(control, reply, &none, 0);
-        if (rc == 0 && (reply.type != static_cast<uint32_t>(ipc::ControlType::kWaiterReply) ||
-                        reply.arg != index))
+        if (rc == 0 && reply.type != static_cast<uint32_t>(ipc::ControlType::kWaiterReply))
             rc = -EPROTO;
         if (rc == 0) rc = reply.result;
+        if (rc == 0 && (reply.arg < 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxWaiters)))
+            rc = -EPROTO;
     }
     pthread_mutex_unlock(&g_control_mutex);
     real(libc.close)(pipe_fds[1]);  // the engine holds it now: its death is our EOF
     if (rc != 0) {
         real(libc.close)(pipe_fds[0]);
-        g_waiter_bits[index / 64].fetch_and(~(uint64_t{1} << (index % 64)));
         if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
         tl_acquiring = false;
         return false;
     }
+    const int index = reply.arg;
+    g_waiter_bits[index / 64].fetch_or(uint64_t{1} << (index % 64));
     g_waiter_fds[index].store(move_high_internal(pipe_fds[0]));
-    tl_waiter = index;
-    tl_waiter_epoch = g_epoch.load();
-    pthread_setspecific(g_waiter_key, reinterpret_cast<void *>(static_cast<intptr_t>(index + 1)));
+    adopt_waiter(index);
     tl_acquiring = false;
     return true;
+}
+
+// One request/reply on our control connection. 0 or -errno.
+int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
+                     ipc::ControlType reply_type) {
+    pthread_mutex_lock(&g_control_mutex);
+    const int control = g_control_fd.load();
+    int rc = ipc::send_control(control, msg, nullptr, 0);
+    if (rc == 0) {
+        int none = -1;
+        rc = recv_control_timed(control, reply, &none, 0);
+        if (rc == 0 && reply.type != static_cast<uint32_t>(reply_type)) rc = -EPROTO;
+        if (rc == 0) rc = reply.result;
+    }
+    pthread_mutex_unlock(&g_control_mutex);
+    return rc;
+}
+
+// In a forked child: joins the parent's session as member `member` on a connection of our
+// own. 0 or -errno.
+int join_session(int member) {
+    const char *why = "";
+    const int sock = dial_engine(why);
+    if (sock < 0) return sock;
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kJoin);
+    msg.version = ipc::kLayoutVersion;
+    msg.session_id = g_session_id;
+    msg.arg = member;
+    msg.token = g_region.header().family_token;
+    ipc::ControlMessage reply{};
+    int none = -1;
+    int rc = ipc::send_control(sock, msg, nullptr, 0);
+    if (rc == 0) rc = recv_control_timed(sock, reply, &none, 0);
+    if (rc == 0 && reply.type != static_cast<uint32_t>(ipc::ControlType::kJoinReply)) rc = -EPROTO;
+    if (rc == 0) rc = reply.result;
+    if (rc != 0) {
+        real(libc.close)(sock);
+        return rc;
+    }
+    close_internal(g_control_fd);  // the parent's connection: our copy goes
+    g_control_fd.store(move_high_internal(sock));
+    return 0;
 }
 
 }  // namespace
@@ -294,7 +361,8 @@ bool shim_init() {
         g_init_state.store(-1);
         return false;
     }
-    pthread_atfork(nullptr, nullptr, after_fork_in_child);
+    g_self_pid.store(getpid());
+    pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
     g_init_state.store(1, std::memory_order_release);
     return true;
 }
@@ -314,7 +382,6 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     snd_timeout_ns.store(0);
     rcvlowat.store(1);
     consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
-    acc_head.store(0);
     tx_sleeping.store(false);
     refs.store(1);
     generation.store(gen, std::memory_order_release);
@@ -393,21 +460,46 @@ int claim_client_slot() {
     const uint32_t start = g_slot_hint.fetch_add(1, std::memory_order_relaxed);
     for (uint32_t k = 0; k < ipc::kClientSlots; ++k) {
         const uint32_t slot = (start + k) % ipc::kClientSlots;
-        const uint64_t bit = uint64_t{1} << (slot % 64);
-        std::atomic<uint64_t> &word = g_client_slots[slot / 64];
-        if (word.load(std::memory_order_relaxed) & bit) continue;
-        if (g_region.slot(slot).state.load(std::memory_order_acquire) !=
-            static_cast<uint32_t>(ipc::SlotState::kFree))
+        ipc::SocketSlot &shm = g_region.slot(slot);
+        if (shm.state.load(std::memory_order_acquire) !=
+                static_cast<uint32_t>(ipc::SlotState::kFree) ||
+            shm.claim.load(std::memory_order_relaxed) != 0)
             continue;
-        if (word.fetch_or(bit, std::memory_order_acq_rel) & bit) continue;
-        return static_cast<int>(slot);
+        // The engine clears a claim only after the slot is kFree again, so winning it here
+        // means the slot is free (other processes of the family claim from the same slots).
+        uint32_t expected = 0;
+        if (shm.claim.compare_exchange_strong(expected, 1, std::memory_order_acq_rel))
+            return static_cast<int>(slot);
     }
     return -1;
 }
 
 void release_client_slot(uint32_t slot) {
     if (slot >= ipc::kClientSlots) return;
-    g_client_slots[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_acq_rel);
+    g_region.slot(slot).claim.store(0, std::memory_order_release);
+}
+
+void hold_socket(uint32_t slot) {
+    pthread_mutex_lock(&g_hold_mutex);
+    g_region.member(g_member).held[slot / 64].fetch_or(uint64_t{1} << (slot % 64),
+                                                       std::memory_order_acq_rel);
+    g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
+    pthread_mutex_unlock(&g_hold_mutex);
+}
+
+bool unhold_socket(uint32_t slot) {
+    pthread_mutex_lock(&g_hold_mutex);
+    // The mark first: if we die between the two, the socket leaks until the family ends,
+    // while the other order could drop a hold twice and close it under another process.
+    g_region.member(g_member).held[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)),
+                                                        std::memory_order_acq_rel);
+    std::atomic<uint32_t> &holders = g_region.slot(slot).holders;
+    uint32_t count = holders.load(std::memory_order_acquire);
+    while (count > 0 &&
+           !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
+    }
+    pthread_mutex_unlock(&g_hold_mutex);
+    return count == 1;
 }
 
 void notify_engine(uint32_t slot) {
@@ -427,7 +519,7 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
     if (!session_usable(false)) return -ECONNRESET;
     Socket &sock = g_sockets[slot];
     ipc::SocketSlot &shm = g_region.slot(slot);
-    pthread_mutex_lock(&sock.request_mutex);
+    SocketLockGuard one_at_a_time(sock.request_lock);
     std::memcpy(&shm.request, &req, sizeof(req));
     const uint32_t seq = shm.req_seq.load(std::memory_order_relaxed) + 1;
     shm.req_seq.store(seq, std::memory_order_release);
@@ -439,7 +531,6 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
         result = shm.response.result;
         if (response) std::memcpy(response, &shm.response, sizeof(*response));
     }
-    pthread_mutex_unlock(&sock.request_mutex);
     return result;
 }
 
@@ -447,14 +538,13 @@ void request_close(uint32_t slot, bool reset) {
     if (!session_usable(false)) return;
     Socket &sock = g_sockets[slot];
     ipc::SocketSlot &shm = g_region.slot(slot);
-    pthread_mutex_lock(&sock.request_mutex);
+    SocketLockGuard one_at_a_time(sock.request_lock);
     ipc::Request req{};
     req.op = static_cast<uint32_t>(ipc::Op::kClose);
     req.arg0 = reset ? 1 : 0;
     std::memcpy(&shm.request, &req, sizeof(req));
     shm.req_seq.store(shm.req_seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
     notify_engine(slot);
-    pthread_mutex_unlock(&sock.request_mutex);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -484,8 +574,8 @@ SocketSnapshot snapshot(const SocketRef &ref) {
         shm.tx_tail.load(std::memory_order_relaxed) - shm.tx_head.load(std::memory_order_acquire);
     s.rx_available =
         shm.rx_tail.load(std::memory_order_acquire) - shm.rx_head.load(std::memory_order_relaxed);
-    s.accept_available = shm.acc_tail.load(std::memory_order_acquire) -
-                         sock.acc_head.load(std::memory_order_relaxed);
+    s.accept_available =
+        shm.acc_tail.load(std::memory_order_acquire) - shm.acc_head.load(std::memory_order_relaxed);
     s.error_pending = error_pending(ref);
     s.listening = sock.listening.load(std::memory_order_relaxed);
     s.end_unreported = !sock.end_reported.load(std::memory_order_relaxed);
@@ -608,10 +698,49 @@ void relocate_internal(int fd) {
         if (relocate(holder)) return;
 }
 
-void after_fork_in_child() {
-    // The child shares the parent's region pages and descriptions: it must never touch that
-    // session. Drop our copies of its descriptors and forget its sockets; the child's first
-    // TCP socket() sets up a session of its own.
+void before_fork() {
+    g_fork_member = -1;
+    if (g_state.load() != kActive || !session_usable(false)) return;
+    pthread_mutex_lock(&g_hold_mutex);
+    g_fork_locked = true;
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
+    msg.version = ipc::kLayoutVersion;
+    ipc::ControlMessage reply{};
+    const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
+    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) return;
+    // The child holds what we hold, from this moment: if we close a socket right after fork,
+    // it stays open for the child, as the kernel's reference counts keep it.
+    const auto child = static_cast<uint32_t>(reply.arg);
+    ipc::MemberRecord &ours = g_region.member(g_member);
+    ipc::MemberRecord &theirs = g_region.member(child);
+    for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {
+        uint64_t bits = ours.held[word].load(std::memory_order_acquire);
+        theirs.held[word].store(bits, std::memory_order_relaxed);
+        while (bits) {
+            const uint32_t slot = word * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
+            bits &= bits - 1;
+            g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
+        }
+    }
+    g_fork_member = reply.arg;
+}
+
+void after_fork_in_parent() {
+    // A failed fork leaves the reservation to expire in the engine, with the holds it carries.
+    g_fork_member = -1;
+    if (g_fork_locked) {
+        g_fork_locked = false;
+        pthread_mutex_unlock(&g_hold_mutex);
+    }
+}
+
+namespace {
+
+// The child could not join: it must never touch the parent's session. Drop our copies of its
+// descriptors and forget its sockets; the child's first TCP socket() starts a session of its
+// own, and inherited offloaded fds say EBADF.
+void leave_parent_session() {
     const int state = g_state.load();
     if (state == kActive || state == kDead) {
         close_internal(g_control_fd);
@@ -622,21 +751,32 @@ void after_fork_in_child() {
     g_region.base = nullptr;
     g_state.store(kNone);
     g_retry_after_ns = 0;
-    g_epoch.fetch_add(1);
-    for (auto &word : g_client_slots) word.store(0);
-    for (auto &word : g_waiter_bits) word.store(0);
+    for (Socket &sock : g_sockets) sock.refs.store(0);
+    g_fds.forget_all();
+}
+
+}  // namespace
+
+void after_fork_in_child() {
+    g_self_pid.store(getpid());
     g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
-    for (Socket &sock : g_sockets) {
-        sock.refs.store(0);
-        sock.rx_lock.reset();
-        sock.tx_lock.reset();
-        sock.request_mutex = PTHREAD_MUTEX_INITIALIZER;
-    }
+    g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
+    g_fork_locked = false;
+    // The parent's waiters are its threads': ours come fresh from the engine when needed.
+    for (auto &holder : g_waiter_fds) close_internal(holder);
+    for (auto &word : g_waiter_bits) word.store(0);
+    g_epoch.fetch_add(1);
     tl_waiter = -1;
     tl_armed = false;
     tl_acquiring = false;
-    g_fds.forget_all();
+    const int member = g_fork_member;
+    g_fork_member = -1;
+    if (g_state.load() == kActive && member > 0 && join_session(member) == 0) {
+        g_member = static_cast<uint32_t>(member);
+    } else {
+        leave_parent_session();
+    }
     epoll_after_fork();
 }
 

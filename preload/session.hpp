@@ -54,11 +54,11 @@ struct Socket {
     // SO_RCVLOWAT as the engine's socket holds it (>= 1): recv and readiness honour it.
     std::atomic<int> rcvlowat{1};
     std::atomic<uint32_t> consumed_error_gen{0};
-    std::atomic<uint32_t> acc_head{0};     // accept ring entries taken (mirrors slot.acc_head)
+    // Locks shared with every process that holds the socket (bound to its slot's words).
     SocketLock rx_lock;                    // recv and accept
     SocketLock tx_lock;                    // send
+    SocketLock request_lock;               // one control request at a time
     std::atomic<bool> tx_sleeping{false};  // the tx lock holder waits for ring space
-    pthread_mutex_t request_mutex = PTHREAD_MUTEX_INITIALIZER;  // one request at a time
 
     // Fresh state for a socket that just became ours.
     void open(int family, bool nonblock, uint32_t gen);
@@ -95,9 +95,17 @@ void mark_session_dead();
 
 const ipc::RegionView &region();
 
-// Client slots: one whose state is kFree and that this client does not hold. -1 if none.
+// Client slots: claims one whose state is kFree (SocketSlot::claim). -1 if none.
 int claim_client_slot();
+// Gives back a claimed slot whose kSocket failed (still kFree).
 void release_client_slot(uint32_t slot);
+
+// This process starts holding the socket in `slot` (its first fd for it): counted in the
+// slot's holders and marked in this member's record, so the engine drops the hold if we die.
+void hold_socket(uint32_t slot);
+// This process's last fd for it is gone. True when no process of the family holds it any
+// more: the caller closes it (kClose).
+bool unhold_socket(uint32_t slot);
 
 // After publishing work on `slot`: queue it for the engine and kick the engine if it sleeps.
 void notify_engine(uint32_t slot);
@@ -192,7 +200,10 @@ int move_high_internal(int fd);
 // The application is about to dup2() onto one of our descriptors: move ours out of the way.
 void relocate_internal(int fd);
 
-// pthread_atfork child handler.
+// pthread_atfork handlers: the parent reserves a member record for the child and gives it its
+// holds; the child joins the session on a connection of its own and keeps every socket.
+void before_fork();
+void after_fork_in_parent();
 void after_fork_in_child();
 // Its epoll part (epoll.cpp): the registries' locks and wake-up descriptors.
 void epoll_after_fork();

@@ -189,6 +189,7 @@ long op_socket(int domain, int type, int protocol) {
     Socket &sock = socket_state(static_cast<uint32_t>(slot));
     const uint32_t gen = sock.generation.load() + 1;
     sock.open(domain, type & SOCK_NONBLOCK, gen);
+    hold_socket(static_cast<uint32_t>(slot));
     g_fds.set(fd, FdRef::socket(static_cast<uint32_t>(slot), gen));
     return fd;
 }
@@ -305,10 +306,10 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
             error = accept_without_engine(listener, waited, timeout);
             break;
         }
-        const uint32_t head = listener.acc_head.load(std::memory_order_relaxed);
+        // The rx lock is the family's: acc_head is ours to move while we hold it.
+        const uint32_t head = shm.acc_head.load(std::memory_order_relaxed);
         if (head != shm.acc_tail.load(std::memory_order_acquire)) {
             const uint32_t index = shm.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
-            listener.acc_head.store(head + 1, std::memory_order_relaxed);
             shm.acc_head.store(head + 1, std::memory_order_release);
             // Our acc_head before our look at the flag; the engine sets it, then re-reads
             // acc_head (post_accept): one of us sees the other.
@@ -326,7 +327,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         listener.rx_lock.unlock();
         auto ready = [&] {
             return shm.acc_tail.load(std::memory_order_acquire) !=
-                       listener.acc_head.load(std::memory_order_relaxed) ||
+                       shm.acc_head.load(std::memory_order_relaxed) ||
                    !listener.listening.load() || stale(ref);
         };
         waited = true;
@@ -351,6 +352,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     sock.snd_timeout_ns.store(listener.snd_timeout_ns.load());
     sock.linger_reset.store(listener.linger_reset.load());
     sock.rcvlowat.store(listener.rcvlowat.load());
+    hold_socket(taken);
     g_fds.set(fd, FdRef::socket(taken, gen));
     if (addr) give_address(region().slot(taken).peer_addr, addr, len);
     return fd;
@@ -365,13 +367,12 @@ void drop_unaccepted(SocketRef &ref) {
     ipc::SocketSlot &shm = *ref.shm;
     listener.rx_lock.lock();
     const uint32_t tail = shm.acc_tail.load(std::memory_order_acquire);
-    uint32_t head = listener.acc_head.load(std::memory_order_relaxed);
+    uint32_t head = shm.acc_head.load(std::memory_order_relaxed);
     // Engine-written: at most one ring's worth, and only engine-range indices are closed.
     for (uint32_t n = 0; head != tail && n < ipc::kAcceptRingEntries; ++n, ++head) {
         const uint32_t index = shm.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
         if (index >= ipc::kClientSlots && index < ipc::kMaxSockets) request_close(index, true);
     }
-    listener.acc_head.store(head, std::memory_order_relaxed);
     shm.acc_head.store(head, std::memory_order_release);
     listener.rx_lock.unlock();
     notify_engine(ref.slot);
@@ -609,13 +610,13 @@ void socket_release(uint32_t slot) {
     ipc::SocketSlot &shm = region().slot(slot);
     // Any thread still inside a call on this socket finds it stale and gives up.
     sock.generation.fetch_add(1, std::memory_order_acq_rel);
-    if (!session_dead()) {
-        // Unread bytes make Linux reset instead of closing gracefully.
-        const bool unread = shm.rx_tail.load(std::memory_order_acquire) !=
-                            shm.rx_head.load(std::memory_order_relaxed);
-        request_close(slot, sock.linger_reset.load() || unread);
-    }
-    release_client_slot(slot);
+    // Another process of the family (a forked child, its parent) may still hold it: then
+    // only our hold goes, as the kernel closes a socket with its last reference.
+    if (!unhold_socket(slot) || session_dead()) return;
+    // Unread bytes make Linux reset instead of closing gracefully.
+    const bool unread =
+        shm.rx_tail.load(std::memory_order_acquire) != shm.rx_head.load(std::memory_order_relaxed);
+    request_close(slot, sock.linger_reset.load() || unread);
 }
 
 long op_close(int fd) {

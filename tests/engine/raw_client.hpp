@@ -388,7 +388,8 @@ class RawClient {
         return static_cast<int>(conn);
     }
 
-    // Registers `pipe_write_end` as waiter `index`. The engine's result, or -errno.
+    // Registers `pipe_write_end` as a waiter; the engine picks the lowest free index, which
+    // must be `index`. The engine's result, or -errno (-EPROTO: another index).
     int register_waiter(int index, int pipe_write_end) {
         ipc::ControlMessage msg{};
         msg.type = static_cast<uint32_t>(ipc::ControlType::kRegisterWaiter);
@@ -401,6 +402,7 @@ class RawClient {
         rc = recv_control_within(control_, reply, &fd, 1, 3000);
         if (rc != 0) return rc;
         if (reply.type != static_cast<uint32_t>(ipc::ControlType::kWaiterReply)) return -EPROTO;
+        if (reply.result == 0 && reply.arg != index) return -EPROTO;
         return reply.result;
     }
 

@@ -223,9 +223,9 @@ void rst_after_fin(RawClient &c) {
     // A thread sleeping on this slot must be woken by the reset.
     int waiter[2];
     CHECK_OR_FAIL(pipe2(waiter, O_CLOEXEC | O_NONBLOCK) == 0, "pipe");
-    CHECK_OR_FAIL(c.register_waiter(3, waiter[1]) == 0, "register waiter");
+    CHECK_OR_FAIL(c.register_waiter(0, waiter[1]) == 0, "register waiter");
     close(waiter[1]);
-    ipc::Waiter &w = c.region().waiter(3);
+    ipc::Waiter &w = c.region().waiter(0);
     w.slot.store(slot);
     w.state.store(uint32_t(ipc::WaiterState::kArmed));
     c.region().header().waiters_armed.fetch_add(1);
