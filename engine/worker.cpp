@@ -888,6 +888,7 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
     if (fd >= 0) close(fd);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
+    if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
     violation(s, "unexpected control message type %u", msg.type);
 }
 
@@ -955,6 +956,15 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
     reply.result = result;
     reply.session_id = s.id;
     reply_control(s, member, reply);
+}
+
+void Worker::release_waiters(Session &s, uint32_t member) {
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
+        if (s.waiter_owner[w] != member) continue;
+        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
+        s.waiter_fds[w] = -1;
+        s.waiter_owner[w] = kNoMember;
+    }
 }
 
 void Worker::reserve_member(Session &s, uint32_t member) {
@@ -1045,12 +1055,7 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
     // Members end from their connection's poll completion (nothing posted on it then) or
     // from an expired reservation (no connection), so the descriptor can go now.
     if (m.control_fd >= 0) close(m.control_fd);
-    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
-        if (s.waiter_owner[w] != member) continue;
-        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
-        s.waiter_fds[w] = -1;
-        s.waiter_owner[w] = kNoMember;
-    }
+    release_waiters(s, member);
     // Drop the member's hold on each socket it held, as its exit closes its descriptors.
     ipc::MemberRecord &record = s.region.member(member);
     for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {

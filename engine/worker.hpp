@@ -127,6 +127,7 @@ class Worker {
                                 int fd);
     void register_waiter(Session &s, uint32_t member, int fd);
     void reserve_member(Session &s, uint32_t member);
+    void release_waiters(Session &s, uint32_t member);
     void accept_join(const JoinRequest &join);
     // Sends a reply on a member's control connection; false if the session ended over it.
     bool reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply);

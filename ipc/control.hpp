@@ -27,6 +27,8 @@ enum class ControlType : uint32_t {
     // {version, session_id, arg = reserved member index, token = the region's family_token}.
     kJoin = 7,
     kJoinReply = 8,  // engine -> client: {result}
+    // After exec: the member's waiters died with its old image; free them. No reply.
+    kReleaseWaiters = 9,
 };
 
 struct ControlMessage {

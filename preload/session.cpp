@@ -45,6 +45,7 @@ ipc::RegionView g_region;
 uint32_t g_session_id = 0;
 std::atomic<int> g_control_fd{-1};
 std::atomic<int> g_doorbell_fd{-1};
+std::atomic<int> g_memfd{-1};   // the region's memfd, kept for an exec to hand on
 uint64_t g_retry_after_ns = 0;  // under g_setup_mutex
 // Bumped when the session is replaced (fork): thread-local waiters of an older one are void.
 std::atomic<uint32_t> g_epoch{1};
@@ -203,7 +204,7 @@ int connect_engine(const char *&why) {
         why = "region header does not match this libtcps";
         goto fail;
     }
-    real(libc.close)(fds[0]);
+    g_memfd.store(move_high_internal(fds[0]));
     g_session_id = reply.session_id;
     g_member = 0;
     bind_socket_locks();
@@ -364,6 +365,7 @@ bool shim_init() {
     g_self_pid.store(getpid());
     pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
     g_init_state.store(1, std::memory_order_release);
+    adopt_inherited_sockets();
     return true;
 }
 
@@ -693,7 +695,7 @@ void relocate_internal(int fd) {
         g_fds.take_if(fd, FdRef::internal());
         return true;  // the caller's dup2 closes the old number for us
     };
-    if (relocate(g_control_fd) || relocate(g_doorbell_fd)) return;
+    if (relocate(g_control_fd) || relocate(g_doorbell_fd) || relocate(g_memfd)) return;
     for (auto &holder : g_waiter_fds)
         if (relocate(holder)) return;
 }
@@ -745,6 +747,7 @@ void leave_parent_session() {
     if (state == kActive || state == kDead) {
         close_internal(g_control_fd);
         close_internal(g_doorbell_fd);
+        close_internal(g_memfd);
         for (auto &holder : g_waiter_fds) close_internal(holder);
         if (g_region.base) munmap(g_region.base, ipc::kRegionBytes);
     }
@@ -778,6 +781,55 @@ void after_fork_in_child() {
         leave_parent_session();
     }
     epoll_after_fork();
+}
+
+// ---------------------------------------------------------------------------------------------
+// exec
+
+bool exec_handover(ExecHandover &out) {
+    // A vfork()ed child shares our memory and our member's connection: it cannot hand the
+    // session on without confusing the parent's replies.
+    if (g_state.load() != kActive || !session_usable(false) || getpid() != g_self_pid.load())
+        return false;
+    out.control_fd = g_control_fd.load();
+    out.doorbell_fd = g_doorbell_fd.load();
+    out.memfd = g_memfd.load();
+    out.session_id = g_session_id;
+    out.member = g_member;
+    return out.control_fd >= 0 && out.doorbell_fd >= 0 && out.memfd >= 0;
+}
+
+int adopt_session(const ExecHandover &from) {
+    struct stat st {};
+    if (fstat(from.memfd, &st) != 0 || static_cast<uint64_t>(st.st_size) < ipc::kRegionBytes ||
+        from.member >= ipc::kMaxMembers)
+        return -EPROTO;
+    void *base =
+        mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, from.memfd, 0);
+    if (base == MAP_FAILED) return -errno;
+    g_region.base = static_cast<uint8_t *>(base);
+    if (!header_matches(g_region.header()) || g_region.header().session_id != from.session_id) {
+        munmap(base, ipc::kRegionBytes);
+        g_region.base = nullptr;
+        return -EPROTO;
+    }
+    for (int fd : {from.control_fd, from.doorbell_fd, from.memfd}) {
+        real(libc.fcntl)(fd, F_SETFD, FD_CLOEXEC);
+        g_fds.set(fd, FdRef::internal());
+    }
+    g_control_fd.store(from.control_fd);
+    g_doorbell_fd.store(from.doorbell_fd);
+    g_memfd.store(from.memfd);
+    g_session_id = from.session_id;
+    g_member = from.member;
+    bind_socket_locks();
+    // The waiters of the image before exec died with it: the engine may give them out again.
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kReleaseWaiters);
+    msg.version = ipc::kLayoutVersion;
+    ipc::send_control(from.control_fd, msg, nullptr, 0);
+    g_state.store(kActive, std::memory_order_release);
+    return 0;
 }
 
 }  // namespace tcps::shim

@@ -200,6 +200,22 @@ int move_high_internal(int fd);
 // The application is about to dup2() onto one of our descriptors: move ours out of the way.
 void relocate_internal(int fd);
 
+// exec: what the new image needs to carry on as the same member of the same session.
+struct ExecHandover {
+    int control_fd = -1;
+    int doorbell_fd = -1;
+    int memfd = -1;
+    uint32_t session_id = 0;
+    uint32_t member = 0;
+};
+// Ours now, or false (no live session, or we are a vfork()ed child).
+bool exec_handover(ExecHandover &out);
+// In the new image: maps the region and resumes the session. 0 or -errno.
+int adopt_session(const ExecHandover &from);
+
+// exec.cpp: at start-up, takes over the session and sockets an exec handed to this image.
+void adopt_inherited_sockets();
+
 // pthread_atfork handlers: the parent reserves a member record for the child and gives it its
 // holds; the child joins the session on a connection of its own and keeps every socket.
 void before_fork();

@@ -1,0 +1,313 @@
+// exec: offloaded sockets that are not close-on-exec survive it, as kernel sockets do.
+//
+// The new image must run the shim to use them (their descriptors are placeholders), and must
+// carry on as the same member of the same session, so that it holds what the old image held.
+// Before exec we therefore keep the member's control connection, the doorbell and the region's
+// memfd open across it, describe the inherited sockets in TCPS_EXEC, and make sure LD_PRELOAD
+// names libtcps.so. If the program's environment for the new image had no such LD_PRELOAD, we
+// add it and say how to undo that in TCPS_PRELOAD_RESTORE: the new image's shim puts the
+// environment back as the program wrote it before main() runs, so only the sockets notice.
+// (Handing the kernel socket back instead would lose the bytes the engine already received.)
+//
+// Not covered: a vfork()ed child (it shares our memory and our connection), posix_spawn(),
+// system() and popen() (glibc execs inside them without calling these functions), and static
+// or set-user-ID programs, which ignore LD_PRELOAD: there inherited offloaded descriptors
+// are dead placeholders (EBADF), and sockets marked close-on-exec vanish as usual.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "libc.hpp"
+#include "ops.hpp"
+#include "session.hpp"
+
+extern char **environ;
+
+namespace tcps::shim {
+namespace {
+
+constexpr const char kStateVar[] = "TCPS_EXEC";
+constexpr const char kRestoreVar[] = "TCPS_PRELOAD_RESTORE";
+constexpr const char kPreloadVar[] = "LD_PRELOAD";
+
+// Bits of a socket's process-local state (Socket) that the new image needs.
+enum StateBit : unsigned {
+    kNonblocking = 1u << 0,
+    kListening = 1u << 1,
+    kLingerReset = 1u << 2,
+    kShutRd = 1u << 3,
+    kShutWr = 1u << 4,
+    kDisconnected = 1u << 5,
+    kEndReported = 1u << 6,
+};
+
+template <class Fn>
+Fn next_function(const char *name) {
+    return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, name));
+}
+
+// Where this library was loaded from, for LD_PRELOAD.
+std::string own_path() {
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void *>(&own_path), &info) == 0 || !info.dli_fname) return {};
+    char resolved[PATH_MAX];
+    if (realpath(info.dli_fname, resolved)) return resolved;
+    return info.dli_fname;
+}
+
+bool starts_with(const char *text, const char *prefix) {
+    return std::strncmp(text, prefix, std::strlen(prefix)) == 0;
+}
+
+// What an exec needs changed, and how to put it back if the exec fails.
+class ExecPlan {
+  public:
+    // False: nothing offloaded survives this exec; run it unchanged.
+    bool prepare(char *const envp[]) {
+        if (!exec_handover(handover_)) return false;
+        std::string sockets;
+        const int limit = g_fds.limit();
+        for (int fd = 0; fd < limit; ++fd) {
+            SocketRef ref;
+            if (!find_socket(fd, ref)) continue;
+            const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
+            if (fd_flags < 0 || (fd_flags & FD_CLOEXEC)) continue;
+            const Socket &sock = *ref.sock;
+            unsigned bits = 0;
+            if (sock.nonblocking.load()) bits |= kNonblocking;
+            if (sock.listening.load()) bits |= kListening;
+            if (sock.linger_reset.load()) bits |= kLingerReset;
+            if (sock.shut_rd.load()) bits |= kShutRd;
+            if (sock.shut_wr.load()) bits |= kShutWr;
+            if (sock.disconnected.load()) bits |= kDisconnected;
+            if (sock.end_reported.load()) bits |= kEndReported;
+            char entry[160];
+            std::snprintf(entry, sizeof(entry), "%s%d:%u:%d:%u:%d:%lld:%lld:%d:%u",
+                          sockets.empty() ? "" : ",", fd, ref.slot, sock.domain, bits,
+                          sock.connect_state.load(),
+                          static_cast<long long>(sock.rcv_timeout_ns.load()),
+                          static_cast<long long>(sock.snd_timeout_ns.load()), sock.rcvlowat.load(),
+                          sock.consumed_error_gen.load());
+            sockets += entry;
+        }
+        if (sockets.empty()) return false;
+
+        char head[96];
+        std::snprintf(head, sizeof(head), "%s=%u:%u:%d:%d:%d;", kStateVar, handover_.session_id,
+                      handover_.member, handover_.control_fd, handover_.doorbell_fd,
+                      handover_.memfd);
+        strings_.push_back(head + sockets);
+
+        const std::string library = own_path();
+        const char *preload = nullptr;
+        for (char *const *e = envp; e && *e; ++e) {
+            if (starts_with(*e, "LD_PRELOAD=")) preload = *e + sizeof(kPreloadVar);
+            if (starts_with(*e, "LD_PRELOAD=") || starts_with(*e, "TCPS_EXEC=") ||
+                starts_with(*e, "TCPS_PRELOAD_RESTORE="))
+                continue;
+            env_.push_back(*e);
+        }
+        if (preload && !library.empty() && std::strstr(preload, library.c_str())) {
+            strings_.push_back(std::string(kPreloadVar) + "=" + preload);
+        } else if (!library.empty()) {
+            strings_.push_back(std::string(kPreloadVar) + "=" + library +
+                               (preload && *preload ? std::string(":") + preload : ""));
+            strings_.push_back(std::string(kRestoreVar) + "=" +
+                               (preload ? std::string("1:") + preload : std::string("0")));
+        }
+        for (std::string &text : strings_) env_.push_back(text.data());
+        env_.push_back(nullptr);
+
+        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
+            real(libc.fcntl)(fd, F_SETFD, 0);
+        prepared_ = true;
+        return true;
+    }
+
+    char *const *envp() { return env_.data(); }
+
+    // The exec failed: we carry on as before.
+    void undo() {
+        if (!prepared_) return;
+        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
+            real(libc.fcntl)(fd, F_SETFD, FD_CLOEXEC);
+        prepared_ = false;
+    }
+
+  private:
+    ExecHandover handover_;
+    std::vector<std::string> strings_;
+    std::vector<char *> env_;
+    bool prepared_ = false;
+};
+
+// A placeholder of ours: an O_PATH descriptor of /dev/null (socket_ops.cpp).
+bool is_placeholder(int fd) {
+    struct stat st {};
+    const int flags = real(libc.fcntl)(fd, F_GETFL);
+    return flags >= 0 && (flags & O_PATH) && fstat(fd, &st) == 0 && S_ISCHR(st.st_mode) &&
+           st.st_rdev == makedev(1, 3);
+}
+
+void restore_environment() {
+    unsetenv(kStateVar);
+    if (const char *restore = getenv(kRestoreVar)) {
+        if (restore[0] == '1' && restore[1] == ':')
+            setenv(kPreloadVar, restore + 2, 1);
+        else
+            unsetenv(kPreloadVar);
+        unsetenv(kRestoreVar);
+    }
+}
+
+template <class Exec>
+int exec_with_plan(char *const envp[], Exec &&exec) {
+    ExecPlan plan;
+    if (!plan.prepare(envp)) return exec(envp);
+    const int rc = exec(plan.envp());
+    const int saved = errno;
+    plan.undo();
+    errno = saved;
+    return rc;
+}
+
+// execl-style argument lists, as an argv array (and the envp that follows, for execle).
+std::vector<char *> collect_args(const char *first, va_list args, char *const **envp) {
+    std::vector<char *> argv;
+    argv.push_back(const_cast<char *>(first));
+    while (argv.back() != nullptr) argv.push_back(va_arg(args, char *));
+    if (envp) *envp = va_arg(args, char *const *);
+    return argv;
+}
+
+}  // namespace
+
+// At start-up of an image that an exec handed offloaded sockets to.
+void adopt_inherited_sockets() {
+    const char *state = getenv(kStateVar);
+    if (!state) return;
+    ExecHandover from;
+    int consumed = 0;
+    if (std::sscanf(state, "%u:%u:%d:%d:%d;%n", &from.session_id, &from.member, &from.control_fd,
+                    &from.doorbell_fd, &from.memfd, &consumed) != 5 ||
+        consumed == 0 || adopt_session(from) != 0) {
+        // Without the session the placeholders stay dead; closing our end of the connection
+        // tells the engine this member is gone, which drops what it held.
+        for (int fd : {from.control_fd, from.doorbell_fd, from.memfd})
+            if (fd > 2) real(libc.close)(fd);
+        restore_environment();
+        return;
+    }
+    const char *cursor = state + consumed;
+    std::vector<bool> inherited(ipc::kMaxSockets, false);
+    while (*cursor) {
+        int fd = -1, domain = 0, connect_state = 0, lowat = 1, used = 0;
+        unsigned slot = 0, bits = 0, error_gen = 0;
+        long long rcv = 0, snd = 0;
+        if (std::sscanf(cursor, "%d:%u:%d:%u:%d:%lld:%lld:%d:%u%n", &fd, &slot, &domain, &bits,
+                        &connect_state, &rcv, &snd, &lowat, &error_gen, &used) != 9 ||
+            used == 0)
+            break;
+        cursor += used;
+        if (*cursor == ',') ++cursor;
+        if (slot >= ipc::kMaxSockets || fd < 0 || static_cast<size_t>(fd) >= g_fds.size() ||
+            !is_placeholder(fd))
+            continue;
+        Socket &sock = socket_state(slot);
+        if (!inherited[slot]) {
+            inherited[slot] = true;
+            sock.open(domain, bits & kNonblocking, sock.generation.load() + 1);
+            sock.listening.store(bits & kListening);
+            sock.linger_reset.store(bits & kLingerReset);
+            sock.shut_rd.store(bits & kShutRd);
+            sock.shut_wr.store(bits & kShutWr);
+            sock.disconnected.store(bits & kDisconnected);
+            sock.end_reported.store(bits & kEndReported);
+            sock.connect_state.store(connect_state);
+            sock.rcv_timeout_ns.store(rcv);
+            sock.snd_timeout_ns.store(snd);
+            sock.rcvlowat.store(lowat);
+            sock.consumed_error_gen.store(error_gen);
+        } else {
+            sock.refs.fetch_add(1);  // a dup of one already adopted
+        }
+        g_fds.set(fd, FdRef::socket(slot, sock.generation.load()));
+    }
+    // What the old image held but did not hand on was close-on-exec: the kernel closed those
+    // descriptors, so our hold on them goes.
+    const ipc::MemberRecord &record = region().member(from.member);
+    for (uint32_t slot = 0; slot < ipc::kMaxSockets; ++slot) {
+        const uint64_t bit = uint64_t{1} << (slot % 64);
+        if (inherited[slot] || !(record.held[slot / 64].load() & bit)) continue;
+        if (unhold_socket(slot)) {
+            const ipc::SocketSlot &shm = region().slot(slot);
+            const bool unread = shm.rx_tail.load() != shm.rx_head.load();
+            request_close(slot, unread);
+        }
+    }
+    restore_environment();
+}
+
+}  // namespace tcps::shim
+
+using namespace tcps::shim;
+
+TCPS_EXPORT int execve(const char *path, char *const argv[], char *const envp[]) {
+    static auto next = next_function<int (*)(const char *, char *const[], char *const[])>("execve");
+    return exec_with_plan(envp, [&](char *const *env) { return next(path, argv, env); });
+}
+
+TCPS_EXPORT int execv(const char *path, char *const argv[]) {
+    return execve(path, argv, environ);
+}
+
+TCPS_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[]) {
+    static auto next =
+        next_function<int (*)(const char *, char *const[], char *const[])>("execvpe");
+    return exec_with_plan(envp, [&](char *const *env) { return next(file, argv, env); });
+}
+
+TCPS_EXPORT int execvp(const char *file, char *const argv[]) {
+    return execvpe(file, argv, environ);
+}
+
+TCPS_EXPORT int fexecve(int fd, char *const argv[], char *const envp[]) {
+    static auto next = next_function<int (*)(int, char *const[], char *const[])>("fexecve");
+    return exec_with_plan(envp, [&](char *const *env) { return next(fd, argv, env); });
+}
+
+TCPS_EXPORT int execl(const char *path, const char *arg, ...) {
+    va_list args;
+    va_start(args, arg);
+    std::vector<char *> argv = collect_args(arg, args, nullptr);
+    va_end(args);
+    return execve(path, argv.data(), environ);
+}
+
+TCPS_EXPORT int execle(const char *path, const char *arg, ...) {
+    va_list args;
+    va_start(args, arg);
+    char *const *envp = nullptr;
+    std::vector<char *> argv = collect_args(arg, args, &envp);
+    va_end(args);
+    return execve(path, argv.data(), envp);
+}
+
+TCPS_EXPORT int execlp(const char *file, const char *arg, ...) {
+    va_list args;
+    va_start(args, arg);
+    std::vector<char *> argv = collect_args(arg, args, nullptr);
+    va_end(args);
+    return execvpe(file, argv.data(), environ);
+}
