@@ -33,7 +33,6 @@ namespace {
 constexpr uint64_t kHelloTimeoutNs = 2'000'000'000;
 constexpr size_t kMaxPendingHellos = 1024;
 constexpr int kMaxWakeFds = 260;
-constexpr int kSoPeerPidfd = 77;  // SO_PEERPIDFD, Linux 6.5; not in these headers yet
 
 // --- signals: a flag and eventfd writes, nothing else (async-signal-safe) ---
 std::atomic<bool> g_stop{false};
@@ -83,48 +82,6 @@ int read_unprivileged_port_start() {
     const long value = std::strtol(buffer, &end, 10);
     if (end == buffer || value < 0 || value > 65536) return 1024;
     return static_cast<int>(value);
-}
-
-// The effective uid on the "Uid:" line of /proc/PID/status (real, effective, saved, fs).
-bool parse_effective_uid(const std::string &text, uid_t &uid) {
-    const size_t at = text.find("\nUid:");
-    if (at == std::string::npos) return false;
-    unsigned long real = 0, effective = 0;
-    if (std::sscanf(text.c_str() + at + 5, "%lu %lu", &real, &effective) != 2) return false;
-    uid = static_cast<uid_t>(effective);
-    return true;
-}
-
-// CapEff of the process behind control connection `sock`, 0 whenever in doubt: the process
-// is gone, its pid may have been reused, or its uid is not the one SO_PEERCRED reported.
-uint64_t read_capabilities(int sock, const ucred &cred) {
-    // A pidfd pins the peer's identity: if it is still alive after we read its status, the
-    // pid was not reused in between. Older kernels lack SO_PEERPIDFD: the uid check remains.
-    int pidfd = -1;
-    socklen_t len = sizeof(pidfd);
-    if (getsockopt(sock, SOL_SOCKET, kSoPeerPidfd, &pidfd, &len) != 0) pidfd = -1;
-    const std::string path = "/proc/" + std::to_string(cred.pid) + "/status";
-    std::string text;
-    if (const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC); fd >= 0) {
-        char buffer[4096];
-        for (int k = 0; k < 16; ++k) {
-            const ssize_t n = read(fd, buffer, sizeof(buffer));
-            if (n <= 0) break;
-            text.append(buffer, static_cast<size_t>(n));
-        }
-        close(fd);
-    }
-    bool trusted = true;
-    if (pidfd >= 0) {
-        trusted = syscall(SYS_pidfd_send_signal, pidfd, 0, nullptr, 0) == 0;
-        close(pidfd);
-    }
-    uid_t uid;
-    uint64_t caps = 0;
-    if (!trusted || !parse_effective_uid(text, uid) || uid != cred.uid ||
-        !parse_cap_eff(text, caps))
-        return 0;
-    return caps;
 }
 
 void raise_fd_limit() {
@@ -342,7 +299,9 @@ void Engine::accept_clients() {
         hello.creds.pid = cred.pid;
         hello.creds.uid = cred.uid;
         hello.creds.gid = cred.gid;
-        hello.creds.caps = read_capabilities(fd, cred);
+        uid_t effective_uid = cred.uid;
+        hello.creds.caps = 0;
+        read_rights(fd, cred.pid, cred.uid, effective_uid, hello.creds.caps);
         hellos_.push_back(hello);
     }
 }

@@ -122,9 +122,15 @@ int Worker::op_socket(Session &s, uint32_t i, const ipc::Request &req) {
 
 int Worker::op_bind(Session &s, uint32_t i, const ipc::Request &req) {
     EngineSlot &es = s.slots[i];
-    const int denied =
-        check_bind_permission(req.addr, req.addr_len, s.creds, config_.unprivileged_port_start);
-    if (denied != 0) return denied;
+    // A privileged port: checked against the rights every member has now.
+    ClientCreds unprivileged;
+    unprivileged.uid = 65534;
+    if (check_bind_permission(req.addr, req.addr_len, unprivileged,
+                              config_.unprivileged_port_start) != 0) {
+        const int denied = check_bind_permission(req.addr, req.addr_len, family_rights(s),
+                                                 config_.unprivileged_port_start);
+        if (denied != 0) return denied;
+    }
     const bool reuseport = get_int_option(es.fd, SOL_SOCKET, SO_REUSEPORT, 0) != 0;
     const bool v6_only =
         es.family == AF_INET6 && get_int_option(es.fd, IPPROTO_IPV6, IPV6_V6ONLY, 0) != 0;
@@ -283,8 +289,15 @@ int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
         facts.allowed_congestion = allowed;
         facts.available_congestion = available;
     }
-    const OptionDecision decision =
-        decide_setsockopt(level, optname, req.opt, req.opt_len, s.creds.caps, facts);
+    // Options that need a capability are decided with the rights every member has now.
+    OptionDecision decision = decide_setsockopt(level, optname, req.opt, req.opt_len, 0, facts);
+    if (decision.action == OptionAction::kRefuse) {
+        const OptionDecision privileged =
+            decide_setsockopt(level, optname, req.opt, req.opt_len, s.creds.caps, facts);
+        if (privileged.action != OptionAction::kRefuse)
+            decision = decide_setsockopt(level, optname, req.opt, req.opt_len,
+                                         family_rights(s).caps, facts);
+    }
     switch (decision.action) {
         case OptionAction::kRefuse:
             return decision.error;

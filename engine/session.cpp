@@ -6,7 +6,12 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include <sys/socket.h>
+#include <sys/syscall.h>
+
 #include <cerrno>
+#include <cstdio>
+#include <string>
 
 #include "ring.hpp"
 
@@ -42,6 +47,70 @@ void Session::release() {
         if (*fd >= 0) close(*fd);
         *fd = -1;
     }
+}
+
+namespace {
+
+constexpr int kSoPeerPidfd = 77;  // SO_PEERPIDFD, Linux 6.5; not in these headers yet
+
+// The effective uid on the "Uid:" line of /proc/PID/status (real, effective, saved, fs).
+bool parse_effective_uid(const std::string &text, uid_t &uid) {
+    const size_t at = text.find("\nUid:");
+    if (at == std::string::npos) return false;
+    unsigned long real = 0, effective = 0;
+    if (std::sscanf(text.c_str() + at + 5, "%lu %lu", &real, &effective) != 2) return false;
+    uid = static_cast<uid_t>(effective);
+    return true;
+}
+
+}  // namespace
+
+bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t &caps) {
+    // A pidfd pins the peer's identity: if it is still alive after we read its status, the
+    // pid was not reused in between. Older kernels lack SO_PEERPIDFD: the uid check remains.
+    caps = 0;
+    int pidfd = -1;
+    socklen_t len = sizeof(pidfd);
+    if (getsockopt(sock, SOL_SOCKET, kSoPeerPidfd, &pidfd, &len) != 0) pidfd = -1;
+    const std::string path = "/proc/" + std::to_string(pid) + "/status";
+    std::string text;
+    if (const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC); fd >= 0) {
+        char buffer[4096];
+        for (int k = 0; k < 16; ++k) {
+            const ssize_t n = read(fd, buffer, sizeof(buffer));
+            if (n <= 0) break;
+            text.append(buffer, static_cast<size_t>(n));
+        }
+        close(fd);
+    }
+    bool trusted = true;
+    if (pidfd >= 0) {
+        trusted = syscall(SYS_pidfd_send_signal, pidfd, 0, nullptr, 0) == 0;
+        close(pidfd);
+    }
+    uint64_t read_caps = 0;
+    if (!trusted || !parse_effective_uid(text, effective_uid) || !parse_cap_eff(text, read_caps))
+        return false;
+    // A process whose uid changed since it connected keeps no capability with us.
+    if (effective_uid == uid) caps = read_caps;
+    return true;
+}
+
+ClientCreds family_rights(const Session &session) {
+    ClientCreds rights = session.creds;
+    for (const Member &member : session.members) {
+        if (member.state != ipc::MemberState::kLive) continue;
+        uid_t effective_uid = 0;
+        uint64_t caps = 0;
+        if (!read_rights(member.control_fd, member.creds.pid, member.creds.uid, effective_uid,
+                         caps)) {
+            effective_uid = member.creds.uid == 0 ? 65534 : member.creds.uid;  // in doubt: none
+            caps = 0;
+        }
+        rights.caps &= caps;
+        if (effective_uid != 0) rights.uid = effective_uid;
+    }
+    return rights;
 }
 
 int create_region(Session &session, uint32_t session_id) {

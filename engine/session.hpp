@@ -101,6 +101,7 @@ struct Session {
     bool dirty = false;  // in the worker's list of sessions to wake
 
     bool ending = false;
+    bool orphaned = false;  // no member left: ends when the last graceful close finishes
     uint32_t inflight = 0;  // every SQE whose completion refers to this session
     bool doorbell_posted = false;
     uint64_t doorbell_value = 0;  // the eventfd read's buffer
@@ -114,6 +115,17 @@ struct Session {
     // Unmaps the region and closes every descriptor the session still holds.
     void release();
 };
+
+// The effective uid and CapEff of the process behind control connection `sock` (pid and uid
+// as SO_PEERCRED reported them). False when in doubt (gone, pid reused); caps are 0 when its
+// uid changed since it connected.
+bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t &caps);
+
+// What the whole family may do now: requests reach the engine through the shared region, so
+// a privileged one is allowed only if every live member could make it (Apache's children
+// drop root after fork; they must not bind a port below 1024 through their parent's rights).
+// Reads /proc for each member: only for the rare requests that need a privilege.
+ClientCreds family_rights(const Session &session);
 
 // Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
 int create_region(Session &session, uint32_t session_id);

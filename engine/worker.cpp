@@ -1070,17 +1070,30 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
                    !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
             }
             if (count == 1) {
+                // The bytes it sent just before dying may not have rung our doorbell yet.
+                const ipc::SocketSlot &slot = s.region.slot(i);
+                const uint32_t head = slot.rx_head.load(std::memory_order_acquire);
+                apply_client_indices(s, i, slot.tx_tail.load(std::memory_order_acquire), head,
+                                     slot.acc_head.load(std::memory_order_acquire));
+                if (s.ending) return;
                 // Unread bytes make the close a reset, as Linux does at exit.
-                const uint32_t head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
-                const uint32_t tail = s.slots[i].rx_tail;
-                start_close(s, i, rx_head_valid(head, tail) && head != tail);
+                start_close(s, i, head != s.slots[i].rx_tail);
             }
         }
     }
     record.pid.store(0, std::memory_order_relaxed);
     record.state.store(static_cast<uint32_t>(ipc::MemberState::kFree), std::memory_order_release);
     m = Member{};
-    if (s.live_members == 0 && s.reserved_members == 0) end_session(s, why);
+    if (s.live_members > 0 || s.reserved_members > 0) return;
+    // Nobody is left. What nobody held (connections no process accepted) is reset, as the
+    // kernel resets a closed listener's queue; the graceful closes finish sending what their
+    // processes wrote before exiting, and then the session ends (finish_close).
+    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i)
+        if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
+    if (s.open_sockets == 0) return end_session(s, why);
+    s.orphaned = true;
+    TCPS_LOG_VERBOSE("session %u: no member left; ending once %u closes finish", s.id,
+                     s.open_sockets);
 }
 
 void Worker::expire_reservations(uint64_t now) {
@@ -1325,6 +1338,7 @@ void Worker::finish_close(Session &s, uint32_t i) {
     es.timed = timed;  // a stale tick entry drops itself: the slot is free
 
     if (s.ending) return;  // the whole region goes away
+    if (s.orphaned && s.open_sockets == 0) return end_session(s, "its last close finished");
     ipc::SocketSlot &slot = s.region.slot(i);
     slot.flags.store(0, std::memory_order_relaxed);
     clear_engine_fields(slot);

@@ -802,6 +802,39 @@ TEST_CASE("after fork the child uses inherited offloaded fds and makes its own")
     CHECK(recv_exactly(p.server.get(), 6) == "parent");
 }
 
+TEST_CASE(
+    "a forked child that dropped root cannot bind a privileged port; parent and child "
+    "close the shared socket only together") {
+    if (geteuid() != 0) return;  // the privilege rule needs root to start from
+    Pair p = make_pair();
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        int status = 0;
+        if (setuid(65534) != 0) _exit(100);
+        const int fd = socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in addr = loopback(1001);
+        if (!(bind(fd, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == -1 && errno == EACCES))
+            status |= 1;
+        // The inherited connection: the parent has closed its copy by now (it waits for our
+        // byte after closing), yet ours still works.
+        char byte;
+        if (recv(p.server.get(), &byte, 1, 0) != 1 || byte != 'p') status |= 2;
+        if (send(p.server.get(), "c", 1, MSG_NOSIGNAL) != 1) status |= 4;
+        _exit(status);
+    }
+    p.server.reset();  // the child still holds the connection: no FIN yet
+    send_all(p.client.get(), "p", 1);
+    CHECK(recv_exactly(p.client.get(), 1) == "c");
+    int status = -1;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    // The child's exit closed the last copy: EOF now.
+    char byte;
+    CHECK(recv(p.client.get(), &byte, 1, 0) == 0);
+}
+
 TEST_CASE("kernel descriptors pass straight through: pipes, UDP, AF_UNIX") {
     int pipe_fds[2];
     REQUIRE(pipe(pipe_fds) == 0);
