@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A preloaded process A passes an offloaded TCP socket (one it connected, one it accepted) over
+# an AF_UNIX socketpair with SCM_RIGHTS to a process B and closes its own copy; B streams 1 MiB
+# through it against a plain echo peer, checks every byte and the peer's FIN. B is a forked child,
+# then an exec'd child with LD_PRELOAD kept, then one with LD_PRELOAD removed. ss proves that
+# A's sockets belonged to tcpsd (or, once handed to B without the shim, to B itself); at the end
+# the engine holds nothing.
+#
+# Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
+set -euo pipefail
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/lib.sh"
+# shellcheck source=tests/integration/servers_lib.sh
+source "$(dirname "$0")/servers_lib.sh"
+
+app=${SCM_RIGHTS:?SCM_RIGHTS names the scm_rights program}
+need_tool ss
+dir=$TCPS_TEST_DIR
+
+start_offload
+"$app" peer-echo "$dir/echo.port" >"$dir/echo.out" 2>&1 &
+track $!
+echo_port=$(wait_for_port_file 10 "$dir/echo.port") || fail "the echo peer did not start"
+
+"${OFFLOAD[@]}" "$app" sender "$echo_port" "$dir/port" >"$dir/sender.out" 2>&1 &
+sender_pid=$!
+track "$sender_pid"
+port=$(wait_for_port_file 10 "$dir/port") ||
+    fail "A did not announce its port: $(cat "$dir/sender.out")"
+log "A (pid $sender_pid) listens on port $port; the echo peer is on port $echo_port"
+wait_until 5 listening_on "$port" || fail "nothing listens on port $port: $(cat "$dir/sender.out")"
+if offloaded; then expect_engine_listener "$port" "$sender_pid"; fi
+"$app" peer-connect "$port" 3 >"$dir/connect.out" 2>&1 &
+connect_pid=$!
+track "$connect_pid"
+at_hold "$dir/sender.out" connected
+if offloaded; then expect_engine_client "$echo_port" "$sender_pid"; fi
+release_hold connected
+at_hold "$dir/sender.out" accepted
+if offloaded; then expect_engine_server_side "$port" "$sender_pid"; fi
+release_hold accepted
+record_sockets "( sport = :$port or dport = :$echo_port )" "$sender_pid" 100 "$dir/ss.txt"
+status=0
+wait_pid "$sender_pid" 100 || status=$?
+grep -v '^holding' "$dir/sender.out" | sed 's/^/  /'
+((status != 124)) || fail "A did not finish within 100 s"
+((status == 0)) || fail "A failed (status $status)"
+status=0
+wait_pid "$connect_pid" 10 || status=$?
+((status == 0)) || fail "the connecting peer failed (status $status): $(cat "$dir/connect.out")"
+# A B that runs without the shim may legitimately hold a kernel socket handed to it.
+plain_receivers=$(sed -n 's/.*receiver pid \([0-9]*\) (exec-plain).*/\1/p' "$dir/sender.out")
+# shellcheck disable=SC2086  # one pid per word
+expect_no_strangers "$dir/ss.txt" "$port and $echo_port" $plain_receivers
+expect_engine_empty 20 "$port"
+if offloaded; then stop_engine; fi
+log "scm_rights: all checks passed"
