@@ -16,6 +16,7 @@
 namespace tcps::engine {
 
 inline constexpr uint16_t kNoSlot = 0xffff;
+inline constexpr uint16_t kNoMember = 0xffff;
 
 // The engine's view of one socket slot.
 struct EngineSlot {
@@ -57,11 +58,15 @@ struct EngineSlot {
     uint32_t accept_pos = 0;             // its position in that listener's accept ring
     uint16_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
 
+    // Handed back to the kernel (kHandoff): no receive, accept or watch is posted again, and
+    // closing it only drops our descriptor. handoff_member waits for the answer.
+    bool handed_off = false;
+    uint16_t handoff_member = kNoMember;
+
     int rcvlowat = 1;
     uint64_t reuseport_token = 0;
 };
 
-inline constexpr uint16_t kNoMember = 0xffff;
 inline constexpr uint64_t kReservationNs = 10'000'000'000;  // a forked child joins within 10 s
 
 // One process of the session's family (see ipc::MemberRecord).

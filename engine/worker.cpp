@@ -383,6 +383,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kAccept) on_accept(s, i, res);
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
+            if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
         default:
@@ -578,7 +579,7 @@ void Worker::track_op(Session &s, uint32_t i, io_uring_sqe *sqe, Kind kind) {
 void Worker::post_recv(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
-        (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)))
+        (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off)
         return;
     ipc::SocketSlot &slot = s.region.slot(i);
     if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) {
@@ -690,7 +691,7 @@ void Worker::apply_shut_wr(Session &s, uint32_t i) {
 void Worker::post_accept(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagListening) ||
-        es.accept_posted || es.accept_retry)
+        es.accept_posted || es.accept_retry || es.handed_off)
         return;
     auto has_room = [&] {
         return es.acc_tail - es.acc_head < ipc::kAcceptRingEntries && !s.free_engine_slots.empty();
@@ -823,7 +824,7 @@ void Worker::on_connected(Session &s, uint32_t i) {
 void Worker::post_watch(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.watch_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
-        (es.flags & ipc::kFlagReset))
+        (es.flags & ipc::kFlagReset) || es.handed_off)
         return;
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
@@ -889,6 +890,7 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     if (fd >= 0) close(fd);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
+    if (type == ipc::ControlType::kHandoff) return start_handoff(s, member, msg.arg);
     violation(s, "unexpected control message type %u", msg.type);
 }
 
@@ -965,6 +967,61 @@ void Worker::release_waiters(Session &s, uint32_t member) {
         s.waiter_fds[w] = -1;
         s.waiter_owner[w] = kNoMember;
     }
+}
+
+void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
+    if (slot < 0 || slot >= static_cast<int32_t>(ipc::kMaxSockets) ||
+        s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off) {
+        ipc::ControlMessage reply{};
+        reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
+        reply.version = ipc::kLayoutVersion;
+        reply.result = -EBADF;
+        reply.session_id = s.id;
+        reply_control(s, member, reply);
+        return;
+    }
+    const auto i = static_cast<uint32_t>(slot);
+    EngineSlot &es = s.slots[i];
+    // Bytes the application wrote before passing the socket go out first, as they would
+    // have from the kernel's send buffer.
+    const ipc::SocketSlot &shm = s.region.slot(i);
+    apply_client_indices(s, i, shm.tx_tail.load(std::memory_order_acquire),
+                         shm.rx_head.load(std::memory_order_acquire),
+                         shm.acc_head.load(std::memory_order_acquire));
+    if (s.ending) return;
+    es.handed_off = true;
+    es.handoff_member = static_cast<uint16_t>(member);
+    if (es.recv_posted) cancel(s, i, Kind::kRecv);
+    if (es.accept_posted) cancel(s, i, Kind::kAccept);
+    if (es.watch_posted) cancel(s, i, Kind::kWatch);
+    stop_listening(s, i);
+    maybe_finish_handoff(s, i);
+}
+
+void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.handoff_member == kNoMember) return;
+    const bool sending = es.send_posted || (es.tx_head != es.tx_tail &&
+                                            !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)));
+    if (es.recv_posted || es.accept_posted || es.watch_posted || sending) return;
+    const uint32_t member = es.handoff_member;
+    es.handoff_member = kNoMember;
+    if (s.members[member].state != ipc::MemberState::kLive) return;
+    const ipc::SocketSlot &shm = s.region.slot(i);
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.session_id = s.id;
+    const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
+    reply.arg = rx_head_valid(rx_head, es.rx_tail) ? static_cast<int32_t>(es.rx_tail - rx_head) : 0;
+    const uint32_t acc_head = shm.acc_head.load(std::memory_order_acquire);
+    reply.reserved = acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head : 0;
+    const int copy = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
+    reply.result = copy >= 0 ? 0 : -errno;
+    const int rc = ipc::send_control(s.members[member].control_fd, reply, &copy, copy >= 0 ? 1 : 0);
+    if (copy >= 0) close(copy);
+    if (rc == -EAGAIN || rc == -EWOULDBLOCK)
+        violation(s, "client does not read its control replies");
 }
 
 void Worker::reserve_member(Session &s, uint32_t member) {
@@ -1239,6 +1296,8 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
     }
+    // The kernel socket lives on in the application: closing only drops our descriptor.
+    if (es.handed_off) reset = false, es.close_tail = es.tx_head;
     if (reset && !es.close_reset) {
         es.close_reset = true;
         if (es.fd >= 0) {
@@ -1311,7 +1370,7 @@ void Worker::maybe_finish_close(Session &s, uint32_t i) {
 void Worker::finish_close(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.fd >= 0) {
-        if (!es.close_reset) {
+        if (!es.close_reset && !es.handed_off) {
             // A positive linger would make close() block this thread; the kernel still
             // delivers what it holds after close() without it.
             linger current{};

@@ -128,6 +128,9 @@ class Worker {
     void register_waiter(Session &s, uint32_t member, int fd);
     void reserve_member(Session &s, uint32_t member);
     void release_waiters(Session &s, uint32_t member);
+    void start_handoff(Session &s, uint32_t member, int32_t slot);
+    // Answers a pending kHandoff once nothing more can land in the slot's rings.
+    void maybe_finish_handoff(Session &s, uint32_t i);
     void accept_join(const JoinRequest &join);
     // Sends a reply on a member's control connection; false if the session ended over it.
     bool reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply);

@@ -29,6 +29,13 @@ enum class ControlType : uint32_t {
     kJoinReply = 8,  // engine -> client: {result}
     // After exec: the member's waiters died with its old image; free them. No reply.
     kReleaseWaiters = 9,
+    // Hand a socket back to the kernel (the application passes it over SCM_RIGHTS): the
+    // engine stops receiving and accepting on slot `arg`, sends what its tx ring holds, and
+    // answers with a descriptor of its kernel socket. The slot stays open until closed.
+    kHandoff = 10,  // client -> engine: {arg = slot}
+    // engine -> client: {result, arg = bytes received but not read, reserved = connections
+    // accepted but not taken: both were lost to the kernel socket} + fds [the kernel socket]
+    kHandoffReply = 11,
 };
 
 struct ControlMessage {

@@ -261,6 +261,7 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
         return finish<ssize_t>(op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags),
                                saved);
     }
+    if (msg && msg->msg_controllen > 0) hand_back_passed_sockets(msg);
     return pass(libc.sendmsg, fd, msg, flags);
 }
 

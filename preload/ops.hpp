@@ -69,6 +69,10 @@ void epoll_release(uint32_t id);
 // Another fd now names registry `id` (dup of an epoll fd).
 void epoll_retain(uint32_t id);
 
+// handoff.cpp: before an AF_UNIX sendmsg() carrying SCM_RIGHTS, every offloaded socket in it
+// goes back to the kernel (in this process too), so the message carries real sockets.
+void hand_back_passed_sockets(const msghdr *msg);
+
 // Final close of an offloaded socket (its last fd is gone).
 void socket_release(uint32_t slot);
 

@@ -308,6 +308,45 @@ int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
     return rc;
 }
 
+}  // namespace
+
+int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
+                    uint32_t &lost_connections) {
+    kernel_fd = -1;
+    if (!session_usable(false)) return -ECONNRESET;
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kHandoff);
+    msg.version = ipc::kLayoutVersion;
+    msg.arg = static_cast<int32_t>(slot);
+    ipc::ControlMessage reply{};
+    int fds[1] = {-1};
+    pthread_mutex_lock(&g_control_mutex);
+    const int control = g_control_fd.load();
+    int rc = ipc::send_control(control, msg, nullptr, 0);
+    // The engine answers once the socket's tx ring has drained: as long as a blocking send.
+    for (int k = 0; rc == 0 && k < 30; ++k) {
+        rc = recv_control_timed(control, reply, fds, 1);
+        if (rc != -ETIMEDOUT) break;
+        rc = 0;
+        if (session_dead()) rc = -ECONNRESET;
+    }
+    pthread_mutex_unlock(&g_control_mutex);
+    if (rc == 0 && reply.type != static_cast<uint32_t>(ipc::ControlType::kHandoffReply))
+        rc = -EPROTO;
+    if (rc == 0) rc = reply.result;
+    if (rc == 0 && fds[0] < 0) rc = -EPROTO;
+    if (rc != 0) {
+        if (fds[0] >= 0) real(libc.close)(fds[0]);
+        return rc;
+    }
+    kernel_fd = fds[0];
+    lost_bytes = static_cast<uint32_t>(reply.arg);
+    lost_connections = reply.reserved;
+    return 0;
+}
+
+namespace {
+
 // In a forked child: joins the parent's session as member `member` on a connection of our
 // own. 0 or -errno.
 int join_session(int member) {

@@ -200,6 +200,12 @@ int move_high_internal(int fd);
 // The application is about to dup2() onto one of our descriptors: move ours out of the way.
 void relocate_internal(int fd);
 
+// SCM_RIGHTS: asks the engine for its kernel socket behind `slot`, once it has stopped
+// receiving and sent what the tx ring holds. 0 with kernel_fd set, or -errno. `lost_*`: what
+// the engine had received for it that the application never read (gone with the hand-back).
+int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
+                    uint32_t &lost_connections);
+
 // exec: what the new image needs to carry on as the same member of the same session.
 struct ExecHandover {
     int control_fd = -1;

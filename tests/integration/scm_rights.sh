@@ -3,8 +3,9 @@
 # an AF_UNIX socketpair with SCM_RIGHTS to a process B and closes its own copy; B streams 1 MiB
 # through it against a plain echo peer, checks every byte and the peer's FIN. B is a forked child,
 # then an exec'd child with LD_PRELOAD kept, then one with LD_PRELOAD removed. ss proves that
-# A's sockets belonged to tcpsd (or, once handed to B without the shim, to B itself); at the end
-# the engine holds nothing.
+# A's sockets belonged to tcpsd until A passed them; passing hands a socket back to the kernel
+# (docs/architecture.md), so from then on only A and the Bs may hold it. At the end the engine
+# holds nothing.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
 set -euo pipefail
@@ -48,10 +49,10 @@ grep -v '^holding' "$dir/sender.out" | sed 's/^/  /'
 status=0
 wait_pid "$connect_pid" 10 || status=$?
 ((status == 0)) || fail "the connecting peer failed (status $status): $(cat "$dir/connect.out")"
-# A B that runs without the shim may legitimately hold a kernel socket handed to it.
-plain_receivers=$(sed -n 's/.*receiver pid \([0-9]*\) (exec-plain).*/\1/p' "$dir/sender.out")
+# A passed socket is a kernel socket, held by A until it closes its copy and then by B.
+receivers=$(sed -n 's/.*receiver pid \([0-9]*\) (.*).*/\1/p' "$dir/sender.out")
 # shellcheck disable=SC2086  # one pid per word
-expect_no_strangers "$dir/ss.txt" "$port and $echo_port" $plain_receivers
+expect_no_strangers "$dir/ss.txt" "$port and $echo_port" "$sender_pid" $receivers
 expect_engine_empty 20 "$port"
 if offloaded; then stop_engine; fi
 log "scm_rights: all checks passed"
