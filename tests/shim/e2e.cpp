@@ -11,6 +11,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/select.h>
@@ -833,6 +834,41 @@ TEST_CASE(
     // The child's exit closed the last copy: EOF now.
     char byte;
     CHECK(recv(p.client.get(), &byte, 1, 0) == 0);
+}
+
+TEST_CASE("vfork, posix_spawn and daemon-style double fork leave the parent's sockets intact") {
+    Pair p = make_pair();
+    // vfork: the child shares our memory and must not disturb the shim's state.
+    const pid_t vforked = vfork();
+    if (vforked == 0) _exit(7);
+    REQUIRE(vforked > 0);
+    int status = -1;
+    REQUIRE(waitpid(vforked, &status, 0) == vforked);
+    CHECK(WEXITSTATUS(status) == 7);
+    // posix_spawn: glibc's clone(CLONE_VM|CLONE_VFORK) and exec, no fork handlers.
+    pid_t spawned = -1;
+    char arg0[] = "true";
+    char *argv[] = {arg0, nullptr};
+    REQUIRE(posix_spawnp(&spawned, "true", nullptr, nullptr, argv, environ) == 0);
+    REQUIRE(waitpid(spawned, &status, 0) == spawned);
+    CHECK(WEXITSTATUS(status) == 0);
+    // daemon(): a child that forks again and exits at once; the grandchild uses the socket.
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        if (fork() == 0) {
+            const bool ok = send(p.server.get(), "g", 1, MSG_NOSIGNAL) == 1;
+            _exit(ok ? 0 : 1);
+        }
+        _exit(0);
+    }
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK(recv_exactly(p.client.get(), 1) == "g");
+    // The parent's own connection still works both ways.
+    send_all(p.client.get(), "to-parent", 9);
+    CHECK(recv_exactly(p.server.get(), 9) == "to-parent");
+    send_all(p.server.get(), "from-parent", 11);
+    CHECK(recv_exactly(p.client.get(), 11) == "from-parent");
 }
 
 TEST_CASE("kernel descriptors pass straight through: pipes, UDP, AF_UNIX") {
