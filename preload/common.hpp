@@ -34,6 +34,13 @@ inline void cpu_relax() {
 // This process's pid, refreshed in a forked child: the owner mark of the locks below.
 inline std::atomic<int> g_self_pid{0};
 
+// A vfork()ed child (or posix_spawn's, system()'s) runs on its parent's memory until it execs
+// or exits: it must not change the shim's state, which is the parent's. A syscall: only the
+// calls that change descriptors ask.
+inline bool in_vfork_child() {
+    return syscall(SYS_getpid) != g_self_pid.load(std::memory_order_relaxed);
+}
+
 // True when process `pid` no longer exists (a lock it held is abandoned).
 inline bool process_gone(int pid) {
     return pid > 0 && syscall(SYS_kill, pid, 0) != 0 && errno == ESRCH;

@@ -165,7 +165,7 @@ void retain_entry(FdRef ref) {
 // ---------------------------------------------------------------------------------------------
 
 long op_socket(int domain, int type, int protocol) {
-    if (!session_usable(true)) return kUseKernel;
+    if (in_vfork_child() || !session_usable(true)) return kUseKernel;
     const int slot = claim_client_slot();
     if (slot < 0) return kUseKernel;  // all client slots busy: this one stays in the kernel
     const int fd = open_placeholder(type & SOCK_CLOEXEC);
@@ -630,6 +630,11 @@ long op_close(int fd) {
         case FdKind::kEpoll:
             break;
     }
+    if (in_vfork_child()) {
+        // The kernel closes the child's copy; the table is the parent's.
+        const int rc = real(libc.close)(fd);
+        return rc < 0 ? -errno : 0;
+    }
     // The entry first, then the number (the kernel may hand it out again at once).
     if (!g_fds.take_if(fd, ref)) return kUseKernel;
     const int rc = real(libc.close)(fd);
@@ -641,6 +646,7 @@ long op_close(int fd) {
 long op_dup(int fd) {
     const FdRef ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
+    if (in_vfork_child()) return kUseKernel;
     const int copy = real(libc.dup)(fd);
     if (copy < 0) return -errno;
     retain_entry(ref);
@@ -655,6 +661,7 @@ long op_dup(int fd) {
 long op_dupfd(int fd, int cmd, int min_fd) {
     const FdRef ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
+    if (in_vfork_child()) return kUseKernel;
     const int copy = real(libc.fcntl)(fd, cmd, min_fd);
     if (copy < 0) return -errno;
     retain_entry(ref);
@@ -671,6 +678,7 @@ long op_dup3(int oldfd, int newfd, int flags, bool is_dup3) {
     const FdRef new_ref = g_fds.get(newfd);
     const bool old_ours = old_ref.kind() == FdKind::kSocket || old_ref.kind() == FdKind::kEpoll;
     if (!old_ours && new_ref.empty()) return kUseKernel;
+    if (in_vfork_child()) return kUseKernel;
     if (old_ref.kind() == FdKind::kInternal) return -EBADF;
     if (oldfd == newfd) {
         if (is_dup3) return -EINVAL;

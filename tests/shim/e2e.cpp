@@ -17,6 +17,7 @@
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -838,9 +839,16 @@ TEST_CASE(
 
 TEST_CASE("vfork, posix_spawn and daemon-style double fork leave the parent's sockets intact") {
     Pair p = make_pair();
-    // vfork: the child shares our memory and must not disturb the shim's state.
+    // vfork: the child shares our memory and must not disturb the shim's state, even when it
+    // rearranges and closes descriptors before exec, as Python's subprocess does.
     const pid_t vforked = vfork();
-    if (vforked == 0) _exit(7);
+    if (vforked == 0) {
+        dup2(p.server.get(), 100);
+        close(p.server.get());
+        close(p.client.get());
+        syscall(SYS_close_range, 3u, ~0u, 0);
+        _exit(7);
+    }
     REQUIRE(vforked > 0);
     int status = -1;
     REQUIRE(waitpid(vforked, &status, 0) == vforked);
