@@ -9,23 +9,26 @@
 // environment back as the program wrote it before main() runs, so only the sockets notice.
 // (Handing the kernel socket back instead would lose the bytes the engine already received.)
 //
-// Not covered: a vfork()ed child (it shares our memory and our connection), posix_spawn(),
-// system() and popen() (glibc execs inside them without calling these functions), and static
-// or set-user-ID programs, which ignore LD_PRELOAD: there inherited offloaded descriptors
-// are dead placeholders (EBADF), and sockets marked close-on-exec vanish as usual.
+// A vfork()ed child (Python's subprocess) becomes a member of its own before the exec, on a
+// new connection, from the descriptors it arranged (tracked apart from the parent's table).
+// Not covered: posix_spawn(), system() and popen() (glibc execs inside them without calling
+// these functions), and static or set-user-ID programs, which ignore LD_PRELOAD: there
+// inherited offloaded descriptors are dead placeholders (EBADF), and sockets marked
+// close-on-exec vanish as usual.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "libc.hpp"
@@ -57,100 +60,17 @@ Fn next_function(const char *name) {
     return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, name));
 }
 
-// Where this library was loaded from, for LD_PRELOAD.
-std::string own_path() {
+// Where this library was loaded from, for LD_PRELOAD: `buffer`, or nullptr.
+const char *own_path(char *buffer, size_t size) {
     Dl_info info{};
-    if (dladdr(reinterpret_cast<void *>(&own_path), &info) == 0 || !info.dli_fname) return {};
-    char resolved[PATH_MAX];
-    if (realpath(info.dli_fname, resolved)) return resolved;
+    if (dladdr(reinterpret_cast<void *>(&own_path), &info) == 0 || !info.dli_fname) return nullptr;
+    if (size >= PATH_MAX && realpath(info.dli_fname, buffer)) return buffer;
     return info.dli_fname;
 }
 
 bool starts_with(const char *text, const char *prefix) {
     return std::strncmp(text, prefix, std::strlen(prefix)) == 0;
 }
-
-// What an exec needs changed, and how to put it back if the exec fails.
-class ExecPlan {
-  public:
-    // False: nothing offloaded survives this exec; run it unchanged.
-    bool prepare(char *const envp[]) {
-        if (!exec_handover(handover_)) return false;
-        std::string sockets;
-        const int limit = g_fds.limit();
-        for (int fd = 0; fd < limit; ++fd) {
-            SocketRef ref;
-            if (!find_socket(fd, ref)) continue;
-            const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
-            if (fd_flags < 0 || (fd_flags & FD_CLOEXEC)) continue;
-            const Socket &sock = *ref.sock;
-            unsigned bits = 0;
-            if (sock.nonblocking.load()) bits |= kNonblocking;
-            if (sock.listening.load()) bits |= kListening;
-            if (sock.linger_reset.load()) bits |= kLingerReset;
-            if (sock.shut_rd.load()) bits |= kShutRd;
-            if (sock.shut_wr.load()) bits |= kShutWr;
-            if (sock.disconnected.load()) bits |= kDisconnected;
-            if (sock.end_reported.load()) bits |= kEndReported;
-            char entry[160];
-            std::snprintf(entry, sizeof(entry), "%s%d:%u:%d:%u:%d:%lld:%lld:%d:%u",
-                          sockets.empty() ? "" : ",", fd, ref.slot, sock.domain, bits,
-                          sock.connect_state.load(),
-                          static_cast<long long>(sock.rcv_timeout_ns.load()),
-                          static_cast<long long>(sock.snd_timeout_ns.load()), sock.rcvlowat.load(),
-                          sock.consumed_error_gen.load());
-            sockets += entry;
-        }
-        if (sockets.empty()) return false;
-
-        char head[96];
-        std::snprintf(head, sizeof(head), "%s=%u:%u:%d:%d:%d;", kStateVar, handover_.session_id,
-                      handover_.member, handover_.control_fd, handover_.doorbell_fd,
-                      handover_.memfd);
-        strings_.push_back(head + sockets);
-
-        const std::string library = own_path();
-        const char *preload = nullptr;
-        for (char *const *e = envp; e && *e; ++e) {
-            if (starts_with(*e, "LD_PRELOAD=")) preload = *e + sizeof(kPreloadVar);
-            if (starts_with(*e, "LD_PRELOAD=") || starts_with(*e, "TCPS_EXEC=") ||
-                starts_with(*e, "TCPS_PRELOAD_RESTORE="))
-                continue;
-            env_.push_back(*e);
-        }
-        if (preload && !library.empty() && std::strstr(preload, library.c_str())) {
-            strings_.push_back(std::string(kPreloadVar) + "=" + preload);
-        } else if (!library.empty()) {
-            strings_.push_back(std::string(kPreloadVar) + "=" + library +
-                               (preload && *preload ? std::string(":") + preload : ""));
-            strings_.push_back(std::string(kRestoreVar) + "=" +
-                               (preload ? std::string("1:") + preload : std::string("0")));
-        }
-        for (std::string &text : strings_) env_.push_back(text.data());
-        env_.push_back(nullptr);
-
-        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
-            real(libc.fcntl)(fd, F_SETFD, 0);
-        prepared_ = true;
-        return true;
-    }
-
-    char *const *envp() { return env_.data(); }
-
-    // The exec failed: we carry on as before.
-    void undo() {
-        if (!prepared_) return;
-        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
-            real(libc.fcntl)(fd, F_SETFD, FD_CLOEXEC);
-        prepared_ = false;
-    }
-
-  private:
-    ExecHandover handover_;
-    std::vector<std::string> strings_;
-    std::vector<char *> env_;
-    bool prepared_ = false;
-};
 
 // A placeholder of ours: an O_PATH descriptor of /dev/null (socket_ops.cpp).
 bool is_placeholder(int fd) {
@@ -159,6 +79,154 @@ bool is_placeholder(int fd) {
     return flags >= 0 && (flags & O_PATH) && fstat(fd, &st) == 0 && S_ISCHR(st.st_mode) &&
            st.st_rdev == makedev(1, 3);
 }
+
+// The dups and closes a vfork()ed child made of our sockets before its exec. Its descriptor
+// table is its own, but the shim's table is the parent's and must stay so (socket_ops.cpp):
+// this notes the differences instead. Thread-local: the child runs on the thread that called
+// vfork(), which stays suspended until the exec; `pid` tells a stale overlay from this child's.
+struct VforkOverlay {
+    static constexpr int kEntries = 64;
+    int pid = 0;
+    int count = 0;
+    int fds[kEntries];
+    uint64_t refs[kEntries];
+};
+__attribute__((tls_model("initial-exec"))) thread_local VforkOverlay tl_overlay;
+
+// What `fd` is in this process: the overlay's word if this vfork child changed it.
+FdRef effective_entry(int fd, int self) {
+    if (tl_overlay.pid == self)
+        for (int k = tl_overlay.count; k-- > 0;)
+            if (tl_overlay.fds[k] == fd) return FdRef{tl_overlay.refs[k]};
+    return g_fds.get(fd);
+}
+
+// What an exec needs changed, and how to put it back if the exec fails. Fixed buffers on the
+// stack, no allocation: in a vfork()ed child the heap is the parent's.
+class ExecPlan {
+  public:
+    // False: nothing offloaded survives this exec; run it unchanged.
+    bool prepare(char *const envp[]) {
+        const bool vforked = in_vfork_child();
+        if (!vforked && !exec_handover(handover_)) return false;
+        const int self = static_cast<int>(syscall(SYS_getpid));
+
+        // The sockets the new image inherits: ours, still placeholders, not close-on-exec.
+        int limit = g_fds.limit();
+        if (tl_overlay.pid == self)
+            for (int k = 0; k < tl_overlay.count; ++k)
+                limit = std::max(limit, tl_overlay.fds[k] + 1);
+        size_t used = 0;
+        uint32_t slots[kMaxInherited];
+        size_t slot_count = 0;
+        for (int fd = 0; fd < limit; ++fd) {
+            const FdRef ref = effective_entry(fd, self);
+            if (ref.kind() != FdKind::kSocket || ref.slot() >= ipc::kMaxSockets) continue;
+            const Socket &sock = socket_state(ref.slot());
+            if (sock.generation.load() != ref.generation()) continue;
+            const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
+            if (fd_flags < 0 || (fd_flags & FD_CLOEXEC) || !is_placeholder(fd)) continue;
+            if (slot_count == kMaxInherited) return false;
+            slots[slot_count++] = ref.slot();
+            unsigned bits = 0;
+            if (sock.nonblocking.load()) bits |= kNonblocking;
+            if (sock.listening.load()) bits |= kListening;
+            if (sock.linger_reset.load()) bits |= kLingerReset;
+            if (sock.shut_rd.load()) bits |= kShutRd;
+            if (sock.shut_wr.load()) bits |= kShutWr;
+            if (sock.disconnected.load()) bits |= kDisconnected;
+            if (sock.end_reported.load()) bits |= kEndReported;
+            char *const sockets = state_ + kHeadRoom;
+            const size_t room = sizeof(state_) - kHeadRoom;
+            const int n = std::snprintf(sockets + used, room - used,
+                                        "%s%d:%u:%d:%u:%d:%lld:%lld:%d:%u", used ? "," : "", fd,
+                                        ref.slot(), sock.domain, bits, sock.connect_state.load(),
+                                        static_cast<long long>(sock.rcv_timeout_ns.load()),
+                                        static_cast<long long>(sock.snd_timeout_ns.load()),
+                                        sock.rcvlowat.load(), sock.consumed_error_gen.load());
+            if (n < 0 || static_cast<size_t>(n) >= room - used) return false;
+            used += static_cast<size_t>(n);
+        }
+        if (used == 0) return false;
+        // A vfork child becomes a member of its own, like a forked one, on a new connection.
+        if (vforked && !vfork_handover(slots, slot_count, handover_)) return false;
+        own_connection_ = vforked;
+
+        char head[kHeadRoom];
+        int n = std::snprintf(head, sizeof(head), "%s=%u:%u:%d:%d:%d;", kStateVar,
+                              handover_.session_id, handover_.member, handover_.control_fd,
+                              handover_.doorbell_fd, handover_.memfd);
+        if (n < 0 || static_cast<size_t>(n) >= sizeof(head)) return fail();
+        std::memmove(state_ + n, state_ + kHeadRoom, used + 1);
+        std::memcpy(state_, head, static_cast<size_t>(n));
+
+        const char *preload = nullptr;
+        size_t count = 0;
+        for (char *const *e = envp; e && *e; ++e) {
+            if (starts_with(*e, "LD_PRELOAD=")) preload = *e + sizeof(kPreloadVar);
+            if (starts_with(*e, "LD_PRELOAD=") || starts_with(*e, "TCPS_EXEC=") ||
+                starts_with(*e, "TCPS_PRELOAD_RESTORE="))
+                continue;
+            if (count + 4 >= kMaxEnv) return fail();
+            env_[count++] = *e;
+        }
+        env_[count++] = state_;
+        const char *library = own_path(library_, sizeof(library_));
+        if (preload && library && std::strstr(preload, library)) {
+            n = std::snprintf(preload_, sizeof(preload_), "%s=%s", kPreloadVar, preload);
+            if (n < 0 || static_cast<size_t>(n) >= sizeof(preload_)) return fail();
+            env_[count++] = preload_;
+        } else if (library) {
+            n = std::snprintf(preload_, sizeof(preload_), "%s=%s%s%s", kPreloadVar, library,
+                              preload && *preload ? ":" : "", preload ? preload : "");
+            if (n < 0 || static_cast<size_t>(n) >= sizeof(preload_)) return fail();
+            env_[count++] = preload_;
+            n = std::snprintf(restore_, sizeof(restore_), "%s=%s%s", kRestoreVar,
+                              preload ? "1:" : "0", preload ? preload : "");
+            if (n < 0 || static_cast<size_t>(n) >= sizeof(restore_)) return fail();
+            env_[count++] = restore_;
+        }
+        env_[count] = nullptr;
+
+        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
+            real(libc.fcntl)(fd, F_SETFD, 0);
+        prepared_ = true;
+        return true;
+    }
+
+    char *const *envp() { return env_; }
+
+    // The exec failed: we carry on as before.
+    void undo() {
+        if (!prepared_) return;
+        for (int fd : {handover_.control_fd, handover_.doorbell_fd, handover_.memfd})
+            real(libc.fcntl)(fd, F_SETFD, FD_CLOEXEC);
+        prepared_ = false;
+        fail();
+    }
+
+  private:
+    static constexpr size_t kMaxInherited = 256;
+    static constexpr size_t kMaxEnv = 1024;   // more variables than that: a plain exec
+    static constexpr size_t kHeadRoom = 128;  // "TCPS_EXEC=session:member:fds;"
+
+    // Gives up: a connection opened for a vfork child goes, and with it the new member (the
+    // engine drops its holds).
+    bool fail() {
+        if (own_connection_ && handover_.control_fd >= 0) real(libc.close)(handover_.control_fd);
+        own_connection_ = false;
+        return false;
+    }
+
+    ExecHandover handover_;
+    bool prepared_ = false;
+    bool own_connection_ = false;
+    char state_[kHeadRoom + 8192];
+    char library_[PATH_MAX];
+    char preload_[PATH_MAX + 4096];
+    char restore_[4200];
+    char *env_[kMaxEnv];
+};
 
 void restore_environment() {
     unsetenv(kStateVar);
@@ -173,7 +241,7 @@ void restore_environment() {
 
 template <class Exec>
 int exec_with_plan(char *const envp[], Exec &&exec) {
-    ExecPlan plan;
+    ExecPlan plan;  // about 30 KiB of stack, only for the time of an exec
     if (!plan.prepare(envp)) return exec(envp);
     const int rc = exec(plan.envp());
     const int saved = errno;
@@ -192,6 +260,22 @@ std::vector<char *> collect_args(const char *first, va_list args, char *const **
 }
 
 }  // namespace
+
+void vfork_note(int fd, FdRef ref) {
+    const int self = static_cast<int>(syscall(SYS_getpid));
+    if (tl_overlay.pid != self) {
+        tl_overlay.pid = self;
+        tl_overlay.count = 0;
+    }
+    if (tl_overlay.count == VforkOverlay::kEntries) return;  // beyond that, dead placeholders
+    tl_overlay.fds[tl_overlay.count] = fd;
+    tl_overlay.refs[tl_overlay.count] = ref.word;
+    ++tl_overlay.count;
+}
+
+FdRef vfork_entry(int fd) {
+    return effective_entry(fd, static_cast<int>(syscall(SYS_getpid)));
+}
 
 // At start-up of an image that an exec handed offloaded sockets to.
 void adopt_inherited_sockets() {

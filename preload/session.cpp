@@ -347,9 +347,9 @@ int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
 
 namespace {
 
-// In a forked child: joins the parent's session as member `member` on a connection of our
-// own. 0 or -errno.
-int join_session(int member) {
+// A new control connection that joins our session as reserved member `member`: its fd (moved
+// high, close-on-exec, not in the table), or -errno.
+int dial_and_join(int member) {
     const char *why = "";
     const int sock = dial_engine(why);
     if (sock < 0) return sock;
@@ -369,8 +369,20 @@ int join_session(int member) {
         real(libc.close)(sock);
         return rc;
     }
+    const int moved = dup_high(sock);
+    if (moved < 0) return sock;
+    real(libc.close)(sock);
+    return moved;
+}
+
+// In a forked child: joins the parent's session as member `member` on a connection of our
+// own. 0 or -errno.
+int join_session(int member) {
+    const int sock = dial_and_join(member);
+    if (sock < 0) return sock;
     close_internal(g_control_fd);  // the parent's connection: our copy goes
-    g_control_fd.store(move_high_internal(sock));
+    g_fds.set(sock, FdRef::internal());
+    g_control_fd.store(sock);
     return 0;
 }
 
@@ -836,6 +848,36 @@ bool exec_handover(ExecHandover &out) {
     out.session_id = g_session_id;
     out.member = g_member;
     return out.control_fd >= 0 && out.doorbell_fd >= 0 && out.memfd >= 0;
+}
+
+bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
+    if (g_state.load() != kActive || !session_usable(false)) return false;
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
+    msg.version = ipc::kLayoutVersion;
+    ipc::ControlMessage reply{};
+    pthread_mutex_lock(&g_hold_mutex);
+    const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
+    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) {
+        pthread_mutex_unlock(&g_hold_mutex);
+        return false;
+    }
+    // The new image holds what it inherits, from now on (see before_fork()).
+    ipc::MemberRecord &record = g_region.member(static_cast<uint32_t>(reply.arg));
+    for (size_t k = 0; k < count; ++k) {
+        const uint64_t bit = uint64_t{1} << (slots[k] % 64);
+        if (record.held[slots[k] / 64].fetch_or(bit, std::memory_order_acq_rel) & bit) continue;
+        g_region.slot(slots[k]).holders.fetch_add(1, std::memory_order_acq_rel);
+    }
+    pthread_mutex_unlock(&g_hold_mutex);
+    const int control = dial_and_join(reply.arg);
+    if (control < 0) return false;  // the reservation expires, and its holds with it
+    out.control_fd = control;
+    out.doorbell_fd = g_doorbell_fd.load();
+    out.memfd = g_memfd.load();
+    out.session_id = g_session_id;
+    out.member = static_cast<uint32_t>(reply.arg);
+    return true;
 }
 
 int adopt_session(const ExecHandover &from) {

@@ -216,8 +216,17 @@ struct ExecHandover {
 };
 // Ours now, or false (no live session, or we are a vfork()ed child).
 bool exec_handover(ExecHandover &out);
+// In a vfork()ed child about to exec: reserves a member of our session for the new image,
+// gives it a hold on each of `slots` and joins it on a connection of its own, touching
+// nothing of the parent's but the shared locks. The handover names that connection.
+bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out);
 // In the new image: maps the region and resumes the session. 0 or -errno.
 int adopt_session(const ExecHandover &from);
+
+// exec.cpp: in a vfork()ed child, `fd` now names `ref` (empty: not a socket of ours), in the
+// child's own descriptor table only; and what `fd` names there.
+void vfork_note(int fd, FdRef ref);
+FdRef vfork_entry(int fd);
 
 // exec.cpp: at start-up, takes over the session and sockets an exec handed to this image.
 void adopt_inherited_sockets();

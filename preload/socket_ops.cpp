@@ -631,8 +631,9 @@ long op_close(int fd) {
             break;
     }
     if (in_vfork_child()) {
-        // The kernel closes the child's copy; the table is the parent's.
+        // The kernel closes the child's copy; the table is the parent's (exec.cpp notes it).
         const int rc = real(libc.close)(fd);
+        if (rc == 0) vfork_note(fd, FdRef{});
         return rc < 0 ? -errno : 0;
     }
     // The entry first, then the number (the kernel may hand it out again at once).
@@ -644,9 +645,16 @@ long op_close(int fd) {
 }
 
 long op_dup(int fd) {
+    if (in_vfork_child()) {
+        const FdRef ref = vfork_entry(fd);
+        if (ref.kind() != FdKind::kSocket) return kUseKernel;
+        const int copy = real(libc.dup)(fd);
+        if (copy < 0) return -errno;
+        vfork_note(copy, ref);
+        return copy;
+    }
     const FdRef ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
-    if (in_vfork_child()) return kUseKernel;
     const int copy = real(libc.dup)(fd);
     if (copy < 0) return -errno;
     retain_entry(ref);
@@ -659,9 +667,16 @@ long op_dup(int fd) {
 }
 
 long op_dupfd(int fd, int cmd, int min_fd) {
+    if (in_vfork_child()) {
+        const FdRef ref = vfork_entry(fd);
+        if (ref.kind() != FdKind::kSocket) return kUseKernel;
+        const int copy = real(libc.fcntl)(fd, cmd, min_fd);
+        if (copy < 0) return -errno;
+        vfork_note(copy, ref);
+        return copy;
+    }
     const FdRef ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return kUseKernel;
-    if (in_vfork_child()) return kUseKernel;
     const int copy = real(libc.fcntl)(fd, cmd, min_fd);
     if (copy < 0) return -errno;
     retain_entry(ref);
@@ -674,11 +689,21 @@ long op_dupfd(int fd, int cmd, int min_fd) {
 }
 
 long op_dup3(int oldfd, int newfd, int flags, bool is_dup3) {
+    if (in_vfork_child()) {
+        // The child's own table changes; the shim's is the parent's (exec.cpp keeps the note).
+        const FdRef source = vfork_entry(oldfd);
+        const FdRef target = vfork_entry(newfd);
+        if (source.kind() != FdKind::kSocket && target.kind() != FdKind::kSocket) return kUseKernel;
+        const int rc =
+            is_dup3 ? real(libc.dup3)(oldfd, newfd, flags) : real(libc.dup2)(oldfd, newfd);
+        if (rc < 0) return -errno;
+        if (oldfd != newfd) vfork_note(newfd, source.kind() == FdKind::kSocket ? source : FdRef{});
+        return rc;
+    }
     const FdRef old_ref = g_fds.get(oldfd);
     const FdRef new_ref = g_fds.get(newfd);
     const bool old_ours = old_ref.kind() == FdKind::kSocket || old_ref.kind() == FdKind::kEpoll;
     if (!old_ours && new_ref.empty()) return kUseKernel;
-    if (in_vfork_child()) return kUseKernel;
     if (old_ref.kind() == FdKind::kInternal) return -EBADF;
     if (oldfd == newfd) {
         if (is_dup3) return -EINVAL;
