@@ -20,6 +20,10 @@ namespace tcps::shim {
 
 namespace {
 
+// An epoll item is (file, fd number), as in the kernel: the socket it was added as, and the
+// number it was added under. It stays in the set while that socket lives, whatever the number
+// names later: Linux removes an item only when the last reference to the file goes, so a dup'ed
+// socket whose registered fd was closed is still reported, under the old registration's data.
 struct EpollEntry {
     int fd = -1;
     FdRef ref;            // the socket it was added as: a different one at that fd is not it
@@ -30,6 +34,17 @@ struct EpollEntry {
     bool disabled = false;      // EPOLLONESHOT: fired, waits for EPOLL_CTL_MOD
 };
 
+struct MemberKey {
+    int fd;
+    uint64_t ref;
+    bool operator==(const MemberKey &other) const { return fd == other.fd && ref == other.ref; }
+};
+struct MemberKeyHash {
+    size_t operator()(const MemberKey &key) const {
+        return std::hash<uint64_t>()(key.ref ^ (static_cast<uint64_t>(key.fd) << 20));
+    }
+};
+
 struct EpollSet {
     uint32_t id = 0;
     uint32_t holders = 0;  // fds naming it + calls inside it (under g_sets_mutex)
@@ -37,7 +52,7 @@ struct EpollSet {
     std::atomic<int> sleepers{0};
     pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
     std::vector<EpollEntry> entries;
-    std::unordered_map<int, size_t> by_fd;
+    std::unordered_map<MemberKey, size_t, MemberKeyHash> by_key;
     size_t rotate = 0;  // where the next scan starts: fairness when maxevents is small
 };
 
@@ -178,15 +193,37 @@ long find_or_create_set(int epfd, EpollSet *&out) {
     return 0;
 }
 
+MemberKey key_of(const EpollEntry &entry) {
+    return {entry.fd, entry.ref.word};
+}
+
+// The member's socket, if it still lives: its generation is unchanged and some fd of this
+// process (or a call in progress) still holds it.
+bool member_socket(const EpollEntry &entry, SocketRef &out) {
+    const uint32_t slot = entry.ref.slot();
+    if (slot >= ipc::kMaxSockets || !region().base) return false;
+    Socket &sock = socket_state(slot);
+    if (sock.generation.load(std::memory_order_acquire) != entry.ref.generation() ||
+        sock.refs.load(std::memory_order_acquire) == 0)
+        return false;
+    out.fd = entry.fd;
+    out.slot = slot;
+    out.generation = entry.ref.generation();
+    out.sock = &sock;
+    out.shm = &region().slot(slot);
+    return true;
+}
+
 bool entry_alive(const EpollEntry &entry) {
-    return g_fds.get(entry.fd) == entry.ref;
+    SocketRef ignored;
+    return member_socket(entry, ignored);
 }
 
 void erase_entry(EpollSet &set, size_t index) {
-    set.by_fd.erase(set.entries[index].fd);
+    set.by_key.erase(key_of(set.entries[index]));
     if (index != set.entries.size() - 1) {
         set.entries[index] = set.entries.back();
-        set.by_fd[set.entries[index].fd] = index;
+        set.by_key[key_of(set.entries[index])] = index;
     }
     set.entries.pop_back();
 }
@@ -199,9 +236,8 @@ int collect(EpollSet &set, epoll_event *out, int room) {
     const size_t start = size ? set.rotate % size : 0;
     for (size_t k = 0; k < size && n < room; ++k) {
         EpollEntry &entry = set.entries[(start + k) % size];
-        if (entry.disabled || !entry_alive(entry)) continue;
         SocketRef ref;
-        if (!find_socket(entry.fd, ref)) continue;
+        if (entry.disabled || !member_socket(entry, ref)) continue;
         // The generation first: a change after it shows as a new generation next time. The
         // engine's end is an edge of its own: a killed engine bumps nothing.
         const uint32_t gen = ref.shm->event_gen.load(std::memory_order_acquire) +
@@ -219,8 +255,8 @@ int collect(EpollSet &set, epoll_event *out, int room) {
         ++n;
     }
     set.rotate += n > 0 ? 1 : 0;
-    // Members whose fd was closed (or now names another socket) left the set, as the
-    // kernel drops a file from every epoll when it is closed.
+    // Members whose socket is gone left the set, as the kernel drops a file from every epoll
+    // when its last reference goes.
     for (size_t i = set.entries.size(); i-- > 0;)
         if (!entry_alive(set.entries[i])) erase_entry(set, i);
     pthread_mutex_unlock(&set.mutex);
@@ -277,22 +313,20 @@ long op_epoll_ctl(int epfd, int op, SocketRef &ref, epoll_event *event) {
     const FdRef self = FdRef::socket(ref.slot, ref.generation);
     long result = 0;
     pthread_mutex_lock(&set->mutex);
-    auto found = set->by_fd.find(ref.fd);
-    if (found != set->by_fd.end() && !(set->entries[found->second].ref == self)) {
-        erase_entry(*set, found->second);  // an earlier socket at this number, closed
-        found = set->by_fd.end();
-    }
+    // The item of this fd number *and* this socket: an earlier socket that had the number is
+    // another item (gone, or kept alive by a dup), which these calls cannot reach, as in Linux.
+    const auto found = set->by_key.find({ref.fd, self.word});
     switch (op) {
         case EPOLL_CTL_ADD:
-            if (found != set->by_fd.end()) {
+            if (found != set->by_key.end()) {
                 result = -EEXIST;
                 break;
             }
             set->entries.push_back({ref.fd, self, event->events, event->data, 0, false, false});
-            set->by_fd[ref.fd] = set->entries.size() - 1;
+            set->by_key[{ref.fd, self.word}] = set->entries.size() - 1;
             break;
         case EPOLL_CTL_MOD: {
-            if (found == set->by_fd.end()) {
+            if (found == set->by_key.end()) {
                 result = -ENOENT;
                 break;
             }
@@ -308,7 +342,7 @@ long op_epoll_ctl(int epfd, int op, SocketRef &ref, epoll_event *event) {
             break;
         }
         case EPOLL_CTL_DEL:
-            if (found == set->by_fd.end())
+            if (found == set->by_key.end())
                 result = -ENOENT;
             else
                 erase_entry(*set, found->second);

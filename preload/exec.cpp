@@ -273,6 +273,17 @@ void vfork_note(int fd, FdRef ref) {
     ++tl_overlay.count;
 }
 
+bool vfork_overlay_knows(int fd) {
+    if (tl_overlay.count == 0) return false;
+    if (tl_overlay.pid != static_cast<int>(syscall(SYS_getpid))) {
+        tl_overlay.count = 0;  // the parent, back from vfork(): the child's notes are not ours
+        return false;
+    }
+    for (int k = 0; k < tl_overlay.count; ++k)
+        if (tl_overlay.fds[k] == fd) return true;
+    return false;
+}
+
 FdRef vfork_entry(int fd) {
     return effective_entry(fd, static_cast<int>(syscall(SYS_getpid)));
 }

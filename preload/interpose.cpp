@@ -8,26 +8,46 @@
 #undef _FILE_OFFSET_BITS
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/select.h>
 #include <sys/sendfile.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdarg>
+#include <cstdio>
+#include <new>
 
 #include "libc.hpp"
 #include "ops.hpp"
 
 extern "C" [[noreturn]] void __chk_fail(void);
 
+namespace tcps::shim {
+// io_ops.cpp: a call's hold on its socket, as the kernel's fdget() holds the file.
+}  // namespace tcps::shim
+
 using namespace tcps::shim;
+
+extern "C" {
+// libc's syscall() once known: the trampoline below jumps straight to it.
+__attribute__((visibility("hidden"))) long (*tcps_libc_syscall)(long, ...) = nullptr;
+// The trampoline's slow path: SYS_close, SYS_close_range, and anything before libc is known.
+__attribute__((visibility("hidden"), used)) long tcps_syscall_slow(long number, long a1, long a2,
+                                                                   long a3, long a4, long a5,
+                                                                   long a6);
+}
 
 namespace {
 
 __attribute__((constructor)) void tcps_load() {
     shim_init();
+    __atomic_store_n(&tcps_libc_syscall, real(libc.syscall), __ATOMIC_RELEASE);
 }
 
 template <class T>
@@ -53,6 +73,13 @@ auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
 
 bool offloaded(int fd, SocketRef &ref) {
     return __builtin_expect(g_fds.size() != 0, 1) && find_socket(fd, ref);
+}
+
+// Whether a descriptor call on `fd` goes through the shim's op_* functions: the table knows the
+// fd, or a vfork()ed child noted it. In a vfork child those functions change only the child's
+// own descriptors and note the changes apart (exec.cpp), never the parent's table.
+bool table_knows(int fd) {
+    return g_fds.size() != 0 && (!g_fds.get(fd).empty() || vfork_overlay_knows(fd));
 }
 
 int64_t ms_to_ns(int timeout_ms) {
@@ -90,8 +117,19 @@ long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
     return rc;
 }
 
+// accept() and connect() may sleep: they hold the socket for the whole call (io_ops.cpp), so a
+// close() of its fd in another thread does not end them, as on Linux.
+template <class Call>
+long held(SocketRef &ref, Call &&call) {
+    if (!socket_hold(ref)) return -EBADF;
+    const long rc = call();
+    socket_unhold(ref);
+    return rc;
+}
+
 long fcntl_common(int fd, int cmd, unsigned long arg, bool &handled) {
     handled = true;
+    if (g_fds.get(fd).kind() == FdKind::kInternal) return -EBADF;  // not the application's
     if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) {
         const long rc = op_dupfd(fd, cmd, static_cast<int>(arg));
         if (rc != kUseKernel) return rc;
@@ -180,21 +218,24 @@ TCPS_EXPORT int listen(int fd, int backlog) __THROW {
 TCPS_EXPORT int accept(int fd, sockaddr *addr, socklen_t *len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_accept(ref, addr, len, 0), saved);
+    if (offloaded(fd, ref))
+        return finish<int>(held(ref, [&] { return op_accept(ref, addr, len, 0); }), saved);
     return pass(libc.accept, fd, addr, len);
 }
 
 TCPS_EXPORT int accept4(int fd, sockaddr *addr, socklen_t *len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_accept(ref, addr, len, flags), saved);
+    if (offloaded(fd, ref))
+        return finish<int>(held(ref, [&] { return op_accept(ref, addr, len, flags); }), saved);
     return pass(libc.accept4, fd, addr, len, flags);
 }
 
 TCPS_EXPORT int connect(int fd, const sockaddr *addr, socklen_t len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_connect(ref, addr, len), saved);
+    if (offloaded(fd, ref))
+        return finish<int>(held(ref, [&] { return op_connect(ref, addr, len); }), saved);
     return pass(libc.connect, fd, addr, len);
 }
 
@@ -354,7 +395,7 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
 
 TCPS_EXPORT int close(int fd) {
     const int saved = errno;
-    if (g_fds.size() != 0) {
+    if (table_knows(fd)) {
         const long rc = op_close(fd);
         if (rc != kUseKernel) return finish<int>(rc, saved);
     }
@@ -403,7 +444,8 @@ TCPS_EXPORT int ioctl(int fd, unsigned long request, ...) __THROW {
 
 TCPS_EXPORT int dup(int fd) __THROW {
     const int saved = errno;
-    if (g_fds.size() != 0) {
+    if (table_knows(fd)) {
+        if (g_fds.get(fd).kind() == FdKind::kInternal) return finish<int>(-EBADF, saved);
         const long rc = op_dup(fd);
         if (rc != kUseKernel) return finish<int>(rc, saved);
     }
@@ -412,7 +454,7 @@ TCPS_EXPORT int dup(int fd) __THROW {
 
 TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
     const int saved = errno;
-    if (g_fds.size() != 0) {
+    if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, 0, false);
         if (rc != kUseKernel) return finish<int>(rc, saved);
     }
@@ -421,11 +463,288 @@ TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
 
 TCPS_EXPORT int dup3(int oldfd, int newfd, int flags) __THROW {
     const int saved = errno;
-    if (g_fds.size() != 0) {
+    if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, flags, true);
         if (rc != kUseKernel) return finish<int>(rc, saved);
     }
     return pass(libc.dup3, oldfd, newfd, flags);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closes that do not go through close(): close_range, closefrom, fclose, syscall(SYS_close...).
+
+namespace {
+
+// One fd fewer names what `ref` names (socket_ops.cpp's close bookkeeping, for a number that
+// the caller is about to close itself).
+// The close bookkeeping of `fd` without closing the number, which the caller closes right
+// after: until then it still holds our placeholder, so the kernel cannot hand it out.
+void forget_fd(int fd) {
+    const FdRef ref = g_fds.get(fd);
+    if (ref.kind() != FdKind::kSocket && ref.kind() != FdKind::kEpoll) return;
+    if (g_fds.take_if(fd, ref)) forget_entry(ref);
+}
+
+long kernel_close_range(unsigned first, unsigned last, int flags) {
+    int rc;
+    if (real(libc.close_range)) {
+        rc = libc.close_range(first, last, flags);
+    } else {
+        const auto raw = real(libc.syscall);  // never our own syscall(): it would come back here
+        if (!raw) return -ENOSYS;
+        rc = static_cast<int>(raw(SYS_close_range, first, last, flags));
+    }
+    if (rc == 0) return 0;
+    if (errno != ENOSYS || (flags & ~CLOSE_RANGE_UNSHARE)) return -errno;
+    // Before Linux 5.9: one close() per number, up to the descriptor limit.
+    rlimit limit{};
+    const rlim_t cap = getrlimit(RLIMIT_NOFILE, &limit) == 0 ? limit.rlim_cur : 1024;
+    for (rlim_t fd = first; fd <= last && fd < cap; ++fd) real(libc.close)(static_cast<int>(fd));
+    return 0;
+}
+
+// close_range(2) as the application sees it: its own descriptors close (each socket and epoll
+// fd through the close bookkeeping), the shim's own are not its to close and stay open.
+long close_range_common(unsigned first, unsigned last, int flags) {
+    if (flags & ~static_cast<int>(CLOSE_RANGE_UNSHARE | CLOSE_RANGE_CLOEXEC)) return -EINVAL;
+    if (first > last) return -EINVAL;
+    // Marking close-on-exec closes nothing: the shim's descriptors carry the flag already, and
+    // a socket's placeholder takes it as the socket's own fd would.
+    // In a vfork()ed child the loop below still keeps the shim's descriptors open (an exec
+    // hands them on), and op_close() closes the child's sockets without touching the table.
+    if (g_fds.size() == 0 || (flags & CLOSE_RANGE_CLOEXEC))
+        return kernel_close_range(first, last, flags);
+    // The kernel closes the stretches between the numbers the table knows; ours are handled
+    // one by one (entry first, then the number, as close() does).
+    const unsigned limit = static_cast<unsigned>(g_fds.limit());
+    unsigned stretch = first;
+    for (unsigned fd = first; fd <= last && fd < limit; ++fd) {
+        const FdKind kind = g_fds.get(static_cast<int>(fd)).kind();
+        if (kind == FdKind::kNone) continue;
+        if (fd > stretch) {
+            if (const long rc = kernel_close_range(stretch, fd - 1, flags); rc != 0) return rc;
+        }
+        stretch = fd + 1;
+        if (kind != FdKind::kInternal) op_close(static_cast<int>(fd));
+    }
+    if (stretch > last) return 0;
+    return kernel_close_range(stretch, last, flags);
+}
+
+// fdopen() of an offloaded socket. glibc's own would look at our placeholder with its
+// internal fcntl and lseek (not ours to intercept) and fail with EINVAL, and its reads and
+// writes would go to the placeholder too. So the stream is a cookie stream whose reads, writes
+// and close go through the shim, and whose fileno() is the socket's fd.
+struct SocketStream {
+    int fd;
+    FILE *file;
+    SocketStream *next;
+};
+
+pthread_mutex_t g_streams_mutex = PTHREAD_MUTEX_INITIALIZER;
+SocketStream *g_streams = nullptr;
+std::atomic<int> g_stream_count{0};
+
+ssize_t stream_read(void *cookie, char *buf, size_t len) {
+    return read(static_cast<SocketStream *>(cookie)->fd, buf, len);
+}
+
+// glibc takes a short write of a cookie stream as an error, as its file streams take a
+// failed write(): write all, stopping only at an error, as _IO_new_file_write() does.
+ssize_t stream_write(void *cookie, const char *buf, size_t len) {
+    const int fd = static_cast<SocketStream *>(cookie)->fd;
+    size_t done = 0;
+    while (done < len) {
+        const ssize_t n = write(fd, buf + done, len - done);
+        if (n < 0) return done > 0 ? static_cast<ssize_t>(done) : -1;
+        done += static_cast<size_t>(n);
+    }
+    return static_cast<ssize_t>(done);
+}
+
+int stream_seek(void *, off64_t *, int) {
+    errno = ESPIPE;  // as lseek() on a socket
+    return -1;
+}
+
+// glibc calls this from fclose(), and from freopen() or fcloseall() too: the stream leaves the
+// registry here.
+int stream_close(void *cookie) {
+    auto *stream = static_cast<SocketStream *>(cookie);
+    pthread_mutex_lock(&g_streams_mutex);
+    for (SocketStream **link = &g_streams; *link; link = &(*link)->next) {
+        if (*link != stream) continue;
+        *link = stream->next;
+        g_stream_count.fetch_sub(1, std::memory_order_release);
+        break;
+    }
+    pthread_mutex_unlock(&g_streams_mutex);
+    const int rc = close(stream->fd);
+    delete stream;
+    return rc;
+}
+
+// Whether `file` is one of our socket streams (which close through stream_close()).
+bool is_socket_stream(FILE *file) {
+    if (g_stream_count.load(std::memory_order_acquire) == 0) return false;
+    bool found = false;
+    pthread_mutex_lock(&g_streams_mutex);
+    for (SocketStream *stream = g_streams; stream && !found; stream = stream->next)
+        found = stream->file == file;
+    pthread_mutex_unlock(&g_streams_mutex);
+    return found;
+}
+
+FILE *socket_stream(SocketRef &ref, const char *mode) {
+    if (!mode || (mode[0] != 'r' && mode[0] != 'w' && mode[0] != 'a')) {
+        errno = EINVAL;
+        return nullptr;
+    }
+    if (mode[0] == 'a') {  // glibc's fdopen() sets O_APPEND for "a"
+        const long flags = op_fcntl(ref, F_GETFL, 0);
+        if (flags >= 0 && !(flags & O_APPEND))
+            op_fcntl(ref, F_SETFL, static_cast<unsigned long>(flags | O_APPEND));
+    }
+    auto *stream = new (std::nothrow) SocketStream{ref.fd, nullptr, nullptr};
+    if (!stream) {
+        errno = ENOMEM;
+        return nullptr;
+    }
+    FILE *file = fopencookie(stream, mode, {stream_read, stream_write, stream_seek, stream_close});
+    if (!file) {
+        delete stream;
+        return nullptr;
+    }
+    // fileno() names the socket, as for any fdopen()ed stream; glibc does a cookie stream's
+    // I/O through the functions above, never through this number.
+    file->_fileno = ref.fd;
+    stream->file = file;
+    pthread_mutex_lock(&g_streams_mutex);
+    stream->next = g_streams;
+    g_streams = stream;
+    g_stream_count.fetch_add(1, std::memory_order_release);
+    pthread_mutex_unlock(&g_streams_mutex);
+    return file;
+}
+
+}  // namespace
+
+TCPS_EXPORT int close_range(unsigned int first, unsigned int last, int flags) __THROW {
+    const int saved = errno;
+    return finish<int>(close_range_common(first, last, flags), saved);
+}
+
+TCPS_EXPORT void closefrom(int lowfd) __THROW {
+    // glibc's closefrom() never fails (it aborts if it cannot close); nor does this.
+    close_range_common(lowfd < 0 ? 0u : static_cast<unsigned>(lowfd), ~0u, 0);
+}
+
+TCPS_EXPORT FILE *fdopen(int fd, const char *mode) __THROW {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) {
+        FILE *file = socket_stream(ref, mode);
+        if (file) errno = saved;
+        return file;
+    }
+    const auto real_fdopen = real(libc.fdopen);
+    if (!real_fdopen) {
+        errno = ENOSYS;
+        return nullptr;
+    }
+    return real_fdopen(fd, mode);
+}
+
+// glibc's fclose() closes its fd with an internal call the shim cannot see: the bookkeeping
+// happens here, first, while the number still holds our placeholder. Our own socket streams
+// close through stream_close() instead.
+TCPS_EXPORT int fclose(FILE *stream) {
+    if (g_fds.size() != 0 && stream && !is_socket_stream(stream)) {
+        const int fd = fileno(stream);
+        if (fd >= 0 && table_knows(fd)) forget_fd(fd);
+    }
+    return pass(libc.fclose, stream);
+}
+
+// syscall() is variadic, so it cannot be forwarded from C. An assembly trampoline compares the
+// number and jumps, with every register and the stack untouched, either to libc's syscall()
+// (everything else: clone, vfork and the rest behave exactly as without the shim) or to
+// tcps_syscall_slow() for SYS_close and SYS_close_range. The x86-64 calling convention passes
+// a variadic call's integer arguments exactly as a plain call's, so the slow path reads them as
+// seven longs, as libc's own syscall() does.
+#define TCPS_STR2(x) #x
+#define TCPS_STR(x) TCPS_STR2(x)
+#if defined(__x86_64__)
+asm(".pushsection .text\n"
+    ".globl syscall\n"
+    ".type syscall, @function\n"
+    ".p2align 4\n"
+    "syscall:\n"
+#ifdef __CET__
+    "    endbr64\n"
+#endif
+    "    cmpq $" TCPS_STR(SYS_close) ", %rdi\n"
+    "    je 1f\n"
+    "    cmpq $" TCPS_STR(SYS_close_range) ", %rdi\n"
+    "    je 1f\n"
+    "    movq tcps_libc_syscall(%rip), %rax\n"
+    "    testq %rax, %rax\n"
+    "    jz 1f\n"
+    "    jmp *%rax\n"
+    "1:\n"
+    "    jmp tcps_syscall_slow\n"
+    ".size syscall, .-syscall\n"
+    ".popsection\n");
+#else
+// Elsewhere: read six arguments (what libc's syscall() passes on) and call through.
+TCPS_EXPORT long syscall(long number, ...) __THROW {
+    va_list args;
+    va_start(args, number);
+    long a[6];
+    for (long &value : a) value = va_arg(args, long);
+    va_end(args);
+    return tcps_syscall_slow(number, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+#endif
+
+namespace {
+
+// The system call itself, for a syscall() made while libc's cannot be looked up yet (from an
+// allocator that dlsym() itself called, say).
+long direct_syscall(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
+#if defined(__x86_64__)
+    long result;
+    register long r10 asm("r10") = a4;
+    register long r8 asm("r8") = a5;
+    register long r9 asm("r9") = a6;
+    asm volatile("syscall"
+                 : "=a"(result)
+                 : "a"(number), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                 : "rcx", "r11", "memory");
+    if (result < 0 && result > -4096) {
+        errno = static_cast<int>(-result);
+        return -1;
+    }
+    return result;
+#else
+    (void)number, (void)a1, (void)a2, (void)a3, (void)a4, (void)a5, (void)a6;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+}  // namespace
+
+long tcps_syscall_slow(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
+    // The kernel reads these as unsigned ints: the low 32 bits of each register.
+    if (number == SYS_close) return close(static_cast<int>(a1));
+    if (number == SYS_close_range)
+        return close_range(static_cast<unsigned>(a1), static_cast<unsigned>(a2),
+                           static_cast<int>(a3));
+    const auto libc_syscall = real(libc.syscall);
+    if (!libc_syscall) return direct_syscall(number, a1, a2, a3, a4, a5, a6);
+    __atomic_store_n(&tcps_libc_syscall, libc_syscall, __ATOMIC_RELEASE);
+    return libc_syscall(number, a1, a2, a3, a4, a5, a6);
 }
 
 // ---------------------------------------------------------------------------------------------

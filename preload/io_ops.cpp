@@ -1,18 +1,23 @@
 // The data path: send and receive through the socket's rings, no syscall while the engine is
 // awake and the ring has room/data.
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <cstdlib>
 
 #include "libc.hpp"
 #include "ops.hpp"
 #include "ring.hpp"
 
 namespace tcps::shim {
+
+// A call's hold on its socket (see CallHold below); interpose.cpp takes it around accept and
+// connect. False if the socket is gone.
 
 namespace {
 
@@ -107,25 +112,73 @@ class TxSleeping {
     Socket &sock_;
 };
 
+// A call that sleeps on a socket holds it, as the kernel's fdget() holds the file for the whole
+// call: close() of the fd in another thread then neither ends the call nor closes the socket;
+// the socket goes when the call returns. Taken at the first wait only, so the calls that never
+// sleep pay nothing.
+class CallHold {
+  public:
+    explicit CallHold(const SocketRef &ref) : ref_(ref) {}
+    ~CallHold() {
+        if (held_) socket_unhold(ref_);
+    }
+    CallHold(const CallHold &) = delete;
+    CallHold &operator=(const CallHold &) = delete;
+
+    // False if the socket is already gone (its last fd was closed under us).
+    bool acquire() {
+        if (!held_) held_ = socket_hold(ref_);
+        return held_;
+    }
+
+  private:
+    const SocketRef &ref_;
+    bool held_ = false;
+};
+
 }  // namespace
 
-long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
-    size_t total;
-    if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
-    if (flags & MSG_OOB) return -EOPNOTSUPP;  // urgent data is not carried by the channel
+bool socket_hold(const SocketRef &ref) {
+    std::atomic<uint32_t> &refs = ref.sock->refs;
+    uint32_t n = refs.load(std::memory_order_acquire);
+    do {
+        if (n == 0) return false;  // released, or on its way
+    } while (!refs.compare_exchange_weak(n, n + 1, std::memory_order_acq_rel));
+    if (!stale(ref)) return true;
+    // The slot went to a new socket between our look and our increment: give that socket its
+    // count back (a close of it in these two instructions would be missed, the same window
+    // socket_ops.cpp's close bookkeeping has).
+    refs.fetch_sub(1, std::memory_order_acq_rel);
+    return false;
+}
+
+void socket_unhold(const SocketRef &ref) {
+    // A socket taken away under the call (handed back to the kernel, say) is not ours to close.
+    if (stale(ref)) return;
+    if (ref.sock->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) socket_release(ref.slot);
+}
+
+namespace {
+
+// The send loop of send() and sendfile(). `fill(ring, pos, n)` puts up to n bytes of the
+// caller's source into the tx ring at free-running index pos and returns how many it put
+// (fewer only at the end of the source), or -errno.
+template <class Fill>
+long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
     Socket &sock = *ref.sock;
     ipc::SocketSlot &shm = *ref.shm;
     const bool nonblock =
         sock.nonblocking.load(std::memory_order_relaxed) || (flags & MSG_DONTWAIT);
     const int64_t timeout = effective_timeout(sock, nonblock, false);
+    CallHold hold(ref);
 
     if (!sock.tx_lock.try_lock()) {
         // The holder waits for room: there is none for us either.
         if (nonblock && sock.tx_sleeping.load()) return -EAGAIN;
         sock.tx_lock.lock();
     }
-    IovCursor cursor{iov, iovcnt, 0, 0, total};
     uint8_t *ring = region().tx_ring(ref.slot);
+    size_t remaining = total;
     size_t sent = 0;
     long result = 0;
     bool sigpipe = false;
@@ -145,6 +198,10 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                 // sk_stream_wait_connect(): wait for the handshake.
                 if (timeout == 0) {
                     result = sent ? static_cast<long>(sent) : -EAGAIN;
+                    break;
+                }
+                if (!hold.acquire()) {
+                    result = -EBADF;
                     break;
                 }
                 auto settled = [&] {
@@ -171,7 +228,7 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             result = -error;
             break;
         }
-        if (cursor.remaining == 0) {
+        if (remaining == 0) {
             result = static_cast<long>(sent);
             break;
         }
@@ -179,15 +236,30 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
         const uint32_t used = tail - shm.tx_head.load(std::memory_order_acquire);
         const uint32_t space = used < ipc::kTxRingBytes ? ipc::kTxRingBytes - used : 0;
         if (space > 0) {
-            const size_t n = std::min<size_t>(space, cursor.remaining);
-            copy_into_ring(cursor, ring, tail, n);
-            shm.tx_tail.store(tail + static_cast<uint32_t>(n), std::memory_order_release);
-            notify_engine(ref.slot);
-            sent += n;
+            const size_t want = std::min<size_t>(space, remaining);
+            const long put = fill(ring, tail, want);
+            if (put < 0) {
+                result = sent ? static_cast<long>(sent) : put;
+                break;
+            }
+            if (put > 0) {
+                shm.tx_tail.store(tail + static_cast<uint32_t>(put), std::memory_order_release);
+                notify_engine(ref.slot);
+                sent += static_cast<size_t>(put);
+                remaining -= static_cast<size_t>(put);
+            }
+            if (static_cast<size_t>(put) < want) {  // the source ended early
+                result = static_cast<long>(sent);
+                break;
+            }
             continue;
         }
         if (timeout == 0) {
             result = sent ? static_cast<long>(sent) : -EAGAIN;
+            break;
+        }
+        if (!hold.acquire()) {
+            result = sent ? static_cast<long>(sent) : -EBADF;
             break;
         }
         auto room = [&] {
@@ -216,6 +288,22 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     return result;
 }
 
+}  // namespace
+
+long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
+    size_t total;
+    if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
+    if (flags & MSG_OOB) return -EOPNOTSUPP;  // urgent data is not carried by the channel
+    // MSG_MORE asks Linux to hold a partial segment back (up to ~200 ms) for more data; here the
+    // bytes go to the engine at once, which sends what the ring holds: the same bytes in the
+    // same order, possibly in more segments. TCP_CORK reaches the engine's socket and corks there.
+    IovCursor cursor{iov, iovcnt, 0, 0, total};
+    return send_stream(ref, total, flags, [&](uint8_t *ring, uint32_t pos, size_t n) -> long {
+        copy_into_ring(cursor, ring, pos, n);
+        return static_cast<long>(n);
+    });
+}
+
 long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     size_t total;
     if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
@@ -239,6 +327,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     const uint8_t *ring = region().rx_ring(ref.slot);
     size_t copied = 0;
     long result = 0;
+    CallHold hold(ref);
     sock.rx_lock.lock();
     for (;;) {
         if (stale(ref)) {
@@ -308,6 +397,10 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             result = copied ? static_cast<long>(copied) : -EAGAIN;
             break;
         }
+        if (!hold.acquire()) {
+            result = copied ? static_cast<long>(copied) : -EBADF;
+            break;
+        }
         // Like sk_wait_data(): other threads may use the socket while we sleep.
         sock.rx_lock.unlock();
         const uint32_t seen = peek ? available : 0;
@@ -340,46 +433,57 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
 }
 
 long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count) {
+    // do_sendfile()'s checks, in its order. An offloaded socket as the source is a socket to
+    // Linux (no pread, not a regular file); the kernel would only see our placeholder.
+    const FdKind source_kind = g_fds.get(in_fd).kind();
+    if (source_kind == FdKind::kInternal) return -EBADF;  // not the application's
+    const bool source_is_socket = source_kind == FdKind::kSocket;
+    if (!source_is_socket) {
+        const int fl = real(libc.fcntl)(in_fd, F_GETFL);
+        if (fl < 0) return -errno;
+        if ((fl & O_PATH) || (fl & O_ACCMODE) == O_WRONLY) return -EBADF;
+    }
+    struct stat st {};
+    if (!source_is_socket && fstat(in_fd, &st) != 0) return -errno;
+    const bool regular = !source_is_socket && (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode));
     off_t start;
     if (offset) {
-        if (*offset < 0) return -EINVAL;
+        // Only files with a position can be read at an offset (FMODE_PREAD).
+        if (source_is_socket || S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) return -ESPIPE;
         start = *offset;
+        if (start < 0) return -EINVAL;
     } else {
-        start = lseek(in_fd, 0, SEEK_CUR);
-        if (start < 0) return errno == ESPIPE ? -EINVAL : -errno;
+        start = regular ? lseek(in_fd, 0, SEEK_CUR) : 0;
+        if (start < 0) return -errno;
     }
+    if (ref.sock->file_flags.load() & O_APPEND) return -EINVAL;  // do_splice_direct()
+    if (!regular) return -EINVAL;  // splice_direct_to_actor(): files and block devices only
     if (count == 0) return 0;
-    constexpr size_t kChunk = 64 * 1024;
-    const size_t room = std::min(count, kChunk);
-    void *buffer = std::malloc(room);  // bulk path: not worth a thread's stack
-    if (!buffer) return -ENOMEM;
-    size_t total = 0;
-    long result = 0;
-    while (total < count) {
-        const size_t want = std::min(room, count - total);
-        const ssize_t got = pread(in_fd, buffer, want, start + static_cast<off_t>(total));
-        if (got < 0) {
-            result = -errno;
-            break;
-        }
-        if (got == 0) break;  // end of file
-        iovec iov{buffer, static_cast<size_t>(got)};
-        const long sent = op_send(ref, &iov, 1, 0);
-        if (sent < 0) {
-            result = sent;
-            break;
-        }
-        total += static_cast<size_t>(sent);
-        if (sent < got) break;  // non-blocking and the ring is full, or interrupted
-    }
-    std::free(buffer);
-    if (total == 0 && result < 0) return result;
-    // sendfile() moves *offset, or the file position when there is no offset.
+    constexpr size_t kMaxRwCount = INT_MAX & ~(size_t{4096} - 1);  // MAX_RW_COUNT
+    count = std::min(count, kMaxRwCount);
+
+    // The file's pages are read straight into the free part of the tx ring (at most two
+    // pieces where it wraps), a ring's worth at a time: no bounce buffer.
+    off_t pos = start;
+    const long rc =
+        send_stream(ref, count, 0, [&](uint8_t *ring, uint32_t ring_pos, size_t n) -> long {
+            const uint32_t at = ring_pos & (ipc::kTxRingBytes - 1);
+            const size_t first = std::min<size_t>(n, ipc::kTxRingBytes - at);
+            iovec pieces[2] = {{ring + at, first}, {ring, n - first}};
+            ssize_t got;
+            do {
+                got = preadv(in_fd, pieces, n > first ? 2 : 1, pos);
+            } while (got < 0 && errno == EINTR);
+            if (got < 0) return -errno;
+            pos += got;
+            return got;
+        });
+    // sendfile() moves *offset, or the file position when there is none, by what was sent.
     if (offset)
-        *offset = start + static_cast<off_t>(total);
-    else
-        lseek(in_fd, start + static_cast<off_t>(total), SEEK_SET);
-    return static_cast<long>(total);
+        *offset = pos;
+    else if (pos != start)
+        lseek(in_fd, pos, SEEK_SET);
+    return rc;
 }
 
 }  // namespace tcps::shim

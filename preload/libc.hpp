@@ -9,6 +9,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <cstdio>
+
 namespace tcps::shim {
 
 struct LibcFunctions {

@@ -73,6 +73,18 @@ void epoll_retain(uint32_t id);
 // goes back to the kernel (in this process too), so the message carries real sockets.
 void hand_back_passed_sockets(const msghdr *msg);
 
+// io_ops.cpp: a call that may sleep holds its socket for the whole call, as the kernel's
+// fdget() holds the file: close() of the fd in another thread does not end the call.
+bool socket_hold(const SocketRef &ref);
+void socket_unhold(const SocketRef &ref);
+
+// socket_ops.cpp: one fd fewer names what `previous` named (a socket or an epoll registry).
+void forget_entry(FdRef previous);
+
+// exec.cpp: whether this vfork()ed child noted `fd` as one of our sockets (cheap when it has
+// noted nothing, which is always the case outside a vfork child).
+bool vfork_overlay_knows(int fd);
+
 // Final close of an offloaded socket (its last fd is gone).
 void socket_release(uint32_t slot);
 

@@ -134,7 +134,19 @@ long give_int(int value, void *out, socklen_t *len) {
     return 0;
 }
 
-// Forgets whatever the table held for `fd` after the kernel closed or replaced it.
+// One more fd names what `ref` names.
+void retain_entry(FdRef ref) {
+    if (ref.kind() == FdKind::kSocket)
+        socket_state(ref.slot()).refs.fetch_add(1, std::memory_order_acq_rel);
+    else if (ref.kind() == FdKind::kEpoll)
+        epoll_retain(ref.id());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+// Forgets whatever the table held for an fd after the kernel closed or replaced it.
 void forget_entry(FdRef previous) {
     switch (previous.kind()) {
         case FdKind::kSocket: {
@@ -151,18 +163,6 @@ void forget_entry(FdRef previous) {
             break;
     }
 }
-
-// One more fd names what `ref` names.
-void retain_entry(FdRef ref) {
-    if (ref.kind() == FdKind::kSocket)
-        socket_state(ref.slot()).refs.fetch_add(1, std::memory_order_acq_rel);
-    else if (ref.kind() == FdKind::kEpoll)
-        epoll_retain(ref.id());
-}
-
-}  // namespace
-
-// ---------------------------------------------------------------------------------------------
 
 long op_socket(int domain, int type, int protocol) {
     if (in_vfork_child() || !session_usable(true)) return kUseKernel;

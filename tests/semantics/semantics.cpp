@@ -20,14 +20,19 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/select.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -37,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1726,6 +1732,768 @@ void check_passthrough() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Descriptors: dup and friends, every way of closing, epoll items across fd reuse, many iovecs,
+// MSG_MORE/TCP_CORK, sendfile.
+
+bool is_open(int fd) {
+    return fcntl(fd, F_GETFD) >= 0;
+}
+
+// The number the next new descriptor gets (the lowest free one).
+int lowest_free() {
+    const int probe = dup(0);
+    close(probe);
+    return probe;
+}
+
+// Moves a descriptor to number `to` (free) and returns `to`.
+int move_to(int fd, int to) {
+    if (dup2(fd, to) != to) {
+        std::fprintf(stderr, "semantics: dup2 to %d: %s\n", to, std::strerror(errno));
+        std::exit(2);
+    }
+    close(fd);
+    return to;
+}
+
+// What the peer end `fd` of a connection sees next: "EOF", "data N", an errno name, or
+// "nothing" within `timeout_ms`.
+std::string peer_sees(int fd, int timeout_ms = kWaitMs) {
+    if (!wait_events(fd, POLLIN, timeout_ms)) return "nothing";
+    char buf[256];
+    const ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+    if (n == 0) return "EOF";
+    if (n < 0) return err_name(errno);
+    return "data " + std::to_string(n);
+}
+
+// What a pipe's read end sees next: "EOF", "data N" or "nothing".
+std::string pipe_sees(int fd) {
+    if (!wait_events(fd, POLLIN)) return "nothing";
+    char buf[64];
+    const ssize_t n = read(fd, buf, sizeof(buf));
+    if (n == 0) return "EOF";
+    if (n < 0) return err_name(errno);
+    return "data " + std::to_string(n);
+}
+
+// Connects to `port` until the connection is refused: a listener closed by the last reference
+// to it stops accepting. Bounded. Linux refuses at once; the shim closes sockets in the engine
+// asynchronously, so a connect may still land in the closing listener (and succeed, or be
+// reset) for a moment. Returns the errno name, or "still accepting".
+std::string connect_until_refused(const Family &family, uint16_t port) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    Address address = loopback(family.af, port);
+    while (ms_left(deadline) > 0) {
+        const int fd = tcp_socket(family.af);
+        const int result = connect(fd, address.get(), address.len);
+        const int error = errno;
+        close(fd);
+        if (result != 0 && error != ECONNRESET) return err_name(error);
+        usleep(1000);
+    }
+    return "still accepting";
+}
+
+void check_dup(const Family &family) {
+    Pair pair = connected_pair(family);
+    const int lowest = lowest_free();
+    int copy = dup(pair.client);
+    say("dup: lowest free number=%s cloexec=%s nonblocking=%s", yes(copy == lowest),
+        yes(is_cloexec(copy)), yes(is_nonblocking(copy)));
+    say("dup: the copy names the same socket=%s", yes(local_port(copy) == local_port(pair.client)));
+    const std::string sent = rc(send(copy, "c1", 2, 0));
+    say("dup: send through the copy=%s peer got=%s", sent.c_str(),
+        read_text(pair.server, 2).c_str());
+    set_nonblocking(copy, true);
+    say("dup: O_NONBLOCK set through the copy shows on the original=%s",
+        yes(is_nonblocking(pair.client)));
+    set_nonblocking(copy, false);
+    fcntl(copy, F_SETFD, FD_CLOEXEC);
+    say("dup: FD_CLOEXEC is per descriptor: copy=%s original=%s", yes(is_cloexec(copy)),
+        yes(is_cloexec(pair.client)));
+    const std::string closed = rc(close(pair.client));
+    say("dup: close the original=%s, the peer sees=%s", closed.c_str(),
+        peer_sees(pair.server, 100).c_str());
+    pair.client = copy;
+    const std::string again = rc(send(copy, "c2", 2, 0));
+    say("dup: the copy still sends=%s peer got=%s", again.c_str(),
+        read_text(pair.server, 2).c_str());
+    const int second = dup(copy);
+    const std::string shut = rc(shutdown(second, SHUT_WR));
+    say("dup: shutdown(SHUT_WR) through another copy=%s, the peer sees=%s", shut.c_str(),
+        peer_sees(pair.server).c_str());
+    close(second);
+    say("dup: send through the first copy after that=%s",
+        rc(send(copy, "x", 1, MSG_NOSIGNAL)).c_str());
+    pair.close_both();
+
+    // fcntl(F_DUPFD/F_DUPFD_CLOEXEC): the lowest free number from the minimum up.
+    pair = connected_pair(family);
+    const int at100 = fcntl(pair.client, F_DUPFD, 100);
+    const int next = fcntl(pair.client, F_DUPFD_CLOEXEC, 100);
+    say("F_DUPFD: minimum 100 gives 100=%s cloexec=%s; F_DUPFD_CLOEXEC gives 101=%s cloexec=%s",
+        yes(at100 == 100), yes(is_cloexec(at100)), yes(next == 101), yes(is_cloexec(next)));
+    const std::string through = rc(send(at100, "dd", 2, 0));
+    say("F_DUPFD: send through it=%s peer got=%s", through.c_str(),
+        read_text(pair.server, 2).c_str());
+    say("F_DUPFD: minimum -1=%s, of a closed fd=%s", rc(fcntl(pair.client, F_DUPFD, -1)).c_str(),
+        rc(fcntl(lowest_free(), F_DUPFD, 0)).c_str());
+    close(at100);
+    close(next);
+
+    // dup3 and dup2 details.
+    const int with_flag = dup3(pair.client, 150, O_CLOEXEC);
+    say("dup3: O_CLOEXEC=%s cloexec=%s", rc(with_flag).c_str(), yes(is_cloexec(150)));
+    const int without = dup3(pair.client, 151, 0);
+    say("dup3: no flags=%s cloexec=%s", rc(without).c_str(), yes(is_cloexec(151)));
+    say("dup3: onto itself=%s, bad flags=%s (target opened=%s)",
+        rc(dup3(pair.client, pair.client, 0)).c_str(), rc(dup3(pair.client, 152, 1)).c_str(),
+        yes(is_open(152)));
+    close(150);
+    close(151);
+    say("dup2: onto itself returns it=%s, onto -1=%s",
+        yes(dup2(pair.client, pair.client) == pair.client), rc(dup2(pair.client, -1)).c_str());
+    const std::string bad_source = rc(dup2(lowest_free(), pair.client));
+    say("dup2: a closed fd onto a socket=%s, the socket still sends=%s", bad_source.c_str(),
+        rc(send(pair.client, "ok", 2, 0)).c_str());
+    read_text(pair.server, 2);
+
+    // dup2 of a socket onto another connection's fd: that connection is closed.
+    Pair other = connected_pair(family);
+    const std::string over = yes(dup2(pair.client, other.client) == other.client);
+    say("dup2: a socket onto another socket's fd ok=%s, the other's peer sees=%s", over.c_str(),
+        peer_sees(other.server).c_str());
+    const std::string moved = rc(send(other.client, "d2", 2, 0));
+    say("dup2: send through the replaced fd=%s reaches the first peer=%s", moved.c_str(),
+        read_text(pair.server, 2).c_str());
+    close(other.client);
+    other.client = -1;
+    say("dup2: closing the replaced fd, the first peer sees=%s",
+        peer_sees(pair.server, 100).c_str());
+    other.close_both();
+
+    // dup2 of a kernel fd onto a socket: the socket is closed, the number is the pipe's.
+    Pair third = connected_pair(family);
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    const std::string pipe_over = yes(dup2(pipe_fds[0], third.client) == third.client);
+    say("dup2: a pipe onto a socket's fd ok=%s, the socket's peer sees=%s", pipe_over.c_str(),
+        peer_sees(third.server).c_str());
+    (void)!write(pipe_fds[1], "pp", 2);
+    char buf[8] = {};
+    const std::string got = rc(read(third.client, buf, sizeof(buf)));
+    say("dup2: read from that fd=%s data=%s, SO_TYPE=%s", got.c_str(), buf,
+        get_rc(third.client, SOL_SOCKET, SO_TYPE).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    third.close_both();
+
+    // dup2 of a socket onto a kernel fd: the pipe end is closed, the number is the socket's.
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    const std::string onto_pipe = yes(dup2(pair.client, pipe_fds[1]) == pipe_fds[1]);
+    say("dup2: a socket onto a pipe's write end ok=%s, the pipe's reader sees=%s",
+        onto_pipe.c_str(), pipe_sees(pipe_fds[0]).c_str());
+    const std::string via_pipe_number = rc(send(pipe_fds[1], "qq", 2, 0));
+    say("dup2: send through that fd=%s peer got=%s", via_pipe_number.c_str(),
+        read_text(pair.server, 2).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    pair.close_both();
+
+    // A listener's copy accepts; the listener lives while a copy does.
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    int listen_copy = dup(lfd);
+    close(lfd);
+    int client = connect_to(family, port);
+    int accepted = accept(listen_copy, nullptr, nullptr);
+    say("dup: a listener's copy accepts after the original is closed=%s", yes(accepted >= 0));
+    close(accepted);
+    close(client);
+    close(listen_copy);
+    say("dup: after the copy is closed too, connect=%s",
+        connect_until_refused(family, port).c_str());
+}
+
+void check_close_paths(const Family &family) {
+    Pair pair = connected_pair(family);
+    const std::string shut = rc(shutdown(pair.client, SHUT_RDWR));
+    const std::string closed = rc(close(pair.client));
+    say("close: after shutdown(SHUT_RDWR)=%s close=%s, the peer sees=%s", shut.c_str(),
+        closed.c_str(), peer_sees(pair.server).c_str());
+    say("close: again=%s", rc(close(pair.client)).c_str());
+    pair.client = -1;
+    pair.close_both();
+
+    // close_range over two connections, a listener and a pipe end moved to 200-203.
+    Pair a = connected_pair(family), b = connected_pair(family);
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    move_to(a.client, 200);
+    move_to(b.client, 201);
+    move_to(lfd, 202);
+    move_to(pipe_fds[1], 203);
+    say("close_range(200, 210, 0)=%s", rc(close_range(200, 210, 0)).c_str());
+    say("close_range: all closed=%s, the peers see=%s and %s, the pipe reader sees=%s",
+        yes(!is_open(200) && !is_open(201) && !is_open(202) && !is_open(203)),
+        peer_sees(a.server).c_str(), peer_sees(b.server).c_str(), pipe_sees(pipe_fds[0]).c_str());
+    say("close_range: connect to the closed listener=%s",
+        connect_until_refused(family, port).c_str());
+    close(pipe_fds[0]);
+    close(a.server);
+    close(b.server);
+
+    // CLOSE_RANGE_CLOEXEC closes nothing.
+    Pair c = connected_pair(family);
+    c.client = move_to(c.client, 220);
+    const std::string cloexec = rc(close_range(220, 230, CLOSE_RANGE_CLOEXEC));
+    const std::string still = rc(send(c.client, "ce", 2, 0));
+    say("close_range(CLOSE_RANGE_CLOEXEC)=%s open=%s cloexec=%s send=%s peer got=%s",
+        cloexec.c_str(), yes(is_open(220)), yes(is_cloexec(220)), still.c_str(),
+        read_text(c.server, 2).c_str());
+    say("close_range: first > last=%s, unknown flag=%s", rc(close_range(230, 220, 0)).c_str(),
+        rc(close_range(220, 230, 1u << 5)).c_str());
+    c.close_both();
+
+    // closefrom: everything from 240 up, and the process goes on.
+    Pair d = connected_pair(family), e = connected_pair(family);
+    move_to(d.client, 240);
+    move_to(e.client, 250);
+    closefrom(240);
+    int open_above = 0;
+    for (int fd = 240; fd < 65536; ++fd) open_above += is_open(fd) ? 1 : 0;
+    say("closefrom(240): descriptors open from 240 up=%d, the peers see=%s and %s", open_above,
+        peer_sees(d.server).c_str(), peer_sees(e.server).c_str());
+    close(d.server);
+    close(e.server);
+    Pair after = connected_pair(family);
+    const std::string works = rc(send(after.client, "af", 2, 0));
+    say("closefrom: a new connection afterwards sends=%s peer got=%s", works.c_str(),
+        read_text(after.server, 2).c_str());
+    after.close_both();
+
+    // syscall() with the close numbers, and another number passing through.
+    Pair f = connected_pair(family);
+    const long direct = syscall(SYS_close, f.client);
+    say("syscall(SYS_close)=%ld, the peer sees=%s, again=%s", direct, peer_sees(f.server).c_str(),
+        rc(syscall(SYS_close, f.client)).c_str());
+    f.client = -1;
+    f.close_both();
+    Pair g = connected_pair(family), h = connected_pair(family);
+    move_to(g.client, 260);
+    move_to(h.client, 261);
+    const long ranged = syscall(SYS_close_range, 260, 261, 0);
+    say("syscall(SYS_close_range)=%ld, the peers see=%s and %s", ranged,
+        peer_sees(g.server).c_str(), peer_sees(h.server).c_str());
+    close(g.server);
+    close(h.server);
+    say("syscall(SYS_getpid) is getpid()=%s, syscall(SYS_close) of a closed fd=%s",
+        yes(syscall(SYS_getpid) == getpid()), rc(syscall(SYS_close, lowest_free())).c_str());
+    // Six arguments, the last one passed on the stack.
+    void *page = reinterpret_cast<void *>(syscall(SYS_mmap, nullptr, 4096, PROT_READ | PROT_WRITE,
+                                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    say("syscall(SYS_mmap) with six arguments maps a page=%s", yes(page != MAP_FAILED));
+    if (page != MAP_FAILED) munmap(page, 4096);
+
+    // A vfork()ed child's dups and closes act on its own descriptor table only.
+    Pair v = connected_pair(family);
+    const pid_t child = vfork();
+    if (child == 0) {
+        dup2(v.client, 300);
+        (void)!dup(v.client);
+        close(v.client);
+        close_range(3, ~0u, 0);
+        _exit(0);
+    }
+    int status = -1;
+    if (child > 0) waitpid(child, &status, 0);
+    const std::string parent_sends = rc(send(v.client, "vf", 2, 0));
+    say("vfork: the child dup2'ed, closed and close_range'd; the parent's socket sends=%s peer "
+        "got=%s, fd 300 open in the parent=%s",
+        parent_sends.c_str(), read_text(v.server, 2).c_str(), yes(is_open(300)));
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    move_to(pipe_fds[0], 300);
+    (void)!write(pipe_fds[1], "p3", 2);
+    say("vfork: then a pipe moved to 300 reads=%s", pipe_sees(300).c_str());
+    close(300);
+    close(pipe_fds[1]);
+    v.close_both();
+
+    // fdopen + stdio + fclose.
+    Pair s = connected_pair(family);
+    FILE *file = fdopen(s.client, "r+");
+    say("fdopen(r+): ok=%s fileno is the fd=%s", yes(file != nullptr),
+        yes(file && fileno(file) == s.client));
+    if (file) {
+        std::fputs("stdio\n", file);
+        const int flushed = std::fflush(file);
+        say("fdopen: fputs+fflush=%d peer got=%s", flushed, read_text(s.server, 5).c_str());
+        read_text(s.server, 1);
+        send_text(s.server, "reply line\n");
+        char line[64] = {};
+        const bool read_line = std::fgets(line, sizeof(line), file) != nullptr;
+        line[std::strcspn(line, "\n")] = '\0';
+        say("fdopen: fgets=%s line=%s", yes(read_line), line);
+        say("fdopen: fseek=%s", rc(std::fseek(file, 0, SEEK_SET)).c_str());
+        const std::string fclosed = rc(std::fclose(file));
+        say("fclose=%s, the peer sees=%s, the fd is open=%s", fclosed.c_str(),
+            peer_sees(s.server).c_str(), yes(is_open(s.client)));
+    }
+    s.client = -1;
+    s.close_both();
+    s = connected_pair(family);
+    file = fdopen(s.client, "r");
+    const std::string read_only = yes(file != nullptr);
+    const std::string fclosed = file ? rc(std::fclose(file)) : "none";
+    say("fdopen(r)=%s fclose=%s, the peer sees=%s", read_only.c_str(), fclosed.c_str(),
+        peer_sees(s.server).c_str());
+    s.client = -1;
+    s.close_both();
+    s = connected_pair(family);
+    file = fdopen(s.client, "q");
+    say("fdopen with a bad mode=%s %s", file ? "stream" : "NULL", err_name(errno).c_str());
+    s.close_both();
+}
+
+// A thread blocked in a call on a socket while another thread closes the socket's fd.
+struct BlockedCall {
+    std::atomic<pid_t> tid{0};
+    std::atomic<bool> done{false};
+    long result = 0;
+    int error = 0;
+    std::thread thread;
+
+    template <class Call>
+    void start(Call call) {
+        thread = std::thread([this, call] {
+            tid = static_cast<pid_t>(syscall(SYS_gettid));
+            result = call();
+            error = errno;
+            done = true;
+        });
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+        while (tid.load() == 0 && ms_left(deadline) > 0) usleep(1000);
+        wait_thread_sleeping(tid.load());
+    }
+    bool wait(int timeout_ms) {
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+        while (!done.load() && ms_left(deadline) > 0) usleep(1000);
+        return done.load();
+    }
+    // Bounded: a call still blocked after the bound is interrupted (SIGUSR1, no SA_RESTART).
+    void finish() {
+        for (int i = 0; i < 50 && !wait(100); ++i) pthread_kill(thread.native_handle(), SIGUSR1);
+        thread.join();
+    }
+    std::string outcome() const {
+        if (!done.load()) return "TIMEOUT";
+        if (result >= 0) return std::to_string(result);
+        return std::to_string(result) + " " + err_name(error);
+    }
+};
+
+void check_close_while_blocked(const Family &family) {
+    install(SIGUSR1, count_sigusr1, false);
+    Pair pair = connected_pair(family);
+    {
+        BlockedCall call;
+        char buf[16];
+        call.start([fd = pair.server, &buf] { return recv(fd, buf, sizeof(buf), 0); });
+        say("close while blocked: close(fd) under a blocked recv=%s",
+            rc(close(pair.server)).c_str());
+        // Linux neither wakes the call nor closes the socket: the call holds it.
+        say("close while blocked: recv still blocked 200 ms later=%s", yes(!call.wait(200)));
+        send_text(pair.client, "wake");
+        call.wait(kWaitMs);
+        call.finish();
+        say("close while blocked: recv after the peer sent=%s", call.outcome().c_str());
+        say("close while blocked: when recv returned, the peer sees=%s",
+            peer_sees(pair.client).c_str());
+    }
+    pair.server = -1;
+    pair.close_both();
+
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    {
+        BlockedCall call;
+        call.start([lfd] { return static_cast<long>(accept(lfd, nullptr, nullptr)); });
+        say("close while blocked: close(fd) under a blocked accept=%s", rc(close(lfd)).c_str());
+        say("close while blocked: accept still blocked 200 ms later=%s", yes(!call.wait(200)));
+        int client = tcp_socket(family.af);
+        Address address = loopback(family.af, port);
+        const std::string connected = rc(connect(client, address.get(), address.len));
+        call.wait(kWaitMs);
+        call.finish();
+        say("close while blocked: connect=%s, accept returned a connection=%s", connected.c_str(),
+            yes(call.done.load() && call.result >= 0));
+        if (call.done.load() && call.result >= 0) close(static_cast<int>(call.result));
+        close(client);
+        say("close while blocked: when accept returned, connect=%s",
+            connect_until_refused(family, port).c_str());
+    }
+
+    // A send that sleeps for room in a full socket.
+    pair = connected_pair(family);
+    std::vector<char> chunk(65536, 'f');
+    uint64_t queued = 0;
+    const auto fill_deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 4);
+    for (bool took_more = true; took_more && ms_left(fill_deadline) > 0;) {
+        took_more = false;
+        for (ssize_t n; (n = send(pair.client, chunk.data(), chunk.size(), MSG_DONTWAIT)) > 0;) {
+            queued += static_cast<uint64_t>(n);
+            took_more = true;
+        }
+        if (wait_events(pair.client, POLLOUT, 200) & POLLOUT) took_more = true;
+    }
+    {
+        BlockedCall call;
+        call.start([fd = pair.client, &chunk] {
+            return send(fd, chunk.data(), chunk.size(), MSG_NOSIGNAL);
+        });
+        say("close while blocked: close(fd) under a blocked send=%s",
+            rc(close(pair.client)).c_str());
+        say("close while blocked: send still blocked 200 ms later=%s", yes(!call.wait(200)));
+        // The peer drains everything: the send completes, and then the connection ends.
+        uint64_t drained = 0;
+        bool eof = false;
+        std::vector<char> buf(65536);
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 2);
+        while (!eof && ms_left(deadline) > 0) {
+            if (!wait_events(pair.server, POLLIN, ms_left(deadline))) break;
+            const ssize_t n = recv(pair.server, buf.data(), buf.size(), MSG_DONTWAIT);
+            if (n == 0) eof = true;
+            if (n > 0) drained += static_cast<uint64_t>(n);
+        }
+        call.finish();
+        say("close while blocked: send after the peer drained=%s, the peer got every byte=%s "
+            "then EOF=%s",
+            call.outcome().c_str(), yes(drained == queued + chunk.size()), yes(eof));
+    }
+    pair.client = -1;
+    pair.close_both();
+    install(SIGUSR1, SIG_DFL, false);
+}
+
+// epoll_wait's events, sorted by their data (the order is not part of Linux's contract).
+std::string epoll_tags(int ep, int timeout_ms) {
+    epoll_event events[8];
+    const int n = epoll_count(ep, events, 8, timeout_ms);
+    if (n <= 0) return std::to_string(n);
+    for (int i = 1; i < n; ++i)  // insertion sort: a handful of events
+        for (int j = i; j > 0 && events[j - 1].data.u64 > events[j].data.u64; --j)
+            std::swap(events[j - 1], events[j]);
+    std::string out = std::to_string(n) + ":";
+    for (int i = 0; i < n; ++i)
+        out += " tag " + std::to_string(events[i].data.u64) + " " + epoll_names(events[i].events);
+    return out;
+}
+
+int epoll_add(int ep, int fd, uint64_t tag) {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.u64 = tag;
+    return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &event);
+}
+
+// EPOLL_CTL_ADD, then what epoll_wait reports: "0, then 1: tag 2 EPOLLIN".
+std::string add_and_wait(int ep, int fd, uint64_t tag) {
+    const std::string added = rc(epoll_add(ep, fd, tag));
+    return added + ", then " + epoll_tags(ep, kWaitMs);
+}
+
+void check_epoll_reuse(const Family &family) {
+    const int ep = epoll_create1(EPOLL_CLOEXEC);
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+
+    // A member closed (its last fd): a new socket that gets its number is not a member.
+    int client1 = connect_to(family, port);
+    int server1 = accept(lfd, nullptr, nullptr);
+    epoll_add(ep, server1, 1);
+    int client2 = connect_to(family, port);
+    const int number = server1;
+    close(server1);
+    int server2 = accept(lfd, nullptr, nullptr);
+    say("epoll reuse: a new socket got a closed member's number=%s", yes(server2 == number));
+    send_text(client2, "n");
+    wait_available(server2, 1);
+    say("epoll reuse: data on the new socket, not added=%s", epoll_tags(ep, 100).c_str());
+    say("epoll reuse: add it=%s", add_and_wait(ep, server2, 2).c_str());
+
+    // The same with a pipe taking the number.
+    const int number2 = server2;
+    close(server2);
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    say("epoll reuse: a pipe got a closed member's number=%s", yes(pipe_fds[0] == number2));
+    (void)!write(pipe_fds[1], "p", 1);
+    say("epoll reuse: data in the pipe, not added=%s", epoll_tags(ep, 100).c_str());
+    say("epoll reuse: add it=%s", add_and_wait(ep, pipe_fds[0], 3).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+
+    // A pipe member closed: a socket that gets its number is not a member.
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    epoll_add(ep, pipe_fds[0], 4);
+    const int pipe_number = pipe_fds[0];
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    int client3 = connect_to(family, port);
+    int server3 = accept(lfd, nullptr, nullptr);
+    say("epoll reuse: a socket got a closed pipe member's number=%s", yes(client3 == pipe_number));
+    send_text(server3, "s");
+    wait_available(client3, 1);
+    say("epoll reuse: data on that socket, not added=%s", epoll_tags(ep, 100).c_str());
+    say("epoll reuse: add it=%s", add_and_wait(ep, client3, 5).c_str());
+    epoll_ctl(ep, EPOLL_CTL_DEL, client3, nullptr);
+    read_text(client3, 1);
+
+    // A member whose fd is closed while a dup keeps the socket: still reported, under the
+    // closed fd's registration, and out of reach of EPOLL_CTL_DEL.
+    epoll_add(ep, server3, 6);
+    const int kept = dup(server3);
+    const int number3 = server3;
+    close(server3);
+    send_text(client3, "z");
+    wait_available(kept, 1);
+    say("epoll dup: the closed fd's registration still reports=%s",
+        epoll_tags(ep, kWaitMs).c_str());
+    say("epoll dup: EPOLL_CTL_DEL by the closed number=%s, by the copy=%s",
+        rc(epoll_ctl(ep, EPOLL_CTL_DEL, number3, nullptr)).c_str(),
+        rc(epoll_ctl(ep, EPOLL_CTL_DEL, kept, nullptr)).c_str());
+    int client4 = connect_to(family, port);
+    int server4 = accept(lfd, nullptr, nullptr);
+    say("epoll dup: a new socket got the closed number=%s, add it=%s", yes(client4 == number3),
+        rc(epoll_add(ep, client4, 7)).c_str());
+    send_text(server4, "y");
+    wait_available(client4, 1);
+    say("epoll dup: both registrations report=%s", epoll_tags(ep, kWaitMs).c_str());
+    close(kept);
+    say("epoll dup: after the copy is closed=%s", epoll_tags(ep, kWaitMs).c_str());
+
+    // dup2 of a pipe over a member: the socket leaves the set; the pipe is not in it.
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    dup2(pipe_fds[0], client4);
+    (void)!write(pipe_fds[1], "w", 1);
+    wait_events(client4, POLLIN);
+    say("epoll dup2: a pipe over a member's fd, data in the pipe=%s", epoll_tags(ep, 100).c_str());
+    say("epoll dup2: add it=%s", add_and_wait(ep, client4, 8).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    close(client4);
+    close(server4);
+    close(client3);
+    close(client2);
+    close(client1);
+    close(lfd);
+    close(ep);
+}
+
+void check_many_iovecs(const Family &family) {
+    Pair pair = connected_pair(family);
+    const std::vector<uint8_t> pattern = deterministic_bytes(IOV_MAX, 0x10f);
+    std::vector<uint8_t> landing(IOV_MAX + 1);
+    std::vector<iovec> out(IOV_MAX + 1), in(IOV_MAX + 1);
+    for (size_t i = 0; i <= IOV_MAX; ++i) {
+        out[i] = {const_cast<uint8_t *>(&pattern[i % IOV_MAX]), 1};
+        in[i] = {&landing[i], 1};
+    }
+    std::vector<uint8_t> got(IOV_MAX);
+    auto arrived_intact = [&] {
+        return read_exact(pair.server, got.data(), got.size()) == IOV_MAX && got == pattern;
+    };
+    const std::string full = rc(writev(pair.client, out.data(), IOV_MAX));
+    say("iovecs: writev of IOV_MAX 1-byte iovecs=%s, intact=%s", full.c_str(),
+        yes(arrived_intact()));
+    say("iovecs: writev of IOV_MAX + 1=%s",
+        rc(writev(pair.client, out.data(), IOV_MAX + 1)).c_str());
+    msghdr msg{};
+    msg.msg_iov = out.data();
+    msg.msg_iovlen = IOV_MAX;
+    const std::string via_msg = rc(sendmsg(pair.client, &msg, 0));
+    say("iovecs: sendmsg of IOV_MAX=%s, intact=%s", via_msg.c_str(), yes(arrived_intact()));
+    msg.msg_iovlen = IOV_MAX + 1;
+    say("iovecs: sendmsg of IOV_MAX + 1=%s", rc(sendmsg(pair.client, &msg, 0)).c_str());
+
+    send_all(pair.server, pattern.data(), pattern.size());
+    wait_available(pair.client, IOV_MAX);
+    const std::string scattered = rc(readv(pair.client, in.data(), IOV_MAX));
+    say("iovecs: readv into IOV_MAX 1-byte iovecs=%s, intact=%s", scattered.c_str(),
+        yes(std::equal(pattern.begin(), pattern.end(), landing.begin())));
+    say("iovecs: readv of IOV_MAX + 1=%s", rc(readv(pair.client, in.data(), IOV_MAX + 1)).c_str());
+    msghdr rmsg{};
+    rmsg.msg_iov = in.data();
+    rmsg.msg_iovlen = IOV_MAX + 1;
+    say("iovecs: recvmsg of IOV_MAX + 1=%s", rc(recvmsg(pair.client, &rmsg, MSG_DONTWAIT)).c_str());
+
+    // Every other iovec empty.
+    for (size_t i = 0; i < IOV_MAX; i += 2) out[i].iov_len = 0;
+    const std::string sparse = rc(writev(pair.client, out.data(), IOV_MAX));
+    say("iovecs: writev of IOV_MAX with half of them empty=%s peer got=%zd", sparse.c_str(),
+        read_exact(pair.server, got.data(), IOV_MAX / 2));
+
+    // MSG_MORE and TCP_CORK: the bytes arrive all the same.
+    const std::string more = rc(send(pair.client, "ab", 2, MSG_MORE));
+    const std::string rest = rc(send(pair.client, "cd", 2, 0));
+    say("MSG_MORE: send(MSG_MORE)=%s then send=%s, peer got=%s", more.c_str(), rest.c_str(),
+        read_text(pair.server, 4).c_str());
+    const std::string alone = rc(send(pair.client, "ef", 2, MSG_MORE));
+    say("MSG_MORE: a last send(MSG_MORE)=%s, peer gets it anyway=%s", alone.c_str(),
+        read_text(pair.server, 2).c_str());
+    const int before = get_int(pair.client, IPPROTO_TCP, TCP_CORK);
+    int on = 1;
+    const std::string corked = rc(setsockopt(pair.client, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)));
+    say("TCP_CORK: default=%d set=%s reads back %d", before, corked.c_str(),
+        get_int(pair.client, IPPROTO_TCP, TCP_CORK));
+    const std::string while_corked = rc(send(pair.client, "gh", 2, 0));
+    int off = 0;
+    const std::string uncorked =
+        rc(setsockopt(pair.client, IPPROTO_TCP, TCP_CORK, &off, sizeof(off)));
+    say("TCP_CORK: send while corked=%s, uncork=%s, peer got=%s", while_corked.c_str(),
+        uncorked.c_str(), read_text(pair.server, 2).c_str());
+    pair.close_both();
+}
+
+void check_accept4_flags(const Family &family) {
+    int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    struct Case {
+        const char *name;
+        int flags;
+    };
+    for (const Case &c :
+         {Case{"SOCK_CLOEXEC", SOCK_CLOEXEC}, Case{"SOCK_NONBLOCK", SOCK_NONBLOCK}, Case{"0", 0}}) {
+        int client = connect_to(family, port);
+        int accepted = accept4(lfd, nullptr, nullptr, c.flags);
+        const int fl = fcntl(accepted, F_GETFL);
+        say("accept4(%s): F_GETFL is O_RDWR%s=%s, FD_CLOEXEC=%s", c.name,
+            (c.flags & SOCK_NONBLOCK) ? "|O_NONBLOCK" : "",
+            yes(fl == (O_RDWR | ((c.flags & SOCK_NONBLOCK) ? O_NONBLOCK : 0))),
+            yes(is_cloexec(accepted)));
+        close(accepted);
+        close(client);
+    }
+    // A non-blocking listener's accepted sockets are blocking, unless asked.
+    set_nonblocking(lfd, true);
+    int client = connect_to(family, port);
+    wait_events(lfd, POLLIN);
+    int accepted = accept4(lfd, nullptr, nullptr, 0);
+    say("accept4: from a non-blocking listener, flags 0: nonblocking=%s",
+        yes(is_nonblocking(accepted)));
+    close(accepted);
+    close(client);
+    close(lfd);
+}
+
+void check_sendfile(const Family &family) {
+    constexpr size_t kFileBytes = 200000;  // three rings and a bit: the copy wraps
+    const char *dir = std::getenv("TMPDIR");
+    std::string path = std::string(dir && *dir ? dir : "/tmp") + "/tcps-semantics-XXXXXX";
+    const int file = mkstemp(path.data());
+    if (file < 0) std::exit(2);
+    unlink(path.c_str());
+    const std::vector<uint8_t> content = deterministic_bytes(kFileBytes, 0x5e9df11e);
+    if (write(file, content.data(), content.size()) != static_cast<ssize_t>(kFileBytes))
+        std::exit(2);
+    auto range_hash = [&](size_t from, size_t n) {
+        return fnv1a(kFnvBasis, content.data() + from, n);
+    };
+    Pair pair = connected_pair(family);
+    // Sends `count` with a reader draining the peer at the same time (for the `expect` bytes
+    // that the file has from `expect_from`); says what arrived.
+    auto send_and_read = [&](off_t *offset, size_t count, size_t expect_from, size_t expect) {
+        std::vector<uint8_t> got(expect);
+        ssize_t received = 0;
+        std::thread reader([&] { received = read_exact(pair.server, got.data(), expect); });
+        const ssize_t n = sendfile(pair.client, file, offset, count);
+        const std::string result = rc(n);
+        reader.join();
+        const bool intact = n > 0 && received == n &&
+                            fnv1a(kFnvBasis, got.data(), static_cast<size_t>(n)) ==
+                                range_hash(expect_from, static_cast<size_t>(n));
+        return result + ", the peer got the file's bytes=" + yes(intact);
+    };
+
+    lseek(file, 0, SEEK_SET);
+    off_t offset = 1000;
+    std::string sent = send_and_read(&offset, 150000, 1000, 150000);
+    say("sendfile: 150000 from offset 1000=%s; offset now %lld, file position %lld", sent.c_str(),
+        static_cast<long long>(offset), static_cast<long long>(lseek(file, 0, SEEK_CUR)));
+    lseek(file, 5000, SEEK_SET);
+    sent = send_and_read(nullptr, 10000, 5000, 10000);
+    say("sendfile: 10000 without an offset from position 5000=%s; position now %lld", sent.c_str(),
+        static_cast<long long>(lseek(file, 0, SEEK_CUR)));
+    offset = 0;
+    sent = send_and_read(&offset, kFileBytes, 0, kFileBytes);
+    say("sendfile: the whole file=%s", sent.c_str());
+    offset = 199000;
+    sent = send_and_read(&offset, 5000, 199000, 1000);
+    say("sendfile: 5000 from 1000 before the end=%s; offset now %lld", sent.c_str(),
+        static_cast<long long>(offset));
+
+    offset = 0;
+    say("sendfile: count 0=%s offset %lld", rc(sendfile(pair.client, file, &offset, 0)).c_str(),
+        static_cast<long long>(offset));
+    offset = kFileBytes;
+    say("sendfile: at the end=%s", rc(sendfile(pair.client, file, &offset, 100)).c_str());
+    offset = 3 * kFileBytes;
+    say("sendfile: past the end=%s offset %lld",
+        rc(sendfile(pair.client, file, &offset, 100)).c_str(), static_cast<long long>(offset));
+    lseek(file, 0, SEEK_END);
+    say("sendfile: no offset, position at the end=%s",
+        rc(sendfile(pair.client, file, nullptr, 100)).c_str());
+    offset = -1;
+    say("sendfile: negative offset=%s", rc(sendfile(pair.client, file, &offset, 100)).c_str());
+
+    const int write_only = open(("/proc/self/fd/" + std::to_string(file)).c_str(), O_WRONLY);
+    offset = 0;
+    say("sendfile: from a write-only fd=%s, count 0=%s",
+        rc(sendfile(pair.client, write_only, &offset, 100)).c_str(),
+        rc(sendfile(pair.client, write_only, &offset, 0)).c_str());
+    close(write_only);
+    say("sendfile: from a closed fd=%s",
+        rc(sendfile(pair.client, lowest_free(), &offset, 100)).c_str());
+    int pipe_fds[2];
+    if (pipe(pipe_fds) != 0) std::exit(2);
+    (void)!write(pipe_fds[1], "pipe", 4);
+    say("sendfile: from a pipe=%s, with an offset=%s",
+        rc(sendfile(pair.client, pipe_fds[0], nullptr, 4)).c_str(),
+        rc(sendfile(pair.client, pipe_fds[0], &offset, 4)).c_str());
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    say("sendfile: from a socket=%s, with an offset=%s",
+        rc(sendfile(pair.client, pair.server, nullptr, 4)).c_str(),
+        rc(sendfile(pair.client, pair.server, &offset, 4)).c_str());
+    const int directory = open("/", O_RDONLY | O_DIRECTORY);
+    say("sendfile: from a directory=%s", rc(sendfile(pair.client, directory, nullptr, 4)).c_str());
+    close(directory);
+
+    fcntl(pair.client, F_SETFL, fcntl(pair.client, F_GETFL) | O_APPEND);
+    offset = 0;
+    say("sendfile: to a socket with O_APPEND=%s",
+        rc(sendfile(pair.client, file, &offset, 100)).c_str());
+    fcntl(pair.client, F_SETFL, fcntl(pair.client, F_GETFL) & ~O_APPEND);
+
+    set_nonblocking(pair.client, true);
+    offset = 0;
+    sent = rc(sendfile(pair.client, file, &offset, 100));
+    say("sendfile: 100 bytes, non-blocking socket with room=%s peer got=%zd", sent.c_str(),
+        read_text(pair.server, 100).size());
+    set_nonblocking(pair.client, false);
+    shutdown(pair.client, SHUT_WR);
+    const int pipes_before = g_sigpipe_count.load();
+    sent = rc(sendfile(pair.client, file, &offset, 100));
+    say("sendfile: after SHUT_WR=%s SIGPIPEs=%d", sent.c_str(),
+        g_sigpipe_count.load() - pipes_before);
+    pair.close_both();
+    close(file);
+}
+
 bool ipv6_available() {
     int fd = socket(AF_INET6, SOCK_STREAM, 0);
     if (fd < 0) return false;
@@ -1836,6 +2604,13 @@ int main(int argc, char **argv) {
         check_bad_input(family);
         check_rcvlowat(family);
         check_listener_shutdown(family);
+        check_dup(family);
+        check_close_paths(family);
+        check_close_while_blocked(family);
+        check_epoll_reuse(family);
+        check_many_iovecs(family);
+        check_accept4_flags(family);
+        check_sendfile(family);
     }
     g_prefix = "[mixed] ";
     if (families.size() > 1) check_v4_mapped();
