@@ -81,11 +81,22 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
         case ipc::Op::kShutdown:
             result = op_shutdown(s, i, req);
             break;
-        case ipc::Op::kClose:
-            // Answered first: the client does not wait, and may reuse the slot once it is free.
-            respond(s, i, req_seq, 0);
+        case ipc::Op::kClose: {
+            // A socket that holds a port (a listener, or bound and not connected) is answered
+            // once its kernel socket is closed, so that the port is free when close() returns,
+            // as on Linux. Others are answered first: the client does not wait for them.
+            const bool holds_port =
+                (es.flags & ipc::kFlagListening) ||
+                ((es.flags & ipc::kFlagBound) && !(es.flags & ipc::kFlagConnected));
+            if (holds_port && es.state == ipc::SlotState::kOpen) {
+                es.close_answer_pending = true;
+                es.close_answer_seq = req_seq;
+            } else {
+                respond(s, i, req_seq, 0);
+            }
             start_close(s, i, req.arg0 == 1);
             return;
+        }
         case ipc::Op::kSetSockOpt:
             result = op_setsockopt(s, i, req);
             break;

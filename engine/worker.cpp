@@ -1391,6 +1391,8 @@ void Worker::finish_close(Session &s, uint32_t i) {
     const uint32_t last_req_seq = es.last_req_seq;
     const uint32_t gen = es.gen;
     const bool timed = es.timed;
+    const bool answer_close = es.close_answer_pending;
+    const uint32_t answer_seq = es.close_answer_seq;
     es = EngineSlot{};
     es.last_req_seq = last_req_seq;
     es.gen = gen;
@@ -1398,6 +1400,8 @@ void Worker::finish_close(Session &s, uint32_t i) {
 
     if (s.ending) return;  // the whole region goes away
     if (s.orphaned && s.open_sockets == 0) return end_session(s, "its last close finished");
+    // Before the slot is free: the waiting client reads its answer before anyone can reuse it.
+    if (answer_close) respond(s, i, answer_seq, 0);
     ipc::SocketSlot &slot = s.region.slot(i);
     slot.flags.store(0, std::memory_order_relaxed);
     clear_engine_fields(slot);

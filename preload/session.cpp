@@ -577,7 +577,10 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
     const uint32_t seq = shm.req_seq.load(std::memory_order_relaxed) + 1;
     shm.req_seq.store(seq, std::memory_order_release);
     notify_engine(slot);
-    auto answered = [&] { return shm.resp_seq.load(std::memory_order_acquire) == seq; };
+    // At or past our request: the slot may be reused right after a close is answered.
+    auto answered = [&] {
+        return static_cast<int32_t>(shm.resp_seq.load(std::memory_order_acquire) - seq) >= 0;
+    };
     const WaitResult waited = wait_until(slot, answered, -1, false);
     int result = -ECONNRESET;
     if (waited == WaitResult::kReady) {

@@ -616,7 +616,16 @@ void socket_release(uint32_t slot) {
     // Unread bytes make Linux reset instead of closing gracefully.
     const bool unread =
         shm.rx_tail.load(std::memory_order_acquire) != shm.rx_head.load(std::memory_order_relaxed);
-    request_close(slot, sock.linger_reset.load() || unread);
+    const bool reset = sock.linger_reset.load() || unread;
+    // A socket that holds a port (a listener, or bound and not connected) is closed before we
+    // return, so the port can be bound again at once, as on Linux; the engine answers then.
+    const uint32_t flags = shm.flags.load(std::memory_order_acquire);
+    if ((flags & ipc::kFlagListening) ||
+        ((flags & ipc::kFlagBound) && !(flags & ipc::kFlagConnected))) {
+        request(slot, make_request(ipc::Op::kClose, reset ? 1 : 0));
+        return;
+    }
+    request_close(slot, reset);
 }
 
 long op_close(int fd) {

@@ -879,6 +879,23 @@ TEST_CASE("vfork, posix_spawn and daemon-style double fork leave the parent's so
     CHECK(recv_exactly(p.client.get(), 11) == "from-parent");
 }
 
+TEST_CASE("closing a listener frees its port before close() returns") {
+    for (int round = 0; round < 20; ++round) {
+        uint16_t port;
+        Fd listener = make_listener(port);
+        listener.reset();
+        // Connecting is refused at once and the port can be bound again, as on Linux.
+        Fd probe(socket(AF_INET, SOCK_STREAM, 0));
+        sockaddr_in addr = loopback(port);
+        CHECK(connect(probe.get(), reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == -1);
+        CHECK(errno == ECONNREFUSED);
+        Fd again(socket(AF_INET, SOCK_STREAM, 0));
+        const int one = 1;
+        setsockopt(again.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        CHECK(bind(again.get(), reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0);
+    }
+}
+
 TEST_CASE("kernel descriptors pass straight through: pipes, UDP, AF_UNIX") {
     int pipe_fds[2];
     REQUIRE(pipe(pipe_fds) == 0);
