@@ -448,6 +448,42 @@ void epoll_retain(uint32_t id) {
     pthread_mutex_unlock(&g_sets_mutex);
 }
 
+void epoll_hand_back(FdRef socket) {
+    struct Moved {
+        uint32_t set_id;
+        int fd;
+        epoll_event event;
+    };
+    std::vector<Moved> moved;
+    pthread_mutex_lock(&g_sets_mutex);
+    for (EpollSet *set : g_sets) {
+        if (!set) continue;
+        pthread_mutex_lock(&set->mutex);
+        for (size_t k = set->entries.size(); k-- > 0;) {
+            const EpollEntry &entry = set->entries[k];
+            if (!(entry.ref == socket)) continue;
+            epoll_event event{};
+            event.events = entry.disabled ? entry.events & kControlBits : entry.events;
+            event.data = entry.data;
+            moved.push_back({set->id, entry.fd, event});
+            erase_entry(*set, k);
+        }
+        pthread_mutex_unlock(&set->mutex);
+    }
+    pthread_mutex_unlock(&g_sets_mutex);
+    if (moved.empty()) return;
+    // The kernel epoll behind each set: any fd naming the set (dups share one instance).
+    const int limit = g_fds.limit();
+    for (Moved &item : moved) {
+        for (int epfd = 0; epfd < limit; ++epfd) {
+            const FdRef ref = g_fds.get(epfd);
+            if (ref.kind() != FdKind::kEpoll || ref.id() != item.set_id) continue;
+            real(libc.epoll_ctl)(epfd, EPOLL_CTL_ADD, item.fd, &item.event);
+            break;
+        }
+    }
+}
+
 void epoll_after_fork() {
     g_sets_mutex = PTHREAD_MUTEX_INITIALIZER;
     for (EpollSet *set : g_sets) {

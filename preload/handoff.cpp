@@ -43,6 +43,7 @@ void hand_back(const SocketRef &ref) {
         if (g_fds.take_if(fd, entry)) sock.refs.fetch_sub(1, std::memory_order_acq_rel);
     }
     real(libc.close)(kernel_fd);
+    epoll_hand_back(entry);  // its fd numbers are kernel sockets now
     sock.generation.fetch_add(1, std::memory_order_acq_rel);  // calls in flight find it stale
     // The engine's descriptor goes too; the kernel socket lives on in ours.
     if (unhold_socket(ref.slot)) request_close(ref.slot, false);

@@ -68,6 +68,9 @@ int epoll_strip_wake(int epfd, epoll_event *events, int n);
 void epoll_release(uint32_t id);
 // Another fd now names registry `id` (dup of an epoll fd).
 void epoll_retain(uint32_t id);
+// The socket went back to the kernel (SCM_RIGHTS): its registrations move from our registries
+// into the application's kernel epoll sets, under the same fd numbers, events and data.
+void epoll_hand_back(FdRef socket);
 
 // handoff.cpp: before an AF_UNIX sendmsg() carrying SCM_RIGHTS, every offloaded socket in it
 // goes back to the kernel (in this process too), so the message carries real sockets.

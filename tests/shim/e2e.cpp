@@ -896,6 +896,54 @@ TEST_CASE("closing a listener frees its port before close() returns") {
     }
 }
 
+TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in its epoll set") {
+    Pair p = make_pair();
+    Fd ep(epoll_create1(EPOLL_CLOEXEC));
+    REQUIRE(ep.get() >= 0);
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.u64 = 42;
+    REQUIRE(epoll_ctl(ep.get(), EPOLL_CTL_ADD, p.server.get(), &event) == 0);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    char byte = 'F';
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    const int passed = p.server.get();
+    std::memcpy(CMSG_DATA(cmsg), &passed, sizeof(int));
+    REQUIRE(sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    // Ours is the kernel socket now, as the receiver's is.
+    CHECK_FALSE(is_offloaded(p.server.get()));
+    send_all(p.client.get(), "after", 5);
+    epoll_event ready{};
+    REQUIRE(epoll_wait(ep.get(), &ready, 1, kTimeoutMs) == 1);
+    CHECK(ready.data.u64 == 42);
+    CHECK((ready.events & EPOLLIN) != 0);
+    CHECK(recv_exactly(p.server.get(), 5) == "after");
+    alignas(cmsghdr) char in_control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr in{};
+    in.msg_iov = &iov;
+    in.msg_iovlen = 1;
+    in.msg_control = in_control;
+    in.msg_controllen = sizeof(in_control);
+    REQUIRE(recvmsg(receiver.get(), &in, MSG_CMSG_CLOEXEC) == 1);
+    int received = -1;
+    std::memcpy(&received, CMSG_DATA(CMSG_FIRSTHDR(&in)), sizeof(int));
+    Fd copy(received);
+    send_all(copy.get(), "via-copy", 8);
+    CHECK(recv_exactly(p.client.get(), 8) == "via-copy");
+}
+
 TEST_CASE("kernel descriptors pass straight through: pipes, UDP, AF_UNIX") {
     int pipe_fds[2];
     REQUIRE(pipe(pipe_fds) == 0);
