@@ -944,6 +944,31 @@ TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in
     CHECK(recv_exactly(p.client.get(), 8) == "via-copy");
 }
 
+TEST_CASE("exec keeps sockets that are not close-on-exec and closes those that are") {
+    Pair kept = make_pair();
+    Pair dropped = make_pair();
+    REQUIRE(fcntl(dropped.server.get(), F_SETFD, FD_CLOEXEC) == 0);
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        dup2(kept.server.get(), 0);
+        dup2(kept.server.get(), 1);
+        execl("/bin/sh", "sh", "-c", "read line; echo got:$line", static_cast<char *>(nullptr));
+        _exit(127);
+    }
+    kept.server.reset();  // the exec'd shell holds the only copies now
+    dropped.server.reset();
+    // The close-on-exec socket vanished with the exec: its peer sees EOF while the shell lives.
+    char byte;
+    CHECK(recv(dropped.client.get(), &byte, 1, 0) == 0);
+    send_all(kept.client.get(), "hi\n", 3);
+    CHECK(recv_exactly(kept.client.get(), 7) == "got:hi\n");
+    CHECK(recv(kept.client.get(), &byte, 1, 0) == 0);  // the shell exited: the last copy
+    int status = -1;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    CHECK(WEXITSTATUS(status) == 0);
+}
+
 TEST_CASE("kernel descriptors pass straight through: pipes, UDP, AF_UNIX") {
     int pipe_fds[2];
     REQUIRE(pipe(pipe_fds) == 0);
