@@ -22,7 +22,9 @@
 #include <vector>
 
 #include "control.hpp"
+#include "control_listener.hpp"
 #include "log.hpp"
+#include "remote.hpp"
 #include "session.hpp"
 #include "worker.hpp"
 
@@ -92,80 +94,6 @@ void raise_fd_limit() {
     }
 }
 
-// mkdir -p for the socket's directory; new directories get 0755.
-bool make_parent_dirs(const std::string &path, std::string &error) {
-    const size_t slash = path.rfind('/');
-    if (slash == std::string::npos || slash == 0) return true;
-    const std::string dir = path.substr(0, slash);
-    for (size_t pos = 1; pos <= dir.size(); ++pos) {
-        if (pos != dir.size() && dir[pos] != '/') continue;
-        const std::string prefix = dir.substr(0, pos);
-        if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
-            error = "cannot create " + prefix + ": " + std::strerror(errno);
-            return false;
-        }
-    }
-    return true;
-}
-
-enum class ListenResult { kOk, kFailed, kBusy };
-
-ListenResult open_control_socket(const std::string &path, int &listener, ino_t &inode,
-                                 std::string &error) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    if (path.size() >= sizeof(addr.sun_path)) {
-        error = "socket path too long: " + path;
-        return ListenResult::kFailed;
-    }
-    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    if (!make_parent_dirs(path, error)) return ListenResult::kFailed;
-
-    struct stat st;
-    if (lstat(path.c_str(), &st) == 0) {
-        if (!S_ISSOCK(st.st_mode)) {
-            error = path + " exists and is not a socket";
-            return ListenResult::kFailed;
-        }
-        // A live engine answers; only a dead one's file may be removed.
-        const int probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-        if (probe >= 0) {
-            const int rc = connect(probe, reinterpret_cast<sockaddr *>(&addr), sizeof(addr));
-            close(probe);
-            if (rc == 0) {
-                error = "another engine is already serving " + path;
-                return ListenResult::kBusy;
-            }
-        }
-        if (unlink(path.c_str()) != 0 && errno != ENOENT) {
-            error = "cannot remove stale " + path + ": " + std::strerror(errno);
-            return ListenResult::kFailed;
-        }
-        log_line("removed stale control socket %s", path.c_str());
-    }
-
-    listener = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (listener < 0) {
-        error = std::string("socket: ") + std::strerror(errno);
-        return ListenResult::kFailed;
-    }
-    if (bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0) {
-        error = "bind " + path + ": " + std::strerror(errno);
-        return errno == EADDRINUSE ? ListenResult::kBusy : ListenResult::kFailed;
-    }
-    // Any local user may use the engine; what each may do is checked per client.
-    if (chmod(path.c_str(), 0666) != 0) {
-        error = "chmod " + path + ": " + std::strerror(errno);
-        return ListenResult::kFailed;
-    }
-    if (listen(listener, 128) != 0) {
-        error = std::string("listen: ") + std::strerror(errno);
-        return ListenResult::kFailed;
-    }
-    inode = lstat(path.c_str(), &st) == 0 ? st.st_ino : 0;
-    return ListenResult::kOk;
-}
-
 struct PendingHello {
     int fd;
     uint64_t deadline_ns;
@@ -186,6 +114,8 @@ class Engine {
     void start_session(PendingHello &hello);
     void reply_hello_error(int fd, int error);
     void join_session(PendingHello &hello, const ipc::ControlMessage &msg);
+    // A relay's session (--fabric-listen): a client on another host (remote.hpp).
+    void start_remote_session(int fd, const LinkHello &hello);
     void log_stats();
     void stop_workers();
 
@@ -201,6 +131,7 @@ class Engine {
     // Which worker serves each session, for forked children joining it. Ids are never reused;
     // a join for a session that has ended is refused by the worker.
     std::unordered_map<uint32_t, Worker *> session_workers_;
+    LinkAcceptor links_;
 };
 
 Engine::~Engine() {
@@ -219,6 +150,17 @@ bool Engine::start_workers() {
         config.spin_us = options_.spin_us;
         config.busy_poll = options_.busy_poll;
         config.unprivileged_port_start = unprivileged_port_start_;
+        if (links_.is_open()) {
+            config.fabric = true;
+            config.fabric_config = ipc::FabricConfig::from_env();
+            config.fabric_config.node = options_.fabric_node;
+            if (config.fabric_config.node.empty()) {
+                sockaddr_storage addr{};
+                socklen_t len = 0;
+                if (parse_link_address(options_.fabric_listen, addr, len))
+                    config.fabric_config.node = numeric_host(addr, len);
+            }
+        }
         auto worker = std::make_unique<Worker>(config, g_stop);
         const std::string error = worker->init();
         if (!error.empty()) {
@@ -404,6 +346,18 @@ void Engine::join_session(PendingHello &hello, const ipc::ControlMessage &msg) {
     found->second->adopt_join(join);
 }
 
+void Engine::start_remote_session(int fd, const LinkHello &hello) {
+    const uint32_t id = next_session_id_++;
+    std::unique_ptr<Session> session = make_remote_session(fd, hello, id);
+    if (!session) return;
+    Worker *best = workers_.front().get();
+    for (auto &worker : workers_)
+        if (worker->load() < best->load()) best = worker.get();
+    TCPS_LOG_VERBOSE("session %u: remote, pid %d uid %u gid %u caps %#llx (from the relay)", id,
+                     hello.pid, hello.uid, hello.gid, static_cast<unsigned long long>(hello.caps));
+    best->adopt(std::move(session));
+}
+
 int Engine::run() {
     raise_fd_limit();
     signal(SIGPIPE, SIG_IGN);
@@ -429,6 +383,14 @@ int Engine::run() {
         log_line("%s", error.c_str());
         return 1;
     }
+    if (!options_.fabric_listen.empty()) {
+        error = links_.open(options_.fabric_listen);
+        if (!error.empty()) {
+            log_line("%s", error.c_str());
+            unlink(path_.c_str());
+            return 1;
+        }
+    }
     if (!start_workers()) {
         stop_workers();
         unlink(path_.c_str());
@@ -436,6 +398,7 @@ int Engine::run() {
     }
     log_line("listening on %s with %zu worker%s", path_.c_str(), workers_.size(),
              workers_.size() == 1 ? "" : "s");
+    if (links_.is_open()) log_line("serving relays on %s", options_.fabric_listen.c_str());
     if (options_.ready_fd >= 0) {
         static const char kReady[] = "ready\n";
         ssize_t ignored = write(options_.ready_fd, kReady, sizeof(kReady) - 1);
@@ -453,6 +416,9 @@ int Engine::run() {
             fds.push_back({hello.fd, POLLIN, 0});
             next_deadline = std::min(next_deadline, hello.deadline_ns);
         }
+        const size_t links_at = fds.size();
+        links_.add_pollfds(fds);
+        next_deadline = std::min(next_deadline, links_.next_deadline_ns());
         int timeout_ms = -1;
         if (next_deadline != UINT64_MAX) {
             const uint64_t now = monotonic_ns();
@@ -488,6 +454,8 @@ int Engine::run() {
         }
         hellos_.swap(still_waiting);
         if (fds[1].revents & POLLIN) accept_clients();
+        links_.on_poll(fds.data() + links_at, now,
+                       [this](int fd, const LinkHello &hello) { start_remote_session(fd, hello); });
     }
 
     log_line("stopping");

@@ -10,6 +10,11 @@
 namespace tcps::engine {
 
 static std::atomic<bool> g_verbose{false};
+static const char *g_program = "tcpsd";
+
+void set_log_program(const char *name) {
+    g_program = name;
+}
 
 void set_verbose(bool value) {
     g_verbose.store(value, std::memory_order_relaxed);
@@ -21,7 +26,7 @@ bool verbose() {
 void log_line(const char *format, ...) {
     const int saved_errno = errno;
     char line[512];
-    int n = std::snprintf(line, sizeof(line), "tcpsd: ");
+    int n = std::snprintf(line, sizeof(line), "%s: ", g_program);
     va_list args;
     va_start(args, format);
     const int body = std::vsnprintf(line + n, sizeof(line) - n - 1, format, args);

@@ -5,6 +5,8 @@
 namespace tcps::engine {
 
 void set_verbose(bool verbose);
+// The name lines start with (default "tcpsd"); set once, before any thread logs.
+void set_log_program(const char *name);
 bool verbose();
 
 void log_line(const char *format, ...) __attribute__((format(printf, 1, 2)));

@@ -54,13 +54,17 @@ bool parse_core_list(const std::string &text, std::vector<int> &cores) {
 
 const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
-           "[--ready-fd FD] [--verbose]\n"
+           "[--ready-fd FD] [--verbose] [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
            "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
            "  --spin-us N    spin this long without work before sleeping (default 50)\n"
            "  --busy-poll    never sleep\n"
            "  --ready-fd FD  write \"ready\\n\" to FD once listening, then close it\n"
-           "  --verbose      log every session\n";
+           "  --verbose      log every session\n"
+           "  --fabric-listen ADDR:PORT  also serve clients on other hosts: tcps-relay connects\n"
+           "                 here ([V6]:PORT for IPv6); the session is mirrored over libfabric\n"
+           "  --fabric-node ADDR  the address of the workers' fabric endpoints (default: the\n"
+           "                 --fabric-listen address; needed when that is a wildcard)\n";
 }
 
 bool parse_options(int argc, char **argv, Options &options, std::string &error) {
@@ -113,6 +117,13 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 return false;
             }
             options.ready_fd = static_cast<int>(fd);
+        } else if (name == "--fabric-listen" || name == "--fabric-node") {
+            if (!take_value()) return false;
+            if (value.empty()) {
+                error = name + " needs an address";
+                return false;
+            }
+            (name == "--fabric-listen" ? options.fabric_listen : options.fabric_node) = value;
         } else if (name == "--busy-poll" && !has_value) {
             options.busy_poll = true;
         } else if ((name == "--help" || name == "-h") && !has_value) {
@@ -123,6 +134,10 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
             error = "unknown argument '" + arg + "'";
             return false;
         }
+    }
+    if (!options.fabric_node.empty() && options.fabric_listen.empty()) {
+        error = "--fabric-node needs --fabric-listen";
+        return false;
     }
     return true;
 }

@@ -14,6 +14,10 @@ struct Options {
     int ready_fd = -1;
     bool verbose = false;
     bool help = false;
+    // Serve clients on other hosts (tcps-relay): relays connect here (HOST:PORT, [V6]:PORT).
+    std::string fabric_listen;
+    // The address the workers' fabric endpoints open on; empty: the --fabric-listen host.
+    std::string fabric_node;
 };
 
 // Parses "1", "0,1", "2-3", "0,2-3": CPU numbers in order, no duplicates. False if malformed.

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <string>
 
+#include "remote.hpp"
 #include "ring.hpp"
 
 namespace tcps::engine {
@@ -98,6 +99,8 @@ bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t 
 
 ClientCreds family_rights(const Session &session) {
     ClientCreds rights = session.creds;
+    // A remote client's processes are not ours to read in /proc: its relay vouched for them.
+    if (session.remote) return rights;
     for (const Member &member : session.members) {
         if (member.state != ipc::MemberState::kLive) continue;
         uid_t effective_uid = 0;

@@ -70,6 +70,8 @@ struct EngineSlot {
     uint64_t reuseport_token = 0;
 };
 
+struct RemoteLink;  // remote.hpp: a client on another host, behind tcps-relay
+
 inline constexpr uint64_t kReservationNs = 10'000'000'000;  // a forked child joins within 10 s
 
 // One process of the session's family (see ipc::MemberRecord).
@@ -114,6 +116,11 @@ struct Session {
     bool doorbell_posted = false;
     uint64_t doorbell_value = 0;  // the eventfd read's buffer
     uint32_t open_sockets = 0;
+
+    // Set for a remote session (tcpsd --fabric-listen): the client is on another host and this
+    // region is a copy of the client's, mirrored over the fabric (remote.hpp). Null for local
+    // clients.
+    std::unique_ptr<RemoteLink> remote;
 
     Session();
     ~Session();

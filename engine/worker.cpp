@@ -18,6 +18,7 @@
 
 #include "fence.hpp"
 #include "log.hpp"
+#include "remote.hpp"
 #include "reuseport.hpp"
 #include "ring.hpp"
 
@@ -105,6 +106,7 @@ std::string Worker::init() {
     if (!missing.empty()) return missing;
     doorbell_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (doorbell_fd_ < 0) return std::string("eventfd: ") + std::strerror(errno);
+    if (config_.fabric) return open_fabric();
     return {};
 }
 
@@ -177,6 +179,7 @@ void Worker::run() {
             Session *s = table_[active_[k]].get();
             if (s && !s->ending) work |= process_queue(*s);
         }
+        if (fabric_) work |= poll_fabric();
         if (reap() > 0) work = true;
         flush_wakes();
         if (!ending_.empty()) free_ended_sessions();
@@ -236,6 +239,10 @@ bool Worker::adopt_pending() {
         stats_.sessions_total.fetch_add(1, std::memory_order_relaxed);
         TCPS_LOG_VERBOSE("session %u (pid %d uid %u): served by worker %d", s.id, s.creds.pid,
                          s.creds.uid, config_.index);
+        if (s.remote && !attach_remote(s)) {
+            end_session(s, "cannot attach its region to the fabric");
+            continue;
+        }
         post_control_poll(s, 0);
         post_session_doorbell(s);
     }
@@ -343,6 +350,10 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         doorbell_posted_ = false;
         return;
     }
+    if (kind == Kind::kFabricWait) {
+        fabric_wait_posted_ = false;
+        return;
+    }
     const uint32_t index = (data >> 44) & 0xfff;
     const uint32_t i = (data >> 32) & 0xfff;
     const uint32_t gen = static_cast<uint32_t>(data);
@@ -359,6 +370,9 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kSessionDoorbell:
             s.doorbell_posted = false;
             if (!s.ending) post_session_doorbell(s);
+            break;
+        case Kind::kLink:
+            if (s.remote) on_link(s, res);
             break;
         case Kind::kControl:
             if (i < ipc::kMaxMembers) {
@@ -396,7 +410,9 @@ void Worker::flush_wakes() {
     // Our stores (indices, flags, event_gen) before our loads of the waiters: pairs with the
     // client's arm-then-recheck, so either it sees our change or we see it armed.
     full_fence();
-    for (Session *s : dirty_) {
+    for (size_t k = 0; k < dirty_.size(); ++k) {
+        Session *s = dirty_[k];
+        if (s->remote) publish_remote(*s);
         wake_session(*s);
         s->dirty = false;
     }
@@ -453,14 +469,14 @@ void Worker::sleep_until_work() {
     // flag is caught by this re-check, one that pushed after it writes the doorbell.
     full_fence();
     if (stop_.load(std::memory_order_relaxed) || has_pending_.load(std::memory_order_acquire) ||
-        io_uring_cq_ready(&ring_) > 0 || any_queue_has_work()) {
+        io_uring_cq_ready(&ring_) > 0 || any_queue_has_work() || (fabric_ && !fabric_idle())) {
         set_sleeping(0);
         return;
     }
     if (!doorbell_posted_) post_worker_doorbell();
     io_uring_cqe *cqe = nullptr;
     int rc;
-    if (!timed_.empty() || reservations_ > 0) {
+    if (!timed_.empty() || reservations_ > 0 || remote_releasing_ > 0) {
         __kernel_timespec ts{};
         ts.tv_nsec = kTickNs;
         rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
@@ -1210,12 +1226,15 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     clear_engine_fields(slot);
     slot.flags.store(flags, std::memory_order_relaxed);
     slot.event_gen.fetch_add(1, std::memory_order_relaxed);
+    if (s.remote) note_remote_init(s, i);
 }
 
 void Worker::publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst) {
     s.slots[i].flags = flags;
     s.region.slot(i).flags.store(flags,
                                  seq_cst ? std::memory_order_seq_cst : std::memory_order_release);
+    // A remote client sees a flag only once it is published (a pause it must answer, too).
+    if (s.remote) mark_changed(s, i);
 }
 
 void Worker::mark_changed(Session &s, uint32_t i) {
@@ -1467,13 +1486,14 @@ void Worker::end_session(Session &s, const char *why) {
             io_uring_sqe_set_data64(sqe, user_data(Kind::kIgnore, 0, 0, 0));
         }
     }
+    if (s.remote) end_remote(s);
     ending_.push_back(s.index);
 }
 
 void Worker::free_ended_sessions() {
     for (size_t k = 0; k < ending_.size();) {
         Session *s = table_[ending_[k]].get();
-        if (s && s->inflight > 0) {
+        if (s && (s->inflight > 0 || (s->remote && !remote_released(*s)))) {
             ++k;
             continue;
         }
@@ -1519,6 +1539,7 @@ void Worker::shutdown_all() {
         io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
         now_ns_ = monotonic_ns();
         reap();
+        if (fabric_) poll_fabric();
         if (!timed_.empty()) housekeeping(now_ns_);
         free_ended_sessions();
     }

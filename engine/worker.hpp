@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "control.hpp"
+#include "fabric.hpp"
 #include "session.hpp"
 
 namespace tcps::engine {
@@ -24,6 +25,9 @@ struct WorkerConfig {
     int spin_us = 50;
     bool busy_poll = false;
     int unprivileged_port_start = 1024;
+    // Serve remote sessions (tcpsd --fabric-listen): the worker opens an endpoint of its own.
+    bool fabric = false;
+    ipc::FabricConfig fabric_config;
 };
 
 // Written by the worker (relaxed), read by the main thread for logs.
@@ -72,7 +76,9 @@ class Worker {
         kSend,
         kAccept,
         kConnect,
-        kWatch,  // multishot poll for an RST on a socket with no recv posted (after the FIN)
+        kWatch,       // multishot poll for an RST on a socket with no recv posted (after the FIN)
+        kLink,        // a remote session's setup connection: its EOF ends the session
+        kFabricWait,  // the fabric endpoint's wait fd: the relays published something
     };
 
     struct TimedSlot {
@@ -186,6 +192,25 @@ class Worker {
     void free_ended_sessions();
     void free_session(Session &s);
 
+    // --- remote sessions (remote.cpp): clients behind tcps-relay, over the fabric ---
+    std::string open_fabric();
+    // Registers a remote session's region and answers its relay. False: end the session.
+    bool attach_remote(Session &s);
+    // Applies what the relays published (the tags are doorbells) and posts what waits.
+    bool poll_fabric();
+    void on_fabric_tag(uint32_t region, uint32_t tag);
+    // Publishes what this batch changed in a remote session's slots (from flush_wakes).
+    void publish_remote(Session &s);
+    void publish_remote_slot(Session &s, uint32_t i);
+    void note_remote_init(Session &s, uint32_t i);
+    void end_remote(Session &s);
+    // True once a remote session's region may be unmapped (nothing of it left in flight).
+    bool remote_released(Session &s);
+    void post_link_poll(Session &s);
+    void on_link(Session &s, int32_t res);
+    // Whether the worker may sleep as far as the fabric is concerned; posts the wait fd's poll.
+    bool fabric_idle();
+
     WorkerConfig config_;
     const std::atomic<bool> &stop_;
     WorkerStats stats_;
@@ -212,6 +237,15 @@ class Worker {
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;
+
+    std::unique_ptr<ipc::FabricEndpoint> fabric_;
+    struct FabricOwner {
+        uint32_t session_index = UINT32_MAX;
+        uint32_t session_gen = 0;
+    };
+    std::vector<FabricOwner> fabric_owners_;  // by fabric region
+    bool fabric_wait_posted_ = false;
+    uint32_t remote_releasing_ = 0;  // ended remote sessions waiting for the fabric
 };
 
 }  // namespace tcps::engine

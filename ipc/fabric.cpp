@@ -208,7 +208,6 @@ int FabricEndpoint::setup(const FabricConfig &config) {
     address_.resize(address_len);
 
     ops_ = std::make_unique<Op[]>(kFabricMaxOutstanding);
-    queued_ = std::make_unique<uint32_t[]>(kFabricMaxOutstanding);
     free_ops_.reserve(kFabricMaxOutstanding);
     for (uint32_t i = kFabricMaxOutstanding; i > 0; --i) free_ops_.push_back(i - 1);
     receives_ = std::make_unique<ReceiveBuffer[]>(kFabricReceiveBuffers);
@@ -296,7 +295,7 @@ int FabricEndpoint::insert_peer(std::span<const uint8_t> address, uint64_t &peer
 
 int FabricEndpoint::register_region(void *base, size_t len, uint32_t &region) {
     if (base == nullptr || len == 0) return -EINVAL;
-    if (regions_.size() >= kFabricMaxRegions) return -ENOSPC;
+    if (free_regions_.empty() && regions_.size() >= kFabricMaxRegions) return -ENOSPC;
     Region entry;
     entry.base = static_cast<uint8_t *>(base);
     entry.len = len;
@@ -304,13 +303,39 @@ int FabricEndpoint::register_region(void *base, size_t len, uint32_t &region) {
     if (ret < 0) return ret;
     if ((ret = register_buffer(base, len, FI_REMOTE_WRITE | FI_WRITE, entry.mr)) < 0) return ret;
     entry.desc = fi_mr_desc(entry.mr);
+    if (!free_regions_.empty()) {
+        region = free_regions_.back();
+        free_regions_.pop_back();
+        regions_[region] = entry;
+        return 0;
+    }
     region = static_cast<uint32_t>(regions_.size());
     regions_.push_back(entry);
     return 0;
 }
 
+uint32_t FabricEndpoint::region_outstanding(uint32_t region) const {
+    return region < regions_.size() ? regions_[region].outstanding : 0;
+}
+
+int FabricEndpoint::unregister_region(uint32_t region) {
+    if (region >= regions_.size() || regions_[region].mr == nullptr) return -EINVAL;
+    drop_queued(region);
+    Region &entry = regions_[region];
+    if (entry.outstanding > 0) return -EBUSY;
+    close_fid(&entry.mr->fid);
+    // A failure not yet reported concerns a region nobody will look at again.
+    failed_unreported_.erase(
+        std::remove(failed_unreported_.begin(), failed_unreported_.end(), region),
+        failed_unreported_.end());
+    // No MR, no base: apply_message drops whatever still arrives for this index.
+    entry = Region{};
+    free_regions_.push_back(region);
+    return 0;
+}
+
 int FabricEndpoint::bootstrap_info(uint32_t region, FabricBootstrap &out) const {
-    if (region >= regions_.size()) return -EINVAL;
+    if (region >= regions_.size() || regions_[region].mr == nullptr) return -EINVAL;
     const Region &entry = regions_[region];
     out = FabricBootstrap{};
     out.magic = kFabricBootstrapMagic;
@@ -328,7 +353,7 @@ int FabricEndpoint::bootstrap_info(uint32_t region, FabricBootstrap &out) const 
 }
 
 int FabricEndpoint::connect_region(uint32_t region, const FabricBootstrap &peer_info) {
-    if (region >= regions_.size()) return -EINVAL;
+    if (region >= regions_.size() || regions_[region].mr == nullptr) return -EINVAL;
     Region &entry = regions_[region];
     if (entry.connected) return -EISCONN;
     // The peer's record is untrusted input: check every field before use.
@@ -365,8 +390,35 @@ int FabricEndpoint::region_error(uint32_t region) const {
     return region < regions_.size() ? regions_[region].error : -EINVAL;
 }
 
+FabricEndpoint::Op &FabricEndpoint::take_op(uint32_t region) {
+    Op &op = ops_[free_ops_.back()];
+    free_ops_.pop_back();
+    ++outstanding_;
+    ++regions_[region].outstanding;
+    op.region = region;
+    return op;
+}
+
+FabricEndpoint::Op &FabricEndpoint::take_message(uint32_t region, size_t offset,
+                                                 const uint8_t *bytes, size_t len, uint32_t tag) {
+    const Region &entry = regions_[region];
+    Op &message = take_op(region);
+    message.is_message = true;
+    MessageHeader header{entry.peer_token,
+                         len > 0 ? offset : 0,
+                         entry.peer_region,
+                         static_cast<uint32_t>(len),
+                         tag,
+                         0};
+    std::memcpy(message.message, &header, sizeof(header));
+    // The snapshot: what the peer gets is what the bytes hold now.
+    if (len > 0) std::memcpy(message.message + sizeof(header), bytes, len);
+    message.message_len = static_cast<uint32_t>(sizeof(header) + len);
+    return message;
+}
+
 int FabricEndpoint::publish(uint32_t region, size_t offset, size_t len, uint32_t tag) {
-    if (region >= regions_.size()) return -EINVAL;
+    if (region >= regions_.size() || regions_[region].mr == nullptr) return -EINVAL;
     Region &entry = regions_[region];
     if (entry.error != 0) return entry.error;
     if (!entry.connected) return -ENOTCONN;
@@ -378,42 +430,39 @@ int FabricEndpoint::publish(uint32_t region, size_t offset, size_t len, uint32_t
     const size_t needed = snapshot || tag == kNoNotify ? 1 : 2;
     if (free_ops_.size() < needed) return -EAGAIN;
 
-    auto take_op = [&]() -> Op & {
-        Op &op = ops_[free_ops_.back()];
-        free_ops_.pop_back();
-        ++outstanding_;
-        op.region = region;
-        return op;
-    };
-    Op *ops[2] = {};
-    if (!snapshot) {
-        Op &write = take_op();
-        write.is_message = false;
-        write.offset = offset;
-        write.len = static_cast<uint32_t>(len);
-        ops[0] = &write;
-    }
-    if (snapshot || tag != kNoNotify) {
-        Op &message = take_op();
-        message.is_message = true;
-        const size_t bytes = snapshot ? len : 0;
-        MessageHeader header{entry.peer_token,
-                             snapshot ? offset : 0,
-                             entry.peer_region,
-                             static_cast<uint32_t>(bytes),
-                             tag,
-                             0};
-        std::memcpy(message.message, &header, sizeof(header));
-        // The snapshot: what the peer gets is what the range held now.
-        if (bytes > 0) std::memcpy(message.message + sizeof(header), entry.base + offset, bytes);
-        message.message_len = static_cast<uint32_t>(sizeof(header) + bytes);
-        ops[snapshot ? 0 : 1] = &message;
-    }
+    if (snapshot)
+        return submit(region, &take_message(region, offset, entry.base + offset, len, tag),
+                      nullptr);
+    Op &write = take_op(region);
+    write.is_message = false;
+    write.offset = offset;
+    write.len = static_cast<uint32_t>(len);
+    Op *notification = tag != kNoNotify ? &take_message(region, 0, nullptr, 0, tag) : nullptr;
+    return submit(region, &write, notification);
+}
 
+int FabricEndpoint::publish_copy(uint32_t region, size_t offset, std::span<const uint8_t> bytes,
+                                 uint32_t tag) {
+    if (region >= regions_.size() || regions_[region].mr == nullptr) return -EINVAL;
+    Region &entry = regions_[region];
+    if (entry.error != 0) return entry.error;
+    if (!entry.connected) return -ENOTCONN;
+    const size_t len = bytes.size();
+    if (len > kFabricSnapshotBytes || (len == 0 && tag == kNoNotify) ||
+        (len > 0 && (offset > entry.len || len > entry.len - offset)))
+        return -EINVAL;
+    if (tag != kNoNotify && tag >= max_tag_) return -EINVAL;
+    if (free_ops_.empty()) return -EAGAIN;
+    return submit(region, &take_message(region, offset, bytes.data(), len, tag), nullptr);
+}
+
+int FabricEndpoint::submit(uint32_t region, Op *first, Op *second) {
+    Op *ops[2] = {first, second};
+    std::deque<uint32_t> &queued = regions_[region].queued;
     for (Op *op : ops) {
         if (op == nullptr) continue;
-        // Posting directly is only in order if nothing is queued ahead.
-        if (queued_count_ == 0) {
+        // Posting directly is only in order if nothing of this region is queued ahead.
+        if (queued.empty()) {
             const int ret = post(*op);
             if (ret == 0) continue;
             if (ret != -EAGAIN) {
@@ -421,9 +470,9 @@ int FabricEndpoint::publish(uint32_t region, size_t offset, size_t len, uint32_t
                 if (op == ops[0] && ops[1] != nullptr) complete(*ops[1]);
                 return fail_region(region, ret);
             }
+            backlog_.push_back(region);
         }
-        queued_[(queued_head_ + queued_count_) % kFabricMaxOutstanding] =
-            static_cast<uint32_t>(op - ops_.get());
+        queued.push_back(static_cast<uint32_t>(op - ops_.get()));
         ++queued_count_;
     }
     return 0;
@@ -472,6 +521,7 @@ int FabricEndpoint::post_receive(uint32_t index) {
 void FabricEndpoint::complete(Op &op) {
     free_ops_.push_back(static_cast<uint32_t>(&op - ops_.get()));
     --outstanding_;
+    --regions_[op.region].outstanding;
 }
 
 int FabricEndpoint::fail_region(uint32_t region, int error) {
@@ -484,21 +534,42 @@ int FabricEndpoint::fail_region(uint32_t region, int error) {
 }
 
 void FabricEndpoint::flush_queued() {
-    while (queued_count_ > 0) {
-        Op &op = ops_[queued_[queued_head_]];
-        // A region that failed drops what it still had queued.
-        int ret = regions_[op.region].error;
-        if (ret == 0) {
-            ret = post(op);
-            if (ret == -EAGAIN) return;
+    for (size_t k = 0; k < backlog_.size();) {
+        const uint32_t region = backlog_[k];
+        std::deque<uint32_t> &queued = regions_[region].queued;
+        while (!queued.empty()) {
+            Op &op = ops_[queued.front()];
+            // A region that failed drops what it still had queued.
+            int ret = regions_[region].error;
+            if (ret == 0) {
+                ret = post(op);
+                if (ret == -EAGAIN) break;  // this region waits; the others may go on
+            }
+            queued.pop_front();
+            --queued_count_;
+            if (ret != 0) {
+                complete(op);
+                fail_region(region, ret);
+            }
         }
-        queued_head_ = (queued_head_ + 1) % kFabricMaxOutstanding;
-        --queued_count_;
-        if (ret != 0) {
-            complete(op);
-            fail_region(op.region, ret);
+        if (queued.empty()) {
+            backlog_[k] = backlog_.back();
+            backlog_.pop_back();
+        } else {
+            ++k;
         }
     }
+}
+
+void FabricEndpoint::drop_queued(uint32_t region) {
+    std::deque<uint32_t> &queued = regions_[region].queued;
+    if (queued.empty()) return;
+    while (!queued.empty()) {
+        complete(ops_[queued.front()]);
+        queued.pop_front();
+        --queued_count_;
+    }
+    backlog_.erase(std::remove(backlog_.begin(), backlog_.end(), region), backlog_.end());
 }
 
 FabricEndpoint::Op *FabricEndpoint::op_of(void *context) {
@@ -535,6 +606,7 @@ bool FabricEndpoint::apply_message(const uint8_t *bytes, size_t len,
     if (header.len != body || body > kFabricSnapshotBytes || header.region >= regions_.size())
         return reject();
     Region &entry = regions_[header.region];
+    if (entry.mr == nullptr) return reject();  // unregistered: a late message of its old peer
     // The token, not connect_region(), decides: the peer may publish as soon as it has our
     // bootstrap record, before this side has read its own.
     if (header.token != entry.token || (header.tag != kNoNotify && header.tag >= max_tag_) ||

@@ -38,7 +38,9 @@
 // refused (outside its region) or a connection lost under it completes with an error instead
 // of vanishing; the region is then failed for good (kFabricRegionFailed), since its copy on
 // the peer is no longer exact. publish() never blocks: what the provider cannot take now
-// (-FI_EAGAIN, as rxm answers while it connects) is queued and posted by progress(), in order.
+// (-FI_EAGAIN, as rxm answers while it connects) is queued and posted by progress(), in order
+// within its region; each region has its queue, so a peer that takes nothing holds up only its
+// own regions.
 //
 // Trust: the peer is untrusted. Its RMA writes can land only in the memory registered for it
 // (the provider checks the MR bounds and the key, which is random unless the provider picks
@@ -60,6 +62,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <span>
 #include <string>
@@ -167,10 +170,17 @@ class FabricEndpoint {
     // Mirrors [offset, offset + len) of `region` into the peer's copy, then (unless tag is
     // kNoNotify) notifies the peer with `tag`. Never blocks: what the provider cannot take now
     // is queued and posted by progress(), in order. Returns 0, -EINVAL (range outside the
-    // region, tag too large), -ENOTCONN (region not connected), -EAGAIN (too many publishes in
-    // flight: call progress() and retry), or the region's sticky error after a publish to it
-    // failed (-ECANCELED, -ENOTCONN, ... as the provider reports it).
+    // region, tag too large, region unregistered), -ENOTCONN (region not connected), -EAGAIN (too
+    // many publishes in flight: call progress() and retry), or the region's sticky error after a
+    // publish to it failed (-ECANCELED, -ENOTCONN, ... as the provider reports it).
     int publish(uint32_t region, size_t offset, size_t len, uint32_t tag = kNoNotify);
+    // Like publish(), but the peer gets `bytes` (at most kFabricSnapshotBytes, copied now) at
+    // [offset, offset + bytes.size()) instead of what our copy holds there: for a record the
+    // caller composes (an index pair it read once, a field it must not pass on). Empty bytes
+    // with a tag is a bare notification, ordered like any publish.
+    int publish_copy(uint32_t region, size_t offset, std::span<const uint8_t> bytes,
+                     uint32_t tag = kNoNotify);
+    int notify(uint32_t region, uint32_t tag) { return publish_copy(region, 0, {}, tag); }
 
     // Reads completions, applies the peers' messages, posts queued publishes, and stores up to
     // out.size() notifications, in the order the peers published them. Returns how many, or
@@ -197,6 +207,15 @@ class FabricEndpoint {
     // Publishes posted or queued and not yet completed.
     uint32_t outstanding() const { return outstanding_; }
     int region_error(uint32_t region) const;
+    // Publishes of `region` posted or queued and not yet completed: its memory is still read
+    // by the provider until this is 0.
+    uint32_t region_outstanding(uint32_t region) const;
+    // Forgets `region`: its publishes not yet handed to the provider are dropped, its MR is
+    // closed, and messages still arriving for it are dropped. -EBUSY (and nothing changes but
+    // the dropping) while the provider still has some of its publishes: the memory stays in use
+    // until they complete. Its index may be handed out again (with a new token, so a late
+    // message of the old peer cannot land in the new region).
+    int unregister_region(uint32_t region);
     // Messages dropped because they failed a check (a misbehaving or confused peer).
     uint64_t rejected_messages() const { return rejected_messages_; }
     // Whether an operation's completion means the peer has the bytes (FI_DELIVERY_COMPLETE).
@@ -220,15 +239,23 @@ class FabricEndpoint {
         uint64_t remote_base = 0;
         uint64_t remote_key = 0;
         int error = 0;
+        uint32_t outstanding = 0;     // its publishes posted or queued
+        std::deque<uint32_t> queued;  // ops the provider has not taken yet, in posting order
     };
     struct Op;
     struct ReceiveBuffer;
 
     int setup(const FabricConfig &config);
     int register_buffer(void *base, size_t len, uint64_t access, fid_mr *&mr);
+    // Posts (or queues behind what is queued) one or two operations of one publish.
+    int submit(uint32_t region, Op *first, Op *second);
+    Op &take_op(uint32_t region);
+    Op &take_message(uint32_t region, size_t offset, const uint8_t *bytes, size_t len,
+                     uint32_t tag);
     int post(Op &op);
     int post_receive(uint32_t index);
     void flush_queued();
+    void drop_queued(uint32_t region);
     void complete(Op &op);
     int fail_region(uint32_t region, int error);
     int read_error_entry();
@@ -252,14 +279,15 @@ class FabricEndpoint {
     size_t max_msg_size_ = 0;
     std::vector<uint8_t> address_;
     std::vector<Region> regions_;
+    std::vector<uint32_t> free_regions_;  // unregistered indices, handed out again
 
     // Publishes: a fixed pool of operation records (each with its message buffer), a free
-    // list, and a FIFO of the ones the provider has not taken yet (posted strictly in order).
+    // list, and per region a FIFO of the ones the provider has not taken yet (posted strictly
+    // in order within the region; a peer that takes nothing holds up only its own regions).
     std::unique_ptr<Op[]> ops_;
     std::vector<uint32_t> free_ops_;
-    std::unique_ptr<uint32_t[]> queued_;
-    uint32_t queued_head_ = 0;
-    uint32_t queued_count_ = 0;
+    std::vector<uint32_t> backlog_;  // regions with queued ops
+    uint32_t queued_count_ = 0;      // ops queued, all regions
     uint32_t outstanding_ = 0;
 
     std::unique_ptr<ReceiveBuffer[]> receives_;
