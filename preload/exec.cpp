@@ -11,11 +11,14 @@
 //
 // A vfork()ed child (Python's subprocess) becomes a member of its own before the exec, on a
 // new connection, from the descriptors it arranged (tracked apart from the parent's table).
+// A program that will not load the shim (static, or set-user-ID/set-group-ID, which ignore
+// LD_PRELOAD) gets kernel sockets instead: they are handed back before the exec (handoff.cpp).
 // Not covered: posix_spawn(), system() and popen() (glibc execs inside them without calling
-// these functions), and static or set-user-ID programs, which ignore LD_PRELOAD: there
-// inherited offloaded descriptors are dead placeholders (EBADF), and sockets marked
-// close-on-exec vanish as usual.
+// these functions), and a vfork()ed child that execs a static program: there inherited
+// offloaded descriptors are dead placeholders (EBADF). Sockets marked close-on-exec vanish as
+// usual.
 #include <dlfcn.h>
+#include <elf.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -228,6 +231,71 @@ class ExecPlan {
     char *env_[kMaxEnv];
 };
 
+// Whether the program at `path` will honour LD_PRELOAD: not set-user-ID or set-group-ID, and an
+// ELF with an interpreter (or a script, whose interpreter is). In doubt (unreadable, not ELF),
+// yes: the exec then fails or runs as it would anyway.
+bool loads_preload(const char *path) {
+    struct stat st {};
+    if (!path || stat(path, &st) != 0) return true;
+    if (st.st_mode & (S_ISUID | S_ISGID)) return false;
+    const int fd = static_cast<int>(syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC));
+    if (fd < 0) return true;
+    Elf64_Ehdr header{};
+    bool loads = true;
+    if (pread(fd, &header, sizeof(header), 0) == static_cast<ssize_t>(sizeof(header)) &&
+        std::memcmp(header.e_ident, ELFMAG, SELFMAG) == 0 &&
+        header.e_ident[EI_CLASS] == ELFCLASS64 && header.e_phentsize == sizeof(Elf64_Phdr) &&
+        header.e_phnum < 256) {
+        loads = false;
+        for (unsigned k = 0; k < header.e_phnum && !loads; ++k) {
+            Elf64_Phdr program{};
+            const off_t at = static_cast<off_t>(header.e_phoff + k * sizeof(Elf64_Phdr));
+            if (pread(fd, &program, sizeof(program), at) != static_cast<ssize_t>(sizeof(program)))
+                loads = true;
+            else if (program.p_type == PT_INTERP)
+                loads = true;
+        }
+    }
+    real(libc.close)(fd);
+    return loads;
+}
+
+// What execvp() would run for `file`: itself if it has a slash, else the first executable
+// regular file of that name on PATH. Into `buffer`; nullptr if none.
+const char *resolve_program(const char *file, char *buffer, size_t size) {
+    if (!file || !*file) return nullptr;
+    if (std::strchr(file, '/')) return file;
+    const char *path = getenv("PATH");
+    if (!path) path = "/bin:/usr/bin";
+    for (const char *start = path;; ++start) {
+        const char *end = std::strchr(start, ':');
+        const size_t length = end ? static_cast<size_t>(end - start) : std::strlen(start);
+        const int n = std::snprintf(buffer, size, "%.*s%s%s", static_cast<int>(length), start,
+                                    length ? "/" : "", file);
+        struct stat st {};
+        if (n > 0 && static_cast<size_t>(n) < size && stat(buffer, &st) == 0 &&
+            S_ISREG(st.st_mode) && access(buffer, X_OK) == 0)
+            return buffer;
+        if (!end) return nullptr;
+        start = end;
+    }
+}
+
+// Before exec of a program that will not load the shim: its inherited sockets become kernel
+// sockets, so that it can use them (bytes the engine received and nobody read are lost, and
+// said on stderr, as for SCM_RIGHTS).
+void hand_back_inherited() {
+    if (in_vfork_child() || g_fds.size() == 0) return;
+    const int limit = g_fds.limit();
+    for (int fd = 0; fd < limit; ++fd) {
+        SocketRef ref;
+        if (!find_socket(fd, ref)) continue;
+        const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
+        if (fd_flags < 0 || (fd_flags & FD_CLOEXEC)) continue;
+        hand_back(ref);
+    }
+}
+
 void restore_environment() {
     unsetenv(kStateVar);
     if (const char *restore = getenv(kRestoreVar)) {
@@ -240,7 +308,11 @@ void restore_environment() {
 }
 
 template <class Exec>
-int exec_with_plan(char *const envp[], Exec &&exec) {
+int exec_with_plan(const char *program, char *const envp[], Exec &&exec) {
+    if (!loads_preload(program)) {
+        hand_back_inherited();
+        return exec(envp);
+    }
     ExecPlan plan;  // about 30 KiB of stack, only for the time of an exec
     if (!plan.prepare(envp)) return exec(envp);
     const int rc = exec(plan.envp());
@@ -360,7 +432,7 @@ using namespace tcps::shim;
 
 TCPS_EXPORT int execve(const char *path, char *const argv[], char *const envp[]) {
     static auto next = next_function<int (*)(const char *, char *const[], char *const[])>("execve");
-    return exec_with_plan(envp, [&](char *const *env) { return next(path, argv, env); });
+    return exec_with_plan(path, envp, [&](char *const *env) { return next(path, argv, env); });
 }
 
 TCPS_EXPORT int execv(const char *path, char *const argv[]) {
@@ -370,7 +442,9 @@ TCPS_EXPORT int execv(const char *path, char *const argv[]) {
 TCPS_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[]) {
     static auto next =
         next_function<int (*)(const char *, char *const[], char *const[])>("execvpe");
-    return exec_with_plan(envp, [&](char *const *env) { return next(file, argv, env); });
+    char resolved[PATH_MAX];
+    return exec_with_plan(resolve_program(file, resolved, sizeof(resolved)), envp,
+                          [&](char *const *env) { return next(file, argv, env); });
 }
 
 TCPS_EXPORT int execvp(const char *file, char *const argv[]) {
@@ -379,7 +453,9 @@ TCPS_EXPORT int execvp(const char *file, char *const argv[]) {
 
 TCPS_EXPORT int fexecve(int fd, char *const argv[], char *const envp[]) {
     static auto next = next_function<int (*)(int, char *const[], char *const[])>("fexecve");
-    return exec_with_plan(envp, [&](char *const *env) { return next(fd, argv, env); });
+    char self[64];
+    std::snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+    return exec_with_plan(self, envp, [&](char *const *env) { return next(fd, argv, env); });
 }
 
 TCPS_EXPORT int execl(const char *path, const char *arg, ...) {

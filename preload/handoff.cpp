@@ -7,7 +7,9 @@
 // has for it (dup3 over the placeholders) and the message then carries the real socket. From
 // then on the kernel serves it, in the sender too. Bytes the engine had already received and
 // the application had not read cannot be put back into the kernel socket: that loss is said on
-// stderr (applications pass sockets before reading from them, or listeners).
+// stderr (applications pass sockets before reading from them, or listeners). An exec of a
+// program that will not load the shim (static, set-user-ID) hands its inherited sockets back
+// the same way (exec.cpp).
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -20,7 +22,6 @@
 #include "session.hpp"
 
 namespace tcps::shim {
-namespace {
 
 void hand_back(const SocketRef &ref) {
     int kernel_fd = -1;
@@ -60,8 +61,6 @@ void hand_back(const SocketRef &ref) {
         }
     }
 }
-
-}  // namespace
 
 void hand_back_passed_sockets(const msghdr *msg) {
     if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(cmsghdr)) return;

@@ -75,6 +75,9 @@ void epoll_hand_back(FdRef socket);
 // handoff.cpp: before an AF_UNIX sendmsg() carrying SCM_RIGHTS, every offloaded socket in it
 // goes back to the kernel (in this process too), so the message carries real sockets.
 void hand_back_passed_sockets(const msghdr *msg);
+// One socket back to the kernel: every fd number of this process for it becomes the kernel
+// socket. Not in a vfork()ed child (it edits the shim's table).
+void hand_back(const SocketRef &ref);
 
 // io_ops.cpp: a call that may sleep holds its socket for the whole call, as the kernel's
 // fdget() holds the file: close() of the fd in another thread does not end the call.
