@@ -421,10 +421,10 @@ int main(int argc, char **argv) {
             c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, sizeof(refused));
         CHECK_OR_FAIL(rc == -EINPROGRESS, "(g) connect answered %d", rc);
         ipc::SocketSlot &s = c.slot(2);
-        // error_gen is published last: once it moves, so_error and kFlagReset are visible.
-        CHECK_OR_FAIL(wait_until([&] { return s.error_gen.load() != 0; }, kWaitMs),
+        // kFlagReset is published last: once it is there, so_error and error_gen are too.
+        CHECK_OR_FAIL(wait_until([&] { return (s.flags.load() & ipc::kFlagReset) != 0; }, kWaitMs),
                       "(g) refused connect never reported");
-        CHECK_OR_FAIL(s.flags.load() & ipc::kFlagReset, "(g) error_gen moved without kFlagReset");
+        CHECK_OR_FAIL(s.error_gen.load() != 0, "(g) kFlagReset without a new error_gen");
         CHECK_OR_FAIL(s.so_error.load() == ECONNREFUSED && s.error_gen.load() == 1,
                       "(g) so_error %d error_gen %u", s.so_error.load(), s.error_gen.load());
         CHECK_OR_FAIL(!(s.flags.load() & (ipc::kFlagConnected | ipc::kFlagConnecting)),

@@ -235,11 +235,10 @@ void rst_after_fin(RawClient &c) {
     CHECK_OR_FAIL(setsockopt(peer, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive)) == 0,
                   "SO_LINGER");
     close(peer);  // RST
-    // error_gen is the engine's last store: once it moves, kFlagReset and so_error are there.
-    CHECK_OR_FAIL(
-        wait_until([&] { return s.error_gen.load(std::memory_order_acquire) != 0; }, kWaitMs),
-        "an RST after the peer's FIN was not reported (no send was made)");
-    CHECK_OR_FAIL(flags_of(c, slot) & ipc::kFlagReset, "error_gen moved, kFlagReset not set");
+    // kFlagReset is the engine's last store: once it is set, so_error and error_gen are there.
+    CHECK_OR_FAIL(wait_until([&] { return (flags_of(c, slot) & ipc::kFlagReset) != 0; }, kWaitMs),
+                  "an RST after the peer's FIN was not reported (no send was made)");
+    CHECK_OR_FAIL(s.error_gen.load() != 0, "kFlagReset set, error_gen not moved");
     // tcp_reset() in CLOSE_WAIT: Linux says EPIPE, and poll() POLLERR|POLLHUP.
     CHECK_OR_FAIL(s.so_error.load() == EPIPE && s.error_gen.load() == 1,
                   "so_error %d error_gen %u, expected EPIPE and 1", s.so_error.load(),
@@ -292,8 +291,10 @@ void connect_after_failure(RawClient &c) {
         }
         int rc = engine_connect(c, slot, closed_port());
         CHECK_OR_FAIL(rc == -EINPROGRESS, "first kConnect answered %d", rc);
-        CHECK_OR_FAIL(wait_until([&] { return s.error_gen.load() != 0; }, kWaitMs),
-                      "refused connect never reported");
+        // kFlagReset is published last (after so_error and error_gen).
+        CHECK_OR_FAIL(
+            wait_until([&] { return (flags_of(c, slot) & ipc::kFlagReset) != 0; }, kWaitMs),
+            "refused connect never reported");
         CHECK_OR_FAIL((flags_of(c, slot) & ipc::kFlagReset) && s.so_error.load() == ECONNREFUSED,
                       "flags %#x so_error %d", flags_of(c, slot), s.so_error.load());
 
