@@ -37,9 +37,17 @@ wait_file() {  # $1: file that must appear (5 s at most)
 # Scales a count by SCALE (may be fractional), at least $2 (default 1).
 scaled() { awk -v c="$1" -v s="$scale" -v m="${2:-1}" 'BEGIN { n = int(c * s); print (n < m) ? m : n }'; }
 
+# The engine's core (default: the last) and its mode: ENGINE_ARGS in the environment, for
+# example "--busy-poll" or "--spin-us 200" (default: spin 50 µs, then sleep).
+engine_core=${ENGINE_CORE:-$other_core}
+read -r -a engine_args <<<"${ENGINE_ARGS:-}"
+engine_mode() {
+    if [[ " ${engine_args[*]} " == *" --busy-poll "* ]]; then echo "busy-poll"
+    else echo "spin-then-sleep, ${engine_args[*]:---spin-us 50}"; fi
+}
 start_engine() {
-    taskset -c "$other_core" "$tcpsd" --socket "$work/engine.sock" --cores "$other_core" \
-        --ready-fd 3 3>"$work/ready" 2>"$work/engine.log" &
+    taskset -c "$engine_core" "$tcpsd" --socket "$work/engine.sock" --cores "$engine_core" \
+        "${engine_args[@]}" --ready-fd 3 3>"$work/ready" 2>"$work/engine.log" &
     engine_pid=$!
     pids+=("$engine_pid")
     wait_file "$work/ready"
