@@ -10,8 +10,8 @@
 # engine; each load point runs RUNS times, native and offloaded alternating.
 #
 # Replies/s are httperf's 2xx replies over its test duration. httperf is stopped (SIGINT: it
-# still prints its report) when its generation period ends, so what is in flight then (latency
-# x rate: a few connections below saturation) is not waited for. Otherwise, past saturation,
+# still prints its report) just before its generation period ends, so what is in flight then
+# (latency x rate: a few connections below saturation) is not waited for. Otherwise, past saturation,
 # the connections that wait out --timeout at the end would stretch a 1-second test by a whole
 # second and halve replies/s and CPU used. httperf holds at most 1024 connections open
 # (FD_SETSIZE): past saturation it reports fd-unavail errors, which count in the errors column.
@@ -85,8 +85,10 @@ httperf_run() {
         args=(--rate "$(awk -v o="$offered" 'BEGIN { printf "%.3f", o / 6 }')"
             "--wsess=$sessions,6,0" --burst-length=3)
     fi
-    # SIGINT at the end of the generation period: httperf reports what completed within it.
-    measured_run "$pid" "$work/httperf.txt" "$seconds" \
+    # SIGINT 50 ms before the generation period ends: httperf reports what completed by then.
+    # Not at its end: a SIGINT that lands while httperf prints its own report makes it print a
+    # second report into the first.
+    measured_run "$pid" "$work/httperf.txt" "$(awk -v s="$seconds" 'BEGIN { print s - 0.05 }')" \
         httperf --server 127.0.0.1 --port "$port" --uri /file16k.bin \
         --timeout "$httperf_timeout" "${args[@]}"
     parsed=$("${webtool[@]}" httperf "$work/httperf.txt") ||

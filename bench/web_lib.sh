@@ -151,7 +151,9 @@ nginx_description() {
 }
 
 # Starts a server (apache or nginx, $1) natively or offloaded ($2) on a free port, pinned to the
-# server core; waits until it serves. Sets server_pid and server_port.
+# server core; waits until it serves. Sets server_pid and server_port. In a session of its own
+# (setsid, which execs in place: the pid stays the server's): prefork Apache stops by signalling
+# its whole process group, which would otherwise be this script's.
 server_roots=()
 start_server() {
     local kind=$1 mode=$2 dir runner=() conf
@@ -163,12 +165,13 @@ start_server() {
         conf=$(apache_conf "$dir" "$server_port")
         local flags=(-D FOREGROUND)
         [[ $apache_mode == single ]] && flags=(-X)
-        taskset -c "$server_core" "${runner[@]}" apache2 -f "$conf" "${flags[@]}" \
+        taskset -c "$server_core" setsid "${runner[@]}" apache2 -f "$conf" "${flags[@]}" \
             >"$dir/stdout.log" 2>&1 &
         ;;
     nginx)
         conf=$(nginx_conf "$dir" "$server_port")
-        taskset -c "$server_core" "${runner[@]}" nginx -p "$dir" -c "$conf" >"$dir/stdout.log" 2>&1 &
+        taskset -c "$server_core" setsid "${runner[@]}" nginx -p "$dir" -c "$conf" \
+            >"$dir/stdout.log" 2>&1 &
         ;;
     esac
     server_pid=$!
@@ -221,8 +224,8 @@ wait_quiet() {
 }
 
 # Sets machine_idle to the ns all cores have spent idle since boot (/proc/stat: idle + iowait,
-# which the kernel measures from its idle entry and exit times) and machine_time to the
-# CLOCK_MONOTONIC ns then; a builtin read, so no process of ours runs to take the sample. Busy
+# which the kernel measures from its idle entry and exit times) and machine_time to the time
+# of day in ns; the sample is a builtin read, so no process of ours runs to take it. Busy
 # time is cores x elapsed - idle. The user and system columns are not used: they are sampled
 # at the timer tick, which stops while a core idles, so they miss much of a server's short
 # bursts of work (here by up to 0.6 cores against the processes' own, exact, accounting).
