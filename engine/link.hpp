@@ -76,16 +76,17 @@ constexpr size_t member_held_offset(uint32_t member) {
 inline constexpr size_t kEngineAliveOffset = offsetof(ipc::RegionHeader, engine_alive);
 
 // The client-written words the relay passes on, as one record from the start of the slot:
-// tx_tail, rx_head, req_seq, acc_head, doorbell_queued (sent as 0), claim (sent as 0: the
+// tx_tail, rx_head, req_seq, acc_head, posted, doorbell_queued (sent as 0), claim (sent as 0: the
 // engine's copy never holds a claim it could hand back), holders. The locks stay on the
 // client's host: nothing on the engine's reads them.
 inline constexpr size_t kClientIndicesBytes = offsetof(ipc::SocketSlot, holders) + 4;
 static_assert(offsetof(ipc::SocketSlot, tx_tail) == 0 && offsetof(ipc::SocketSlot, rx_head) == 4 &&
                   offsetof(ipc::SocketSlot, req_seq) == 8 &&
                   offsetof(ipc::SocketSlot, acc_head) == 12 &&
-                  offsetof(ipc::SocketSlot, doorbell_queued) == 16 &&
-                  offsetof(ipc::SocketSlot, claim) == 20 &&
-                  offsetof(ipc::SocketSlot, holders) == 24,
+                  offsetof(ipc::SocketSlot, posted) == 16 &&
+                  offsetof(ipc::SocketSlot, doorbell_queued) == 20 &&
+                  offsetof(ipc::SocketSlot, claim) == 24 &&
+                  offsetof(ipc::SocketSlot, holders) == 28,
               "the relay's record of client indices follows the slot's line 0");
 static_assert(sizeof(ipc::MemberRecord::held) <= ipc::kFabricSnapshotBytes,
               "a member's holds travel as one snapshot");

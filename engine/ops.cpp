@@ -79,7 +79,7 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
             result = op_connect(s, i, req);
             break;
         case ipc::Op::kShutdown:
-            result = op_shutdown(s, i, req);
+            result = op_shutdown(s, i, req.arg0);
             break;
         case ipc::Op::kClose: {
             // A socket that holds a port (a listener, or bound and not connected) is answered
@@ -252,9 +252,9 @@ int Worker::shutdown_connecting(Session &s, uint32_t i, int how) {
     return 0;
 }
 
-int Worker::op_shutdown(Session &s, uint32_t i, const ipc::Request &req) {
+int Worker::op_shutdown(Session &s, uint32_t i, int how) {
     EngineSlot &es = s.slots[i];
-    const int how = req.arg0;
+    int result = 0;
     const bool rd = how == SHUT_RD || how == SHUT_RDWR;
     const bool wr = how == SHUT_WR || how == SHUT_RDWR;
     uint32_t flags = es.flags;
@@ -268,7 +268,12 @@ int Worker::op_shutdown(Session &s, uint32_t i, const ipc::Request &req) {
         if (wr) flags |= ipc::kFlagTxShut;
     } else {
         if (rd) {
-            if (shutdown(es.fd, SHUT_RD) != 0 && errno != ENOTCONN) return -errno;
+            // ENOTCONN once both FINs are through (the kernel socket is TCP_CLOSE), as on Linux;
+            // the shutdown is recorded all the same.
+            if (shutdown(es.fd, SHUT_RD) != 0) {
+                if (errno != ENOTCONN) return -errno;
+                result = -ENOTCONN;
+            }
             flags |= ipc::kFlagRxShut;
         }
         if (wr && !(flags & ipc::kFlagTxShut) && !es.shut_wr_pending) {
@@ -281,7 +286,7 @@ int Worker::op_shutdown(Session &s, uint32_t i, const ipc::Request &req) {
     publish_flags(s, i, flags);
     bump_event(s, i);
     if (es.shut_wr_pending && !es.send_posted && es.tx_head == es.tx_tail) apply_shut_wr(s, i);
-    return 0;
+    return result;
 }
 
 int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {

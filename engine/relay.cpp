@@ -702,6 +702,8 @@ void Relay::forward(Client &c, uint32_t i, bool popped) {
     // As the engine does (process_slot): clear, then read, so a doorbell rung after this
     // point queues the slot again.
     if (popped) slot.doorbell_queued.exchange(0, std::memory_order_seq_cst);
+    // `posted` first: a shutdown it holds then covers every byte queued before it.
+    const uint32_t posted = slot.posted.load(std::memory_order_acquire);
     const uint32_t req_seq = slot.req_seq.load(std::memory_order_acquire);
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
@@ -724,7 +726,7 @@ void Relay::forward(Client &c, uint32_t i, bool popped) {
         forwarded.req_seq = req_seq;
     }
     const uint32_t indices[kClientIndicesBytes / 4] = {tx_tail, rx_head, req_seq, acc_head,
-                                                       0,       0,       holders};
+                                                       posted,  0,       0,       holders};
     out.publish_copy(slot_offset(i), indices, sizeof(indices), i);
     forwarded.rx_head = rx_head;
     forwarded.acc_head = acc_head;

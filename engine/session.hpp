@@ -35,6 +35,8 @@ struct EngineSlot {
     uint32_t acc_tail = 0;
     uint32_t acc_head = 0;
 
+    uint32_t applied_posted = 0;  // the SocketSlot::posted bits applied to fd
+
     uint32_t send_len = 0;  // bytes of the send in flight
     uint16_t inflight = 0;  // SQEs whose completion refers to this slot
     bool recv_posted = false;

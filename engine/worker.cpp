@@ -1,6 +1,8 @@
 #include "worker.hpp"
 
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -272,17 +274,43 @@ void Worker::process_slot(Session &s, uint32_t i) {
     // exchange rather than the contract's store(0): reading the client's exchange(1) makes its
     // earlier index stores visible to the loads below in the C++ model, not just on x86.
     slot.doorbell_queued.exchange(0, std::memory_order_seq_cst);
+    // `posted` before the indices: a shutdown in it then covers every byte queued before it.
+    const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
     const uint32_t req_seq = slot.req_seq.load(std::memory_order_acquire);
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
     EngineSlot &es = s.slots[i];
-    // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it.
+    // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it;
+    // TCP_CORK/TCP_NODELAY before the data, so bytes queued after a cork are corked.
     if (es.state == ipc::SlotState::kOpen) {
+        if (posted != es.applied_posted) apply_posted_options(s, i, posted);
         apply_client_indices(s, i, tx_tail, rx_head, acc_head);
         if (s.ending) return;
+        const uint32_t shut =
+            posted & ~es.applied_posted & (ipc::kPostedShutRd | ipc::kPostedShutWr);
+        if (shut) {
+            es.applied_posted |= shut;
+            const bool rd = shut & ipc::kPostedShutRd, wr = shut & ipc::kPostedShutWr;
+            op_shutdown(s, i, rd && wr ? SHUT_RDWR : rd ? SHUT_RD : SHUT_WR);
+        }
     }
     if (req_seq != es.last_req_seq) handle_request(s, i, req_seq);
+}
+
+void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
+    EngineSlot &es = s.slots[i];
+    const uint32_t changed = posted ^ es.applied_posted;
+    const auto apply = [&](uint32_t set_bit, uint32_t value_bit, int name) {
+        if (!(posted & set_bit) || !(changed & (set_bit | value_bit))) return;
+        es.applied_posted = (es.applied_posted & ~value_bit) | set_bit | (posted & value_bit);
+        const int on = (posted & value_bit) ? 1 : 0;
+        // Cannot fail on a TCP socket; nothing would wait for an error anyway.
+        (void)setsockopt(es.fd, IPPROTO_TCP, name, &on, sizeof(on));
+    };
+    // The cork last: clearing it pushes what is queued, with TCP_NODELAY already as wanted.
+    apply(ipc::kPostedNoDelaySet, ipc::kPostedNoDelay, TCP_NODELAY);
+    apply(ipc::kPostedCorkSet, ipc::kPostedCork, TCP_CORK);
 }
 
 void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
@@ -1214,6 +1242,7 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.rx_head.store(0, std::memory_order_relaxed);
     slot.acc_head.store(0, std::memory_order_relaxed);
     slot.holders.store(0, std::memory_order_relaxed);
+    slot.posted.store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held; the request lock stays with the thread that
     // waits for our answer to kSocket.
     for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})

@@ -115,6 +115,7 @@ class Worker {
     void schedule(Session &s, uint32_t i);
 
     // --- data path ---
+    void apply_posted_options(Session &s, uint32_t i, uint32_t posted);
     void apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
                               uint32_t acc_head);
     void post_recv(Session &s, uint32_t i);
@@ -170,7 +171,7 @@ class Worker {
     int op_bind(Session &s, uint32_t i, const ipc::Request &req);
     int op_listen(Session &s, uint32_t i, const ipc::Request &req);
     int op_connect(Session &s, uint32_t i, const ipc::Request &req);
-    int op_shutdown(Session &s, uint32_t i, const ipc::Request &req);
+    int op_shutdown(Session &s, uint32_t i, int how);
     int shutdown_listener(Session &s, uint32_t i, int how);
     int shutdown_connecting(Session &s, uint32_t i, int how);
     int op_setsockopt(Session &s, uint32_t i, const ipc::Request &req);

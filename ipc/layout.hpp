@@ -31,7 +31,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 2;
+inline constexpr uint32_t kLayoutVersion = 3;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -133,6 +133,24 @@ inline constexpr uint32_t kFlagRxPaused = 1u << 8;
 // takes a connection while this is set must ring the doorbell for the listener.
 inline constexpr uint32_t kFlagAcceptPaused = 1u << 9;
 
+// SocketSlot::posted bits, written by the client: operations whose answer the client knows
+// without the engine, so the calling thread does not wait for it. The engine applies them when
+// it next looks at the slot, after the bytes queued before them.
+//  * TCP_CORK and TCP_NODELAY only change how the kernel cuts the byte stream into segments, and
+//    Linux accepts them on a TCP socket in any state (servers toggle TCP_CORK around every
+//    response). A *Set bit says the client chose the value; until then getsockopt() asks the
+//    engine (an accepted socket inherits its listener's). Applied before the bytes queued after
+//    them, so those are corked.
+//  * shutdown() of a connected socket that has not been reset always succeeds; the bits only
+//    ever get set. Other states ask the engine (Op::kShutdown).
+inline constexpr uint32_t kPostedCorkSet = 1u << 0;
+inline constexpr uint32_t kPostedCork = 1u << 1;
+inline constexpr uint32_t kPostedNoDelaySet = 1u << 2;
+inline constexpr uint32_t kPostedNoDelay = 1u << 3;
+inline constexpr uint32_t kPostedShutRd = 1u << 4;
+inline constexpr uint32_t kPostedShutWr = 1u << 5;
+inline constexpr uint32_t kPostedMask = 0x3f;
+
 // ---------------------------------------------------------------------------------------------
 struct SockAddrRecord {
     uint32_t len;  // 0 = none
@@ -172,6 +190,7 @@ struct alignas(kCacheLine) SocketSlot {
     std::atomic<uint32_t> rx_head;   // bytes the application has taken from the rx ring
     std::atomic<uint32_t> req_seq;   // bumped (release) after `request` is written
     std::atomic<uint32_t> acc_head;  // accept ring entries taken by the application
+    std::atomic<uint32_t> posted;    // kPosted*: store (release) before the doorbell
     // 1 while the slot sits in the work queue. Client: exchange(1) after publishing; push the
     // slot only if it was 0. Engine: store(0) when it pops the slot, then reads the indices.
     std::atomic<uint32_t> doorbell_queued;
@@ -191,7 +210,7 @@ struct alignas(kCacheLine) SocketSlot {
     std::atomic<uint32_t> rx_lock_owner;
     std::atomic<uint32_t> tx_lock_owner;
     std::atomic<uint32_t> req_lock_owner;
-    uint32_t client_reserved[3];
+    uint32_t client_reserved[2];
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> tx_head;   // bytes the kernel has taken from the tx ring

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -384,8 +385,25 @@ long op_shutdown(SocketRef &ref, int how) {
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return -EINVAL;
     Socket &sock = *ref.sock;
     const bool listening = sock.listening.load();
+    const uint32_t flags = slot_flags(ref);
     const bool connecting = sock.connect_state.load() == kConnecting &&
-                            !(slot_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset));
+                            !(flags & (ipc::kFlagConnected | ipc::kFlagReset));
+    // Both FINs sent and the peer's received: the kernel socket may be TCP_CLOSE by now, and
+    // then Linux says ENOTCONN. Ask the engine.
+    const bool both_fins =
+        (flags & ipc::kFlagRxEof) && (sock.shut_wr.load() || (flags & ipc::kFlagTxShut));
+    if (!listening && !connecting && (flags & ipc::kFlagConnected) && !(flags & ipc::kFlagReset) &&
+        !both_fins && !session_dead()) {
+        // Connected, not reset, not both FINs: Linux answers 0, so post it and go on; a
+        // server's lingering close does this for every connection.
+        const uint32_t bits =
+            (how != SHUT_WR ? ipc::kPostedShutRd : 0u) | (how != SHUT_RD ? ipc::kPostedShutWr : 0u);
+        if (how != SHUT_WR) sock.shut_rd.store(true);
+        if (how != SHUT_RD) sock.shut_wr.store(true);
+        if ((ref.shm->posted.fetch_or(bits, std::memory_order_release) & bits) != bits)
+            notify_engine(ref.slot);
+        return 0;
+    }
     const int rc = request(ref.slot, make_request(ipc::Op::kShutdown, how));
     if (rc != 0 && rc != -ENOTCONN) return rc;
     // inet_shutdown(): a listener (for SHUT_RD/SHUT_RDWR) or a connecting socket (for any
@@ -428,10 +446,31 @@ long op_getpeername(SocketRef &ref, sockaddr *addr, socklen_t *len) {
     return give_address(record, addr, len);
 }
 
+namespace {
+
+// The bits of SocketSlot::posted that hold option `name`, for the options kept there.
+struct TcpHintBits {
+    uint32_t set = 0;
+    uint32_t value = 0;
+};
+
+TcpHintBits tcp_hint_bits(int level, int name) {
+    if (level != IPPROTO_TCP) return {};
+    if (name == TCP_CORK) return {ipc::kPostedCorkSet, ipc::kPostedCork};
+    if (name == TCP_NODELAY) return {ipc::kPostedNoDelaySet, ipc::kPostedNoDelay};
+    return {};
+}
+
+}  // namespace
+
 long op_getsockopt(SocketRef &ref, int level, int name, void *value, socklen_t *len) {
     if (!len) return -EFAULT;
     if (static_cast<int>(*len) < 0) return -EINVAL;
     Socket &sock = *ref.sock;
+    if (const TcpHintBits bits = tcp_hint_bits(level, name); bits.set) {
+        const uint32_t posted = ref.shm->posted.load(std::memory_order_acquire);
+        if (posted & bits.set) return give_int((posted & bits.value) ? 1 : 0, value, len);
+    }
     if (level == SOL_SOCKET) {
         switch (name) {
             case SO_RCVTIMEO:
@@ -494,6 +533,22 @@ long op_setsockopt(SocketRef &ref, int level, int name, const void *value, sockl
             sock.rcv_timeout_ns.store(timeout);
         else
             sock.snd_timeout_ns.store(timeout);
+        return 0;
+    }
+    if (const TcpHintBits bits = tcp_hint_bits(level, name); bits.set) {
+        // do_tcp_setsockopt(): an int, and any non-zero value means on.
+        if (len < sizeof(int)) return -EINVAL;
+        int on;
+        std::memcpy(&on, value, sizeof(on));
+        std::atomic<uint32_t> &posted = ref.shm->posted;
+        uint32_t old = posted.load(std::memory_order_relaxed);
+        uint32_t want;
+        do {
+            want = (old & ~bits.value) | bits.set | (on ? bits.value : 0);
+            if (want == old) return 0;
+        } while (!posted.compare_exchange_weak(old, want, std::memory_order_release,
+                                               std::memory_order_relaxed));
+        notify_engine(ref.slot);  // uncorking must push what is queued, as on Linux
         return 0;
     }
     ipc::Request req = make_request(ipc::Op::kSetSockOpt, level, name);

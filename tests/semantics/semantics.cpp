@@ -861,6 +861,62 @@ void check_half_close(const Family &family) {
     pair.close_both();
 }
 
+// shutdown() of a connected socket answers without waiting for the engine: the bytes queued
+// before it must still all arrive, and only then EOF; states where Linux may refuse are asked.
+void check_shutdown_after_data(const Family &family) {
+    constexpr size_t kBytes = 1 << 20;
+    std::vector<uint8_t> data(kBytes);
+    XorShift random{0x5eed5eedull};
+    for (auto &byte : data) byte = static_cast<uint8_t>(random.next());
+    for (int how : {SHUT_WR, SHUT_RDWR}) {
+        Pair pair = connected_pair(family);
+        uint64_t total = 0, hash = kFnvBasis;
+        bool eof = false;
+        std::thread reader([&, fd = pair.server] {
+            std::vector<uint8_t> buf(65536);
+            const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 6);
+            while (ms_left(deadline) > 0) {
+                if (!wait_events(fd, POLLIN, ms_left(deadline))) break;
+                ssize_t n = recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+                if (n == 0) {
+                    eof = true;
+                    break;
+                }
+                if (n < 0) continue;
+                hash = fnv1a(hash, buf.data(), static_cast<size_t>(n));
+                total += static_cast<uint64_t>(n);
+            }
+        });
+        const bool sent = send_all(pair.client, data.data(), data.size());
+        const std::string shut = rc(shutdown(pair.client, how));
+        reader.join();
+        say("shutdown after 1 MB (%s): sent all=%s shutdown=%s peer got bytes=%llu checksum %s "
+            "then EOF=%s",
+            how == SHUT_WR ? "SHUT_WR" : "SHUT_RDWR", yes(sent), shut.c_str(),
+            static_cast<unsigned long long>(total),
+            hash == fnv1a(kFnvBasis, data.data(), data.size()) ? "ok" : "BAD", yes(eof));
+        pair.close_both();
+    }
+    // After the peer's FIN (CLOSE_WAIT): still connected, so 0.
+    Pair pair = connected_pair(family);
+    close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN | POLLRDHUP, POLLRDHUP);
+    const std::string after_fin_wr = rc(shutdown(pair.client, SHUT_WR));
+    const std::string after_fin_rd = rc(shutdown(pair.client, SHUT_RD));
+    say("shutdown after the peer's FIN: SHUT_WR=%s SHUT_RD=%s", after_fin_wr.c_str(),
+        after_fin_rd.c_str());
+    pair.close_both();
+    // After the peer's RST: the kernel socket is closed, so ENOTCONN.
+    pair = connected_pair(family);
+    reset_close(pair.server);
+    pair.server = -1;
+    wait_bits(pair.client, POLLIN, POLLERR);
+    const std::string after_reset = rc(shutdown(pair.client, SHUT_WR));
+    say("shutdown after the peer's RST: SHUT_WR=%s", after_reset.c_str());
+    pair.close_both();
+}
+
 void check_names(const Family &family) {
     int fresh = tcp_socket(family.af);
     Address address = local_of(fresh);
@@ -2359,6 +2415,53 @@ void check_many_iovecs(const Family &family) {
     pair.close_both();
 }
 
+// TCP_CORK and TCP_NODELAY: the shim answers them itself and the engine applies them later, so
+// check what reads back (values, lengths, inheritance by accepted sockets) and that a cork set
+// before connect() really holds a partial segment back until it is cleared.
+void check_cork_and_nodelay(const Family &family) {
+    int lfd = tcp_socket(family.af);
+    set_int(lfd, IPPROTO_TCP, TCP_NODELAY, 1);
+    set_int(lfd, IPPROTO_TCP, TCP_CORK, 1);
+    Address address = loopback(family.af, 0);
+    if (bind(lfd, address.get(), address.len) != 0 || listen(lfd, 4) != 0) std::exit(2);
+    int client = tcp_socket(family.af);
+    for (int value : {7, -1, 0, 1}) {
+        const std::string set =
+            rc(setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &value, sizeof(value)));
+        say("cork/nodelay: unconnected TCP_NODELAY set %d=%s reads back %d", value, set.c_str(),
+            get_int(client, IPPROTO_TCP, TCP_NODELAY));
+    }
+    int on = 1;
+    const std::string corked = rc(setsockopt(client, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)));
+    const int reads_back = get_int(client, IPPROTO_TCP, TCP_CORK);
+    const std::string short_len = rc(setsockopt(client, IPPROTO_TCP, TCP_CORK, &on, 3));
+    say("cork/nodelay: unconnected TCP_CORK set 1=%s reads back %d, short optlen=%s",
+        corked.c_str(), reads_back, short_len.c_str());
+    for (socklen_t room : {socklen_t{0}, socklen_t{2}, socklen_t{8}}) {
+        unsigned char bytes[8];
+        std::memset(bytes, 0xee, sizeof(bytes));
+        socklen_t len = room;
+        const std::string got = rc(getsockopt(client, IPPROTO_TCP, TCP_CORK, bytes, &len));
+        say("cork/nodelay: TCP_CORK get with optlen %u=%s optlen now %u first byte %u",
+            unsigned(room), got.c_str(), unsigned(len), unsigned(bytes[0]));
+    }
+    Address to = loopback(family.af, local_port(lfd));
+    if (connect(client, to.get(), to.len) != 0) std::exit(2);
+    int server = accept(lfd, nullptr, nullptr);
+    say("cork/nodelay: accepted from a listener with both set: TCP_NODELAY=%d TCP_CORK=%d",
+        get_int(server, IPPROTO_TCP, TCP_NODELAY), get_int(server, IPPROTO_TCP, TCP_CORK));
+    // A 2-byte segment under a cork waits for the uncork (or Linux's 200 ms cork timer).
+    const std::string sent = rc(send(client, "ij", 2, 0));
+    const bool early = wait_events(server, POLLIN, 50) != 0;
+    int off = 0;
+    const std::string uncorked = rc(setsockopt(client, IPPROTO_TCP, TCP_CORK, &off, sizeof(off)));
+    say("cork/nodelay: send while corked=%s arrived within 50 ms=%s, uncork=%s, peer got=%s",
+        sent.c_str(), yes(early), uncorked.c_str(), read_text(server, 2).c_str());
+    close(server);
+    close(client);
+    close(lfd);
+}
+
 void check_accept4_flags(const Family &family) {
     int lfd = listener(family);
     const uint16_t port = local_port(lfd);
@@ -2590,10 +2693,12 @@ int main(int argc, char **argv) {
         check_eof(family);
         check_reset(family);
         check_half_close(family);
+        check_shutdown_after_data(family);
         check_names(family);
         check_timeouts(family);
         check_eintr(family);
         check_options(family);
+        check_cork_and_nodelay(family);
         check_ioctls_and_fcntl(family);
         check_poll_and_select(family);
         check_epoll(family);
