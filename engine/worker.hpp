@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -103,6 +104,7 @@ class Worker {
     bool any_queue_has_work();
     void set_sleeping(uint32_t value);
     void housekeeping(uint64_t now);
+    void release_idle_rings(uint64_t now);
 
     // --- io_uring helpers ---
     io_uring_sqe *get_sqe();
@@ -234,6 +236,13 @@ class Worker {
     std::vector<Session *> dirty_;
     std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
     std::vector<TimedSlot> timed_;
+    // Freed engine slots whose ring pages are given back once they have stayed free a while
+    // (oldest first; an entry whose slot reopened since is stale).
+    struct IdleRings {
+        TimedSlot slot;
+        uint64_t due_ns;
+    };
+    std::deque<IdleRings> idle_rings_;
     uint32_t next_session_gen_ = 1;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;

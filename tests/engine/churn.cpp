@@ -4,12 +4,15 @@
 //    after the echo, so the tx ring drains before the close);
 //  * connected: the client connects out in bursts and closes with a reset (the kernel peer
 //    must see ECONNRESET).
-// Every slot must come back to kFree, and the engine must stay healthy throughout.
+// Every slot must come back to kFree, and the engine must stay healthy throughout; once the
+// load stops, the engine gives the freed slots' ring pages back (it keeps them a second, for
+// reuse).
 //
 //   engine_churn /path/to/tcpsd [rounds, default 20]
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <string>
 
@@ -57,6 +60,12 @@ int recv_end(int fd) {
     const ssize_t n = recv(fd, &byte, 1, 0);
     if (n < 0) return -errno;
     return n == 0 ? 0 : 1;
+}
+
+// Bytes of the region that hold memory (it is a sparse memfd).
+int64_t allocated_bytes(int memfd) {
+    struct stat st {};
+    return fstat(memfd, &st) == 0 ? int64_t(st.st_blocks) * 512 : -1;
 }
 
 std::string line_for(int round, int k) {
@@ -169,6 +178,8 @@ int main(int argc, char **argv) {
                           },
                           kWaitMs),
                       "round %d: lines did not arrive", round);
+        // Each of these connections has a page of its rx ring in use now.
+        const int64_t in_use = allocated_bytes(c.memfd());
         for (size_t k = 0; k < conns.size(); ++k) {
             highest_slot = std::max(highest_slot, conns[k]);
             CHECK_OR_FAIL(c.send(conns[k], got[k].data(), got[k].size()) == got[k].size(), "echo");
@@ -230,6 +241,23 @@ int main(int argc, char **argv) {
                     kWaitMs),
                 "client slot %u never freed", slot);
         CHECK_OR_FAIL(engine.running() && c.engine_alive(), "engine gone in round %d", round);
+        if (round == rounds - 1) {
+            // All of them closed: their rx pages go back within a second or two.
+            const int64_t expected_drop = int64_t(conns.size()) * 4096;
+            int64_t now = in_use;
+            CHECK_OR_FAIL(wait_until(
+                              [&] {
+                                  now = allocated_bytes(c.memfd());
+                                  return now >= 0 && in_use - now >= expected_drop;
+                              },
+                              kWaitMs),
+                          "ring pages not given back: %lld bytes allocated with %zu connections "
+                          "open, %lld after they closed",
+                          static_cast<long long>(in_use), conns.size(),
+                          static_cast<long long>(now));
+            std::printf("ok: freed slots\' ring pages given back (%lld -> %lld bytes)\n",
+                        static_cast<long long>(in_use), static_cast<long long>(now));
+        }
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - started).count();
     CHECK_OR_FAIL(saw_pause, "the accept ring never filled (kFlagAcceptPaused never seen)");

@@ -285,6 +285,7 @@ class RawClient {
     const ipc::RegionView &region() const { return region_; }
     ipc::SocketSlot &slot(uint32_t i) const { return region_.slot(i); }
     int control_fd() const { return control_; }
+    int memfd() const { return memfd_; }
     uint32_t session_id() const { return session_id_; }
     bool engine_alive() const {
         return region_.header().engine_alive.load(std::memory_order_acquire) != 0;
