@@ -393,11 +393,12 @@ long op_epoll_wait(int epfd, epoll_event *events, int maxevents, int64_t timeout
     if (n != 0 || timeout_ns == 0) return n;
     const uint64_t start = now_ns();
     const uint64_t deadline = timeout_ns > 0 ? start + static_cast<uint64_t>(timeout_ns) : 0;
-    const uint64_t spin_end = start + g_spin_ns;
+    const uint64_t spin_end = start + spin_budget_ns();
     for (unsigned i = 1; now_ns() < spin_end; ++i) {
         cpu_relax();
         if ((i & 7) == 0 && (n = collect(*set, events, maxevents)) > 0) return n;
     }
+    const SpinLearner learn{start};
     for (;;) {
         set->sleepers.fetch_add(1, std::memory_order_seq_cst);
         const bool armed = waiter_arm(ipc::kWaitAnySlot);

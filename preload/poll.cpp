@@ -128,11 +128,12 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
     }
     const uint64_t start = now_ns();
     const uint64_t deadline = timeout_ns > 0 ? start + static_cast<uint64_t>(timeout_ns) : 0;
-    const uint64_t spin_end = start + g_spin_ns;
+    const uint64_t spin_end = start + spin_budget_ns();
     for (unsigned i = 1; now_ns() < spin_end; ++i) {
         cpu_relax();
         if ((i & 7) == 0 && (ready = scan()) > 0) return finish_ready(ready);
     }
+    const SpinLearner learn{start};
     for (;;) {
         const bool armed = waiter_arm(ipc::kWaitAnySlot);
         if ((ready = scan()) > 0) {

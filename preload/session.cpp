@@ -36,6 +36,8 @@ constexpr size_t kMaxFdTable = size_t{1} << 20;
 
 constinit Socket g_sockets[ipc::kMaxSockets];
 
+TCPS_TLS uint64_t tl_spin_ns = UINT64_MAX;  // UINT64_MAX: not learnt yet, g_spin_ns
+
 std::atomic<int> g_init_state{0};  // 0 not yet, 1 ready, -1 inert
 bool g_debug = false;
 bool g_debug_said = false;
@@ -507,6 +509,18 @@ void mark_session_dead() {
 
 const ipc::RegionView &region() {
     return g_region;
+}
+
+uint64_t spin_budget_ns() {
+    return std::min(tl_spin_ns, g_spin_ns);
+}
+
+void spin_learn(uint64_t waited_ns) {
+    const uint64_t budget = spin_budget_ns();
+    if (waited_ns <= 2 * g_spin_ns)
+        tl_spin_ns = std::min(g_spin_ns, std::max<uint64_t>(2 * budget, 1'000));
+    else
+        tl_spin_ns = budget < 500 ? 0 : budget / 2;
 }
 
 int claim_client_slot() {
