@@ -121,6 +121,10 @@ MaxRequestWorkers 50
 KeepAlive On
 EnableSendfile On
 DocumentRoot $work/site
+# As Debian's apache2.conf: no .htaccess lookups in every directory on every request.
+<Directory />
+    AllowOverride None
+</Directory>
 <Directory $work/site>
     Require all granted
 </Directory>

@@ -94,6 +94,11 @@ TypesConfig /etc/mime.types
 User www-data
 Group www-data
 DocumentRoot $docroot
+# As Debian's apache2.conf: no .htaccess files anywhere (without it Apache looks for one in
+# every directory above the file, on every request).
+<Directory />
+    AllowOverride None
+</Directory>
 <Directory $docroot>
     Require all granted
 </Directory>
