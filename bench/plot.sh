@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# Draws the web-server experiments' plots (SVG, gnuplot) from their CSVs:
+# Draws the experiments' plots (SVG, gnuplot) from their CSVs:
+#   op-cost.svg                           experiment 1: CPU per send()/recv() call, native
+#                                         against offloaded (application + engine), per size
+#   latency.svg                           experiment 2: round trip p50 and p99, per tool and size
+#   throughput.svg                        experiment 3: Gbit/s and CPU-seconds per GB, native
+#                                         against offloaded (applications + engine)
 #   apache-http10.svg, apache-http11.svg  replies/s against offered load, native and offloaded,
 #                                         medians with the [min-max] of runs (Figures 9-11 of
 #                                         the TCP Servers paper)
@@ -103,4 +108,77 @@ plot "$data/cpu-bars.dat" using (3*\$0 + 0.5):(0):xticlabels(strcol(1) . "\n" . 
      "" using (3*\$0 + 1):4 with boxes lc rgb "#d62728" title "offloaded: server processes"
 EOF
     echo "plot.sh: $out/cpu-per-request.svg"
+fi
+
+# Experiments 1-3: bars side by side, native left, offloaded right (stacked where the engine
+# adds to the application's CPU).
+stacked_bars() {  # $1 dat, $2 output, $3 title, $4 y label, $5 native col, $6 app col, $7 engine col
+    gnuplot <<EOF
+$common
+set terminal svg size 960,440 dynamic font "sans,11" background "white"
+set output "$out/$2"
+set title "$3"
+set ylabel "$4"
+set yrange [0:*]
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set grid noxtics
+set key top left
+set xtics nomirror
+plot "$data/$1" using (3*\$0 + 0.5):(0):xticlabels(1) with points ps 0 notitle, \
+     "" using (3*\$0):$5 with boxes lc rgb "#1f77b4" title "native", \
+     "" using (3*\$0 + 1):(\$$6 + \$$7) with boxes lc rgb "#2ca02c" title "offloaded: engine", \
+     "" using (3*\$0 + 1):$6 with boxes lc rgb "#d62728" title "offloaded: application"
+EOF
+    echo "plot.sh: $out/$2"
+}
+[[ -s $data/op-cost.dat ]] && stacked_bars op-cost.dat op-cost.svg \
+    "Experiment 1: CPU per call on the application's side (and the engine's)" "CPU ns per call" 2 3 4
+if [[ -s $data/latency.dat ]]; then
+    gnuplot <<EOF
+$common
+set terminal svg size 960,440 dynamic font "sans,11" background "white"
+set output "$out/latency.svg"
+set title "Experiment 2: round-trip latency, ping-pong"
+set ylabel "µs"
+set yrange [0:*]
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set grid noxtics
+set key top left
+plot "$data/latency.dat" using 2:xticlabels(1) lc rgb "#1f77b4" title "native p50", \
+     "" using 3 lc rgb "#d62728" title "offloaded p50", \
+     "" using 4 lc rgb "#9ecae1" title "native p99", \
+     "" using 5 lc rgb "#fc9272" title "offloaded p99"
+EOF
+    echo "plot.sh: $out/latency.svg"
+fi
+if [[ -s $data/throughput.dat ]]; then
+    gnuplot <<EOF
+$common
+set terminal svg size 960,440 dynamic font "sans,11" background "white"
+set output "$out/throughput.svg"
+set multiplot layout 1,2 title "Experiment 3: bulk throughput, iperf3"
+set style fill solid 0.85 border -1
+set grid noxtics
+set key top left
+set yrange [0:*]
+set style data histograms
+set style histogram clustered gap 1
+set title "throughput"
+set ylabel "Gbit/s"
+plot "$data/throughput.dat" using 2:xticlabels(1) lc rgb "#1f77b4" title "native", \
+     "" using 3 lc rgb "#d62728" title "offloaded"
+set style data boxes
+set boxwidth 0.9
+set title "CPU per GB received"
+set ylabel "CPU-seconds per GB"
+plot "$data/throughput.dat" using (3*\$0 + 0.5):(0):xticlabels(1) with points ps 0 notitle, \
+     "" using (3*\$0):4 lc rgb "#1f77b4" title "native: iperf3s", \
+     "" using (3*\$0 + 1):(\$5 + \$6) lc rgb "#2ca02c" title "offloaded: engine", \
+     "" using (3*\$0 + 1):5 lc rgb "#d62728" title "offloaded: iperf3s"
+unset multiplot
+EOF
+    echo "plot.sh: $out/throughput.svg"
 fi

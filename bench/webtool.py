@@ -285,6 +285,58 @@ def cmd_plot_data(results, out):
         f.write("# label (2 lines) native_apps offloaded_apps engine (CPU µs per request)\n")
         for label, label2, n_app, o_app, o_eng in bars:
             f.write(f'"{label}" "{label2}" {n_app:.2f} {o_app:.2f} {o_eng:.2f}\n')
+    write_micro_bars(results, out)
+
+
+def median_of(rows, value):
+    return statistics.median([value(r) for r in rows])
+
+
+def write_micro_bars(results, out):
+    """Experiments 1-3 (op_cost.csv, latency.csv, throughput.csv): one .dat of medians each,
+    a row per configuration with the native and the offloaded values side by side."""
+    def groups(name, keys):
+        path = os.path.join(results, name)
+        if not os.path.exists(path):
+            return []
+        rows = list(csv.DictReader(open(path)))
+        found = []
+        for group in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+            native, off = ([r for r in rows if tuple(r[k] for k in keys) == group and
+                            r["mode"] == mode] for mode in ("native", "offloaded"))
+            if native and off:
+                found.append((group, native, off))
+        return found
+
+    op_cost = groups("op_cost.csv", ("op", "size"))
+    if op_cost:
+        with open(os.path.join(out, "op-cost.dat"), "w") as f:
+            f.write("# label native_app offloaded_app engine (CPU ns per call)\n")
+            for (op, size), native, off in op_cost:
+                f.write(f'"{op} {size} B" {median_of(native, lambda r: float(r["app_cpu_ns_per_call"])):.1f}'
+                        f' {median_of(off, lambda r: float(r["app_cpu_ns_per_call"])):.1f}'
+                        f' {median_of(off, lambda r: float(r["engine_cpu_ns_per_call"])):.1f}\n')
+    latency = groups("latency.csv", ("tool", "size"))
+    if latency:
+        with open(os.path.join(out, "latency.dat"), "w") as f:
+            f.write("# label native_p50 offloaded_p50 native_p99 offloaded_p99 (µs)\n")
+            for (tool, size), native, off in latency:
+                f.write(f'"{tool} {size} B"'
+                        + "".join(f" {median_of(rows, lambda r: float(r[key])):.1f}"
+                                  for key in ("p50_us", "p99_us") for rows in (native, off))
+                        + "\n")
+    throughput = groups("throughput.csv", ("streams",))
+    if throughput:
+        with open(os.path.join(out, "throughput.dat"), "w") as f:
+            f.write("# label native_gbit offloaded_gbit native_apps offloaded_apps engine"
+                    " (CPU-seconds per GB)\n")
+            apps = lambda r: (float(r["server_cpu_ns"]) + float(r["client_cpu_ns"])) / float(r["bytes"])
+            for (streams,), native, off in throughput:
+                f.write(f'"{streams} stream{"s" if streams != "1" else ""}"'
+                        f' {median_of(native, lambda r: float(r["gbit_per_s"])):.2f}'
+                        f' {median_of(off, lambda r: float(r["gbit_per_s"])):.2f}'
+                        f' {median_of(native, apps):.3f} {median_of(off, apps):.3f}'
+                        f' {median_of(off, lambda r: float(r["engine_cpu_ns"]) / float(r["bytes"])):.3f}\n')
 
 
 def main():
