@@ -112,6 +112,7 @@ class Engine {
     // Returns false when the connection is finished with (closed or handed over).
     bool on_hello_readable(PendingHello &hello);
     void start_session(PendingHello &hello);
+    void forget_freed_sessions();
     void reply_hello_error(int fd, int error);
     void join_session(PendingHello &hello, const ipc::ControlMessage &msg);
     // A relay's session (--fabric-listen): a client on another host (remote.hpp).
@@ -129,8 +130,10 @@ class Engine {
     std::vector<std::unique_ptr<Worker>> workers_;
     std::vector<PendingHello> hellos_;
     // Which worker serves each session, for forked children joining it. Ids are never reused;
-    // a join for a session that has ended is refused by the worker.
+    // a session leaves once its worker has freed it (forget_freed_sessions), and a join for a
+    // session that has ended is refused, here or by the worker.
     std::unordered_map<uint32_t, Worker *> session_workers_;
+    std::vector<uint32_t> freed_scratch_;
     LinkAcceptor links_;
 };
 
@@ -201,6 +204,8 @@ void Engine::stop_workers() {
 }
 
 void Engine::log_stats() {
+    forget_freed_sessions();
+    log_line("engine: %zu sessions known by id", session_workers_.size());
     for (size_t k = 0; k < workers_.size(); ++k) {
         const WorkerStats &st = workers_[k]->stats();
         log_line(
@@ -317,6 +322,7 @@ void Engine::start_session(PendingHello &hello) {
         return;
     }
     session->members[0].control_fd = hello.fd;
+    forget_freed_sessions();
     Worker *best = workers_.front().get();
     for (auto &worker : workers_)
         if (worker->load() < best->load()) best = worker.get();
@@ -325,6 +331,14 @@ void Engine::start_session(PendingHello &hello) {
                      hello.creds.uid, hello.creds.gid,
                      static_cast<unsigned long long>(hello.creds.caps));
     best->adopt(std::move(session));
+}
+
+// The workers' freed sessions leave session_workers_ here, so it holds live sessions only
+// (plus those freed since the last hello) however many sessions the engine has served.
+void Engine::forget_freed_sessions() {
+    freed_scratch_.clear();
+    for (auto &worker : workers_) worker->take_freed_sessions(freed_scratch_);
+    for (uint32_t id : freed_scratch_) session_workers_.erase(id);
 }
 
 void Engine::join_session(PendingHello &hello, const ipc::ControlMessage &msg) {
@@ -350,6 +364,7 @@ void Engine::start_remote_session(int fd, const LinkHello &hello) {
     const uint32_t id = next_session_id_++;
     std::unique_ptr<Session> session = make_remote_session(fd, hello, id);
     if (!session) return;
+    forget_freed_sessions();  // remote sessions are freed too: keep the workers' lists short
     Worker *best = workers_.front().get();
     for (auto &worker : workers_)
         if (worker->load() < best->load()) best = worker.get();

@@ -146,6 +146,12 @@ void Worker::adopt(std::unique_ptr<Session> session) {
     (void)ignored;
 }
 
+void Worker::take_freed_sessions(std::vector<uint32_t> &ids) {
+    std::lock_guard<std::mutex> lock(pending_mutex_);
+    ids.insert(ids.end(), freed_ids_.begin(), freed_ids_.end());
+    freed_ids_.clear();
+}
+
 void Worker::adopt_join(const JoinRequest &join) {
     {
         std::lock_guard<std::mutex> lock(pending_mutex_);
@@ -1576,6 +1582,10 @@ void Worker::free_session(Session &s) {
         }
     }
     TCPS_LOG_VERBOSE("session %u (pid %d): freed", s.id, s.creds.pid);
+    {
+        std::lock_guard<std::mutex> lock(pending_mutex_);
+        freed_ids_.push_back(s.id);
+    }
     table_[index].reset();  // unmaps the region, closes its descriptors
     free_indices_.push_back(index);
     stats_.sessions.fetch_sub(1, std::memory_order_relaxed);

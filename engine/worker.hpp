@@ -66,6 +66,9 @@ class Worker {
     // Any thread: a forked child's control connection that asks to join one of our sessions.
     // The worker checks it and answers kJoinReply (closing the connection if refused).
     void adopt_join(const JoinRequest &join);
+    // Any thread: moves the ids of the sessions freed since the last call into `ids`, so the
+    // engine can forget where they lived.
+    void take_freed_sessions(std::vector<uint32_t> &ids);
 
   private:
     enum class Kind : uint8_t {
@@ -227,6 +230,7 @@ class Worker {
     std::mutex pending_mutex_;
     std::vector<std::unique_ptr<Session>> pending_;
     std::vector<JoinRequest> pending_joins_;
+    std::vector<uint32_t> freed_ids_;  // under pending_mutex_
     std::atomic<bool> has_pending_{false};
     std::atomic<uint64_t> queued_{0};
 

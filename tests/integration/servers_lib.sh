@@ -63,10 +63,12 @@ request_stats() {
         tail -n "$ENGINE_WORKERS")
 }
 
-# True when every worker reports no session and no socket.
+# True when every worker reports no session and no socket, and the engine's map of session ids
+# (logged just before the workers' lines) has forgotten every session.
 engine_empty() {
     request_stats || return 1
-    ! grep -qv 'sessions 0 (.*sockets 0,' <<<"$LAST_STATS"
+    ! grep -qv 'sessions 0 (.*sockets 0,' <<<"$LAST_STATS" &&
+        grep 'sessions known by id' "$TCPS_TEST_DIR/engine.log" | tail -n 1 | grep -q ': 0 sessions'
 }
 
 # Waits up to $1 seconds for the engine to hold nothing: no session, no socket, and no kernel
