@@ -6,14 +6,20 @@
 # belonged to tcpsd, and prints requests/s, the CPU time of Apache's processes and of the engine
 # per request for both, and the ratios.
 #
+# Placement, the same in both runs: with 2 CPUs or more, Apache on CPU 0 and tcpsd and wrk on
+# the last CPU, the deployment tcps is for (the engine on a core the server does not use; on a
+# 2-CPU machine it shares that core with the load generator). PLACEMENT=none leaves it all to
+# the scheduler.
+#
 # Usage: bash bench/web_demo.sh [BUILD_DIR]        (default: build; run scripts/build.sh first)
-# Environment: DURATION (seconds per run, default 5), CONNECTIONS (default 8).
+# Environment: DURATION (seconds per run, default 5), CONNECTIONS (default 32), PLACEMENT
+# (split or none, default split).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build=${1:-build}
 duration=${DURATION:-5}
-connections=${CONNECTIONS:-8}
+connections=${CONNECTIONS:-32}
 tcpsd=$build/engine/tcpsd
 libtcps=$build/preload/libtcps.so
 tcps_run=$build/engine/tcps-run
@@ -29,6 +35,19 @@ for needed in "$tcpsd" "$libtcps"; do
 done
 tcpsd=$(realpath "$tcpsd")
 libtcps=$(realpath "$libtcps")
+
+cpus=$(nproc)
+if [[ ${PLACEMENT:-split} == split && $cpus -ge 2 ]]; then
+    pin_server=(taskset -c 0)
+    pin_client=(taskset -c $((cpus - 1)))
+    engine_cores=(--cores $((cpus - 1)))
+    placement="Apache on CPU 0, tcpsd and wrk on CPU $((cpus - 1)) of $cpus"
+else
+    pin_server=()
+    pin_client=()
+    engine_cores=()
+    placement="$cpus CPUs shared by Apache, tcpsd and wrk"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tcps-demo.XXXXXX")
 pids=()
@@ -73,7 +92,8 @@ check_body() {
 # Prints the requests/s reached against port $1.
 load() {
     local port=$1
-    wrk -t1 -c"$connections" -d"${duration}s" "http://127.0.0.1:$port/page.bin" >"$work/wrk-$port.txt"
+    "${pin_client[@]}" wrk -t1 -c"$connections" -d"${duration}s" "http://127.0.0.1:$port/page.bin" \
+        >"$work/wrk-$port.txt"
     sed 's/^/   /' "$work/wrk-$port.txt" >&2
     awk '/^Requests\/sec:/ { printf "%d\n", $2 }' "$work/wrk-$port.txt"
 }
@@ -119,7 +139,6 @@ StartServers 2
 ThreadsPerChild 25
 MaxRequestWorkers 50
 KeepAlive On
-EnableSendfile On
 DocumentRoot $work/site
 # As Debian's apache2.conf: no .htaccess lookups in every directory on every request.
 <Directory />
@@ -135,7 +154,7 @@ EOF
 start_apache() {
     local dir=$1
     shift
-    "$@" "$apache" -f "$dir/apache2.conf" -k start >"$dir/start.out" 2>&1 ||
+    "${pin_server[@]}" "$@" "$apache" -f "$dir/apache2.conf" -k start >"$dir/start.out" 2>&1 ||
         { cat "$dir/start.out" "$dir/error.log" >&2; exit 1; }
     for _ in $(seq 200); do [[ -s $dir/apache2.pid ]] && return 0; sleep 0.05; done
     echo "web_demo: apache2 wrote no pid file" >&2
@@ -158,7 +177,7 @@ chmod 644 "$work/site/page.bin"
 expected=$(sha256sum "$work/site/page.bin" | cut -d' ' -f1)
 hz=$(getconf CLK_TCK)
 
-say "native: apache2 (mpm_event), load: wrk -t1 -c$connections -d${duration}s"
+say "native: apache2 (mpm_event), load: wrk -t1 -c$connections -d${duration}s; $placement"
 port=$(free_port)
 apache_conf "$port" "$work/native"
 start_apache "$work/native"
@@ -174,7 +193,8 @@ stop_apache "$work/native"
 say "offloaded: the same Apache with its TCP in tcpsd"
 port=$(free_port)
 apache_conf "$port" "$work/offloaded"
-"$tcpsd" --socket "$work/engine.sock" --ready-fd 3 3>"$work/ready" >"$work/engine.log" 2>&1 &
+"$tcpsd" "${engine_cores[@]}" --socket "$work/engine.sock" --ready-fd 3 3>"$work/ready" \
+    >"$work/engine.log" 2>&1 &
 engine_pid=$!
 pids+=("$engine_pid")
 for _ in $(seq 100); do grep -q ready "$work/ready" 2>/dev/null && break; sleep 0.05; done
@@ -232,7 +252,7 @@ offloaded_total_us=$(awk -v a="$offloaded_app_us" -v e="$offloaded_engine_us" 'B
 
 ratio=$(awk -v a="$offloaded_rps" -v b="$native_rps" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }')
 ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0) ? a / b : 0 }'; }
-say "result (Apache mpm_event, 16 KB file, $connections connections, ${duration}s each; $(nproc) CPUs shared by Apache, tcpsd and wrk)"
+say "result (Apache mpm_event, 16 KB file, $connections connections, ${duration}s each; $placement)"
 printf '   %-26s %11s %17s %17s %17s\n' "" "requests/s" "Apache CPU/req" "engine CPU/req" "total CPU/req"
 printf '   %-26s %11s %14s us %14s us %14s us\n' "native" "$native_rps" "$native_app_us" "-" "$native_app_us"
 printf '   %-26s %11s %14s us %14s us %14s us\n' "offloaded (tcpsd)" "$offloaded_rps" \
