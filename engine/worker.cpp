@@ -285,28 +285,37 @@ void Worker::process_slot(Session &s, uint32_t i) {
     // exchange rather than the contract's store(0): reading the client's exchange(1) makes its
     // earlier index stores visible to the loads below in the C++ model, not just on x86.
     slot.doorbell_queued.exchange(0, std::memory_order_seq_cst);
-    // `posted` before the indices: a shutdown in it then covers every byte queued before it.
-    const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
+    // The request's sequence before the indices: a request (a close) covers every byte queued
+    // before it.
     const uint32_t req_seq = slot.req_seq.load(std::memory_order_acquire);
+    EngineSlot &es = s.slots[i];
+    // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it.
+    if (es.state == ipc::SlotState::kOpen) {
+        apply_client_state(s, i);
+        if (s.ending) return;
+    }
+    if (req_seq != es.last_req_seq) handle_request(s, i, req_seq);
+}
+
+// What the client has done to slot i, as it is now: its posted TCP_CORK/TCP_NODELAY (before
+// the bytes queued after them), its ring indices, then a posted shutdown. `posted` is read
+// before the indices, so a shutdown in it covers every byte queued before it was posted.
+void Worker::apply_client_state(Session &s, uint32_t i) {
+    const ipc::SocketSlot &slot = s.region.slot(i);
+    const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
     EngineSlot &es = s.slots[i];
-    // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it;
-    // TCP_CORK/TCP_NODELAY before the data, so bytes queued after a cork are corked.
-    if (es.state == ipc::SlotState::kOpen) {
-        if (posted != es.applied_posted) apply_posted_options(s, i, posted);
-        apply_client_indices(s, i, tx_tail, rx_head, acc_head);
-        if (s.ending) return;
-        const uint32_t shut =
-            posted & ~es.applied_posted & (ipc::kPostedShutRd | ipc::kPostedShutWr);
-        if (shut) {
-            es.applied_posted |= shut;
-            const bool rd = shut & ipc::kPostedShutRd, wr = shut & ipc::kPostedShutWr;
-            op_shutdown(s, i, rd && wr ? SHUT_RDWR : rd ? SHUT_RD : SHUT_WR);
-        }
+    if (posted != es.applied_posted) apply_posted_options(s, i, posted);
+    apply_client_indices(s, i, tx_tail, rx_head, acc_head);
+    if (s.ending) return;
+    const uint32_t shut = posted & ~es.applied_posted & (ipc::kPostedShutRd | ipc::kPostedShutWr);
+    if (shut) {
+        es.applied_posted |= shut;
+        const bool rd = shut & ipc::kPostedShutRd, wr = shut & ipc::kPostedShutWr;
+        op_shutdown(s, i, rd && wr ? SHUT_RDWR : rd ? SHUT_RD : SHUT_WR);
     }
-    if (req_seq != es.last_req_seq) handle_request(s, i, req_seq);
 }
 
 void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
@@ -1053,11 +1062,8 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     const auto i = static_cast<uint32_t>(slot);
     EngineSlot &es = s.slots[i];
     // Bytes the application wrote before passing the socket go out first, as they would
-    // have from the kernel's send buffer.
-    const ipc::SocketSlot &shm = s.region.slot(i);
-    apply_client_indices(s, i, shm.tx_tail.load(std::memory_order_acquire),
-                         shm.rx_head.load(std::memory_order_acquire),
-                         shm.acc_head.load(std::memory_order_acquire));
+    // have from the kernel's send buffer, with the options and shutdown it posted.
+    apply_client_state(s, i);
     if (s.ending) return;
     es.handed_off = true;
     es.handoff_member = static_cast<uint16_t>(member);

@@ -120,6 +120,7 @@ class Worker {
     void schedule(Session &s, uint32_t i);
 
     // --- data path ---
+    void apply_client_state(Session &s, uint32_t i);
     void apply_posted_options(Session &s, uint32_t i, uint32_t posted);
     void apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
                               uint32_t acc_head);

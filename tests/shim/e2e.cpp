@@ -944,6 +944,49 @@ TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in
     CHECK(recv_exactly(p.client.get(), 8) == "via-copy");
 }
 
+TEST_CASE(
+    "bytes, TCP_CORK and shutdown posted just before SCM_RIGHTS all reach the kernel socket") {
+    // The shim answers TCP_CORK and a connected socket's shutdown() itself and the engine
+    // applies them later: the hand-back to the kernel must apply them first.
+    Pair p = make_pair();
+    const int on = 1;
+    REQUIRE(setsockopt(p.server.get(), IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0);
+    std::string payload(100000, 'x');
+    for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>('a' + i % 26);
+    send_all(p.server.get(), payload.data(), payload.size());
+    REQUIRE(shutdown(p.server.get(), SHUT_WR) == 0);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    char byte = 'F';
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    const int passed = p.server.get();
+    std::memcpy(CMSG_DATA(cmsg), &passed, sizeof(int));
+    REQUIRE(sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    CHECK_FALSE(is_offloaded(p.server.get()));
+    // The kernel socket holds what was posted: the cork and the shutdown.
+    int cork = -1;
+    socklen_t len = sizeof(cork);
+    REQUIRE(getsockopt(p.server.get(), IPPROTO_TCP, TCP_CORK, &cork, &len) == 0);
+    CHECK(cork == 1);
+    CHECK(send(p.server.get(), "z", 1, MSG_NOSIGNAL) == -1);
+    CHECK(errno == EPIPE);
+    // Every byte, then EOF.
+    CHECK(recv_exactly(p.client.get(), payload.size()) == payload);
+    char end;
+    CHECK(recv(p.client.get(), &end, 1, 0) == 0);
+}
+
 TEST_CASE("exec keeps sockets that are not close-on-exec and closes those that are") {
     Pair kept = make_pair();
     Pair dropped = make_pair();
