@@ -896,17 +896,8 @@ TEST_CASE("closing a listener frees its port before close() returns") {
     }
 }
 
-TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in its epoll set") {
-    Pair p = make_pair();
-    Fd ep(epoll_create1(EPOLL_CLOEXEC));
-    REQUIRE(ep.get() >= 0);
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.u64 = 42;
-    REQUIRE(epoll_ctl(ep.get(), EPOLL_CTL_ADD, p.server.get(), &event) == 0);
-    int pair[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
-    Fd sender(pair[0]), receiver(pair[1]);
+// Sends one byte and `fd` over the AF_UNIX socket `over` (SCM_RIGHTS).
+bool send_fd(int over, int fd) {
     char byte = 'F';
     iovec iov{&byte, 1};
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
@@ -919,9 +910,22 @@ TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in
     cmsg->cmsg_level = SOL_SOCKET;
     cmsg->cmsg_type = SCM_RIGHTS;
     cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    const int passed = p.server.get();
-    std::memcpy(CMSG_DATA(cmsg), &passed, sizeof(int));
-    REQUIRE(sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    std::memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    return sendmsg(over, &msg, MSG_NOSIGNAL) == 1;
+}
+
+TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in its epoll set") {
+    Pair p = make_pair();
+    Fd ep(epoll_create1(EPOLL_CLOEXEC));
+    REQUIRE(ep.get() >= 0);
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.u64 = 42;
+    REQUIRE(epoll_ctl(ep.get(), EPOLL_CTL_ADD, p.server.get(), &event) == 0);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    REQUIRE(send_fd(sender.get(), p.server.get()));
     // Ours is the kernel socket now, as the receiver's is.
     CHECK_FALSE(is_offloaded(p.server.get()));
     send_all(p.client.get(), "after", 5);
@@ -930,6 +934,8 @@ TEST_CASE("a socket passed with SCM_RIGHTS becomes a kernel socket that stays in
     CHECK(ready.data.u64 == 42);
     CHECK((ready.events & EPOLLIN) != 0);
     CHECK(recv_exactly(p.server.get(), 5) == "after");
+    char byte;
+    iovec iov{&byte, 1};
     alignas(cmsghdr) char in_control[CMSG_SPACE(sizeof(int))] = {};
     msghdr in{};
     in.msg_iov = &iov;
@@ -958,21 +964,7 @@ TEST_CASE(
     int pair[2];
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
     Fd sender(pair[0]), receiver(pair[1]);
-    char byte = 'F';
-    iovec iov{&byte, 1};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-    const int passed = p.server.get();
-    std::memcpy(CMSG_DATA(cmsg), &passed, sizeof(int));
-    REQUIRE(sendmsg(sender.get(), &msg, MSG_NOSIGNAL) == 1);
+    REQUIRE(send_fd(sender.get(), p.server.get()));
     CHECK_FALSE(is_offloaded(p.server.get()));
     // The kernel socket holds what was posted: the cork and the shutdown.
     int cork = -1;
