@@ -174,7 +174,6 @@ class Relay {
     bool poll_fabric();
     void on_tag(uint32_t region, uint32_t tag);
     void flush_wakes();
-    void wake_waiters(Client &c);
     void sleep_until_work();
 
     // --- lifetime ---
@@ -785,8 +784,7 @@ void Relay::flush_wakes() {
         Session &s = *c->session;
         s.dirty = false;
         if (c->engine_gone || c->client_gone) {
-            for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
-            s.changed.clear();
+            wake_changed_waiters(s, false);
             continue;
         }
         // The engine paused a slot (rx ring or accept ring full) and waits for the client's
@@ -803,35 +801,9 @@ void Relay::flush_wakes() {
                 slot.acc_head.load(std::memory_order_acquire) != c->slots[i].acc_head)
                 forward(*c, i, false);
         }
-        wake_waiters(*c);
+        wake_changed_waiters(s);
     }
     dirty_.clear();
-}
-
-void Relay::wake_waiters(Client &c) {
-    Session &s = *c.session;
-    if (s.waiter_scan_limit > 0 &&
-        s.region.header().waiters_armed.load(std::memory_order_acquire) != 0) {
-        for (uint32_t w = 0; w < s.waiter_scan_limit; ++w) {
-            if (s.waiter_fds[w] < 0) continue;
-            ipc::Waiter &waiter = s.region.waiter(w);
-            uint32_t state = waiter.state.load(std::memory_order_acquire);
-            if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
-            const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
-            const bool match =
-                slot == ipc::kWaitAnySlot || (slot < ipc::kMaxSockets && s.changed_bits.test(slot));
-            if (!match) continue;
-            if (waiter.state.compare_exchange_strong(
-                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
-                    std::memory_order_acq_rel)) {
-                const char byte = 1;
-                ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
-                (void)ignored;
-            }
-        }
-    }
-    for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
-    s.changed.clear();
 }
 
 void Relay::sleep_until_work() {

@@ -116,6 +116,31 @@ ClientCreds family_rights(const Session &session) {
     return rights;
 }
 
+void wake_changed_waiters(Session &s, bool signal) {
+    if (signal && s.waiter_scan_limit > 0 &&
+        s.region.header().waiters_armed.load(std::memory_order_acquire) != 0) {
+        for (uint32_t w = 0; w < s.waiter_scan_limit; ++w) {
+            if (s.waiter_fds[w] < 0) continue;
+            ipc::Waiter &waiter = s.region.waiter(w);
+            uint32_t state = waiter.state.load(std::memory_order_acquire);
+            if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
+            const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
+            const bool match =
+                slot == ipc::kWaitAnySlot || (slot < ipc::kMaxSockets && s.changed_bits.test(slot));
+            if (!match) continue;
+            if (waiter.state.compare_exchange_strong(
+                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
+                    std::memory_order_acq_rel)) {
+                const char byte = 1;
+                ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
+                (void)ignored;
+            }
+        }
+    }
+    for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
+    s.changed.clear();
+}
+
 int create_region(Session &session, uint32_t session_id) {
     const int memfd = memfd_create("tcps-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (memfd < 0) return -errno;

@@ -144,6 +144,12 @@ bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t 
 // Reads /proc for each member: only for the rare requests that need a privilege.
 ClientCreds family_rights(const Session &session);
 
+// Signals (a byte on its pipe) every armed waiter of the session that waits for a slot in
+// `changed` or for any slot, unless `signal` is false, then empties `changed`. The caller's
+// stores to the slots must be ordered before this call's loads of the waiters by a full fence
+// (pairs with the client's arm-then-recheck: one of the two sees the other).
+void wake_changed_waiters(Session &session, bool signal = true);
+
 // Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
 int create_region(Session &session, uint32_t session_id);
 

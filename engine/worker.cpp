@@ -461,35 +461,10 @@ void Worker::flush_wakes() {
     for (size_t k = 0; k < dirty_.size(); ++k) {
         Session *s = dirty_[k];
         if (s->remote) publish_remote(*s);
-        wake_session(*s);
+        wake_changed_waiters(*s, !s->ending);
         s->dirty = false;
     }
     dirty_.clear();
-}
-
-void Worker::wake_session(Session &s) {
-    if (!s.ending && s.waiter_scan_limit > 0 &&
-        s.region.header().waiters_armed.load(std::memory_order_acquire) != 0) {
-        for (uint32_t w = 0; w < s.waiter_scan_limit; ++w) {
-            if (s.waiter_fds[w] < 0) continue;
-            ipc::Waiter &waiter = s.region.waiter(w);
-            uint32_t state = waiter.state.load(std::memory_order_acquire);
-            if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
-            const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
-            const bool match =
-                slot == ipc::kWaitAnySlot || (slot < ipc::kMaxSockets && s.changed_bits.test(slot));
-            if (!match) continue;
-            if (waiter.state.compare_exchange_strong(
-                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
-                    std::memory_order_acq_rel)) {
-                const char byte = 1;
-                ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
-                (void)ignored;
-            }
-        }
-    }
-    for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
-    s.changed.clear();
 }
 
 void Worker::set_sleeping(uint32_t value) {

@@ -102,7 +102,6 @@ class Worker {
     unsigned reap();
     void handle_completion(uint64_t user_data, int32_t res, uint32_t cqe_flags);
     void flush_wakes();
-    void wake_session(Session &s);
     void sleep_until_work();
     bool any_queue_has_work();
     void set_sleeping(uint32_t value);
