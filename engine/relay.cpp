@@ -862,20 +862,9 @@ void Relay::engine_gone(Client &c, const char *why) {
     c.engine_gone = true;
     Session &s = *c.session;
     if (!c.client_gone) log_line("session %u (pid %d): %s", s.id, s.creds.pid, why);
-    // As a local engine ends a session: the client falls back (engine_alive = 0), and every
-    // waiter gets a byte and then EOF, so no thread sleeps on us.
-    ipc::RegionHeader &header = s.region.header();
-    header.engine_alive.store(0, std::memory_order_seq_cst);
-    header.engine_sleeping.store(0, std::memory_order_relaxed);
-    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
-        if (s.waiter_fds[w] < 0) continue;
-        uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
-        s.region.waiter(w).state.compare_exchange_strong(
-            armed, static_cast<uint32_t>(ipc::WaiterState::kSignaled), std::memory_order_acq_rel);
-        const char byte = 1;
-        ssize_t ignored = write(s.waiter_fds[w], &byte, 1);
-        (void)ignored;
-    }
+    // As a local engine ends a session: the client falls back, and every waiter gets a byte and
+    // then EOF, so no thread sleeps on us.
+    announce_engine_gone(s);
     release_waiters(c);
     if (s.members[0].control_fd >= 0) shutdown(s.members[0].control_fd, SHUT_RDWR);
     if (c.link_fd >= 0) shutdown(c.link_fd, SHUT_RDWR);

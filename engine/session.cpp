@@ -141,6 +141,21 @@ void wake_changed_waiters(Session &s, bool signal) {
     s.changed.clear();
 }
 
+void announce_engine_gone(Session &s) {
+    ipc::RegionHeader &header = s.region.header();
+    header.engine_alive.store(0, std::memory_order_seq_cst);
+    header.engine_sleeping.store(0, std::memory_order_relaxed);
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
+        if (s.waiter_fds[w] < 0) continue;
+        uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
+        s.region.waiter(w).state.compare_exchange_strong(
+            armed, static_cast<uint32_t>(ipc::WaiterState::kSignaled), std::memory_order_acq_rel);
+        const char byte = 1;
+        ssize_t ignored = write(s.waiter_fds[w], &byte, 1);
+        (void)ignored;
+    }
+}
+
 int create_region(Session &session, uint32_t session_id) {
     const int memfd = memfd_create("tcps-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (memfd < 0) return -errno;

@@ -150,6 +150,11 @@ ClientCreds family_rights(const Session &session);
 // (pairs with the client's arm-then-recheck: one of the two sees the other).
 void wake_changed_waiters(Session &session, bool signal = true);
 
+// Tells the session's processes that the engine is gone for them: engine_alive = 0 (they fall
+// back), and every registered waiter gets a byte, so no thread sleeps on a dead session. The
+// caller then closes (or releases) the waiters' pipes, which gives them EOF.
+void announce_engine_gone(Session &session);
+
 // Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
 int create_region(Session &session, uint32_t session_id);
 

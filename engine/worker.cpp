@@ -1499,18 +1499,10 @@ void Worker::end_session(Session &s, const char *why) {
     if (s.ending) return;
     s.ending = true;
     TCPS_LOG_VERBOSE("session %u (pid %d): ending: %s", s.id, s.creds.pid, why);
-    ipc::RegionHeader &header = s.region.header();
-    header.engine_alive.store(0, std::memory_order_seq_cst);
-    header.engine_sleeping.store(0, std::memory_order_relaxed);
     // Every registered waiter gets a byte and then EOF: no client thread sleeps on us.
+    announce_engine_gone(s);
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
         if (s.waiter_fds[w] < 0) continue;
-        uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
-        s.region.waiter(w).state.compare_exchange_strong(
-            armed, static_cast<uint32_t>(ipc::WaiterState::kSignaled), std::memory_order_acq_rel);
-        const char byte = 1;
-        ssize_t ignored = write(s.waiter_fds[w], &byte, 1);
-        (void)ignored;
         close(s.waiter_fds[w]);
         s.waiter_fds[w] = -1;
     }
