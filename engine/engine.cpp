@@ -223,32 +223,19 @@ void Engine::log_stats() {
 
 void Engine::accept_clients() {
     for (int k = 0; k < 64; ++k) {
-        const int fd = accept4(listener_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
+        PendingHello hello;
+        hello.fd = accept_control_client(listener_, hello.creds);
+        if (hello.fd < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
                 log_line("accept on the control socket: %s", std::strerror(errno));
             return;
         }
         if (hellos_.size() >= kMaxPendingHellos) {
             log_line("too many clients waiting to say hello; dropping one");
-            close(fd);
+            close(hello.fd);
             continue;
         }
-        ucred cred{};
-        socklen_t len = sizeof(cred);
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-            close(fd);
-            continue;
-        }
-        PendingHello hello;
-        hello.fd = fd;
         hello.deadline_ns = monotonic_ns() + kHelloTimeoutNs;
-        hello.creds.pid = cred.pid;
-        hello.creds.uid = cred.uid;
-        hello.creds.gid = cred.gid;
-        uid_t effective_uid = cred.uid;
-        hello.creds.caps = 0;
-        read_rights(fd, cred.pid, cred.uid, effective_uid, hello.creds.caps);
         hellos_.push_back(hello);
     }
 }

@@ -398,26 +398,14 @@ void Relay::poll_descriptors(int timeout_ms, bool with_fabric) {
 
 void Relay::accept_clients() {
     for (int k = 0; k < 64; ++k) {
-        const int fd = accept4(listener_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) return;
-        if (hellos_.size() >= kMaxPendingHellos) {
-            close(fd);
-            continue;
-        }
-        ucred cred{};
-        socklen_t len = sizeof(cred);
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-            close(fd);
-            continue;
-        }
         PendingHello hello;
-        hello.fd = fd;
+        hello.fd = accept_control_client(listener_, hello.creds);
+        if (hello.fd < 0) return;
+        if (hellos_.size() >= kMaxPendingHellos) {
+            close(hello.fd);
+            continue;
+        }
         hello.deadline_ns = monotonic_ns() + kHelloTimeoutNs;
-        hello.creds.pid = cred.pid;
-        hello.creds.uid = cred.uid;
-        hello.creds.gid = cred.gid;
-        uid_t effective_uid = cred.uid;
-        read_rights(fd, cred.pid, cred.uid, effective_uid, hello.creds.caps);
         hellos_.push_back(hello);
     }
 }

@@ -97,6 +97,26 @@ bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t 
     return true;
 }
 
+int accept_control_client(int listener, ClientCreds &creds) {
+    for (;;) {
+        const int fd = accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) return -1;
+        ucred cred{};
+        socklen_t len = sizeof(cred);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+            close(fd);
+            continue;
+        }
+        creds = ClientCreds{};
+        creds.pid = cred.pid;
+        creds.uid = cred.uid;
+        creds.gid = cred.gid;
+        uid_t effective_uid = cred.uid;
+        read_rights(fd, cred.pid, cred.uid, effective_uid, creds.caps);
+        return fd;
+    }
+}
+
 ClientCreds family_rights(const Session &session) {
     ClientCreds rights = session.creds;
     // A remote client's processes are not ours to read in /proc: its relay vouched for them.

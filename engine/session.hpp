@@ -138,6 +138,12 @@ struct Session {
 // uid changed since it connected.
 bool read_rights(int sock, pid_t pid, uid_t uid, uid_t &effective_uid, uint64_t &caps);
 
+// Accepts one client on the control socket `listener` (non-blocking, close-on-exec) and learns
+// who it is: SO_PEERCRED, then its rights (read_rights). Returns the connection, or -1 with
+// errno set (EAGAIN: nobody waiting); a client whose credentials cannot be read is closed and
+// the next one taken.
+int accept_control_client(int listener, ClientCreds &creds);
+
 // What the whole family may do now: requests reach the engine through the shared region, so
 // a privileged one is allowed only if every live member could make it (Apache's children
 // drop root after fork; they must not bind a port below 1024 through their parent's rights).
