@@ -21,6 +21,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "clock.hpp"
 #include "control.hpp"
 #include "control_listener.hpp"
 #include "log.hpp"
@@ -65,12 +66,6 @@ void add_wake_fd(int fd) {
     if (n >= kMaxWakeFds) return;
     g_wake_fds[n] = fd;
     g_wake_count.store(n + 1);
-}
-
-uint64_t monotonic_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
 }
 
 int read_unprivileged_port_start() {

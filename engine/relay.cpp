@@ -19,6 +19,7 @@
 #include <memory>
 #include <vector>
 
+#include "clock.hpp"
 #include "control.hpp"
 #include "control_listener.hpp"
 #include "fabric.hpp"
@@ -56,18 +57,6 @@ void on_signal(int) {
     ssize_t ignored = write(g_wake_fd, &one, sizeof(one));
     (void)ignored;
     errno = saved_errno;
-}
-
-uint64_t monotonic_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
-}
-
-void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
 }
 
 bool parse_number(const std::string &text, long min, long max, long &out) {

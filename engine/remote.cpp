@@ -9,6 +9,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "clock.hpp"
 #include "fence.hpp"
 #include "log.hpp"
 #include "session.hpp"
@@ -24,12 +25,6 @@ constexpr uint64_t kReleaseTimeoutNs = 5'000'000'000;
 constexpr uint64_t kLinkHelloTimeoutNs = 2'000'000'000;
 constexpr size_t kMaxPendingLinks = 256;
 constexpr uint32_t kNoSession = UINT32_MAX;
-
-uint64_t monotonic_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
-}
 
 constexpr size_t kLine1Offset = offsetof(ipc::SocketSlot, tx_head);
 constexpr size_t kResponseOffset = offsetof(ipc::SocketSlot, response);

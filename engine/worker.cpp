@@ -18,6 +18,7 @@
 #include <cstring>
 #include <ctime>
 
+#include "clock.hpp"
 #include "fence.hpp"
 #include "log.hpp"
 #include "remote.hpp"
@@ -44,18 +45,6 @@ constexpr uint64_t kShutdownWaitNs = 500'000'000;
 constexpr uint32_t kRxMask = ipc::kRxRingBytes - 1;
 constexpr uint32_t kTxMask = ipc::kTxRingBytes - 1;
 constexpr uint32_t kAcceptMask = ipc::kAcceptRingEntries - 1;
-
-uint64_t monotonic_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
-}
-
-void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 struct NamedOp {
     int op;
