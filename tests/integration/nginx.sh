@@ -96,31 +96,8 @@ else
 fi
 if offloaded; then expect_engine_listener "$port" "$master_pid"; fi
 wait_until 20 nginx_answers || fail "nginx does not answer on port $port: $(tail -n 5 "$error_log")"
-if offloaded; then
-    hold_http_connection "$port"
-    expect_engine_server_side "$port" "$master_pid"
-    stop_pid "$HOLD_PID"
-fi
-
-log "HTTP/1.0, a connection per request: 2000 x 16 KB, 8 at a time"
+run_standard_loads "$port" "$site" "$master_pid" "sendfile"
 check=(--port "$port" --expect "$site/f16k" --path /f16k)
-"$HTTP_CHECK" "${check[@]}" --mode 10 --requests 2000 --concurrency 8 >"$dir/load10.out" 2>&1 &
-load_pid=$!
-track "$load_pid"
-record_server_side "$port" "$load_pid" 60 "$dir/ss-load10.txt"
-status=0
-wait_pid "$load_pid" 60 || status=$?
-sed 's/^/  /' "$dir/load10.out"
-((status == 0)) || fail "HTTP/1.0 load failed (status $status)"
-expect_no_strangers "$dir/ss-load10.txt" "$port"
-
-log "HTTP/1.1 keep-alive: 2000 x 16 KB, 10 per connection, 8 at a time"
-http_load load11 60 "${check[@]}" --mode 11 --per-conn 10 --requests 2000 --concurrency 8
-
-log "10 MB bodies (sendfile): 20 requests, HTTP/1.0 and keep-alive"
-big=(--port "$port" --expect "$site/f10m" --path /f10m --concurrency 4)
-http_load big10 60 "${big[@]}" --mode 10 --requests 10
-http_load big11 60 "${big[@]}" --mode 11 --per-conn 5 --requests 10
 
 if ((one_process)); then
     log "one process (master_process off): no reload; stopping it"

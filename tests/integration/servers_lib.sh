@@ -155,6 +155,40 @@ http_load() {
     ((status == 0)) || fail "$name: http_check failed (status $status)"
 }
 
+# The loads both server tests run once the server (process $3) answers on port $1, from site
+# directory $2 ($4: a note for the 10 MB line): offloaded, a held connection shows tcpsd on the
+# server side first; then 2,000 HTTP/1.0 requests while ss records who owns the connections
+# (nobody but tcpsd may), 2,000 keep-alive requests, and 10 MB bodies both ways, every body
+# checked byte for byte.
+run_standard_loads() {
+    local port=$1 site=$2 server_pid=$3 note=${4:-} load_pid status=0
+    if offloaded; then
+        hold_http_connection "$port"
+        expect_engine_server_side "$port" "$server_pid"
+        stop_pid "$HOLD_PID"
+    fi
+
+    log "HTTP/1.0, a connection per request: 2000 x 16 KB, 8 at a time"
+    local check=(--port "$port" --expect "$site/f16k" --path /f16k)
+    "$HTTP_CHECK" "${check[@]}" --mode 10 --requests 2000 --concurrency 8 \
+        >"$TCPS_TEST_DIR/load10.out" 2>&1 &
+    load_pid=$!
+    track "$load_pid"
+    record_server_side "$port" "$load_pid" 60 "$TCPS_TEST_DIR/ss-load10.txt"
+    wait_pid "$load_pid" 60 || status=$?
+    sed 's/^/  /' "$TCPS_TEST_DIR/load10.out"
+    ((status == 0)) || fail "HTTP/1.0 load failed (status $status)"
+    expect_no_strangers "$TCPS_TEST_DIR/ss-load10.txt" "$port"
+
+    log "HTTP/1.1 keep-alive: 2000 x 16 KB, 10 per connection, 8 at a time"
+    http_load load11 60 "${check[@]}" --mode 11 --per-conn 10 --requests 2000 --concurrency 8
+
+    log "10 MB bodies${note:+ ($note)}: 20 requests, HTTP/1.0 and keep-alive"
+    local big=(--port "$port" --expect "$site/f10m" --path /f10m --concurrency 4)
+    http_load big10 60 "${big[@]}" --mode 10 --requests 10
+    http_load big11 60 "${big[@]}" --mode 11 --per-conn 5 --requests 10
+}
+
 # The ok count in the newest progress line of http_check output file $1.
 progress_ok() {
     local line
