@@ -623,16 +623,7 @@ void Relay::register_waiter(Client &c, int fd) {
         close(own);
         result = -ENOSPC;
     }
-    if (result == 0) {
-        const auto w = static_cast<uint32_t>(index);
-        ipc::Waiter &waiter = s.region.waiter(w);
-        waiter.slot.store(ipc::kWaitAnySlot, std::memory_order_relaxed);
-        waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle),
-                           std::memory_order_release);
-        s.waiter_fds[w] = own;
-        s.waiter_owner[w] = 0;
-        s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
-    }
+    if (result == 0) install_waiter(s, static_cast<uint32_t>(index), own, 0);
     send_reply(s.members[0].control_fd, ipc::ControlType::kWaiterReply, result, index, s.id);
 }
 

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <string>
@@ -159,6 +160,15 @@ void wake_changed_waiters(Session &s, bool signal) {
     }
     for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
     s.changed.clear();
+}
+
+void install_waiter(Session &s, uint32_t w, int fd, uint16_t owner) {
+    ipc::Waiter &waiter = s.region.waiter(w);
+    waiter.slot.store(ipc::kWaitAnySlot, std::memory_order_relaxed);
+    waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle), std::memory_order_release);
+    s.waiter_fds[w] = fd;
+    s.waiter_owner[w] = owner;
+    s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
 }
 
 void announce_engine_gone(Session &s) {

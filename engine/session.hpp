@@ -156,6 +156,9 @@ ClientCreds family_rights(const Session &session);
 // (pairs with the client's arm-then-recheck: one of the two sees the other).
 void wake_changed_waiters(Session &session, bool signal = true);
 
+// Makes waiter `w` the session's, idle, on the pipe write end `fd`, for member `owner`.
+void install_waiter(Session &session, uint32_t w, int fd, uint16_t owner);
+
 // Tells the session's processes that the engine is gone for them: engine_alive = 0 (they fall
 // back), and every registered waiter gets a byte, so no thread sleeps on a dead session. The
 // caller then closes (or releases) the waiters' pipes, which gives them EOF.

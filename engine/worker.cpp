@@ -984,16 +984,8 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
             result = -ENOSPC;
         }
     }
-    if (result == 0) {
-        const auto w = static_cast<uint32_t>(index);
-        ipc::Waiter &waiter = s.region.waiter(w);
-        waiter.slot.store(ipc::kWaitAnySlot, std::memory_order_relaxed);
-        waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle),
-                           std::memory_order_release);
-        s.waiter_fds[w] = own;
-        s.waiter_owner[w] = static_cast<uint16_t>(member);
-        s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
-    }
+    if (result == 0)
+        install_waiter(s, static_cast<uint32_t>(index), own, static_cast<uint16_t>(member));
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kWaiterReply);
     reply.version = ipc::kLayoutVersion;
