@@ -115,16 +115,14 @@ wrk_run() {
     wait_quiet "$port"
 }
 
-for offered in $http10_loads; do
-    for run in $(seq "$runs"); do
-        httperf_run http1.0 "$offered" native "$run"
-        httperf_run http1.0 "$offered" offloaded "$run"
-    done
-done
-for offered in $http11_loads; do
-    for run in $(seq "$runs"); do
-        httperf_run http1.1 "$offered" native "$run"
-        httperf_run http1.1 "$offered" offloaded "$run"
+for workload in http1.0 http1.1; do
+    loads=$http10_loads
+    [[ $workload == http1.1 ]] && loads=$http11_loads
+    for offered in $loads; do
+        for run in $(seq "$runs"); do
+            httperf_run "$workload" "$offered" native "$run"
+            httperf_run "$workload" "$offered" offloaded "$run"
+        done
     done
 done
 for connections in $wrk_connections; do

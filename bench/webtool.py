@@ -137,6 +137,22 @@ def per_request_us(rows, key, count_key):
     return statistics.median(values) if values else 0.0
 
 
+def pairs(rows, *keys):
+    """(group, native rows, offloaded rows) for each value of the columns `keys` (a tuple), in
+    the order first seen, leaving out groups that lack either mode."""
+    for group in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        native, off = ([r for r in rows if tuple(r[k] for k in keys) == group and r["mode"] == mode]
+                       for mode in ("native", "offloaded"))
+        if native and off:
+            yield group, native, off
+
+
+def load_points(rows, workload):
+    """(offered load, native rows, offloaded rows) of one httperf workload, lowest load first."""
+    return sorted((int(group[0]), native, off) for group, native, off in
+                  pairs([r for r in rows if r["workload"] == workload], "offered"))
+
+
 def cores_used(rows, key):
     return statistics.median([float(r[key]) / float(r["wall_ns"]) for r in rows])
 
@@ -153,18 +169,13 @@ def disturbance(rows):
 def cmd_sweep_table(path):
     rows = list(csv.DictReader(open(path)))
     for workload in dict.fromkeys(r["workload"] for r in rows):
-        points = sorted({int(r["offered"]) for r in rows if r["workload"] == workload})
+        points = load_points(rows, workload)
         unit = "conn/s" if workload == "http1.0" else "req/s"
         print(f"\n{workload}: replies/s against offered load ({unit}), median [min-max] of runs;"
               f" latency: httperf's reply time (ms, mean of the run), median of runs")
         print(f"{'offered':>8} {'native replies/s':>22} {'offloaded replies/s':>22} {'ratio':>5}"
               f" {'native ms':>9} {'offl. ms':>9} {'ratio':>5} {'errors n/o':>11}")
-        for offered in points:
-            native, off = ([r for r in rows if r["workload"] == workload and
-                            int(r["offered"]) == offered and r["mode"] == mode]
-                           for mode in ("native", "offloaded"))
-            if not native or not off:
-                continue
+        for offered, native, off in points:
             n_rps = [float(r["replies_per_s"]) for r in native]
             o_rps = [float(r["replies_per_s"]) for r in off]
             n_ms = statistics.median(float(r["reply_ms"]) for r in native)
@@ -179,12 +190,7 @@ def cmd_sweep_table(path):
         print(f"{'offered':>8} {'native apps':>11} {'offl. apps':>10} {'engine':>6}"
               f" {'offl. total':>11} {'total ratio':>11}  {'native cores':>12}"
               f" {'offl. apps':>10} {'engine':>6} {'offl. total':>11}")
-        for offered in points:
-            native, off = ([r for r in rows if r["workload"] == workload and
-                            int(r["offered"]) == offered and r["mode"] == mode]
-                           for mode in ("native", "offloaded"))
-            if not native or not off:
-                continue
+        for offered, native, off in points:
             n_app = per_request_us(native, "server_cpu_ns", "replies")
             o_app = per_request_us(off, "server_cpu_ns", "replies")
             o_eng = per_request_us(off, "engine_cpu_ns", "replies")
@@ -197,18 +203,13 @@ def cmd_sweep_table(path):
 
 def cmd_wrk_table(path, key):
     rows = list(csv.DictReader(open(path)))
-    groups = list(dict.fromkeys(r[key] for r in rows))
     print(f"requests/s and latency (ms), median [min-max] of runs; CPU per request (µs, medians):"
           f" apps = the server's process tree")
     print(f"{key:>12} {'native req/s':>22} {'offloaded req/s':>22} {'ratio':>5}"
           f" {'native p50':>10} {'offl. p50':>9} {'native p99':>10} {'offl. p99':>9}"
           f" {'p99 ratio':>9}  {'native apps':>11} {'offl. apps':>10} {'engine':>6}"
           f" {'offl. total':>11} {'total ratio':>11}")
-    for group in groups:
-        native, off = ([r for r in rows if r[key] == group and r["mode"] == mode]
-                       for mode in ("native", "offloaded"))
-        if not native or not off:
-            continue
+    for (group,), native, off in pairs(rows, key):
         n_rps = [float(r["requests_per_s"]) for r in native]
         o_rps = [float(r["requests_per_s"]) for r in off]
         med = lambda rs, k: statistics.median(float(r[k]) for r in rs)  # noqa: E731
@@ -236,7 +237,6 @@ def cmd_plot_data(results, out):
     if os.path.exists(sweep_csv):
         rows = list(csv.DictReader(open(sweep_csv)))
         for workload in dict.fromkeys(r["workload"] for r in rows):
-            points = sorted({int(r["offered"]) for r in rows if r["workload"] == workload})
             name = workload.replace(".", "")
             # The highest load that both modes still kept up with in every run: no error and
             # at least 95% of the offered load served.
@@ -244,12 +244,7 @@ def cmd_plot_data(results, out):
             with open(os.path.join(out, f"sweep-{name}.dat"), "w") as f:
                 f.write("# offered native_rps offloaded_rps native_cores offl_app_cores"
                         " engine_cores native_rps_min native_rps_max offl_rps_min offl_rps_max\n")
-                for offered in points:
-                    native, off = ([r for r in rows if r["workload"] == workload and
-                                    int(r["offered"]) == offered and r["mode"] == mode]
-                                   for mode in ("native", "offloaded"))
-                    if not native or not off:
-                        continue
+                for offered, native, off in load_points(rows, workload):
                     n_rps = [float(r["replies_per_s"]) for r in native]
                     o_rps = [float(r["replies_per_s"]) for r in off]
                     f.write(f"{offered} {statistics.median(n_rps):.0f} {statistics.median(o_rps):.0f}"
@@ -272,15 +267,12 @@ def cmd_plot_data(results, out):
         if not os.path.exists(path):
             continue
         rows = list(csv.DictReader(open(path)))
-        for group in dict.fromkeys(r[key] for r in rows):
-            native, off = ([r for r in rows if r[key] == group and r["mode"] == mode]
-                           for mode in ("native", "offloaded"))
-            if native and off:
-                server = {"apache": "Apache"}.get(group, group)
-                bars.append((*label.format(server).split("|"),
-                             per_request_us(native, "server_cpu_ns", "requests"),
-                             per_request_us(off, "server_cpu_ns", "requests"),
-                             per_request_us(off, "engine_cpu_ns", "requests")))
+        for (group,), native, off in pairs(rows, key):
+            server = {"apache": "Apache"}.get(group, group)
+            bars.append((*label.format(server).split("|"),
+                         per_request_us(native, "server_cpu_ns", "requests"),
+                         per_request_us(off, "server_cpu_ns", "requests"),
+                         per_request_us(off, "engine_cpu_ns", "requests")))
     with open(os.path.join(out, "cpu-bars.dat"), "w") as f:
         f.write("# label (2 lines) native_apps offloaded_apps engine (CPU µs per request)\n")
         for label, label2, n_app, o_app, o_eng in bars:
@@ -299,14 +291,7 @@ def write_micro_bars(results, out):
         path = os.path.join(results, name)
         if not os.path.exists(path):
             return []
-        rows = list(csv.DictReader(open(path)))
-        found = []
-        for group in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
-            native, off = ([r for r in rows if tuple(r[k] for k in keys) == group and
-                            r["mode"] == mode] for mode in ("native", "offloaded"))
-            if native and off:
-                found.append((group, native, off))
-        return found
+        return list(pairs(list(csv.DictReader(open(path))), *keys))
 
     op_cost = groups("op_cost.csv", ("op", "size"))
     if op_cost:
