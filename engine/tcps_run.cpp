@@ -192,8 +192,9 @@ std::string find_library(const Options &options) {
     return "libtcps.so";
 }
 
-// True if something accepts connections on the control socket. A full backlog (EAGAIN) still
-// means an engine is there.
+// True if an engine the program may trust (ipc::check_engine_identity) accepts connections on
+// the control socket. A full backlog (EAGAIN) still means an engine is there. One that answers
+// but may not be trusted is said on stderr and not used.
 bool engine_answers(const std::string &path) {
     sockaddr_un address{};
     if (path.size() >= sizeof(address.sun_path)) return false;
@@ -202,7 +203,13 @@ bool engine_answers(const std::string &path) {
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (sock < 0) return false;
     int rc = connect(sock, reinterpret_cast<sockaddr *>(&address), sizeof(address));
-    const bool answers = rc == 0 || errno == EAGAIN || errno == EINPROGRESS;
+    bool answers = rc == 0 || errno == EAGAIN || errno == EINPROGRESS;
+    char why[256];
+    // (Behind a full backlog there is no peer to ask: the shim asks again when it connects.)
+    if (rc == 0 && tcps::ipc::check_engine_identity(sock, path.c_str(), why, sizeof(why)) != 0) {
+        std::fprintf(stderr, "tcps-run: not using the engine on %s: %s\n", path.c_str(), why);
+        answers = false;
+    }
     close(sock);
     return answers;
 }

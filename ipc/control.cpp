@@ -1,9 +1,11 @@
 #include "control.hpp"
 
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -20,6 +22,50 @@ std::string default_engine_socket_path() {
 std::string engine_socket_path() {
     if (const char *env = std::getenv(kEngineSocketEnv); env && *env) return env;
     return default_engine_socket_path();
+}
+
+int check_engine_identity(int sock, const char *path, char *why, size_t why_size) {
+    const uid_t self = geteuid();
+    const auto trusted = [self](uid_t uid) { return uid == 0 || uid == self; };
+    ucred peer{};
+    socklen_t len = sizeof(peer);
+    // Raw: inside libtcps.so, ::getsockopt is the shim's own.
+    if (syscall(SYS_getsockopt, sock, SOL_SOCKET, SO_PEERCRED, &peer, &len) != 0) {
+        std::snprintf(why, why_size, "SO_PEERCRED: %s", std::strerror(errno));
+        return -EPERM;
+    }
+    if (!trusted(peer.uid)) {
+        std::snprintf(why, why_size, "the engine on %s runs as uid %u, not root or uid %u", path,
+                      peer.uid, self);
+        return -EPERM;
+    }
+    struct stat st {};
+    if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode) || !trusted(st.st_uid)) {
+        std::snprintf(why, why_size, "%s is not a socket owned by root or uid %u", path, self);
+        return -EPERM;
+    }
+    char dir[4096];
+    const char *slash = std::strrchr(path, '/');
+    size_t dir_len = slash ? static_cast<size_t>(slash - path) : 0;
+    if (!slash) {
+        dir[0] = '.', dir_len = 1;
+    } else if (dir_len == 0) {
+        dir[0] = '/', dir_len = 1;
+    } else if (dir_len < sizeof(dir)) {
+        std::memcpy(dir, path, dir_len);
+    } else {
+        std::snprintf(why, why_size, "socket path too long");
+        return -EPERM;
+    }
+    dir[dir_len] = '\0';
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode) || !trusted(st.st_uid) ||
+        ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))) {
+        std::snprintf(why, why_size,
+                      "%s is not a directory of root or uid %u that only they can change", dir,
+                      self);
+        return -EPERM;
+    }
+    return 0;
 }
 
 // Raw syscalls: inside libtcps.so, ::sendmsg/::recvmsg would be the shim's own interposers.

@@ -61,6 +61,14 @@ std::string default_engine_socket_path();
 // The path to use: $TCPS_ENGINE_SOCKET if set and non-empty, else the default.
 std::string engine_socket_path();
 
+// Whether this process may trust the engine it reached on the connected control socket `sock`
+// at `path` with its traffic: the process listening there runs as root or as our effective
+// uid (SO_PEERCRED), and nobody else could have put it there: the socket file and its
+// directory belong to root or to us, and the directory is writable by nobody else (unless it
+// is sticky, as /tmp is, where only the owner may remove or replace the file). Returns 0, or
+// -EPERM with `why` (at least 128 bytes) saying what failed. Allocates nothing.
+int check_engine_identity(int sock, const char *path, char *why, size_t why_size);
+
 // Sends one message with up to kMaxControlFds descriptors. Returns 0 or -errno.
 // These call the real libc functions (the shim must not intercept its own control traffic:
 // it uses AF_UNIX, which the shim passes through anyway).

@@ -149,6 +149,16 @@ int dial_engine(const char *&why) {
         why = "connect";
         return -error;
     }
+    // Whoever answers there would see and could change all our traffic: only root's engine or
+    // our own uid's, in a place nobody else controls.
+    static char identity_why[256];
+    if (const int rc =
+            ipc::check_engine_identity(sock, path.c_str(), identity_why, sizeof(identity_why));
+        rc != 0) {
+        real(libc.close)(sock);
+        why = identity_why;
+        return rc;
+    }
     return sock;
 }
 

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The engine as an attacker meets it: other users, hostile clients, exhaustion. Each case is a
+# function; `security.sh CASE...` runs some, no argument runs all. Root only (it switches to
+# other uids with setpriv); skipped otherwise.
+#
+# Cases:
+#   squatting   a process trusts only root's engine or its own uid's, in a directory nobody else
+#               controls: another user's tcpsd on the path is refused (the program keeps kernel
+#               sockets and TCPS_DEBUG says why), and tcps-run starts a private engine instead
+set -euo pipefail
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/../integration/lib.sh"
+
+((EUID == 0)) || skip "needs root (runs clients and engines as other users)"
+need_engine
+need_tool setpriv ss timeout
+[[ -n $PYTHON ]] || skip "python3 is not installed"
+
+# The command prefix that runs a program as uid/gid $1 with no supplementary groups and no
+# capabilities (setpriv execs it: a background job's $! is the program's pid).
+as_user() {
+    AS_USER=(setpriv --reuid="$1" --regid="$1" --clear-groups --inh-caps=-all
+        --bounding-set=-all --)
+}
+
+# A fresh directory owned by uid $1 with mode $2, outside TCPS_TEST_DIR (which only root can
+# enter). Removed by the EXIT trap.
+OWNED_DIRS=()
+owned_dir() {
+    local dir
+    dir=$(mktemp -d /tmp/tcps-sec.XXXXXX)
+    chown "$1:$1" "$dir"
+    chmod "$2" "$dir"
+    OWNED_DIRS+=("$dir")
+    echo "$dir"
+}
+remove_owned_dirs() { ((${#OWNED_DIRS[@]} == 0)) || rm -rf "${OWNED_DIRS[@]}"; }
+trap 'status=$?; remove_owned_dirs; (exit "$status"); cleanup' EXIT
+
+# Starts a tcpsd as uid $1 on socket $2 and waits for it; sets OTHER_ENGINE_PID.
+start_engine_as() {
+    local uid=$1 sock=$2 ready
+    ready=$(dirname "$sock")/ready
+    : >"$ready"
+    as_user "$uid"
+    "${AS_USER[@]}" "$TCPSD" --socket "$sock" --ready-fd 3 3>"$ready" \
+        >>"$TCPS_TEST_DIR/engine-$uid.log" 2>&1 &
+    OTHER_ENGINE_PID=$!
+    track "$OTHER_ENGINE_PID"
+    # shellcheck disable=SC2317  # called by wait_until
+    ready_now() { grep -q ready "$ready" 2>/dev/null; }
+    wait_until 5 ready_now || fail "tcpsd as uid $uid did not start on $sock"
+}
+
+# A plain (not preloaded) TCP listener on 127.0.0.1; sets LISTEN_PORT and LISTEN_PID.
+start_plain_listener() {
+    LISTEN_PORT=$(free_port)
+    "$PYTHON" -c 'import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+conns = []
+while True:
+    c, _ = s.accept(); conns.append(c)' "$LISTEN_PORT" &
+    LISTEN_PID=$!
+    track "$LISTEN_PID"
+    wait_until 10 listening_on "$LISTEN_PORT" || fail "the plain listener did not start"
+}
+
+# A client that connects to port $2 and holds the connection until its stdin closes, as uid
+# $1, preloaded with the engine socket $3; its stderr goes to file $4. Sets CLIENT_PID.
+start_held_client() {
+    local uid=$1 port=$2 sock=$3 err=$4
+    mkfifo "$err.in"
+    as_user "$uid"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$sock" TCPS_DEBUG=1 \
+        "$PYTHON" -c 'import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("connected", flush=True)
+sys.stdin.read()' "$port" <"$err.in" >"$err.out" 2>"$err" &
+    CLIENT_PID=$!
+    track "$CLIENT_PID"
+    exec {CLIENT_STDIN}>"$err.in"
+    wait_for_line 10 "$err.out" connected || fail "the client did not connect: $(cat "$err")"
+}
+stop_held_client() {
+    exec {CLIENT_STDIN}>&-
+    wait_pid "$CLIENT_PID" 10 || fail "the client did not exit"
+}
+
+# The connection from the client (pid $1) to port $2 is its own kernel socket.
+expect_own_socket() {
+    local pid=$1 port=$2 lines
+    lines=$(ss -tanpH state established "( dport = :$port )")
+    printf '  ss: %s\n' "$lines"
+    grep -q "pid=$pid," <<<"$lines" || fail "the client (pid $pid) holds no kernel socket to $port"
+}
+
+case_squatting() {
+    local squatter=65534 victim=4242 dir sock engine_pid lines
+    log "squatting: uid $squatter runs tcpsd on a path uid $victim would use"
+    dir=$(owned_dir "$squatter" 0755)
+    sock=$dir/engine.sock
+    start_engine_as "$squatter" "$sock"
+    engine_pid=$OTHER_ENGINE_PID
+    start_plain_listener
+
+    start_held_client "$victim" "$LISTEN_PORT" "$sock" "$TCPS_TEST_DIR/victim.err"
+    expect_own_socket "$CLIENT_PID" "$LISTEN_PORT"
+    grep -q "runs as uid $squatter, not root or uid $victim" "$TCPS_TEST_DIR/victim.err" ||
+        fail "TCPS_DEBUG did not say why the engine was refused: $(cat "$TCPS_TEST_DIR/victim.err")"
+    stop_held_client
+    log "  refused: $(grep -m1 'no engine' "$TCPS_TEST_DIR/victim.err")"
+
+    # The squatter's own programs may use it: the same uid is trusted.
+    start_held_client "$squatter" "$LISTEN_PORT" "$sock" "$TCPS_TEST_DIR/own.err"
+    lines=$(ss -tanpH state established "( dport = :$LISTEN_PORT )")
+    grep -q "pid=$engine_pid," <<<"$lines" || fail "uid $squatter's own engine was not used: $lines"
+    stop_held_client
+    log "  the same uid's engine is used"
+
+    # tcps-run says so and brings its own engine instead.
+    local out=$TCPS_TEST_DIR/run.out
+    as_user "$victim"
+    "${AS_USER[@]}" env TCPS_ENGINE_SOCKET="$sock" HOME=/ "$TCPS_RUN" --engine "$TCPSD" \
+        --lib "$LIBTCPS" -- "$PYTHON" -c 'import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+import subprocess
+print(subprocess.run(["ss", "-tanpH", "state", "established", "( dport = :%s )" % sys.argv[1]],
+                     capture_output=True, text=True).stdout)' "$LISTEN_PORT" >"$out" 2>&1 ||
+        fail "tcps-run failed: $(cat "$out")"
+    grep -q "not using the engine on $sock" "$out" || fail "tcps-run did not refuse: $(cat "$out")"
+    grep -q '"tcpsd"' "$out" && ! grep -q "pid=$engine_pid," "$out" ||
+        fail "tcps-run's program was not served by a private engine: $(cat "$out")"
+    log "  tcps-run refuses it and starts a private engine"
+
+    # Root's engine in a directory others may change is refused too.
+    local open_dir
+    open_dir=$(owned_dir 0 0777)
+    "$TCPSD" --socket "$open_dir/engine.sock" >>"$TCPS_TEST_DIR/engine-open.log" 2>&1 &
+    track $!
+    # shellcheck disable=SC2317  # called by wait_until
+    sock_there() { [[ -S $open_dir/engine.sock ]]; }
+    wait_until 5 sock_there || fail "root's tcpsd did not start in $open_dir"
+    start_held_client "$victim" "$LISTEN_PORT" "$open_dir/engine.sock" "$TCPS_TEST_DIR/open.err"
+    expect_own_socket "$CLIENT_PID" "$LISTEN_PORT"
+    grep -q "only they can change" "$TCPS_TEST_DIR/open.err" ||
+        fail "a world-writable directory was not refused: $(cat "$TCPS_TEST_DIR/open.err")"
+    stop_held_client
+    log "  root's engine in a world-writable directory is refused"
+}
+
+all_cases=(squatting)
+cases=("$@")
+((${#cases[@]} > 0)) || cases=("${all_cases[@]}")
+for name in "${cases[@]}"; do
+    "case_$name"
+done
+log "security: ${#cases[@]} case(s) passed"
