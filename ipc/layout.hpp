@@ -4,9 +4,10 @@
 // the process that said hello, over the control socket (SCM_RIGHTS). The processes it forks
 // inherit the mapping with the descriptors, and each joins the session as a member with a
 // control connection of its own, so a socket shared across fork is one slot, with one pair of
-// rings, exactly as Linux shares one socket between the processes that hold it. Only the engine
-// and that family map the region, so one family never sees another's sockets or bytes (the
-// seeds' H1: a protected channel).
+// rings, exactly as Linux shares one socket between the processes that hold it. Only the engine,
+// that family, and whoever may ptrace one of its processes (and so read its memory anyway) can
+// map the region, so one family never sees another's sockets or bytes (the seeds' H1: a
+// protected channel).
 //
 // Rules of the contract:
 //  * Fixed-size records, offsets computed from the compile-time constants below, never pointers

@@ -7,6 +7,8 @@
 #   squatting   a process trusts only root's engine or its own uid's, in a directory nobody else
 #               controls: another user's tcpsd on the path is refused (the program keeps kernel
 #               sockets and TCPS_DEBUG says why), and tcps-run starts a private engine instead
+#   region      a family's region can be opened through /proc/PID/fd only by those who may
+#               ptrace a member (and so read its memory anyway): not by another uid
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
@@ -35,7 +37,7 @@ owned_dir() {
     echo "$dir"
 }
 remove_owned_dirs() { ((${#OWNED_DIRS[@]} == 0)) || rm -rf "${OWNED_DIRS[@]}"; }
-trap 'status=$?; remove_owned_dirs; (exit "$status"); cleanup' EXIT
+trap 'status=$?; remove_owned_dirs; set +e; (exit "$status"); cleanup' EXIT
 
 # Starts a tcpsd as uid $1 on socket $2 and waits for it; sets OTHER_ENGINE_PID.
 start_engine_as() {
@@ -51,6 +53,21 @@ start_engine_as() {
     ready_now() { grep -q ready "$ready" 2>/dev/null; }
     wait_until 5 ready_now || fail "tcpsd as uid $uid did not start on $sock"
 }
+
+# Root's engine on a socket every user can reach (TCPS_TEST_DIR is root's alone); sets
+# ROOT_SOCK. The lib.sh engine functions do the rest.
+start_root_engine() {
+    local dir
+    dir=$(owned_dir 0 0755)
+    ENGINE_SOCK=$dir/engine.sock
+    : >"$TCPS_TEST_DIR/ready"
+    "$TCPSD" --socket "$ENGINE_SOCK" --ready-fd 3 "$@" 3>"$TCPS_TEST_DIR/ready" \
+        >>"$TCPS_TEST_DIR/engine.log" 2>&1 &
+    ENGINE_PID=$!
+    track "$ENGINE_PID"
+    wait_until 5 engine_ready || fail "the engine did not report ready within 5 s"
+}
+stop_root_engine() { stop_engine; }
 
 # A plain (not preloaded) TCP listener on 127.0.0.1; sets LISTEN_PORT and LISTEN_PID.
 start_plain_listener() {
@@ -149,7 +166,36 @@ print(subprocess.run(["ss", "-tanpH", "state", "established", "( dport = :%s )" 
     log "  root's engine in a world-writable directory is refused"
 }
 
-all_cases=(squatting)
+case_region() {
+    local owner=4242 other=4243 fd_link="" fd
+    log "region: uid $other tries to map uid $owner's region through /proc"
+    start_root_engine
+    start_plain_listener
+    start_held_client "$owner" "$LISTEN_PORT" "$ENGINE_SOCK" "$TCPS_TEST_DIR/owner.err"
+    for fd in /proc/"$CLIENT_PID"/fd/*; do
+        [[ $(readlink "$fd") == /memfd:tcps-region* ]] && fd_link=$fd
+    done
+    [[ -n $fd_link ]] || fail "no region memfd in the client (pid $CLIENT_PID): not offloaded"
+    as_user "$other"
+    local result
+    result=$("${AS_USER[@]}" "$PYTHON" -c 'import os, sys
+for path, flags in ((sys.argv[1], os.O_RDWR), (sys.argv[2], os.O_RDONLY)):
+    try:
+        os.close(os.open(path, flags)); print("opened", path)
+    except PermissionError:
+        print("denied")' "$fd_link" "/proc/$CLIENT_PID/mem")
+    [[ $result == $'denied\ndenied' ]] || fail "uid $other reached the region: $result"
+    # The owner's own uid may (as it may read the process's memory): what the docs say.
+    as_user "$owner"
+    result=$("${AS_USER[@]}" "$PYTHON" -c 'import os, sys
+os.close(os.open(sys.argv[1], os.O_RDWR)); print("opened")' "$fd_link" 2>&1 || true)
+    [[ $result == opened ]] || fail "the owner's uid could not open its region: $result"
+    stop_held_client
+    stop_root_engine
+    log "  another uid: denied, as for the process's memory; the same uid: allowed, as ptrace is"
+}
+
+all_cases=(squatting region)
 cases=("$@")
 ((${#cases[@]} > 0)) || cases=("${all_cases[@]}")
 for name in "${cases[@]}"; do
