@@ -25,6 +25,7 @@
 #include "control.hpp"
 #include "control_listener.hpp"
 #include "log.hpp"
+#include "quota.hpp"
 #include "remote.hpp"
 #include "session.hpp"
 #include "worker.hpp"
@@ -68,27 +69,43 @@ void add_wake_fd(int fd) {
     g_wake_count.store(n + 1);
 }
 
-int read_unprivileged_port_start() {
-    const int fd = open("/proc/sys/net/ipv4/ip_unprivileged_port_start", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 1024;
-    char buffer[32] = {};
-    const ssize_t n = read(fd, buffer, sizeof(buffer) - 1);
-    close(fd);
-    if (n <= 0) return 1024;
-    char *end = nullptr;
-    const long value = std::strtol(buffer, &end, 10);
-    if (end == buffer || value < 0 || value > 65536) return 1024;
-    return static_cast<int>(value);
-}
-
-void raise_fd_limit() {
-    rlimit limit;
-    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
-        limit.rlim_cur = limit.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &limit);
+// Every client socket costs the engine a descriptor: take as many as the system lets one
+// process have (root may raise its hard limit to fs.nr_open). Returns the soft limit now.
+uint64_t raise_fd_limit() {
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return 1024;
+    long nr_open = 0;
+    if (FILE *file = std::fopen("/proc/sys/fs/nr_open", "re")) {
+        if (std::fscanf(file, "%ld", &nr_open) != 1) nr_open = 0;
+        std::fclose(file);
     }
+    if (nr_open > 0 && limit.rlim_max < static_cast<rlim_t>(nr_open)) {
+        const rlimit raised{static_cast<rlim_t>(nr_open), static_cast<rlim_t>(nr_open)};
+        if (setrlimit(RLIMIT_NOFILE, &raised) == 0) limit = raised;
+    }
+    if (limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &limit) != 0) getrlimit(RLIMIT_NOFILE, &limit);
+    }
+    return limit.rlim_cur == RLIM_INFINITY ? uint64_t{1} << 20 : limit.rlim_cur;
 }
 
+// Half of the machine's memory, in bytes (what the engine lets its clients' rings take).
+uint64_t default_memory_budget() {
+    uint64_t kib = 0;
+    if (FILE *file = std::fopen("/proc/meminfo", "re")) {
+        unsigned long long value = 0;
+        if (std::fscanf(file, "MemTotal: %llu kB", &value) == 1) kib = value;
+        std::fclose(file);
+    }
+    return kib > 0 ? kib * 1024 / 2 : uint64_t{1} << 30;
+}
+
+// Descriptors the engine keeps for itself (its io_urings, eventfds, listeners, /proc reads).
+constexpr uint64_t kReservedFds = 256;
+
+// A control connection that has not said hello (or join) yet. It counts against its uid's
+// share (one descriptor) from the moment it is accepted.
 struct PendingHello {
     int fd;
     uint64_t deadline_ns;
@@ -109,6 +126,8 @@ class Engine {
     void start_session(PendingHello &hello);
     void forget_freed_sessions();
     void reply_hello_error(int fd, int error);
+    // Closes a pending connection that goes nowhere, and gives back its share.
+    void drop_hello(PendingHello &hello);
     void join_session(PendingHello &hello, const ipc::ControlMessage &msg);
     // A relay's session (--fabric-listen): a client on another host (remote.hpp).
     void start_remote_session(int fd, const LinkHello &hello);
@@ -120,10 +139,12 @@ class Engine {
     int listener_ = -1;
     ino_t inode_ = 0;
     int wake_fd_ = -1;
-    int unprivileged_port_start_ = 1024;
     uint32_t next_session_id_ = 1;
     std::vector<std::unique_ptr<Worker>> workers_;
     std::vector<PendingHello> hellos_;
+    // Pending connections by uid: one uid may hold at most half of what others leave of
+    // kMaxPendingHellos, so a client that connects and says nothing cannot lock others out.
+    std::unordered_map<uid_t, uint32_t> pending_by_uid_;
     // Which worker serves each session, for forked children joining it. Ids are never reused;
     // a session leaves once its worker has freed it (forget_freed_sessions), and a join for a
     // session that has ended is refused, here or by the worker.
@@ -133,7 +154,7 @@ class Engine {
 };
 
 Engine::~Engine() {
-    for (PendingHello &hello : hellos_) close(hello.fd);
+    for (PendingHello &hello : hellos_) drop_hello(hello);
     if (listener_ >= 0) close(listener_);
     if (wake_fd_ >= 0) close(wake_fd_);
 }
@@ -147,7 +168,6 @@ bool Engine::start_workers() {
         config.core = cores[k];
         config.spin_us = options_.spin_us;
         config.busy_poll = options_.busy_poll;
-        config.unprivileged_port_start = unprivileged_port_start_;
         if (links_.is_open()) {
             config.fabric = true;
             config.fabric_config = ipc::FabricConfig::from_env();
@@ -225,14 +245,34 @@ void Engine::accept_clients() {
                 log_line("accept on the control socket: %s", std::strerror(errno));
             return;
         }
-        if (hellos_.size() >= kMaxPendingHellos) {
-            log_line("too many clients waiting to say hello; dropping one");
+        const uid_t uid = hello.creds.uid;
+        uint32_t &pending = pending_by_uid_[uid];
+        int refused = 0;
+        if (uid != geteuid() && !within_share(pending, hellos_.size(), 1, kMaxPendingHellos))
+            refused = -EAGAIN;
+        else if (hellos_.size() >= kMaxPendingHellos)
+            refused = -EAGAIN;
+        else
+            refused = quotas().charge(uid, 1, 0);
+        if (refused != 0) {
+            TCPS_LOG_VERBOSE("client pid %d uid %u: refused: %s", hello.creds.pid, uid,
+                             std::strerror(-refused));
+            if (pending == 0) pending_by_uid_.erase(uid);
+            reply_hello_error(hello.fd, refused);
             close(hello.fd);
             continue;
         }
+        ++pending;
         hello.deadline_ns = monotonic_ns() + kHelloTimeoutNs;
         hellos_.push_back(hello);
     }
+}
+
+void Engine::drop_hello(PendingHello &hello) {
+    if (hello.fd < 0) return;
+    close(hello.fd);
+    hello.fd = -1;
+    quotas().release(hello.creds.uid, 1, 0);
 }
 
 static void reply_join_error(int fd, int error) {
@@ -258,7 +298,7 @@ bool Engine::on_hello_readable(PendingHello &hello) {
     const int rc = ipc::recv_control(hello.fd, msg, &unused_fd, 0, MSG_DONTWAIT);
     if (rc == -EAGAIN || rc == -EWOULDBLOCK) return true;
     if (rc == -ECONNRESET) {
-        close(hello.fd);
+        drop_hello(hello);
         return false;
     }
     if (rc == 0 && msg.type == static_cast<uint32_t>(ipc::ControlType::kJoin) &&
@@ -271,7 +311,7 @@ bool Engine::on_hello_readable(PendingHello &hello) {
         TCPS_LOG_VERBOSE("client pid %d: bad hello (%s), refused", hello.creds.pid,
                          rc < 0 ? std::strerror(-rc) : "type or version");
         reply_hello_error(hello.fd, -EPROTONOSUPPORT);
-        close(hello.fd);
+        drop_hello(hello);
         return false;
     }
     start_session(hello);
@@ -282,12 +322,16 @@ void Engine::start_session(PendingHello &hello) {
     auto session = std::make_unique<Session>();
     session->creds = hello.creds;
     const uint32_t id = next_session_id_++;
-    const int rc = create_region(*session, id);
+    int rc = quotas().charge(hello.creds.uid, kSessionFds, kSessionBytes);
+    if (rc == 0) {
+        session->charged = hello.creds.uid;
+        rc = create_region(*session, id, false);
+    }
     if (rc != 0) {
-        log_line("client pid %d: cannot create its region: %s", hello.creds.pid,
+        log_line("client pid %d uid %u: no session: %s", hello.creds.pid, hello.creds.uid,
                  std::strerror(-rc));
         reply_hello_error(hello.fd, rc);
-        close(hello.fd);
+        drop_hello(hello);
         return;
     }
     ipc::ControlMessage reply{};
@@ -300,10 +344,12 @@ void Engine::start_session(PendingHello &hello) {
     if (sent != 0) {
         TCPS_LOG_VERBOSE("client pid %d: hello reply failed: %s", hello.creds.pid,
                          std::strerror(-sent));
-        close(hello.fd);
+        drop_hello(hello);
         return;
     }
     session->members[0].control_fd = hello.fd;
+    session->members[0].control_charged = hello.creds.uid;
+    hello.fd = -1;  // the session's now
     forget_freed_sessions();
     Worker *best = workers_.front().get();
     for (auto &worker : workers_)
@@ -330,7 +376,7 @@ void Engine::join_session(PendingHello &hello, const ipc::ControlMessage &msg) {
         TCPS_LOG_VERBOSE("client pid %d: join of unknown session %u refused", hello.creds.pid,
                          msg.session_id);
         reply_join_error(hello.fd, -ENOENT);
-        close(hello.fd);
+        drop_hello(hello);
         return;
     }
     JoinRequest join;
@@ -356,9 +402,18 @@ void Engine::start_remote_session(int fd, const LinkHello &hello) {
 }
 
 int Engine::run() {
-    raise_fd_limit();
+    const uint64_t fd_limit = raise_fd_limit();
+    const uint64_t client_fds = options_.max_fds > 0 ? options_.max_fds : fd_limit;
+    const uint64_t bytes =
+        options_.max_memory_mb > 0 ? options_.max_memory_mb << 20 : default_memory_budget();
+    if (client_fds > fd_limit || client_fds <= kReservedFds) {
+        log_line("--max-fds %llu: the engine may open %llu descriptors",
+                 static_cast<unsigned long long>(client_fds),
+                 static_cast<unsigned long long>(fd_limit));
+        return 1;
+    }
+    quotas().configure(client_fds - kReservedFds, bytes, geteuid());
     signal(SIGPIPE, SIG_IGN);
-    unprivileged_port_start_ = read_unprivileged_port_start();
     path_ = options_.socket_path.empty() ? ipc::engine_socket_path() : options_.socket_path;
 
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -444,10 +499,15 @@ int Engine::run() {
             if (revents & (POLLIN | POLLHUP | POLLERR)) keep = on_hello_readable(hello);
             if (keep && now >= hello.deadline_ns) {
                 TCPS_LOG_VERBOSE("client pid %d: no hello within 2 s, dropped", hello.creds.pid);
-                close(hello.fd);
+                drop_hello(hello);
                 keep = false;
             }
-            if (keep) still_waiting.push_back(hello);
+            if (keep) {
+                still_waiting.push_back(hello);
+            } else if (auto found = pending_by_uid_.find(hello.creds.uid);
+                       found != pending_by_uid_.end() && --found->second == 0) {
+                pending_by_uid_.erase(found);
+            }
         }
         hellos_.swap(still_waiting);
         if (fds[1].revents & POLLIN) accept_clients();

@@ -31,7 +31,7 @@ struct LinkHello {
     uint32_t version;
     uint32_t layout_version;  // ipc::kLayoutVersion
     uint32_t reserved0;
-    uint64_t region_bytes;  // ipc::kRegionBytes
+    uint64_t region_bytes;  // ipc::kRemoteRegionBytes
     // The client process as the relay saw it (SO_PEERCRED and /proc on the relay's host).
     int32_t pid;
     uint32_t uid;
@@ -55,23 +55,22 @@ static_assert(sizeof(LinkReply) == 16 + sizeof(ipc::FabricBootstrap), "link repl
 // or freed ring space the engine waits for) and kTagMemberGone. Engine -> relay: kTagSlot (the
 // engine changed that slot: wake its waiters), kTagSlotInit (the engine reset the slot's
 // client-side indices for a new socket), kTagSessionEnd.
-inline constexpr uint32_t kTagSlotInit = ipc::kMaxSockets;  // + slot
-inline constexpr uint32_t kTagSessionEnd = 2 * ipc::kMaxSockets;
+// A relay session has one chunk (ipc::kRemoteRegionBytes): its slots are [0, kRemoteSlots).
+inline constexpr uint32_t kRemoteSlots = ipc::kChunkSlots;
+inline constexpr uint32_t kTagSlotInit = kRemoteSlots;  // + slot
+inline constexpr uint32_t kTagSessionEnd = 2 * kRemoteSlots;
 // The client process is gone: the relay has published its last indices, its holds (its
-// member record's `held`) and then this; the engine drops its holds as for a dead member.
-inline constexpr uint32_t kTagMemberGone = 2 * ipc::kMaxSockets + 1;
-inline constexpr uint32_t kLinkMaxTag = 2 * ipc::kMaxSockets + 2;
+// bitmap in chunk 0) and then this; the engine drops its holds as for a dead member.
+inline constexpr uint32_t kTagMemberGone = 2 * kRemoteSlots + 1;
+inline constexpr uint32_t kLinkMaxTag = 2 * kRemoteSlots + 2;
 
 // --- where things are in the region (offsets from its start) ---
-constexpr size_t slot_offset(uint32_t slot) {
-    return ipc::kSlotsOffset + size_t{slot} * sizeof(ipc::SocketSlot);
-}
+using ipc::slot_offset;
 constexpr size_t slot_field(uint32_t slot, size_t field_offset) {
     return slot_offset(slot) + field_offset;
 }
 constexpr size_t member_held_offset(uint32_t member) {
-    return ipc::kMembersOffset + size_t{member} * sizeof(ipc::MemberRecord) +
-           offsetof(ipc::MemberRecord, held);
+    return ipc::held_offset(member, 0);
 }
 inline constexpr size_t kEngineAliveOffset = offsetof(ipc::RegionHeader, engine_alive);
 
@@ -88,7 +87,7 @@ static_assert(offsetof(ipc::SocketSlot, tx_tail) == 0 && offsetof(ipc::SocketSlo
                   offsetof(ipc::SocketSlot, claim) == 24 &&
                   offsetof(ipc::SocketSlot, holders) == 28,
               "the relay's record of client indices follows the slot's line 0");
-static_assert(sizeof(ipc::MemberRecord::held) <= ipc::kFabricSnapshotBytes,
+static_assert(ipc::kHeldBytesPerMember <= ipc::kFabricSnapshotBytes,
               "a member's holds travel as one snapshot");
 static_assert(sizeof(ipc::Response) <= ipc::kFabricSnapshotBytes &&
                   sizeof(ipc::Request) <= ipc::kFabricSnapshotBytes &&

@@ -12,7 +12,8 @@
 #include <cstring>
 #include <string>
 
-#include "reuseport.hpp"
+#include "identity.hpp"
+#include "quota.hpp"
 #include "worker.hpp"
 
 #ifndef SO_BUSY_POLL_BUDGET
@@ -63,7 +64,7 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
     ipc::Request req;
     std::memcpy(&req, &s.region.slot(i).request, sizeof(req));
     es.last_req_seq = req_seq;
-    int result = check_request(req, i, es.state);
+    int result = check_request(req, i, es.state, s.client_slots);
     if (result != 0) return respond(s, i, req_seq, result);
     switch (static_cast<ipc::Op>(req.op)) {
         case ipc::Op::kSocket:
@@ -120,10 +121,18 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
     respond(s, i, req_seq, result);
 }
 
+// A relay session's socket() (a local client asks with kNewSocket, new_socket()). Its process
+// is on another host: the socket is the engine's own, counted against the uid the relay names.
 int Worker::op_socket(Session &s, uint32_t i, const ipc::Request &req) {
+    if (const int rc = quotas().charge(s.creds.uid, 1, kSocketBytes); rc != 0) return rc;
     const int fd = socket(req.arg0, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP);
-    if (fd < 0) return -errno;
+    if (fd < 0) {
+        const int error = errno;
+        quotas().release(s.creds.uid, 1, kSocketBytes);
+        return -(error == EMFILE ? ENFILE : error);
+    }
     init_slot(s, i, fd, req.arg0, 0);
+    s.slots[i].quota_uid = s.creds.uid;
     s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
                                  std::memory_order_release);
     ++s.open_sockets;
@@ -133,35 +142,21 @@ int Worker::op_socket(Session &s, uint32_t i, const ipc::Request &req) {
 
 int Worker::op_bind(Session &s, uint32_t i, const ipc::Request &req) {
     EngineSlot &es = s.slots[i];
-    // A privileged port: checked against the rights every member has now.
-    ClientCreds unprivileged;
-    unprivileged.uid = 65534;
-    if (check_bind_permission(req.addr, req.addr_len, unprivileged,
-                              config_.unprivileged_port_start) != 0) {
-        const int denied = check_bind_permission(req.addr, req.addr_len, family_rights(s),
-                                                 config_.unprivileged_port_start);
-        if (denied != 0) return denied;
+    // A privileged port, judged as the kernel would for the client: its socket's namespace's
+    // ip_unprivileged_port_start now, and the rights every member has there now. Everything
+    // else, SO_REUSEPORT's same-owner rule among them, the kernel checks itself: the socket
+    // is the client's (create_socket_as).
+    if (sockaddr_port(req.addr, req.addr_len) > 0) {
+        const int port_start = unprivileged_port_start_of(es.fd);
+        const ClientCreds unprivileged;
+        if (check_bind_permission(req.addr, req.addr_len, unprivileged, port_start) != 0) {
+            const int denied =
+                check_bind_permission(req.addr, req.addr_len, family_rights(s, es.fd), port_start);
+            if (denied != 0) return denied;
+        }
     }
-    const bool reuseport = get_int_option(es.fd, SOL_SOCKET, SO_REUSEPORT, 0) != 0;
-    const bool v6_only =
-        es.family == AF_INET6 && get_int_option(es.fd, IPPROTO_IPV6, IPV6_V6ONLY, 0) != 0;
-    ReuseportRegistry &registry = reuseport_registry();
-    // Check, bind and record under one lock, so two clients cannot both pass the check.
-    std::lock_guard<std::mutex> lock(registry.mutex());
-    BoundAddress wanted;
-    if (reuseport && parse_bound_address(req.addr, req.addr_len, v6_only, wanted) &&
-        wanted.port != 0 && registry.conflicts(wanted, s.creds.uid))
-        return -EADDRINUSE;
     if (bind(es.fd, as_sockaddr(req.addr), req.addr_len) != 0) return -errno;
     refresh_addresses(s, i, false);
-    if (reuseport && es.reuseport_token == 0) {
-        sockaddr_storage bound;
-        socklen_t len = sizeof(bound);
-        BoundAddress actual;
-        if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&bound), &len) == 0 &&
-            parse_bound_address(reinterpret_cast<const uint8_t *>(&bound), len, v6_only, actual))
-            es.reuseport_token = registry.add(actual, s.creds.uid);
-    }
     publish_flags(s, i, es.flags | ipc::kFlagBound);
     return 0;
 }
@@ -172,7 +167,9 @@ int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
     refresh_addresses(s, i, false);
     if (!(es.flags & ipc::kFlagListening)) {
         publish_flags(s, i, es.flags | ipc::kFlagListening | ipc::kFlagBound);
-        s.listeners.push_back(static_cast<uint16_t>(i));
+        s.listeners.push_back(i);
+        // What it accepts belongs to its owner, as if the owner had accepted it.
+        es.accept_personality = personality_for(es.fd);
     }
     update_kernel_mask(s, i);
     post_accept(s, i);
@@ -312,7 +309,7 @@ int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
             decide_setsockopt(level, optname, req.opt, req.opt_len, s.creds.caps, facts);
         if (privileged.action != OptionAction::kRefuse)
             decision = decide_setsockopt(level, optname, req.opt, req.opt_len,
-                                         family_rights(s).caps, facts);
+                                         family_rights(s, es.fd).caps, facts);
     }
     switch (decision.action) {
         case OptionAction::kRefuse:

@@ -54,13 +54,19 @@ bool parse_core_list(const std::string &text, std::vector<int> &cores) {
 
 const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
-           "[--ready-fd FD] [--verbose] [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
+           "[--ready-fd FD] [--verbose] [--max-fds N] [--max-memory-mb N]\n"
+           "             [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
            "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
            "  --spin-us N    spin this long without work before sleeping (default 50)\n"
            "  --busy-poll    never sleep\n"
            "  --ready-fd FD  write \"ready\\n\" to FD once listening, then close it\n"
            "  --verbose      log every session\n"
+           "  --max-fds N    descriptors the engine spends on its clients (default: as many as\n"
+           "                 it may open); a uid other than the engine's gets at most half of\n"
+           "                 what other uids leave (ENFILE past it)\n"
+           "  --max-memory-mb N  memory for the clients' rings and sessions, shared the same\n"
+           "                 way (ENOBUFS past it; default: half of the machine's memory)\n"
            "  --fabric-listen ADDR:PORT  also serve clients on other hosts: tcps-relay connects\n"
            "                 here ([V6]:PORT for IPv6); the session is mirrored over libfabric\n"
            "  --fabric-node ADDR  the address of the workers' fabric endpoints (default: the\n"
@@ -109,6 +115,15 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 return false;
             }
             options.spin_us = static_cast<int>(us);
+        } else if (name == "--max-fds" || name == "--max-memory-mb") {
+            if (!take_value()) return false;
+            long n;
+            if (!parse_long(value, 1, 1L << 40, n)) {
+                error = "invalid " + name + " '" + value + "'";
+                return false;
+            }
+            (name == "--max-fds" ? options.max_fds : options.max_memory_mb) =
+                static_cast<uint64_t>(n);
         } else if (name == "--ready-fd") {
             if (!take_value()) return false;
             long fd;

@@ -1,6 +1,7 @@
 // tcpsd's command line.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,10 @@ struct Options {
     std::string fabric_listen;
     // The address the workers' fabric endpoints open on; empty: the --fabric-listen host.
     std::string fabric_node;
+    // What the engine may spend on its clients (quota.hpp); 0: its descriptor limit, and half
+    // of the machine's memory.
+    uint64_t max_fds = 0;
+    uint64_t max_memory_mb = 0;
 };
 
 // Parses "1", "0,1", "2-3", "0,2-3": CPU numbers in order, no duplicates. False if malformed.

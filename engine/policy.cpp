@@ -68,11 +68,12 @@ bool parse_cap_eff(std::string_view text, uint64_t &caps) {
     return false;
 }
 
-int check_request(const ipc::Request &request, uint32_t slot, ipc::SlotState engine_state) {
+int check_request(const ipc::Request &request, uint32_t slot, ipc::SlotState engine_state,
+                  uint32_t client_slots) {
     if (request.op == 0 || request.op >= ipc::kOpCount) return -EINVAL;
     const auto op = static_cast<ipc::Op>(request.op);
     if (op == ipc::Op::kSocket) {
-        if (slot >= ipc::kClientSlots || engine_state != ipc::SlotState::kFree) return -EBADF;
+        if (slot >= client_slots || engine_state != ipc::SlotState::kFree) return -EBADF;
         if (request.arg0 != AF_INET && request.arg0 != AF_INET6) return -EAFNOSUPPORT;
         return 0;
     }
@@ -117,53 +118,8 @@ int check_bind_permission(const uint8_t *addr, uint32_t len, const ClientCreds &
                           int unprivileged_port_start) {
     const int port = sockaddr_port(addr, len);
     if (port <= 0 || port >= unprivileged_port_start) return 0;
-    if (creds.uid == 0 || (creds.caps & kCapNetBindService)) return 0;
+    if (creds.caps & kCapNetBindService) return 0;
     return -EACCES;
-}
-
-bool parse_bound_address(const uint8_t *addr, uint32_t len, bool v6_only, BoundAddress &out) {
-    out = BoundAddress{};
-    if (len < sizeof(sa_family_t)) return false;
-    const uint16_t family = load_family(addr);
-    if (family == AF_INET && len >= sizeof(sockaddr_in)) {
-        sockaddr_in in;
-        std::memcpy(&in, addr, sizeof(in));
-        std::memcpy(out.addr, &in.sin_addr, 4);
-        out.port = ntohs(in.sin_port);
-        return true;
-    }
-    if (family == AF_INET6 && len >= sizeof(sockaddr_in6)) {
-        sockaddr_in6 in6;
-        std::memcpy(&in6, addr, sizeof(in6));
-        out.port = ntohs(in6.sin6_port);
-        if (IN6_IS_ADDR_V4MAPPED(&in6.sin6_addr)) {
-            std::memcpy(out.addr, in6.sin6_addr.s6_addr + 12, 4);
-        } else {
-            out.v6 = true;
-            out.v6_only = v6_only;
-            std::memcpy(out.addr, in6.sin6_addr.s6_addr, 16);
-        }
-        return true;
-    }
-    return false;
-}
-
-static bool is_wildcard(const BoundAddress &a) {
-    const size_t n = a.v6 ? 16 : 4;
-    for (size_t i = 0; i < n; ++i)
-        if (a.addr[i] != 0) return false;
-    return true;
-}
-
-bool bound_addresses_overlap(const BoundAddress &a, const BoundAddress &b) {
-    if (a.port != b.port || a.port == 0) return false;
-    if (a.v6 == b.v6) {
-        if (is_wildcard(a) || is_wildcard(b)) return true;
-        return std::memcmp(a.addr, b.addr, a.v6 ? 16 : 4) == 0;
-    }
-    // IPv4 against IPv6: only a dual-stack IPv6 wildcard also receives IPv4.
-    const BoundAddress &v6 = a.v6 ? a : b;
-    return is_wildcard(v6) && !v6.v6_only;
 }
 
 static int load_int(const uint8_t *value, uint32_t len) {

@@ -48,7 +48,10 @@ constexpr bool acc_head_valid(uint32_t acc_head, uint32_t acc_tail) {
 
 // Checks a request copied out of the region against the engine's own view of the slot.
 // Returns 0 if the engine may carry it out, else the -errno to answer with.
-int check_request(const ipc::Request &request, uint32_t slot, ipc::SlotState engine_state);
+// `client_slots`: how many slots the client claims itself (a relay session's), the only ones
+// kSocket may name.
+int check_request(const ipc::Request &request, uint32_t slot, ipc::SlotState engine_state,
+                  uint32_t client_slots);
 
 // Port (host order) of an AF_INET/AF_INET6 socket address, or -1 if it has none.
 int sockaddr_port(const uint8_t *addr, uint32_t len);
@@ -57,23 +60,6 @@ int sockaddr_port(const uint8_t *addr, uint32_t len);
 // port != 0 below ip_unprivileged_port_start needs CAP_NET_BIND_SERVICE).
 int check_bind_permission(const uint8_t *addr, uint32_t len, const ClientCreds &creds,
                           int unprivileged_port_start);
-
-// --- reuseport ownership ---
-
-// A bound address as the reuseport check compares it: IPv4 (also v4-mapped IPv6) or IPv6.
-struct BoundAddress {
-    bool v6 = false;  // false: addr[0..4) holds an IPv4 address
-    bool v6_only = false;
-    uint8_t addr[16] = {};
-    uint16_t port = 0;
-};
-
-// False if the bytes are not an AF_INET/AF_INET6 address.
-bool parse_bound_address(const uint8_t *addr, uint32_t len, bool v6_only, BoundAddress &out);
-
-// Whether two bound addresses claim the same port the way Linux's bind conflict check sees it:
-// same port and equal addresses, or either one a wildcard covering the other.
-bool bound_addresses_overlap(const BoundAddress &a, const BoundAddress &b);
 
 // --- socket options ---
 

@@ -124,7 +124,7 @@ struct Client {
     bool registered = false;  // our copy is registered with the endpoint as `region`
     uint32_t region = 0;
     RegionPublisher publisher;
-    std::unique_ptr<ForwardedSlot[]> slots{new ForwardedSlot[ipc::kMaxSockets]};
+    std::unique_ptr<ForwardedSlot[]> slots{new ForwardedSlot[kRemoteSlots]};
     bool client_gone = false;  // its process (member 0) closed its control connection
     bool engine_gone = false;  // the engine ended the session, or the link failed
     bool peer_gone = false;    // the link or the fabric failed: nothing more will go out
@@ -431,8 +431,8 @@ void Relay::start_link(PendingHello &hello) {
     s.members[0].control_fd = hello.fd;  // answered once the link is up
     c.deadline_ns = monotonic_ns() + kLinkTimeoutNs;
     const uint32_t id = next_session_id_++;
-    int rc = create_region(s, id);
-    if (rc == 0) rc = fabric_->register_region(s.region.base, ipc::kRegionBytes, c.region);
+    int rc = create_region(s, id, true);
+    if (rc == 0) rc = fabric_->register_region(s.region.base, ipc::kRemoteRegionBytes, c.region);
     if (rc == 0) {
         c.registered = true;
         if (by_region_.size() <= c.region) by_region_.resize(c.region + 1, nullptr);
@@ -440,7 +440,7 @@ void Relay::start_link(PendingHello &hello) {
         c.hello.magic = kLinkMagic;
         c.hello.version = kLinkVersion;
         c.hello.layout_version = ipc::kLayoutVersion;
-        c.hello.region_bytes = ipc::kRegionBytes;
+        c.hello.region_bytes = ipc::kRemoteRegionBytes;
         c.hello.pid = s.creds.pid;
         c.hello.uid = s.creds.uid;
         c.hello.gid = s.creds.gid;
@@ -650,7 +650,7 @@ bool Relay::drain_queue(Client &c) {
     uint32_t n = 0;
     for (; n < kQueueBatch; ++n) {
         uint32_t slot;
-        const ipc::PopResult result = ipc::work_queue_pop(s.region, slot);
+        const ipc::PopResult result = ipc::work_queue_pop(s.region, 0, slot);
         if (result == ipc::PopResult::kEmpty) break;
         if (result == ipc::PopResult::kGarbage) {
             log_line("session %u (pid %d): protocol violation: a work queue entry out of range",
@@ -723,7 +723,7 @@ void Relay::on_tag(uint32_t region, uint32_t tag) {
         return engine_gone(c, "the fabric link failed");
     }
     if (tag == kTagSessionEnd) return engine_gone(c, "the engine ended the session");
-    if (tag >= kTagSlotInit && tag < kTagSlotInit + ipc::kMaxSockets) {
+    if (tag >= kTagSlotInit && tag < kTagSlotInit + kRemoteSlots) {
         // A new socket in this slot: the engine reset its client indices in both copies.
         ForwardedSlot &forwarded = c.slots[tag - kTagSlotInit];
         forwarded.tx_tail = 0;
@@ -731,11 +731,11 @@ void Relay::on_tag(uint32_t region, uint32_t tag) {
         forwarded.acc_head = 0;
         return;
     }
-    if (tag >= ipc::kMaxSockets) return;
+    if (tag >= kRemoteSlots) return;
     Session &s = *c.session;
-    if (!s.changed_bits.test(tag)) {
-        s.changed_bits.set(tag);
-        s.changed.push_back(static_cast<uint16_t>(tag));
+    if (!s.changed_test(tag)) {
+        s.changed_bits[tag / 64] |= uint64_t{1} << (tag % 64);
+        s.changed.push_back(tag);
     }
     if (!s.dirty) {
         s.dirty = true;
@@ -788,10 +788,7 @@ void Relay::sleep_until_work() {
     for (size_t k = 0; k < clients_.size() && !busy; ++k) {
         const Client &c = *clients_[k];
         if (c.phase != Phase::kLinked || c.engine_gone || c.client_gone) continue;
-        const ipc::RegionView &region = c.session->region;
-        const uint32_t head = region.header().wq_head.load(std::memory_order_relaxed);
-        const ipc::WorkEntry &entry = region.work_entry(head & (ipc::kWorkQueueEntries - 1));
-        busy = entry.seq.load(std::memory_order_acquire) == head + 1;
+        busy = ipc::work_queue_ready(c.session->region, 0);
     }
     if (!busy) poll_descriptors(-1, true);
     set_sleeping(0);
@@ -814,10 +811,9 @@ void Relay::client_gone(Client &c, const char *why) {
     // What it wrote before it went, then its holds, then the news: the engine drops each hold
     // as for a dead member, sending what the process wrote before closing.
     drain_queue(c);
-    const ipc::MemberRecord &record = s.region.member(0);
-    uint64_t held[ipc::kMaxSockets / 64];
-    for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {
-        held[word] = record.held[word].load(std::memory_order_acquire);
+    uint64_t held[kRemoteSlots / 64];
+    for (uint32_t word = 0; word < kRemoteSlots / 64; ++word) {
+        held[word] = s.region.held_word(0, word * 64).load(std::memory_order_acquire);
         for (uint64_t bits = held[word]; bits != 0; bits &= bits - 1)
             forward(c, word * 64 + static_cast<uint32_t>(__builtin_ctzll(bits)), false);
     }

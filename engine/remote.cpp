@@ -61,7 +61,7 @@ std::string Worker::open_fabric() {
 bool Worker::attach_remote(Session &s) {
     RemoteLink &link = *s.remote;
     uint32_t region = 0;
-    int rc = fabric_ ? fabric_->register_region(s.region.base, ipc::kRegionBytes, region)
+    int rc = fabric_ ? fabric_->register_region(s.region.base, ipc::kRemoteRegionBytes, region)
                      : -EPROTONOSUPPORT;
     if (rc == 0 && (rc = fabric_->connect_region(region, link.peer)) < 0)
         fabric_->unregister_region(region);
@@ -125,7 +125,7 @@ void Worker::on_fabric_tag(uint32_t region, uint32_t tag) {
         s->remote->peer_gone = true;
         return end_session(*s, "its fabric link failed");
     }
-    if (tag < ipc::kMaxSockets) return process_slot(*s, tag);
+    if (tag < kRemoteSlots) return process_slot(*s, tag);
     if (tag == kTagMemberGone) return end_member(*s, 0, "the client process ended (relay)");
     violation(*s, "unexpected fabric tag %u", tag);
 }
@@ -140,7 +140,7 @@ void Worker::publish_remote(Session &s) {
     // Accepted connections (engine slots) before the listeners (client slots) whose accept
     // rings name them: the client must find a connection complete when it takes its index.
     for (int pass = 0; pass < 2; ++pass) {
-        for (uint16_t i : s.changed)
+        for (uint32_t i : s.changed)
             if ((i >= ipc::kClientSlots) == (pass == 0)) publish_remote_slot(s, i);
     }
     if (s.remote->publisher.error() != 0) {
@@ -382,7 +382,8 @@ bool LinkAcceptor::read_hello(Pending &pending,
     if (pending.received < sizeof(pending.hello)) return true;
     const LinkHello &hello = pending.hello;
     if (hello.magic != kLinkMagic || hello.version != kLinkVersion ||
-        hello.layout_version != ipc::kLayoutVersion || hello.region_bytes != ipc::kRegionBytes) {
+        hello.layout_version != ipc::kLayoutVersion ||
+        hello.region_bytes != ipc::kRemoteRegionBytes) {
         log_line("a relay's hello does not match this tcpsd (version or layout); refused");
         reply_link_error(pending.fd, -EPROTONOSUPPORT, 0);
         close(pending.fd);
@@ -410,7 +411,7 @@ std::unique_ptr<Session> make_remote_session(int fd, const LinkHello &hello, uin
     session->creds.uid = hello.uid;
     session->creds.gid = hello.gid;
     session->creds.caps = hello.caps;
-    const int rc = create_region(*session, id);
+    const int rc = create_region(*session, id, true);
     if (rc != 0) {
         log_line("remote client pid %d: cannot create its region: %s", hello.pid,
                  std::strerror(-rc));

@@ -52,7 +52,7 @@ struct RemoteLink {
     bool releasing = false;            // ended: waiting for our publishes to complete
     uint64_t release_deadline_ns = 0;  // then give up waiting (the peer stopped answering)
     RegionPublisher publisher;
-    std::unique_ptr<PublishedSlot[]> slots{new PublishedSlot[ipc::kMaxSockets]};
+    std::unique_ptr<PublishedSlot[]> slots{new PublishedSlot[kRemoteSlots]};
 
     RemoteLink() = default;
     RemoteLink(const RemoteLink &) = delete;

@@ -14,18 +14,17 @@
 #include <cstdio>
 #include <string>
 
+#include "identity.hpp"
+#include "quota.hpp"
 #include "remote.hpp"
 #include "ring.hpp"
 
 namespace tcps::engine {
 
-Session::Session() : slots(new EngineSlot[ipc::kMaxSockets]) {
+Session::Session() {
     waiter_fds.fill(-1);
     waiter_owner.fill(kNoMember);
-    free_engine_slots.reserve(ipc::kMaxSockets - ipc::kClientSlots);
-    // Highest first so the lowest index is handed out first.
-    for (uint32_t i = ipc::kMaxSockets; i-- > ipc::kClientSlots;)
-        free_engine_slots.push_back(static_cast<uint16_t>(i));
+    waiter_charged.fill(kUncharged);
 }
 
 Session::~Session() {
@@ -34,21 +33,23 @@ Session::~Session() {
 
 void Session::release() {
     if (region.base) {
-        munmap(region.base, ipc::kRegionBytes);
-        region.base = nullptr;
+        if (client_slots != 0) {
+            munmap(region.base, ipc::kRemoteRegionBytes);  // one mapping: map_contiguous
+        } else {
+            for (uint32_t k = 0; k < ipc::kMaxChunks; ++k)
+                if (uint8_t *chunk = region.chunk(k)) munmap(chunk, ipc::kChunkBytes);
+            munmap(region.base, ipc::kChunksOffset);
+        }
+        region.map_contiguous(nullptr, 0);
     }
-    for (int &fd : waiter_fds) {
-        if (fd >= 0) close(fd);
-        fd = -1;
-    }
-    for (Member &member : members) {
-        if (member.control_fd >= 0) close(member.control_fd);
-        member.control_fd = -1;
-    }
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) close_waiter(*this, w);
+    for (Member &member : members) close_control(member);
     for (int *fd : {&memfd, &doorbell_fd}) {
         if (*fd >= 0) close(*fd);
         *fd = -1;
     }
+    if (charged != kUncharged) quotas().release(charged, kSessionFds, kSessionBytes);
+    charged = kUncharged;
 }
 
 namespace {
@@ -108,6 +109,13 @@ int accept_control_client(int listener, ClientCreds &creds) {
             close(fd);
             continue;
         }
+        // Every message the client sends from now on carries its credentials, which the
+        // kernel vouches for (kNewSocket creates the socket with them).
+        const int on = 1;
+        if (setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, sizeof(on)) != 0) {
+            close(fd);
+            continue;
+        }
         creds = ClientCreds{};
         creds.pid = cred.pid;
         creds.uid = cred.uid;
@@ -118,7 +126,7 @@ int accept_control_client(int listener, ClientCreds &creds) {
     }
 }
 
-ClientCreds family_rights(const Session &session) {
+ClientCreds family_rights(const Session &session, int socket_fd) {
     ClientCreds rights = session.creds;
     // A remote client's processes are not ours to read in /proc: its relay vouched for them.
     if (session.remote) return rights;
@@ -131,6 +139,9 @@ ClientCreds family_rights(const Session &session) {
             effective_uid = member.creds.uid == 0 ? 65534 : member.creds.uid;  // in doubt: none
             caps = 0;
         }
+        // Capabilities count only in the namespaces the member's user namespace owns.
+        if (socket_fd >= 0 && caps != 0 && !caps_count_in_netns_of(socket_fd, member.creds.pid))
+            caps = 0;
         rights.caps &= caps;
         if (effective_uid != 0) rights.uid = effective_uid;
     }
@@ -146,8 +157,7 @@ void wake_changed_waiters(Session &s, bool signal) {
             uint32_t state = waiter.state.load(std::memory_order_acquire);
             if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
             const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
-            const bool match =
-                slot == ipc::kWaitAnySlot || (slot < ipc::kMaxSockets && s.changed_bits.test(slot));
+            const bool match = slot == ipc::kWaitAnySlot || s.changed_test(slot);
             if (!match) continue;
             if (waiter.state.compare_exchange_strong(
                     state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
@@ -158,16 +168,32 @@ void wake_changed_waiters(Session &s, bool signal) {
             }
         }
     }
-    for (uint16_t slot : s.changed) s.changed_bits.reset(slot);
+    for (uint32_t slot : s.changed) s.changed_bits[slot / 64] &= ~(uint64_t{1} << (slot % 64));
     s.changed.clear();
 }
 
-void install_waiter(Session &s, uint32_t w, int fd, uint16_t owner) {
+void close_waiter(Session &s, uint32_t w) {
+    if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
+    if (s.waiter_charged[w] != kUncharged) quotas().release(s.waiter_charged[w], 1, 0);
+    s.waiter_fds[w] = -1;
+    s.waiter_owner[w] = kNoMember;
+    s.waiter_charged[w] = kUncharged;
+}
+
+void close_control(Member &member) {
+    if (member.control_fd >= 0) close(member.control_fd);
+    if (member.control_charged != kUncharged) quotas().release(member.control_charged, 1, 0);
+    member.control_fd = -1;
+    member.control_charged = kUncharged;
+}
+
+void install_waiter(Session &s, uint32_t w, int fd, uint16_t owner, uid_t charged) {
     ipc::Waiter &waiter = s.region.waiter(w);
     waiter.slot.store(ipc::kWaitAnySlot, std::memory_order_relaxed);
     waiter.state.store(static_cast<uint32_t>(ipc::WaiterState::kIdle), std::memory_order_release);
     s.waiter_fds[w] = fd;
     s.waiter_owner[w] = owner;
+    s.waiter_charged[w] = charged;
     s.waiter_scan_limit = std::max(s.waiter_scan_limit, w + 1);
 }
 
@@ -186,33 +212,64 @@ void announce_engine_gone(Session &s) {
     }
 }
 
-int create_region(Session &session, uint32_t session_id) {
+int activate_chunk(Session &session) {
+    const uint32_t k = session.chunks_active;
+    if (k >= session.max_chunks) return -EMFILE;
+    if (!session.region.chunk(k)) {
+        void *chunk =
+            mmap(nullptr, ipc::kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                 session.memfd, static_cast<off_t>(ipc::chunk_offset(k)));
+        if (chunk == MAP_FAILED) return -ENOMEM;
+        session.region.chunks[k].store(static_cast<uint8_t *>(chunk), std::memory_order_relaxed);
+    }
+    // Its pages are still zero (nobody had it): every slot kFree, every hold clear.
+    ipc::work_queue_init(session.region, k);
+    session.slots.add_chunk(k);
+    session.changed_bits.resize(size_t{k + 1} * ipc::kChunkSlots / 64, 0);
+    // Highest first so the lowest index is handed out first; a relay session's client claims
+    // the first kClientSlots itself.
+    const uint32_t first = k * ipc::kChunkSlots + (k == 0 ? session.client_slots : 0);
+    for (uint32_t i = (k + 1) * ipc::kChunkSlots; i-- > first;)
+        session.free_engine_slots.push_back(i);
+    session.chunks_active = k + 1;
+    session.region.header().chunks_active.store(k + 1, std::memory_order_release);
+    return 0;
+}
+
+int create_region(Session &session, uint32_t session_id, bool relay) {
     const int memfd = memfd_create("tcps-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (memfd < 0) return -errno;
     session.memfd = memfd;
     if (ftruncate(memfd, static_cast<off_t>(ipc::kRegionBytes)) != 0) return -errno;
-    void *base = mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE,
-                      MAP_SHARED | MAP_NORESERVE, memfd, 0);
+    // A relay session is one contiguous mapping (it is mirrored over the fabric as one); a
+    // local one maps its control part here and each chunk when it is activated.
+    session.client_slots = relay ? ipc::kClientSlots : 0;
+    session.max_chunks = relay ? 1 : ipc::kMaxChunks;
+    const size_t mapped = relay ? ipc::kRemoteRegionBytes : ipc::kChunksOffset;
+    void *base =
+        mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0);
     if (base == MAP_FAILED) return -errno;
-    session.region.base = static_cast<uint8_t *>(base);
+    session.region.map_contiguous(static_cast<uint8_t *>(base), relay ? 1 : 0);
 
     ipc::RegionHeader &header = session.region.header();
     header.magic = ipc::kRegionMagic;
     header.version = ipc::kLayoutVersion;
     header.region_bytes = ipc::kRegionBytes;
-    header.max_sockets = ipc::kMaxSockets;
-    header.client_slots = ipc::kClientSlots;
+    header.max_sockets = session.max_chunks * ipc::kChunkSlots;
+    header.client_slots = session.client_slots;
     header.tx_ring_bytes = ipc::kTxRingBytes;
     header.rx_ring_bytes = ipc::kRxRingBytes;
     header.max_waiters = ipc::kMaxWaiters;
     header.session_id = session_id;
     header.max_members = ipc::kMaxMembers;
+    header.max_chunks = session.max_chunks;
+    header.chunk_slots = ipc::kChunkSlots;
     if (getrandom(&session.family_token, sizeof(session.family_token), 0) !=
         static_cast<ssize_t>(sizeof(session.family_token)))
         return -EIO;
     header.family_token = session.family_token;
     header.engine_sleeping.store(0, std::memory_order_relaxed);
-    ipc::work_queue_init(session.region);
+    if (const int rc = activate_chunk(session); rc != 0) return rc;
     header.engine_alive.store(1, std::memory_order_release);
 
     // The client must not be able to shrink the file under the engine's mapping (SIGBUS).

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <array>
-#include <bitset>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -15,7 +14,7 @@
 
 namespace tcps::engine {
 
-inline constexpr uint16_t kNoSlot = 0xffff;
+inline constexpr uint32_t kNoSlot = 0xffffffff;
 inline constexpr uint16_t kNoMember = 0xffff;
 
 // The engine's view of one socket slot.
@@ -58,10 +57,10 @@ struct EngineSlot {
     uint32_t close_tail = 0;         // a graceful close drains the tx ring up to here
     uint64_t close_progress_ns = 0;  // last time the drain moved
 
-    uint16_t accepted_by = kNoSlot;      // listener slot that accepted this connection
+    uint32_t accepted_by = kNoSlot;      // listener slot that accepted this connection
     uint32_t accepted_by_gen = 0;        // and that listener's incarnation
     uint32_t accept_pos = 0;             // its position in that listener's accept ring
-    uint16_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
+    uint32_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
 
     // Handed back to the kernel (kHandoff): no receive, accept or watch is posted again, and
     // closing it only drops our descriptor. handoff_member waits for the answer.
@@ -69,7 +68,25 @@ struct EngineSlot {
     uint16_t handoff_member = kNoMember;
 
     int rcvlowat = 1;
-    uint64_t reuseport_token = 0;
+    // Whose share of the engine this socket counts against (Quotas), and the io_uring
+    // personality its accepts run with (the listener's owner, 0: the engine's own).
+    uint32_t quota_uid = 0;
+    uint16_t accept_personality = 0;
+};
+
+// The engine's records of a session's slots, one array per active chunk.
+class SlotTable {
+  public:
+    EngineSlot &operator[](uint32_t i) {
+        return chunks_[i >> ipc::kChunkShift][i & ipc::kChunkMask];
+    }
+    const EngineSlot &operator[](uint32_t i) const {
+        return chunks_[i >> ipc::kChunkShift][i & ipc::kChunkMask];
+    }
+    void add_chunk(uint32_t k) { chunks_[k].reset(new EngineSlot[ipc::kChunkSlots]); }
+
+  private:
+    std::unique_ptr<EngineSlot[]> chunks_[ipc::kMaxChunks];
 };
 
 struct RemoteLink;  // remote.hpp: a client on another host, behind tcps-relay
@@ -77,9 +94,13 @@ struct RemoteLink;  // remote.hpp: a client on another host, behind tcps-relay
 inline constexpr uint64_t kReservationNs = 10'000'000'000;  // a forked child joins within 10 s
 
 // One process of the session's family (see ipc::MemberRecord).
+// A descriptor or session not counted against anyone's share (Quotas).
+inline constexpr uid_t kUncharged = static_cast<uid_t>(-1);
+
 struct Member {
     ipc::MemberState state = ipc::MemberState::kFree;
-    int control_fd = -1;  // its own control connection, once live
+    int control_fd = -1;                 // its own control connection, once live
+    uid_t control_charged = kUncharged;  // whose share the connection counts against
     bool control_posted = false;
     ClientCreds creds;
     uint64_t reserved_until_ns = 0;  // kReserved: freed if nobody joins by then
@@ -92,24 +113,40 @@ struct Session {
     int memfd = -1;
     int doorbell_fd = -1;  // this session's eventfd: the client writes it when we sleep
     ipc::RegionView region;
+    // Chunks the engine has mapped, initialised and published (RegionHeader::chunks_active),
+    // and how many this session may have: one for a relay session, whose client claims slots
+    // [0, kClientSlots) of it itself (client_slots != 0).
+    uint32_t chunks_active = 0;
+    uint32_t max_chunks = ipc::kMaxChunks;
+    uint32_t client_slots = 0;
+    uint32_t queue_cursor = 0;  // the chunk whose work queue process_queue() drains first
 
     // Worker-assigned identity for user_data.
     uint32_t index = 0;
     uint32_t gen = 0;
 
-    std::unique_ptr<EngineSlot[]> slots;
+    SlotTable slots;
     std::array<int, ipc::kMaxWaiters> waiter_fds;
     std::array<uint16_t, ipc::kMaxWaiters> waiter_owner;  // member index, kNoMember if free
+    std::array<uid_t, ipc::kMaxWaiters> waiter_charged;   // whose share each pipe counts against
+    uid_t charged =
+        kUncharged;  // whose share the session (memfd, doorbell, records) counts against
     std::array<Member, ipc::kMaxMembers> members;
     uint32_t live_members = 0;
     uint32_t reserved_members = 0;
     uint32_t waiter_scan_limit = 0;           // 1 + the highest registered waiter index
-    std::vector<uint16_t> free_engine_slots;  // engine-allocated range, a stack
-    std::vector<uint16_t> listeners;
+    std::vector<uint32_t> free_engine_slots;  // engine-allocated slots, a stack
+    std::vector<uint32_t> listeners;
 
-    // Slots whose readiness changed in this batch, for waking waiters.
-    std::vector<uint16_t> changed;
-    std::bitset<ipc::kMaxSockets> changed_bits;
+    // Slots whose readiness changed in this batch, for waking waiters (a bit per slot of the
+    // active chunks).
+    std::vector<uint32_t> changed;
+    std::vector<uint64_t> changed_bits;
+    bool changed_test(uint32_t i) const {
+        return i / 64 < changed_bits.size() && (changed_bits[i / 64] >> (i % 64)) & 1;
+    }
+    // Slots of the active chunks: loops over every slot stop here.
+    uint32_t slot_limit() const { return chunks_active * ipc::kChunkSlots; }
     bool dirty = false;  // in the worker's list of sessions to wake
 
     bool ending = false;
@@ -147,8 +184,10 @@ int accept_control_client(int listener, ClientCreds &creds);
 // What the whole family may do now: requests reach the engine through the shared region, so
 // a privileged one is allowed only if every live member could make it (Apache's children
 // drop root after fork; they must not bind a port below 1024 through their parent's rights).
-// Reads /proc for each member: only for the rare requests that need a privilege.
-ClientCreds family_rights(const Session &session);
+// Reads /proc for each member: only for the rare requests that need a privilege. A member's
+// capabilities count only where its user namespace owns the network namespace of socket
+// `socket_fd` (-1: anywhere).
+ClientCreds family_rights(const Session &session, int socket_fd);
 
 // Signals (a byte on its pipe) every armed waiter of the session that waits for a slot in
 // `changed` or for any slot, unless `signal` is false, then empties `changed`. The caller's
@@ -156,16 +195,31 @@ ClientCreds family_rights(const Session &session);
 // (pairs with the client's arm-then-recheck: one of the two sees the other).
 void wake_changed_waiters(Session &session, bool signal = true);
 
-// Makes waiter `w` the session's, idle, on the pipe write end `fd`, for member `owner`.
-void install_waiter(Session &session, uint32_t w, int fd, uint16_t owner);
+// Makes waiter `w` the session's, idle, on the pipe write end `fd`, for member `owner`, counted
+// against uid `charged`'s share.
+void install_waiter(Session &session, uint32_t w, int fd, uint16_t owner,
+                    uid_t charged = kUncharged);
+// Closes waiter `w`'s pipe and frees it (and its share).
+void close_waiter(Session &session, uint32_t w);
+// Closes a member's control connection (and frees its share).
+void close_control(Member &member);
+
+// What a session costs its uid beyond its member connections: the memfd and the doorbell.
+inline constexpr uint32_t kSessionFds = 2;
 
 // Tells the session's processes that the engine is gone for them: engine_alive = 0 (they fall
 // back), and every registered waiter gets a byte, so no thread sleeps on a dead session. The
 // caller then closes (or releases) the waiters' pipes, which gives them EOF.
 void announce_engine_gone(Session &session);
 
-// Creates a sealed, mapped, initialised region for a new session. Returns 0 or -errno.
-int create_region(Session &session, uint32_t session_id);
+// Creates a sealed, mapped, initialised region for a new session, with chunk 0 active.
+// `relay`: a session behind tcps-relay (one chunk, one contiguous mapping, the client claims
+// its socket() slots). Returns 0 or -errno.
+int create_region(Session &session, uint32_t session_id, bool relay);
+
+// Maps, initialises and publishes the session's next chunk: its slots join the free list.
+// 0, or -EMFILE (the session has all its chunks), -ENOMEM.
+int activate_chunk(Session &session);
 
 // A pending join: a forked child's control connection, for the worker serving the session.
 struct JoinRequest {

@@ -20,9 +20,10 @@
 
 #include "clock.hpp"
 #include "fence.hpp"
+#include "identity.hpp"
 #include "log.hpp"
+#include "quota.hpp"
 #include "remote.hpp"
-#include "reuseport.hpp"
 #include "ring.hpp"
 
 namespace tcps::engine {
@@ -32,7 +33,12 @@ namespace {
 constexpr unsigned kSqEntries = 4096;
 constexpr unsigned kCqEntries = 32768;
 constexpr uint32_t kMaxSessions = 4096;  // 12 bits of user_data
-constexpr uint32_t kQueueBatch = 64;     // slots popped per session per iteration
+// user_data: kind (4 bits) | session index (12) | slot (20) | the slot's incarnation (28 low
+// bits: a slot is freed only once nothing of it is in flight, so they only catch bugs).
+constexpr uint64_t kGenMask = (uint64_t{1} << 28) - 1;
+static_assert(kMaxSessions <= (1u << 12) && ipc::kMaxSockets <= (1u << 20),
+              "session index and slot fit their user_data fields");
+constexpr uint32_t kQueueBatch = 64;  // slots popped per session per iteration
 constexpr unsigned kCqeBatch = 256;
 constexpr uint64_t kTickNs = 100'000'000;
 // How long the ring pages of a freed engine slot stay: the free list is a stack, so under load
@@ -153,8 +159,8 @@ void Worker::adopt_join(const JoinRequest &join) {
 }
 
 uint64_t Worker::user_data(Kind kind, uint32_t session, uint32_t slot, uint32_t gen) {
-    return (static_cast<uint64_t>(kind) << 56) | (static_cast<uint64_t>(session & 0xfff) << 44) |
-           (static_cast<uint64_t>(slot & 0xfff) << 32) | gen;
+    return (static_cast<uint64_t>(kind) << 60) | (static_cast<uint64_t>(session & 0xfff) << 48) |
+           (static_cast<uint64_t>(slot & 0xfffff) << 28) | (gen & kGenMask);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,16 +260,22 @@ bool Worker::adopt_pending() {
 
 bool Worker::process_queue(Session &s) {
     uint32_t n = 0;
-    for (; n < kQueueBatch; ++n) {
-        uint32_t slot;
-        const ipc::PopResult result = ipc::work_queue_pop(s.region, slot);
-        if (result == ipc::PopResult::kEmpty) break;
-        if (result == ipc::PopResult::kGarbage) {
-            violation(s, "work queue entry holds a slot index >= %u", ipc::kMaxSockets);
-            return true;
+    // Each active chunk's queue in turn, from where the last batch stopped, so that a busy
+    // chunk does not starve the others.
+    for (uint32_t visited = 0; visited < s.chunks_active && n < kQueueBatch; ++visited) {
+        const uint32_t chunk = s.queue_cursor;
+        for (; n < kQueueBatch; ++n) {
+            uint32_t slot;
+            const ipc::PopResult result = ipc::work_queue_pop(s.region, chunk, slot);
+            if (result == ipc::PopResult::kEmpty) break;
+            if (result == ipc::PopResult::kGarbage) {
+                violation(s, "chunk %u's work queue holds a slot of another chunk", chunk);
+                return true;
+            }
+            process_slot(s, slot);
+            if (s.ending) return true;
         }
-        process_slot(s, slot);
-        if (s.ending) return true;
+        if (n < kQueueBatch) s.queue_cursor = (chunk + 1) % s.chunks_active;
     }
     return n > 0;
 }
@@ -381,7 +393,7 @@ unsigned Worker::reap() {
 }
 
 void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
-    const auto kind = static_cast<Kind>(data >> 56);
+    const auto kind = static_cast<Kind>(data >> 60);
     if (kind == Kind::kIgnore) return;
     if (kind == Kind::kWorkerDoorbell) {
         doorbell_posted_ = false;
@@ -391,9 +403,9 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         fabric_wait_posted_ = false;
         return;
     }
-    const uint32_t index = (data >> 44) & 0xfff;
-    const uint32_t i = (data >> 32) & 0xfff;
-    const uint32_t gen = static_cast<uint32_t>(data);
+    const uint32_t index = (data >> 48) & 0xfff;
+    const uint32_t i = (data >> 28) & 0xfffff;
+    const uint32_t gen = static_cast<uint32_t>(data & kGenMask);
     Session *sp = table_[index].get();
     if (!sp) {
         log_line("worker %d: completion for missing session %u (bug)", config_.index, index);
@@ -424,7 +436,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kWatch: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
-            if (es.gen != gen) {
+            if ((es.gen & kGenMask) != gen) {
                 log_line("worker %d: stale completion for session %u slot %u (bug)", config_.index,
                          s.id, i);
                 break;
@@ -468,9 +480,8 @@ bool Worker::any_queue_has_work() {
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
         if (!s || s->ending) continue;
-        const uint32_t head = s->region.header().wq_head.load(std::memory_order_relaxed);
-        const ipc::WorkEntry &entry = s->region.work_entry(head & (ipc::kWorkQueueEntries - 1));
-        if (entry.seq.load(std::memory_order_acquire) == head + 1) return true;
+        for (uint32_t chunk = 0; chunk < s->chunks_active; ++chunk)
+            if (ipc::work_queue_ready(s->region, chunk)) return true;
     }
     return false;
 }
@@ -569,7 +580,7 @@ void Worker::schedule(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.timed) return;
     es.timed = true;
-    timed_.push_back({s.index, s.gen, static_cast<uint16_t>(i), es.gen});
+    timed_.push_back({s.index, s.gen, i, es.gen});
 }
 
 void Worker::post_worker_doorbell() {
@@ -731,15 +742,70 @@ void Worker::apply_shut_wr(Session &s, uint32_t i) {
     bump_event(s, i);
 }
 
+uint32_t Worker::take_free_slot(Session &s) {
+    if (!has_free_slot(s)) return kNoSlot;
+    const uint32_t i = s.free_engine_slots.back();
+    s.free_engine_slots.pop_back();
+    return i;
+}
+
+bool Worker::has_free_slot(Session &s) {
+    if (!s.free_engine_slots.empty()) return true;
+    const int rc = activate_chunk(s);
+    if (rc != 0 && rc != -EMFILE)
+        log_line("session %u: cannot map chunk %u: %s", s.id, s.chunks_active, std::strerror(-rc));
+    return !s.free_engine_slots.empty();
+}
+
+uint16_t Worker::personality_for(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return 0;
+    if (st.st_uid == geteuid() && st.st_gid == getegid()) return 0;
+    const uint64_t key = (uint64_t{st.st_uid} << 32) | st.st_gid;
+    for (const auto &known : personalities_)
+        if (known.first == key) return known.second;
+    // Registered with this thread's credentials, with the owner's ids as fsuid and fsgid: the
+    // ids a socket's inode takes at creation (sock_alloc), which become the accepted socket's
+    // owner (sk_uid, what ss and /proc/net/tcp show, what uid-based routing uses) and its
+    // file's fsuid/fsgid (what nft's meta skuid/skgid match). Raw syscalls: glibc's wrappers
+    // would change every thread of the engine.
+    const long old_uid = syscall(SYS_setfsuid, st.st_uid);
+    const long old_gid = syscall(SYS_setfsgid, st.st_gid);
+    const int id = io_uring_register_personality(&ring_);
+    syscall(SYS_setfsgid, old_gid);
+    syscall(SYS_setfsuid, old_uid);
+    if (id <= 0 || id > UINT16_MAX) {
+        log_line("worker %d: io_uring personality for uid %u gid %u: %s", config_.index, st.st_uid,
+                 st.st_gid, std::strerror(id < 0 ? -id : EINVAL));
+        return 0;
+    }
+    personalities_.emplace_back(key, static_cast<uint16_t>(id));
+    return static_cast<uint16_t>(id);
+}
+
 void Worker::post_accept(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagListening) ||
         es.accept_posted || es.accept_retry || es.handed_off)
         return;
+    // The accept ring full is the application's own backlog (it has not taken them), which
+    // pauses accepting as a full queue does. No slot, or no share left, is not: those
+    // connections wait in the kernel while accept() says why (accept_error).
+    int error = 0;
     auto has_room = [&] {
-        return es.acc_tail - es.acc_head < ipc::kAcceptRingEntries && !s.free_engine_slots.empty();
+        if (es.acc_tail - es.acc_head >= ipc::kAcceptRingEntries) return false;
+        if (!has_free_slot(s)) {
+            error = EMFILE;
+            return false;
+        }
+        if (const int rc = quotas().charge(es.quota_uid, 1, kSocketBytes); rc != 0) {
+            error = -rc;
+            return false;
+        }
+        return true;
     };
     if (!has_room()) {
+        if (error != 0) return refuse_accepts(s, i, error);
         if (!(es.flags & ipc::kFlagAcceptPaused))
             publish_flags(s, i, es.flags | ipc::kFlagAcceptPaused, true);
         full_fence();
@@ -748,26 +814,56 @@ void Worker::post_accept(Session &s, uint32_t i) {
             return violation(s, "slot %u: acc_head %u outside the accept ring (acc_tail %u)", i,
                              acc_head, es.acc_tail);
         es.acc_head = acc_head;
-        if (!has_room()) return;
+        if (!has_room()) {
+            if (error != 0) return refuse_accepts(s, i, error);
+            return;
+        }
     }
     if (es.flags & ipc::kFlagAcceptPaused) publish_flags(s, i, es.flags & ~ipc::kFlagAcceptPaused);
+    set_accept_error(s, i, 0);
     io_uring_sqe *sqe = get_sqe();
-    if (!sqe) return schedule(s, i);
-    // The engine slot is taken now, so the accepted connection always has a home.
-    es.accept_reserved = s.free_engine_slots.back();
-    s.free_engine_slots.pop_back();
+    if (!sqe) {
+        quotas().release(es.quota_uid, 1, kSocketBytes);
+        return schedule(s, i);
+    }
+    // The engine slot (and the owner's share) is taken now, so the accepted connection
+    // always has a home.
+    es.accept_reserved = take_free_slot(s);
     io_uring_prep_accept(sqe, es.fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sqe->personality = es.accept_personality;
     track_op(s, i, sqe, Kind::kAccept);
     es.accept_posted = true;
+}
+
+void Worker::set_accept_error(Session &s, uint32_t i, int error) {
+    ipc::SocketSlot &slot = s.region.slot(i);
+    if (slot.accept_error.load(std::memory_order_relaxed) == error) return;
+    slot.accept_error.store(error, std::memory_order_release);
+    bump_event(s, i);
+}
+
+void Worker::refuse_accepts(Session &s, uint32_t i, int error) {
+    // Said only while a connection really waits in the kernel's queue, as Linux's accept()
+    // fails with EMFILE only then; looked at again on every tick until there is room.
+    pollfd p{s.slots[i].fd, POLLIN, 0};
+    const bool waiting = poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
+    if (waiting && s.region.slot(i).accept_error.load(std::memory_order_relaxed) == 0)
+        TCPS_LOG_VERBOSE("session %u slot %u: cannot accept: %s", s.id, i, std::strerror(error));
+    set_accept_error(s, i, waiting ? error : 0);
+    s.slots[i].accept_retry = true;
+    schedule(s, i);
 }
 
 void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.accept_posted = false;
-    const uint16_t reserved = es.accept_reserved;
+    const uint32_t reserved = es.accept_reserved;
     es.accept_reserved = kNoSlot;
     if (es.state != ipc::SlotState::kOpen || res < 0) {
-        if (reserved != kNoSlot) s.free_engine_slots.push_back(reserved);
+        if (reserved != kNoSlot) {
+            s.free_engine_slots.push_back(reserved);
+            quotas().release(es.quota_uid, 1, kSocketBytes);
+        }
         if (res >= 0) {
             close(res);  // the listener is closing
         } else if (es.state == ipc::SlotState::kOpen) {
@@ -787,8 +883,9 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     const uint32_t j = reserved;
     init_slot(s, j, res, es.family, ipc::kFlagConnected | ipc::kFlagBound);
     EngineSlot &conn = s.slots[j];
-    conn.rcvlowat = es.rcvlowat;  // inherited from the listener, as the kernel does
-    conn.accepted_by = static_cast<uint16_t>(i);
+    conn.quota_uid = es.quota_uid;  // charged when the accept was posted
+    conn.rcvlowat = es.rcvlowat;    // inherited from the listener, as the kernel does
+    conn.accepted_by = i;
     conn.accepted_by_gen = es.gen;
     conn.accept_pos = es.acc_tail;
     refresh_addresses(s, j, true);
@@ -812,7 +909,7 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
 }
 
 void Worker::resume_listeners(Session &s) {
-    for (uint16_t li : s.listeners)
+    for (uint32_t li : s.listeners)
         if (s.slots[li].flags & ipc::kFlagAcceptPaused) post_accept(s, li);
 }
 
@@ -915,26 +1012,68 @@ void Worker::on_control(Session &s, uint32_t member, int32_t res) {
     for (int k = 0; k < 16; ++k) {
         ipc::ControlMessage msg;
         int received = -1;
-        const int rc = ipc::recv_control(fd, msg, &received, 1, MSG_DONTWAIT);
+        ipc::ControlCreds creds;
+        const int rc = ipc::recv_control(fd, msg, &received, 1, MSG_DONTWAIT, &creds);
         if (rc == -EAGAIN || rc == -EWOULDBLOCK) break;
         if (rc == -ECONNRESET) return end_member(s, member, "client closed its control socket");
         if (rc == -EPROTO) return violation(s, "malformed control message");
         if (rc < 0) return end_member(s, member, "control socket error");
-        handle_control_message(s, member, msg, received);
+        handle_control_message(s, member, msg, received, creds);
         if (s.ending || s.members[member].state != ipc::MemberState::kLive) return;
     }
     post_control_poll(s, member);
 }
 
 void Worker::handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg,
-                                    int fd) {
+                                    int fd, const ipc::ControlCreds &creds) {
     const auto type = static_cast<ipc::ControlType>(msg.type);
     if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
     if (fd >= 0) close(fd);
+    if (type == ipc::ControlType::kNewSocket) return new_socket(s, member, msg.arg, creds);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
     if (type == ipc::ControlType::kHandoff) return start_handoff(s, member, msg.arg);
     violation(s, "unexpected control message type %u", msg.type);
+}
+
+void Worker::new_socket(Session &s, uint32_t member, int family, const ipc::ControlCreds &creds) {
+    const Member &m = s.members[member];
+    int result = 0;
+    uint32_t i = kNoSlot;
+    if (s.client_slots != 0) return violation(s, "kNewSocket in a session whose client claims");
+    // The kernel vouches for these ids (it refuses any the sender does not hold); the pid must
+    // be the member's own, so the namespace we look up is its.
+    if (!creds.present || creds.pid != m.creds.pid) {
+        result = -EPERM;
+    } else if (family != AF_INET && family != AF_INET6) {
+        result = -EAFNOSUPPORT;
+    } else if ((result = quotas().charge(creds.uid, 1, kSocketBytes)) == 0) {
+        i = take_free_slot(s);
+        int fd = -EMFILE;  // the family has all 2^20 of its slots
+        if (i != kNoSlot) fd = create_socket_as(family, creds.uid, creds.gid, creds.pid);
+        if (fd < 0) {
+            if (i != kNoSlot) s.free_engine_slots.push_back(i);
+            i = kNoSlot;
+            quotas().release(creds.uid, 1, kSocketBytes);
+            // The engine's own descriptor limit is, to the client, the system's.
+            result = fd == -EMFILE && !s.free_engine_slots.empty() ? -ENFILE : fd;
+        } else {
+            init_slot(s, i, fd, family, 0);
+            s.slots[i].quota_uid = creds.uid;
+            s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                         std::memory_order_release);
+            ++s.open_sockets;
+            stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kNewSocketReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.result = result;
+    reply.arg = static_cast<int32_t>(i);
+    reply.session_id = s.id;
+    if (!reply_control(s, member, reply) && i != kNoSlot && !s.ending)
+        start_close(s, i, true);  // nobody will ever hold it
 }
 
 bool Worker::reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply) {
@@ -955,8 +1094,11 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
     int flags = -1;
     int own = -1;
     struct stat st;
+    const uid_t uid = s.members[member].creds.uid;
     if (fd < 0) {
         result = -EINVAL;
+    } else if ((result = quotas().charge(uid, 1, 0)) != 0) {
+        // This uid holds its share of the engine's descriptors: its thread naps instead.
     } else if (fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode) || (flags = fcntl(fd, F_GETFL)) < 0 ||
                ((flags & O_ACCMODE) != O_WRONLY && (flags & O_ACCMODE) != O_RDWR)) {
         result = -EINVAL;  // only a pipe the client can write: the engine writes one byte
@@ -971,6 +1113,7 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
         if (own < 0) result = -EINVAL;  // e.g. ENXIO: nobody holds the read end
     }
     if (fd >= 0) close(fd);
+    if (result == -EINVAL && fd >= 0) quotas().release(uid, 1, 0);
     int32_t index = -1;
     if (result == 0) {
         for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
@@ -981,11 +1124,12 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
         }
         if (index < 0) {
             close(own);
+            quotas().release(uid, 1, 0);
             result = -ENOSPC;
         }
     }
     if (result == 0)
-        install_waiter(s, static_cast<uint32_t>(index), own, static_cast<uint16_t>(member));
+        install_waiter(s, static_cast<uint32_t>(index), own, static_cast<uint16_t>(member), uid);
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kWaiterReply);
     reply.version = ipc::kLayoutVersion;
@@ -997,15 +1141,12 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
 
 void Worker::release_waiters(Session &s, uint32_t member) {
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
-        if (s.waiter_owner[w] != member) continue;
-        if (s.waiter_fds[w] >= 0) close(s.waiter_fds[w]);
-        s.waiter_fds[w] = -1;
-        s.waiter_owner[w] = kNoMember;
+        if (s.waiter_owner[w] == member) close_waiter(s, w);
     }
 }
 
 void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
-    if (slot < 0 || slot >= static_cast<int32_t>(ipc::kMaxSockets) ||
+    if (slot < 0 || static_cast<uint32_t>(slot) >= s.slot_limit() ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off) {
         ipc::ControlMessage reply{};
         reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
@@ -1073,7 +1214,8 @@ void Worker::reserve_member(Session &s, uint32_t member) {
         ++reservations_;
         // The engine owns a free record: the parent fills `held` once we answer.
         ipc::MemberRecord &record = s.region.member(m);
-        for (auto &word : record.held) word.store(0, std::memory_order_relaxed);
+        for (uint32_t slot = 0; slot < s.slot_limit(); slot += 64)
+            s.region.held_word(m, slot).store(0, std::memory_order_relaxed);
         record.pid.store(0, std::memory_order_relaxed);
         record.state.store(static_cast<uint32_t>(ipc::MemberState::kReserved),
                            std::memory_order_release);
@@ -1111,12 +1253,14 @@ void Worker::accept_join(const JoinRequest &join) {
                          join.creds.pid, join.session_id, join.member, std::strerror(-result));
         ipc::send_control(join.control_fd, reply, nullptr, 0);
         close(join.control_fd);
+        quotas().release(join.creds.uid, 1, 0);  // charged when the engine accepted it
         return;
     }
     Session &s = *found;
     Member &m = s.members[join.member];
     m.state = ipc::MemberState::kLive;
     m.control_fd = join.control_fd;
+    m.control_charged = join.creds.uid;
     m.creds = join.creds;
     --s.reserved_members;
     --reservations_;
@@ -1143,14 +1287,14 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
     }
     // Members end from their connection's poll completion (nothing posted on it then) or
     // from an expired reservation (no connection), so the descriptor can go now.
-    if (m.control_fd >= 0) close(m.control_fd);
+    close_control(m);
     release_waiters(s, member);
     // Drop the member's hold on each socket it held, as its exit closes its descriptors.
     ipc::MemberRecord &record = s.region.member(member);
-    for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {
-        uint64_t bits = record.held[word].exchange(0, std::memory_order_acq_rel);
+    for (uint32_t first = 0; first < s.slot_limit(); first += 64) {
+        uint64_t bits = s.region.held_word(member, first).exchange(0, std::memory_order_acq_rel);
         while (bits) {
-            const uint32_t i = word * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
+            const uint32_t i = first + static_cast<uint32_t>(__builtin_ctzll(bits));
             bits &= bits - 1;
             if (s.slots[i].state != ipc::SlotState::kOpen) continue;
             std::atomic<uint32_t> &holders = s.region.slot(i).holders;
@@ -1177,7 +1321,7 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
     // Nobody is left. What nobody held (connections no process accepted) is reset, as the
     // kernel resets a closed listener's queue; the graceful closes finish sending what their
     // processes wrote before exiting, and then the session ends (finish_close).
-    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i)
+    for (uint32_t i = 0; i < s.slot_limit(); ++i)
         if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
     if (s.open_sockets == 0) return end_session(s, why);
     s.orphaned = true;
@@ -1207,6 +1351,7 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.acc_tail.store(0, std::memory_order_relaxed);
     slot.so_error.store(0, std::memory_order_relaxed);
     slot.kernel_mask.store(0, std::memory_order_relaxed);
+    slot.accept_error.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
 }
@@ -1235,7 +1380,7 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     // waits for our answer to kSocket.
     for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
         word->store(0, std::memory_order_relaxed);
-    if (i >= ipc::kClientSlots) {
+    if (i >= s.client_slots) {
         slot.req_lock.store(0, std::memory_order_relaxed);
         slot.req_lock_owner.store(0, std::memory_order_relaxed);
     }
@@ -1255,9 +1400,9 @@ void Worker::publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst)
 }
 
 void Worker::mark_changed(Session &s, uint32_t i) {
-    if (!s.changed_bits.test(i)) {
-        s.changed_bits.set(i);
-        s.changed.push_back(static_cast<uint16_t>(i));
+    if (!s.changed_test(i)) {
+        s.changed_bits[i / 64] |= uint64_t{1} << (i % 64);
+        s.changed.push_back(i);
     }
     if (!s.dirty) {
         s.dirty = true;
@@ -1359,10 +1504,16 @@ void Worker::drop_untaken(Session &s, uint32_t i, bool close) {
     const EngineSlot &es = s.slots[i];
     const uint32_t untaken = es.acc_tail - es.acc_head;
     if (untaken == 0) return;
-    for (uint32_t j = ipc::kClientSlots; j < ipc::kMaxSockets; ++j) {
+    // The ring is engine-written but in the region: each entry is checked against our own
+    // record of the connection (a client that overwrote one only keeps that connection of its
+    // own open until its session ends).
+    const ipc::SocketSlot &listener = s.region.slot(i);
+    for (uint32_t pos = es.acc_head; pos != es.acc_tail; ++pos) {
+        const uint32_t j = listener.accept_ring[pos & kAcceptMask];
+        if (j >= s.slot_limit()) continue;
         const EngineSlot &conn = s.slots[j];
         if (conn.state != ipc::SlotState::kOpen || conn.accepted_by != i ||
-            conn.accepted_by_gen != es.gen || conn.accept_pos - es.acc_head >= untaken)
+            conn.accepted_by_gen != es.gen || conn.accept_pos != pos)
             continue;
         if (close) {
             start_close(s, j, true);
@@ -1420,9 +1571,12 @@ void Worker::finish_close(Session &s, uint32_t i) {
         close(es.fd);
         if (s.open_sockets > 0) --s.open_sockets;
         stats_.sockets.fetch_sub(1, std::memory_order_relaxed);
+        quotas().release(es.quota_uid, 1, kSocketBytes);
     }
-    reuseport_registry().remove(es.reuseport_token);
-    if (es.accept_reserved != kNoSlot) s.free_engine_slots.push_back(es.accept_reserved);
+    if (es.accept_reserved != kNoSlot) {
+        s.free_engine_slots.push_back(es.accept_reserved);
+        quotas().release(es.quota_uid, 1, kSocketBytes);
+    }
 
     const uint32_t last_req_seq = es.last_req_seq;
     const uint32_t gen = es.gen;
@@ -1442,21 +1596,22 @@ void Worker::finish_close(Session &s, uint32_t i) {
     slot.flags.store(0, std::memory_order_relaxed);
     clear_engine_fields(slot);
     // Give the ring pages back: the memfd is sparse and only live sockets should cost memory.
-    // A client slot's at once (the client picks slots round-robin); an engine slot's once it
-    // has stayed free for kIdleRingNs, since the next connection most likely takes it again.
-    if (i < ipc::kClientSlots)
+    // A relay client's slot at once (its client picks slots round-robin); an engine slot's
+    // once it has stayed free for kIdleRingNs, since the free list is a stack and the next
+    // connection most likely takes it again.
+    const bool client_claimed = i < s.client_slots;
+    if (client_claimed)
         fallocate(s.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   static_cast<off_t>(ipc::tx_ring_offset(i)),
                   static_cast<off_t>(ipc::kRingPairBytes));
     else
-        idle_rings_.push_back(
-            {{s.index, s.gen, static_cast<uint16_t>(i), es.gen}, now_ns_ + kIdleRingNs});
+        idle_rings_.push_back({{s.index, s.gen, i, es.gen}, now_ns_ + kIdleRingNs});
     slot.state.store(static_cast<uint32_t>(ipc::SlotState::kFree), std::memory_order_release);
     // After kFree: a client that wins the claim then finds the slot free (layout.hpp).
-    if (i < ipc::kClientSlots) slot.claim.store(0, std::memory_order_release);
+    if (client_claimed) slot.claim.store(0, std::memory_order_release);
     bump_event(s, i);
-    if (i >= ipc::kClientSlots) {
-        s.free_engine_slots.push_back(static_cast<uint16_t>(i));
+    if (!client_claimed) {
+        s.free_engine_slots.push_back(i);
         resume_listeners(s);
     }
 }
@@ -1482,12 +1637,8 @@ void Worker::end_session(Session &s, const char *why) {
     TCPS_LOG_VERBOSE("session %u (pid %d): ending: %s", s.id, s.creds.pid, why);
     // Every registered waiter gets a byte and then EOF: no client thread sleeps on us.
     announce_engine_gone(s);
-    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
-        if (s.waiter_fds[w] < 0) continue;
-        close(s.waiter_fds[w]);
-        s.waiter_fds[w] = -1;
-    }
-    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i)
+    for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) close_waiter(s, w);
+    for (uint32_t i = 0; i < s.slot_limit(); ++i)
         if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
     // EOF on the control socket tells the client at once and completes our poll on it. The
     // doorbell read is cancelled, not completed by a write: the eventfd's file description is
@@ -1568,7 +1719,7 @@ void Worker::shutdown_all() {
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
         if (!s) continue;
-        for (uint32_t i = 0; i < ipc::kMaxSockets; ++i) {
+        for (uint32_t i = 0; i < s->slot_limit(); ++i) {
             if (s->slots[i].fd >= 0) close(s->slots[i].fd);
             s->slots[i].fd = -1;
         }

@@ -25,7 +25,6 @@ struct WorkerConfig {
     int core = -1;  // -1: not pinned
     int spin_us = 50;
     bool busy_poll = false;
-    int unprivileged_port_start = 1024;
     // Serve remote sessions (tcpsd --fabric-listen): the worker opens an endpoint of its own.
     bool fabric = false;
     ipc::FabricConfig fabric_config;
@@ -88,7 +87,7 @@ class Worker {
     struct TimedSlot {
         uint32_t session_index;
         uint32_t session_gen;
-        uint16_t slot;
+        uint32_t slot;
         uint32_t slot_gen;
     };
 
@@ -126,6 +125,10 @@ class Worker {
     void post_recv(Session &s, uint32_t i);
     void post_send(Session &s, uint32_t i);
     void post_accept(Session &s, uint32_t i);
+    // Connections wait in listener i's kernel queue that the engine cannot take (`error`):
+    // accept() reports it while they wait, and the tick tries again.
+    void refuse_accepts(Session &s, uint32_t i, int error);
+    void set_accept_error(Session &s, uint32_t i, int error);
     void post_connect_poll(Session &s, uint32_t i);
     void post_watch(Session &s, uint32_t i);
     void on_recv(Session &s, uint32_t i, int32_t res);
@@ -135,9 +138,12 @@ class Worker {
     void on_connected(Session &s, uint32_t i);
     void on_watch(Session &s, uint32_t i, int32_t res, bool more);
     void on_control(Session &s, uint32_t member, int32_t res);
-    void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg,
-                                int fd);
+    void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd,
+                                const ipc::ControlCreds &creds);
     void register_waiter(Session &s, uint32_t member, int fd);
+    // kNewSocket: a socket created as the asking process would have created it (its euid and
+    // egid as the owner, in its network namespace), in a slot the engine picks.
+    void new_socket(Session &s, uint32_t member, int family, const ipc::ControlCreds &creds);
     void reserve_member(Session &s, uint32_t member);
     void release_waiters(Session &s, uint32_t member);
     void start_handoff(Session &s, uint32_t member, int32_t slot);
@@ -147,6 +153,15 @@ class Worker {
     // Sends a reply on a member's control connection; false if the session ended over it.
     bool reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply);
     void resume_listeners(Session &s);
+
+    // --- slots ---
+    // A free slot for a new socket or an accepted connection (kNoSlot if the session has none
+    // left and may not have another chunk), taken off the free list.
+    uint32_t take_free_slot(Session &s);
+    bool has_free_slot(Session &s);
+    // The io_uring personality whose credentials own what an accept on listener `fd` creates:
+    // those of the listener's owner (its socket's uid and gid), as if that owner accepted.
+    uint16_t personality_for(int fd);
 
     // --- slot state ---
     void init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags);
@@ -248,6 +263,8 @@ class Worker {
     };
     std::deque<IdleRings> idle_rings_;
     uint32_t next_session_gen_ = 1;
+    // io_uring personalities by (uid, gid) of the listeners' owners (personality_for).
+    std::vector<std::pair<uint64_t, uint16_t>> personalities_;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;

@@ -76,21 +76,36 @@ static ssize_t raw_recvmsg(int sock, msghdr *msg, int flags) {
     return syscall(SYS_recvmsg, sock, msg, flags);
 }
 
-int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds) {
+int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds, bool with_creds) {
     if (nfds < 0 || nfds > kMaxControlFds) return -EINVAL;
     iovec iov{const_cast<ControlMessage *>(&msg), sizeof(msg)};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxControlFds)] = {};
+    alignas(cmsghdr) char
+        control[CMSG_SPACE(sizeof(int) * kMaxControlFds) + CMSG_SPACE(sizeof(ucred))] = {};
     msghdr header{};
     header.msg_iov = &iov;
     header.msg_iovlen = 1;
-    if (nfds > 0) {
+    if (nfds > 0 || with_creds) {
         header.msg_control = control;
-        header.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-        cmsghdr *cmsg = CMSG_FIRSTHDR(&header);
+        header.msg_controllen = (nfds > 0 ? CMSG_SPACE(sizeof(int) * nfds) : 0) +
+                                (with_creds ? CMSG_SPACE(sizeof(ucred)) : 0);
+    }
+    cmsghdr *cmsg = header.msg_control ? CMSG_FIRSTHDR(&header) : nullptr;
+    if (nfds > 0) {
         cmsg->cmsg_level = SOL_SOCKET;
         cmsg->cmsg_type = SCM_RIGHTS;
         cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
         std::memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
+        cmsg = CMSG_NXTHDR(&header, cmsg);
+    }
+    if (with_creds) {
+        // Raw syscalls: in a vfork()ed child getpid() may be glibc's cached parent pid.
+        const ucred creds{static_cast<pid_t>(syscall(SYS_getpid)),
+                          static_cast<uid_t>(syscall(SYS_geteuid)),
+                          static_cast<gid_t>(syscall(SYS_getegid))};
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_CREDENTIALS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(ucred));
+        std::memcpy(CMSG_DATA(cmsg), &creds, sizeof(creds));
     }
     for (;;) {
         ssize_t n = raw_sendmsg(sock, &header, MSG_NOSIGNAL);
@@ -100,10 +115,14 @@ int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds) 
     }
 }
 
-int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags) {
+int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags,
+                 ControlCreds *creds) {
     for (int i = 0; i < max_fds; ++i) fds[i] = -1;
+    if (creds) *creds = ControlCreds{};
     iovec iov{&msg, sizeof(msg)};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxControlFds)] = {};
+    // Room for our descriptors and for the credentials SO_PASSCRED adds to every message.
+    alignas(cmsghdr) char
+        control[CMSG_SPACE(sizeof(int) * kMaxControlFds) + CMSG_SPACE(sizeof(ucred))] = {};
     msghdr header{};
     header.msg_iov = &iov;
     header.msg_iovlen = 1;
@@ -119,6 +138,13 @@ int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags
     int received = 0;
     bool excess = false;
     for (cmsghdr *cmsg = CMSG_FIRSTHDR(&header); cmsg; cmsg = CMSG_NXTHDR(&header, cmsg)) {
+        if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_CREDENTIALS &&
+            cmsg->cmsg_len >= CMSG_LEN(sizeof(ucred))) {
+            ucred sender;
+            std::memcpy(&sender, CMSG_DATA(cmsg), sizeof(sender));
+            if (creds) *creds = {true, sender.pid, sender.uid, sender.gid};
+            continue;
+        }
         if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
         const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         for (size_t i = 0; i < count; ++i) {

@@ -36,6 +36,14 @@ enum class ControlType : uint32_t {
     // engine -> client: {result, arg = bytes received but not read, reserved = connections
     // accepted but not taken: both were lost to the kernel socket} + fds [the kernel socket]
     kHandoffReply = 11,
+    // A new TCP socket (a local session's socket()): {arg = family} with SCM_CREDENTIALS
+    // naming the caller's pid, effective uid and gid, which the kernel vouches for. The engine
+    // creates the kernel socket with those ids as its owner (fsuid/fsgid) in the caller's
+    // network namespace, as the caller's own socket() would have, and picks the slot.
+    kNewSocket = 12,
+    // engine -> client: {result, arg = slot}; the slot is kOpen, its rings empty, its chunk
+    // active. result -ENFILE/-ENOBUFS: the caller's uid has used its share of the engine.
+    kNewSocketReply = 13,
 };
 
 struct ControlMessage {
@@ -69,14 +77,26 @@ std::string engine_socket_path();
 // -EPERM with `why` (at least 128 bytes) saying what failed. Allocates nothing.
 int check_engine_identity(int sock, const char *path, char *why, size_t why_size);
 
-// Sends one message with up to kMaxControlFds descriptors. Returns 0 or -errno.
-// These call the real libc functions (the shim must not intercept its own control traffic:
-// it uses AF_UNIX, which the shim passes through anyway).
-int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds);
+// Sends one message with up to kMaxControlFds descriptors, and with `with_creds` this
+// process's pid, effective uid and effective gid as SCM_CREDENTIALS (the kernel refuses ids
+// the sender does not have). Returns 0 or -errno. These call the kernel directly (the shim
+// must not intercept its own control traffic).
+int send_control(int sock, const ControlMessage &msg, const int *fds, int nfds,
+                 bool with_creds = false);
+
+// The sender's identity as the kernel delivered it (SO_PASSCRED on the receiving socket).
+struct ControlCreds {
+    bool present = false;
+    int32_t pid = 0;
+    uint32_t uid = 0;
+    uint32_t gid = 0;
+};
 
 // Receives one message and up to kMaxControlFds descriptors (set to -1 if absent; received
-// descriptors are close-on-exec). Returns 0, -errno, or -ECONNRESET on EOF. A message of the
-// wrong size, or carrying more descriptors than asked for, is -EPROTO (extra fds are closed).
-int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags = 0);
+// descriptors are close-on-exec), and the sender's credentials if `creds` is given. Returns 0,
+// -errno, or -ECONNRESET on EOF. A message of the wrong size, or carrying more descriptors
+// than asked for, is -EPROTO (extra fds are closed).
+int recv_control(int sock, ControlMessage &msg, int *fds, int max_fds, int flags = 0,
+                 ControlCreds *creds = nullptr);
 
 }  // namespace tcps::ipc

@@ -23,6 +23,13 @@
 //  * Producer and consumer indices are free-running uint32 counters; a ring holds
 //    `tail - head` bytes/entries, which must never exceed its capacity. Publish with
 //    store-release, read with load-acquire.
+//  * The region is a fixed control part (header, waiters, members) followed by up to
+//    kMaxChunks chunks of kChunkSlots sockets each (their work queue, holds, slots and rings).
+//    The memfd has its full size from the start (sparse: untouched pages cost nothing), but each
+//    process maps a chunk only once it is used: the engine activates chunks in order as its
+//    slots run out (RegionHeader::chunks_active), and a client maps a chunk when it first meets
+//    a slot index in it. So a family with few sockets costs what it did with one chunk, and one
+//    with 100,000 connections is still one family (no limit below Linux's RLIMIT_NOFILE).
 #pragma once
 
 #include <atomic>
@@ -32,16 +39,26 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 3;
+inline constexpr uint32_t kLayoutVersion = 4;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
 inline constexpr size_t kCacheLine = 64;
 inline constexpr size_t kPageSize = 4096;
 
-// Sockets per client process. Slots [0, kClientSlots) are allocated by the client (socket());
-// slots [kClientSlots, kMaxSockets) by the engine (connections it accepts eagerly, S2).
-inline constexpr uint32_t kMaxSockets = 4096;
+// Sockets: chunks of kChunkSlots, at most kMaxChunks of them per family, so a family may hold
+// 2^20 sockets, as many as Linux's default fs.nr_open lets one process have. The engine
+// allocates every slot of a local session: for socket() (asked over the member's control
+// connection, so the engine knows whose credentials to create it with) and for connections it
+// accepts eagerly (S2).
+inline constexpr uint32_t kChunkShift = 12;
+inline constexpr uint32_t kChunkSlots = 1u << kChunkShift;
+inline constexpr uint32_t kChunkMask = kChunkSlots - 1;
+inline constexpr uint32_t kMaxChunks = 256;
+inline constexpr uint32_t kMaxSockets = kChunkSlots * kMaxChunks;
+// A session served through tcps-relay (RegionHeader::client_slots != 0) has one chunk: the
+// client claims slots [0, kClientSlots) itself for socket() (Op::kSocket), and the engine
+// allocates the rest of chunk 0 for accepted connections.
 inline constexpr uint32_t kClientSlots = 1024;
 
 // Per-socket byte rings. Powers of two so a free-running index maps with a mask.
@@ -57,9 +74,9 @@ inline constexpr uint32_t kMaxWaiters = 1024;
 // Processes of one family that can be members of its session at once (see MemberRecord).
 inline constexpr uint32_t kMaxMembers = 256;
 
-// Work queue: a slot is in it at most once (SocketSlot::doorbell_queued), so kMaxSockets entries
-// can never overflow.
-inline constexpr uint32_t kWorkQueueEntries = kMaxSockets;
+// Each chunk's work queue: a slot is in it at most once (SocketSlot::doorbell_queued), so
+// kChunkSlots entries can never overflow.
+inline constexpr uint32_t kWorkQueueEntries = kChunkSlots;
 
 inline constexpr uint32_t kSockAddrMax = 28;  // sizeof(sockaddr_in6)
 inline constexpr uint32_t kOptMax = 256;      // TCP_INFO (232 bytes on 6.x) fits
@@ -68,7 +85,8 @@ static_assert((kTxRingBytes & (kTxRingBytes - 1)) == 0, "tx ring size must be a 
 static_assert((kRxRingBytes & (kRxRingBytes - 1)) == 0, "rx ring size must be a power of two");
 static_assert((kAcceptRingEntries & (kAcceptRingEntries - 1)) == 0, "accept ring: power of two");
 static_assert((kWorkQueueEntries & (kWorkQueueEntries - 1)) == 0, "work queue: power of two");
-static_assert(kClientSlots < kMaxSockets, "the engine needs slots for accepted connections");
+static_assert(kClientSlots < kChunkSlots, "a relay session's engine needs slots for accepts");
+static_assert(kMaxSockets <= (1u << 20), "slot numbers travel in 20 bits (user_data, FdRef)");
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "atomics must work across processes");
 static_assert(std::atomic<int32_t>::is_always_lock_free, "atomics must work across processes");
 
@@ -77,6 +95,7 @@ static_assert(std::atomic<int32_t>::is_always_lock_free, "atomics must work acro
 // Data never goes through requests: it moves through the rings.
 enum class Op : uint32_t {
     kNone = 0,
+    // Sessions through tcps-relay only (a local client asks with ControlType::kNewSocket).
     // arg0 = family (AF_INET or AF_INET6). The slot must be a free client slot.
     // Result 0. The engine creates its kernel socket and sets state = kOpen.
     kSocket = 1,
@@ -195,8 +214,9 @@ struct alignas(kCacheLine) SocketSlot {
     // 1 while the slot sits in the work queue. Client: exchange(1) after publishing; push the
     // slot only if it was 0. Engine: store(0) when it pops the slot, then reads the indices.
     std::atomic<uint32_t> doorbell_queued;
-    // Client slots only: 0 free to claim. A client claims a kFree slot with CAS 0 -> 1 before
-    // kSocket; the engine stores 0 again after it has set state = kFree at the end of a close.
+    // Relay sessions' client slots only: 0 free to claim. A client claims a kFree slot with CAS
+    // 0 -> 1 before kSocket; the engine stores 0 again after it has set state = kFree at the end
+    // of a close.
     std::atomic<uint32_t> claim;
     // Member processes that hold the socket (an fd in their table). The client that makes it
     // drop to 0 sends kClose; the engine decrements for each holding member that dies and
@@ -231,7 +251,12 @@ struct alignas(kCacheLine) SocketSlot {
     // The kernel's poll mask of the engine's socket at the last state change, for the bits that
     // are not about data in our rings: POLLHUP, POLLERR, POLLRDHUP (and POLLOUT when writable).
     std::atomic<uint32_t> kernel_mask;
-    uint32_t engine_reserved[6];
+    // A listener's: why the engine cannot accept the connections waiting in its kernel queue
+    // (positive errno: EMFILE, the family has all its slots; ENFILE or ENOBUFS, the owner's
+    // uid has used its share of the engine), 0 when it can. accept() reports it, as Linux's
+    // accept() reports EMFILE while connections wait, instead of waiting for ever.
+    std::atomic<int32_t> accept_error;
+    uint32_t engine_reserved[5];
 
     // --- control request/response ---
     Request request;    // client
@@ -268,27 +293,40 @@ static_assert(sizeof(Waiter) == kCacheLine, "one waiter per cache line: no false
 // A process of the family. The engine reserves a record when a member is about to fork
 // (kReserveMember) and makes it live when the child joins on a control connection of its own
 // (kJoin); it frees the record when that connection closes, or 10 s after a reservation that
-// nobody joined. `held` says which sockets the member holds; the engine reads it once the member
-// is gone, to drop that member's hold on each (SocketSlot::holders).
+// nobody joined. Each chunk holds, per member, a bitmap of the sockets of that chunk the member
+// holds (RegionView::held_word); the engine reads it once the member is gone, to drop that
+// member's hold on each (SocketSlot::holders).
 enum class MemberState : uint32_t { kFree = 0, kReserved = 1, kLive = 2 };
 struct alignas(kCacheLine) MemberRecord {
-    // --- line 0: written by the engine ---
+    // --- written by the engine ---
     std::atomic<uint32_t> state;  // MemberState
     std::atomic<int32_t> pid;     // the member's pid once live (0 before)
     uint32_t engine_reserved[14];
-    // --- written by the member itself (and, before fork, by its parent for the reservation) ---
-    std::atomic<uint64_t> held[kMaxSockets / 64];
 };
-static_assert(sizeof(MemberRecord) == kCacheLine + kMaxSockets / 8, "member records");
+static_assert(sizeof(MemberRecord) == kCacheLine, "member records are one cache line");
+// Written by the member itself (and, before fork, by its parent for the reservation).
+inline constexpr size_t kHeldBytesPerMember = kChunkSlots / 8;
 
-// The client's work queue: a bounded multi-producer (client threads) single-consumer (engine)
-// queue of slot indices. Each entry carries a sequence number (Vyukov's bounded queue): entry i
-// is free for position p when seq == p, holds position p when seq == p + 1.
+// A chunk's work queue: a bounded multi-producer (client threads) single-consumer (engine)
+// queue of the chunk's slot indices. Each entry carries a sequence number (Vyukov's bounded
+// queue): entry i is free for position p when seq == p, holds position p when seq == p + 1.
 struct WorkEntry {
     std::atomic<uint32_t> seq;
     uint32_t slot;
 };
 static_assert(sizeof(WorkEntry) == 8, "work entries are 8 bytes");
+
+// The first page of a chunk: its work queue's indices.
+struct alignas(kPageSize) ChunkHeader {
+    // --- line 0: written by the client ---
+    std::atomic<uint32_t> wq_tail;
+    uint32_t reserved0[15];
+    // --- line 1: written by the engine ---
+    std::atomic<uint32_t> wq_head;
+    uint32_t reserved1[15];
+};
+static_assert(sizeof(ChunkHeader) == kPageSize, "a chunk's header is one page");
+static_assert(offsetof(ChunkHeader, wq_head) == kCacheLine, "engine line");
 
 struct alignas(kPageSize) RegionHeader {
     // --- line 0: written by the engine once, before the region is handed over ---
@@ -302,7 +340,9 @@ struct alignas(kPageSize) RegionHeader {
     uint32_t max_waiters;
     uint32_t session_id;
     uint32_t max_members;
-    uint32_t reserved0[3];
+    uint32_t max_chunks;
+    uint32_t chunk_slots;
+    uint32_t reserved0;
     // Proof of membership: a process that can read the region may join the session (kJoin).
     uint64_t family_token;
 
@@ -311,73 +351,127 @@ struct alignas(kPageSize) RegionHeader {
     // 1 while the worker serving this client sleeps: a client that queues work must then write
     // the worker's doorbell eventfd (received at hello). TAS's rule: notify only an idle peer.
     std::atomic<uint32_t> engine_sleeping;
-    uint32_t reserved1[14];
+    // Chunks [0, chunks_active) are in use: the engine has initialised them and polls their
+    // work queues. Only grows; published (release) before any slot index in a new chunk.
+    std::atomic<uint32_t> chunks_active;
+    uint32_t reserved1[13];
 
     // --- line 2: written by the client ---
-    std::atomic<uint32_t> wq_tail;
-    uint32_t reserved2[15];
-
-    // --- line 3: written by the engine ---
-    std::atomic<uint32_t> wq_head;
-    uint32_t reserved3[15];
-
-    // --- line 4: written by the client ---
     std::atomic<uint32_t> waiters_armed;  // a hint: the engine scans waiters only if non-zero
-    uint32_t reserved4[15];
+    uint32_t reserved2[15];
 };
 static_assert(sizeof(RegionHeader) == kPageSize, "the header is one page");
 static_assert(offsetof(RegionHeader, engine_alive) == kCacheLine, "engine line");
-static_assert(offsetof(RegionHeader, wq_tail) == 2 * kCacheLine, "client line");
-static_assert(offsetof(RegionHeader, wq_head) == 3 * kCacheLine, "engine line");
-static_assert(offsetof(RegionHeader, waiters_armed) == 4 * kCacheLine, "client line");
+static_assert(offsetof(RegionHeader, waiters_armed) == 2 * kCacheLine, "client line");
 
 // --- region map: all offsets derive from the constants, never from the region itself ---
 constexpr size_t align_up(size_t value, size_t alignment) {
     return (value + alignment - 1) / alignment * alignment;
 }
+// The control part.
 inline constexpr size_t kWaitersOffset = sizeof(RegionHeader);
-inline constexpr size_t kWorkQueueOffset =
-    align_up(kWaitersOffset + kMaxWaiters * sizeof(Waiter), kPageSize);
 inline constexpr size_t kMembersOffset =
-    align_up(kWorkQueueOffset + kWorkQueueEntries * sizeof(WorkEntry), kPageSize);
-inline constexpr size_t kSlotsOffset =
+    align_up(kWaitersOffset + kMaxWaiters * sizeof(Waiter), kPageSize);
+inline constexpr size_t kChunksOffset =
     align_up(kMembersOffset + kMaxMembers * sizeof(MemberRecord), kPageSize);
-inline constexpr size_t kRingsOffset =
-    align_up(kSlotsOffset + size_t{kMaxSockets} * sizeof(SocketSlot), kPageSize);
+// Inside a chunk.
+inline constexpr size_t kChunkQueueOffset = sizeof(ChunkHeader);
+inline constexpr size_t kChunkHeldOffset =
+    align_up(kChunkQueueOffset + kWorkQueueEntries * sizeof(WorkEntry), kPageSize);
+inline constexpr size_t kChunkSlotsOffset =
+    align_up(kChunkHeldOffset + kMaxMembers * kHeldBytesPerMember, kPageSize);
+inline constexpr size_t kChunkRingsOffset =
+    align_up(kChunkSlotsOffset + size_t{kChunkSlots} * sizeof(SocketSlot), kPageSize);
 inline constexpr size_t kRingPairBytes = size_t{kTxRingBytes} + kRxRingBytes;
-inline constexpr size_t kRegionBytes = kRingsOffset + size_t{kMaxSockets} * kRingPairBytes;
+inline constexpr size_t kChunkBytes = kChunkRingsOffset + size_t{kChunkSlots} * kRingPairBytes;
+// The whole memfd, and the part a relay session uses (its one chunk, mapped contiguously).
+inline constexpr size_t kRegionBytes = kChunksOffset + size_t{kMaxChunks} * kChunkBytes;
+inline constexpr size_t kRemoteRegionBytes = kChunksOffset + kChunkBytes;
 
+// File offsets (from the start of the region).
+constexpr size_t chunk_offset(uint32_t chunk) {
+    return kChunksOffset + size_t{chunk} * kChunkBytes;
+}
+constexpr size_t slot_offset(uint32_t slot) {
+    return chunk_offset(slot >> kChunkShift) + kChunkSlotsOffset +
+           size_t{slot & kChunkMask} * sizeof(SocketSlot);
+}
 constexpr size_t tx_ring_offset(uint32_t slot) {
-    return kRingsOffset + slot * kRingPairBytes;
+    return chunk_offset(slot >> kChunkShift) + kChunkRingsOffset +
+           size_t{slot & kChunkMask} * kRingPairBytes;
 }
 constexpr size_t rx_ring_offset(uint32_t slot) {
-    return kRingsOffset + slot * kRingPairBytes + kTxRingBytes;
+    return tx_ring_offset(slot) + kTxRingBytes;
 }
-static_assert(kRingsOffset % kPageSize == 0, "rings are page aligned (hole punching on free)");
+// Member `member`'s bitmap of the sockets it holds in chunk `chunk`.
+constexpr size_t held_offset(uint32_t member, uint32_t chunk) {
+    return chunk_offset(chunk) + kChunkHeldOffset + size_t{member} * kHeldBytesPerMember;
+}
+static_assert(kChunksOffset % kPageSize == 0 && kChunkBytes % kPageSize == 0,
+              "chunks are whole pages (each is mapped on its own)");
+static_assert(kChunkRingsOffset % kPageSize == 0, "rings are page aligned (hole punching)");
 static_assert(kRingPairBytes % kPageSize == 0, "each socket's rings are whole pages");
-static_assert(kRegionBytes ==
-                  4096 + 65536 + 32768 + 256ull * 576 + 4096ull * 1088 + 4096ull * 131072,
-              "region size: header + waiters + work queue + members + slots + rings");
+static_assert(kChunksOffset == 4096 + 65536 + 256 * 64, "control part: header, waiters, members");
+static_assert(kChunkBytes == 4096 + 32768 + 256ull * 512 + 4096ull * 1088 + 4096ull * 131072,
+              "chunk: queue header + queue + holds + slots + rings");
 
-// Typed views over a mapped region (either side).
+// Typed views over a mapped region (either side). `base` maps the control part; each chunk is
+// mapped on its own (or contiguously after the control part: map_contiguous). A chunk pointer
+// is set once, before any slot index of that chunk is handed to another thread.
 struct RegionView {
     uint8_t *base = nullptr;
+    std::atomic<uint8_t *> chunks[kMaxChunks] = {};
+
+    RegionView() = default;
+    // Control part and chunks [0, n) mapped contiguously from `region`.
+    RegionView(uint8_t *region, uint32_t n) { map_contiguous(region, n); }
+    RegionView(const RegionView &other) { *this = other; }
+    RegionView &operator=(const RegionView &other) {
+        base = other.base;
+        for (uint32_t k = 0; k < kMaxChunks; ++k)
+            chunks[k].store(other.chunk(k), std::memory_order_relaxed);
+        return *this;
+    }
+
+    // A mapping of [0, kChunksOffset + n * kChunkBytes): the control part and chunks [0, n).
+    void map_contiguous(uint8_t *region, uint32_t n) {
+        base = region;
+        for (uint32_t k = 0; k < kMaxChunks; ++k)
+            chunks[k].store(k < n ? region + chunk_offset(k) : nullptr, std::memory_order_relaxed);
+    }
+    uint8_t *chunk(uint32_t k) const { return chunks[k].load(std::memory_order_relaxed); }
+    bool mapped(uint32_t slot) const {
+        return slot < kMaxSockets && chunk(slot >> kChunkShift) != nullptr;
+    }
 
     RegionHeader &header() const { return *reinterpret_cast<RegionHeader *>(base); }
     Waiter &waiter(uint32_t i) const {
         return reinterpret_cast<Waiter *>(base + kWaitersOffset)[i];
     }
-    WorkEntry &work_entry(uint32_t i) const {
-        return reinterpret_cast<WorkEntry *>(base + kWorkQueueOffset)[i];
-    }
     MemberRecord &member(uint32_t i) const {
         return reinterpret_cast<MemberRecord *>(base + kMembersOffset)[i];
     }
-    SocketSlot &slot(uint32_t i) const {
-        return reinterpret_cast<SocketSlot *>(base + kSlotsOffset)[i];
+    ChunkHeader &chunk_header(uint32_t k) const {
+        return *reinterpret_cast<ChunkHeader *>(chunk(k));
     }
-    uint8_t *tx_ring(uint32_t i) const { return base + tx_ring_offset(i); }
-    uint8_t *rx_ring(uint32_t i) const { return base + rx_ring_offset(i); }
+    WorkEntry &work_entry(uint32_t k, uint32_t i) const {
+        return reinterpret_cast<WorkEntry *>(chunk(k) + kChunkQueueOffset)[i];
+    }
+    // The word of member `member`'s holds that has `slot`'s bit (bit slot % 64).
+    std::atomic<uint64_t> &held_word(uint32_t member, uint32_t slot) const {
+        return reinterpret_cast<std::atomic<uint64_t> *>(
+            chunk(slot >> kChunkShift) + kChunkHeldOffset +
+            size_t{member} * kHeldBytesPerMember)[(slot & kChunkMask) / 64];
+    }
+    SocketSlot &slot(uint32_t i) const {
+        return reinterpret_cast<SocketSlot *>(chunk(i >> kChunkShift) +
+                                              kChunkSlotsOffset)[i & kChunkMask];
+    }
+    uint8_t *tx_ring(uint32_t i) const {
+        return chunk(i >> kChunkShift) + kChunkRingsOffset +
+               size_t{i & kChunkMask} * kRingPairBytes;
+    }
+    uint8_t *rx_ring(uint32_t i) const { return tx_ring(i) + kTxRingBytes; }
 };
 
 }  // namespace tcps::ipc

@@ -53,23 +53,24 @@ inline size_t ring_copy_out_iov(const uint8_t *ring, uint32_t ring_bytes, uint32
     return done;
 }
 
-// --- work queue (client threads produce, the engine consumes) ---
+// --- work queues (client threads produce, the engine consumes; one per chunk) ---
 
-// Engine, before handing the region over: entry i is free for position i.
-inline void work_queue_init(const RegionView &region) {
+// Engine, before it publishes chunk `chunk` as active: entry i is free for position i.
+inline void work_queue_init(const RegionView &region, uint32_t chunk) {
     for (uint32_t i = 0; i < kWorkQueueEntries; ++i)
-        region.work_entry(i).seq.store(i, std::memory_order_relaxed);
-    region.header().wq_tail.store(0, std::memory_order_relaxed);
-    region.header().wq_head.store(0, std::memory_order_relaxed);
+        region.work_entry(chunk, i).seq.store(i, std::memory_order_relaxed);
+    region.chunk_header(chunk).wq_tail.store(0, std::memory_order_relaxed);
+    region.chunk_header(chunk).wq_head.store(0, std::memory_order_relaxed);
 }
 
-// Client: queues `slot` for the engine. Returns false only if the queue is full, which the
-// doorbell_queued rule makes impossible for a well-behaved client.
+// Client: queues `slot` on its chunk's queue. Returns false only if the queue is full, which
+// the doorbell_queued rule makes impossible for a well-behaved client.
 inline bool work_queue_push(const RegionView &region, uint32_t slot) {
-    auto &tail = region.header().wq_tail;
+    const uint32_t chunk = slot >> kChunkShift;
+    auto &tail = region.chunk_header(chunk).wq_tail;
     uint32_t pos = tail.load(std::memory_order_relaxed);
     for (;;) {
-        WorkEntry &entry = region.work_entry(pos & (kWorkQueueEntries - 1));
+        WorkEntry &entry = region.work_entry(chunk, pos & (kWorkQueueEntries - 1));
         const uint32_t seq = entry.seq.load(std::memory_order_acquire);
         const int32_t diff = static_cast<int32_t>(seq - pos);
         if (diff == 0) {
@@ -96,17 +97,25 @@ inline void ring_doorbell(const RegionView &region, uint32_t slot) {
 
 enum class PopResult { kEmpty, kSlot, kGarbage };
 
-// Engine: takes the next queued slot. The entry is client-written: kGarbage means the client
-// broke the protocol (a slot index out of range) and its session must end.
-inline PopResult work_queue_pop(const RegionView &region, uint32_t &slot_out) {
-    auto &head_index = region.header().wq_head;
+// Engine: whether chunk `chunk`'s queue holds an entry (a peek, for the check before sleeping).
+inline bool work_queue_ready(const RegionView &region, uint32_t chunk) {
+    const uint32_t head = region.chunk_header(chunk).wq_head.load(std::memory_order_relaxed);
+    const WorkEntry &entry = region.work_entry(chunk, head & (kWorkQueueEntries - 1));
+    return entry.seq.load(std::memory_order_acquire) == head + 1;
+}
+
+// Engine: takes the next slot queued on chunk `chunk`. The entry is client-written: kGarbage
+// means the client broke the protocol (a slot index outside that chunk) and its session must
+// end.
+inline PopResult work_queue_pop(const RegionView &region, uint32_t chunk, uint32_t &slot_out) {
+    auto &head_index = region.chunk_header(chunk).wq_head;
     const uint32_t head = head_index.load(std::memory_order_relaxed);
-    WorkEntry &entry = region.work_entry(head & (kWorkQueueEntries - 1));
+    WorkEntry &entry = region.work_entry(chunk, head & (kWorkQueueEntries - 1));
     if (entry.seq.load(std::memory_order_acquire) != head + 1) return PopResult::kEmpty;
     const uint32_t slot = entry.slot;
     entry.seq.store(head + kWorkQueueEntries, std::memory_order_release);
     head_index.store(head + 1, std::memory_order_release);
-    if (slot >= kMaxSockets) return PopResult::kGarbage;
+    if ((slot >> kChunkShift) != chunk) return PopResult::kGarbage;
     slot_out = slot;
     return PopResult::kSlot;
 }

@@ -201,7 +201,7 @@ MemberKey key_of(const EpollEntry &entry) {
 // process (or a call in progress) still holds it.
 bool member_socket(const EpollEntry &entry, SocketRef &out) {
     const uint32_t slot = entry.ref.slot();
-    if (slot >= ipc::kMaxSockets || !region().base) return false;
+    if (!region().base || !region().mapped(slot)) return false;
     Socket &sock = socket_state(slot);
     if (sock.generation.load(std::memory_order_acquire) != entry.ref.generation() ||
         sock.refs.load(std::memory_order_acquire) == 0)

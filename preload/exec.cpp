@@ -124,7 +124,7 @@ class ExecPlan {
         size_t slot_count = 0;
         for (int fd = 0; fd < limit; ++fd) {
             const FdRef ref = effective_entry(fd, self);
-            if (ref.kind() != FdKind::kSocket || ref.slot() >= ipc::kMaxSockets) continue;
+            if (ref.kind() != FdKind::kSocket || !region().mapped(ref.slot())) continue;
             const Socket &sock = socket_state(ref.slot());
             if (sock.generation.load() != ref.generation()) continue;
             const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
@@ -388,8 +388,8 @@ void adopt_inherited_sockets() {
             break;
         cursor += used;
         if (*cursor == ',') ++cursor;
-        if (slot >= ipc::kMaxSockets || fd < 0 || static_cast<size_t>(fd) >= g_fds.size() ||
-            !is_placeholder(fd))
+        if (fd < 0 || static_cast<size_t>(fd) >= g_fds.size() || !is_placeholder(fd) ||
+            !map_slot(slot))
             continue;
         Socket &sock = socket_state(slot);
         if (!inherited[slot]) {
@@ -413,10 +413,15 @@ void adopt_inherited_sockets() {
     }
     // What the old image held but did not hand on was close-on-exec: the kernel closed those
     // descriptors, so our hold on them goes.
-    const ipc::MemberRecord &record = region().member(from.member);
-    for (uint32_t slot = 0; slot < ipc::kMaxSockets; ++slot) {
+    const uint32_t active =
+        std::min(region().header().chunks_active.load(std::memory_order_acquire), ipc::kMaxChunks);
+    for (uint32_t slot = 0; slot < active * ipc::kChunkSlots; ++slot) {
+        if (slot % ipc::kChunkSlots == 0 && !map_slot(slot)) {
+            slot += ipc::kChunkSlots - 1;
+            continue;
+        }
         const uint64_t bit = uint64_t{1} << (slot % 64);
-        if (inherited[slot] || !(record.held[slot / 64].load() & bit)) continue;
+        if (inherited[slot] || !(region().held_word(from.member, slot).load() & bit)) continue;
         if (unhold_socket(slot)) {
             const ipc::SocketSlot &shm = region().slot(slot);
             const bool unread = shm.rx_tail.load() != shm.rx_head.load();

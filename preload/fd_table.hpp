@@ -16,19 +16,19 @@ enum class FdKind : uint32_t {
 };
 
 // One entry, packed in 64 bits so it is read and written with one atomic:
-// generation or id (bits 32-63) | kind (bits 16-23) | slot (bits 0-15).
+// generation or id (bits 32-63) | kind (bits 24-31) | slot (bits 0-23).
 struct FdRef {
     uint64_t word = 0;
 
     static FdRef socket(uint32_t slot, uint32_t generation) {
-        return {(uint64_t{generation} << 32) | (uint64_t{1} << 16) | (slot & 0xffff)};
+        return {(uint64_t{generation} << 32) | (uint64_t{1} << 24) | (slot & 0xffffff)};
     }
-    static FdRef internal() { return {uint64_t{2} << 16}; }
-    static FdRef epoll(uint32_t id) { return {(uint64_t{id} << 32) | (uint64_t{3} << 16)}; }
+    static FdRef internal() { return {uint64_t{2} << 24}; }
+    static FdRef epoll(uint32_t id) { return {(uint64_t{id} << 32) | (uint64_t{3} << 24)}; }
 
     bool empty() const { return word == 0; }
-    FdKind kind() const { return static_cast<FdKind>((word >> 16) & 0xff); }
-    uint32_t slot() const { return static_cast<uint32_t>(word & 0xffff); }
+    FdKind kind() const { return static_cast<FdKind>((word >> 24) & 0xff); }
+    uint32_t slot() const { return static_cast<uint32_t>(word & 0xffffff); }
     uint32_t generation() const { return static_cast<uint32_t>(word >> 32); }
     uint32_t id() const { return generation(); }
     bool operator==(const FdRef &other) const { return word == other.word; }

@@ -34,7 +34,12 @@ constexpr uint64_t kRetryNs = 1'000'000'000;           // engine retry: at most 
 constexpr uint64_t kControlTimeoutNs = 2'000'000'000;  // hello and waiter replies
 constexpr size_t kMaxFdTable = size_t{1} << 20;
 
-constinit Socket g_sockets[ipc::kMaxSockets];
+// Client-private state of each socket, one array per mapped chunk (allocated with the
+// chunk's mapping, so a family with few sockets pays for one).
+std::atomic<Socket *> g_socket_chunks[ipc::kMaxChunks];
+// Maps chunks; the hot path only reads the pointers (set once, before any slot of the chunk
+// is handed to another thread: through the fd table or the accept ring's lock).
+pthread_mutex_t g_chunk_mutex = PTHREAD_MUTEX_INITIALIZER;
 
 TCPS_TLS uint64_t tl_spin_ns = UINT64_MAX;  // UINT64_MAX: not learnt yet, g_spin_ns
 
@@ -122,10 +127,11 @@ int recv_control_timed(int fd, ipc::ControlMessage &msg, int *fds, int max_fds) 
 
 bool header_matches(const ipc::RegionHeader &h) {
     return h.magic == ipc::kRegionMagic && h.version == ipc::kLayoutVersion &&
-           h.region_bytes == ipc::kRegionBytes && h.max_sockets == ipc::kMaxSockets &&
-           h.client_slots == ipc::kClientSlots && h.tx_ring_bytes == ipc::kTxRingBytes &&
-           h.rx_ring_bytes == ipc::kRxRingBytes && h.max_waiters == ipc::kMaxWaiters &&
-           h.engine_alive.load(std::memory_order_acquire) == 1;
+           h.region_bytes == ipc::kRegionBytes && h.chunk_slots == ipc::kChunkSlots &&
+           h.max_chunks >= 1 && h.max_chunks <= ipc::kMaxChunks &&
+           (h.client_slots == 0 || h.client_slots == ipc::kClientSlots) &&
+           h.tx_ring_bytes == ipc::kTxRingBytes && h.rx_ring_bytes == ipc::kRxRingBytes &&
+           h.max_waiters == ipc::kMaxWaiters && h.engine_alive.load(std::memory_order_acquire) == 1;
 }
 
 // A new connection to the engine's control socket: the fd, or -errno.
@@ -162,14 +168,52 @@ int dial_engine(const char *&why) {
     return sock;
 }
 
-// The slot locks of every socket are words in the region, shared with the whole family.
-void bind_socket_locks() {
-    for (uint32_t i = 0; i < ipc::kMaxSockets; ++i) {
-        ipc::SocketSlot &slot = g_region.slot(i);
-        g_sockets[i].rx_lock.bind(&slot.rx_lock, &slot.rx_lock_owner);
-        g_sockets[i].tx_lock.bind(&slot.tx_lock, &slot.tx_lock_owner);
-        g_sockets[i].request_lock.bind(&slot.req_lock, &slot.req_lock_owner);
+// Maps chunk `k` of the region (memfd `memfd`) and its sockets' client state, whose locks
+// are words in the region shared with the whole family. Under g_chunk_mutex.
+bool map_chunk_locked(uint32_t k, int memfd) {
+    if (g_region.chunk(k)) return true;
+    void *chunk = mmap(nullptr, ipc::kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
+                       static_cast<off_t>(ipc::chunk_offset(k)));
+    if (chunk == MAP_FAILED) return false;
+    Socket *states = g_socket_chunks[k].load(std::memory_order_relaxed);
+    if (!states) {
+        void *memory = mmap(nullptr, sizeof(Socket) * ipc::kChunkSlots, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (memory == MAP_FAILED) {
+            munmap(chunk, ipc::kChunkBytes);
+            return false;
+        }
+        states = static_cast<Socket *>(memory);
+        for (uint32_t j = 0; j < ipc::kChunkSlots; ++j) new (&states[j]) Socket();
     }
+    const auto *slots =
+        reinterpret_cast<ipc::SocketSlot *>(static_cast<uint8_t *>(chunk) + ipc::kChunkSlotsOffset);
+    for (uint32_t j = 0; j < ipc::kChunkSlots; ++j) {
+        auto &slot = const_cast<ipc::SocketSlot &>(slots[j]);
+        states[j].rx_lock.bind(&slot.rx_lock, &slot.rx_lock_owner);
+        states[j].tx_lock.bind(&slot.tx_lock, &slot.tx_lock_owner);
+        states[j].request_lock.bind(&slot.req_lock, &slot.req_lock_owner);
+    }
+    g_socket_chunks[k].store(states, std::memory_order_release);
+    g_region.chunks[k].store(static_cast<uint8_t *>(chunk), std::memory_order_release);
+    return true;
+}
+
+bool map_chunk(uint32_t k) {
+    pthread_mutex_lock(&g_chunk_mutex);
+    const bool ok = map_chunk_locked(k, g_memfd.load());
+    pthread_mutex_unlock(&g_chunk_mutex);
+    return ok;
+}
+
+// Unmaps the control part and every chunk (the sockets' client state stays, for reuse).
+void unmap_region() {
+    for (uint32_t k = 0; k < ipc::kMaxChunks; ++k) {
+        if (uint8_t *chunk = g_region.chunk(k)) munmap(chunk, ipc::kChunkBytes);
+        g_region.chunks[k].store(nullptr, std::memory_order_relaxed);
+    }
+    if (g_region.base) munmap(g_region.base, ipc::kChunksOffset);
+    g_region.base = nullptr;
 }
 
 // Connects to the engine and maps this process's region. 0 or -errno; `why` says what failed.
@@ -204,7 +248,7 @@ int connect_engine(const char *&why) {
         why = "region too small";
         goto fail;
     }
-    base = mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+    base = mmap(nullptr, ipc::kChunksOffset, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
     if (base == MAP_FAILED) {
         rc = -errno;
         why = "mmap";
@@ -216,17 +260,22 @@ int connect_engine(const char *&why) {
         why = "region header does not match this libtcps";
         goto fail;
     }
+    pthread_mutex_lock(&g_chunk_mutex);
+    rc = map_chunk_locked(0, fds[0]) ? 0 : -ENOMEM;
+    pthread_mutex_unlock(&g_chunk_mutex);
+    if (rc != 0) {
+        why = "mmap";
+        goto fail;
+    }
     g_memfd.store(move_high_internal(fds[0]));
     g_session_id = reply.session_id;
     g_member = 0;
-    bind_socket_locks();
     g_doorbell_fd.store(move_high_internal(fds[1]));
     g_control_fd.store(move_high_internal(sock));
     return 0;
 
 fail:
-    if (base != MAP_FAILED) munmap(base, ipc::kRegionBytes);
-    g_region.base = nullptr;
+    unmap_region();
     for (int fd : fds)
         if (fd >= 0) real(libc.close)(fd);
     real(libc.close)(sock);
@@ -306,10 +355,10 @@ bool acquire_waiter() {
 
 // One request/reply on our control connection. 0 or -errno.
 int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
-                     ipc::ControlType reply_type) {
+                     ipc::ControlType reply_type, bool with_creds = false) {
     pthread_mutex_lock(&g_control_mutex);
     const int control = g_control_fd.load();
-    int rc = ipc::send_control(control, msg, nullptr, 0);
+    int rc = ipc::send_control(control, msg, nullptr, 0, with_creds);
     if (rc == 0) {
         int none = -1;
         rc = recv_control_timed(control, reply, &none, 0);
@@ -453,14 +502,20 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
 }
 
 Socket &socket_state(uint32_t slot) {
-    return g_sockets[slot];
+    return g_socket_chunks[slot >> ipc::kChunkShift].load(
+        std::memory_order_relaxed)[slot & ipc::kChunkMask];
+}
+
+bool map_slot(uint32_t slot) {
+    if (slot >= ipc::kMaxSockets) return false;
+    return g_region.chunk(slot >> ipc::kChunkShift) || map_chunk(slot >> ipc::kChunkShift);
 }
 
 bool find_socket(int fd, SocketRef &out) {
     const FdRef ref = g_fds.get(fd);
-    if (ref.kind() != FdKind::kSocket || ref.slot() >= ipc::kMaxSockets || !g_region.base)
+    if (ref.kind() != FdKind::kSocket || !g_region.base || !g_region.mapped(ref.slot()))
         return false;
-    Socket &sock = g_sockets[ref.slot()];
+    Socket &sock = socket_state(ref.slot());
     // A close racing on another thread may have handed the slot to a new socket.
     if (sock.generation.load(std::memory_order_acquire) != ref.generation()) return false;
     out.fd = fd;
@@ -533,10 +588,16 @@ void spin_learn(uint64_t waited_ns) {
         tl_spin_ns = budget < 500 ? 0 : budget / 2;
 }
 
+bool claims_slots() {
+    return g_region.header().client_slots != 0;
+}
+
 int claim_client_slot() {
     const uint32_t start = g_slot_hint.fetch_add(1, std::memory_order_relaxed);
-    for (uint32_t k = 0; k < ipc::kClientSlots; ++k) {
-        const uint32_t slot = (start + k) % ipc::kClientSlots;
+    const uint32_t count = g_region.header().client_slots;
+    if (count > ipc::kClientSlots) return -1;
+    for (uint32_t k = 0; k < count; ++k) {
+        const uint32_t slot = (start + k) % count;
         ipc::SocketSlot &shm = g_region.slot(slot);
         if (shm.state.load(std::memory_order_acquire) !=
                 static_cast<uint32_t>(ipc::SlotState::kFree) ||
@@ -556,10 +617,32 @@ void release_client_slot(uint32_t slot) {
     g_region.slot(slot).claim.store(0, std::memory_order_release);
 }
 
+int new_socket(int family) {
+    if (!session_usable(false)) return -ECONNRESET;
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kNewSocket);
+    msg.version = ipc::kLayoutVersion;
+    msg.arg = family;
+    ipc::ControlMessage reply{};
+    // With our credentials: the engine creates the socket as ours (identity.hpp).
+    const int rc = control_exchange(msg, reply, ipc::ControlType::kNewSocketReply, true);
+    if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
+    if (rc != 0) return rc;
+    const uint32_t slot = static_cast<uint32_t>(reply.arg);
+    if (reply.arg < 0 || !map_slot(slot)) {
+        // Not a slot we can use: give it back unused.
+        if (reply.arg >= 0 && static_cast<uint32_t>(reply.arg) < ipc::kMaxSockets &&
+            g_region.mapped(slot))
+            request_close(slot, true);
+        return -ENOMEM;
+    }
+    return static_cast<int>(slot);
+}
+
 void hold_socket(uint32_t slot) {
     pthread_mutex_lock(&g_hold_mutex);
-    g_region.member(g_member).held[slot / 64].fetch_or(uint64_t{1} << (slot % 64),
-                                                       std::memory_order_acq_rel);
+    g_region.held_word(g_member, slot)
+        .fetch_or(uint64_t{1} << (slot % 64), std::memory_order_acq_rel);
     g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
     pthread_mutex_unlock(&g_hold_mutex);
 }
@@ -568,8 +651,8 @@ bool unhold_socket(uint32_t slot) {
     pthread_mutex_lock(&g_hold_mutex);
     // The mark first: if we die between the two, the socket leaks until the family ends,
     // while the other order could drop a hold twice and close it under another process.
-    g_region.member(g_member).held[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)),
-                                                        std::memory_order_acq_rel);
+    g_region.held_word(g_member, slot)
+        .fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_acq_rel);
     std::atomic<uint32_t> &holders = g_region.slot(slot).holders;
     uint32_t count = holders.load(std::memory_order_acquire);
     while (count > 0 &&
@@ -594,7 +677,7 @@ void notify_engine(uint32_t slot) {
 
 int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
     if (!session_usable(false)) return -ECONNRESET;
-    Socket &sock = g_sockets[slot];
+    Socket &sock = socket_state(slot);
     ipc::SocketSlot &shm = g_region.slot(slot);
     SocketLockGuard one_at_a_time(sock.request_lock);
     std::memcpy(&shm.request, &req, sizeof(req));
@@ -616,7 +699,7 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
 
 void request_close(uint32_t slot, bool reset) {
     if (!session_usable(false)) return;
-    Socket &sock = g_sockets[slot];
+    Socket &sock = socket_state(slot);
     ipc::SocketSlot &shm = g_region.slot(slot);
     SocketLockGuard one_at_a_time(sock.request_lock);
     ipc::Request req{};
@@ -656,6 +739,9 @@ SocketSnapshot snapshot(const SocketRef &ref) {
         shm.rx_tail.load(std::memory_order_acquire) - shm.rx_head.load(std::memory_order_relaxed);
     s.accept_available =
         shm.acc_tail.load(std::memory_order_acquire) - shm.acc_head.load(std::memory_order_relaxed);
+    // Connections wait that the engine cannot accept: readable, and accept() says why.
+    if (s.accept_available == 0 && shm.accept_error.load(std::memory_order_relaxed) > 0)
+        s.accept_available = 1;
     s.error_pending = error_pending(ref);
     s.listening = sock.listening.load(std::memory_order_relaxed);
     s.end_unreported = !sock.end_reported.load(std::memory_order_relaxed);
@@ -791,14 +877,17 @@ void before_fork() {
     if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) return;
     // The child holds what we hold, from this moment: if we close a socket right after fork,
     // it stays open for the child, as the kernel's reference counts keep it.
+    // Every socket we hold is in a chunk we have mapped.
     const auto child = static_cast<uint32_t>(reply.arg);
-    ipc::MemberRecord &ours = g_region.member(g_member);
-    ipc::MemberRecord &theirs = g_region.member(child);
-    for (uint32_t word = 0; word < ipc::kMaxSockets / 64; ++word) {
-        uint64_t bits = ours.held[word].load(std::memory_order_acquire);
-        theirs.held[word].store(bits, std::memory_order_relaxed);
+    for (uint32_t first = 0; first < ipc::kMaxSockets; first += 64) {
+        if (!g_region.mapped(first)) {
+            first += ipc::kChunkSlots - 64;  // the whole chunk: nothing of ours there
+            continue;
+        }
+        uint64_t bits = g_region.held_word(g_member, first).load(std::memory_order_acquire);
+        g_region.held_word(child, first).store(bits, std::memory_order_relaxed);
         while (bits) {
-            const uint32_t slot = word * 64 + static_cast<uint32_t>(__builtin_ctzll(bits));
+            const uint32_t slot = first + static_cast<uint32_t>(__builtin_ctzll(bits));
             bits &= bits - 1;
             g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
         }
@@ -827,12 +916,13 @@ void leave_parent_session() {
         close_internal(g_doorbell_fd);
         close_internal(g_memfd);
         for (auto &holder : g_waiter_fds) close_internal(holder);
-        if (g_region.base) munmap(g_region.base, ipc::kRegionBytes);
     }
-    g_region.base = nullptr;
+    unmap_region();
     g_state.store(kNone);
     g_retry_after_ns = 0;
-    for (Socket &sock : g_sockets) sock.refs.store(0);
+    for (auto &chunk : g_socket_chunks)
+        if (Socket *states = chunk.load())
+            for (uint32_t j = 0; j < ipc::kChunkSlots; ++j) states[j].refs.store(0);
     g_fds.forget_all();
 }
 
@@ -890,10 +980,11 @@ bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
         return false;
     }
     // The new image holds what it inherits, from now on (see before_fork()).
-    ipc::MemberRecord &record = g_region.member(static_cast<uint32_t>(reply.arg));
+    const auto member = static_cast<uint32_t>(reply.arg);
     for (size_t k = 0; k < count; ++k) {
         const uint64_t bit = uint64_t{1} << (slots[k] % 64);
-        if (record.held[slots[k] / 64].fetch_or(bit, std::memory_order_acq_rel) & bit) continue;
+        if (g_region.held_word(member, slots[k]).fetch_or(bit, std::memory_order_acq_rel) & bit)
+            continue;
         g_region.slot(slots[k]).holders.fetch_add(1, std::memory_order_acq_rel);
     }
     pthread_mutex_unlock(&g_hold_mutex);
@@ -913,12 +1004,11 @@ int adopt_session(const ExecHandover &from) {
         from.member >= ipc::kMaxMembers)
         return -EPROTO;
     void *base =
-        mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, from.memfd, 0);
+        mmap(nullptr, ipc::kChunksOffset, PROT_READ | PROT_WRITE, MAP_SHARED, from.memfd, 0);
     if (base == MAP_FAILED) return -errno;
     g_region.base = static_cast<uint8_t *>(base);
     if (!header_matches(g_region.header()) || g_region.header().session_id != from.session_id) {
-        munmap(base, ipc::kRegionBytes);
-        g_region.base = nullptr;
+        unmap_region();
         return -EPROTO;
     }
     for (int fd : {from.control_fd, from.doorbell_fd, from.memfd}) {
@@ -930,7 +1020,11 @@ int adopt_session(const ExecHandover &from) {
     g_memfd.store(from.memfd);
     g_session_id = from.session_id;
     g_member = from.member;
-    bind_socket_locks();
+    // Chunk 0 now; the chunks of the inherited sockets as they are adopted (map_slot).
+    if (!map_chunk(0)) {
+        unmap_region();
+        return -ENOMEM;
+    }
     // The waiters of the image before exec died with it: the engine may give them out again.
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kReleaseWaiters);

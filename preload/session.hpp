@@ -78,7 +78,11 @@ struct Socket {
     void open(int family, bool nonblock, uint32_t gen);
 };
 
+// The client state of a socket whose chunk this process has mapped (map_slot).
 Socket &socket_state(uint32_t slot);
+// Maps the chunk of `slot` (a slot index the engine gave us) if this process has not yet.
+// False if it cannot be mapped (then the slot must not be used).
+bool map_slot(uint32_t slot);
 
 // What an interposed call needs to act on an offloaded fd.
 struct SocketRef {
@@ -109,6 +113,14 @@ void mark_session_dead();
 
 const ipc::RegionView &region();
 
+// A new socket from the engine, created as this process would create it (its uid, gid and
+// network namespace), in a slot the engine picks (mapped here). The slot, or -errno: ENFILE
+// or ENOBUFS when our uid has used its share of the engine, EMFILE when the family has all
+// its slots, ECONNRESET when the engine is gone.
+int new_socket(int family);
+
+// Whether this session's client claims socket() slots itself (a relay session's).
+bool claims_slots();
 // Client slots: claims one whose state is kFree (SocketSlot::claim). -1 if none.
 int claim_client_slot();
 // Gives back a claimed slot whose kSocket failed (still kFree).

@@ -165,27 +165,32 @@ void forget_entry(FdRef previous) {
     }
 }
 
+// A relay session's socket(): the client claims a slot and asks the engine on it.
+long relay_socket(int domain) {
+    const int slot = claim_client_slot();
+    if (slot < 0) return -EMFILE;  // the relay's session has all its 1,024 sockets
+    const int rc = request(static_cast<uint32_t>(slot), make_request(ipc::Op::kSocket, domain));
+    if (rc != 0) release_client_slot(static_cast<uint32_t>(slot));
+    return rc == 0 ? slot : rc;
+}
+
 long op_socket(int domain, int type, int protocol) {
     if (in_vfork_child() || !session_usable(true)) return kUseKernel;
-    const int slot = claim_client_slot();
-    if (slot < 0) return kUseKernel;  // all client slots busy: this one stays in the kernel
+    // The new fd first: without one, Linux's socket() fails (EMFILE/ENFILE) before anything.
     const int fd = open_placeholder(type & SOCK_CLOEXEC);
-    if (fd < 0) {
-        release_client_slot(static_cast<uint32_t>(slot));
-        return fd;  // EMFILE/ENFILE, as socket() would say
-    }
+    if (fd < 0) return fd;
     if (static_cast<size_t>(fd) >= g_fds.size()) {
         real(libc.close)(fd);
-        release_client_slot(static_cast<uint32_t>(slot));
-        return kUseKernel;
+        return -EMFILE;
     }
     (void)protocol;
-    const int rc = request(static_cast<uint32_t>(slot), make_request(ipc::Op::kSocket, domain));
-    if (rc != 0) {
-        // The engine could not (out of descriptors, dying): the kernel can still serve.
+    const long slot = claims_slots() ? relay_socket(domain) : new_socket(domain);
+    if (slot < 0) {
         real(libc.close)(fd);
-        release_client_slot(static_cast<uint32_t>(slot));
-        return kUseKernel;
+        // The engine went away meanwhile: new sockets are the kernel's from now on. Any other
+        // refusal (the uid's share of the engine, the family's last slot) is the caller's.
+        if (slot == -ECONNRESET || session_dead()) return kUseKernel;
+        return slot;
     }
     Socket &sock = socket_state(static_cast<uint32_t>(slot));
     const uint32_t gen = sock.generation.load() + 1;
@@ -317,9 +322,16 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
             std::atomic_thread_fence(std::memory_order_seq_cst);
             if (shm.flags.load(std::memory_order_relaxed) & ipc::kFlagAcceptPaused)
                 notify_engine(ref.slot);
-            // Engine-written: an index outside the engine's range is skipped, never used.
-            if (index >= ipc::kClientSlots && index < ipc::kMaxSockets) taken = index;
+            // Engine-written: an index we cannot map is skipped, never used.
+            if (index != ref.slot && map_slot(index)) taken = index;
             continue;
+        }
+        // Connections wait in the kernel that the engine cannot take for us (the family has
+        // all its slots, or our uid its share of the engine): Linux's accept() says EMFILE
+        // while a connection waits and no descriptor is left; we say why, and do not wait.
+        if (const int refused = shm.accept_error.load(std::memory_order_acquire); refused > 0) {
+            error = -refused;
+            break;
         }
         if (timeout == 0) {
             error = -EAGAIN;
@@ -329,6 +341,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         auto ready = [&] {
             return shm.acc_tail.load(std::memory_order_acquire) !=
                        shm.acc_head.load(std::memory_order_relaxed) ||
+                   shm.accept_error.load(std::memory_order_relaxed) > 0 ||
                    !listener.listening.load() || stale(ref);
         };
         waited = true;
@@ -372,7 +385,7 @@ void drop_unaccepted(SocketRef &ref) {
     // Engine-written: at most one ring's worth, and only engine-range indices are closed.
     for (uint32_t n = 0; head != tail && n < ipc::kAcceptRingEntries; ++n, ++head) {
         const uint32_t index = shm.accept_ring[head & (ipc::kAcceptRingEntries - 1)];
-        if (index >= ipc::kClientSlots && index < ipc::kMaxSockets) request_close(index, true);
+        if (index != ref.slot && map_slot(index)) request_close(index, true);
     }
     shm.acc_head.store(head, std::memory_order_release);
     listener.rx_lock.unlock();

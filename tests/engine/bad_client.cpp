@@ -179,9 +179,8 @@ void setup_good(Good &good, const std::string &path) {
     RawClient &c = good.client;
     CHECK_OR_FAIL(c.connect(path) == 0, "good client: hello failed");
     CHECK_OR_FAIL(c.engine_alive(), "good client: engine_alive is 0 after hello");
+    good.listener = open_socket(c, AF_INET, "good listener");
     const uint32_t L = good.listener;
-    CHECK_OR_FAIL(c.request_result(L, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "kSocket");
-    CHECK_OR_FAIL(c.slot(L).state.load() == uint32_t(ipc::SlotState::kOpen), "slot not open");
     const sockaddr_in any_port = loopback(0);
     CHECK_OR_FAIL(
         c.request_result(L, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port, sizeof(any_port)) == 0,
@@ -196,7 +195,7 @@ void setup_good(Good &good, const std::string &path) {
     int conn = -1;
     CHECK_OR_FAIL(wait_until([&] { return (conn = c.accept(L)) >= 0; }, kWaitMs),
                   "accepted connection never appeared in the accept ring");
-    CHECK_OR_FAIL(conn >= int(ipc::kClientSlots) && conn < int(ipc::kMaxSockets),
+    CHECK_OR_FAIL(conn >= 0 && conn < int(ipc::kChunkSlots) && uint32_t(conn) != L,
                   "accept ring holds slot %d, outside the engine's range", conn);
     good.conn = static_cast<uint32_t>(conn);
     ipc::SocketSlot &s = c.slot(good.conn);
@@ -264,7 +263,11 @@ int main(int argc, char **argv) {
     {  // (b) an out-of-range slot index pushed into the work queue
         RawClient bad;
         CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (b): hello");
-        ipc::work_queue_push(bad.region(), 5000);
+        // Chunk 0's queue names a slot of chunk 1 (not even active).
+        ipc::WorkEntry &entry = bad.region().work_entry(0, 0);
+        entry.slot = 5000;
+        entry.seq.store(1, std::memory_order_release);
+        bad.region().chunk_header(0).wq_tail.store(1, std::memory_order_release);
         bad.kick();
         expect_session_ended(bad, "(b) slot index 5000 in the work queue");
         check_engine_ok(engine, good, "(b) out-of-range slot index in the work queue");
@@ -272,20 +275,18 @@ int main(int argc, char **argv) {
     {  // (c) tx_tail far beyond the tx ring
         RawClient bad;
         CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c): hello");
-        CHECK_OR_FAIL(bad.request_result(3, uint32_t(ipc::Op::kSocket), AF_INET) == 0,
-                      "(c) kSocket");
-        bad.slot(3).tx_tail.store(1u << 30, std::memory_order_release);
-        bad.ring(3);
+        const uint32_t s = open_socket(bad, AF_INET, "(c)");
+        bad.slot(s).tx_tail.store(1u << 30, std::memory_order_release);
+        bad.ring(s);
         expect_session_ended(bad, "(c) tx_tail far beyond the ring");
         check_engine_ok(engine, good, "(c) tx_tail far beyond the tx ring");
     }
     {  // (c2) rx_head past rx_tail
         RawClient bad;
         CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c2): hello");
-        CHECK_OR_FAIL(bad.request_result(7, uint32_t(ipc::Op::kSocket), AF_INET6) == 0,
-                      "(c2) kSocket");
-        bad.slot(7).rx_head.store(12345, std::memory_order_release);
-        bad.ring(7);
+        const uint32_t s = open_socket(bad, AF_INET6, "(c2)");
+        bad.slot(s).rx_head.store(12345, std::memory_order_release);
+        bad.ring(s);
         expect_session_ended(bad, "(c2) rx_head past rx_tail");
         check_engine_ok(engine, good, "(c2) rx_head past rx_tail");
     }
@@ -301,28 +302,33 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(
             odd.request_result(5, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == -EBADF,
             "(d) kBind on a free slot");
-        CHECK_OR_FAIL(odd.request_result(2000, uint32_t(ipc::Op::kSocket), AF_INET) == -EBADF,
-                      "(d) kSocket on an engine slot");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSocket), AF_UNIX) == -EAFNOSUPPORT,
-                      "(d) kSocket AF_UNIX");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSocket), AF_INET) == 0,
-                      "(d) kSocket after the refusals");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kShutdown), 7) == -EINVAL,
+        // A local client's sockets come over its control connection, with its credentials.
+        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSocket), AF_INET) == -EBADF,
+                      "(d) kSocket in a local session");
+        CHECK_OR_FAIL(odd.new_socket(AF_UNIX) == -EAFNOSUPPORT, "(d) kNewSocket AF_UNIX");
+        // Another process's pid (which only a privileged sender may claim): not the member's.
+        const ucred other{getppid(), geteuid(), getegid()};
+        if (geteuid() == 0)
+            CHECK_OR_FAIL(odd.new_socket(AF_INET, &other) == -EPERM,
+                          "(d) kNewSocket claiming another process");
+        const uint32_t one_slot = open_socket(odd, AF_INET, "(d) after the refusals");
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kShutdown), 7) == -EINVAL,
                       "(d) kShutdown how=7");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kShutdown), SHUT_WR) == -ENOTCONN,
-                      "(d) kShutdown on an unconnected socket");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kIoctl), 0x5401) == -ENOTTY,
-                      "(d) unknown ioctl");
         CHECK_OR_FAIL(
-            odd.request_result(1, uint32_t(ipc::Op::kSetSockOpt), SOL_SOCKET, SO_ATTACH_FILTER, 0,
-                               nullptr, 0, "xxxxxxxxxxxxxxxx", 16) == -ENOPROTOOPT,
-            "(d) SO_ATTACH_FILTER must be refused");
+            odd.request_result(one_slot, uint32_t(ipc::Op::kShutdown), SHUT_WR) == -ENOTCONN,
+            "(d) kShutdown on an unconnected socket");
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kIoctl), 0x5401) == -ENOTTY,
+                      "(d) unknown ioctl");
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kSetSockOpt), SOL_SOCKET,
+                                         SO_ATTACH_FILTER, 0, nullptr, 0, "xxxxxxxxxxxxxxxx",
+                                         16) == -ENOPROTOOPT,
+                      "(d) SO_ATTACH_FILTER must be refused");
         const int one = 1;
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kSetSockOpt), IPPROTO_TCP,
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kSetSockOpt), IPPROTO_TCP,
                                          TCP_NODELAY, 0, nullptr, 0, &one, sizeof(one)) == 0,
                       "(d) TCP_NODELAY");
         RawClient::Reply nodelay =
-            odd.request(1, uint32_t(ipc::Op::kGetSockOpt), IPPROTO_TCP, TCP_NODELAY, 4);
+            odd.request(one_slot, uint32_t(ipc::Op::kGetSockOpt), IPPROTO_TCP, TCP_NODELAY, 4);
         CHECK_OR_FAIL(nodelay.answered && nodelay.result == 0 && nodelay.opt.size() == 4 &&
                           nodelay.opt[0] == 1,
                       "(d) getsockopt TCP_NODELAY");
@@ -332,10 +338,11 @@ int main(int argc, char **argv) {
         close(fds[0]);
         close(fds[1]);
         CHECK_OR_FAIL(odd.engine_alive(), "(d) the session ended: refusals must not end it");
-        CHECK_OR_FAIL(odd.request_result(1, uint32_t(ipc::Op::kClose)) == 0, "(d) kClose");
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kClose)) == 0, "(d) kClose");
         CHECK_OR_FAIL(
-            wait_until([&] { return odd.slot(1).state.load() == uint32_t(ipc::SlotState::kFree); },
-                       kWaitMs),
+            wait_until(
+                [&] { return odd.slot(one_slot).state.load() == uint32_t(ipc::SlotState::kFree); },
+                kWaitMs),
             "(d) closed slot never became free");
         check_engine_ok(engine, good, "(d) unknown op and refused requests");
     }
@@ -386,14 +393,14 @@ int main(int argc, char **argv) {
     {  // (f) a client that dies with an open connection: the engine closes it
         RawClient dying;
         CHECK_OR_FAIL(dying.connect(path) == 0, "(f) hello");
-        CHECK_OR_FAIL(dying.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(f)");
+        const uint32_t l = open_socket(dying, AF_INET, "(f)");
         const sockaddr_in addr = loopback(0);
         CHECK_OR_FAIL(
-            dying.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == 0,
+            dying.request_result(l, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == 0,
             "(f) bind");
-        CHECK_OR_FAIL(dying.request_result(0, uint32_t(ipc::Op::kListen), 4) == 0, "(f) listen");
-        const int peer = kernel_connect(port_of(dying.slot(0).local_addr));
-        CHECK_OR_FAIL(wait_until([&] { return dying.slot(0).acc_tail.load() == 1; }, kWaitMs),
+        CHECK_OR_FAIL(dying.request_result(l, uint32_t(ipc::Op::kListen), 4) == 0, "(f) listen");
+        const int peer = kernel_connect(port_of(dying.slot(l).local_addr));
+        CHECK_OR_FAIL(wait_until([&] { return dying.slot(l).acc_tail.load() == 1; }, kWaitMs),
                       "(f) no accepted connection");
         dying.disconnect();
         CHECK_OR_FAIL(kernel_sees_end(peer, kWaitMs),
@@ -405,22 +412,22 @@ int main(int argc, char **argv) {
     {  // (g) connect errors: immediate ones answered, asynchronous ones in so_error
         RawClient c;
         CHECK_OR_FAIL(c.connect(path) == 0, "(g) hello");
-        CHECK_OR_FAIL(c.request_result(2, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(g)");
+        const uint32_t g = open_socket(c, AF_INET, "(g)");
         const sockaddr_in refused = loopback(closed_port());
         CHECK_OR_FAIL(
-            c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, 4) == -EINVAL,
+            c.request_result(g, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, 4) == -EINVAL,
             "(g) connect with a 4-byte address");
         sockaddr_in6 v6{};
         v6.sin6_family = AF_INET6;
         v6.sin6_port = htons(9);
         v6.sin6_addr = in6addr_loopback;
-        CHECK_OR_FAIL(c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &v6, sizeof(v6)) ==
+        CHECK_OR_FAIL(c.request_result(g, uint32_t(ipc::Op::kConnect), 0, 0, 0, &v6, sizeof(v6)) ==
                           -EAFNOSUPPORT,
                       "(g) IPv6 address on an IPv4 socket");
         const int rc =
-            c.request_result(2, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, sizeof(refused));
+            c.request_result(g, uint32_t(ipc::Op::kConnect), 0, 0, 0, &refused, sizeof(refused));
         CHECK_OR_FAIL(rc == -EINPROGRESS, "(g) connect answered %d", rc);
-        ipc::SocketSlot &s = c.slot(2);
+        ipc::SocketSlot &s = c.slot(g);
         // kFlagReset is published last: once it is there, so_error and error_gen are too.
         CHECK_OR_FAIL(wait_until([&] { return (s.flags.load() & ipc::kFlagReset) != 0; }, kWaitMs),
                       "(g) refused connect never reported");
@@ -430,7 +437,7 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(!(s.flags.load() & (ipc::kFlagConnected | ipc::kFlagConnecting)),
                       "(g) refused socket still connecting/connected");
         RawClient::Reply error =
-            c.request(2, uint32_t(ipc::Op::kGetSockOpt), SOL_SOCKET, SO_ERROR, 4);
+            c.request(g, uint32_t(ipc::Op::kGetSockOpt), SOL_SOCKET, SO_ERROR, 4);
         int reported = 0;
         if (error.opt.size() == 4) std::memcpy(&reported, error.opt.data(), 4);
         CHECK_OR_FAIL(error.answered && error.result == 0 && reported == ECONNREFUSED,
@@ -442,46 +449,50 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(chmod(socket_dir.dir().c_str(), 0755) == 0, "chmod");
         RawClient owner;
         CHECK_OR_FAIL(owner.connect(path) == 0, "(h) hello");
-        CHECK_OR_FAIL(owner.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
-        CHECK_OR_FAIL(set_int_option(owner, 0, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h) reuseport");
+        const uint32_t first = open_socket(owner, AF_INET, "(h)");
+        CHECK_OR_FAIL(set_int_option(owner, first, SOL_SOCKET, SO_REUSEPORT, 1) == 0,
+                      "(h) reuseport");
         const sockaddr_in any_port = loopback(0);
-        CHECK_OR_FAIL(owner.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port,
+        CHECK_OR_FAIL(owner.request_result(first, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port,
                                            sizeof(any_port)) == 0,
                       "(h) bind");
-        const uint16_t shared_port = port_of(owner.slot(0).local_addr);
+        const uint16_t shared_port = port_of(owner.slot(first).local_addr);
         const sockaddr_in shared = loopback(shared_port);
         // Same uid: Linux lets it share the port, so does the engine.
-        CHECK_OR_FAIL(owner.request_result(1, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
-        CHECK_OR_FAIL(set_int_option(owner, 1, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
-        CHECK_OR_FAIL(owner.request_result(1, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared,
+        const uint32_t second = open_socket(owner, AF_INET, "(h)");
+        CHECK_OR_FAIL(set_int_option(owner, second, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
+        CHECK_OR_FAIL(owner.request_result(second, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared,
                                            sizeof(shared)) == 0,
                       "(h) same-uid SO_REUSEPORT bind refused");
         const int status = run_unprivileged([&] {
             RawClient c;
             CHECK_OR_FAIL(c.connect(path) == 0, "(h) unprivileged hello");
-            CHECK_OR_FAIL(c.request_result(0, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "(h)");
+            // The kernel refuses to carry credentials it does not hold: no root-owned socket.
+            const ucred root{getpid(), 0, 0};
+            CHECK_OR_FAIL(c.new_socket(AF_INET, &root) == -EPERM, "(h) claimed to be root");
+            const uint32_t u = open_socket(c, AF_INET, "(h) unprivileged");
             const sockaddr_in port80 = loopback(80);
             int rc =
-                c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &port80, sizeof(port80));
+                c.request_result(u, uint32_t(ipc::Op::kBind), 0, 0, 0, &port80, sizeof(port80));
             CHECK_OR_FAIL(rc == -EACCES, "(h) unprivileged bind to port 80: %d", rc);
-            rc = set_int_option(c, 0, SOL_SOCKET, SO_MARK, 5);
+            rc = set_int_option(c, u, SOL_SOCKET, SO_MARK, 5);
             CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_MARK: %d", rc);
-            rc = set_int_option(c, 0, SOL_SOCKET, SO_DEBUG, 1);
+            rc = set_int_option(c, u, SOL_SOCKET, SO_DEBUG, 1);
             CHECK_OR_FAIL(rc == -EACCES, "(h) unprivileged SO_DEBUG: %d", rc);
-            rc = set_int_option(c, 0, SOL_SOCKET, SO_PRIORITY, 7);
+            rc = set_int_option(c, u, SOL_SOCKET, SO_PRIORITY, 7);
             CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_PRIORITY 7: %d", rc);
-            rc = set_int_option(c, 0, SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20);
+            rc = set_int_option(c, u, SOL_SOCKET, SO_RCVBUFFORCE, 1 << 20);
             CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged SO_RCVBUFFORCE: %d", rc);
-            rc = set_int_option(c, 0, IPPROTO_TCP, TCP_REPAIR, 1);
+            rc = set_int_option(c, u, IPPROTO_TCP, TCP_REPAIR, 1);
             CHECK_OR_FAIL(rc == -EPERM, "(h) unprivileged TCP_REPAIR: %d", rc);
-            CHECK_OR_FAIL(set_int_option(c, 0, SOL_SOCKET, SO_PRIORITY, 3) == 0, "(h) prio 3");
-            CHECK_OR_FAIL(set_int_option(c, 0, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
-            rc = c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared, sizeof(shared));
+            CHECK_OR_FAIL(set_int_option(c, u, SOL_SOCKET, SO_PRIORITY, 3) == 0, "(h) prio 3");
+            CHECK_OR_FAIL(set_int_option(c, u, SOL_SOCKET, SO_REUSEPORT, 1) == 0, "(h)");
+            rc = c.request_result(u, uint32_t(ipc::Op::kBind), 0, 0, 0, &shared, sizeof(shared));
             CHECK_OR_FAIL(rc == -EADDRINUSE, "(h) SO_REUSEPORT bind onto another uid's port: %d",
                           rc);
             const sockaddr_in high = loopback(0);
             CHECK_OR_FAIL(
-                c.request_result(0, uint32_t(ipc::Op::kBind), 0, 0, 0, &high, sizeof(high)) == 0,
+                c.request_result(u, uint32_t(ipc::Op::kBind), 0, 0, 0, &high, sizeof(high)) == 0,
                 "(h) unprivileged bind to an ephemeral port");
         });
         CHECK_OR_FAIL(status == 0, "(h) unprivileged client failed (status %d)", status);

@@ -230,6 +230,9 @@ inline int recv_control_within(int fd, ipc::ControlMessage &msg, int *fds, int m
     return ipc::recv_control(fd, msg, fds, max_fds, MSG_DONTWAIT);
 }
 
+class RawClient;
+inline uint32_t open_socket(RawClient &c, int family, const char *what);
+
 class RawClient {
   public:
     RawClient() = default;
@@ -256,10 +259,11 @@ class RawClient {
         memfd_ = fds[0];
         doorbell_ = fds[1];
         session_id_ = reply.session_id;
-        void *base =
-            mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_, 0);
+        // The whole region in one sparse mapping: every chunk the engine activates is there.
+        void *base = mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_NORESERVE, memfd_, 0);
         if (base == MAP_FAILED) return -errno;
-        region_.base = static_cast<uint8_t *>(base);
+        region_.map_contiguous(static_cast<uint8_t *>(base), ipc::kMaxChunks);
         if (region_.header().magic != ipc::kRegionMagic ||
             region_.header().version != ipc::kLayoutVersion)
             return -EPROTO;
@@ -275,7 +279,7 @@ class RawClient {
     void disconnect() {
         close_control();
         if (region_.base) munmap(region_.base, ipc::kRegionBytes);
-        region_.base = nullptr;
+        region_.map_contiguous(nullptr, 0);
         for (int *fd : {&memfd_, &doorbell_}) {
             if (*fd >= 0) close(*fd);
             *fd = -1;
@@ -339,6 +343,42 @@ class RawClient {
             reply.opt.assign(s.response.opt, s.response.opt + n);
         }
         return reply;
+    }
+
+    // kNewSocket over the control connection, with our credentials, or with `claimed` ones
+    // (which the kernel lets only a privileged sender claim): the slot the engine picked
+    // (>= 0), or -errno.
+    int new_socket(int family, const ucred *claimed = nullptr, int timeout_ms = 3000) {
+        ipc::ControlMessage msg{};
+        msg.type = static_cast<uint32_t>(ipc::ControlType::kNewSocket);
+        msg.version = ipc::kLayoutVersion;
+        msg.arg = family;
+        int rc = 0;
+        if (claimed) {
+            iovec iov{&msg, sizeof(msg)};
+            alignas(cmsghdr) char control[CMSG_SPACE(sizeof(ucred))] = {};
+            msghdr header{};
+            header.msg_iov = &iov;
+            header.msg_iovlen = 1;
+            header.msg_control = control;
+            header.msg_controllen = sizeof(control);
+            cmsghdr *cmsg = CMSG_FIRSTHDR(&header);
+            cmsg->cmsg_level = SOL_SOCKET;
+            cmsg->cmsg_type = SCM_CREDENTIALS;
+            cmsg->cmsg_len = CMSG_LEN(sizeof(ucred));
+            std::memcpy(CMSG_DATA(cmsg), claimed, sizeof(ucred));
+            if (sendmsg(control_, &header, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(msg)))
+                return -errno;
+        } else {
+            rc = ipc::send_control(control_, msg, nullptr, 0, true);
+        }
+        if (rc != 0) return rc;
+        ipc::ControlMessage reply{};
+        int none = -1;
+        rc = recv_control_within(control_, reply, &none, 0, timeout_ms);
+        if (rc != 0) return rc;
+        if (reply.type != static_cast<uint32_t>(ipc::ControlType::kNewSocketReply)) return -EPROTO;
+        return reply.result != 0 ? reply.result : reply.arg;
     }
 
     int request_result(uint32_t i, uint32_t op, int32_t arg0 = 0, int32_t arg1 = 0,
@@ -414,6 +454,16 @@ class RawClient {
     uint32_t session_id_ = 0;
     ipc::RegionView region_;
 };
+
+// A new socket (kNewSocket) that must succeed: its slot.
+inline uint32_t open_socket(RawClient &c, int family, const char *what) {
+    const int slot = c.new_socket(family);
+    CHECK_OR_FAIL(slot >= 0, "%s: kNewSocket: %s", what, std::strerror(-slot));
+    CHECK_OR_FAIL(
+        c.slot(static_cast<uint32_t>(slot)).state.load() == uint32_t(ipc::SlotState::kOpen),
+        "%s: slot %d not open", what, slot);
+    return static_cast<uint32_t>(slot);
+}
 
 // A fresh directory for a private engine's control socket, removed with what is left in it.
 class ControlSocketDir {

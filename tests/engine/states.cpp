@@ -15,6 +15,7 @@
 #include <climits>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "raw_client.hpp"
 
@@ -99,9 +100,9 @@ bool wait_flags(RawClient &c, uint32_t slot, uint32_t all) {
     return wait_until([&] { return (flags_of(c, slot) & all) == all; }, kWaitMs);
 }
 
-void open_socket(RawClient &c, uint32_t slot) {
-    const int rc = c.request_result(slot, uint32_t(Op::kSocket), AF_INET);
-    CHECK_OR_FAIL(rc == 0, "kSocket on slot %u: %d", slot, rc);
+// A new socket; `slot` becomes the one the engine picked.
+void open_socket(RawClient &c, uint32_t &slot) {
+    slot = open_socket(c, AF_INET, "kNewSocket");
 }
 
 int engine_connect(RawClient &c, uint32_t slot, uint16_t port) {
@@ -118,7 +119,7 @@ void close_socket(RawClient &c, uint32_t slot) {
 }
 
 // Slot `slot` connected through the engine to a kernel listener; returns the kernel's end.
-int connect_pair(RawClient &c, uint32_t slot, int listener) {
+int connect_pair(RawClient &c, uint32_t &slot, int listener) {
     open_socket(c, slot);
     const int rc = engine_connect(c, slot, local_port(listener));
     CHECK_OR_FAIL(rc == -EINPROGRESS || rc == 0, "kConnect answered %d", rc);
@@ -159,15 +160,16 @@ int native_get_int(int fd, int level, int optname) {
 // publishes.
 void reset_implies_error(RawClient &c) {
     constexpr uint32_t kRounds = 200;
-    constexpr uint32_t kFirstSlot = 100;
-    std::atomic<uint32_t> current{0};
-    std::atomic<uint32_t> checked{0};  // the last slot whose kFlagReset was looked at
+    std::vector<uint32_t> slots;
+    constexpr uint32_t kNone = UINT32_MAX;
+    std::atomic<uint32_t> current{kNone};
+    std::atomic<uint32_t> checked{kNone};  // the last slot whose kFlagReset was looked at
     std::atomic<bool> stop{false};
     std::atomic<uint32_t> violations{0};
     std::thread observer([&] {
         while (!stop.load(std::memory_order_relaxed)) {
             const uint32_t slot = current.load(std::memory_order_acquire);
-            if (slot == 0 || slot == checked.load(std::memory_order_relaxed)) continue;
+            if (slot == kNone || slot == checked.load(std::memory_order_relaxed)) continue;
             ipc::SocketSlot &s = c.slot(slot);
             if (!(s.flags.load(std::memory_order_acquire) & ipc::kFlagReset)) continue;
             if (s.error_gen.load(std::memory_order_acquire) == 0 ||
@@ -179,8 +181,9 @@ void reset_implies_error(RawClient &c) {
     const uint16_t refused = closed_port();
     const sockaddr_in addr = loopback(refused);
     for (uint32_t k = 0; k < kRounds; ++k) {
-        const uint32_t slot = kFirstSlot + k;
+        uint32_t slot = 0;
         open_socket(c, slot);
+        slots.push_back(slot);
         current.store(slot, std::memory_order_release);
         // The request by hand, so that this thread sleeps while it is handled.
         ipc::SocketSlot &s = c.slot(slot);
@@ -203,7 +206,7 @@ void reset_implies_error(RawClient &c) {
     }
     stop.store(true);
     observer.join();
-    for (uint32_t k = 0; k < kRounds; ++k) close_socket(c, kFirstSlot + k);
+    for (uint32_t slot : slots) close_socket(c, slot);
     CHECK_OR_FAIL(violations.load() == 0,
                   "in %u of %u refused connects, error_gen moved before kFlagReset was set",
                   violations.load(), kRounds);
@@ -212,10 +215,10 @@ void reset_implies_error(RawClient &c) {
 
 // After the FIN no recv is posted; the RST that follows must still reach the slot.
 void rst_after_fin(RawClient &c) {
-    const uint32_t slot = 10;
+    uint32_t slot = 0;
     const int listener = kernel_listener(4);
     const int peer = connect_pair(c, slot, listener);
-    ipc::SocketSlot &s = c.slot(slot);
+    auto S = [&]() -> ipc::SocketSlot & { return c.slot(slot); };
     CHECK_OR_FAIL(shutdown(peer, SHUT_WR) == 0, "kernel shutdown");
     CHECK_OR_FAIL(wait_flags(c, slot, ipc::kFlagRxEof), "the peer's FIN never set kFlagRxEof");
     CHECK_OR_FAIL(!(flags_of(c, slot) & ipc::kFlagReset), "reset before any RST");
@@ -229,7 +232,7 @@ void rst_after_fin(RawClient &c) {
     w.slot.store(slot);
     w.state.store(uint32_t(ipc::WaiterState::kArmed));
     c.region().header().waiters_armed.fetch_add(1);
-    const uint32_t events = s.event_gen.load();
+    const uint32_t events = S().event_gen.load();
 
     const linger abortive{1, 0};
     CHECK_OR_FAIL(setsockopt(peer, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive)) == 0,
@@ -238,14 +241,14 @@ void rst_after_fin(RawClient &c) {
     // kFlagReset is the engine's last store: once it is set, so_error and error_gen are there.
     CHECK_OR_FAIL(wait_until([&] { return (flags_of(c, slot) & ipc::kFlagReset) != 0; }, kWaitMs),
                   "an RST after the peer's FIN was not reported (no send was made)");
-    CHECK_OR_FAIL(s.error_gen.load() != 0, "kFlagReset set, error_gen not moved");
+    CHECK_OR_FAIL(S().error_gen.load() != 0, "kFlagReset set, error_gen not moved");
     // tcp_reset() in CLOSE_WAIT: Linux says EPIPE, and poll() POLLERR|POLLHUP.
-    CHECK_OR_FAIL(s.so_error.load() == EPIPE && s.error_gen.load() == 1,
-                  "so_error %d error_gen %u, expected EPIPE and 1", s.so_error.load(),
-                  s.error_gen.load());
-    const uint32_t mask = s.kernel_mask.load();
+    CHECK_OR_FAIL(S().so_error.load() == EPIPE && S().error_gen.load() == 1,
+                  "so_error %d error_gen %u, expected EPIPE and 1", S().so_error.load(),
+                  S().error_gen.load());
+    const uint32_t mask = S().kernel_mask.load();
     CHECK_OR_FAIL((mask & (POLLERR | POLLHUP)) == (POLLERR | POLLHUP), "kernel_mask %#x", mask);
-    CHECK_OR_FAIL(s.event_gen.load() != events, "event_gen did not move");
+    CHECK_OR_FAIL(S().event_gen.load() != events, "event_gen did not move");
     pollfd p{waiter[0], POLLIN, 0};
     CHECK_OR_FAIL(poll(&p, 1, kWaitMs) == 1, "the waiter on the slot was not woken");
     CHECK_OR_FAIL(w.state.load() == uint32_t(ipc::WaiterState::kSignaled), "waiter not signaled");
@@ -260,12 +263,13 @@ void rst_after_fin(RawClient &c) {
     CHECK_OR_FAIL(wait_flags(c, slot, ipc::kFlagRxEof), "FIN never set kFlagRxEof");
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(Op::kShutdown), SHUT_WR) == 0, "kShutdown");
     CHECK_OR_FAIL(wait_flags(c, slot, ipc::kFlagTxShut), "kFlagTxShut never set");
-    CHECK_OR_FAIL(wait_until([&] { return (s.kernel_mask.load() & POLLHUP) != 0; }, kWaitMs),
-                  "both directions shut, but kernel_mask %#x lacks POLLHUP", s.kernel_mask.load());
+    CHECK_OR_FAIL(wait_until([&] { return (S().kernel_mask.load() & POLLHUP) != 0; }, kWaitMs),
+                  "both directions shut, but kernel_mask %#x lacks POLLHUP",
+                  S().kernel_mask.load());
     char byte;
     CHECK_OR_FAIL(kernel_recv_within(peer2, &byte, 1, kWaitMs) == 0, "peer saw no FIN");
-    CHECK_OR_FAIL(!(flags_of(c, slot) & ipc::kFlagReset) && s.error_gen.load() == 0,
-                  "an orderly close was reported as an error (so_error %d)", s.so_error.load());
+    CHECK_OR_FAIL(!(flags_of(c, slot) & ipc::kFlagReset) && S().error_gen.load() == 0,
+                  "an orderly close was reported as an error (so_error %d)", S().so_error.load());
     close(peer2);
     close_socket(c, slot);
     close(listener);
@@ -274,9 +278,9 @@ void rst_after_fin(RawClient &c) {
 
 // Linux: after a failed connect the socket is TCP_CLOSE and may connect again.
 void connect_after_failure(RawClient &c) {
-    const uint32_t slot = 11;
+    uint32_t slot = 0;
     const int listener = kernel_listener(4);
-    ipc::SocketSlot &s = c.slot(slot);
+    auto S = [&]() -> ipc::SocketSlot & { return c.slot(slot); };
     for (const bool bound : {false, true}) {
         open_socket(c, slot);
         uint16_t bound_port = 0;
@@ -287,7 +291,7 @@ void connect_after_failure(RawClient &c) {
             CHECK_OR_FAIL(
                 c.request_result(slot, uint32_t(Op::kBind), 0, 0, 0, &named, sizeof(named)) == 0,
                 "kBind");
-            bound_port = port_of(s.local_addr);
+            bound_port = port_of(S().local_addr);
         }
         int rc = engine_connect(c, slot, closed_port());
         CHECK_OR_FAIL(rc == -EINPROGRESS, "first kConnect answered %d", rc);
@@ -295,8 +299,8 @@ void connect_after_failure(RawClient &c) {
         CHECK_OR_FAIL(
             wait_until([&] { return (flags_of(c, slot) & ipc::kFlagReset) != 0; }, kWaitMs),
             "refused connect never reported");
-        CHECK_OR_FAIL((flags_of(c, slot) & ipc::kFlagReset) && s.so_error.load() == ECONNREFUSED,
-                      "flags %#x so_error %d", flags_of(c, slot), s.so_error.load());
+        CHECK_OR_FAIL((flags_of(c, slot) & ipc::kFlagReset) && S().so_error.load() == ECONNREFUSED,
+                      "flags %#x so_error %d", flags_of(c, slot), S().so_error.load());
 
         rc = engine_connect(c, slot, local_port(listener));
         CHECK_OR_FAIL(rc == -EINPROGRESS || rc == 0,
@@ -311,8 +315,8 @@ void connect_after_failure(RawClient &c) {
                           },
                           kWaitMs),
                       "the second attempt never connected (flags %#x)", flags_of(c, slot));
-        CHECK_OR_FAIL(s.error_gen.load() == 1, "error_gen %u after a good connect",
-                      s.error_gen.load());
+        CHECK_OR_FAIL(S().error_gen.load() == 1, "error_gen %u after a good connect",
+                      S().error_gen.load());
         if (bound) {
             sockaddr_in from{};
             socklen_t len = sizeof(from);
@@ -333,15 +337,15 @@ void connect_after_failure(RawClient &c) {
 }
 
 void shutdown_listener(RawClient &c) {
-    const uint32_t slot = 12;
-    ipc::SocketSlot &s = c.slot(slot);
+    uint32_t slot = 0;
+    auto S = [&]() -> ipc::SocketSlot & { return c.slot(slot); };
     open_socket(c, slot);
     // A named port, which Linux keeps when the listener is disconnected (one picked by
     // bind(port 0) is given back, and listen() again picks another).
     const sockaddr_in named = loopback(closed_port());
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(Op::kBind), 0, 0, 0, &named, sizeof(named)) == 0,
                   "kBind");
-    const uint16_t port = port_of(s.local_addr);
+    const uint16_t port = port_of(S().local_addr);
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(Op::kListen), 8) == 0, "kListen");
 
     // SHUT_WR: nothing changes, the listener still accepts.
@@ -350,7 +354,7 @@ void shutdown_listener(RawClient &c) {
     CHECK_OR_FAIL((flags & ipc::kFlagListening) && !(flags & ipc::kFlagTxShut),
                   "listener after SHUT_WR: flags %#x", flags);
     const int kept = kernel_connect_nb(port);
-    CHECK_OR_FAIL(wait_until([&] { return s.acc_tail.load() == 1; }, kWaitMs),
+    CHECK_OR_FAIL(wait_until([&] { return S().acc_tail.load() == 1; }, kWaitMs),
                   "a listener shut for writing stopped accepting");
 
     // SHUT_RD: the listener is disconnected; the connection in its ring is reset.
@@ -360,7 +364,7 @@ void shutdown_listener(RawClient &c) {
     CHECK_OR_FAIL(!(flags & (ipc::kFlagListening | ipc::kFlagRxShut | ipc::kFlagTxShut)),
                   "listener after SHUT_RD: flags %#x (not listening, nothing shut expected)",
                   flags);
-    const uint32_t mask = s.kernel_mask.load();
+    const uint32_t mask = S().kernel_mask.load();
     CHECK_OR_FAIL((mask & (POLLHUP | POLLOUT)) == (POLLHUP | POLLOUT) && !(mask & POLLERR),
                   "listener after SHUT_RD: kernel_mask %#x, Linux says POLLOUT|POLLHUP", mask);
     char byte;
@@ -368,9 +372,8 @@ void shutdown_listener(RawClient &c) {
     CHECK_OR_FAIL(got == -ECONNRESET, "the unaccepted connection's peer got %zd, not ECONNRESET",
                   got);
     close(kept);
-    const uint32_t untaken = s.accept_ring[0];
-    CHECK_OR_FAIL(untaken >= ipc::kClientSlots && untaken < ipc::kMaxSockets, "ring entry %u",
-                  untaken);
+    const uint32_t untaken = S().accept_ring[0];
+    CHECK_OR_FAIL(untaken < ipc::kChunkSlots && untaken != slot, "ring entry %u", untaken);
     CHECK_OR_FAIL(
         (flags_of(c, untaken) & ipc::kFlagReset) && c.slot(untaken).so_error.load() == ECONNRESET,
         "the unaccepted connection's slot is not reset");
@@ -386,13 +389,13 @@ void shutdown_listener(RawClient &c) {
     // listen() again works, on the same port.
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(Op::kListen), 8) == 0, "kListen again");
     CHECK_OR_FAIL(flags_of(c, slot) & ipc::kFlagListening, "not listening again");
-    CHECK_OR_FAIL(port_of(s.local_addr) == port, "the port changed");
+    CHECK_OR_FAIL(port_of(S().local_addr) == port, "the port changed");
     const int again = kernel_connect_nb(port);
-    CHECK_OR_FAIL(wait_until([&] { return s.acc_tail.load() == 2; }, kWaitMs),
+    CHECK_OR_FAIL(wait_until([&] { return S().acc_tail.load() == 2; }, kWaitMs),
                   "the listener does not accept after listen() again");
     CHECK_OR_FAIL(c.accept(slot) == int(untaken), "ring order");
     const int fresh = c.accept(slot);
-    CHECK_OR_FAIL(fresh >= int(ipc::kClientSlots) && !(flags_of(c, fresh) & ipc::kFlagReset),
+    CHECK_OR_FAIL(fresh >= 0 && !(flags_of(c, fresh) & ipc::kFlagReset),
                   "the new connection is not usable");
     close(again);
     close_socket(c, untaken);
@@ -402,8 +405,8 @@ void shutdown_listener(RawClient &c) {
 }
 
 void shutdown_connecting(RawClient &c) {
-    const uint32_t slot = 13;
-    ipc::SocketSlot &s = c.slot(slot);
+    uint32_t slot = 0;
+    auto S = [&]() -> ipc::SocketSlot & { return c.slot(slot); };
     // A full accept queue drops SYNs: the engine's connect stays in SYN_SENT.
     const int full = kernel_listener(0);
     const uint16_t port = local_port(full);
@@ -428,9 +431,9 @@ void shutdown_connecting(RawClient &c) {
             (flags & ipc::kFlagReset) && !(flags & (ipc::kFlagConnecting | ipc::kFlagConnected |
                                                     ipc::kFlagRxShut | ipc::kFlagTxShut)),
             "shutdown(%d) while connecting: flags %#x, expected the attempt reset", how, flags);
-        CHECK_OR_FAIL(s.so_error.load() == ECONNRESET && s.error_gen.load() == 1,
+        CHECK_OR_FAIL(S().so_error.load() == ECONNRESET && S().error_gen.load() == 1,
                       "shutdown(%d) while connecting: so_error %d error_gen %u", how,
-                      s.so_error.load(), s.error_gen.load());
+                      S().so_error.load(), S().error_gen.load());
         // The socket may connect again.
         rc = engine_connect(c, slot, local_port(good));
         CHECK_OR_FAIL(rc == -EINPROGRESS || rc == 0, "kConnect after the shutdown answered %d", rc);
@@ -448,7 +451,7 @@ void shutdown_connecting(RawClient &c) {
 }
 
 void rcvlowat(RawClient &c) {
-    const uint32_t slot = 14;
+    uint32_t slot = 0;
     for (const bool small_buffer : {false, true}) {
         for (const int value : {-1, 0, 5, 1 << 20, 100 << 20, INT_MAX}) {
             open_socket(c, slot);

@@ -68,8 +68,7 @@ void run_transfer(const std::string &path, uint64_t total) {
 
     RawClient client;
     CHECK_OR_FAIL(client.connect(path) == 0, "hello");
-    const uint32_t slot = 0;
-    CHECK_OR_FAIL(client.request_result(slot, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "kSocket");
+    const uint32_t slot = open_socket(client, AF_INET, "client");
     const int rc =
         client.request_result(slot, uint32_t(ipc::Op::kConnect), 0, 0, 0, &addr, sizeof(addr));
     CHECK_OR_FAIL(rc == -EINPROGRESS, "kConnect answered %d, expected -EINPROGRESS", rc);

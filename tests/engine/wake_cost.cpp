@@ -117,8 +117,7 @@ int main(int argc, char **argv) {
         });
     }
 
-    const uint32_t slot = 0;
-    CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kSocket), AF_INET) == 0, "kSocket");
+    const uint32_t slot = open_socket(c, AF_INET, "client");
     const int one = 1;
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kSetSockOpt), IPPROTO_TCP, TCP_NODELAY,
                                    0, nullptr, 0, &one, sizeof(one)) == 0,

@@ -18,13 +18,14 @@
 
 namespace tcps::test {
 
-// Header, waiters, work queue, all slots, and slot 0's tx and rx rings.
-inline constexpr size_t kMirrorBytes = ipc::kRingsOffset + ipc::kRingPairBytes;
+// The control part, chunk 0's queue, holds and slots, and slot 0's tx and rx rings.
+inline constexpr size_t kMirrorBytes = ipc::tx_ring_offset(0) + ipc::kRingPairBytes;
 
 // The region for a stream through a ring of `ring_bytes` at slot 0's tx ring: the real layout
 // for the default (64 KiB), longer for measuring the transport with a larger window.
 constexpr size_t mirror_bytes(uint32_t ring_bytes) {
-    return ipc::kRingsOffset + (ring_bytes > ipc::kTxRingBytes ? ring_bytes : ipc::kRingPairBytes);
+    return ipc::tx_ring_offset(0) +
+           (ring_bytes > ipc::kTxRingBytes ? ring_bytes : ipc::kRingPairBytes);
 }
 
 enum class Role { kA, kB };
@@ -43,7 +44,7 @@ struct Side {
     Side(Side &&) = default;
     Side &operator=(Side &&) = default;
     ~Side();
-    ipc::RegionView view() const { return ipc::RegionView{base}; }
+    ipc::RegionView view() const { return ipc::RegionView(base, 1); }
 };
 
 // Maps `mapped` bytes (zeroed), registers the first `len`, opens the endpoint. 0 or -errno;

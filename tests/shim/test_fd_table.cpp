@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fd_table.hpp"
+#include "layout.hpp"
 
 using tcps::shim::FdKind;
 using tcps::shim::FdRef;
@@ -17,6 +18,11 @@ TEST_CASE("an fd table entry packs kind, slot and generation into one word") {
     CHECK(socket.slot() == 4095);
     CHECK(socket.generation() == 0xfffffffeu);
     CHECK_FALSE(socket.empty());
+    // The last slot of the last chunk: slot numbers take 20 bits.
+    const FdRef last = FdRef::socket(tcps::ipc::kMaxSockets - 1, 7);
+    CHECK(last.kind() == FdKind::kSocket);
+    CHECK(last.slot() == tcps::ipc::kMaxSockets - 1);
+    CHECK(last.generation() == 7);
 
     const FdRef epoll = FdRef::epoll(0);
     CHECK(epoll.kind() == FdKind::kEpoll);

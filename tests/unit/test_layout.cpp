@@ -24,22 +24,31 @@ TEST_CASE("records are standard layout, so offsetof and the shared mapping are m
 
 TEST_CASE("the region's parts follow each other page aligned and without overlap") {
     CHECK(kWaitersOffset == kPageSize);
-    CHECK(kWorkQueueOffset >= kWaitersOffset + kMaxWaiters * sizeof(Waiter));
-    CHECK(kSlotsOffset >= kWorkQueueOffset + kWorkQueueEntries * sizeof(WorkEntry));
-    CHECK(kRingsOffset >= kSlotsOffset + size_t{kMaxSockets} * sizeof(SocketSlot));
-    for (size_t offset : {kWaitersOffset, kWorkQueueOffset, kSlotsOffset, kRingsOffset})
+    CHECK(kMembersOffset >= kWaitersOffset + kMaxWaiters * sizeof(Waiter));
+    CHECK(kChunksOffset >= kMembersOffset + kMaxMembers * sizeof(MemberRecord));
+    CHECK(kChunkQueueOffset == sizeof(ChunkHeader));
+    CHECK(kChunkHeldOffset >= kChunkQueueOffset + kWorkQueueEntries * sizeof(WorkEntry));
+    CHECK(kChunkSlotsOffset >= kChunkHeldOffset + kMaxMembers * kHeldBytesPerMember);
+    CHECK(kChunkRingsOffset >= kChunkSlotsOffset + size_t{kChunkSlots} * sizeof(SocketSlot));
+    for (size_t offset : {kWaitersOffset, kMembersOffset, kChunksOffset, kChunkHeldOffset,
+                          kChunkSlotsOffset, kChunkRingsOffset, kChunkBytes})
         CHECK(offset % kPageSize == 0);
-    CHECK(kRegionBytes % kPageSize == 0);
+    CHECK(kRegionBytes == kChunksOffset + size_t{kMaxChunks} * kChunkBytes);
+    CHECK(kRemoteRegionBytes == chunk_offset(1));
 }
 
-TEST_CASE("each slot's tx and rx rings are disjoint, adjacent and inside the region") {
-    for (uint32_t slot : {0u, 1u, kClientSlots - 1, kClientSlots, kMaxSockets - 1}) {
+TEST_CASE("each slot's tx and rx rings are disjoint, adjacent and inside its chunk") {
+    for (uint32_t slot : {0u, 1u, kChunkSlots - 1, kChunkSlots, kMaxSockets - 1}) {
+        const uint32_t chunk = slot >> kChunkShift;
         CHECK(tx_ring_offset(slot) % kPageSize == 0);
         CHECK(rx_ring_offset(slot) == tx_ring_offset(slot) + kTxRingBytes);
-        CHECK(rx_ring_offset(slot) + kRxRingBytes <= kRegionBytes);
-        if (slot + 1 < kMaxSockets)
+        CHECK(tx_ring_offset(slot) >= chunk_offset(chunk) + kChunkRingsOffset);
+        CHECK(rx_ring_offset(slot) + kRxRingBytes <= chunk_offset(chunk + 1));
+        CHECK(slot_offset(slot) + sizeof(SocketSlot) <= chunk_offset(chunk) + kChunkRingsOffset);
+        if ((slot & kChunkMask) != kChunkMask)
             CHECK(tx_ring_offset(slot + 1) == rx_ring_offset(slot) + kRxRingBytes);
     }
+    CHECK(rx_ring_offset(kChunkSlots - 1) + kRxRingBytes == chunk_offset(1));
     CHECK(rx_ring_offset(kMaxSockets - 1) + kRxRingBytes == kRegionBytes);
 }
 
@@ -64,9 +73,10 @@ TEST_CASE("the header keeps each side's fields on its own cache line") {
     CHECK(offsetof(RegionHeader, session_id) < kCacheLine);
     CHECK(offsetof(RegionHeader, engine_alive) == kCacheLine);
     CHECK(offsetof(RegionHeader, engine_sleeping) < 2 * kCacheLine);
-    CHECK(offsetof(RegionHeader, wq_tail) == 2 * kCacheLine);
-    CHECK(offsetof(RegionHeader, wq_head) == 3 * kCacheLine);
-    CHECK(offsetof(RegionHeader, waiters_armed) == 4 * kCacheLine);
+    CHECK(offsetof(RegionHeader, chunks_active) < 2 * kCacheLine);
+    CHECK(offsetof(RegionHeader, waiters_armed) == 2 * kCacheLine);
+    CHECK(offsetof(ChunkHeader, wq_tail) == 0);
+    CHECK(offsetof(ChunkHeader, wq_head) == kCacheLine);
 }
 
 TEST_CASE("an address record holds any IPv4 or IPv6 socket address") {
@@ -78,8 +88,10 @@ TEST_CASE("an address record holds any IPv4 or IPv6 socket address") {
 }
 
 TEST_CASE("the constants satisfy the invariants the protocol depends on") {
-    CHECK(kMaxSockets <= kWorkQueueEntries);  // doorbell_queued: the queue can never overflow
-    CHECK(kClientSlots < kMaxSockets);
+    CHECK(kChunkSlots <= kWorkQueueEntries);  // doorbell_queued: a queue can never overflow
+    CHECK(kClientSlots < kChunkSlots);
+    CHECK(kMaxSockets == kChunkSlots * kMaxChunks);
+    CHECK(kMaxSockets >= 1'000'000);  // as many sockets as fs.nr_open lets a process have
     CHECK((kTxRingBytes & (kTxRingBytes - 1)) == 0);
     CHECK((kRxRingBytes & (kRxRingBytes - 1)) == 0);
     CHECK((kAcceptRingEntries & (kAcceptRingEntries - 1)) == 0);
@@ -90,23 +102,36 @@ TEST_CASE("the constants satisfy the invariants the protocol depends on") {
 }
 
 TEST_CASE("a region view addresses each record at its documented offset") {
-    // A real mapping of the whole region (sparse), so every reference points into it.
-    void *mem = mmap(nullptr, kRegionBytes, PROT_READ | PROT_WRITE,
+    // A real mapping of the control part and two chunks (sparse), one view of it contiguous
+    // and one with each chunk mapped on its own, as a client maps them.
+    const size_t bytes = kChunksOffset + 2 * kChunkBytes;
+    void *mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     REQUIRE(mem != MAP_FAILED);
     RegionView view;
-    view.base = static_cast<uint8_t *>(mem);
+    view.map_contiguous(static_cast<uint8_t *>(mem), 2);
     auto at = [&](const void *p) {
         return static_cast<size_t>(static_cast<const uint8_t *>(p) - view.base);
     };
     CHECK(at(&view.header()) == 0);
     CHECK(at(&view.waiter(0)) == kWaitersOffset);
     CHECK(at(&view.waiter(kMaxWaiters - 1)) == kWaitersOffset + (kMaxWaiters - 1) * kCacheLine);
-    CHECK(at(&view.work_entry(1)) == kWorkQueueOffset + sizeof(WorkEntry));
-    CHECK(at(&view.slot(0)) == kSlotsOffset);
-    CHECK(at(&view.slot(kMaxSockets - 1)) == kSlotsOffset + (kMaxSockets - 1) * sizeof(SocketSlot));
+    CHECK(at(&view.member(3)) == kMembersOffset + 3 * sizeof(MemberRecord));
+    CHECK(at(&view.chunk_header(1)) == chunk_offset(1));
+    CHECK(at(&view.work_entry(0, 1)) == chunk_offset(0) + kChunkQueueOffset + sizeof(WorkEntry));
+    CHECK(at(&view.slot(0)) == slot_offset(0));
+    CHECK(at(&view.slot(kChunkSlots + 5)) == slot_offset(kChunkSlots + 5));
     CHECK(at(view.tx_ring(3)) == tx_ring_offset(3));
-    CHECK(at(view.rx_ring(3)) == rx_ring_offset(3));
-    CHECK(at(view.rx_ring(kMaxSockets - 1) + kRxRingBytes) == kRegionBytes);
-    munmap(mem, kRegionBytes);
+    CHECK(at(view.rx_ring(kChunkSlots + 3)) == rx_ring_offset(kChunkSlots + 3));
+    CHECK(at(&view.held_word(2, kChunkSlots + 130)) == held_offset(2, 1) + 2 * sizeof(uint64_t));
+    CHECK(view.mapped(kChunkSlots * 2 - 1));
+    CHECK_FALSE(view.mapped(kChunkSlots * 2));
+    CHECK_FALSE(view.mapped(kMaxSockets));
+
+    RegionView separate;
+    separate.base = view.base;
+    separate.chunks[1].store(view.base + chunk_offset(1));
+    CHECK_FALSE(separate.mapped(0));
+    CHECK(&separate.slot(kChunkSlots + 7) == &view.slot(kChunkSlots + 7));
+    munmap(mem, bytes);
 }
