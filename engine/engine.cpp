@@ -104,8 +104,9 @@ uint64_t default_memory_budget() {
 // Descriptors the engine keeps for itself (its io_urings, eventfds, listeners, /proc reads).
 constexpr uint64_t kReservedFds = 256;
 
-// A control connection that has not said hello (or join) yet. It counts against its uid's
-// share (one descriptor) from the moment it is accepted.
+// A control connection that has not said hello (or join) yet. Pending connections are
+// shared between uids (pending_by_uid_); once it says hello, its descriptor counts against
+// its uid's share of the engine.
 struct PendingHello {
     int fd;
     uint64_t deadline_ns;
@@ -248,12 +249,9 @@ void Engine::accept_clients() {
         const uid_t uid = hello.creds.uid;
         uint32_t &pending = pending_by_uid_[uid];
         int refused = 0;
-        if (uid != geteuid() && !within_share(pending, hellos_.size(), 1, kMaxPendingHellos))
+        if ((uid != geteuid() && !within_share(pending, hellos_.size(), 1, kMaxPendingHellos)) ||
+            hellos_.size() >= kMaxPendingHellos)
             refused = -EAGAIN;
-        else if (hellos_.size() >= kMaxPendingHellos)
-            refused = -EAGAIN;
-        else
-            refused = quotas().charge(uid, 1, 0);
         if (refused != 0) {
             TCPS_LOG_VERBOSE("client pid %d uid %u: refused: %s", hello.creds.pid, uid,
                              std::strerror(-refused));
@@ -272,7 +270,6 @@ void Engine::drop_hello(PendingHello &hello) {
     if (hello.fd < 0) return;
     close(hello.fd);
     hello.fd = -1;
-    quotas().release(hello.creds.uid, 1, 0);
 }
 
 static void reply_join_error(int fd, int error) {
@@ -322,9 +319,11 @@ void Engine::start_session(PendingHello &hello) {
     auto session = std::make_unique<Session>();
     session->creds = hello.creds;
     const uint32_t id = next_session_id_++;
-    int rc = quotas().charge(hello.creds.uid, kSessionFds, kSessionBytes);
+    // The session's descriptors and its first member's connection.
+    int rc = quotas().charge(hello.creds.uid, kSessionFds + 1, kSessionBytes);
     if (rc == 0) {
         session->charged = hello.creds.uid;
+        session->members[0].control_charged = hello.creds.uid;
         rc = create_region(*session, id, false);
     }
     if (rc != 0) {
@@ -348,7 +347,6 @@ void Engine::start_session(PendingHello &hello) {
         return;
     }
     session->members[0].control_fd = hello.fd;
-    session->members[0].control_charged = hello.creds.uid;
     hello.fd = -1;  // the session's now
     forget_freed_sessions();
     Worker *best = workers_.front().get();
@@ -376,6 +374,13 @@ void Engine::join_session(PendingHello &hello, const ipc::ControlMessage &msg) {
         TCPS_LOG_VERBOSE("client pid %d: join of unknown session %u refused", hello.creds.pid,
                          msg.session_id);
         reply_join_error(hello.fd, -ENOENT);
+        drop_hello(hello);
+        return;
+    }
+    // The member's connection counts against its uid from now on (the worker gives it back
+    // if it refuses the join).
+    if (const int rc = quotas().charge(hello.creds.uid, 1, 0); rc != 0) {
+        reply_join_error(hello.fd, rc);
         drop_hello(hello);
         return;
     }

@@ -868,9 +868,11 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
             close(res);  // the listener is closing
         } else if (es.state == ipc::SlotState::kOpen) {
             if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM) {
-                log_line("session %u slot %u: accept: %s; retrying", s.id, i, std::strerror(-res));
-                es.accept_retry = true;
-                schedule(s, i);
+                // The engine's own limits: to the application, the system's. Said in accept()
+                // while connections wait, and retried on every tick.
+                TCPS_LOG_VERBOSE("session %u slot %u: accept: %s; retrying", s.id, i,
+                                 std::strerror(-res));
+                refuse_accepts(s, i, res == -EMFILE ? ENFILE : -res);
             } else if (res == -EINVAL) {
                 // Not listening any more (shutdown(SHUT_RD) on the listener).
             } else if (res != -ECANCELED) {

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(meson ninja-build pkg-config g++ libfabric-dev liburing-dev catch2 libboost-dev python3
     curl redis-server redis-tools iperf3 iproute2 clang-format wrk procps strace sockperf
-    apache2 nginx-light httperf gnuplot-nox)
+    apache2 nginx-light httperf gnuplot-nox nftables)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -7,6 +7,8 @@
 #include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 
 #include <string>
@@ -497,6 +499,45 @@ int main(int argc, char **argv) {
         });
         CHECK_OR_FAIL(status == 0, "(h) unprivileged client failed (status %d)", status);
         check_engine_ok(engine, good, "(h) unprivileged client's rights");
+
+        // (h2) A user namespace's root has every capability there, and none in the host's
+        // network namespace: binding port 80 there is EACCES, as Linux says; in a network
+        // namespace its user namespace owns, it may.
+        const int userns_status = run_unprivileged([&] {
+            // setuid() made us non-dumpable, and our /proc files root's: take them back.
+            prctl(PR_SET_DUMPABLE, 1);
+            if (unshare(CLONE_NEWUSER) != 0) _exit(77);
+            auto write_file = [](const char *file, const char *text) {
+                const int fd = open(file, O_WRONLY | O_CLOEXEC);
+                const bool ok = fd >= 0 && write(fd, text, strlen(text)) == ssize_t(strlen(text));
+                if (fd >= 0) close(fd);
+                return ok;
+            };
+            CHECK_OR_FAIL(write_file("/proc/self/setgroups", "deny") &&
+                              write_file("/proc/self/uid_map", "0 65534 1") &&
+                              write_file("/proc/self/gid_map", "0 65534 1"),
+                          "(h2) id maps");
+            RawClient c;
+            CHECK_OR_FAIL(c.connect(path) == 0, "(h2) hello from a user namespace");
+            const uint32_t host = open_socket(c, AF_INET, "(h2) host namespace");
+            const sockaddr_in port80 = loopback(80);
+            int rc =
+                c.request_result(host, uint32_t(ipc::Op::kBind), 0, 0, 0, &port80, sizeof(port80));
+            CHECK_OR_FAIL(rc == -EACCES, "(h2) port 80 of the host's namespace: %d", rc);
+            CHECK_OR_FAIL(unshare(CLONE_NEWNET) == 0, "(h2) a network namespace of our own");
+            const uint32_t own = open_socket(c, AF_INET, "(h2) own namespace");
+            sockaddr_in any80 = loopback(80);
+            any80.sin_addr.s_addr = htonl(INADDR_ANY);
+            rc = c.request_result(own, uint32_t(ipc::Op::kBind), 0, 0, 0, &any80, sizeof(any80));
+            CHECK_OR_FAIL(rc == 0, "(h2) port 80 of our own namespace: %d", rc);
+        });
+        if (userns_status == 77) {
+            std::printf("skip: (h2) no user namespaces here\n");
+        } else {
+            CHECK_OR_FAIL(userns_status == 0, "(h2) user-namespace client failed (%d)",
+                          userns_status);
+            check_engine_ok(engine, good, "(h2) capabilities count only where they apply");
+        }
     } else {
         std::printf("skip: (h) needs root to create an unprivileged client\n");
     }

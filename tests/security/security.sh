@@ -9,6 +9,15 @@
 #               sockets and TCPS_DEBUG says why), and tcps-run starts a private engine instead
 #   region      a family's region can be opened through /proc/PID/fd only by those who may
 #               ptrace a member (and so read its memory anyway): not by another uid
+#   owner       an offloaded socket belongs to the process's uid (ss shows it for the listener,
+#               the connection and the accepted end), and SO_REUSEPORT groups follow Linux's
+#               same-owner rule, also against native sockets: another uid gets EADDRINUSE
+#   netns       a socket lives in its process's network namespace; binds follow that namespace's
+#               ip_unprivileged_port_start as it is at the bind; nft rules on meta skuid in it
+#               apply to offloaded sockets as to native ones
+#   exhaustion  a uid that takes all it can of the engine (waiter pipes, sessions, silent
+#               connections, sockets) is refused with a clear error at its share, while other
+#               users are still served; a listener whose connections cannot be taken says so
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
@@ -36,7 +45,11 @@ owned_dir() {
     OWNED_DIRS+=("$dir")
     echo "$dir"
 }
-remove_owned_dirs() { ((${#OWNED_DIRS[@]} == 0)) || rm -rf "${OWNED_DIRS[@]}"; }
+NETNS_CREATED=
+remove_owned_dirs() {
+    ((${#OWNED_DIRS[@]} == 0)) || rm -rf "${OWNED_DIRS[@]}"
+    [[ -z $NETNS_CREATED ]] || ip netns del "$NETNS_CREATED" 2>/dev/null || true
+}
 trap 'status=$?; remove_owned_dirs; set +e; (exit "$status"); cleanup' EXIT
 
 # Starts a tcpsd as uid $1 on socket $2 and waits for it; sets OTHER_ENGINE_PID.
@@ -195,7 +208,190 @@ os.close(os.open(sys.argv[1], os.O_RDWR)); print("opened")' "$fd_link" 2>&1 || t
     log "  another uid: denied, as for the process's memory; the same uid: allowed, as ptrace is"
 }
 
-all_cases=(squatting region)
+PROBE=$(dirname "$0")/probe.py
+
+# Runs probe.py MODE PORT [reuseport] as uid $1, offloaded (root's engine, ENGINE_SOCK), in
+# network namespace $NETNS if set; prints its line.
+probe() {
+    local uid=$1
+    shift
+    as_user "$uid"
+    ${NETNS:+ip netns exec "$NETNS"} "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" \
+        TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" "$PROBE" "$@"
+}
+# The same, natively.
+native_probe() {
+    local uid=$1
+    shift
+    as_user "$uid"
+    ${NETNS:+ip netns exec "$NETNS"} "${AS_USER[@]}" "$PYTHON" "$PROBE" "$@"
+}
+expect_probe() {
+    local want=$1 got
+    shift
+    got=$("$@" 2>&1) || true
+    [[ $got == "$want" ]] || fail "$*: '$got', expected '$want'"
+    log "  $*: $got"
+}
+
+case_owner() {
+    local user=4242 port lines
+    log "owner: uid $user's offloaded sockets are uid $user's"
+    start_root_engine
+    port=$(free_port)
+    as_user "$user"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
+        "$PROBE" hold "$port" reuseport >"$TCPS_TEST_DIR/hold.out" 2>&1 &
+    local holder=$!
+    track "$holder"
+    wait_for_line 10 "$TCPS_TEST_DIR/hold.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/hold.out")"
+    grep -q "ready offloaded offloaded offloaded" "$TCPS_TEST_DIR/hold.out" ||
+        fail "not offloaded: $(cat "$TCPS_TEST_DIR/hold.out")"
+    lines=$(ss -tanpeH "( sport = :$port or dport = :$port )")
+    printf '  ss: %s\n' "$lines"
+    (($(grep -c "pid=$ENGINE_PID," <<<"$lines") == 3)) || fail "not three engine sockets"
+    (($(grep -c "uid:$user " <<<"$lines") == 3)) || fail "not all three are uid $user's"
+
+    # SO_REUSEPORT: another uid may not join the group (Linux: sk_reuseport_match()).
+    expect_probe "EADDRINUSE offloaded" probe 4243 bind "$port" reuseport
+    expect_probe "ok offloaded" probe "$user" bind "$port" reuseport
+    # Nor a root-owned native group: the check is the kernel's now.
+    local native_port
+    native_port=$(free_port)
+    "$PYTHON" -c 'import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); print("ready", flush=True); time.sleep(60)' \
+        "$native_port" >"$TCPS_TEST_DIR/native.out" 2>&1 &
+    track $!
+    wait_for_line 10 "$TCPS_TEST_DIR/native.out" ready || fail "native listener"
+    expect_probe "EADDRINUSE offloaded" probe "$user" bind "$native_port" reuseport
+    expect_probe "EADDRINUSE kernel" native_probe "$user" bind "$native_port" reuseport
+    stop_pid "$holder"
+    stop_root_engine
+}
+
+case_netns() {
+    local user=4242 other=4243 ns port lines
+    need_tool ip
+    ns=tcps-sec-$$
+    ip netns add "$ns" || skip "cannot create a network namespace"
+    NETNS_CREATED=$ns
+    ip -n "$ns" link set lo up
+    log "netns: uid $user offloaded in namespace $ns, root's engine outside it"
+    start_root_engine
+    port=$(free_port)
+    NETNS=$ns expect_probe "ok offloaded" probe "$user" bind "$port"
+    # The socket was the namespace's: its address exists there only.
+    as_user "$user"
+    ip netns exec "$ns" "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" \
+        TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" "$PROBE" hold "$port" \
+        >"$TCPS_TEST_DIR/ns.out" 2>&1 &
+    local holder=$!
+    track "$holder"
+    wait_for_line 10 "$TCPS_TEST_DIR/ns.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/ns.out")"
+    grep -q "ready offloaded offloaded offloaded" "$TCPS_TEST_DIR/ns.out" ||
+        fail "not offloaded: $(cat "$TCPS_TEST_DIR/ns.out")"
+    lines=$(ip netns exec "$ns" ss -tlnpH "( sport = :$port )")
+    printf '  ss in %s: %s\n' "$ns" "$lines"
+    grep -q "pid=$ENGINE_PID," <<<"$lines" || fail "the listener is not the engine's, in $ns"
+    [[ -z $(ss -tlnH "( sport = :$port )") ]] || fail "the listener is in the engine's namespace"
+    stop_pid "$holder"
+
+    # ip_unprivileged_port_start: the namespace's own, as it is at each bind.
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_unprivileged_port_start=80
+    NETNS=$ns expect_probe "ok offloaded" probe "$user" bind 80
+    expect_probe "EACCES offloaded" probe "$user" bind 81
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_unprivileged_port_start=1024
+    NETNS=$ns expect_probe "EACCES offloaded" probe "$user" bind 82
+
+    # A firewall rule on the socket's owner applies to offloaded sockets as to native ones.
+    if command -v nft >/dev/null 2>&1; then
+        local blocked
+        blocked=$(free_port)
+        ip netns exec "$ns" "$PYTHON" -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+print("ready", flush=True); time.sleep(60)' "$blocked" >"$TCPS_TEST_DIR/blocked.out" 2>&1 &
+        track $!
+        wait_for_line 10 "$TCPS_TEST_DIR/blocked.out" ready || fail "listener in $ns"
+        ip netns exec "$ns" nft -f - <<NFT
+table inet tcps_sec {
+    chain out {
+        type filter hook output priority 0;
+        meta skuid $user tcp dport $blocked reject with tcp reset
+    }
+}
+NFT
+        NETNS=$ns expect_probe "ECONNREFUSED kernel" native_probe "$user" connect "$blocked"
+        NETNS=$ns expect_probe "ECONNREFUSED offloaded" probe "$user" connect "$blocked"
+        NETNS=$ns expect_probe "ok offloaded" probe "$other" connect "$blocked"
+    else
+        log "  (nft is not installed: the meta skuid check is skipped)"
+    fi
+    stop_root_engine
+}
+
+# Other users are served while an attacker holds its share.
+expect_others_served() {
+    local port
+    port=$(free_port)
+    expect_probe "ok offloaded offloaded offloaded" probe 4242 pair "$port"
+    port=$(free_port)
+    expect_probe "ok offloaded offloaded offloaded" probe 0 pair "$port"
+}
+
+case_exhaustion() {
+    local attacker=4243 attack out pid
+    need_tool timeout
+    [[ -x ${TCPS_ATTACKER:-} ]] || skip "TCPS_ATTACKER is not set (tests/security not built)"
+    # 1,000 descriptors for clients: a uid may hold at most half of what the others leave.
+    start_root_engine --max-fds 1000
+    log "exhaustion: uid $attacker against an engine with --max-fds 1000"
+    for attack in waiters sessions hellos; do
+        out=$TCPS_TEST_DIR/attack-$attack.out
+        as_user "$attacker"
+        "${AS_USER[@]}" "$TCPS_ATTACKER" "$attack" "$ENGINE_SOCK" >"$out" 2>&1 &
+        pid=$!
+        track "$pid"
+        wait_for_line 60 "$out" "^took" || fail "$attack: the attacker never stopped: $(cat "$out")"
+        log "  $attack: $(cat "$out")"
+        grep -Eq "then (ENFILE|EAGAIN)" "$out" || fail "$attack: not refused with a clear error"
+        expect_others_served
+        kill -TERM "$pid"
+        local status=0
+        wait_pid "$pid" 10 || status=$?
+        ((status == 0)) || fail "$attack: the attacker exited $status"
+        kill -0 "$ENGINE_PID" 2>/dev/null || fail "the engine died under the $attack attack"
+    done
+    # Through the shim: socket() says ENFILE at the share, and a listener whose connections the
+    # engine cannot take any more says so in accept() instead of waiting for ever.
+    local port
+    port=$(free_port)
+    out=$TCPS_TEST_DIR/exhaust.out
+    as_user "$attacker"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
+        "$PROBE" exhaust "$port" >"$out" 2>&1 &
+    pid=$!
+    track "$pid"
+    wait_for_line 60 "$out" "^exhausted" || fail "socket() never refused: $(cat "$out")"
+    log "  sockets: $(head -n 1 "$out")"
+    grep -q "^exhausted [0-9]* ENFILE offloaded" "$out" || fail "socket(): not ENFILE"
+    # More connections than the share can have grown by since (others' sockets closing).
+    "$PYTHON" -c 'import socket, sys, time
+held = [socket.create_connection(("127.0.0.1", int(sys.argv[1]))) for _ in range(32)]
+time.sleep(60)' "$port" &
+    track $!
+    # shellcheck disable=SC2317  # called by wait_until
+    refused() { grep -q "^accept E" "$out"; }
+    wait_until 30 refused || fail "accept() never said why it could not go on: $(cat "$out")"
+    log "  accepts: $(grep "^accept" "$out" | sort | uniq -c | tr -s ' \n' ' ')"
+    [[ $(grep "^accept E" "$out") == "accept ENFILE" ]] ||
+        fail "a connection the engine cannot take: accept() did not say ENFILE"
+    expect_others_served
+    stop_pid "$pid"
+    stop_root_engine
+}
+
+all_cases=(squatting region owner netns exhaustion)
 cases=("$@")
 ((${#cases[@]} > 0)) || cases=("${all_cases[@]}")
 for name in "${cases[@]}"; do
