@@ -202,6 +202,7 @@ int Worker::op_connect(Session &s, uint32_t i, const ipc::Request &req) {
     publish_flags(
         s, i,
         (es.flags & ~(ipc::kFlagReset | ipc::kFlagRxEof)) | ipc::kFlagConnecting | ipc::kFlagBound);
+    track_connect(s, i);
     post_connect_poll(s, i);
     return -EINPROGRESS;
 }

@@ -1,6 +1,7 @@
 #include "session.hpp"
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "identity.hpp"
@@ -170,6 +172,32 @@ void wake_changed_waiters(Session &s, bool signal) {
     }
     for (uint32_t slot : s.changed) s.changed_bits[slot / 64] &= ~(uint64_t{1} << (slot % 64));
     s.changed.clear();
+}
+
+size_t AddressKeyHash::operator()(const AddressKey &key) const {
+    uint64_t a, b;
+    std::memcpy(&a, key.addr, 8);
+    std::memcpy(&b, key.addr + 8, 8);
+    return std::hash<uint64_t>{}(a * 0x9e3779b97f4a7c15ull ^ b ^ (uint64_t{key.port} << 48));
+}
+
+bool address_key(const void *addr, uint32_t len, AddressKey &key) {
+    key = AddressKey{};
+    sockaddr_storage storage{};
+    std::memcpy(&storage, addr, std::min<size_t>(len, sizeof(storage)));
+    if (storage.ss_family == AF_INET && len >= sizeof(sockaddr_in)) {
+        const auto &in = reinterpret_cast<const sockaddr_in &>(storage);
+        std::memcpy(key.addr, &in.sin_addr, 4);
+        key.port = in.sin_port;
+    } else if (storage.ss_family == AF_INET6 && len >= sizeof(sockaddr_in6)) {
+        const auto &in6 = reinterpret_cast<const sockaddr_in6 &>(storage);
+        std::memcpy(key.addr, &in6.sin6_addr, 16);
+        key.port = in6.sin6_port;
+    } else {
+        return false;
+    }
+    key.family = storage.ss_family;
+    return true;
 }
 
 void close_waiter(Session &s, uint32_t w) {

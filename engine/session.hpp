@@ -17,6 +17,20 @@ namespace tcps::engine {
 inline constexpr uint32_t kNoSlot = 0xffffffff;
 inline constexpr uint16_t kNoMember = 0xffff;
 
+// An AF_INET/AF_INET6 address and port as a hashable key (the engine's connecting sockets by
+// their local address).
+struct AddressKey {
+    uint8_t addr[16] = {};
+    uint16_t port = 0;
+    uint16_t family = 0;
+    bool operator==(const AddressKey &other) const = default;
+};
+struct AddressKeyHash {
+    size_t operator()(const AddressKey &key) const;
+};
+// False if `addr` is not an inet address.
+bool address_key(const void *addr, uint32_t len, AddressKey &key);
+
 // The engine's view of one socket slot.
 struct EngineSlot {
     int fd = -1;
@@ -71,6 +85,10 @@ struct EngineSlot {
     // Whose share of the engine this socket counts against (Quotas), and the io_uring
     // personality its accepts run with (the listener's owner, 0: the engine's own).
     uint32_t quota_uid = 0;
+    // Listed in the worker's connecting sockets (by its local address) while its connect is
+    // in progress, so that accepting its connection settles it first.
+    bool connect_tracked = false;
+    AddressKey connect_key;
     uint16_t accept_personality = 0;
 };
 

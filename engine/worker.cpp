@@ -892,6 +892,12 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     conn.accept_pos = es.acc_tail;
     refresh_addresses(s, j, true);
     update_kernel_mask(s, j);
+    if (!connecting_.empty()) {
+        sockaddr_storage peer;
+        socklen_t peer_len = sizeof(peer);
+        if (getpeername(res, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
+            settle_connect_of(peer, peer_len);
+    }
     ipc::SocketSlot &conn_slot = s.region.slot(j);
     conn.last_req_seq = conn_slot.req_seq.load(std::memory_order_acquire);
     conn_slot.resp_seq.store(conn.last_req_seq, std::memory_order_relaxed);
@@ -925,6 +931,48 @@ void Worker::post_connect_poll(Session &s, uint32_t i) {
     es.connect_posted = true;
 }
 
+void Worker::track_connect(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    sockaddr_storage local;
+    socklen_t len = sizeof(local);
+    if (es.connect_tracked || getsockname(es.fd, reinterpret_cast<sockaddr *>(&local), &len) != 0 ||
+        !address_key(&local, len, es.connect_key))
+        return;
+    connecting_[es.connect_key] = {s.index, s.gen, i, es.gen};
+    es.connect_tracked = true;
+}
+
+void Worker::untrack_connect(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.connect_tracked) return;
+    es.connect_tracked = false;
+    const auto found = connecting_.find(es.connect_key);
+    if (found != connecting_.end() && found->second.session_index == s.index &&
+        found->second.slot == i)
+        connecting_.erase(found);
+}
+
+void Worker::settle_connect_of(const sockaddr_storage &peer, socklen_t len) {
+    AddressKey key;
+    if (!address_key(&peer, len, key)) return;
+    const auto found = connecting_.find(key);
+    if (found == connecting_.end()) return;
+    const TimedSlot target = found->second;
+    Session *s = table_[target.session_index].get();
+    if (!s || s->gen != target.session_gen || s->ending) return;
+    EngineSlot &es = s->slots[target.slot];
+    if (es.gen != target.slot_gen || es.state != ipc::SlotState::kOpen ||
+        !(es.flags & ipc::kFlagConnecting))
+        return;
+    sockaddr_storage theirs;
+    socklen_t theirs_len = sizeof(theirs);
+    // Its handshake is through (the kernel queued the connection we took): connected now.
+    if (getpeername(es.fd, reinterpret_cast<sockaddr *>(&theirs), &theirs_len) == 0) {
+        untrack_connect(*s, target.slot);
+        on_connected(*s, target.slot);
+    }
+}
+
 void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.connect_posted = false;
@@ -952,6 +1000,7 @@ void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
 
 void Worker::on_connected(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
+    untrack_connect(s, i);
     refresh_addresses(s, i, true);
     update_kernel_mask(s, i);
     // Reset/RxEof may remain from a failed earlier attempt when a retry connects at once.
@@ -1420,6 +1469,7 @@ void Worker::bump_event(Session &s, uint32_t i) {
 void Worker::record_error(Session &s, uint32_t i, int error) {
     EngineSlot &es = s.slots[i];
     if (es.flags & ipc::kFlagReset) return;  // the first error is the one reported
+    untrack_connect(s, i);
     ipc::SocketSlot &slot = s.region.slot(i);
     // The kernel said POLLERR until the engine took its SO_ERROR; the client's is pending now.
     update_kernel_mask(s, i, POLLERR);
@@ -1478,6 +1528,7 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
+        untrack_connect(s, i);
     }
     // The kernel socket lives on in the application: closing only drops our descriptor.
     if (es.handed_off) reset = false, es.close_tail = es.tx_head;

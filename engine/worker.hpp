@@ -4,6 +4,7 @@
 #pragma once
 
 #include <liburing.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "control.hpp"
@@ -136,6 +138,12 @@ class Worker {
     void on_accept(Session &s, uint32_t i, int32_t res);
     void on_connect(Session &s, uint32_t i, int32_t res);
     void on_connected(Session &s, uint32_t i);
+    // Connects in progress, by local address: a connection this worker accepts from one of
+    // them settles that connect first, so that, as on Linux, the connecting side is connected
+    // no later than the accept returns (issue 10).
+    void track_connect(Session &s, uint32_t i);
+    void untrack_connect(Session &s, uint32_t i);
+    void settle_connect_of(const sockaddr_storage &peer, socklen_t len);
     void on_watch(Session &s, uint32_t i, int32_t res, bool more);
     void on_control(Session &s, uint32_t member, int32_t res);
     void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd,
@@ -263,6 +271,7 @@ class Worker {
     };
     std::deque<IdleRings> idle_rings_;
     uint32_t next_session_gen_ = 1;
+    std::unordered_map<AddressKey, TimedSlot, AddressKeyHash> connecting_;
     // io_uring personalities by (uid, gid) of the listeners' owners (personality_for).
     std::vector<std::pair<uint64_t, uint16_t>> personalities_;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
