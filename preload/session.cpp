@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -66,6 +67,9 @@ std::atomic<uint32_t> g_slot_hint{0};
 // which of those a thread is using now. A thread that exits leaves its waiter to the next.
 std::atomic<uint64_t> g_waiter_bits[ipc::kMaxWaiters / 64];
 std::atomic<int> g_waiter_fds[ipc::kMaxWaiters];
+// Each waiter's epoll instance, made the first time a wait needs it (-1: none yet): it holds
+// its pipe, for waits that every interruption ends (Interrupt::kAlways).
+std::atomic<int> g_waiter_eps[ipc::kMaxWaiters];
 pthread_key_t g_waiter_key;
 
 TCPS_TLS int tl_waiter = -1;
@@ -101,6 +105,12 @@ void close_internal(std::atomic<int> &holder) {
     if (fd < 0) return;
     g_fds.take_if(fd, FdRef::internal());
     real(libc.close)(fd);
+}
+
+// Every waiter's pipe and epoll instance.
+void close_waiters() {
+    for (auto *holders : {g_waiter_fds, g_waiter_eps})
+        for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i) close_internal(holders[i]);
 }
 
 // Waits for one control message, for at most the control timeout.
@@ -404,6 +414,7 @@ bool shim_init() {
     if (const char *debug = std::getenv("TCPS_DEBUG"); debug && *debug && *debug != '0')
         g_debug = true;
     for (auto &fd : g_waiter_fds) fd.store(-1, std::memory_order_relaxed);
+    for (auto &fd : g_waiter_eps) fd.store(-1, std::memory_order_relaxed);
 
     rlimit limit{};
     size_t entries = 65536;
@@ -595,7 +606,7 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
     auto answered = [&] {
         return static_cast<int32_t>(shm.resp_seq.load(std::memory_order_acquire) - seq) >= 0;
     };
-    const WaitResult waited = wait_until(slot, answered, -1, false);
+    const WaitResult waited = wait_until(slot, answered, -1, Interrupt::kNever);
     int result = -ECONNRESET;
     if (waited == WaitResult::kReady) {
         result = shm.response.result;
@@ -684,7 +695,74 @@ int waiter_fd() {
     return tl_waiter >= 0 ? g_waiter_fds[tl_waiter].load() : -1;
 }
 
-BlockResult waiter_block(uint64_t deadline_ns) {
+namespace {
+
+// The epoll instance of this thread's waiter that holds its pipe, made on first use.
+int waiter_epoll() {
+    std::atomic<int> &holder = g_waiter_eps[tl_waiter];
+    int ep = holder.load(std::memory_order_relaxed);
+    if (ep >= 0) return ep;
+    ep = real(libc.epoll_create1)(EPOLL_CLOEXEC);
+    if (ep < 0) return -1;
+    epoll_event event{};
+    event.events = EPOLLIN;
+    if (real(libc.epoll_ctl)(ep, EPOLL_CTL_ADD, waiter_fd(), &event) != 0) {
+        real(libc.close)(ep);
+        return -1;
+    }
+    ep = move_high_internal(ep);
+    holder.store(ep, std::memory_order_relaxed);
+    return ep;
+}
+
+// epoll_pwait2() where the kernel has it (a deadline in ns), else epoll_pwait() with the time
+// left rounded up to whole ms (the caller's loop sees the deadline pass either way).
+int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns,
+                      const sigset_t *sigmask) {
+    uint64_t left = UINT64_MAX;
+    if (deadline_ns != 0) {
+        const uint64_t now = now_ns();
+        left = now >= deadline_ns ? 0 : deadline_ns - now;
+    }
+    if (libc.epoll_pwait2) {
+        timespec ts{static_cast<time_t>(left / 1'000'000'000),
+                    static_cast<long>(left % 1'000'000'000)};
+        const int n =
+            real(libc.epoll_pwait2)(ep, events, max, left == UINT64_MAX ? nullptr : &ts, sigmask);
+        if (n >= 0 || errno != ENOSYS) return n;
+    }
+    const uint64_t ms = left == UINT64_MAX ? UINT64_MAX : (left + 999'999) / 1'000'000;
+    const int timeout = ms > INT32_MAX ? -1 : static_cast<int>(ms);
+    return real(libc.epoll_pwait)(ep, events, max, timeout, sigmask);
+}
+
+// A blocking wait that every interruption ends: epoll_wait() returns EINTR after a handler
+// (SA_RESTART or not) and after a stop and SIGCONT (ep_poll() answers -EINTR, never a restart
+// code). False if there is no epoll to wait in.
+bool block_interruptible(uint64_t deadline_ns, BlockResult &result) {
+    const int ep = waiter_epoll();
+    if (ep < 0) return false;
+    epoll_event event{};
+    const int n = epoll_sleep_until(ep, &event, 1, deadline_ns, nullptr);
+    if (n < 0) {
+        result = errno == EINTR ? BlockResult::kInterrupted : BlockResult::kDead;
+    } else if (n == 0) {
+        result = deadline_ns != 0 && now_ns() >= deadline_ns ? BlockResult::kTimeout
+                                                             : BlockResult::kWoken;
+    } else if (event.events & EPOLLIN) {
+        result = BlockResult::kWoken;
+    } else {
+        mark_session_dead();  // EPOLLHUP alone: the engine is gone
+        result = BlockResult::kDead;
+    }
+    return true;
+}
+
+}  // namespace
+
+BlockResult waiter_block(uint64_t deadline_ns, Interrupt how) {
+    BlockResult result;
+    if (how == Interrupt::kAlways && block_interruptible(deadline_ns, result)) return result;
     const int fd = waiter_fd();
     if (deadline_ns == 0) {
         char byte;
@@ -764,8 +842,9 @@ void relocate_internal(int fd) {
         return true;  // the caller's dup2 closes the old number for us
     };
     if (relocate(g_control_fd) || relocate(g_doorbell_fd) || relocate(g_memfd)) return;
-    for (auto &holder : g_waiter_fds)
-        if (relocate(holder)) return;
+    for (auto *holders : {g_waiter_fds, g_waiter_eps})
+        for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i)
+            if (relocate(holders[i])) return;
 }
 
 void before_fork() {
@@ -816,7 +895,7 @@ void leave_parent_session() {
         close_internal(g_control_fd);
         close_internal(g_doorbell_fd);
         close_internal(g_memfd);
-        for (auto &holder : g_waiter_fds) close_internal(holder);
+        close_waiters();
         if (g_region.base) munmap(g_region.base, ipc::kRegionBytes);
     }
     g_region.base = nullptr;
@@ -835,7 +914,7 @@ void after_fork_in_child() {
     g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_fork_locked = false;
     // The parent's waiters are its threads': ours come fresh from the engine when needed.
-    for (auto &holder : g_waiter_fds) close_internal(holder);
+    close_waiters();
     for (auto &word : g_waiter_bits) word.store(0);
     g_epoch.fetch_add(1);
     tl_waiter = -1;

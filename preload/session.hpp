@@ -3,6 +3,8 @@
 #pragma once
 
 #include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
 
 #include <atomic>
 #include <cstdint>
@@ -151,23 +153,56 @@ inline uint32_t current_mask(const SocketRef &ref) {
 enum class WaitResult { kReady, kTimeout, kInterrupted, kDead };
 enum class BlockResult { kWoken, kTimeout, kInterrupted, kDead };
 
+// Which interruptions end a wait: those that end the kernel's own wait in the same call.
+enum class Interrupt {
+    // None: the shim's own work inside a call (a control request), as the kernel's is.
+    kNever,
+    // -ERESTARTSYS: a handler installed without SA_RESTART ends it (EINTR); a handler with
+    // SA_RESTART, or a stop followed by SIGCONT, restarts it unseen. The wait blocks in read()
+    // of the waiter pipe, so the kernel applies the rule itself.
+    kUnlessRestart,
+    // -EINTR: every handler, and a stop followed by SIGCONT even with no handler, end it. The
+    // wait blocks in epoll_wait(), which the kernel never restarts after either.
+    kAlways,
+};
+
+// The rule for a blocking socket call (sk_wait_data(), sk_stream_wait_memory(),
+// inet_csk_wait_for_connect(), inet_wait_for_connect()): sock_intr_errno() restarts only a
+// wait without a timeout (SO_RCVTIMEO/SO_SNDTIMEO), and a call that has already moved bytes
+// returns their count whatever interrupted it, a stop included (signal_pending() is true for
+// SIGSTOP too). Measured natively: tests/semantics check_interrupted_send and
+// check_stop_and_continue.
+inline Interrupt socket_wait_interrupt(int64_t timeout_ns, bool moved_bytes) {
+    return timeout_ns > 0 || moved_bytes ? Interrupt::kAlways : Interrupt::kUnlessRestart;
+}
+
 // Arms this thread's waiter for `slot` (or ipc::kWaitAnySlot). False when no waiter can be
 // had (nested use from a signal handler, none left, registration failed): the caller naps.
 bool waiter_arm(uint32_t slot);
 // The armed waiter's pipe (read end), for callers that poll it together with other fds.
 int waiter_fd();
-// Sleeps until the engine signals, the deadline passes (0: none) or a signal arrives. Without
-// a deadline it blocks in read(), so the kernel's SA_RESTART rule applies; with one, in ppoll().
-BlockResult waiter_block(uint64_t deadline_ns);
+// Sleeps until the engine signals, the deadline passes (0: none) or `how` says an interruption
+// ends the sleep (kInterrupted; kNever sleeps like kUnlessRestart and leaves the retry to the
+// caller).
+BlockResult waiter_block(uint64_t deadline_ns, Interrupt how);
 // Back to idle; consumes the engine's byte if it signalled. Must follow every waiter_arm().
 void waiter_disarm();
 // A short sleep for when no waiter is available.
 void nap(uint64_t deadline_ns);
 
 // Waits until `ready()` (re-checked after every wake-up), the timeout (ns; < 0 none, 0 do not
-// wait), a signal (if `interruptible`), or the engine's death.
+// wait), an interruption that `how` counts, or the engine's death. When an interruption and
+// `ready()` come together, `ready()` wins (a wait for data, a connection or a handshake looks
+// at it first), unless `interrupt_first`: sk_stream_wait_memory() looks at signal_pending()
+// before the room, so a send returns what it queued even if room has just appeared.
+//
+// An interruption is seen only while the thread sleeps in the kernel: a handler that runs, or
+// a stop that happens, while it spins (TCPS_SPIN_US) or arms its waiter is over before the
+// sleep begins, and the wait goes on. Linux would notice one that arrives after its call
+// began; closing that window would cost every wait a sigprocmask() pair.
 template <class Ready>
-WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, bool interruptible) {
+WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, Interrupt how,
+                      bool interrupt_first = false) {
     if (ready()) return WaitResult::kReady;
     if (session_dead()) return WaitResult::kDead;
     if (timeout_ns == 0) return WaitResult::kTimeout;
@@ -197,12 +232,14 @@ WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, bool int
             waiter_disarm();
             return WaitResult::kDead;
         }
-        const BlockResult blocked = waiter_block(deadline);
+        const BlockResult blocked = waiter_block(deadline, how);
         waiter_disarm();
+        const bool interrupted = blocked == BlockResult::kInterrupted && how != Interrupt::kNever;
+        if (interrupted && interrupt_first) return WaitResult::kInterrupted;
         if (ready()) return WaitResult::kReady;
         if (blocked == BlockResult::kDead || session_dead()) return WaitResult::kDead;
         if (blocked == BlockResult::kTimeout) return WaitResult::kTimeout;
-        if (blocked == BlockResult::kInterrupted && interruptible) return WaitResult::kInterrupted;
+        if (interrupted) return WaitResult::kInterrupted;
     }
 }
 

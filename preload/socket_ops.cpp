@@ -248,7 +248,7 @@ long op_connect(SocketRef &ref, const sockaddr *addr, socklen_t len) {
     };
     if (!settled()) {
         const int64_t timeout = effective_timeout(sock, sock.nonblocking.load(), false);
-        switch (wait_until(ref.slot, settled, timeout, true)) {
+        switch (wait_until(ref.slot, settled, timeout, socket_wait_interrupt(timeout, false))) {
             case WaitResult::kTimeout:
                 return error;  // EINPROGRESS/EALREADY: still connecting
             case WaitResult::kInterrupted:
@@ -332,7 +332,8 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
                    !listener.listening.load() || stale(ref);
         };
         waited = true;
-        const WaitResult result = wait_until(ref.slot, ready, timeout, true);
+        const WaitResult result =
+            wait_until(ref.slot, ready, timeout, socket_wait_interrupt(timeout, false));
         listener.rx_lock.lock();
         if (result == WaitResult::kTimeout) error = -EAGAIN;
         if (result == WaitResult::kInterrupted) error = -EINTR;
