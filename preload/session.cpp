@@ -67,9 +67,12 @@ std::atomic<uint32_t> g_slot_hint{0};
 // which of those a thread is using now. A thread that exits leaves its waiter to the next.
 std::atomic<uint64_t> g_waiter_bits[ipc::kMaxWaiters / 64];
 std::atomic<int> g_waiter_fds[ipc::kMaxWaiters];
-// Each waiter's epoll instance, made the first time a wait needs it (-1: none yet): it holds
-// its pipe, for waits that every interruption ends (Interrupt::kAlways).
+// Each waiter's epoll instances, made the first time a wait needs them (-1: none yet): one
+// that holds its pipe alone, for waits that every interruption ends (Interrupt::kAlways), and
+// one that also holds an application epoll (for epoll_wait), with the registry it was made for.
 std::atomic<int> g_waiter_eps[ipc::kMaxWaiters];
+std::atomic<int> g_waiter_nest_eps[ipc::kMaxWaiters];
+uint64_t g_waiter_nest_keys[ipc::kMaxWaiters];
 pthread_key_t g_waiter_key;
 
 TCPS_TLS int tl_waiter = -1;
@@ -107,9 +110,9 @@ void close_internal(std::atomic<int> &holder) {
     real(libc.close)(fd);
 }
 
-// Every waiter's pipe and epoll instance.
+// Every waiter's pipe and epoll instances.
 void close_waiters() {
-    for (auto *holders : {g_waiter_fds, g_waiter_eps})
+    for (auto *holders : {g_waiter_fds, g_waiter_eps, g_waiter_nest_eps})
         for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i) close_internal(holders[i]);
 }
 
@@ -415,6 +418,7 @@ bool shim_init() {
         g_debug = true;
     for (auto &fd : g_waiter_fds) fd.store(-1, std::memory_order_relaxed);
     for (auto &fd : g_waiter_eps) fd.store(-1, std::memory_order_relaxed);
+    for (auto &fd : g_waiter_nest_eps) fd.store(-1, std::memory_order_relaxed);
 
     rlimit limit{};
     size_t entries = 65536;
@@ -715,8 +719,8 @@ int waiter_epoll() {
     return ep;
 }
 
-// epoll_pwait2() where the kernel has it (a deadline in ns), else epoll_pwait() with the time
-// left rounded up to whole ms (the caller's loop sees the deadline pass either way).
+}  // namespace
+
 int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns,
                       const sigset_t *sigmask) {
     uint64_t left = UINT64_MAX;
@@ -735,6 +739,8 @@ int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns
     const int timeout = ms > INT32_MAX ? -1 : static_cast<int>(ms);
     return real(libc.epoll_pwait)(ep, events, max, timeout, sigmask);
 }
+
+namespace {
 
 // A blocking wait that every interruption ends: epoll_wait() returns EINTR after a handler
 // (SA_RESTART or not) and after a stop and SIGCONT (ep_poll() answers -EINTR, never a restart
@@ -786,6 +792,33 @@ BlockResult waiter_block(uint64_t deadline_ns, Interrupt how) {
     if (p.revents & POLLIN) return BlockResult::kWoken;
     mark_session_dead();
     return BlockResult::kDead;
+}
+
+int waiter_epoll_with(int epfd, int wake_fd, uint64_t key) {
+    if (!tl_armed) return -1;
+    std::atomic<int> &holder = g_waiter_nest_eps[tl_waiter];
+    int ep = holder.load(std::memory_order_relaxed);
+    if (ep >= 0 && g_waiter_nest_keys[tl_waiter] == key) return ep;
+    // Another registry than last time: a fresh instance, so that no member of the old one wakes
+    // this one (the old epoll may live on in another process, which we cannot delete it from).
+    if (ep >= 0) close_internal(holder);
+    ep = real(libc.epoll_create1)(EPOLL_CLOEXEC);
+    if (ep < 0) return -1;
+    const int members[3] = {waiter_fd(), epfd, wake_fd};
+    for (uint32_t k = 0; k < 3; ++k) {
+        epoll_event event{};
+        event.events = EPOLLIN;
+        event.data.u32 = k;
+        // An epoll too deeply nested for one more level (ELOOP, EINVAL) is left to ppoll().
+        if (real(libc.epoll_ctl)(ep, EPOLL_CTL_ADD, members[k], &event) != 0) {
+            real(libc.close)(ep);
+            return -1;
+        }
+    }
+    ep = move_high_internal(ep);
+    g_waiter_nest_keys[tl_waiter] = key;
+    holder.store(ep, std::memory_order_relaxed);
+    return ep;
 }
 
 void waiter_disarm() {
@@ -842,7 +875,7 @@ void relocate_internal(int fd) {
         return true;  // the caller's dup2 closes the old number for us
     };
     if (relocate(g_control_fd) || relocate(g_doorbell_fd) || relocate(g_memfd)) return;
-    for (auto *holders : {g_waiter_fds, g_waiter_eps})
+    for (auto *holders : {g_waiter_fds, g_waiter_eps, g_waiter_nest_eps})
         for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i)
             if (relocate(holders[i])) return;
 }

@@ -189,6 +189,14 @@ BlockResult waiter_block(uint64_t deadline_ns, Interrupt how);
 void waiter_disarm();
 // A short sleep for when no waiter is available.
 void nap(uint64_t deadline_ns);
+// For epoll_wait(): an epoll instance of this thread's armed waiter holding its pipe (event
+// data 0), the application's epoll `epfd` (1) and `wake_fd` (2), kept while `key` names the
+// same registry. -1 if none can be had (the caller sleeps in ppoll()).
+int waiter_epoll_with(int epfd, int wake_fd, uint64_t key);
+// epoll_pwait2() until `deadline_ns` (0: none), or where the kernel lacks it epoll_pwait()
+// with the time left rounded up to whole ms. The result and errno are the kernel's.
+int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns,
+                      const sigset_t *sigmask);
 
 // Waits until `ready()` (re-checked after every wake-up), the timeout (ns; < 0 none, 0 do not
 // wait), an interruption that `how` counts, or the engine's death. When an interruption and

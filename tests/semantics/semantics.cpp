@@ -1334,6 +1334,20 @@ void check_stop_and_continue(const Family &family) {
         stop_and_continue, stuck);
     report("recv(MSG_WAITALL) of 16 with 2 bytes in", n);
 
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    epoll_event event{};
+    event.events = EPOLLIN;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.client, &event);
+    n = run_interrupted(
+        Times::kUntilReturned, [&] { return static_cast<long>(epoll_wait(ep, &event, 1, -1)); },
+        stop_and_continue, stuck);
+    report("epoll_wait(-1) on an idle socket", n);
+    n = run_interrupted(
+        Times::kUntilReturned, [&] { return static_cast<long>(epoll_wait(ep, &event, 1, 60'000)); },
+        stop_and_continue, stuck);
+    report("epoll_wait(60 s) on an idle socket", n);
+    close(ep);
+
     pollfd entry{pair.client, POLLIN, 0};
     n = run_interrupted(
         Times::kOnce, [&] { return static_cast<long>(poll(&entry, 1, -1)); }, stop_and_continue,
