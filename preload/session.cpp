@@ -75,6 +75,24 @@ std::atomic<int> g_waiter_nest_eps[ipc::kMaxWaiters];
 uint64_t g_waiter_nest_keys[ipc::kMaxWaiters];
 pthread_key_t g_waiter_key;
 
+// This thread holds, or is about to take, g_setup_mutex / g_hold_mutex: set before the lock
+// and cleared after the unlock, so that a signal handler that interrupts the thread anywhere
+// in between sees it (see shim_locked_here()).
+TCPS_TLS bool tl_in_setup = false;
+TCPS_TLS bool tl_in_holds = false;
+
+void lock_holds() {
+    tl_in_holds = true;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    pthread_mutex_lock(&g_hold_mutex);
+}
+
+void unlock_holds() {
+    pthread_mutex_unlock(&g_hold_mutex);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    tl_in_holds = false;
+}
+
 TCPS_TLS int tl_waiter = -1;
 TCPS_TLS uint32_t tl_waiter_epoch = 0;
 TCPS_TLS bool tl_armed = false;
@@ -478,11 +496,20 @@ bool find_socket(int fd, SocketRef &out) {
 
 // ---------------------------------------------------------------------------------------------
 
+bool shim_locked_here() {
+    return tl_in_setup || tl_in_holds;
+}
+
 bool session_usable(bool create) {
     const int state = g_state.load(std::memory_order_acquire);
     if (state == kActive)
         return g_region.header().engine_alive.load(std::memory_order_relaxed) != 0;
     if (!create || state == kDead || g_init_state.load() <= 0) return false;
+    // A signal handler that interrupted this thread's own setup (a socket() in it while the
+    // first socket() waits for the engine's reply) would wait for itself on the mutex.
+    if (tl_in_setup) return false;
+    tl_in_setup = true;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     pthread_mutex_lock(&g_setup_mutex);
     bool usable = false;
     const int again = g_state.load();
@@ -508,6 +535,8 @@ bool session_usable(bool create) {
         debug_line(line);
     }
     pthread_mutex_unlock(&g_setup_mutex);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    tl_in_setup = false;
     return usable;
 }
 
@@ -562,15 +591,15 @@ void release_client_slot(uint32_t slot) {
 }
 
 void hold_socket(uint32_t slot) {
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     g_region.member(g_member).held[slot / 64].fetch_or(uint64_t{1} << (slot % 64),
                                                        std::memory_order_acq_rel);
     g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
 }
 
 bool unhold_socket(uint32_t slot) {
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     // The mark first: if we die between the two, the socket leaks until the family ends,
     // while the other order could drop a hold twice and close it under another process.
     g_region.member(g_member).held[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)),
@@ -580,7 +609,7 @@ bool unhold_socket(uint32_t slot) {
     while (count > 0 &&
            !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
     }
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
     return count == 1;
 }
 
@@ -883,7 +912,7 @@ void relocate_internal(int fd) {
 void before_fork() {
     g_fork_member = -1;
     if (g_state.load() != kActive || !session_usable(false)) return;
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     g_fork_locked = true;
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
@@ -913,7 +942,7 @@ void after_fork_in_parent() {
     g_fork_member = -1;
     if (g_fork_locked) {
         g_fork_locked = false;
-        pthread_mutex_unlock(&g_hold_mutex);
+        unlock_holds();
     }
 }
 
@@ -946,6 +975,7 @@ void after_fork_in_child() {
     g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_fork_locked = false;
+    tl_in_holds = false;
     // The parent's waiters are its threads': ours come fresh from the engine when needed.
     close_waiters();
     for (auto &word : g_waiter_bits) word.store(0);
@@ -985,10 +1015,10 @@ bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
     msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
     msg.version = ipc::kLayoutVersion;
     ipc::ControlMessage reply{};
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
     if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) {
-        pthread_mutex_unlock(&g_hold_mutex);
+        unlock_holds();
         return false;
     }
     // The new image holds what it inherits, from now on (see before_fork()).
@@ -998,7 +1028,7 @@ bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
         if (record.held[slots[k] / 64].fetch_or(bit, std::memory_order_acq_rel) & bit) continue;
         g_region.slot(slots[k]).holders.fetch_add(1, std::memory_order_acq_rel);
     }
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
     const int control = dial_and_join(reply.arg);
     if (control < 0) return false;  // the reservation expires, and its holds with it
     out.control_fd = control;

@@ -102,8 +102,13 @@ inline bool stale(const SocketRef &ref) {
 // Session
 
 // True when an engine session is up and alive; on the first call that asks (`create`), tries
-// to set one up (retried at most once a second after a failure). False: use the kernel.
+// to set one up (retried at most once a second after a failure). False: use the kernel, and
+// also when this thread is itself inside that setup (a signal handler interrupted it).
 bool session_usable(bool create);
+
+// This thread is inside the session's setup or a change of holds, under a mutex that a signal
+// handler interrupting it must not wait for: a socket() there stays in the kernel.
+bool shim_locked_here();
 
 // The session is up but the engine is gone: offloaded sockets fail, new ones use the kernel.
 bool session_dead();

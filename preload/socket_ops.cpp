@@ -166,7 +166,10 @@ void forget_entry(FdRef previous) {
 }
 
 long op_socket(int domain, int type, int protocol) {
-    if (in_vfork_child() || !session_usable(true)) return kUseKernel;
+    // A socket() from a signal handler that interrupted this thread inside the session's setup
+    // or a hold (the first socket(), a close) would wait for the interrupted code's mutex, that
+    // is for itself: it gets a kernel socket, as a process without an engine does.
+    if (in_vfork_child() || shim_locked_here() || !session_usable(true)) return kUseKernel;
     const int slot = claim_client_slot();
     if (slot < 0) return kUseKernel;  // all client slots busy: this one stays in the kernel
     const int fd = open_placeholder(type & SOCK_CLOEXEC);
