@@ -471,8 +471,85 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     rcvlowat.store(1);
     consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
     tx_sleeping.store(false);
+    backlog.store(0);
+    options.clear();
+    remake_tried.store(false);
     refs.store(1);
     generation.store(gen, std::memory_order_release);
+}
+
+namespace {
+
+// When process `pid` started (clock ticks since boot, /proc/PID/stat field 22). False if it is
+// gone or a zombie. One we may not look at (hidepid) but that exists counts as started at 0:
+// older than anyone, so that no process that cannot see it takes its place.
+bool process_start(int32_t pid, uint64_t &start) {
+    char path[48];
+    std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        start = 0;
+        return kill(pid, 0) == 0 || errno == EPERM;
+    }
+    char text[1024];
+    const ssize_t n = real(libc.read)(fd, text, sizeof(text) - 1);
+    real(libc.close)(fd);
+    if (n <= 0) return false;
+    text[n] = '\0';
+    // After the command name (which may hold anything, up to the last ')'): state, then 19
+    // more fields to the start time.
+    const char *p = std::strrchr(text, ')');
+    if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X') return false;
+    p += 2;
+    for (int field = 3; field < 22; ++field) {
+        p = std::strchr(p, ' ');
+        if (!p) return false;
+        ++p;
+    }
+    start = std::strtoull(p, nullptr, 10);
+    return true;
+}
+
+}  // namespace
+
+bool remakes_listener(uint32_t slot) {
+    if (!g_region.base || slot >= ipc::kMaxSockets) return false;
+    const uint64_t bit = uint64_t{1} << (slot % 64);
+    int32_t oldest = 0;
+    uint64_t oldest_start = UINT64_MAX;
+    for (uint32_t m = 0; m < ipc::kMaxMembers; ++m) {
+        const ipc::MemberRecord &record = g_region.member(m);
+        if (record.state.load(std::memory_order_acquire) !=
+                static_cast<uint32_t>(ipc::MemberState::kLive) ||
+            !(record.held[slot / 64].load(std::memory_order_acquire) & bit))
+            continue;
+        const int32_t pid = record.pid.load(std::memory_order_relaxed);
+        uint64_t start;
+        if (pid <= 0 || !process_start(pid, start)) continue;
+        if (start < oldest_start || (start == oldest_start && pid < oldest)) {
+            oldest = pid;
+            oldest_start = start;
+        }
+    }
+    // A child forked after the engine's end joined nothing: no record names it.
+    return oldest != 0 && oldest == g_self_pid.load();
+}
+
+void OptionLog::clear() {
+    for (Entry &entry : entries) entry.ready.store(false, std::memory_order_relaxed);
+    claimed.store(0, std::memory_order_release);
+}
+
+void OptionLog::add(int level, int name, const void *value, uint32_t len) {
+    if (len > kValueMax) return;
+    const uint32_t index = claimed.fetch_add(1, std::memory_order_acq_rel);
+    if (index >= kEntries) return;
+    Entry &entry = entries[index];
+    entry.level = level;
+    entry.name = name;
+    entry.len = len;
+    if (len > 0) std::memcpy(entry.value, value, len);
+    entry.ready.store(true, std::memory_order_release);
 }
 
 Socket &socket_state(uint32_t slot) {
@@ -909,9 +986,12 @@ void relocate_internal(int fd) {
             if (relocate(holders[i])) return;
 }
 
-void before_fork() {
-    g_fork_member = -1;
-    if (g_state.load() != kActive || !session_usable(false)) return;
+namespace {
+
+// before_fork() with a live session: a member record for the child, with our holds. True when
+// the child has one; false after a failure, which leaves g_hold_mutex held for the fork (an
+// engine that no longer answers is not waited for again: the session is then dead).
+bool reserve_for_child() {
     lock_holds();
     g_fork_locked = true;
     ipc::ControlMessage msg{};
@@ -919,7 +999,15 @@ void before_fork() {
     msg.version = ipc::kLayoutVersion;
     ipc::ControlMessage reply{};
     const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
-    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) return;
+    if (rc == -ECONNRESET || rc == -EPIPE) {
+        // A killed engine leaves engine_alive set; its end of the control connection says it.
+        mark_session_dead();
+        g_fork_locked = false;
+        unlock_holds();
+        return false;
+    }
+    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers))
+        return false;
     // The child holds what we hold, from this moment: if we close a socket right after fork,
     // it stays open for the child, as the kernel's reference counts keep it.
     const auto child = static_cast<uint32_t>(reply.arg);
@@ -935,6 +1023,18 @@ void before_fork() {
         }
     }
     g_fork_member = reply.arg;
+    return true;
+}
+
+}  // namespace
+
+void before_fork() {
+    g_fork_member = -1;
+    if (g_state.load() == kActive && session_usable(false) && reserve_for_child()) return;
+    // The engine is gone: the listeners this process is to remake (remakes_listener()) are made
+    // again in the kernel before the child is, so that it inherits working ones (nginx's
+    // workers after a reload, Apache's new children).
+    if (session_dead()) recover_listeners();
 }
 
 void after_fork_in_parent() {
@@ -987,6 +1087,12 @@ void after_fork_in_child() {
     g_fork_member = -1;
     if (g_state.load() == kActive && member > 0 && join_session(member) == 0) {
         g_member = static_cast<uint32_t>(member);
+    } else if (session_dead()) {
+        // The engine is gone: the child has the parent's sockets as the parent has them, dead
+        // (recv says ECONNRESET, a listener reports the end once), rather than EBADF, and its
+        // new sockets go to the kernel, as the parent's do.
+        close_internal(g_control_fd);
+        g_state.store(kDead);
     } else {
         leave_parent_session();
     }

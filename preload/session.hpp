@@ -48,6 +48,27 @@ bool shim_init();
 
 enum ConnectState : int { kUnconnected = 0, kConnecting = 1, kConnected = 2 };
 
+// The setsockopt() calls the engine accepted for a socket, in order, kept so that a listener
+// can be made again in the kernel after the engine's end (recover_listener()). Small values
+// only (ints, linger, timevals, names up to 16 bytes); calls past the last entry are not kept.
+// Lock-free (a handler may set an option): an entry is claimed, written, then marked ready.
+struct OptionLog {
+    static constexpr uint32_t kEntries = 12;
+    static constexpr uint32_t kValueMax = 16;
+    struct Entry {
+        std::atomic<bool> ready{false};
+        int level = 0;
+        int name = 0;
+        uint32_t len = 0;
+        uint8_t value[kValueMax] = {};
+    };
+    std::atomic<uint32_t> claimed{0};
+    Entry entries[kEntries];
+
+    void clear();
+    void add(int level, int name, const void *value, uint32_t len);
+};
+
 struct Socket {
     std::atomic<uint32_t> refs{0};        // fd numbers that refer to it (dup)
     std::atomic<uint32_t> generation{0};  // bumped each time the slot becomes ours
@@ -75,6 +96,11 @@ struct Socket {
     SocketLock tx_lock;                    // send
     SocketLock request_lock;               // one control request at a time
     std::atomic<bool> tx_sleeping{false};  // the tx lock holder waits for ring space
+    // A listener's backlog and the options set on it, to make it again in the kernel if the
+    // engine goes (recover_listener()), which this process tries once by itself.
+    std::atomic<int> backlog{0};
+    OptionLog options;
+    std::atomic<bool> remake_tried{false};
 
     // Fresh state for a socket that just became ours.
     void open(int family, bool nonblock, uint32_t gen);
@@ -292,6 +318,16 @@ int adopt_session(const ExecHandover &from);
 // child's own descriptor table only; and what `fd` names there.
 void vfork_note(int fd, FdRef ref);
 FdRef vfork_entry(int fd);
+
+// After the engine's end, which process of the family makes listener `slot` again in the
+// kernel: the oldest one still alive among the members that held it when the engine went (the
+// region, which outlives the engine, names them and what they hold). A daemonized master
+// rather than its workers, a parent rather than a child running a CGI program.
+bool remakes_listener(uint32_t slot);
+
+// handoff.cpp: after the engine's end, every listener for which remakes_listener() names this
+// process is made again in the kernel under its descriptor numbers (recover_listener()).
+void recover_listeners();
 
 // exec.cpp: at start-up, takes over the session and sockets an exec handed to this image.
 void adopt_inherited_sockets();
