@@ -1,9 +1,11 @@
 // epoll with offloaded members. The application's epoll fd stays a real kernel epoll holding
 // its kernel fds; the offloaded fds it adds live in a registry of ours, keyed by the epoll's
 // table entry. epoll_wait reports both, and sleeps on the epoll fd, this thread's waiter pipe
-// and the registry's eventfd. epoll_ctl rings that eventfd so a sleeper sees a member added by
-// another thread; it also sits in the kernel epoll (with a cookie filtered out of results), so
-// a thread already asleep in the real epoll_wait() when the registry is created wakes too.
+// and the registry's eventfd, all three in an epoll instance of the waiter's: the sleep is an
+// epoll_wait(), so a signal handler or a stop and SIGCONT end it with EINTR as they end
+// Linux's. epoll_ctl rings that eventfd so a sleeper sees a member added by another thread; it
+// also sits in the kernel epoll (with a cookie filtered out of results), so a thread already
+// asleep in the real epoll_wait() when the registry is created wakes too.
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <unistd.h>
@@ -47,6 +49,7 @@ struct MemberKeyHash {
 
 struct EpollSet {
     uint32_t id = 0;
+    uint64_t serial = 0;   // never reused, unlike id: names the set to the waiters' epolls
     uint32_t holders = 0;  // fds naming it + calls inside it (under g_sets_mutex)
     int wake_fd = -1;
     std::atomic<int> sleepers{0};
@@ -65,6 +68,7 @@ constexpr uint32_t kExclusiveOk =
 pthread_mutex_t g_sets_mutex = PTHREAD_MUTEX_INITIALIZER;
 std::vector<EpollSet *> g_sets;  // by id
 std::vector<uint32_t> g_free_ids;
+std::atomic<uint64_t> g_next_serial{1};
 
 EpollSet *acquire_set(int epfd) {
     const FdRef ref = g_fds.get(epfd);
@@ -162,6 +166,7 @@ long find_or_create_set(int epfd, EpollSet *&out) {
         return rc;
     }
     auto *set = new EpollSet;
+    set->serial = g_next_serial.fetch_add(1, std::memory_order_relaxed);
     set->wake_fd = move_high_internal(wake);
     set->holders = 2;  // the fd's reference and this call's
     pthread_mutex_lock(&g_sets_mutex);
@@ -408,27 +413,47 @@ long op_epoll_wait(int epfd, epoll_event *events, int maxevents, int64_t timeout
             set->sleepers.fetch_sub(1);
             return n;
         }
-        pollfd fds[3] = {{epfd, POLLIN, 0}, {set->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}};
-        if (armed) fds[2].fd = waiter_fd();
-        uint64_t wait_ns = UINT64_MAX;
-        if (deadline != 0) {
-            const uint64_t now = now_ns();
-            wait_ns = now >= deadline ? 0 : deadline - now;
-        }
-        // Without a waiter (nested in a signal handler, none left) we look again every 1 ms;
-        // without an engine nothing offloaded will change, so no need.
-        if (!armed && !session_dead() && wait_ns > 1'000'000) wait_ns = 1'000'000;
-        timespec ts{static_cast<time_t>(wait_ns / 1'000'000'000),
-                    static_cast<long>(wait_ns % 1'000'000'000)};
-        const int rc = real(libc.ppoll)(fds, 3, wait_ns == UINT64_MAX ? nullptr : &ts, sigmask);
-        const int saved = errno;
-        if (armed) {
+        int rc;
+        int saved = 0;
+        const int nest = armed ? waiter_epoll_with(epfd, set->wake_fd, set->serial) : -1;
+        if (nest >= 0) {
+            // Data 0: the waiter pipe, 1: the application's epoll, 2: our eventfd.
+            epoll_event woke[3];
+            rc = epoll_sleep_until(nest, woke, 3, deadline, sigmask);
+            saved = errno;
             waiter_disarm();
-            if ((fds[2].revents & (POLLHUP | POLLERR | POLLNVAL)) && !(fds[2].revents & POLLIN))
-                mark_session_dead();
+            for (int k = 0; k < rc; ++k) {
+                if (woke[k].data.u32 == 0 && (woke[k].events & (EPOLLHUP | EPOLLERR)) &&
+                    !(woke[k].events & EPOLLIN))
+                    mark_session_dead();
+                if (woke[k].data.u32 == 2) drain(set->wake_fd);
+            }
+            set->sleepers.fetch_sub(1);
+        } else {
+            // Without a waiter, or without an epoll of its own for it: ppoll(), which a stop
+            // and SIGCONT restart unseen (an epoll_wait() would end with EINTR).
+            pollfd fds[3] = {{epfd, POLLIN, 0}, {set->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}};
+            if (armed) fds[2].fd = waiter_fd();
+            uint64_t wait_ns = UINT64_MAX;
+            if (deadline != 0) {
+                const uint64_t now = now_ns();
+                wait_ns = now >= deadline ? 0 : deadline - now;
+            }
+            // Without a waiter (nested in a signal handler, none left) we look again every
+            // 1 ms; without an engine nothing offloaded will change, so no need.
+            if (!armed && !session_dead() && wait_ns > 1'000'000) wait_ns = 1'000'000;
+            timespec ts{static_cast<time_t>(wait_ns / 1'000'000'000),
+                        static_cast<long>(wait_ns % 1'000'000'000)};
+            rc = real(libc.ppoll)(fds, 3, wait_ns == UINT64_MAX ? nullptr : &ts, sigmask);
+            saved = errno;
+            if (armed) {
+                waiter_disarm();
+                if ((fds[2].revents & (POLLHUP | POLLERR | POLLNVAL)) && !(fds[2].revents & POLLIN))
+                    mark_session_dead();
+            }
+            set->sleepers.fetch_sub(1);
+            if (fds[1].revents & POLLIN) drain(set->wake_fd);
         }
-        set->sleepers.fetch_sub(1);
-        if (fds[1].revents & POLLIN) drain(set->wake_fd);
         if (rc < 0) return -saved;
         n = gather();
         if (n != 0) return n;

@@ -10,10 +10,17 @@
 // stderr (applications pass sockets before reading from them, or listeners). An exec of a
 // program that will not load the shim (static, set-user-ID) hands its inherited sockets back
 // the same way (exec.cpp).
+//
+// After the engine's end, a listener takes the same path with a kernel socket of our own
+// making (recover_listener()): the engine's kernel socket died with it, so its owner binds a
+// new one to the same address.
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -23,10 +30,12 @@
 
 namespace tcps::shim {
 
-void hand_back(const SocketRef &ref) {
-    int kernel_fd = -1;
-    uint32_t lost_bytes = 0, lost_connections = 0;
-    if (request_handoff(ref.slot, kernel_fd, lost_bytes, lost_connections) != 0) return;
+namespace {
+
+// Puts `kernel_fd` under every descriptor number this process has for the socket of `ref`,
+// each keeping its FD_CLOEXEC, and closes `kernel_fd`. Its epoll registrations move into the
+// application's kernel epolls, and calls in flight on it find it stale.
+void put_kernel_socket(const SocketRef &ref, int kernel_fd) {
     Socket &sock = *ref.sock;
     // O_NONBLOCK is the open file description's: the kernel socket's now.
     const int status = real(libc.fcntl)(kernel_fd, F_GETFL);
@@ -46,6 +55,95 @@ void hand_back(const SocketRef &ref) {
     real(libc.close)(kernel_fd);
     epoll_hand_back(entry);  // its fd numbers are kernel sockets now
     sock.generation.fetch_add(1, std::memory_order_acq_rel);  // calls in flight find it stale
+}
+
+// SO_RCVTIMEO/SO_SNDTIMEO as the shim keeps them (Socket::rcv_timeout_ns) onto a kernel socket.
+void set_timeout(int fd, int name, int64_t ns) {
+    if (ns == 0) return;  // the default: wait for ever
+    // A negative value stands for Linux's zero timeout (never wait), which only a negative
+    // timeval sets.
+    timeval tv{-1, 0};
+    if (ns > 0)
+        tv = {static_cast<time_t>(ns / 1'000'000'000),
+              static_cast<suseconds_t>((ns % 1'000'000'000 + 999) / 1000)};
+    real(libc.setsockopt)(fd, SOL_SOCKET, name, &tv, sizeof(tv));
+}
+
+// What the application set on the socket, onto `fd`: the options the engine accepted, in
+// order, then those the shim keeps itself.
+void apply_options(const SocketRef &ref, int fd) {
+    const Socket &sock = *ref.sock;
+    const uint32_t count =
+        std::min(sock.options.claimed.load(std::memory_order_acquire), OptionLog::kEntries);
+    for (uint32_t k = 0; k < count; ++k) {
+        const OptionLog::Entry &entry = sock.options.entries[k];
+        if (!entry.ready.load(std::memory_order_acquire)) continue;
+        // As it was accepted before: what fails now (a capability dropped since) is left out.
+        real(libc.setsockopt)(fd, entry.level, entry.name, entry.value, entry.len);
+    }
+    set_timeout(fd, SO_RCVTIMEO, sock.rcv_timeout_ns.load());
+    set_timeout(fd, SO_SNDTIMEO, sock.snd_timeout_ns.load());
+    const uint32_t posted = ref.shm->posted.load(std::memory_order_acquire);
+    if (posted & ipc::kPostedNoDelaySet) {
+        const int on = (posted & ipc::kPostedNoDelay) ? 1 : 0;
+        real(libc.setsockopt)(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+    }
+    if (posted & ipc::kPostedCorkSet) {
+        const int on = (posted & ipc::kPostedCork) ? 1 : 0;
+        real(libc.setsockopt)(fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on));
+    }
+}
+
+// bind() to `local`, waiting while the port is in use, for at most a second: the dead engine's
+// kernel listener outlives its process for a few ms, held by the io_uring accept it had posted
+// until the ring's asynchronous teardown cancels it (measured: 5-11 ms after SIGKILL). False
+// with errno set if the port stays taken.
+bool bind_when_free(int fd, const ipc::SockAddrRecord &local) {
+    const auto *addr = reinterpret_cast<const sockaddr *>(local.bytes);
+    const uint64_t deadline = now_ns() + 1'000'000'000;
+    while (real(libc.bind)(fd, addr, local.len) != 0) {
+        if (errno != EADDRINUSE || now_ns() >= deadline) return false;
+        timespec pause{0, 1'000'000};
+        nanosleep(&pause, nullptr);
+    }
+    return true;
+}
+
+}  // namespace
+
+int recover_listener(const SocketRef &ref, int backlog) {
+    // The address the engine's socket had (bind() and listen() refresh it), port included.
+    const ipc::SockAddrRecord local = ref.shm->local_addr;
+    if (local.len < sizeof(sa_family_t) || local.len > sizeof(local.bytes)) return -EINVAL;
+    const int fd = real(libc.socket)(ref.sock->domain, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    apply_options(ref, fd);
+    if (!bind_when_free(fd, local) || real(libc.listen)(fd, backlog) != 0) {
+        const int error = errno;
+        real(libc.close)(fd);
+        return -error;
+    }
+    put_kernel_socket(ref, fd);
+    // No hold to give back, no close to send: there is no engine to tell.
+    return 0;
+}
+
+void recover_listeners() {
+    const int limit = g_fds.limit();
+    for (int fd = 0; fd < limit; ++fd) {
+        SocketRef ref;
+        if (!find_socket(fd, ref) || !ref.sock->listening.load() || ref.sock->remake_tried.load() ||
+            !remakes_listener(ref.slot) || ref.sock->remake_tried.exchange(true))
+            continue;
+        recover_listener(ref, ref.sock->backlog.load());
+    }
+}
+
+void hand_back(const SocketRef &ref) {
+    int kernel_fd = -1;
+    uint32_t lost_bytes = 0, lost_connections = 0;
+    if (request_handoff(ref.slot, kernel_fd, lost_bytes, lost_connections) != 0) return;
+    put_kernel_socket(ref, kernel_fd);
     // The engine's descriptor goes too; the kernel socket lives on in ours.
     if (unhold_socket(ref.slot)) request_close(ref.slot, false);
     if (lost_bytes > 0 || lost_connections > 0) {

@@ -208,7 +208,8 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
                     return (effective_flags(ref) & (ipc::kFlagConnected | ipc::kFlagReset)) ||
                            error_pending(ref) || session_dead() || stale(ref);
                 };
-                const WaitResult waited = wait_until(ref.slot, settled, timeout, true);
+                const WaitResult waited = wait_until(ref.slot, settled, timeout,
+                                                     socket_wait_interrupt(timeout, sent > 0));
                 if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
                     result = waited == WaitResult::kTimeout ? -EAGAIN : -EINTR;
                     break;
@@ -273,7 +274,11 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
         WaitResult waited;
         {
             TxSleeping sleeping(sock);
-            waited = wait_until(ref.slot, room, timeout, true);
+            // Bytes already queued make any interruption end the call with their count: a
+            // handler with SA_RESTART, a stop and SIGCONT, even with room just made, as
+            // sk_stream_wait_memory() does.
+            waited =
+                wait_until(ref.slot, room, timeout, socket_wait_interrupt(timeout, sent > 0), true);
         }
         if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
             result = sent ? static_cast<long>(sent)
@@ -412,7 +417,9 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                     (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
                    sock.shut_rd.load() || error_pending(ref) || session_dead() || stale(ref);
         };
-        const WaitResult waited = wait_until(ref.slot, ready, timeout, true);
+        // What was copied (or peeked) so far is the call's answer to any interruption.
+        const WaitResult waited =
+            wait_until(ref.slot, ready, timeout, socket_wait_interrupt(timeout, copied + seen > 0));
         sock.rx_lock.lock();
         if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
             if (peek && !stale(ref)) {

@@ -78,6 +78,12 @@ void hand_back_passed_sockets(const msghdr *msg);
 // One socket back to the kernel: every fd number of this process for it becomes the kernel
 // socket. Not in a vfork()ed child (it edits the shim's table).
 void hand_back(const SocketRef &ref);
+// After the engine's end (its kernel socket died with it): a listener, or a bound socket, made
+// again in the kernel: a socket of its family with the options the application set on it,
+// bound to its address, listening with `backlog`, under every descriptor number this process
+// has for it, its epoll registrations moved along. 0, or the -errno of the kernel's refusal
+// (the port taken meanwhile, say), which leaves the socket dead.
+int recover_listener(const SocketRef &ref, int backlog);
 
 // io_ops.cpp: a call that may sleep holds its socket for the whole call, as the kernel's
 // fdget() holds the file: close() of the fd in another thread does not end the call.

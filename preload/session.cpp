@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -71,7 +72,48 @@ std::atomic<uint32_t> g_slot_hint{0};
 // which of those a thread is using now. A thread that exits leaves its waiter to the next.
 std::atomic<uint64_t> g_waiter_bits[ipc::kMaxWaiters / 64];
 std::atomic<int> g_waiter_fds[ipc::kMaxWaiters];
+// Each waiter's epoll instances, made the first time a wait needs them (-1: none yet): one
+// that holds its pipe alone, for waits that every interruption ends (Interrupt::kAlways), and
+// one that also holds an application epoll (for epoll_wait), with the registry it was made for.
+std::atomic<int> g_waiter_eps[ipc::kMaxWaiters];
+std::atomic<int> g_waiter_nest_eps[ipc::kMaxWaiters];
+uint64_t g_waiter_nest_keys[ipc::kMaxWaiters];
 pthread_key_t g_waiter_key;
+
+// This thread holds, or is about to take, g_setup_mutex / g_hold_mutex: set before the lock
+// and cleared after the unlock, so that a signal handler that interrupts the thread anywhere
+// in between sees it (see shim_locked_here()).
+TCPS_TLS bool tl_in_setup = false;
+TCPS_TLS bool tl_in_holds = false;
+
+void lock_holds() {
+    tl_in_holds = true;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    pthread_mutex_lock(&g_hold_mutex);
+}
+
+void unlock_holds() {
+    pthread_mutex_unlock(&g_hold_mutex);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    tl_in_holds = false;
+}
+
+// The same for g_control_mutex (control requests: kNewSocket, waiters, forks) and
+// g_chunk_mutex (mapping a chunk).
+TCPS_TLS bool tl_in_control = false;
+TCPS_TLS bool tl_in_chunks = false;
+
+void lock_flagged(pthread_mutex_t &mutex, bool &flag) {
+    flag = true;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    pthread_mutex_lock(&mutex);
+}
+
+void unlock_flagged(pthread_mutex_t &mutex, bool &flag) {
+    pthread_mutex_unlock(&mutex);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    flag = false;
+}
 
 TCPS_TLS int tl_waiter = -1;
 TCPS_TLS uint32_t tl_waiter_epoch = 0;
@@ -106,6 +148,12 @@ void close_internal(std::atomic<int> &holder) {
     if (fd < 0) return;
     g_fds.take_if(fd, FdRef::internal());
     real(libc.close)(fd);
+}
+
+// Every waiter's pipe and epoll instances.
+void close_waiters() {
+    for (auto *holders : {g_waiter_fds, g_waiter_eps, g_waiter_nest_eps})
+        for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i) close_internal(holders[i]);
 }
 
 // Waits for one control message, for at most the control timeout.
@@ -200,9 +248,9 @@ bool map_chunk_locked(uint32_t k, int memfd) {
 }
 
 bool map_chunk(uint32_t k) {
-    pthread_mutex_lock(&g_chunk_mutex);
+    lock_flagged(g_chunk_mutex, tl_in_chunks);
     const bool ok = map_chunk_locked(k, g_memfd.load());
-    pthread_mutex_unlock(&g_chunk_mutex);
+    unlock_flagged(g_chunk_mutex, tl_in_chunks);
     return ok;
 }
 
@@ -260,9 +308,9 @@ int connect_engine(const char *&why) {
         why = "region header does not match this libtcps";
         goto fail;
     }
-    pthread_mutex_lock(&g_chunk_mutex);
+    lock_flagged(g_chunk_mutex, tl_in_chunks);
     rc = map_chunk_locked(0, fds[0]) ? 0 : -ENOMEM;
-    pthread_mutex_unlock(&g_chunk_mutex);
+    unlock_flagged(g_chunk_mutex, tl_in_chunks);
     if (rc != 0) {
         why = "mmap";
         goto fail;
@@ -325,7 +373,7 @@ bool acquire_waiter() {
     msg.arg = -1;
     ipc::ControlMessage reply{};
     int rc;
-    pthread_mutex_lock(&g_control_mutex);
+    lock_flagged(g_control_mutex, tl_in_control);
     const int control = g_control_fd.load();
     rc = ipc::send_control(control, msg, &pipe_fds[1], 1);
     if (rc == 0) {
@@ -337,7 +385,7 @@ bool acquire_waiter() {
         if (rc == 0 && (reply.arg < 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxWaiters)))
             rc = -EPROTO;
     }
-    pthread_mutex_unlock(&g_control_mutex);
+    unlock_flagged(g_control_mutex, tl_in_control);
     real(libc.close)(pipe_fds[1]);  // the engine holds it now: its death is our EOF
     if (rc != 0) {
         real(libc.close)(pipe_fds[0]);
@@ -356,7 +404,7 @@ bool acquire_waiter() {
 // One request/reply on our control connection. 0 or -errno.
 int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
                      ipc::ControlType reply_type, bool with_creds = false) {
-    pthread_mutex_lock(&g_control_mutex);
+    lock_flagged(g_control_mutex, tl_in_control);
     const int control = g_control_fd.load();
     int rc = ipc::send_control(control, msg, nullptr, 0, with_creds);
     if (rc == 0) {
@@ -365,7 +413,7 @@ int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
         if (rc == 0 && reply.type != static_cast<uint32_t>(reply_type)) rc = -EPROTO;
         if (rc == 0) rc = reply.result;
     }
-    pthread_mutex_unlock(&g_control_mutex);
+    unlock_flagged(g_control_mutex, tl_in_control);
     return rc;
 }
 
@@ -381,7 +429,7 @@ int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
     msg.arg = static_cast<int32_t>(slot);
     ipc::ControlMessage reply{};
     int fds[1] = {-1};
-    pthread_mutex_lock(&g_control_mutex);
+    lock_flagged(g_control_mutex, tl_in_control);
     const int control = g_control_fd.load();
     int rc = ipc::send_control(control, msg, nullptr, 0);
     // The engine answers once the socket's tx ring has drained: as long as a blocking send.
@@ -391,7 +439,7 @@ int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
         rc = 0;
         if (session_dead()) rc = -ECONNRESET;
     }
-    pthread_mutex_unlock(&g_control_mutex);
+    unlock_flagged(g_control_mutex, tl_in_control);
     if (rc == 0 && reply.type != static_cast<uint32_t>(ipc::ControlType::kHandoffReply))
         rc = -EPROTO;
     if (rc == 0) rc = reply.result;
@@ -463,6 +511,8 @@ bool shim_init() {
     if (const char *debug = std::getenv("TCPS_DEBUG"); debug && *debug && *debug != '0')
         g_debug = true;
     for (auto &fd : g_waiter_fds) fd.store(-1, std::memory_order_relaxed);
+    for (auto &fd : g_waiter_eps) fd.store(-1, std::memory_order_relaxed);
+    for (auto &fd : g_waiter_nest_eps) fd.store(-1, std::memory_order_relaxed);
 
     rlimit limit{};
     size_t entries = 65536;
@@ -497,8 +547,85 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     rcvlowat.store(1);
     consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
     tx_sleeping.store(false);
+    backlog.store(0);
+    options.clear();
+    remake_tried.store(false);
     refs.store(1);
     generation.store(gen, std::memory_order_release);
+}
+
+namespace {
+
+// When process `pid` started (clock ticks since boot, /proc/PID/stat field 22). False if it is
+// gone or a zombie. One we may not look at (hidepid) but that exists counts as started at 0:
+// older than anyone, so that no process that cannot see it takes its place.
+bool process_start(int32_t pid, uint64_t &start) {
+    char path[48];
+    std::snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        start = 0;
+        return kill(pid, 0) == 0 || errno == EPERM;
+    }
+    char text[1024];
+    const ssize_t n = real(libc.read)(fd, text, sizeof(text) - 1);
+    real(libc.close)(fd);
+    if (n <= 0) return false;
+    text[n] = '\0';
+    // After the command name (which may hold anything, up to the last ')'): state, then 19
+    // more fields to the start time.
+    const char *p = std::strrchr(text, ')');
+    if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X') return false;
+    p += 2;
+    for (int field = 3; field < 22; ++field) {
+        p = std::strchr(p, ' ');
+        if (!p) return false;
+        ++p;
+    }
+    start = std::strtoull(p, nullptr, 10);
+    return true;
+}
+
+}  // namespace
+
+bool remakes_listener(uint32_t slot) {
+    if (!g_region.base || !g_region.mapped(slot)) return false;
+    const uint64_t bit = uint64_t{1} << (slot % 64);
+    int32_t oldest = 0;
+    uint64_t oldest_start = UINT64_MAX;
+    for (uint32_t m = 0; m < ipc::kMaxMembers; ++m) {
+        const ipc::MemberRecord &record = g_region.member(m);
+        if (record.state.load(std::memory_order_acquire) !=
+                static_cast<uint32_t>(ipc::MemberState::kLive) ||
+            !(g_region.held_word(m, slot).load(std::memory_order_acquire) & bit))
+            continue;
+        const int32_t pid = record.pid.load(std::memory_order_relaxed);
+        uint64_t start;
+        if (pid <= 0 || !process_start(pid, start)) continue;
+        if (start < oldest_start || (start == oldest_start && pid < oldest)) {
+            oldest = pid;
+            oldest_start = start;
+        }
+    }
+    // A child forked after the engine's end joined nothing: no record names it.
+    return oldest != 0 && oldest == g_self_pid.load();
+}
+
+void OptionLog::clear() {
+    for (Entry &entry : entries) entry.ready.store(false, std::memory_order_relaxed);
+    claimed.store(0, std::memory_order_release);
+}
+
+void OptionLog::add(int level, int name, const void *value, uint32_t len) {
+    if (len > kValueMax) return;
+    const uint32_t index = claimed.fetch_add(1, std::memory_order_acq_rel);
+    if (index >= kEntries) return;
+    Entry &entry = entries[index];
+    entry.level = level;
+    entry.name = name;
+    entry.len = len;
+    if (len > 0) std::memcpy(entry.value, value, len);
+    entry.ready.store(true, std::memory_order_release);
 }
 
 Socket &socket_state(uint32_t slot) {
@@ -528,11 +655,20 @@ bool find_socket(int fd, SocketRef &out) {
 
 // ---------------------------------------------------------------------------------------------
 
+bool shim_locked_here() {
+    return tl_in_setup || tl_in_holds || tl_in_control || tl_in_chunks;
+}
+
 bool session_usable(bool create) {
     const int state = g_state.load(std::memory_order_acquire);
     if (state == kActive)
         return g_region.header().engine_alive.load(std::memory_order_relaxed) != 0;
     if (!create || state == kDead || g_init_state.load() <= 0) return false;
+    // A signal handler that interrupted this thread's own setup (a socket() in it while the
+    // first socket() waits for the engine's reply) would wait for itself on the mutex.
+    if (tl_in_setup) return false;
+    tl_in_setup = true;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     pthread_mutex_lock(&g_setup_mutex);
     bool usable = false;
     const int again = g_state.load();
@@ -558,6 +694,8 @@ bool session_usable(bool create) {
         debug_line(line);
     }
     pthread_mutex_unlock(&g_setup_mutex);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    tl_in_setup = false;
     return usable;
 }
 
@@ -640,15 +778,15 @@ int new_socket(int family) {
 }
 
 void hold_socket(uint32_t slot) {
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     g_region.held_word(g_member, slot)
         .fetch_or(uint64_t{1} << (slot % 64), std::memory_order_acq_rel);
     g_region.slot(slot).holders.fetch_add(1, std::memory_order_acq_rel);
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
 }
 
 bool unhold_socket(uint32_t slot) {
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     // The mark first: if we die between the two, the socket leaks until the family ends,
     // while the other order could drop a hold twice and close it under another process.
     g_region.held_word(g_member, slot)
@@ -658,7 +796,7 @@ bool unhold_socket(uint32_t slot) {
     while (count > 0 &&
            !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
     }
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
     return count == 1;
 }
 
@@ -688,7 +826,7 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response) {
     auto answered = [&] {
         return static_cast<int32_t>(shm.resp_seq.load(std::memory_order_acquire) - seq) >= 0;
     };
-    const WaitResult waited = wait_until(slot, answered, -1, false);
+    const WaitResult waited = wait_until(slot, answered, -1, Interrupt::kNever);
     int result = -ECONNRESET;
     if (waited == WaitResult::kReady) {
         result = shm.response.result;
@@ -780,7 +918,76 @@ int waiter_fd() {
     return tl_waiter >= 0 ? g_waiter_fds[tl_waiter].load() : -1;
 }
 
-BlockResult waiter_block(uint64_t deadline_ns) {
+namespace {
+
+// The epoll instance of this thread's waiter that holds its pipe, made on first use.
+int waiter_epoll() {
+    std::atomic<int> &holder = g_waiter_eps[tl_waiter];
+    int ep = holder.load(std::memory_order_relaxed);
+    if (ep >= 0) return ep;
+    ep = real(libc.epoll_create1)(EPOLL_CLOEXEC);
+    if (ep < 0) return -1;
+    epoll_event event{};
+    event.events = EPOLLIN;
+    if (real(libc.epoll_ctl)(ep, EPOLL_CTL_ADD, waiter_fd(), &event) != 0) {
+        real(libc.close)(ep);
+        return -1;
+    }
+    ep = move_high_internal(ep);
+    holder.store(ep, std::memory_order_relaxed);
+    return ep;
+}
+
+}  // namespace
+
+int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns,
+                      const sigset_t *sigmask) {
+    uint64_t left = UINT64_MAX;
+    if (deadline_ns != 0) {
+        const uint64_t now = now_ns();
+        left = now >= deadline_ns ? 0 : deadline_ns - now;
+    }
+    if (libc.epoll_pwait2) {
+        timespec ts{static_cast<time_t>(left / 1'000'000'000),
+                    static_cast<long>(left % 1'000'000'000)};
+        const int n =
+            real(libc.epoll_pwait2)(ep, events, max, left == UINT64_MAX ? nullptr : &ts, sigmask);
+        if (n >= 0 || errno != ENOSYS) return n;
+    }
+    const uint64_t ms = left == UINT64_MAX ? UINT64_MAX : (left + 999'999) / 1'000'000;
+    const int timeout = ms > INT32_MAX ? -1 : static_cast<int>(ms);
+    return real(libc.epoll_pwait)(ep, events, max, timeout, sigmask);
+}
+
+namespace {
+
+// A blocking wait that every interruption ends: epoll_wait() returns EINTR after a handler
+// (SA_RESTART or not) and after a stop and SIGCONT (ep_poll() answers -EINTR, never a restart
+// code). False if there is no epoll to wait in.
+bool block_interruptible(uint64_t deadline_ns, BlockResult &result) {
+    const int ep = waiter_epoll();
+    if (ep < 0) return false;
+    epoll_event event{};
+    const int n = epoll_sleep_until(ep, &event, 1, deadline_ns, nullptr);
+    if (n < 0) {
+        result = errno == EINTR ? BlockResult::kInterrupted : BlockResult::kDead;
+    } else if (n == 0) {
+        result = deadline_ns != 0 && now_ns() >= deadline_ns ? BlockResult::kTimeout
+                                                             : BlockResult::kWoken;
+    } else if (event.events & EPOLLIN) {
+        result = BlockResult::kWoken;
+    } else {
+        mark_session_dead();  // EPOLLHUP alone: the engine is gone
+        result = BlockResult::kDead;
+    }
+    return true;
+}
+
+}  // namespace
+
+BlockResult waiter_block(uint64_t deadline_ns, Interrupt how) {
+    BlockResult result;
+    if (how == Interrupt::kAlways && block_interruptible(deadline_ns, result)) return result;
     const int fd = waiter_fd();
     if (deadline_ns == 0) {
         char byte;
@@ -804,6 +1011,33 @@ BlockResult waiter_block(uint64_t deadline_ns) {
     if (p.revents & POLLIN) return BlockResult::kWoken;
     mark_session_dead();
     return BlockResult::kDead;
+}
+
+int waiter_epoll_with(int epfd, int wake_fd, uint64_t key) {
+    if (!tl_armed) return -1;
+    std::atomic<int> &holder = g_waiter_nest_eps[tl_waiter];
+    int ep = holder.load(std::memory_order_relaxed);
+    if (ep >= 0 && g_waiter_nest_keys[tl_waiter] == key) return ep;
+    // Another registry than last time: a fresh instance, so that no member of the old one wakes
+    // this one (the old epoll may live on in another process, which we cannot delete it from).
+    if (ep >= 0) close_internal(holder);
+    ep = real(libc.epoll_create1)(EPOLL_CLOEXEC);
+    if (ep < 0) return -1;
+    const int members[3] = {waiter_fd(), epfd, wake_fd};
+    for (uint32_t k = 0; k < 3; ++k) {
+        epoll_event event{};
+        event.events = EPOLLIN;
+        event.data.u32 = k;
+        // An epoll too deeply nested for one more level (ELOOP, EINVAL) is left to ppoll().
+        if (real(libc.epoll_ctl)(ep, EPOLL_CTL_ADD, members[k], &event) != 0) {
+            real(libc.close)(ep);
+            return -1;
+        }
+    }
+    ep = move_high_internal(ep);
+    g_waiter_nest_keys[tl_waiter] = key;
+    holder.store(ep, std::memory_order_relaxed);
+    return ep;
 }
 
 void waiter_disarm() {
@@ -860,21 +1094,33 @@ void relocate_internal(int fd) {
         return true;  // the caller's dup2 closes the old number for us
     };
     if (relocate(g_control_fd) || relocate(g_doorbell_fd) || relocate(g_memfd)) return;
-    for (auto &holder : g_waiter_fds)
-        if (relocate(holder)) return;
+    for (auto *holders : {g_waiter_fds, g_waiter_eps, g_waiter_nest_eps})
+        for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i)
+            if (relocate(holders[i])) return;
 }
 
-void before_fork() {
-    g_fork_member = -1;
-    if (g_state.load() != kActive || !session_usable(false)) return;
-    pthread_mutex_lock(&g_hold_mutex);
+namespace {
+
+// before_fork() with a live session: a member record for the child, with our holds. True when
+// the child has one; false after a failure, which leaves g_hold_mutex held for the fork (an
+// engine that no longer answers is not waited for again: the session is then dead).
+bool reserve_for_child() {
+    lock_holds();
     g_fork_locked = true;
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
     msg.version = ipc::kLayoutVersion;
     ipc::ControlMessage reply{};
     const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
-    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) return;
+    if (rc == -ECONNRESET || rc == -EPIPE) {
+        // A killed engine leaves engine_alive set; its end of the control connection says it.
+        mark_session_dead();
+        g_fork_locked = false;
+        unlock_holds();
+        return false;
+    }
+    if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers))
+        return false;
     // The child holds what we hold, from this moment: if we close a socket right after fork,
     // it stays open for the child, as the kernel's reference counts keep it.
     // Every socket we hold is in a chunk we have mapped.
@@ -893,6 +1139,18 @@ void before_fork() {
         }
     }
     g_fork_member = reply.arg;
+    return true;
+}
+
+}  // namespace
+
+void before_fork() {
+    g_fork_member = -1;
+    if (g_state.load() == kActive && session_usable(false) && reserve_for_child()) return;
+    // The engine is gone: the listeners this process is to remake (remakes_listener()) are made
+    // again in the kernel before the child is, so that it inherits working ones (nginx's
+    // workers after a reload, Apache's new children).
+    if (session_dead()) recover_listeners();
 }
 
 void after_fork_in_parent() {
@@ -900,7 +1158,7 @@ void after_fork_in_parent() {
     g_fork_member = -1;
     if (g_fork_locked) {
         g_fork_locked = false;
-        pthread_mutex_unlock(&g_hold_mutex);
+        unlock_holds();
     }
 }
 
@@ -915,7 +1173,7 @@ void leave_parent_session() {
         close_internal(g_control_fd);
         close_internal(g_doorbell_fd);
         close_internal(g_memfd);
-        for (auto &holder : g_waiter_fds) close_internal(holder);
+        close_waiters();
     }
     unmap_region();
     g_state.store(kNone);
@@ -932,10 +1190,12 @@ void after_fork_in_child() {
     g_self_pid.store(getpid());
     g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
+    g_chunk_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_hold_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_fork_locked = false;
+    tl_in_holds = false;
     // The parent's waiters are its threads': ours come fresh from the engine when needed.
-    for (auto &holder : g_waiter_fds) close_internal(holder);
+    close_waiters();
     for (auto &word : g_waiter_bits) word.store(0);
     g_epoch.fetch_add(1);
     tl_waiter = -1;
@@ -945,6 +1205,12 @@ void after_fork_in_child() {
     g_fork_member = -1;
     if (g_state.load() == kActive && member > 0 && join_session(member) == 0) {
         g_member = static_cast<uint32_t>(member);
+    } else if (session_dead()) {
+        // The engine is gone: the child has the parent's sockets as the parent has them, dead
+        // (recv says ECONNRESET, a listener reports the end once), rather than EBADF, and its
+        // new sockets go to the kernel, as the parent's do.
+        close_internal(g_control_fd);
+        g_state.store(kDead);
     } else {
         leave_parent_session();
     }
@@ -973,10 +1239,10 @@ bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
     msg.type = static_cast<uint32_t>(ipc::ControlType::kReserveMember);
     msg.version = ipc::kLayoutVersion;
     ipc::ControlMessage reply{};
-    pthread_mutex_lock(&g_hold_mutex);
+    lock_holds();
     const int rc = control_exchange(msg, reply, ipc::ControlType::kReserveReply);
     if (rc != 0 || reply.arg <= 0 || reply.arg >= static_cast<int32_t>(ipc::kMaxMembers)) {
-        pthread_mutex_unlock(&g_hold_mutex);
+        unlock_holds();
         return false;
     }
     // The new image holds what it inherits, from now on (see before_fork()).
@@ -987,7 +1253,7 @@ bool vfork_handover(const uint32_t *slots, size_t count, ExecHandover &out) {
             continue;
         g_region.slot(slots[k]).holders.fetch_add(1, std::memory_order_acq_rel);
     }
-    pthread_mutex_unlock(&g_hold_mutex);
+    unlock_holds();
     const int control = dial_and_join(reply.arg);
     if (control < 0) return false;  // the reservation expires, and its holds with it
     out.control_fd = control;

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
 
 #include <atomic>
 #include <cstdint>
@@ -46,6 +48,27 @@ bool shim_init();
 
 enum ConnectState : int { kUnconnected = 0, kConnecting = 1, kConnected = 2 };
 
+// The setsockopt() calls the engine accepted for a socket, in order, kept so that a listener
+// can be made again in the kernel after the engine's end (recover_listener()). Small values
+// only (ints, linger, timevals, names up to 16 bytes); calls past the last entry are not kept.
+// Lock-free (a handler may set an option): an entry is claimed, written, then marked ready.
+struct OptionLog {
+    static constexpr uint32_t kEntries = 12;
+    static constexpr uint32_t kValueMax = 16;
+    struct Entry {
+        std::atomic<bool> ready{false};
+        int level = 0;
+        int name = 0;
+        uint32_t len = 0;
+        uint8_t value[kValueMax] = {};
+    };
+    std::atomic<uint32_t> claimed{0};
+    Entry entries[kEntries];
+
+    void clear();
+    void add(int level, int name, const void *value, uint32_t len);
+};
+
 struct Socket {
     std::atomic<uint32_t> refs{0};        // fd numbers that refer to it (dup)
     std::atomic<uint32_t> generation{0};  // bumped each time the slot becomes ours
@@ -73,6 +96,11 @@ struct Socket {
     SocketLock tx_lock;                    // send
     SocketLock request_lock;               // one control request at a time
     std::atomic<bool> tx_sleeping{false};  // the tx lock holder waits for ring space
+    // A listener's backlog and the options set on it, to make it again in the kernel if the
+    // engine goes (recover_listener()), which this process tries once by itself.
+    std::atomic<int> backlog{0};
+    OptionLog options;
+    std::atomic<bool> remake_tried{false};
 
     // Fresh state for a socket that just became ours.
     void open(int family, bool nonblock, uint32_t gen);
@@ -104,8 +132,14 @@ inline bool stale(const SocketRef &ref) {
 // Session
 
 // True when an engine session is up and alive; on the first call that asks (`create`), tries
-// to set one up (retried at most once a second after a failure). False: use the kernel.
+// to set one up (retried at most once a second after a failure). False: use the kernel, and
+// also when this thread is itself inside that setup (a signal handler interrupted it).
 bool session_usable(bool create);
+
+// This thread is inside the session's setup, a change of holds, a control request or the
+// mapping of a chunk, under a mutex that a signal handler interrupting it must not wait for: a
+// socket() there stays in the kernel.
+bool shim_locked_here();
 
 // The session is up but the engine is gone: offloaded sockets fail, new ones use the kernel.
 bool session_dead();
@@ -163,23 +197,64 @@ inline uint32_t current_mask(const SocketRef &ref) {
 enum class WaitResult { kReady, kTimeout, kInterrupted, kDead };
 enum class BlockResult { kWoken, kTimeout, kInterrupted, kDead };
 
+// Which interruptions end a wait: those that end the kernel's own wait in the same call.
+enum class Interrupt {
+    // None: the shim's own work inside a call (a control request), as the kernel's is.
+    kNever,
+    // -ERESTARTSYS: a handler installed without SA_RESTART ends it (EINTR); a handler with
+    // SA_RESTART, or a stop followed by SIGCONT, restarts it unseen. The wait blocks in read()
+    // of the waiter pipe, so the kernel applies the rule itself.
+    kUnlessRestart,
+    // -EINTR: every handler, and a stop followed by SIGCONT even with no handler, end it. The
+    // wait blocks in epoll_wait(), which the kernel never restarts after either.
+    kAlways,
+};
+
+// The rule for a blocking socket call (sk_wait_data(), sk_stream_wait_memory(),
+// inet_csk_wait_for_connect(), inet_wait_for_connect()): sock_intr_errno() restarts only a
+// wait without a timeout (SO_RCVTIMEO/SO_SNDTIMEO), and a call that has already moved bytes
+// returns their count whatever interrupted it, a stop included (signal_pending() is true for
+// SIGSTOP too). Measured natively: tests/semantics check_interrupted_send and
+// check_stop_and_continue.
+inline Interrupt socket_wait_interrupt(int64_t timeout_ns, bool moved_bytes) {
+    return timeout_ns > 0 || moved_bytes ? Interrupt::kAlways : Interrupt::kUnlessRestart;
+}
+
 // Arms this thread's waiter for `slot` (or ipc::kWaitAnySlot). False when no waiter can be
 // had (nested use from a signal handler, none left, registration failed): the caller naps.
 bool waiter_arm(uint32_t slot);
 // The armed waiter's pipe (read end), for callers that poll it together with other fds.
 int waiter_fd();
-// Sleeps until the engine signals, the deadline passes (0: none) or a signal arrives. Without
-// a deadline it blocks in read(), so the kernel's SA_RESTART rule applies; with one, in ppoll().
-BlockResult waiter_block(uint64_t deadline_ns);
+// Sleeps until the engine signals, the deadline passes (0: none) or `how` says an interruption
+// ends the sleep (kInterrupted; kNever sleeps like kUnlessRestart and leaves the retry to the
+// caller).
+BlockResult waiter_block(uint64_t deadline_ns, Interrupt how);
 // Back to idle; consumes the engine's byte if it signalled. Must follow every waiter_arm().
 void waiter_disarm();
 // A short sleep for when no waiter is available.
 void nap(uint64_t deadline_ns);
+// For epoll_wait(): an epoll instance of this thread's armed waiter holding its pipe (event
+// data 0), the application's epoll `epfd` (1) and `wake_fd` (2), kept while `key` names the
+// same registry. -1 if none can be had (the caller sleeps in ppoll()).
+int waiter_epoll_with(int epfd, int wake_fd, uint64_t key);
+// epoll_pwait2() until `deadline_ns` (0: none), or where the kernel lacks it epoll_pwait()
+// with the time left rounded up to whole ms. The result and errno are the kernel's.
+int epoll_sleep_until(int ep, epoll_event *events, int max, uint64_t deadline_ns,
+                      const sigset_t *sigmask);
 
 // Waits until `ready()` (re-checked after every wake-up), the timeout (ns; < 0 none, 0 do not
-// wait), a signal (if `interruptible`), or the engine's death.
+// wait), an interruption that `how` counts, or the engine's death. When an interruption and
+// `ready()` come together, `ready()` wins (a wait for data, a connection or a handshake looks
+// at it first), unless `interrupt_first`: sk_stream_wait_memory() looks at signal_pending()
+// before the room, so a send returns what it queued even if room has just appeared.
+//
+// An interruption is seen only while the thread sleeps in the kernel: a handler that runs, or
+// a stop that happens, while it spins (TCPS_SPIN_US) or arms its waiter is over before the
+// sleep begins, and the wait goes on. Linux would notice one that arrives after its call
+// began; closing that window would cost every wait a sigprocmask() pair.
 template <class Ready>
-WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, bool interruptible) {
+WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, Interrupt how,
+                      bool interrupt_first = false) {
     if (ready()) return WaitResult::kReady;
     if (session_dead()) return WaitResult::kDead;
     if (timeout_ns == 0) return WaitResult::kTimeout;
@@ -209,12 +284,14 @@ WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, bool int
             waiter_disarm();
             return WaitResult::kDead;
         }
-        const BlockResult blocked = waiter_block(deadline);
+        const BlockResult blocked = waiter_block(deadline, how);
         waiter_disarm();
+        const bool interrupted = blocked == BlockResult::kInterrupted && how != Interrupt::kNever;
+        if (interrupted && interrupt_first) return WaitResult::kInterrupted;
         if (ready()) return WaitResult::kReady;
         if (blocked == BlockResult::kDead || session_dead()) return WaitResult::kDead;
         if (blocked == BlockResult::kTimeout) return WaitResult::kTimeout;
-        if (blocked == BlockResult::kInterrupted && interruptible) return WaitResult::kInterrupted;
+        if (interrupted) return WaitResult::kInterrupted;
     }
 }
 
@@ -254,6 +331,16 @@ int adopt_session(const ExecHandover &from);
 // child's own descriptor table only; and what `fd` names there.
 void vfork_note(int fd, FdRef ref);
 FdRef vfork_entry(int fd);
+
+// After the engine's end, which process of the family makes listener `slot` again in the
+// kernel: the oldest one still alive among the members that held it when the engine went (the
+// region, which outlives the engine, names them and what they hold). A daemonized master
+// rather than its workers, a parent rather than a child running a CGI program.
+bool remakes_listener(uint32_t slot);
+
+// handoff.cpp: after the engine's end, every listener for which remakes_listener() names this
+// process is made again in the kernel under its descriptor numbers (recover_listener()).
+void recover_listeners();
 
 // exec.cpp: at start-up, takes over the session and sockets an exec handed to this image.
 void adopt_inherited_sockets();

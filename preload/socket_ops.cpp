@@ -175,7 +175,10 @@ long relay_socket(int domain) {
 }
 
 long op_socket(int domain, int type, int protocol) {
-    if (in_vfork_child() || !session_usable(true)) return kUseKernel;
+    // A socket() from a signal handler that interrupted this thread inside the session's setup
+    // or a hold (the first socket(), a close) would wait for the interrupted code's mutex, that
+    // is for itself: it gets a kernel socket, as a process without an engine does.
+    if (in_vfork_child() || shim_locked_here() || !session_usable(true)) return kUseKernel;
     // The new fd first: without one, Linux's socket() fails (EMFILE/ENFILE) before anything.
     const int fd = open_placeholder(type & SOCK_CLOEXEC);
     if (fd < 0) return fd;
@@ -207,10 +210,19 @@ long op_bind(SocketRef &ref, const sockaddr *addr, socklen_t len) {
 }
 
 long op_listen(SocketRef &ref, int backlog) {
+    Socket &sock = *ref.sock;
+    if (session_dead()) {
+        // The engine's kernel socket is gone with it: a listener or a bound socket is made
+        // again in the kernel, as this listen() asks (nginx calls it on a reload that changes
+        // a backlog).
+        if (!(slot_flags(ref) & (ipc::kFlagBound | ipc::kFlagListening))) return -ECONNRESET;
+        return recover_listener(ref, backlog);
+    }
     const int rc = request(ref.slot, make_request(ipc::Op::kListen, backlog));
     if (rc == 0) {
-        ref.sock->listening.store(true);
-        ref.sock->shut_rd.store(false);
+        sock.listening.store(true);
+        sock.shut_rd.store(false);
+        sock.backlog.store(backlog);
     }
     return rc;
 }
@@ -253,7 +265,7 @@ long op_connect(SocketRef &ref, const sockaddr *addr, socklen_t len) {
     };
     if (!settled()) {
         const int64_t timeout = effective_timeout(sock, sock.nonblocking.load(), false);
-        switch (wait_until(ref.slot, settled, timeout, true)) {
+        switch (wait_until(ref.slot, settled, timeout, socket_wait_interrupt(timeout, false))) {
             case WaitResult::kTimeout:
                 return error;  // EINPROGRESS/EALREADY: still connecting
             case WaitResult::kInterrupted:
@@ -301,7 +313,8 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     listener.rx_lock.lock();
     while (taken == ipc::kMaxSockets) {
         if (stale(ref)) {
-            error = -EBADF;
+            // Closed under us, or made again in the kernel after the engine's end.
+            error = session_dead() ? -ECONNABORTED : -EBADF;
             break;
         }
         if (!listener.listening.load()) {
@@ -345,7 +358,8 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
                    !listener.listening.load() || stale(ref);
         };
         waited = true;
-        const WaitResult result = wait_until(ref.slot, ready, timeout, true);
+        const WaitResult result =
+            wait_until(ref.slot, ready, timeout, socket_wait_interrupt(timeout, false));
         listener.rx_lock.lock();
         if (result == WaitResult::kTimeout) error = -EAGAIN;
         if (result == WaitResult::kInterrupted) error = -EINTR;
@@ -354,6 +368,13 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     listener.rx_lock.unlock();
     if (error != 0) {
         real(libc.close)(fd);
+        // The process that is to remake the listener, told of the engine's end, makes it again
+        // in the kernel: its next accept() takes kernel connections. Once: a call that finds it
+        // stale was asleep in it when the engine went, and reports the end as the others do.
+        if (error == -ECONNABORTED && session_dead() && !stale(ref) &&
+            !listener.remake_tried.load() && remakes_listener(ref.slot) &&
+            !listener.remake_tried.exchange(true))
+            recover_listener(ref, listener.backlog.load());
         return error;
     }
 
@@ -568,6 +589,8 @@ long op_setsockopt(SocketRef &ref, int level, int name, const void *value, sockl
     req.opt_len = std::min<uint32_t>(len, ipc::kOptMax);
     if (req.opt_len > 0) std::memcpy(req.opt, value, req.opt_len);
     const int rc = request(ref.slot, req);
+    // Kept for a listener to be made again in the kernel if the engine goes.
+    if (rc == 0) sock.options.add(level, name, value, len);
     if (rc == 0 && level == SOL_SOCKET && name == SO_LINGER && len >= sizeof(linger)) {
         linger value_linger;
         std::memcpy(&value_linger, value, sizeof(value_linger));
@@ -678,9 +701,11 @@ void socket_release(uint32_t slot) {
     ipc::SocketSlot &shm = region().slot(slot);
     // Any thread still inside a call on this socket finds it stale and gives up.
     sock.generation.fetch_add(1, std::memory_order_acq_rel);
+    // No engine: nothing to close there, and no hold that anyone counts any more.
+    if (session_dead()) return;
     // Another process of the family (a forked child, its parent) may still hold it: then
     // only our hold goes, as the kernel closes a socket with its last reference.
-    if (!unhold_socket(slot) || session_dead()) return;
+    if (!unhold_socket(slot)) return;
     // Unread bytes make Linux reset instead of closing gracefully.
     const bool unread =
         shm.rx_tail.load(std::memory_order_acquire) != shm.rx_head.load(std::memory_order_relaxed);

@@ -2,8 +2,9 @@
 # A server outlives its engine: python3 -m http.server (select/poll on its listener) preloaded,
 # serving through the engine; the engine is killed (SIGKILL, then SIGTERM with a new server).
 # The server must not spin: less than 5% of one CPU over the next second. Its listener reports
-# the end once (readable, accept() -> ECONNABORTED, which socketserver ignores) and is quiet
-# after; the server stays up.
+# the end once (readable, accept() -> ECONNABORTED, which socketserver ignores), and that
+# accept() makes the listener again in the kernel (the server is the only process holding it):
+# the server stays up and serves curl again, from a kernel listener of its own (ss).
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -37,6 +38,15 @@ for signal in KILL TERM; do
     log "http.server after the engine's end: ${percent}% of one CPU over 1 s"
     kill -0 "$server_pid" 2>/dev/null || fail "http.server died with its engine: $(cat "$dir/http-$signal.log")"
     ((${percent%.*} < 5)) || fail "http.server spins after the engine's end: ${percent}% CPU (limit 5%)"
+    # shellcheck disable=SC2317  # called by wait_until
+    served_again() {
+        [[ $(curl -sS --fail --max-time 2 "http://127.0.0.1:$port/hello.txt" 2>/dev/null) == hello ]]
+    }
+    wait_until 10 served_again || fail "http.server does not serve again after the engine's end"
+    lines=$(ss -tlnpH "( sport = :$port )")
+    grep -q "pid=$server_pid," <<<"$lines" ||
+        fail "the listener on port $port is not http.server's own kernel socket: $lines"
+    log "evidence: http.server serves again, from its own kernel listener on port $port"
     stop_pid "$server_pid"
 done
-log "engine death: http.server stayed up and idle"
+log "engine death: http.server stayed up and idle, and serves again on kernel sockets"

@@ -2,8 +2,11 @@
 # The engine's end, by SIGTERM and then by SIGKILL, seen by preloaded programs asleep on offloaded
 # sockets: a recv(), an accept() and an edge-triggered epoll_wait() all return within 3 s. Then
 # recv says ECONNRESET (or 0), send says EPIPE with one SIGPIPE (none with MSG_NOSIGNAL), the dead
-# listener reports ECONNABORTED once and is quiet after, and a new socket is a kernel socket that
-# works (the fallback). Each program checks its own side and exits 0 only if all of it held.
+# listener reports ECONNABORTED once and is quiet after, that accept() having made it again in the
+# kernel on its port (its only holder), where it accepts; a new socket is a kernel socket that
+# works (the fallback), and so is one made in a child forked after the end, where the inherited
+# socket is dead (ECONNRESET or 0) rather than EBADF. Each program checks its own side and exits
+# 0 only if all of it held.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"

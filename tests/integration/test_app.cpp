@@ -31,6 +31,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -607,6 +608,26 @@ int mode_victim_recv(uint16_t echo_port) {
         die("recv should say ECONNRESET or 0, said %zd %s", n, errno_name(error));
     check_send_after_end(fd);
     check_fallback(echo_port);
+    // A child forked after the end has the socket as its parent has it, dead, not EBADF, and
+    // its own new sockets are kernel sockets too.
+    std::fflush(stdout);
+    const pid_t child = fork();
+    if (child < 0) die("fork: %s", std::strerror(errno));
+    if (child == 0) {
+        errno = 0;
+        const ssize_t got = recv(fd, &byte, 1, MSG_DONTWAIT);
+        if (!(got == 0 || (got == -1 && errno == ECONNRESET)))
+            die("in a child forked after the end, recv should say ECONNRESET or 0, said %zd %s",
+                got, errno_name(errno));
+        say("after: a child forked after the end: recv on the inherited socket says %s",
+            got == 0 ? "0" : errno_name(ECONNRESET));
+        check_fallback(echo_port);
+        std::fflush(stdout);
+        _exit(0);
+    }
+    int status = 0;
+    if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        die("the child forked after the end failed (status 0x%x)", status);
     close(fd);
     return 0;
 }
@@ -632,6 +653,23 @@ int mode_victim_accept(const char *port_file, uint16_t echo_port) {
     if (fd != -1 || errno != EAGAIN)
         die("a second accept (O_NONBLOCK) should say EAGAIN, said %d %s", fd, errno_name(errno));
     say("after: the listener is quiet (poll 0, accept EAGAIN)");
+    // This process is the only one holding it: the accept() that reported the end made it
+    // again in the kernel, on the same port, and it takes connections.
+    const std::string target = fd_target(listener);
+    if (target.rfind("socket:", 0) != 0)
+        die("the listener was not made again in the kernel: %s", target.c_str());
+    sockaddr_in addr{};
+    socklen_t len = sizeof(addr);
+    if (getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) != 0)
+        die("getsockname on the remade listener: %s", std::strerror(errno));
+    const int client = connect_to(ntohs(addr.sin_port));
+    pollfd ready{listener, POLLIN, 0};
+    if (poll(&ready, 1, kWaitSeconds * 1000) != 1) die("the remade listener reports no connection");
+    fd = accept(listener, nullptr, nullptr);
+    if (fd < 0) die("accept on the remade listener: %s", std::strerror(errno));
+    close(fd);
+    close(client);
+    say("after: the listener is a kernel socket again on its port and accepts");
     check_fallback(echo_port);
     close(listener);
     return 0;

@@ -418,12 +418,16 @@ bool send_text(int fd, const std::string &text) {
 
 std::atomic<int> g_sigpipe_count{0};
 std::atomic<int> g_sigusr1_count{0};
+std::atomic<int> g_sigusr2_count{0};
 
 void count_sigpipe(int) {
     g_sigpipe_count.fetch_add(1);
 }
 void count_sigusr1(int) {
     g_sigusr1_count.fetch_add(1);
+}
+void count_sigusr2(int) {
+    g_sigusr2_count.fetch_add(1);
 }
 
 void install(int sig, void (*handler)(int), bool restart) {
@@ -434,10 +438,12 @@ void install(int sig, void (*handler)(int), bool restart) {
     sigaction(sig, &action, nullptr);
 }
 
-// The state letter of a thread of this process ('S' while it sleeps in a blocking call).
-char thread_state(pid_t tid) {
+// The state letter of thread `tid` of process `pid` ('S' while it sleeps in a blocking call,
+// 'T' while stopped).
+char task_state(pid_t pid, pid_t tid) {
     char path[64];
-    std::snprintf(path, sizeof(path), "/proc/self/task/%d/stat", static_cast<int>(tid));
+    std::snprintf(path, sizeof(path), "/proc/%d/task/%d/stat", static_cast<int>(pid),
+                  static_cast<int>(tid));
     FILE *file = std::fopen(path, "r");
     if (!file) return '?';
     char buf[512] = {};
@@ -448,6 +454,10 @@ char thread_state(pid_t tid) {
     return paren && paren[1] == ' ' ? paren[2] : '?';
 }
 
+char thread_state(pid_t tid) {
+    return task_state(getpid(), tid);
+}
+
 bool wait_thread_sleeping(pid_t tid) {
     const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
     while (ms_left(deadline) > 0) {
@@ -455,6 +465,117 @@ bool wait_thread_sleeping(pid_t tid) {
         usleep(1000);
     }
     return false;
+}
+
+// A process cannot continue itself once stopped: a helper forked at the start (before any TCP
+// socket, while this process has one thread) stops it with SIGSTOP and, once its main thread
+// shows it is stopped, continues it with SIGCONT, on request.
+struct Stopper {
+    int command = -1;
+    int done = -1;
+    pid_t pid = -1;
+};
+Stopper g_stopper;
+
+void start_stopper() {
+    int command[2], done[2];
+    if (pipe2(command, O_CLOEXEC) != 0 || pipe2(done, O_CLOEXEC) != 0) std::exit(2);
+    const pid_t parent = getpid();
+    const pid_t pid = fork();
+    if (pid < 0) std::exit(2);
+    if (pid == 0) {
+        close(command[1]);
+        close(done[0]);
+        char byte;
+        while (read(command[0], &byte, 1) == 1) {
+            kill(parent, SIGSTOP);
+            const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+            while (task_state(parent, parent) != 'T' && ms_left(deadline) > 0) usleep(1000);
+            kill(parent, SIGCONT);
+            if (write(done[1], &byte, 1) != 1) break;
+        }
+        _exit(0);
+    }
+    close(command[0]);
+    close(done[1]);
+    g_stopper = {command[1], done[0], pid};
+}
+
+void end_stopper() {
+    close(g_stopper.command);  // EOF: it exits
+    close(g_stopper.done);
+    waitpid(g_stopper.pid, nullptr, 0);
+}
+
+// SIGSTOP, then SIGCONT once the main thread is stopped. Called from a helper thread: it
+// stops too, and goes on after SIGCONT.
+void stop_and_continue() {
+    char byte = 's';
+    if (write(g_stopper.command, &byte, 1) != 1) return;
+    pollfd entry{g_stopper.done, POLLIN, 0};
+    if (poll(&entry, 1, kWaitMs) == 1) (void)!read(g_stopper.done, &byte, 1);
+}
+
+// How often a helper interrupts a call: once (the call must go on, restarted), or each time
+// it finds the call asleep until the call returns (within kWaitMs). The shim sees an
+// interruption only while the thread sleeps in the kernel, and a call that moves bytes wakes
+// now and then to move more: it is asleep again within moments (docs/architecture.md,
+// "Waiting and waking"). Linux's first interruption ends such a call.
+enum class Times { kOnce, kUntilReturned };
+
+bool wait_returned(const std::atomic<bool> &returned, int timeout_ms) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!returned.load() && ms_left(deadline) > 0) usleep(1000);
+    return returned.load();
+}
+
+// Runs `call` on this thread while a helper thread waits until this one sleeps in it, runs
+// `interrupt` (`times`), then `after(returned, tid)`, which must see that the call ends.
+// Returns what the call returned, with its errno.
+template <class Call, class Interrupt, class After>
+long run_interrupted(Times times, Call &&call, Interrupt &&interrupt, After &&after) {
+    const pid_t tid = static_cast<pid_t>(syscall(SYS_gettid));
+    std::atomic<bool> returned{false};
+    std::thread helper([&] {
+        if (times == Times::kOnce) {
+            if (wait_thread_sleeping(tid) && !returned.load()) interrupt();
+        } else {
+            const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+            while (!returned.load() && ms_left(deadline) > 0) {
+                if (thread_state(tid) == 'S' && !returned.load()) {
+                    interrupt();
+                    wait_returned(returned, 100);
+                } else {
+                    usleep(1000);
+                }
+            }
+        }
+        after(returned, tid);
+    });
+    const long n = call();
+    const int error = errno;
+    returned = true;
+    helper.join();
+    errno = error;
+    return n;
+}
+
+// For a call that the interruption must end: if it is still running kWaitMs later, SIGUSR2
+// (a handler without SA_RESTART) ends it, and g_sigusr2_count says that it took that.
+void end_if_stuck(const std::atomic<bool> &returned, pthread_t thread) {
+    if (wait_returned(returned, kWaitMs)) return;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (!returned.load() && ms_left(deadline) > 0) {
+        pthread_kill(thread, SIGUSR2);
+        wait_returned(returned, 100);
+    }
+}
+
+// For a call that the interruption must not end: once it sleeps again (restarted), `unblock`.
+template <class Unblock>
+void after_restart(const std::atomic<bool> &returned, pid_t tid, Unblock &&unblock) {
+    if (wait_thread_sleeping(tid) && !returned.load()) unblock();
+    wait_returned(returned, kWaitMs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1037,6 +1158,271 @@ void check_eintr(const Family &family) {
         yes(g_sigusr1_count.load() > 0));
     install(SIGUSR1, SIG_DFL, false);
     pair.close_both();
+}
+
+// What the peer of a connection receives until EOF (bounded), in bytes.
+size_t count_until_eof(int fd) {
+    std::vector<char> buf(1 << 16);
+    size_t total = 0;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(4 * kWaitMs);
+    while (ms_left(deadline) > 0) {
+        if (!(wait_events(fd, POLLIN, ms_left(deadline)) & (POLLIN | POLLHUP | POLLERR))) break;
+        const ssize_t got = recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+        if (got == 0) break;
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue;
+            break;
+        }
+        total += static_cast<size_t>(got);
+    }
+    return total;
+}
+
+// Reads what is there on `fd` until `returned` (bounded), in bytes.
+size_t drain_until(int fd, const std::atomic<bool> &returned) {
+    std::vector<char> buf(1 << 16);
+    size_t total = 0;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(4 * kWaitMs);
+    while (!returned.load() && ms_left(deadline) > 0) {
+        const ssize_t got = recv(fd, buf.data(), buf.size(), MSG_DONTWAIT);
+        if (got > 0)
+            total += static_cast<size_t>(got);
+        else if (got == 0)
+            break;
+        else
+            wait_events(fd, POLLIN, 10);
+    }
+    return total;
+}
+
+// Queues bytes on `fd` until the connection takes no more: send() says EAGAIN for every size
+// down to one byte, and no room appears within 200 ms.
+void fill_until_full(int fd) {
+    std::vector<char> chunk(65536, 'f');
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs * 4);
+    for (bool took_more = true; took_more && ms_left(deadline) > 0;) {
+        took_more = false;
+        for (size_t size : {size_t{65536}, size_t{4096}, size_t{256}, size_t{16}, size_t{1}})
+            while (send(fd, chunk.data(), size, MSG_DONTWAIT | MSG_NOSIGNAL) > 0) took_more = true;
+        if (wait_events(fd, POLLOUT, 200) & POLLOUT) took_more = true;
+    }
+}
+
+std::string send_outcome(long n, size_t asked) {
+    if (n < 0) return rc(n);
+    return static_cast<size_t>(n) == asked ? "all" : n > 0 ? "partial" : "0";
+}
+
+// A blocking send of more than the connection takes, interrupted while it waits for room: Linux
+// returns the count queued so far whatever the handler's SA_RESTART and SO_SNDTIMEO say
+// (sk_stream_wait_memory(), then "copied" wins), and EINTR only when nothing was queued, where
+// SA_RESTART restarts the call unless SO_SNDTIMEO is set.
+void check_interrupted_send(const Family &family) {
+    const pthread_t self = pthread_self();
+    const size_t big = 64u << 20;  // far more than both ends' buffers (and the rings) hold
+    static const std::vector<char> data(big, 'b');
+    install(SIGUSR2, count_sigusr2, false);
+    struct Case {
+        const char *name;
+        bool restart;
+        bool sndtimeo;
+    };
+    for (const Case &c : {Case{"handler with SA_RESTART", true, false},
+                          Case{"handler without SA_RESTART", false, false},
+                          Case{"handler with SA_RESTART, SO_SNDTIMEO 60 s", true, true}}) {
+        install(SIGUSR1, count_sigusr1, c.restart);
+        Pair pair = connected_pair(family);
+        timeval minute{60, 0};
+        if (c.sndtimeo) setsockopt(pair.client, SOL_SOCKET, SO_SNDTIMEO, &minute, sizeof(minute));
+        g_sigusr1_count = 0;
+        size_t drained = 0;
+        // The peer reads only if the call goes on for kWaitMs: then it completes ("all").
+        const long n = run_interrupted(
+            Times::kUntilReturned,
+            [&] { return static_cast<long>(send(pair.client, data.data(), big, 0)); },
+            [&] { pthread_kill(self, SIGUSR1); },
+            [&](const std::atomic<bool> &returned, pid_t) {
+                if (!wait_returned(returned, kWaitMs)) drained = drain_until(pair.server, returned);
+            });
+        const int error = errno;
+        shutdown(pair.client, SHUT_WR);
+        const size_t received = drained + count_until_eof(pair.server);
+        errno = error;
+        say("interrupted send of 64 MiB, %s: send=%s, the peer gets the bytes it counted=%s, "
+            "handler ran=%s",
+            c.name, send_outcome(n, big).c_str(), yes(n >= 0 && received == static_cast<size_t>(n)),
+            yes(g_sigusr1_count.load() > 0));
+        pair.close_both();
+    }
+
+    // Nothing queued yet: a one-byte send on a connection that takes nothing more.
+    for (const Case &c : {Case{"handler with SA_RESTART", true, false},
+                          Case{"handler without SA_RESTART", false, false},
+                          Case{"handler with SA_RESTART, SO_SNDTIMEO 60 s", true, true}}) {
+        install(SIGUSR1, count_sigusr1, c.restart);
+        Pair pair = connected_pair(family);
+        timeval minute{60, 0};
+        if (c.sndtimeo) setsockopt(pair.client, SOL_SOCKET, SO_SNDTIMEO, &minute, sizeof(minute));
+        long n = 0;
+        // A send that found room after all did not wait: fill again (a few times at most).
+        for (int attempt = 0; attempt < 5; ++attempt) {
+            fill_until_full(pair.client);
+            g_sigusr1_count = 0;
+            g_sigusr2_count = 0;
+            n = run_interrupted(
+                c.restart && !c.sndtimeo ? Times::kOnce : Times::kUntilReturned,
+                [&] { return static_cast<long>(send(pair.client, "x", 1, 0)); },
+                [&] { pthread_kill(self, SIGUSR1); },
+                [&](const std::atomic<bool> &returned, pid_t tid) {
+                    if (!c.restart || c.sndtimeo) return end_if_stuck(returned, self);
+                    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+                    while (g_sigusr1_count.load() == 0 && !returned.load() && ms_left(deadline) > 0)
+                        usleep(1000);
+                    after_restart(returned, tid, [&] { drain_until(pair.server, returned); });
+                });
+            if (g_sigusr1_count.load() > 0) break;
+        }
+        say("interrupted one-byte send with nothing queued, %s: send=%s, handler ran=%s, "
+            "needed another signal=%s",
+            c.name, rc(n).c_str(), yes(g_sigusr1_count.load() > 0),
+            yes(g_sigusr2_count.load() > 0));
+        pair.close_both();
+    }
+    install(SIGUSR1, SIG_DFL, false);
+    install(SIGUSR2, SIG_DFL, false);
+}
+
+// A process stopped (SIGSTOP) and continued (SIGCONT), with no handler for either: Linux
+// restarts most sleeping calls unseen, but not epoll_wait() and not socket calls under
+// SO_RCVTIMEO/SO_SNDTIMEO (EINTR), and a call that has moved bytes returns their count
+// (signal(7), "Interruption of system calls and library functions by stop signals").
+void check_stop_and_continue(const Family &family) {
+    const pthread_t self = pthread_self();
+    install(SIGUSR2, count_sigusr2, false);
+    Pair pair = connected_pair(family);
+    char buf[16] = {};
+    auto stuck = [&](const std::atomic<bool> &returned, pid_t) { end_if_stuck(returned, self); };
+    auto report = [&](const char *what, long n) {
+        say("stop and SIGCONT: %s=%s, needed another signal=%s", what, rc(n).c_str(),
+            yes(g_sigusr2_count.load() > 0));
+        g_sigusr2_count = 0;
+    };
+    g_sigusr2_count = 0;
+
+    long n = run_interrupted(
+        Times::kOnce, [&] { return static_cast<long>(recv(pair.client, buf, sizeof(buf), 0)); },
+        stop_and_continue,
+        [&](const std::atomic<bool> &returned, pid_t tid) {
+            after_restart(returned, tid, [&] { send_text(pair.server, "r"); });
+        });
+    report("blocking recv (data sent after the restart)", n);
+
+    timeval minute{60, 0}, zero{0, 0};
+    setsockopt(pair.client, SOL_SOCKET, SO_RCVTIMEO, &minute, sizeof(minute));
+    n = run_interrupted(
+        Times::kUntilReturned,
+        [&] { return static_cast<long>(recv(pair.client, buf, sizeof(buf), 0)); },
+        stop_and_continue, stuck);
+    report("recv under SO_RCVTIMEO 60 s", n);
+    setsockopt(pair.client, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof(zero));
+
+    send_text(pair.server, "ab");
+    wait_available(pair.client, 2);
+    n = run_interrupted(
+        Times::kUntilReturned,
+        [&] { return static_cast<long>(recv(pair.client, buf, sizeof(buf), MSG_WAITALL)); },
+        stop_and_continue, stuck);
+    report("recv(MSG_WAITALL) of 16 with 2 bytes in", n);
+
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    epoll_event event{};
+    event.events = EPOLLIN;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.client, &event);
+    n = run_interrupted(
+        Times::kUntilReturned, [&] { return static_cast<long>(epoll_wait(ep, &event, 1, -1)); },
+        stop_and_continue, stuck);
+    report("epoll_wait(-1) on an idle socket", n);
+    n = run_interrupted(
+        Times::kUntilReturned, [&] { return static_cast<long>(epoll_wait(ep, &event, 1, 60'000)); },
+        stop_and_continue, stuck);
+    report("epoll_wait(60 s) on an idle socket", n);
+    close(ep);
+
+    pollfd entry{pair.client, POLLIN, 0};
+    n = run_interrupted(
+        Times::kOnce, [&] { return static_cast<long>(poll(&entry, 1, -1)); }, stop_and_continue,
+        [&](const std::atomic<bool> &returned, pid_t tid) {
+            after_restart(returned, tid, [&] { send_text(pair.server, "p"); });
+        });
+    report("poll(-1) (data sent after the restart)", n);
+    recv(pair.client, buf, sizeof(buf), MSG_DONTWAIT);
+
+    const int lfd = listener(family);
+    const uint16_t port = local_port(lfd);
+    int late = -1;
+    n = run_interrupted(
+        Times::kOnce, [&] { return static_cast<long>(accept(lfd, nullptr, nullptr)); },
+        stop_and_continue,
+        [&](const std::atomic<bool> &returned, pid_t tid) {
+            after_restart(returned, tid, [&] { late = connect_to(family, port); });
+        });
+    say("stop and SIGCONT: blocking accept (a connection made after the restart)=%s",
+        n >= 0 ? "a connection" : rc(n).c_str());
+    if (n >= 0) close(static_cast<int>(n));
+    if (late >= 0) close(late);
+    setsockopt(lfd, SOL_SOCKET, SO_RCVTIMEO, &minute, sizeof(minute));
+    n = run_interrupted(
+        Times::kUntilReturned, [&] { return static_cast<long>(accept(lfd, nullptr, nullptr)); },
+        stop_and_continue, stuck);
+    report("accept under SO_RCVTIMEO 60 s", n);
+    close(lfd);
+    pair.close_both();
+
+    // Sends: bytes queued make the call return their count; with none, a restart, unless
+    // SO_SNDTIMEO is set.
+    const size_t big = 64u << 20;
+    static const std::vector<char> data(big, 'c');
+    pair = connected_pair(family);
+    size_t drained = 0;
+    n = run_interrupted(
+        Times::kUntilReturned,
+        [&] { return static_cast<long>(send(pair.client, data.data(), big, 0)); },
+        stop_and_continue,
+        [&](const std::atomic<bool> &returned, pid_t) {
+            if (!wait_returned(returned, kWaitMs)) drained = drain_until(pair.server, returned);
+        });
+    shutdown(pair.client, SHUT_WR);
+    const size_t received = drained + count_until_eof(pair.server);
+    say("stop and SIGCONT: send of 64 MiB=%s, the peer gets the bytes it counted=%s",
+        send_outcome(n, big).c_str(), yes(n >= 0 && received == static_cast<size_t>(n)));
+    pair.close_both();
+
+    for (bool sndtimeo : {false, true}) {
+        pair = connected_pair(family);
+        if (sndtimeo) setsockopt(pair.client, SOL_SOCKET, SO_SNDTIMEO, &minute, sizeof(minute));
+        std::atomic<bool> stopped{false};
+        for (int attempt = 0; attempt < 5 && !stopped.load(); ++attempt) {
+            fill_until_full(pair.client);
+            g_sigusr2_count = 0;
+            n = run_interrupted(
+                sndtimeo ? Times::kUntilReturned : Times::kOnce,
+                [&] { return static_cast<long>(send(pair.client, "x", 1, 0)); },
+                [&] {
+                    stop_and_continue();
+                    stopped = true;
+                },
+                [&](const std::atomic<bool> &returned, pid_t tid) {
+                    if (!stopped.load()) return;
+                    if (sndtimeo) return end_if_stuck(returned, self);
+                    after_restart(returned, tid, [&] { drain_until(pair.server, returned); });
+                });
+        }
+        report(sndtimeo ? "one-byte send with nothing queued, SO_SNDTIMEO 60 s"
+                        : "one-byte send with nothing queued (the peer reads after the restart)",
+               n);
+        pair.close_both();
+    }
+    install(SIGUSR2, SIG_DFL, false);
 }
 
 void check_options(const Family &family) {
@@ -2662,6 +3048,7 @@ int main(int argc, char **argv) {
     }
     setvbuf(stdout, nullptr, _IOLBF, 0);
     install(SIGPIPE, count_sigpipe, true);
+    start_stopper();  // while this process has one thread
 
     // A stuck call must not hang the test run: give up loudly after two minutes.
     std::thread([] {
@@ -2697,6 +3084,8 @@ int main(int argc, char **argv) {
         check_names(family);
         check_timeouts(family);
         check_eintr(family);
+        check_interrupted_send(family);
+        check_stop_and_continue(family);
         check_options(family);
         check_cork_and_nodelay(family);
         check_ioctls_and_fcntl(family);
@@ -2723,6 +3112,7 @@ int main(int argc, char **argv) {
     check_passthrough();
 
     const int status = check_keepers(keepers, expect_offload);
+    end_stopper();
     std::fflush(stdout);
     return status;
 }

@@ -18,6 +18,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -694,6 +695,105 @@ TEST_CASE("a blocking recv: EINTR without SA_RESTART, restarted with it") {
     sigaction(SIGUSR1, &old, nullptr);
 }
 
+namespace {
+
+// The child of the case below (--socket-in-handler REPORT_FD): its first TCP socket() sets up
+// a session with the engine that TCPS_ENGINE_SOCKET names, and SIGUSR1's handler opens another
+// socket. It reports on REPORT_FD: 'h' when the handler's socket() returned a descriptor ('H'
+// when it failed), then 'm' for the first socket() ('M').
+int g_report_fd = -1;
+
+int socket_in_handler_child(int report_fd) {
+    g_report_fd = report_fd;
+    struct sigaction action {};
+    action.sa_handler = [](int) {
+        const int saved = errno;
+        const int fd = socket(AF_INET, SOCK_STREAM, 0);
+        const char word = fd >= 0 ? 'h' : 'H';
+        if (write(g_report_fd, &word, 1) != 1) _exit(3);
+        if (fd >= 0) close(fd);
+        errno = saved;
+    };
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGUSR1, &action, nullptr);
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    const char word = fd >= 0 ? 'm' : 'M';
+    return write(report_fd, &word, 1) == 1 ? 0 : 3;
+}
+
+// One byte from `fd` within the bound, or 0.
+char read_word(int fd) {
+    char word = 0;
+    if (!(wait_events(fd, POLLIN) & POLLIN) || read(fd, &word, 1) != 1) return 0;
+    return word;
+}
+
+}  // namespace
+
+TEST_CASE("socket() in a handler that interrupts the first socket()'s engine setup returns") {
+    // Natively there is no setup to interrupt.
+    if (!expect_offload()) return;
+    // A stand-in engine: it takes the child's hello and signals the child while the child waits
+    // for the reply inside its first socket(), holding the setup lock; then it hangs up, so
+    // that the first socket() too ends up in the kernel.
+    char dir[] = "/tmp/tcps-e2e-setup-XXXXXX";
+    REQUIRE(mkdtemp(dir) != nullptr);
+    const std::string path = std::string(dir) + "/engine.sock";
+    Fd engine(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", path.c_str());
+    REQUIRE(bind(engine.get(), reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0);
+    REQUIRE(listen(engine.get(), 1) == 0);
+
+    int report[2];
+    REQUIRE(pipe2(report, O_CLOEXEC) == 0);
+    Fd report_read(report[0]);
+    const int child_end = fcntl(report[1], F_DUPFD, 10);  // inherited: no FD_CLOEXEC
+    close(report[1]);
+    REQUIRE(child_end >= 0);
+    const std::string report_arg = std::to_string(child_end);
+    const std::string engine_var = "TCPS_ENGINE_SOCKET=" + path;
+    std::vector<char *> env;
+    for (char **var = environ; *var; ++var)
+        if (std::strncmp(*var, "TCPS_ENGINE_SOCKET=", 19) != 0) env.push_back(*var);
+    env.push_back(const_cast<char *>(engine_var.c_str()));
+    env.push_back(nullptr);
+    char *argv[] = {const_cast<char *>("/proc/self/exe"), const_cast<char *>("--socket-in-handler"),
+                    const_cast<char *>(report_arg.c_str()), nullptr};
+    pid_t pid = -1;
+    REQUIRE(posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv, env.data()) == 0);
+    close(child_end);
+
+    REQUIRE((wait_events(engine.get(), POLLIN) & POLLIN) != 0);
+    Fd control(accept4(engine.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    REQUIRE(control.get() >= 0);
+    char hello[512];
+    REQUIRE((wait_events(control.get(), POLLIN) & POLLIN) != 0);
+    CHECK(recv(control.get(), hello, sizeof(hello), 0) > 0);
+    kill(pid, SIGUSR1);
+    // The handler's socket() returns while the setup it interrupted still waits for us.
+    const char handler = read_word(report_read.get());
+    CHECK(handler == 'h');
+    control.reset();
+    const char first = handler ? read_word(report_read.get()) : 0;
+    CHECK(first == 'm');
+
+    int status = -1;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kTimeoutMs);
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+        if (Clock::now() >= deadline) {  // stuck: in the deadlock this case is about
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+    unlink(path.c_str());
+    rmdir(dir);
+}
+
 TEST_CASE("a dup'ed fd shares the socket; the connection ends with the last close") {
     Pair p = make_pair();
     Fd copy(dup(p.server.get()));
@@ -1108,6 +1208,8 @@ int run_offloaded(const char *engine, const char *lib, char **argv) {
 }  // namespace
 
 int main(int argc, char **argv) {
+    if (argc == 3 && std::strcmp(argv[1], "--socket-in-handler") == 0)
+        return socket_in_handler_child(std::atoi(argv[2]));
     const char *engine = std::getenv("TCPS_TEST_ENGINE");
     const char *lib = std::getenv("TCPS_TEST_LIB");
     if (engine && lib && !std::getenv("TCPS_TEST_CHILD")) return run_offloaded(engine, lib, argv);
