@@ -6,6 +6,8 @@
 // Raises RLIMIT_NOFILE to fit (needs root past the hard limit). Prints one line per phase;
 // exits 1 with the reason on the first failure, 3 if its sockets were kernel sockets while
 // --expect-offload was given.
+//
+//   many_connections N [--expect-offload [GO_FILE]]
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -67,6 +69,9 @@ bool recv_all(int fd, void *data, size_t len) {
 int main(int argc, char **argv) {
     const long n = argc > 1 ? std::strtol(argv[1], nullptr, 10) : 100000;
     const bool expect_offload = argc > 2 && std::string(argv[2]) == "--expect-offload";
+    // With a third argument: after connecting, wait (60 s at most) for that file to exist, so
+    // that a script can look at the connections while they are all open.
+    const char *go_file = argc > 3 ? argv[3] : nullptr;
     if (n <= 0 || n > 400000) die("N must be 1..400000");
     alarm(600);  // a bound on the whole run, whatever happens
 
@@ -146,6 +151,10 @@ int main(int argc, char **argv) {
         return 3;
     }
 
+    if (go_file) {
+        for (int k = 0; k < 6000 && access(go_file, F_OK) != 0; ++k) usleep(10'000);
+        if (access(go_file, F_OK) != 0) die("the go file never appeared");
+    }
     const auto exchange = std::chrono::steady_clock::now();
     for (size_t i = 0; i < clients.size(); ++i) {
         const int flags = fcntl(clients[i], F_GETFL);

@@ -20,7 +20,8 @@ if [[ $hard != unlimited ]] && ! (ulimit -Hn $((2 * n + 512)) 2>/dev/null); then
 fi
 start_engine
 out=$TCPS_TEST_DIR/many.out
-"${PRELOAD[@]}" "$MANY_CONNECTIONS" "$n" --expect-offload >"$out" 2>&1 &
+go=$TCPS_TEST_DIR/go
+"${PRELOAD[@]}" "$MANY_CONNECTIONS" "$n" --expect-offload "$go" >"$out" 2>&1 &
 app=$!
 track "$app"
 wait_for_line 300 "$out" "^connected" || fail "no connections: $(cat "$out")"
@@ -31,6 +32,7 @@ app_sockets=$(ss -tanpH | grep -c "pid=$app," || true)
 log "ss: $engine_sockets established sockets are tcpsd's, $app_sockets the program's"
 ((engine_sockets >= 2 * n)) || fail "the engine holds $engine_sockets of $((2 * n)) sockets"
 ((app_sockets == 0)) || fail "the program holds $app_sockets kernel sockets"
+: >"$go"  # the program goes on: numbers through every connection, then closes
 status=0
 wait_pid "$app" 300 || status=$?
 cat "$out"
