@@ -113,6 +113,15 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
         case ipc::Op::kIoctl:
             result = op_ioctl(s, i, req);
             break;
+        case ipc::Op::kPastMark:
+            result = op_past_mark(s, i);
+            break;
+        case ipc::Op::kRecvOob: {
+            uint8_t out[1];
+            uint32_t out_len = 0;
+            result = op_recv_oob(s, i, req, out, out_len);
+            return respond(s, i, req_seq, result, out, out_len);
+        }
         default:
             result = -EINVAL;
             break;
@@ -382,6 +391,23 @@ int Worker::op_ioctl(Session &s, uint32_t i, const ipc::Request &req) {
     int value = 0;
     if (ioctl(s.slots[i].fd, request, &value) != 0) return -errno;
     return value;
+}
+
+// recv(MSG_OOB) is the kernel socket's: it knows whether urgent data is there, read, inline,
+// or not yet come, and answers as Linux does.
+int Worker::op_recv_oob(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
+                        uint32_t &out_len) {
+    EngineSlot &es = s.slots[i];
+    const int flags = MSG_OOB | MSG_DONTWAIT | (req.arg0 & (MSG_PEEK | MSG_TRUNC));
+    uint8_t byte = 0;
+    const ssize_t n = recv(es.fd, &byte, req.arg1 > 0 ? 1 : 0, flags);
+    if (n < 0) return -errno;
+    if (n == 1) {
+        out[0] = byte;
+        out_len = 1;
+    }
+    look_for_urgent_mark(s, i);  // the byte taken: POLLPRI goes
+    return static_cast<int>(n);
 }
 
 }  // namespace tcps::engine

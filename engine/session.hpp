@@ -50,6 +50,17 @@ struct EngineSlot {
 
     uint32_t applied_posted = 0;  // the SocketSlot::posted bits applied to fd
 
+    // send(MSG_OOB): the tx position just past the urgent byte, while not yet sent.
+    uint32_t urgent_tail = 0;
+    bool urgent_pending = false;
+    // The client wants urgent data watched (kPostedUrgentWatch): a POLLPRI poll is kept
+    // posted, and each receive looks whether it stopped at the urgent mark.
+    bool urgent_watch = false;
+    bool urgent_posted = false;
+    bool recv_polling = false;  // the posted kRecv is a POLLIN poll: we read by hand
+    bool urgent_stop = false;   // stopped at the urgent mark (kFlagUrgentStop)
+    bool past_mark_ok = false;  // the client asked to go past it (kPastMark)
+
     uint32_t send_len = 0;  // bytes of the send in flight
     uint16_t inflight = 0;  // SQEs whose completion refers to this slot
     bool recv_posted = false;

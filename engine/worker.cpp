@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -304,11 +305,20 @@ void Worker::process_slot(Session &s, uint32_t i) {
 void Worker::apply_client_state(Session &s, uint32_t i) {
     const ipc::SocketSlot &slot = s.region.slot(i);
     const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
+    // Before tx_tail: the client stores it after the bytes it marks.
+    const uint32_t urgent_tail = slot.urgent_tail.load(std::memory_order_acquire);
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
     EngineSlot &es = s.slots[i];
     if (posted != es.applied_posted) apply_posted_options(s, i, posted);
+    // An urgent byte among the bytes queued and not sent: any other value (a stale one, or
+    // garbage) marks nothing.
+    if (urgent_tail != es.urgent_tail && urgent_tail - es.tx_head - 1 < tx_tail - es.tx_head &&
+        tx_tail - es.tx_head <= ipc::kTxRingBytes) {
+        es.urgent_tail = urgent_tail;
+        es.urgent_pending = true;
+    }
     apply_client_indices(s, i, tx_tail, rx_head, acc_head);
     if (s.ending) return;
     const uint32_t shut = posted & ~es.applied_posted & (ipc::kPostedShutRd | ipc::kPostedShutWr);
@@ -332,6 +342,12 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
     // The cork last: clearing it pushes what is queued, with TCP_NODELAY already as wanted.
     apply(ipc::kPostedNoDelaySet, ipc::kPostedNoDelay, TCP_NODELAY);
     apply(ipc::kPostedCorkSet, ipc::kPostedCork, TCP_CORK);
+    if ((posted & ipc::kPostedUrgentWatch) && !es.urgent_watch) {
+        es.applied_posted |= ipc::kPostedUrgentWatch;
+        es.urgent_watch = true;
+        look_for_urgent_mark(s, i);
+        post_urgent_watch(s, i);
+    }
 }
 
 void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
@@ -433,7 +449,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kSend:
         case Kind::kAccept:
         case Kind::kConnect:
-        case Kind::kWatch: {
+        case Kind::kWatch:
+        case Kind::kUrgent: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
             if ((es.gen & kGenMask) != gen) {
@@ -446,6 +463,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kAccept) on_accept(s, i, res);
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
+            if (kind == Kind::kUrgent) on_urgent(s, i, res, more);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
@@ -536,6 +554,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.accept_posted) cancel(*s, item.slot, Kind::kAccept);
                 if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
                 if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
+                if (es.urgent_posted) cancel(*s, item.slot, Kind::kUrgent);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -548,6 +567,7 @@ void Worker::housekeeping(uint64_t now) {
         post_send(*s, item.slot);
         post_accept(*s, item.slot);
         if (es.flags & ipc::kFlagRxEof) post_watch(*s, item.slot);
+        post_urgent_watch(*s, item.slot);
     }
 }
 
@@ -650,6 +670,20 @@ void Worker::post_recv(Session &s, uint32_t i) {
         if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) return;
     }
     if (es.flags & ipc::kFlagRxPaused) publish_flags(s, i, es.flags & ~ipc::kFlagRxPaused);
+    if (es.urgent_watch) {
+        // We read by hand when the socket is readable (receive_by_hand); at the urgent mark,
+        // only to say that there is something past it.
+        if (es.urgent_stop &&
+            (s.region.slot(i).kernel_mask.load(std::memory_order_relaxed) & POLLIN))
+            return;
+        io_uring_sqe *sqe = get_sqe();
+        if (!sqe) return schedule(s, i);
+        io_uring_prep_poll_add(sqe, es.fd, POLLIN);
+        track_op(s, i, sqe, Kind::kRecv);
+        es.recv_posted = true;
+        es.recv_polling = true;
+        return;
+    }
     const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
     const uint32_t offset = es.rx_tail & kRxMask;
     const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
@@ -660,10 +694,81 @@ void Worker::post_recv(Session &s, uint32_t i) {
     es.recv_posted = true;
 }
 
+void Worker::stop_at_urgent_mark(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
+    es.urgent_stop = true;
+    slot.urgent_mark.store(es.rx_tail, std::memory_order_relaxed);
+    update_kernel_mask(s, i);
+    publish_flags(s, i, es.flags | ipc::kFlagUrgentMark | ipc::kFlagUrgentStop);
+    bump_event(s, i);
+}
+
+void Worker::receive_by_hand(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
+    bool moved = false;
+    for (int round = 0; round < 16 && !es.urgent_stop; ++round) {
+        const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
+        if (free_bytes == 0) break;  // post_recv() pauses
+        // Before each read: a read at the mark would pass it, and the kernel would forget the
+        // urgent byte; Linux's recv() stops there, so do we, unless told to go on.
+        int at_mark = 0;
+        if (ioctl(es.fd, SIOCATMARK, &at_mark) == 0 && at_mark) {
+            if (!es.past_mark_ok) {
+                stop_at_urgent_mark(s, i);
+                break;
+            }
+            es.past_mark_ok = false;
+        }
+        const uint32_t offset = es.rx_tail & kRxMask;
+        const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
+        const ssize_t n = recv(es.fd, s.region.rx_ring(i) + offset, len, MSG_DONTWAIT);
+        if (n > 0) {
+            es.rx_tail += static_cast<uint32_t>(n);
+            stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
+            moved = true;
+            continue;
+        }
+        if (moved) slot.rx_tail.store(es.rx_tail, std::memory_order_release);
+        if (n == 0) return on_recv(s, i, 0);
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return on_recv(s, i, -errno);
+    }
+    if (moved) {
+        slot.rx_tail.store(es.rx_tail, std::memory_order_release);
+        bump_event(s, i);
+    }
+    look_for_urgent_mark(s, i);
+    post_recv(s, i);
+}
+
+int Worker::op_past_mark(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.urgent_stop) return 0;
+    es.urgent_stop = false;
+    es.past_mark_ok = true;
+    // Where the client reads past the mark, SIOCATMARK is no longer true there.
+    publish_flags(s, i, es.flags & ~(ipc::kFlagUrgentMark | ipc::kFlagUrgentStop));
+    if (es.recv_posted) return 0;  // the poll reads past it when it fires
+    receive_by_hand(s, i);
+    return 0;
+}
+
 void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.recv_posted = false;
     if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (es.recv_polling) {
+        es.recv_polling = false;
+        if (res == -ECANCELED) return;
+        if (res < 0) return schedule(s, i);  // a poll that failed: again on the next tick
+        if (!es.urgent_stop) return receive_by_hand(s, i);
+        // Stopped at the mark: something waits past it. Readable, until the client goes on.
+        update_kernel_mask(s, i);
+        bump_event(s, i);
+        return;
+    }
     if (res > 0) {
         es.rx_tail += static_cast<uint32_t>(res);
         s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);
@@ -698,10 +803,22 @@ void Worker::post_send(Session &s, uint32_t i) {
         return;
     }
     const uint32_t offset = es.tx_head & kTxMask;
-    const uint32_t len = std::min(pending, ipc::kTxRingBytes - offset);
+    uint32_t len = std::min(pending, ipc::kTxRingBytes - offset);
+    int flags = MSG_NOSIGNAL;
+    if (es.urgent_pending) {
+        // The bytes up to the urgent one go as one send(MSG_OOB): Linux makes the last byte of
+        // such a send the urgent pointer's.
+        const uint32_t to_urgent = es.urgent_tail - es.tx_head;
+        if (to_urgent == 0 || to_urgent > pending) {
+            es.urgent_pending = false;
+        } else if (to_urgent <= len) {
+            len = to_urgent;
+            flags |= MSG_OOB;
+        }
+    }
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i) + offset, len, MSG_NOSIGNAL);
+    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i) + offset, len, flags);
     track_op(s, i, sqe, Kind::kSend);
     es.send_posted = true;
     es.send_len = len;
@@ -713,6 +830,8 @@ void Worker::on_send(Session &s, uint32_t i, int32_t res) {
     es.send_len = 0;
     if (res > 0) {
         es.tx_head += static_cast<uint32_t>(res);
+        if (es.urgent_pending && static_cast<int32_t>(es.tx_head - es.urgent_tail) >= 0)
+            es.urgent_pending = false;
         es.close_progress_ns = now_ns_;
         if (es.state != ipc::SlotState::kFree) {
             s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
@@ -1010,6 +1129,7 @@ void Worker::on_connected(Session &s, uint32_t i) {
     bump_event(s, i);
     post_recv(s, i);
     post_send(s, i);
+    post_urgent_watch(s, i);
 }
 
 void Worker::post_watch(Session &s, uint32_t i) {
@@ -1025,6 +1145,44 @@ void Worker::post_watch(Session &s, uint32_t i) {
     io_uring_prep_poll_multishot(sqe, es.fd, POLLERR | POLLHUP);
     track_op(s, i, sqe, Kind::kWatch);
     es.watch_posted = true;
+}
+
+void Worker::post_urgent_watch(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.urgent_watch || es.urgent_posted || es.state != ipc::SlotState::kOpen ||
+        !(es.flags & ipc::kFlagConnected) || (es.flags & ipc::kFlagReset) || es.handed_off)
+        return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    io_uring_prep_poll_multishot(sqe, es.fd, POLLPRI);
+    track_op(s, i, sqe, Kind::kUrgent);
+    es.urgent_posted = true;
+}
+
+void Worker::on_urgent(Session &s, uint32_t i, int32_t res, bool more) {
+    EngineSlot &es = s.slots[i];
+    if (!more) es.urgent_posted = false;
+    if (es.state != ipc::SlotState::kOpen) {
+        if (!more) maybe_finish_close(s, i);
+        return;
+    }
+    if (res == -ECANCELED) return;
+    if (!more) schedule(s, i);  // ended without being cancelled: armed again on the tick
+    if (res > 0 && (res & POLLPRI)) look_for_urgent_mark(s, i);
+}
+
+void Worker::look_for_urgent_mark(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
+    int at_mark = 0;
+    if (ioctl(es.fd, SIOCATMARK, &at_mark) == 0 && at_mark) {
+        slot.urgent_mark.store(es.rx_tail, std::memory_order_relaxed);
+        if (!(es.flags & ipc::kFlagUrgentMark))
+            publish_flags(s, i, es.flags | ipc::kFlagUrgentMark);
+    }
+    const uint32_t before = slot.kernel_mask.load(std::memory_order_relaxed);
+    update_kernel_mask(s, i);
+    if ((before ^ slot.kernel_mask.load(std::memory_order_relaxed)) & POLLPRI) bump_event(s, i);
 }
 
 void Worker::on_watch(Session &s, uint32_t i, int32_t res, bool more) {
@@ -1218,6 +1376,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.accept_posted) cancel(s, i, Kind::kAccept);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
+    if (es.urgent_posted) cancel(s, i, Kind::kUrgent);
     stop_listening(s, i);
     maybe_finish_handoff(s, i);
 }
@@ -1227,7 +1386,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (es.handoff_member == kNoMember) return;
     const bool sending = es.send_posted || (es.tx_head != es.tx_tail &&
                                             !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)));
-    if (es.recv_posted || es.accept_posted || es.watch_posted || sending) return;
+    if (es.recv_posted || es.accept_posted || es.watch_posted || es.urgent_posted || sending)
+        return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
     if (s.members[member].state != ipc::MemberState::kLive) return;
@@ -1403,6 +1563,7 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.so_error.store(0, std::memory_order_relaxed);
     slot.kernel_mask.store(0, std::memory_order_relaxed);
     slot.accept_error.store(0, std::memory_order_relaxed);
+    slot.urgent_mark.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
 }
@@ -1427,6 +1588,7 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.acc_head.store(0, std::memory_order_relaxed);
     slot.holders.store(0, std::memory_order_relaxed);
     slot.posted.store(0, std::memory_order_relaxed);
+    slot.urgent_tail.store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held; the request lock stays with the thread that
     // waits for our answer to kSocket.
     for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
@@ -1487,7 +1649,8 @@ void Worker::update_kernel_mask(Session &s, uint32_t i, uint32_t also) {
     pollfd p{es.fd, POLLIN | POLLOUT | POLLRDHUP | POLLPRI, 0};
     uint32_t mask = also;
     if (es.fd >= 0 && poll(&p, 1, 0) > 0)
-        mask |= static_cast<uint32_t>(p.revents) & (POLLHUP | POLLERR | POLLRDHUP | POLLOUT);
+        mask |= static_cast<uint32_t>(p.revents) &
+                (POLLHUP | POLLERR | POLLRDHUP | POLLOUT | POLLPRI | POLLIN);
     s.region.slot(i).kernel_mask.store(mask, std::memory_order_relaxed);
 }
 
@@ -1528,6 +1691,7 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
+        if (es.urgent_posted) cancel(s, i, Kind::kUrgent);
         untrack_connect(s, i);
     }
     // The kernel socket lives on in the application: closing only drops our descriptor.

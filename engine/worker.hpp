@@ -84,6 +84,7 @@ class Worker {
         kWatch,       // multishot poll for an RST on a socket with no recv posted (after the FIN)
         kLink,        // a remote session's setup connection: its EOF ends the session
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
+        kUrgent,      // multishot poll for POLLPRI (urgent data) on a watched socket
     };
 
     struct TimedSlot {
@@ -133,6 +134,15 @@ class Worker {
     void set_accept_error(Session &s, uint32_t i, int error);
     void post_connect_poll(Session &s, uint32_t i);
     void post_watch(Session &s, uint32_t i);
+    void post_urgent_watch(Session &s, uint32_t i);
+    void on_urgent(Session &s, uint32_t i, int32_t res, bool more);
+    // Records the rx ring position of the urgent mark if the kernel socket's reading stopped
+    // there (SIOCATMARK), and what poll() says of urgent data.
+    void look_for_urgent_mark(Session &s, uint32_t i);
+    // A socket whose urgent data is watched: reads what the kernel socket has, by hand, up to
+    // the urgent mark (where it stops, unless told to go past), then polls again.
+    void receive_by_hand(Session &s, uint32_t i);
+    void stop_at_urgent_mark(Session &s, uint32_t i);
     void on_recv(Session &s, uint32_t i, int32_t res);
     void on_send(Session &s, uint32_t i, int32_t res);
     void on_accept(Session &s, uint32_t i, int32_t res);
@@ -207,6 +217,9 @@ class Worker {
                       uint32_t &out_len);
     int op_getsockname(Session &s, uint32_t i);
     int op_ioctl(Session &s, uint32_t i, const ipc::Request &req);
+    int op_recv_oob(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
+                    uint32_t &out_len);
+    int op_past_mark(Session &s, uint32_t i);
 
     // --- members ---
     // A member's process is gone (its connection closed) or its reservation expired: its

@@ -124,8 +124,16 @@ enum class Op : uint32_t {
     kGetSockName = 9,
     // SIOCOUTQ/SIOCINQ and friends on the kernel socket. arg0 = request. Result >= 0 value.
     kIoctl = 10,
+    // recv(MSG_OOB): arg0 = the caller's MSG_PEEK|MSG_TRUNC bits, arg1 = 1 if it has room for
+    // the byte. Result: what the kernel's recv(MSG_OOB) says (1 with the byte in
+    // response.opt[0], or 0 with room for none, or -EINVAL/-EAGAIN/-ENOTCONN).
+    kRecvOob = 11,
+    // A read at the urgent mark the engine stopped at (kFlagUrgentStop): go on past it, as a
+    // recv() there does on Linux (past the urgent byte, which is then gone). Answered once the
+    // engine has taken what the kernel socket has past the mark. Result 0.
+    kPastMark = 12,
 };
-inline constexpr uint32_t kOpCount = 11;
+inline constexpr uint32_t kOpCount = 13;
 
 // Socket states in SocketSlot::state, written by the engine only.
 enum class SlotState : uint32_t {
@@ -152,6 +160,15 @@ inline constexpr uint32_t kFlagRxPaused = 1u << 8;
 // The accept ring is full or the engine ran out of slots: accepting paused. A client that
 // takes a connection while this is set must ring the doorbell for the listener.
 inline constexpr uint32_t kFlagAcceptPaused = 1u << 9;
+// Urgent data, once the client said it wants it (kPostedUrgentWatch): the engine then takes
+// the socket's bytes itself, looking for the urgent mark before each read, and stops there, as
+// a Linux recv() stops there, since the kernel forgets the urgent byte once its socket is read
+// past it. SocketSlot::urgent_mark is the rx ring position of that mark (the urgent byte is
+// the next one, with SO_OOBINLINE; the one after it, without). While rx_head is there,
+// SIOCATMARK is true; with nothing left in the ring, a recv() asks the engine to go on
+// (Op::kPastMark), and readability is the kernel socket's (kernel_mask's POLLIN).
+inline constexpr uint32_t kFlagUrgentMark = 1u << 10;
+inline constexpr uint32_t kFlagUrgentStop = 1u << 11;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when
@@ -169,7 +186,11 @@ inline constexpr uint32_t kPostedNoDelaySet = 1u << 2;
 inline constexpr uint32_t kPostedNoDelay = 1u << 3;
 inline constexpr uint32_t kPostedShutRd = 1u << 4;
 inline constexpr uint32_t kPostedShutWr = 1u << 5;
-inline constexpr uint32_t kPostedMask = 0x3f;
+//  * The application showed interest in urgent data (POLLPRI, exceptfds, recv(MSG_OOB),
+//    SIOCATMARK, SO_OOBINLINE): the engine watches the socket for it from then on (POLLPRI
+//    in kernel_mask, urgent_mark).
+inline constexpr uint32_t kPostedUrgentWatch = 1u << 6;
+inline constexpr uint32_t kPostedMask = 0x7f;
 
 // ---------------------------------------------------------------------------------------------
 struct SockAddrRecord {
@@ -231,7 +252,11 @@ struct alignas(kCacheLine) SocketSlot {
     std::atomic<uint32_t> rx_lock_owner;
     std::atomic<uint32_t> tx_lock_owner;
     std::atomic<uint32_t> req_lock_owner;
-    uint32_t client_reserved[2];
+    // send(MSG_OOB): the tx ring position just past the urgent byte (the last byte of that
+    // send). The engine sends the bytes up to it with MSG_OOB, so that byte is the urgent
+    // pointer's. Free-running, 0 none; store (release) before the doorbell.
+    std::atomic<uint32_t> urgent_tail;
+    uint32_t client_reserved[1];
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> tx_head;   // bytes the kernel has taken from the tx ring
@@ -256,7 +281,8 @@ struct alignas(kCacheLine) SocketSlot {
     // uid has used its share of the engine), 0 when it can. accept() reports it, as Linux's
     // accept() reports EMFILE while connections wait, instead of waiting for ever.
     std::atomic<int32_t> accept_error;
-    uint32_t engine_reserved[5];
+    std::atomic<uint32_t> urgent_mark;  // see kFlagUrgentMark
+    uint32_t engine_reserved[4];
 
     // --- control request/response ---
     Request request;    // client

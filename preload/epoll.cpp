@@ -315,6 +315,7 @@ long op_epoll_ctl(int epfd, int op, SocketRef &ref, epoll_event *event) {
         }
     }
     SetHold hold(set);
+    if (event && (event->events & EPOLLPRI) && op != EPOLL_CTL_DEL) want_urgent(ref);
     const FdRef self = FdRef::socket(ref.slot, ref.generation);
     long result = 0;
     pthread_mutex_lock(&set->mutex);

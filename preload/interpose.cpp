@@ -104,7 +104,8 @@ long recv_one(SocketRef &ref, void *buf, size_t len, int flags) {
     return op_recv(ref, &iov, 1, flags);
 }
 
-// recvfrom()/recvmsg() on TCP: no source address (length 0), no control data, no flags.
+// recvfrom()/recvmsg() on TCP: no source address (length 0), no control data, no flags but
+// MSG_OOB's.
 long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
     if (!msg) return -EFAULT;
     if (msg->msg_iovlen > IOV_MAX) return -EMSGSIZE;
@@ -113,6 +114,12 @@ long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
         msg->msg_namelen = 0;
         msg->msg_controllen = 0;
         msg->msg_flags = 0;
+        // tcp_recv_urg(): the urgent byte says so, and MSG_TRUNC when there was no room for it.
+        if (flags & MSG_OOB) {
+            size_t room = 0;
+            for (size_t k = 0; k < msg->msg_iovlen; ++k) room += msg->msg_iov[k].iov_len;
+            msg->msg_flags = MSG_OOB | (room == 0 ? MSG_TRUNC : 0);
+        }
     }
     return rc;
 }

@@ -182,6 +182,10 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
     size_t sent = 0;
     long result = 0;
     bool sigpipe = false;
+    // send(MSG_OOB): the last byte this call queues is the urgent one. The engine learns the
+    // bytes only once urgent_tail marks them (at the end), or when we wait for room, so that it
+    // never sends the last ones without MSG_OOB.
+    const bool urgent = flags & MSG_OOB;
     for (;;) {
         if (stale(ref)) {
             result = sent ? static_cast<long>(sent) : -EBADF;
@@ -245,7 +249,7 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
             }
             if (put > 0) {
                 shm.tx_tail.store(tail + static_cast<uint32_t>(put), std::memory_order_release);
-                notify_engine(ref.slot);
+                if (!urgent) notify_engine(ref.slot);
                 sent += static_cast<size_t>(put);
                 remaining -= static_cast<size_t>(put);
             }
@@ -263,6 +267,7 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
             result = sent ? static_cast<long>(sent) : -EBADF;
             break;
         }
+        if (urgent) notify_engine(ref.slot);  // room comes from the engine's sending
         auto room = [&] {
             const uint32_t in_ring = shm.tx_tail.load(std::memory_order_relaxed) -
                                      shm.tx_head.load(std::memory_order_acquire);
@@ -286,6 +291,11 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
             break;
         }
     }
+    if (urgent && sent > 0 && !stale(ref)) {
+        shm.urgent_tail.store(shm.tx_tail.load(std::memory_order_relaxed),
+                              std::memory_order_release);
+        notify_engine(ref.slot);
+    }
     sock.tx_lock.unlock();
     // As the kernel does (send_sig() in sk_stream_error()); after unlocking, so that a
     // handler that writes to this socket does not wait for ourselves.
@@ -298,7 +308,6 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
 long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     size_t total;
     if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
-    if (flags & MSG_OOB) return -EOPNOTSUPP;  // urgent data is not carried by the channel
     // MSG_MORE asks Linux to hold a partial segment back (up to ~200 ms) for more data; here the
     // bytes go to the engine at once, which sends what the ring holds: the same bytes in the
     // same order, possibly in more segments. TCP_CORK reaches the engine's socket and corks there.
@@ -309,13 +318,37 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     });
 }
 
+namespace {
+
+// recv(MSG_OOB): the urgent byte is the engine's kernel socket's to give (it is never in the
+// rx ring unless SO_OOBINLINE); Linux never waits for it.
+long recv_urgent(SocketRef &ref, const iovec *iov, int iovcnt, size_t total, int flags) {
+    want_urgent(ref);
+    ipc::Request req{};
+    req.op = static_cast<uint32_t>(ipc::Op::kRecvOob);
+    req.arg0 = flags & (MSG_PEEK | MSG_TRUNC);
+    req.arg1 = total > 0 ? 1 : 0;
+    ipc::Response response;
+    const int rc = request(ref.slot, req, &response);
+    if (rc == 1 && !(flags & MSG_TRUNC) && response.opt_len == 1) {
+        for (int k = 0; k < iovcnt; ++k) {
+            if (iov[k].iov_len == 0) continue;
+            std::memcpy(iov[k].iov_base, response.opt, 1);
+            break;
+        }
+    }
+    return rc;
+}
+
+}  // namespace
+
 long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     size_t total;
     if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
-    if (flags & MSG_OOB) return -EINVAL;  // no urgent data is ever pending here
     Socket &sock = *ref.sock;
     ipc::SocketSlot &shm = *ref.shm;
     if (sock.listening.load()) return -ENOTCONN;
+    if (flags & MSG_OOB) return recv_urgent(ref, iov, iovcnt, total, flags);
     const bool nonblock =
         sock.nonblocking.load(std::memory_order_relaxed) || (flags & MSG_DONTWAIT);
     const int64_t timeout = effective_timeout(sock, nonblock, true);
@@ -357,6 +390,21 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                 break;
             }
             continue;
+        }
+        // At the urgent mark the engine stopped at, with nothing before it left in the ring: a
+        // read that has bytes ends there, as Linux's does; one that has none goes on past it,
+        // and the engine takes what is there past it before it answers.
+        if (available == 0 && (shm.flags.load(std::memory_order_acquire) & ipc::kFlagUrgentStop) &&
+            shm.urgent_mark.load(std::memory_order_relaxed) == head) {
+            if (copied > 0) {
+                result = static_cast<long>(copied);
+                break;
+            }
+            if (!peek) {
+                ipc::Request past{};
+                past.op = static_cast<uint32_t>(ipc::Op::kPastMark);
+                if (request(ref.slot, past) == 0) continue;
+            }
         }
         const uint32_t state = effective_flags(ref);
         const bool dead = session_dead();
@@ -413,6 +461,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             return shm.rx_tail.load(std::memory_order_acquire) -
                            shm.rx_head.load(std::memory_order_relaxed) >
                        seen ||
+                   (!peek && (shm.flags.load(std::memory_order_acquire) & ipc::kFlagUrgentStop)) ||
                    (effective_flags(ref) &
                     (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
                    sock.shut_rd.load() || error_pending(ref) || session_dead() || stale(ref);

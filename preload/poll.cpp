@@ -92,8 +92,10 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
             pollfd &p = fds[offloaded.get()[k]];
             SocketRef ref;
             uint32_t mask = POLLNVAL;  // closed under us
-            if (find_socket(p.fd, ref))
+            if (find_socket(p.fd, ref)) {
+                if (p.events & POLLPRI) want_urgent(ref);  // also select()'s exceptfds
                 mask = reported_events(current_mask(ref), static_cast<uint16_t>(p.events));
+            }
             p.revents = static_cast<short>(mask);
             if (mask) ++ready;
         }

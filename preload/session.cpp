@@ -865,6 +865,12 @@ bool error_pending(const SocketRef &ref) {
            ref.shm->so_error.load(std::memory_order_relaxed) > 0;
 }
 
+void want_urgent(const SocketRef &ref) {
+    if (ref.shm->posted.load(std::memory_order_relaxed) & ipc::kPostedUrgentWatch) return;
+    ref.shm->posted.fetch_or(ipc::kPostedUrgentWatch, std::memory_order_release);
+    notify_engine(ref.slot);
+}
+
 SocketSnapshot snapshot(const SocketRef &ref) {
     SocketSnapshot s;
     const ipc::SocketSlot &shm = *ref.shm;
@@ -881,6 +887,12 @@ SocketSnapshot snapshot(const SocketRef &ref) {
     if (s.accept_available == 0 && shm.accept_error.load(std::memory_order_relaxed) > 0)
         s.accept_available = 1;
     s.error_pending = error_pending(ref);
+    const uint32_t kernel = shm.kernel_mask.load(std::memory_order_relaxed);
+    s.urgent = (kernel & POLLPRI) != 0;
+    // Stopped at the urgent mark with bytes waiting past it: readable, as the kernel socket is.
+    s.past_mark_readable = (s.flags & ipc::kFlagUrgentStop) && (kernel & POLLIN) &&
+                           shm.urgent_mark.load(std::memory_order_relaxed) ==
+                               shm.rx_head.load(std::memory_order_relaxed);
     s.listening = sock.listening.load(std::memory_order_relaxed);
     s.end_unreported = !sock.end_reported.load(std::memory_order_relaxed);
     s.connect_started = sock.connect_state.load(std::memory_order_relaxed) == kConnecting;

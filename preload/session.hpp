@@ -187,6 +187,10 @@ int take_error(SocketRef &ref);
 bool error_pending(const SocketRef &ref);
 
 SocketSnapshot snapshot(const SocketRef &ref);
+
+// The application showed interest in the socket's urgent data (POLLPRI, recv(MSG_OOB),
+// SIOCATMARK, SO_OOBINLINE): the engine watches for it from now on (kPostedUrgentWatch).
+void want_urgent(const SocketRef &ref);
 inline uint32_t current_mask(const SocketRef &ref) {
     return poll_mask(snapshot(ref));
 }

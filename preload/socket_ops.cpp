@@ -585,6 +585,7 @@ long op_setsockopt(SocketRef &ref, int level, int name, const void *value, sockl
         notify_engine(ref.slot);  // uncorking must push what is queued, as on Linux
         return 0;
     }
+    if (level == SOL_SOCKET && name == SO_OOBINLINE) want_urgent(ref);
     ipc::Request req = make_request(ipc::Op::kSetSockOpt, level, name);
     req.opt_len = std::min<uint32_t>(len, ipc::kOptMax);
     if (req.opt_len > 0) std::memcpy(req.opt, value, req.opt_len);
@@ -671,9 +672,21 @@ long op_ioctl(SocketRef &ref, unsigned long request_code, void *arg) {
         }
         case SIOCATMARK: {
             if (!arg) return -EFAULT;
-            const int rc = request(ref.slot, make_request(ipc::Op::kIoctl, SIOCATMARK));
-            if (rc < 0) return rc;
-            std::memcpy(arg, &rc, sizeof(rc));
+            want_urgent(ref);
+            // At the mark: where the engine's receive stopped at it (the engine's kernel
+            // socket has read on since), or, with nothing left in the ring, where the kernel
+            // socket stands now.
+            const uint32_t head = ref.shm->rx_head.load(std::memory_order_relaxed);
+            int at_mark = 0;
+            if ((slot_flags(ref) & ipc::kFlagUrgentMark) &&
+                ref.shm->urgent_mark.load(std::memory_order_relaxed) == head) {
+                at_mark = 1;
+            } else {
+                const int rc = request(ref.slot, make_request(ipc::Op::kIoctl, SIOCATMARK));
+                if (rc < 0) return rc;
+                at_mark = rc && ref.shm->rx_tail.load(std::memory_order_acquire) == head;
+            }
+            std::memcpy(arg, &at_mark, sizeof(at_mark));
             return 0;
         }
         case FIOASYNC:

@@ -2879,6 +2879,58 @@ void check_accept4_flags(const Family &family) {
     close(lfd);
 }
 
+// Urgent data (MSG_OOB): ftplib's abort sends it, asyncore's handle_expt waits for it.
+void check_urgent(const Family &family) {
+    for (const int inline_oob : {0, 1}) {
+        Pair pair = connected_pair(family);
+        set_int(pair.server, SOL_SOCKET, SO_OOBINLINE, inline_oob);
+        const char *how = inline_oob ? "urgent inline" : "urgent";
+        char byte = 0;
+        int mark = -1;
+        say("%s: recv(MSG_OOB) with none=%s", how,
+            rc(recv(pair.server, &byte, 1, MSG_OOB)).c_str());
+        ioctl(pair.server, SIOCATMARK, &mark);
+        say("%s: SIOCATMARK with none=%d", how, mark);
+        send(pair.client, "hello", 5, 0);
+        say("%s: send(MSG_OOB)=%s", how, rc(send(pair.client, "!", 1, MSG_OOB)).c_str());
+        send(pair.client, "world", 5, 0);
+        const int mask = wait_bits(pair.server, POLLIN | POLLPRI, POLLIN | POLLPRI);
+        say("%s: poll=%s", how, poll_names(mask).c_str());
+        fd_set except;
+        FD_ZERO(&except);
+        FD_SET(pair.server, &except);
+        timeval none{0, 0};
+        say("%s: select exceptfds=%s", how,
+            rc(select(pair.server + 1, nullptr, nullptr, &except, &none)).c_str());
+        ioctl(pair.server, SIOCATMARK, &mark);
+        say("%s: SIOCATMARK before reading=%d", how, mark);
+        char buf[64] = {};
+        // The first read stops at the mark, whatever is behind it.
+        say("%s: recv=%s data=%s", how, rc(recv(pair.server, buf, sizeof(buf), 0)).c_str(), buf);
+        ioctl(pair.server, SIOCATMARK, &mark);
+        say("%s: SIOCATMARK at the mark=%d", how, mark);
+        byte = 0;
+        const long peeked = recv(pair.server, &byte, 1, MSG_OOB | MSG_PEEK);
+        say("%s: recv(MSG_OOB|MSG_PEEK)=%s byte=%c", how, rc(peeked).c_str(), byte ? byte : '-');
+        msghdr msg{};
+        iovec iov{&byte, 1};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        byte = 0;
+        const long taken = recvmsg(pair.server, &msg, MSG_OOB);
+        say("%s: recvmsg(MSG_OOB)=%s byte=%c MSG_OOB in msg_flags=%s", how, rc(taken).c_str(),
+            byte ? byte : '-', yes(taken >= 0 && (msg.msg_flags & MSG_OOB)));
+        say("%s: recv(MSG_OOB) again=%s", how, rc(recv(pair.server, &byte, 1, MSG_OOB)).c_str());
+        say("%s: POLLPRI after=%s", how, yes(wait_events(pair.server, POLLPRI, 0) & POLLPRI));
+        const size_t rest = inline_oob ? 6 : 5;
+        std::memset(buf, 0, sizeof(buf));
+        say("%s: the rest=%s data=%s", how, rc(read_exact(pair.server, buf, rest)).c_str(), buf);
+        ioctl(pair.server, SIOCATMARK, &mark);
+        say("%s: SIOCATMARK past the mark=%d", how, mark);
+        pair.close_both();
+    }
+}
+
 void check_sendfile(const Family &family) {
     constexpr size_t kFileBytes = 200000;  // three rings and a bit: the copy wraps
     const char *dir = std::getenv("TMPDIR");
@@ -3105,6 +3157,7 @@ int main(int argc, char **argv) {
         check_many_iovecs(family);
         check_accept4_flags(family);
         check_sendfile(family);
+        check_urgent(family);
     }
     g_prefix = "[mixed] ";
     if (families.size() > 1) check_v4_mapped();
