@@ -85,11 +85,14 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
         case ipc::Op::kClose: {
             // A socket that holds a port (a listener, or bound and not connected) is answered
             // once its kernel socket is closed, so that the port is free when close() returns,
-            // as on Linux. Others are answered first: the client does not wait for them.
+            // as on Linux; a reset once its RST is sent (and seen by a peer of ours), as
+            // Linux's close() sends it. Others are answered first: the client does not wait.
             const bool holds_port =
                 (es.flags & ipc::kFlagListening) ||
                 ((es.flags & ipc::kFlagBound) && !(es.flags & ipc::kFlagConnected));
-            if (holds_port && es.state == ipc::SlotState::kOpen) {
+            const bool resets =
+                req.arg0 == 1 && (es.flags & ipc::kFlagConnected) && !(es.flags & ipc::kFlagReset);
+            if ((holds_port || resets) && es.state == ipc::SlotState::kOpen) {
                 es.close_answer_pending = true;
                 es.close_answer_seq = req_seq;
             } else {

@@ -100,6 +100,11 @@ struct EngineSlot {
     // in progress, so that accepting its connection settles it first.
     bool connect_tracked = false;
     AddressKey connect_key;
+    // Listed in the worker's connected sockets (by its local address, with its peer's) while
+    // it is connected, so that a reset this worker sends to it is seen at once.
+    bool connected_tracked = false;
+    AddressKey connected_key;
+    AddressKey connected_peer;
     uint16_t accept_personality = 0;
 };
 

@@ -1,6 +1,7 @@
 #include "worker.hpp"
 
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -1011,6 +1012,7 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     conn.accept_pos = es.acc_tail;
     refresh_addresses(s, j, true);
     update_kernel_mask(s, j);
+    track_connected(s, j);
     if (!connecting_.empty()) {
         sockaddr_storage peer;
         socklen_t peer_len = sizeof(peer);
@@ -1092,6 +1094,66 @@ void Worker::settle_connect_of(const sockaddr_storage &peer, socklen_t len) {
     }
 }
 
+void Worker::track_connected(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    sockaddr_storage local, peer;
+    socklen_t len = sizeof(local), peer_len = sizeof(peer);
+    if (es.connected_tracked ||
+        getsockname(es.fd, reinterpret_cast<sockaddr *>(&local), &len) != 0 ||
+        !address_key(&local, len, es.connected_key) ||
+        getpeername(es.fd, reinterpret_cast<sockaddr *>(&peer), &peer_len) != 0 ||
+        !address_key(&peer, peer_len, es.connected_peer))
+        return;
+    connected_.emplace(es.connected_key, TimedSlot{s.index, s.gen, i, es.gen});
+    es.connected_tracked = true;
+}
+
+void Worker::untrack_connected(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.connected_tracked) return;
+    es.connected_tracked = false;
+    auto [first, last] = connected_.equal_range(es.connected_key);
+    for (auto it = first; it != last; ++it) {
+        if (it->second.session_index == s.index && it->second.slot == i) {
+            connected_.erase(it);
+            return;
+        }
+    }
+}
+
+void Worker::reset_now(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    // tcp_disconnect() sends the RST within this call (a close() might only drop our
+    // reference while io_uring still holds the file), and on loopback the peer's kernel
+    // socket is reset before it returns.
+    sockaddr unspec{};
+    unspec.sa_family = AF_UNSPEC;
+    connect(es.fd, &unspec, sizeof(unspec));
+    if (!es.connected_tracked) return;
+    const AddressKey ours = es.connected_key;
+    untrack_connected(s, i);
+    auto [first, last] = connected_.equal_range(es.connected_peer);
+    for (auto it = first; it != last; ++it) {
+        const TimedSlot target = it->second;
+        Session *ps = table_[target.session_index].get();
+        if (!ps || ps->gen != target.session_gen || ps->ending) continue;
+        EngineSlot &peer = ps->slots[target.slot];
+        if (peer.gen != target.slot_gen || peer.state != ipc::SlotState::kOpen ||
+            (peer.flags & ipc::kFlagReset) || !(peer.connected_peer == ours))
+            break;
+        // Only with nothing of ours still in its kernel socket, so that no byte sent before the
+        // RST is overtaken by it (the receive in flight brings those, then the error).
+        int unread = 1;
+        int error = 0;
+        socklen_t len = sizeof(error);
+        if (ioctl(peer.fd, SIOCINQ, &unread) != 0 || unread != 0 ||
+            getsockopt(peer.fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0 || error == 0)
+            break;
+        record_error(*ps, target.slot, error);
+        break;
+    }
+}
+
 void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.connect_posted = false;
@@ -1120,6 +1182,7 @@ void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
 void Worker::on_connected(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     untrack_connect(s, i);
+    track_connected(s, i);
     refresh_addresses(s, i, true);
     update_kernel_mask(s, i);
     // Reset/RxEof may remain from a failed earlier attempt when a retry connects at once.
@@ -1701,6 +1764,7 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.fd >= 0) {
             const linger abortive{1, 0};  // close() sends RST
             setsockopt(es.fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+            if ((es.flags & ipc::kFlagConnected) && !(es.flags & ipc::kFlagReset)) reset_now(s, i);
         }
     }
     maybe_finish_close(s, i);
@@ -1773,6 +1837,7 @@ void Worker::maybe_finish_close(Session &s, uint32_t i) {
 
 void Worker::finish_close(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
+    untrack_connected(s, i);
     if (es.fd >= 0) {
         if (!es.close_reset && !es.handed_off) {
             // A positive linger would make close() block this thread; the kernel still

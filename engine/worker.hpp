@@ -154,6 +154,12 @@ class Worker {
     void track_connect(Session &s, uint32_t i);
     void untrack_connect(Session &s, uint32_t i);
     void settle_connect_of(const sockaddr_storage &peer, socklen_t len);
+    // Connected sockets, by local address: a reset this worker sends to another of its own
+    // sockets is recorded on that one before the close that sent it is answered (issue 10).
+    void track_connected(Session &s, uint32_t i);
+    void untrack_connected(Session &s, uint32_t i);
+    // Sends slot i's RST now (tcp_disconnect()), and records it on the peer if it is ours.
+    void reset_now(Session &s, uint32_t i);
     void on_watch(Session &s, uint32_t i, int32_t res, bool more);
     void on_control(Session &s, uint32_t member, int32_t res);
     void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd,
@@ -285,6 +291,7 @@ class Worker {
     std::deque<IdleRings> idle_rings_;
     uint32_t next_session_gen_ = 1;
     std::unordered_map<AddressKey, TimedSlot, AddressKeyHash> connecting_;
+    std::unordered_multimap<AddressKey, TimedSlot, AddressKeyHash> connected_;
     // io_uring personalities by (uid, gid) of the listeners' owners (personality_for).
     std::vector<std::pair<uint64_t, uint16_t>> personalities_;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks

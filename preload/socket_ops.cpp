@@ -725,8 +725,11 @@ void socket_release(uint32_t slot) {
     const bool reset = sock.linger_reset.load() || unread;
     // A socket that holds a port (a listener, or bound and not connected) is closed before we
     // return, so the port can be bound again at once, as on Linux; the engine answers then.
+    // So is a reset: Linux's close() has sent the RST (and a peer on this host has seen it)
+    // by the time it returns.
     const uint32_t flags = shm.flags.load(std::memory_order_acquire);
-    if ((flags & ipc::kFlagListening) ||
+    const bool resets = reset && (flags & ipc::kFlagConnected) && !(flags & ipc::kFlagReset);
+    if ((flags & ipc::kFlagListening) || resets ||
         ((flags & ipc::kFlagBound) && !(flags & ipc::kFlagConnected))) {
         request(slot, make_request(ipc::Op::kClose, reset ? 1 : 0));
         return;

@@ -2879,6 +2879,24 @@ void check_accept4_flags(const Family &family) {
     close(lfd);
 }
 
+// A reset by a socket of this host is seen by its peer by the time the close() that sent it
+// returns (TLS servers and CPython's tests look right after it).
+void check_reset_seen(const Family &family) {
+    for (int round = 0; round < 3; ++round) {
+        Pair pair = connected_pair(family);
+        reset_close(pair.server);
+        sockaddr_storage peer{};
+        socklen_t len = sizeof(peer);
+        say("reset seen: getpeername right after the peer's reset=%s",
+            rc(getpeername(pair.client, reinterpret_cast<sockaddr *>(&peer), &len)).c_str());
+        say("reset seen: poll=%s",
+            poll_names(wait_events(pair.client, POLLIN | POLLOUT, 0)).c_str());
+        char byte;
+        say("reset seen: recv=%s", rc(recv(pair.client, &byte, 1, MSG_DONTWAIT)).c_str());
+        close(pair.client);
+    }
+}
+
 // Urgent data (MSG_OOB): ftplib's abort sends it, asyncore's handle_expt waits for it.
 void check_urgent(const Family &family) {
     for (const int inline_oob : {0, 1}) {
@@ -3158,6 +3176,7 @@ int main(int argc, char **argv) {
         check_accept4_flags(family);
         check_sendfile(family);
         check_urgent(family);
+        check_reset_seen(family);
     }
     g_prefix = "[mixed] ";
     if (families.size() > 1) check_v4_mapped();
