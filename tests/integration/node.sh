@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Node.js (libuv: epoll, accept4, read, writev) under the shim, with the engine on its own core:
+# node_server.js, a small HTTP server of ours on an ephemeral port, serves files from memory and
+# streamed from disk and echoes POST bodies. Clients check every byte: http_check (plain:
+# HTTP/1.0, keep-alive, 10 MB bodies), then node_client.js (GETs of 0 B to 10 MB and POSTs of
+# 0 B to 2 MB echoed back with their SHA-256; keep-alive and a connection per request), plain
+# and preloaded. ss proves that the listener and both ends of the connections were tcpsd's; after
+# SIGTERM node exits 0 and the engine holds nothing.
+#
+# Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
+set -euo pipefail
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/lib.sh"
+# shellcheck source=tests/integration/servers_lib.sh
+source "$(dirname "$0")/servers_lib.sh"
+
+HTTP_CHECK=${HTTP_CHECK:?HTTP_CHECK names the http_check client}
+need_tool node ss timeout
+[[ -n $PYTHON ]] || skip "python3 is not installed"
+here=$(cd "$(dirname "$0")" && pwd)
+
+dir=$TCPS_TEST_DIR
+site=$dir/site
+mkdir -p "$site"
+head -c 16384 /dev/urandom >"$site/f16k"
+head -c $((10 << 20)) /dev/urandom >"$site/f10m"
+for size in 0 1 65535 65536 65537 1000000 3000000; do
+    head -c "$size" /dev/urandom >"$site/s$size"
+done
+
+start_offload
+log "node $(node --version) (libuv $(node -p process.versions.uv))"
+"${OFFLOAD[@]}" node "$here/node_server.js" "$dir/port" "$site" >"$dir/server.log" 2>&1 &
+server_pid=$!
+track "$server_pid"
+port=$(wait_for_port_file 20 "$dir/port") ||
+    fail "node_server.js did not start listening: $(tail -n 5 "$dir/server.log")"
+log "node_server.js (pid $server_pid) on port $port"
+if offloaded; then expect_engine_listener "$port" "$server_pid"; fi
+run_standard_loads "$port" "$site" "$server_pid" "streamed from disk"
+
+# node_client.js under runner $1 (plain or preloaded), keep-alive $2, recording both ends of
+# port $port's connections; every byte checked.
+node_client() {
+    local runner=() status=0 pid out=$dir/client-$1-$2.out
+    if [[ $1 == preloaded ]]; then runner=("${OFFLOAD[@]}"); fi
+    "${runner[@]}" node "$here/node_client.js" --port "$port" --site "$site" --gets 400 \
+        --posts 40 --concurrency 8 --keep-alive "$2" >"$out" 2>&1 &
+    pid=$!
+    track "$pid"
+    record_sockets "( sport = :$port or dport = :$port )" "$pid" 120 "$dir/ss-client-$1-$2.txt"
+    wait_pid "$pid" 120 || status=$?
+    sed 's/^/  /' "$out"
+    ((status == 0)) || fail "node_client.js ($1, keep-alive $2) failed (status $status)"
+    if offloaded; then
+        local allowed=()
+        if [[ $1 == plain ]]; then allowed=("$pid"); fi
+        expect_no_strangers "$dir/ss-client-$1-$2.txt" "$port" "${allowed[@]}"
+        grep -q "pid=$ENGINE_PID," "$dir/ss-client-$1-$2.txt" ||
+            fail "no connection of tcpsd's on port $port was seen while node_client.js ran"
+    fi
+}
+for runner in plain preloaded; do
+    for keep_alive in yes no; do
+        log "node_client.js, ${runner/plain/not preloaded}, keep-alive $keep_alive:" \
+            "400 GETs and 40 POSTs, 8 at a time"
+        node_client "$runner" "$keep_alive"
+    done
+done
+
+stats=$(curl -sS --max-time 5 "http://127.0.0.1:$port/stats") || fail "GET /stats failed"
+log "node_server.js counted $stats"
+requests=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])["requests"])' "$stats")
+# run_standard_loads' 4,020 requests and node_client.js's 4 x 440
+((requests >= 4020 + 1760)) || fail "node_server.js answered only $requests requests"
+
+kill -TERM "$server_pid"
+status=0
+wait_pid "$server_pid" 10 || status=$?
+((status == 0)) || fail "node_server.js exited with status $status after SIGTERM"
+expect_engine_empty 20 "$port"
+if offloaded; then
+    # Every connection node saw is one the engine accepted for it (this engine served no other).
+    connections=$("$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])["connections"])' \
+        "$stats")
+    accepts=$(sed -n 's/.* accepts \([0-9]*\),.*/\1/p' <<<"$LAST_STATS")
+    [[ $accepts == "$connections" ]] ||
+        fail "the engine accepted ${accepts:-?} connections, node_server.js saw $connections"
+    log "evidence: the engine accepted all $accepts connections node_server.js saw"
+    stop_engine
+fi
+log "node: all checks passed"
