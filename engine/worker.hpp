@@ -84,6 +84,7 @@ class Worker {
         kWatch,       // multishot poll for an RST on a socket with no recv posted (after the FIN)
         kLink,        // a remote session's setup connection: its EOF ends the session
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
+        kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
     };
 
     struct TimedSlot {
@@ -133,6 +134,14 @@ class Worker {
     void set_accept_error(Session &s, uint32_t i, int error);
     void post_connect_poll(Session &s, uint32_t i);
     void post_watch(Session &s, uint32_t i);
+    // An accepted connection's first bytes are peeked (session.hpp, EngineSlot::peeking):
+    // end_peek() drops them from the kernel socket, which the rx ring now holds alone;
+    // leave_peek() also starts receiving for real.
+    void watch_peeked(Session &s, uint32_t i);
+    void on_peek_watch(Session &s, uint32_t i, int32_t res);
+    void end_peek(Session &s, uint32_t i);
+    void leave_peek(Session &s, uint32_t i);
+    bool discard_received(Session &s, uint32_t i, uint32_t bytes);
     void on_recv(Session &s, uint32_t i, int32_t res);
     void on_send(Session &s, uint32_t i, int32_t res);
     void on_accept(Session &s, uint32_t i, int32_t res);
@@ -263,6 +272,7 @@ class Worker {
     std::vector<Session *> dirty_;
     std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
     std::vector<TimedSlot> timed_;
+    std::unique_ptr<uint8_t[]> peek_scratch_;  // kRxRingBytes: a peek of what follows the peeked
     // Freed engine slots whose ring pages are given back once they have stayed free a while
     // (oldest first; an entry whose slot reopened since is stale).
     struct IdleRings {
