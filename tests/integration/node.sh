@@ -5,7 +5,9 @@
 # HTTP/1.0, keep-alive, 10 MB bodies), then node_client.js (GETs of 0 B to 10 MB and POSTs of
 # 0 B to 2 MB echoed back with their SHA-256; keep-alive and a connection per request), plain
 # and preloaded. ss proves that the listener and both ends of the connections were tcpsd's; after
-# SIGTERM node exits 0 and the engine holds nothing.
+# SIGTERM node exits 0 and the engine holds nothing. Then the same server as a cluster (a
+# primary that accepts and passes each connection to one of 2 workers, Node's default), whose
+# workers must get every byte of every request.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
 set -euo pipefail
@@ -87,6 +89,40 @@ if offloaded; then
     [[ $accepts == "$connections" ]] ||
         fail "the engine accepted ${accepts:-?} connections, node_server.js saw $connections"
     log "evidence: the engine accepted all $accepts connections node_server.js saw"
-    stop_engine
 fi
+
+# Node's cluster, round-robin (its default on Linux): the primary accepts each connection and
+# passes it to a worker with SCM_RIGHTS before anything has read it, so the connection goes
+# back to the kernel (docs/architecture.md, "fd passing") with the request that had already
+# arrived, which the engine only peeked: the workers must get every byte.
+log "cluster: a primary and 2 workers; the primary accepts and passes each connection on"
+"${OFFLOAD[@]}" node "$here/node_server.js" "$dir/cluster.port" "$site" 2 \
+    >"$dir/cluster.log" 2>&1 &
+primary_pid=$!
+track "$primary_pid"
+port=$(wait_for_port_file 20 "$dir/cluster.port") ||
+    fail "the cluster did not start listening: $(tail -n 5 "$dir/cluster.log")"
+workers=$(pgrep -P "$primary_pid" | tr '\n' ' ')
+log "  primary $primary_pid, workers $workers, port $port"
+if offloaded; then expect_engine_listener "$port" "$primary_pid"; fi
+check=(--port "$port" --expect "$site/f16k" --path /f16k --concurrency 8)
+http_load cluster10 60 "${check[@]}" --mode 10 --requests 1000
+http_load cluster11 60 "${check[@]}" --mode 11 --per-conn 10 --requests 1000
+for keep_alive in yes no; do
+    log "node_client.js, preloaded, keep-alive $keep_alive, through the cluster"
+    "${OFFLOAD[@]}" node "$here/node_client.js" --port "$port" --site "$site" --gets 200 \
+        --posts 40 --concurrency 8 --keep-alive "$keep_alive" >"$dir/cluster-client.out" 2>&1 ||
+        fail "node_client.js through the cluster failed: $(tail -n 5 "$dir/cluster-client.out")"
+    sed 's/^/  /' "$dir/cluster-client.out"
+done
+if grep -q 'lost' "$dir/cluster.log"; then
+    grep 'lost' "$dir/cluster.log" | head -n 3 >&2
+    fail "bytes were lost passing connections to the workers"
+fi
+kill -TERM "$primary_pid"
+status=0
+wait_pid "$primary_pid" 10 || status=$?
+((status == 0)) || fail "the cluster's primary exited with status $status after SIGTERM"
+expect_engine_empty 20 "$port"
+if offloaded; then stop_engine; fi
 log "node: all checks passed"

@@ -1,8 +1,11 @@
 // node_server.js: a small HTTP server of ours for the node test (tests/integration/node.sh).
 //
-//   node node_server.js PORT_FILE SITE_DIR
+//   node node_server.js PORT_FILE SITE_DIR [WORKERS]
 //
 // Listens on 127.0.0.1, an ephemeral port, and writes the port to PORT_FILE once listening.
+// With WORKERS, a cluster: the primary forks that many workers and, as Node's cluster does by
+// default on Linux (round-robin), accepts each connection itself and passes it to a worker
+// over the IPC channel (SCM_RIGHTS) before anything reads it; the workers serve.
 //   GET /NAME         the file SITE_DIR/NAME: files under 1 MB from memory (res.end of a
 //                     Buffer), larger ones streamed from disk (fs.createReadStream piped into
 //                     the response), with Content-Length either way
@@ -10,15 +13,28 @@
 //   GET /stats        {"requests": N, "connections": N} as JSON
 // SIGTERM closes the listener and every connection, then exits 0.
 'use strict';
+const cluster = require('cluster');
 const crypto = require('crypto');
 const fs = require('fs');
 const http = require('http');
 const path = require('path');
 
-const [portFile, site] = process.argv.slice(2);
+const [portFile, site, workers] = process.argv.slice(2);
 if (!portFile || !site) {
-    console.error('usage: node node_server.js PORT_FILE SITE_DIR');
+    console.error('usage: node node_server.js PORT_FILE SITE_DIR [WORKERS]');
     process.exit(2);
+}
+if (workers && cluster.isPrimary) {
+    cluster.schedulingPolicy = cluster.SCHED_RR;
+    for (let k = 0; k < Number(workers); k++) cluster.fork();
+    cluster.on('exit', (worker, code, signal) => {
+        if (!worker.exitedAfterDisconnect) {
+            console.error(`worker ${worker.process.pid} died (${code}, ${signal})`);
+            process.exit(1);
+        }
+    });
+    process.on('SIGTERM', () => cluster.disconnect(() => process.exit(0)));
+    return;
 }
 const inMemory = new Map();
 for (const name of fs.readdirSync(site)) {
@@ -82,3 +98,5 @@ process.on('SIGTERM', () => {
     server.close(() => process.exit(0));
     server.closeAllConnections();
 });
+// A cluster worker: the primary's disconnect() ends it once its connections are closed.
+if (cluster.isWorker) cluster.worker.on('disconnect', () => server.closeAllConnections());
