@@ -88,9 +88,24 @@ struct EngineSlot {
     uint32_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
 
     // Handed back to the kernel (kHandoff): no receive, accept or watch is posted again, and
-    // closing it only drops our descriptor. handoff_member waits for the answer.
+    // closing it only drops our descriptor. handoff_member waits for the answer; handoff_kept
+    // of the rx ring's unread bytes are still in the kernel socket (peeked), so not lost.
     bool handed_off = false;
     uint16_t handoff_member = kNoMember;
+    uint32_t handoff_kept = 0;
+
+    // An accepted connection's first receive is a MSG_PEEK: its bytes go into the rx ring and
+    // stay in the kernel socket too, as do the bytes that follow (peeked again) while the
+    // ring has room, until the client first rings for the slot (it read, wrote, or asked
+    // something: it uses the connection here) or a FIN or an RST comes. Then they are dropped
+    // from the kernel socket and receiving goes on as usual. So a server that accepts and
+    // passes a connection on with SCM_RIGHTS before reading it (Node's cluster, round-robin)
+    // hands back a kernel socket that still holds the request, all of it.
+    bool peeking = false;
+    bool peek_posted = false;        // the recv in flight is the MSG_PEEK
+    bool peek_watch_posted = false;  // Kind::kPeekWatch in flight
+    bool peek_lowat = false;         // the kernel socket's SO_RCVLOWAT is peeked + 1, not 1
+    uint32_t peeked = 0;             // bytes at the ring's tail that the kernel socket still has
 
     int rcvlowat = 1;
     // Whose share of the engine this socket counts against (Quotas), and the io_uring

@@ -70,7 +70,7 @@ constexpr NamedOp kNeededOps[] = {
 }  // namespace
 
 Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
-    : config_(config), stop_(stop) {
+    : config_(config), stop_(stop), peek_scratch_(new uint8_t[ipc::kRxRingBytes]) {
     table_.resize(kMaxSessions);
     free_indices_.reserve(kMaxSessions);
     for (uint32_t i = kMaxSessions; i-- > 0;) free_indices_.push_back(i);
@@ -294,6 +294,9 @@ void Worker::process_slot(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     // Data first, so a shutdown or close in the same doorbell sees the bytes queued before it.
     if (es.state == ipc::SlotState::kOpen) {
+        // The client rang: it uses the connection here, so its first bytes need not stay in
+        // the kernel socket any more.
+        if (es.peeking) leave_peek(s, i);
         apply_client_state(s, i);
         if (s.ending) return;
     }
@@ -451,7 +454,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kAccept:
         case Kind::kConnect:
         case Kind::kWatch:
-        case Kind::kUrgent: {
+        case Kind::kUrgent:
+        case Kind::kPeekWatch: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
             if ((es.gen & kGenMask) != gen) {
@@ -465,6 +469,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
             if (kind == Kind::kUrgent) on_urgent(s, i, res, more);
+            if (kind == Kind::kPeekWatch) on_peek_watch(s, i, res);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
@@ -556,6 +561,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
                 if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
                 if (es.urgent_posted) cancel(*s, item.slot, Kind::kUrgent);
+                if (es.peek_watch_posted) cancel(*s, item.slot, Kind::kPeekWatch);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -656,6 +662,20 @@ void Worker::post_recv(Session &s, uint32_t i) {
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
         (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off)
         return;
+    if (es.peeking) {
+        // Peeked bytes wait in the ring until the client rings (leave_peek); before them, one
+        // MSG_PEEK into the empty ring of the new connection.
+        if (es.peeked > 0) return;
+        io_uring_sqe *sqe = get_sqe();
+        if (!sqe) return schedule(s, i);
+        const uint32_t offset = es.rx_tail & kRxMask;
+        io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i) + offset, ipc::kRxRingBytes - offset,
+                           MSG_PEEK);
+        track_op(s, i, sqe, Kind::kRecv);
+        es.recv_posted = true;
+        es.peek_posted = true;
+        return;
+    }
     ipc::SocketSlot &slot = s.region.slot(i);
     if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) {
         // Full: pause, then look at rx_head once more so a client that freed space just
@@ -759,7 +779,26 @@ int Worker::op_past_mark(Session &s, uint32_t i) {
 void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.recv_posted = false;
+    const bool peek = es.peek_posted;
+    es.peek_posted = false;
     if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (peek && (res > 0 || res == -ECANCELED) && !es.peeking) {
+        // Peeking ended while the peek was in flight: what it saw is still in the kernel
+        // socket, and a real receive takes it (nothing, once the socket was handed back).
+        return post_recv(s, i);
+    }
+    if (peek && res > 0) {
+        // The pause before the bytes: a client that reads them then sees the flag and rings.
+        publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
+        es.peeked = static_cast<uint32_t>(res);
+        es.rx_tail += es.peeked;
+        s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);
+        stats_.bytes_in.fetch_add(res, std::memory_order_relaxed);
+        bump_event(s, i);
+        watch_peeked(s, i);
+        return;
+    }
+    if (peek) es.peeking = false;  // EOF or an error before any byte: nothing was peeked
     if (es.recv_polling) {
         es.recv_polling = false;
         if (res == -ECANCELED) return;
@@ -787,6 +826,95 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     } else if (res != -ECANCELED) {
         record_error(s, i, -res);
     }
+}
+
+// Waits for what comes behind the peeked bytes: a one-shot poll, with the kernel socket's
+// SO_RCVLOWAT one above them so that only more bytes make it readable; io_uring adds
+// POLLRDHUP, so the FIN completes it, as POLLERR and POLLHUP (an RST) do. The low-water mark
+// is at most the ring's 64 KiB, which needs no larger receive buffer than the default
+// (tcp_set_rcvlowat()). A ring full of peeked bytes waits for the client, as a full ring does.
+void Worker::watch_peeked(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.peek_watch_posted || !es.peeking || es.state != ipc::SlotState::kOpen) return;
+    const uint32_t base = es.rx_tail - es.peeked;
+    if (es.peeked >= ipc::kRxRingBytes - (base & kRxMask)) return;
+    const int lowat = static_cast<int>(es.peeked) + 1;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe || setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) != 0)
+        return leave_peek(s, i);  // no way to watch: receive for real
+    es.peek_lowat = true;
+    io_uring_prep_poll_add(sqe, es.fd, POLLIN | POLLRDHUP);
+    track_op(s, i, sqe, Kind::kPeekWatch);
+    es.peek_watch_posted = true;
+}
+
+void Worker::on_peek_watch(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.peek_watch_posted = false;
+    if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (res == -ECANCELED || !es.peeking) return;
+    // The FIN or an error behind the peeked bytes (or no poll: ENOMEM): receiving for real
+    // reports it, as the kernel would at once.
+    if (res < 0 || (res & (POLLRDHUP | POLLERR | POLLHUP))) return leave_peek(s, i);
+    // More bytes: peek again, here and now (they are there), and add what is new to the ring.
+    const uint32_t base = es.rx_tail - es.peeked;
+    const uint32_t room = ipc::kRxRingBytes - (base & kRxMask);
+    const ssize_t n = recv(es.fd, peek_scratch_.get(), room, MSG_PEEK | MSG_DONTWAIT);
+    if (n <= static_cast<ssize_t>(es.peeked)) return leave_peek(s, i);
+    const auto added = static_cast<uint32_t>(n) - es.peeked;
+    std::memcpy(s.region.rx_ring(i) + ((base + es.peeked) & kRxMask),
+                peek_scratch_.get() + es.peeked, added);
+    es.peeked += added;
+    es.rx_tail += added;
+    s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);
+    stats_.bytes_in.fetch_add(added, std::memory_order_relaxed);
+    bump_event(s, i);
+    watch_peeked(s, i);
+}
+
+// Takes `bytes` out of the kernel socket without copying them (TCP's MSG_TRUNC): they are in
+// the rx ring already. They are there, and only the engine reads this socket, so this cannot
+// block or come up short; if it did, the kernel socket and the ring would disagree about the
+// stream, so the connection is reset rather than ever handing out a byte twice.
+bool Worker::discard_received(Session &s, uint32_t i, uint32_t bytes) {
+    EngineSlot &es = s.slots[i];
+    while (bytes > 0) {
+        const ssize_t n = recv(es.fd, nullptr, bytes, MSG_TRUNC | MSG_DONTWAIT);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || static_cast<uint32_t>(n) > bytes) {
+            log_line(
+                "worker %d: session %u slot %u: peeked bytes missing from the kernel socket "
+                "(%s); resetting the connection",
+                config_.index, s.id, i, n < 0 ? std::strerror(errno) : "short");
+            reset_in_place(s, i);
+            return false;
+        }
+        bytes -= static_cast<uint32_t>(n);
+    }
+    return true;
+}
+
+void Worker::end_peek(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.peeking) return;
+    es.peeking = false;
+    if (es.peek_watch_posted) cancel(s, i, Kind::kPeekWatch);
+    if (es.peek_lowat) {
+        const int one = 1;
+        setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+        es.peek_lowat = false;
+    }
+    if (es.recv_posted && es.peek_posted) cancel(s, i, Kind::kRecv);  // on_recv receives again
+    const uint32_t peeked = es.peeked;
+    es.peeked = 0;
+    discard_received(s, i, peeked);
+}
+
+void Worker::leave_peek(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.peeking) return;
+    end_peek(s, i);
+    if (!es.recv_posted) post_recv(s, i);
 }
 
 void Worker::post_send(Session &s, uint32_t i) {
@@ -1007,6 +1135,10 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     EngineSlot &conn = s.slots[j];
     conn.quota_uid = es.quota_uid;  // charged when the accept was posted
     conn.rcvlowat = es.rcvlowat;    // inherited from the listener, as the kernel does
+    // Its first bytes are peeked (EngineSlot::peeking): not for a remote session, whose client
+    // cannot pass a socket on, nor with a low-water mark above 1, which the first segment
+    // might not reach while nothing more is received.
+    conn.peeking = !s.remote && conn.rcvlowat <= 1;
     conn.accepted_by = i;
     conn.accepted_by_gen = es.gen;
     conn.accept_pos = es.acc_tail;
@@ -1436,6 +1568,15 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     if (s.ending) return;
     es.handed_off = true;
     es.handoff_member = static_cast<uint16_t>(member);
+    if (es.peeking) {
+        // What the client has read of the peeked bytes leaves the kernel socket; the rest
+        // stays there for whoever gets the socket (handoff_kept: not lost).
+        es.peeking = false;
+        if (es.peek_watch_posted) cancel(s, i, Kind::kPeekWatch);
+        const uint32_t read = es.rx_head - (es.rx_tail - es.peeked);
+        if (read <= es.peeked && discard_received(s, i, read)) es.handoff_kept = es.peeked - read;
+        es.peeked = 0;
+    }
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.accept_posted) cancel(s, i, Kind::kAccept);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
@@ -1449,7 +1590,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (es.handoff_member == kNoMember) return;
     const bool sending = es.send_posted || (es.tx_head != es.tx_tail &&
                                             !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)));
-    if (es.recv_posted || es.accept_posted || es.watch_posted || es.urgent_posted || sending)
+    if (es.recv_posted || es.accept_posted || es.watch_posted || es.urgent_posted ||
+        es.peek_watch_posted || sending)
         return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
@@ -1460,9 +1602,15 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     reply.version = ipc::kLayoutVersion;
     reply.session_id = s.id;
     const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
-    reply.arg = rx_head_valid(rx_head, es.rx_tail) ? static_cast<int32_t>(es.rx_tail - rx_head) : 0;
+    const uint32_t unread = rx_head_valid(rx_head, es.rx_tail) ? es.rx_tail - rx_head : 0;
+    reply.arg = static_cast<int32_t>(unread - std::min(unread, es.handoff_kept));
     const uint32_t acc_head = shm.acc_head.load(std::memory_order_acquire);
     reply.reserved = acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head : 0;
+    // The application's low-water mark, which the engine kept for it (ops.cpp), is the
+    // kernel socket's from now on.
+    if (es.rcvlowat != 1 || es.peek_lowat)
+        setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, &es.rcvlowat, sizeof(int));
+    es.peek_lowat = false;
     const int copy = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
     reply.result = copy >= 0 ? 0 : -errno;
     const int rc = ipc::send_control(s.members[member].control_fd, reply, &copy, copy >= 0 ? 1 : 0);
@@ -1750,6 +1898,8 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         // Connections accepted but never taken by the application die with it (also those
         // of a listener that a shutdown(SHUT_RD) stopped earlier).
         drop_untaken(s, i, true);
+        // Bytes the client read must not make the kernel reset the connection as unread.
+        end_peek(s, i);
         if (es.recv_posted) cancel(s, i, Kind::kRecv);
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
@@ -1811,8 +1961,11 @@ void Worker::reset_in_place(Session &s, uint32_t i) {
     sockaddr unspec{};
     unspec.sa_family = AF_UNSPEC;
     connect(es.fd, &unspec, sizeof(unspec));
+    es.peeking = false;
+    es.peeked = 0;
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
+    if (es.peek_watch_posted) cancel(s, i, Kind::kPeekWatch);
     record_error(s, i, ECONNRESET);
 }
 

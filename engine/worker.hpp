@@ -85,6 +85,7 @@ class Worker {
         kLink,        // a remote session's setup connection: its EOF ends the session
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
         kUrgent,      // multishot poll for POLLPRI (urgent data) on a watched socket
+        kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
     };
 
     struct TimedSlot {
@@ -143,6 +144,14 @@ class Worker {
     // the urgent mark (where it stops, unless told to go past), then polls again.
     void receive_by_hand(Session &s, uint32_t i);
     void stop_at_urgent_mark(Session &s, uint32_t i);
+    // An accepted connection's first bytes are peeked (session.hpp, EngineSlot::peeking):
+    // end_peek() drops them from the kernel socket, which the rx ring now holds alone;
+    // leave_peek() also starts receiving for real.
+    void watch_peeked(Session &s, uint32_t i);
+    void on_peek_watch(Session &s, uint32_t i, int32_t res);
+    void end_peek(Session &s, uint32_t i);
+    void leave_peek(Session &s, uint32_t i);
+    bool discard_received(Session &s, uint32_t i, uint32_t bytes);
     void on_recv(Session &s, uint32_t i, int32_t res);
     void on_send(Session &s, uint32_t i, int32_t res);
     void on_accept(Session &s, uint32_t i, int32_t res);
@@ -282,6 +291,7 @@ class Worker {
     std::vector<Session *> dirty_;
     std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
     std::vector<TimedSlot> timed_;
+    std::unique_ptr<uint8_t[]> peek_scratch_;  // kRxRingBytes: a peek of what follows the peeked
     // Freed engine slots whose ring pages are given back once they have stayed free a while
     // (oldest first; an entry whose slot reopened since is stale).
     struct IdleRings {

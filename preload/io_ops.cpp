@@ -365,6 +365,10 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     const uint8_t *ring = region().rx_ring(ref.slot);
     size_t copied = 0;
     long result = 0;
+    // A peek that finds receiving paused asks for more: the engine holds back whatever
+    // follows a new connection's first bytes until we ring (engine/session.hpp, peeking).
+    if (peek && (shm.flags.load(std::memory_order_acquire) & ipc::kFlagRxPaused))
+        notify_engine(ref.slot);
     CallHold hold(ref);
     sock.rx_lock.lock();
     for (;;) {

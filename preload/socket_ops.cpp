@@ -655,6 +655,9 @@ long op_ioctl(SocketRef &ref, unsigned long request_code, void *arg) {
             const int n = static_cast<int>(ref.shm->rx_tail.load(std::memory_order_acquire) -
                                            ref.shm->rx_head.load(std::memory_order_relaxed));
             std::memcpy(arg, &n, sizeof(n));
+            // As a peek does (op_recv): a caller counting bytes wants what follows too.
+            if (ref.shm->flags.load(std::memory_order_acquire) & ipc::kFlagRxPaused)
+                notify_engine(ref.slot);
             return 0;
         }
         case SIOCOUTQ:

@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(meson ninja-build pkg-config g++ libfabric-dev liburing-dev catch2 libboost-dev python3
     curl redis-server redis-tools iperf3 iproute2 clang-format wrk procps strace sockperf
-    apache2 nginx-light httperf gnuplot-nox nftables)
+    apache2 nginx-light httperf gnuplot-nox nftables memcached libmemcached-tools lighttpd haproxy
+    nodejs postgresql linux-perf)
 
 missing=()
 for package in "${packages[@]}"; do
@@ -48,7 +49,8 @@ rm -f "$log"
 
 # Under systemd the units were still enabled for the next boot: disable the services this run
 # installed (never ones the machine had before), and stop them if anything started them.
-for entry in redis-server:redis-server iperf3:iperf3 apache2:apache2 nginx-light:nginx; do
+for entry in redis-server:redis-server iperf3:iperf3 apache2:apache2 nginx-light:nginx \
+    memcached:memcached lighttpd:lighttpd haproxy:haproxy postgresql:postgresql; do
     package=${entry%%:*} service=${entry#*:}
     [[ " ${missing[*]} " == *" $package "* ]] || continue
     if command -v systemctl >/dev/null 2>&1; then

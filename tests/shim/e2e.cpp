@@ -1079,6 +1079,78 @@ TEST_CASE(
     CHECK(recv(p.client.get(), &end, 1, 0) == 0);
 }
 
+// Receives one byte and a descriptor sent by send_fd(); the descriptor, or -1.
+int recv_fd(int over) {
+    char byte;
+    iovec iov{&byte, 1};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    if (recvmsg(over, &msg, MSG_CMSG_CLOEXEC) != 1) return -1;
+    const cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    if (!cmsg || cmsg->cmsg_type != SCM_RIGHTS) return -1;
+    int fd = -1;
+    std::memcpy(&fd, CMSG_DATA(cmsg), sizeof(fd));
+    return fd;
+}
+
+TEST_CASE("a connection passed with SCM_RIGHTS before its first read keeps every byte that came") {
+    // Node's cluster (round-robin): the primary accepts and passes each connection on to a
+    // worker without reading. The request has arrived by then, in two parts here, each seen
+    // as its own edge by an edge-triggered epoll, as Linux reports them.
+    Pair p = make_pair();
+    Fd ep(epoll_create1(EPOLL_CLOEXEC));
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLET;
+    REQUIRE(epoll_ctl(ep.get(), EPOLL_CTL_ADD, p.server.get(), &ev) == 0);
+    epoll_event out[2];
+    send_all(p.client.get(), "GET / HTTP/1.1\r\n", 16);
+    REQUIRE(epoll_wait(ep.get(), out, 2, kTimeoutMs) == 1);
+    send_all(p.client.get(), "Host: x\r\n\r\n", 11);
+    REQUIRE(epoll_wait(ep.get(), out, 2, kTimeoutMs) == 1);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    REQUIRE(send_fd(sender.get(), p.server.get()));
+    p.server.reset();  // the primary's copy goes; the worker's is the connection now
+    Fd worker(recv_fd(receiver.get()));
+    REQUIRE(worker.get() >= 0);
+    CHECK(recv_exactly(worker.get(), 27) == "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    send_all(worker.get(), "HTTP/1.1 200 OK\r\n", 17);
+    CHECK(recv_exactly(p.client.get(), 17) == "HTTP/1.1 200 OK\r\n");
+}
+
+TEST_CASE("SO_RCVLOWAT goes with a socket passed with SCM_RIGHTS") {
+    Pair p = make_pair();
+    const int lowat = 7;
+    REQUIRE(setsockopt(p.server.get(), SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) == 0);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    REQUIRE(send_fd(sender.get(), p.server.get()));
+    Fd copy(recv_fd(receiver.get()));
+    REQUIRE(copy.get() >= 0);
+    int value = -1;
+    socklen_t len = sizeof(value);
+    REQUIRE(getsockopt(copy.get(), SOL_SOCKET, SO_RCVLOWAT, &value, &len) == 0);
+    CHECK(value == 7);
+}
+
+TEST_CASE("a FIN behind a new connection's unread bytes shows before they are read") {
+    Pair p = make_pair();
+    send_all(p.client.get(), "bye", 3);
+    REQUIRE(shutdown(p.client.get(), SHUT_WR) == 0);
+    // POLLRDHUP alone: poll returns once the FIN is seen (or after the bound, with 0).
+    CHECK((wait_events(p.server.get(), POLLRDHUP) & POLLRDHUP) != 0);
+    CHECK((wait_events(p.server.get(), POLLIN, 0) & POLLIN) != 0);
+    CHECK(recv_exactly(p.server.get(), 3) == "bye");
+    char byte;
+    CHECK(recv(p.server.get(), &byte, 1, MSG_DONTWAIT) == 0);
+}
+
 TEST_CASE("exec keeps sockets that are not close-on-exec and closes those that are") {
     Pair kept = make_pair();
     Pair dropped = make_pair();
