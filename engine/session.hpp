@@ -53,11 +53,11 @@ struct EngineSlot {
     // send(MSG_OOB): the tx position just past the urgent byte, while not yet sent.
     uint32_t urgent_tail = 0;
     bool urgent_pending = false;
-    // The client wants urgent data watched (kPostedUrgentWatch): a POLLPRI poll is kept
-    // posted, and each receive looks whether it stopped at the urgent mark.
+    // The client wants urgent data watched (kPostedUrgentWatch): receives become a poll for
+    // POLLIN|POLLPRI and reads by hand that look for the urgent mark before each read.
     bool urgent_watch = false;
-    bool urgent_posted = false;
-    bool recv_polling = false;  // the posted kRecv is a POLLIN poll: we read by hand
+    bool recv_polling = false;  // the posted kRecv is such a poll: we read by hand
+    uint32_t poll_events = 0;   // what that poll waits for
     bool urgent_stop = false;   // stopped at the urgent mark (kFlagUrgentStop)
     bool past_mark_ok = false;  // the client asked to go past it (kPastMark)
 

@@ -349,8 +349,11 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
     if ((posted & ipc::kPostedUrgentWatch) && !es.urgent_watch) {
         es.applied_posted |= ipc::kPostedUrgentWatch;
         es.urgent_watch = true;
+        // A receive in flight would read past an urgent byte that comes now: take it back,
+        // and read by hand from then on (on_recv posts the poll when it is cancelled).
+        if (es.recv_posted && !es.recv_polling && !es.peek_posted) cancel(s, i, Kind::kRecv);
         look_for_urgent_mark(s, i);
-        post_urgent_watch(s, i);
+        post_recv(s, i);
     }
 }
 
@@ -454,7 +457,6 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kAccept:
         case Kind::kConnect:
         case Kind::kWatch:
-        case Kind::kUrgent:
         case Kind::kPeekWatch: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
@@ -468,7 +470,6 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kAccept) on_accept(s, i, res);
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
-            if (kind == Kind::kUrgent) on_urgent(s, i, res, more);
             if (kind == Kind::kPeekWatch) on_peek_watch(s, i, res);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
@@ -560,7 +561,6 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.accept_posted) cancel(*s, item.slot, Kind::kAccept);
                 if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
                 if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
-                if (es.urgent_posted) cancel(*s, item.slot, Kind::kUrgent);
                 if (es.peek_watch_posted) cancel(*s, item.slot, Kind::kPeekWatch);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
@@ -574,7 +574,6 @@ void Worker::housekeeping(uint64_t now) {
         post_send(*s, item.slot);
         post_accept(*s, item.slot);
         if (es.flags & ipc::kFlagRxEof) post_watch(*s, item.slot);
-        post_urgent_watch(*s, item.slot);
     }
 }
 
@@ -693,16 +692,19 @@ void Worker::post_recv(Session &s, uint32_t i) {
     if (es.flags & ipc::kFlagRxPaused) publish_flags(s, i, es.flags & ~ipc::kFlagRxPaused);
     if (es.urgent_watch) {
         // We read by hand when the socket is readable (receive_by_hand); at the urgent mark,
-        // only to say that there is something past it.
-        if (es.urgent_stop &&
-            (s.region.slot(i).kernel_mask.load(std::memory_order_relaxed) & POLLIN))
-            return;
+        // only to say that there is something past it. POLLPRI while it is not yet known:
+        // urgent data alone at the head of the queue does not make the socket readable.
+        const uint32_t known = s.region.slot(i).kernel_mask.load(std::memory_order_relaxed);
+        uint32_t events = POLLPRI & ~known;
+        if (!es.urgent_stop || !(known & POLLIN)) events |= POLLIN;
+        if (events == 0) return;  // stopped, and both known: the client moves next
         io_uring_sqe *sqe = get_sqe();
         if (!sqe) return schedule(s, i);
-        io_uring_prep_poll_add(sqe, es.fd, POLLIN);
+        io_uring_prep_poll_add(sqe, es.fd, events);
         track_op(s, i, sqe, Kind::kRecv);
         es.recv_posted = true;
         es.recv_polling = true;
+        es.poll_events = events;
         return;
     }
     const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
@@ -801,13 +803,14 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     if (peek) es.peeking = false;  // EOF or an error before any byte: nothing was peeked
     if (es.recv_polling) {
         es.recv_polling = false;
-        if (res == -ECANCELED) return;
+        if (res == -ECANCELED) return post_recv(s, i);  // taken back to wait for other events
         if (res < 0) return schedule(s, i);  // a poll that failed: again on the next tick
         if (!es.urgent_stop) return receive_by_hand(s, i);
-        // Stopped at the mark: something waits past it. Readable, until the client goes on.
-        update_kernel_mask(s, i);
+        // Stopped at the mark: something waits past it, or urgent data came. Readable,
+        // until the client goes on.
+        look_for_urgent_mark(s, i);
         bump_event(s, i);
-        return;
+        return post_recv(s, i);
     }
     if (res > 0) {
         es.rx_tail += static_cast<uint32_t>(res);
@@ -823,7 +826,9 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         post_watch(s, i);
     } else if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
         schedule(s, i);  // transient: try again on the next tick, not in a tight loop
-    } else if (res != -ECANCELED) {
+    } else if (res == -ECANCELED) {
+        if (es.urgent_watch) post_recv(s, i);  // taken back to read by hand from now on
+    } else {
         record_error(s, i, -res);
     }
 }
@@ -1324,7 +1329,6 @@ void Worker::on_connected(Session &s, uint32_t i) {
     bump_event(s, i);
     post_recv(s, i);
     post_send(s, i);
-    post_urgent_watch(s, i);
 }
 
 void Worker::post_watch(Session &s, uint32_t i) {
@@ -1342,30 +1346,6 @@ void Worker::post_watch(Session &s, uint32_t i) {
     es.watch_posted = true;
 }
 
-void Worker::post_urgent_watch(Session &s, uint32_t i) {
-    EngineSlot &es = s.slots[i];
-    if (!es.urgent_watch || es.urgent_posted || es.state != ipc::SlotState::kOpen ||
-        !(es.flags & ipc::kFlagConnected) || (es.flags & ipc::kFlagReset) || es.handed_off)
-        return;
-    io_uring_sqe *sqe = get_sqe();
-    if (!sqe) return schedule(s, i);
-    io_uring_prep_poll_multishot(sqe, es.fd, POLLPRI);
-    track_op(s, i, sqe, Kind::kUrgent);
-    es.urgent_posted = true;
-}
-
-void Worker::on_urgent(Session &s, uint32_t i, int32_t res, bool more) {
-    EngineSlot &es = s.slots[i];
-    if (!more) es.urgent_posted = false;
-    if (es.state != ipc::SlotState::kOpen) {
-        if (!more) maybe_finish_close(s, i);
-        return;
-    }
-    if (res == -ECANCELED) return;
-    if (!more) schedule(s, i);  // ended without being cancelled: armed again on the tick
-    if (res > 0 && (res & POLLPRI)) look_for_urgent_mark(s, i);
-}
-
 void Worker::look_for_urgent_mark(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     ipc::SocketSlot &slot = s.region.slot(i);
@@ -1377,7 +1357,11 @@ void Worker::look_for_urgent_mark(Session &s, uint32_t i) {
     }
     const uint32_t before = slot.kernel_mask.load(std::memory_order_relaxed);
     update_kernel_mask(s, i);
-    if ((before ^ slot.kernel_mask.load(std::memory_order_relaxed)) & POLLPRI) bump_event(s, i);
+    const uint32_t now = slot.kernel_mask.load(std::memory_order_relaxed);
+    if ((before ^ now) & POLLPRI) bump_event(s, i);
+    // The urgent byte was read: a poll in flight that leaves POLLPRI out would miss the next.
+    if (es.recv_polling && !(now & POLLPRI) && !(es.poll_events & POLLPRI))
+        cancel(s, i, Kind::kRecv);
 }
 
 void Worker::on_watch(Session &s, uint32_t i, int32_t res, bool more) {
@@ -1580,7 +1564,6 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.accept_posted) cancel(s, i, Kind::kAccept);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
-    if (es.urgent_posted) cancel(s, i, Kind::kUrgent);
     stop_listening(s, i);
     maybe_finish_handoff(s, i);
 }
@@ -1590,8 +1573,7 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (es.handoff_member == kNoMember) return;
     const bool sending = es.send_posted || (es.tx_head != es.tx_tail &&
                                             !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)));
-    if (es.recv_posted || es.accept_posted || es.watch_posted || es.urgent_posted ||
-        es.peek_watch_posted || sending)
+    if (es.recv_posted || es.accept_posted || es.watch_posted || es.peek_watch_posted || sending)
         return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
@@ -1904,7 +1886,6 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
-        if (es.urgent_posted) cancel(s, i, Kind::kUrgent);
         untrack_connect(s, i);
     }
     // The kernel socket lives on in the application: closing only drops our descriptor.

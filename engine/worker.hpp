@@ -84,7 +84,6 @@ class Worker {
         kWatch,       // multishot poll for an RST on a socket with no recv posted (after the FIN)
         kLink,        // a remote session's setup connection: its EOF ends the session
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
-        kUrgent,      // multishot poll for POLLPRI (urgent data) on a watched socket
         kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
     };
 
@@ -135,8 +134,6 @@ class Worker {
     void set_accept_error(Session &s, uint32_t i, int error);
     void post_connect_poll(Session &s, uint32_t i);
     void post_watch(Session &s, uint32_t i);
-    void post_urgent_watch(Session &s, uint32_t i);
-    void on_urgent(Session &s, uint32_t i, int32_t res, bool more);
     // Records the rx ring position of the urgent mark if the kernel socket's reading stopped
     // there (SIOCATMARK), and what poll() says of urgent data.
     void look_for_urgent_mark(Session &s, uint32_t i);

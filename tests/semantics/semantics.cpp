@@ -2947,6 +2947,30 @@ void check_urgent(const Family &family) {
         say("%s: SIOCATMARK past the mark=%d", how, mark);
         pair.close_both();
     }
+    // asyncore's handle_expt: the interest (EPOLLPRI, POLLPRI) comes first, on a socket with
+    // nothing to read, and the urgent byte comes alone afterwards.
+    Pair pair = connected_pair(family);
+    const int ep = epoll_create1(EPOLL_CLOEXEC);
+    epoll_event interest{};
+    interest.events = EPOLLIN | EPOLLPRI;
+    interest.data.fd = pair.server;
+    epoll_ctl(ep, EPOLL_CTL_ADD, pair.server, &interest);
+    say("urgent later: poll before=%s",
+        poll_names(wait_events(pair.server, POLLIN | POLLPRI, 0)).c_str());
+    say("urgent later: send(MSG_OOB)=%s", rc(send(pair.client, "!", 1, MSG_OOB)).c_str());
+    say("urgent later: poll=%s",
+        poll_names(wait_bits(pair.server, POLLIN | POLLPRI | POLLOUT, POLLPRI)).c_str());
+    epoll_event got{};
+    const int ready = epoll_wait(ep, &got, 1, kWaitMs);
+    say("urgent later: epoll_wait=%d events=%s", ready,
+        ready == 1 ? epoll_names(got.events).c_str() : "-");
+    char byte = 0;
+    const long taken = recv(pair.server, &byte, 1, MSG_OOB);
+    say("urgent later: recv(MSG_OOB)=%s byte=%c", rc(taken).c_str(), byte ? byte : '-');
+    say("urgent later: poll after=%s",
+        poll_names(wait_events(pair.server, POLLIN | POLLPRI, 0)).c_str());
+    close(ep);
+    pair.close_both();
 }
 
 void check_sendfile(const Family &family) {
