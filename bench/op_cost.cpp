@@ -5,24 +5,32 @@
 // The same binary runs natively and under LD_PRELOAD=libtcps.so; bench/op_cost.sh runs both,
 // alternately, and reports ratios. The peer is `op_cost --peer`, never preloaded.
 //
+// With the MemNet API (preload/tcps_memnet.h), the calls are memnet_send_direct,
+// memnet_recv_direct, or memnet_async_send with up to kAsyncDepth jobs in flight (each call's
+// CPU includes the job_wait of the job whose buffer it reuses), from a registered buffer.
+//
 //   op_cost --peer PORT_FILE                 listen on 127.0.0.1:0, write the port, then serve
 //   op_cost --send|--recv PORT SIZE COUNT    connect, run COUNT calls of SIZE bytes, print a line
+//   op_cost --send-direct|--recv-direct|--async-send PORT SIZE COUNT
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "common.hpp"
+#include "tcps_memnet.h"
 
 namespace {
 
@@ -59,34 +67,99 @@ int run_peer(const char *port_file) {
     }
 }
 
-int run_client(bool sending, int port, size_t size, long count) {
+enum class Call { kSend, kRecv, kSendDirect, kRecvDirect, kAsyncSend };
+constexpr int kAsyncDepth = 8;
+
+const char *call_name(Call call) {
+    switch (call) {
+        case Call::kSend:
+            return "send";
+        case Call::kRecv:
+            return "recv";
+        case Call::kSendDirect:
+            return "send_direct";
+        case Call::kRecvDirect:
+            return "recv_direct";
+        case Call::kAsyncSend:
+            return "async_send";
+    }
+    return "?";
+}
+
+int run_client(Call call, int port, size_t size, long count) {
+    const bool sending =
+        call == Call::kSend || call == Call::kSendDirect || call == Call::kAsyncSend;
     const int fd = connect_loopback(port);
     const char mode = sending ? 'S' : 'R';
     if (send(fd, &mode, 1, 0) != 1) die("send mode");
 
-    std::vector<char> buffer(size, 'a');
+    std::vector<char> buffer(size * kAsyncDepth, 'a');
+    memnet_mem_t mem = nullptr;
+    if (call != Call::kSend && call != Call::kRecv &&
+        memnet_register_mem(buffer.data(), buffer.size(), &mem) != 0)
+        die("memnet_register_mem");
+    memnet_job_t jobs[kAsyncDepth];
+    bool in_flight[kAsyncDepth] = {};
+    uint64_t post_ns = 0;  // async_send: wall time inside memnet_async_send itself
+    long next = 0;
     auto one_call = [&] {
         // A blocking call moves all `size` bytes for send; recv may return fewer, as an
         // application's recv would: that is the call being measured.
-        const ssize_t n =
-            sending ? send(fd, buffer.data(), size, 0) : recv(fd, buffer.data(), size, 0);
-        if (n <= 0) die(sending ? "send" : "recv");
+        ssize_t n = 0;
+        switch (call) {
+            case Call::kSend:
+                n = send(fd, buffer.data(), size, 0);
+                break;
+            case Call::kRecv:
+                n = recv(fd, buffer.data(), size, 0);
+                break;
+            case Call::kSendDirect:
+                n = memnet_send_direct(fd, mem, 0, size);
+                break;
+            case Call::kRecvDirect:
+                n = memnet_recv_direct(fd, mem, 0, size);
+                break;
+            case Call::kAsyncSend: {
+                const int k = static_cast<int>(next++ % kAsyncDepth);
+                if (in_flight[k] && memnet_job_wait(&jobs[k], -1) != static_cast<ssize_t>(size))
+                    die("memnet_job_wait");
+                const uint64_t posting = clock_ns(CLOCK_MONOTONIC);
+                in_flight[k] = memnet_async_send(fd, mem, k * size, size, &jobs[k]) == 0;
+                post_ns += clock_ns(CLOCK_MONOTONIC) - posting;
+                n = in_flight[k] ? static_cast<ssize_t>(size) : -1;
+                break;
+            }
+        }
+        if (n <= 0) die(call_name(call));
         return static_cast<uint64_t>(n);
     };
+    auto drain_jobs = [&] {
+        for (int k = 0; k < kAsyncDepth; ++k)
+            if (in_flight[k] && memnet_job_wait(&jobs[k], -1) != static_cast<ssize_t>(size))
+                die("memnet_job_wait");
+        std::fill(std::begin(in_flight), std::end(in_flight), false);
+    };
     for (long i = 0; i < count / 10 + 1; ++i) one_call();  // warm up: rings, caches, windows
+    drain_jobs();
+    post_ns = 0;
 
     const uint64_t cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
     const uint64_t wall0 = clock_ns(CLOCK_MONOTONIC);
     uint64_t bytes = 0;
     for (long i = 0; i < count; ++i) bytes += one_call();
+    drain_jobs();  // every job done: its cost counted
     const uint64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     const uint64_t wall = clock_ns(CLOCK_MONOTONIC) - wall0;
+    if (mem && memnet_deregister_mem(mem) != 0) die("memnet_deregister_mem");
     close(fd);
     // One line, key=value, parsed by op_cost.sh.
-    std::printf("op=%s size=%zu calls=%ld bytes=%llu cpu_ns_per_call=%.1f wall_ns_per_call=%.1f\n",
-                sending ? "send" : "recv", size, count, static_cast<unsigned long long>(bytes),
-                static_cast<double>(cpu) / static_cast<double>(count),
-                static_cast<double>(wall) / static_cast<double>(count));
+    std::printf(
+        "op=%s size=%zu calls=%ld bytes=%llu cpu_ns_per_call=%.1f wall_ns_per_call=%.1f "
+        "post_ns_per_call=%.1f\n",
+        call_name(call), size, count, static_cast<unsigned long long>(bytes),
+        static_cast<double>(cpu) / static_cast<double>(count),
+        static_cast<double>(wall) / static_cast<double>(count),
+        static_cast<double>(post_ns) / static_cast<double>(count));
     return 0;
 }
 
@@ -95,10 +168,20 @@ int run_client(bool sending, int port, size_t size, long count) {
 int main(int argc, char **argv) {
     tcps::bench::program_name = "op_cost";
     if (argc == 3 && std::strcmp(argv[1], "--peer") == 0) return run_peer(argv[2]);
-    if (argc == 5 && (std::strcmp(argv[1], "--send") == 0 || std::strcmp(argv[1], "--recv") == 0))
-        return run_client(std::strcmp(argv[1], "--send") == 0, std::atoi(argv[2]),
-                          std::strtoul(argv[3], nullptr, 10), std::atol(argv[4]));
+    const struct {
+        const char *flag;
+        Call call;
+    } calls[] = {{"--send", Call::kSend},
+                 {"--recv", Call::kRecv},
+                 {"--send-direct", Call::kSendDirect},
+                 {"--recv-direct", Call::kRecvDirect},
+                 {"--async-send", Call::kAsyncSend}};
+    for (const auto &entry : calls)
+        if (argc == 5 && std::strcmp(argv[1], entry.flag) == 0)
+            return run_client(entry.call, std::atoi(argv[2]), std::strtoul(argv[3], nullptr, 10),
+                              std::atol(argv[4]));
     std::fprintf(stderr,
-                 "usage: op_cost --peer PORT_FILE | op_cost --send|--recv PORT SIZE COUNT\n");
+                 "usage: op_cost --peer PORT_FILE | op_cost --send|--recv|--send-direct|"
+                 "--recv-direct|--async-send PORT SIZE COUNT\n");
     return 2;
 }

@@ -7,9 +7,13 @@
 # CPU comes from the kernel's accounting: the calling thread's CLOCK_THREAD_CPUTIME_ID for the
 # application, and the sum of /proc/PID/task/*/schedstat (ns on CPU) for the engine.
 #
+# With OPS="send_direct recv_direct async_send" the same for the MemNet API (preload/
+# tcps_memnet.h) from a registered buffer: natively it is the kernel's send()/recv(), offloaded
+# the engine sends from and receives into the buffer itself.
+#
 # Usage: bash bench/op_cost.sh [BUILD_DIR]   (default: build)
 # Environment: RUNS (default 5), SCALE (multiplies the call counts, may be fractional, default 1),
-#              OUT (CSV file, default bench/results/op_cost.csv).
+#              OUT (CSV file, default bench/results/op_cost.csv), OPS (default "send recv").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,11 +69,12 @@ engine_cpu_ns() {
 echo "op_cost: application on core $app_core; peer and engine (tcpsd --cores $other_core," \
     "spin-then-sleep, --spin-us 50) on core $other_core; $cores cores; $runs runs each" >&2
 mkdir -p "$(dirname "$out")"
-echo "op,size,mode,run,app_cpu_ns_per_call,engine_cpu_ns_per_call,wall_ns_per_call" >"$out"
+echo "op,size,mode,run,app_cpu_ns_per_call,engine_cpu_ns_per_call,wall_ns_per_call,post_ns_per_call" >"$out"
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
 
-for op in send recv; do
+ops=${OPS:-send recv}
+for op in $ops; do
     for size in 64 1024 4096 16384; do
         case $size in
         64 | 1024) count=200000 ;;
@@ -78,15 +83,15 @@ for op in send recv; do
         esac
         count=$(awk -v c="$count" -v s="$scale" 'BEGIN { n = int(c * s); print (n < 1) ? 1 : n }')
         for run in $(seq "$runs"); do
-            line=$(taskset -c "$app_core" "$op_cost" "--$op" "$port" "$size" "$count")
-            echo "$op,$size,native,$run,$(field cpu_ns_per_call "$line"),0,$(field wall_ns_per_call "$line")" >>"$out"
+            line=$(taskset -c "$app_core" "$op_cost" "--${op//_/-}" "$port" "$size" "$count")
+            echo "$op,$size,native,$run,$(field cpu_ns_per_call "$line"),0,$(field wall_ns_per_call "$line"),$(field post_ns_per_call "$line")" >>"$out"
 
             before=$(engine_cpu_ns)
             line=$(LD_PRELOAD=$libtcps TCPS_ENGINE_SOCKET=$work/engine.sock \
-                taskset -c "$app_core" "$op_cost" "--$op" "$port" "$size" "$count")
+                taskset -c "$app_core" "$op_cost" "--${op//_/-}" "$port" "$size" "$count")
             after=$(engine_cpu_ns)
             engine=$(awk -v a="$before" -v b="$after" -v n="$count" 'BEGIN { printf "%.1f", (b - a) / n }')
-            echo "$op,$size,offloaded,$run,$(field cpu_ns_per_call "$line"),$engine,$(field wall_ns_per_call "$line")" >>"$out"
+            echo "$op,$size,offloaded,$run,$(field cpu_ns_per_call "$line"),$engine,$(field wall_ns_per_call "$line"),$(field post_ns_per_call "$line")" >>"$out"
         done
     done
 done
@@ -105,9 +110,9 @@ def series(op, size, mode, key):
     return [float(r[key]) for r in rows if r["op"] == op and r["size"] == size and r["mode"] == mode]
 def fmt(values):
     return f"{statistics.median(values):8.0f} [{min(values):.0f}-{max(values):.0f}]"
-print(f"{'op':5} {'size':>6}  {'native app ns/call':>24}  {'offloaded app ns/call':>24}  "
+print(f"{'op':11} {'size':>6}  {'native app ns/call':>24}  {'offloaded app ns/call':>24}  "
       f"{'app ratio':>9}  {'engine ns/call':>14}  {'total ratio':>11}")
-for op in ("send", "recv"):
+for op in dict.fromkeys(r["op"] for r in rows):
     for size in ("64", "1024", "4096", "16384"):
         native = series(op, size, "native", "app_cpu_ns_per_call")
         off = series(op, size, "offloaded", "app_cpu_ns_per_call")
@@ -115,7 +120,14 @@ for op in ("send", "recv"):
         if not native or not off:
             continue
         n, o, e = statistics.median(native), statistics.median(off), statistics.median(engine)
-        print(f"{op:5} {size:>6}  {fmt(native):>24}  {fmt(off):>24}  {o / n:9.2f}  "
+        print(f"{op:11} {size:>6}  {fmt(native):>24}  {fmt(off):>24}  {o / n:9.2f}  "
               f"{e:14.0f}  {(o + e) / n:11.2f}")
+# async_send: its app CPU includes waiting for the jobs (job_wait); the posting alone (wall
+# time inside memnet_async_send, the MemNet paper's "cost of send") is shown apart.
+posts = [(size, statistics.median(series("async_send", size, "offloaded", "post_ns_per_call")))
+         for size in ("64", "1024", "4096", "16384") if series("async_send", size, "offloaded", "post_ns_per_call")]
+for size, post in posts:
+    native = statistics.median(series("send", size, "native", "app_cpu_ns_per_call") or [float("nan")])
+    print(f"async_send {size:>6}: posting alone {post:.0f} ns per call, {post / native:.3f}x native send's CPU")
 EOF
 echo "op_cost: raw results in $out" >&2

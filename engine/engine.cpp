@@ -226,13 +226,15 @@ void Engine::log_stats() {
         const WorkerStats &st = workers_[k]->stats();
         log_line(
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, "
-            "bytes in %llu out %llu, violations %llu",
+            "bytes in %llu out %llu (direct in %llu out %llu), violations %llu",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
             static_cast<unsigned long long>(st.accepts.load()),
             static_cast<unsigned long long>(st.bytes_in.load()),
             static_cast<unsigned long long>(st.bytes_out.load()),
+            static_cast<unsigned long long>(st.direct_in.load()),
+            static_cast<unsigned long long>(st.direct_out.load()),
             static_cast<unsigned long long>(st.violations.load()));
     }
 }

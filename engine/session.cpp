@@ -44,6 +44,7 @@ void Session::release() {
         }
         region.map_contiguous(nullptr, 0);
     }
+    for (MemRegistration &mem : mems) release_mem(mem);
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) close_waiter(*this, w);
     for (Member &member : members) close_control(member);
     for (int *fd : {&memfd, &doorbell_fd}) {
@@ -52,6 +53,12 @@ void Session::release() {
     }
     if (charged != kUncharged) quotas().release(charged, kSessionFds, kSessionBytes);
     charged = kUncharged;
+}
+
+void release_mem(MemRegistration &mem) {
+    if (mem.base) munmap(mem.base, mem.length);
+    if (mem.charged != kUncharged) quotas().release(mem.charged, 0, mem.length);
+    mem = MemRegistration{};
 }
 
 namespace {

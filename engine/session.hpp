@@ -121,6 +121,31 @@ struct EngineSlot {
     AddressKey connected_key;
     AddressKey connected_peer;
     uint16_t accept_personality = 0;
+
+    // MemNet's direct queue (ipc::DirectDescriptor): descriptors taken (direct_head) and the
+    // one in progress. A direct send waits for the tx ring's bytes up to direct_tx_at; a
+    // direct receive waits for the ring's receive in flight to be cancelled.
+    enum class Direct : uint8_t { kNone, kSend, kRecv };
+    Direct direct = Direct::kNone;
+    bool direct_posted = false;  // Kind::kDirect in flight
+    bool direct_dontwait = false;
+    uint32_t direct_head = 0;          // descriptors taken; the one in progress is direct_head - 1
+    uint32_t direct_tail = 0;          // the client's, validated
+    uint32_t direct_mem = UINT32_MAX;  // the registration in use, if any
+    uint32_t direct_tx_at = 0;
+    uint32_t direct_len = 0;
+    uint32_t direct_done = 0;
+    uint8_t *direct_base = nullptr;
+};
+
+// Memory a family registered for MemNet (ControlType::kRegisterMem): the engine's own mapping
+// of the client's memfd. Unmapped when deregistered and unused, or with the session.
+struct MemRegistration {
+    uint8_t *base = nullptr;
+    uint64_t length = 0;  // mapped: page-rounded
+    uint32_t users = 0;   // direct sends/receives in progress
+    bool deregistered = false;
+    uid_t charged = static_cast<uid_t>(-1);
 };
 
 // The engine's records of a session's slots, one array per active chunk.
@@ -186,6 +211,7 @@ struct Session {
     uint32_t waiter_scan_limit = 0;           // 1 + the highest registered waiter index
     std::vector<uint32_t> free_engine_slots;  // engine-allocated slots, a stack
     std::vector<uint32_t> listeners;
+    std::vector<MemRegistration> mems;  // by id
 
     // Slots whose readiness changed in this batch, for waking waiters (a bit per slot of the
     // active chunks).
@@ -252,6 +278,8 @@ void install_waiter(Session &session, uint32_t w, int fd, uint16_t owner,
 void close_waiter(Session &session, uint32_t w);
 // Closes a member's control connection (and frees its share).
 void close_control(Member &member);
+// Unmaps a MemNet registration and gives its bytes back to the uid charged for them.
+void release_mem(MemRegistration &mem);
 
 // What a session costs its uid beyond its member connections: the memfd and the doorbell.
 inline constexpr uint32_t kSessionFds = 2;

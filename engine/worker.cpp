@@ -311,6 +311,8 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
     const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
     // Before tx_tail: the client stores it after the bytes it marks.
     const uint32_t urgent_tail = slot.urgent_tail.load(std::memory_order_acquire);
+    // Before tx_tail too: a direct send's tx_at is among the bytes queued before it.
+    const uint32_t direct_tail = slot.direct_tail.load(std::memory_order_acquire);
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
@@ -325,6 +327,14 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
     }
     apply_client_indices(s, i, tx_tail, rx_head, acc_head);
     if (s.ending) return;
+    if (direct_tail != es.direct_tail) {
+        if (direct_tail - es.direct_head > ipc::kDirectQueueEntries ||
+            direct_tail - es.direct_tail > ipc::kDirectQueueEntries)
+            return violation(s, "slot %u: direct_tail %u outside the queue (head %u)", i,
+                             direct_tail, es.direct_head);
+        es.direct_tail = direct_tail;
+        take_direct(s, i);
+    }
     const uint32_t shut = posted & ~es.applied_posted & (ipc::kPostedShutRd | ipc::kPostedShutWr);
     if (shut) {
         es.applied_posted |= shut;
@@ -457,7 +467,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kAccept:
         case Kind::kConnect:
         case Kind::kWatch:
-        case Kind::kPeekWatch: {
+        case Kind::kPeekWatch:
+        case Kind::kDirect: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
             if ((es.gen & kGenMask) != gen) {
@@ -471,6 +482,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
             if (kind == Kind::kPeekWatch) on_peek_watch(s, i, res);
+            if (kind == Kind::kDirect) on_direct(s, i, res);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
@@ -562,6 +574,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.connect_posted) cancel(*s, item.slot, Kind::kConnect);
                 if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
                 if (es.peek_watch_posted) cancel(*s, item.slot, Kind::kPeekWatch);
+                if (es.direct_posted) cancel(*s, item.slot, Kind::kDirect);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -661,6 +674,7 @@ void Worker::post_recv(Session &s, uint32_t i) {
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
         (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off)
         return;
+    if (es.direct == EngineSlot::Direct::kRecv) return post_direct(s, i);  // instead of the ring
     if (es.peeking) {
         // Peeked bytes wait in the ring until the client rings (leave_peek); before them, one
         // MSG_PEEK into the empty ring of the new connection.
@@ -801,6 +815,15 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         return;
     }
     if (peek) es.peeking = false;  // EOF or an error before any byte: nothing was peeked
+    // A direct receive waits for this one to end. Bytes (or the FIN, an error) that came into
+    // the ring first: the client reads them there, and the direct receive says so once they
+    // are published (below).
+    bool direct_to_ring = false;
+    if (es.direct == EngineSlot::Direct::kRecv && !es.recv_polling) {
+        if (res == -ECANCELED) return post_direct(s, i);
+        release_direct(s, i);
+        direct_to_ring = true;
+    }
     if (es.recv_polling) {
         es.recv_polling = false;
         if (res == -ECANCELED) return post_recv(s, i);  // taken back to wait for other events
@@ -830,6 +853,10 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         if (es.urgent_watch) post_recv(s, i);  // taken back to read by hand from now on
     } else {
         record_error(s, i, -res);
+    }
+    if (direct_to_ring && es.state == ipc::SlotState::kOpen) {
+        publish_direct_result(s, i, ipc::kDirectUseRxRing);
+        take_direct(s, i);
     }
 }
 
@@ -930,7 +957,12 @@ void Worker::post_send(Session &s, uint32_t i) {
     if ((!open && !draining) || !(es.flags & ipc::kFlagConnected) ||
         (es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)))
         return;
-    const uint32_t tail = open ? es.tx_tail : es.close_tail;
+    uint32_t tail = open ? es.tx_tail : es.close_tail;
+    if (es.direct == EngineSlot::Direct::kSend && open) {
+        // A direct send goes after the ring's bytes queued before it, and before the rest.
+        if (es.tx_head == es.direct_tx_at) return post_direct(s, i);
+        tail = es.direct_tx_at;
+    }
     const uint32_t pending = tail - es.tx_head;
     if (pending == 0) {
         if (es.shut_wr_pending && open) apply_shut_wr(s, i);
@@ -1416,7 +1448,9 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
                                     int fd, const ipc::ControlCreds &creds) {
     const auto type = static_cast<ipc::ControlType>(msg.type);
     if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
+    if (type == ipc::ControlType::kRegisterMem) return register_mem(s, member, msg, fd);
     if (fd >= 0) close(fd);
+    if (type == ipc::ControlType::kDeregisterMem) return deregister_mem(s, member, msg.arg);
     if (type == ipc::ControlType::kNewSocket) return new_socket(s, member, msg.arg, creds);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
@@ -1757,6 +1791,7 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.kernel_mask.store(0, std::memory_order_relaxed);
     slot.accept_error.store(0, std::memory_order_relaxed);
     slot.urgent_mark.store(0, std::memory_order_relaxed);
+    slot.direct_done.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
 }
@@ -1782,6 +1817,7 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.holders.store(0, std::memory_order_relaxed);
     slot.posted.store(0, std::memory_order_relaxed);
     slot.urgent_tail.store(0, std::memory_order_relaxed);
+    slot.direct_tail.store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held; the request lock stays with the thread that
     // waits for our answer to kSocket.
     for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
@@ -1886,6 +1922,7 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.accept_posted) cancel(s, i, Kind::kAccept);
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
+        if (es.direct_posted) cancel(s, i, Kind::kDirect);
         untrack_connect(s, i);
     }
     // The kernel socket lives on in the application: closing only drops our descriptor.
@@ -1971,6 +2008,7 @@ void Worker::maybe_finish_close(Session &s, uint32_t i) {
 
 void Worker::finish_close(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
+    if (es.direct != EngineSlot::Direct::kNone) finish_direct(s, i, -EBADF);
     untrack_connected(s, i);
     if (es.fd >= 0) {
         if (!es.close_reset && !es.handed_off) {

@@ -40,6 +40,9 @@ struct WorkerStats {
     std::atomic<uint64_t> accepts{0};
     std::atomic<uint64_t> bytes_in{0};   // network -> rx rings
     std::atomic<uint64_t> bytes_out{0};  // tx rings -> network
+    // MemNet: network <-> registered memory, straight (counted in bytes_in/out too).
+    std::atomic<uint64_t> direct_in{0};
+    std::atomic<uint64_t> direct_out{0};
     std::atomic<uint64_t> violations{0};
 };
 
@@ -85,6 +88,7 @@ class Worker {
         kLink,        // a remote session's setup connection: its EOF ends the session
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
         kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
+        kDirect,      // a MemNet send or receive straight from/into registered memory
     };
 
     struct TimedSlot {
@@ -232,6 +236,19 @@ class Worker {
     int op_recv_oob(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
                     uint32_t &out_len);
     int op_past_mark(Session &s, uint32_t i);
+
+    // --- MemNet (memnet.cpp) ---
+    void register_mem(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd);
+    void deregister_mem(Session &s, uint32_t member, int32_t id);
+    // Starts the next descriptor of the slot's direct queue, if none is in progress.
+    void take_direct(Session &s, uint32_t i);
+    void post_direct(Session &s, uint32_t i);
+    void on_direct(Session &s, uint32_t i, int32_t res);
+    // Publishes the descriptor's result and lets its registration go; then the next one.
+    void finish_direct(Session &s, uint32_t i, int32_t result);
+    void publish_direct_result(Session &s, uint32_t i, int32_t result);
+    // The slot's transfer ends: its registration is let go, nothing is published.
+    void release_direct(Session &s, uint32_t i);
 
     // --- members ---
     // A member's process is gone (its connection closed) or its reservation expired: its

@@ -44,7 +44,17 @@ enum class ControlType : uint32_t {
     // engine -> client: {result, arg = slot}; the slot is kOpen, its rings empty, its chunk
     // active. result -ENFILE/-ENOBUFS: the caller's uid has used its share of the engine.
     kNewSocketReply = 13,
+    // MemNet's register_mem (layout.hpp, DirectDescriptor): {token = length} + fds [a memfd of at
+    // least that many bytes, which the client maps shared over the registered buffer]. The engine
+    // maps it too and answers {result, arg = the registration's id}; -ENOMEM past the family's
+    // registrations (kMaxMemRegistrations) or the uid's share of the engine's memory.
+    kRegisterMem = 14,
+    kRegisterMemReply = 15,
+    // {arg = id}: the engine unmaps it once no send or receive uses it. Answer {result}.
+    kDeregisterMem = 16,
+    kDeregisterMemReply = 17,
 };
+inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 
 struct ControlMessage {
     uint32_t type;  // ControlType

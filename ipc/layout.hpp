@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 4;
+inline constexpr uint32_t kLayoutVersion = 5;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -68,6 +68,9 @@ inline constexpr uint32_t kRxRingBytes = 64 * 1024;
 // Connections accepted by the engine but not yet taken by the application's accept().
 inline constexpr uint32_t kAcceptRingEntries = 64;
 
+// MemNet transfers (send_direct, async_send...) in flight on one socket (DirectDescriptor).
+inline constexpr uint32_t kDirectQueueEntries = 8;
+
 // Threads of one family that can sleep at once, each on its own pipe (see Waiter).
 inline constexpr uint32_t kMaxWaiters = 1024;
 
@@ -84,6 +87,7 @@ inline constexpr uint32_t kOptMax = 256;      // TCP_INFO (232 bytes on 6.x) fit
 static_assert((kTxRingBytes & (kTxRingBytes - 1)) == 0, "tx ring size must be a power of two");
 static_assert((kRxRingBytes & (kRxRingBytes - 1)) == 0, "rx ring size must be a power of two");
 static_assert((kAcceptRingEntries & (kAcceptRingEntries - 1)) == 0, "accept ring: power of two");
+static_assert((kDirectQueueEntries & (kDirectQueueEntries - 1)) == 0, "direct queue: power of two");
 static_assert((kWorkQueueEntries & (kWorkQueueEntries - 1)) == 0, "work queue: power of two");
 static_assert(kClientSlots < kChunkSlots, "a relay session's engine needs slots for accepts");
 static_assert(kMaxSockets <= (1u << 20), "slot numbers travel in 20 bits (user_data, FdRef)");
@@ -223,6 +227,27 @@ struct Response {
 };
 static_assert(sizeof(Response) == 32 + kOptMax, "response record size is part of the layout");
 
+// MemNet (preload/tcps_memnet.h): one transfer straight from or into memory the family
+// registered with the engine (ControlType::kRegisterMem), written by the client (untrusted).
+// The engine takes a socket's descriptors in order: a send goes after the tx ring's bytes up
+// to tx_at (the tx_tail when it was queued) and before the rest; a receive first lets the
+// client read what the rx ring holds (result kDirectUseRxRing).
+enum class DirectOp : uint32_t { kSend = 1, kRecv = 2 };
+struct DirectDescriptor {
+    uint32_t op;      // DirectOp
+    uint32_t mem;     // the registration's id
+    uint32_t len;     // 1 .. kDirectMaxLen
+    uint32_t tx_at;   // kSend: the tx ring position it goes after
+    uint64_t offset;  // in the registration
+    uint32_t flags;   // MSG_DONTWAIT or 0
+    uint32_t reserved;
+};
+static_assert(sizeof(DirectDescriptor) == 32, "direct descriptor size is part of the layout");
+inline constexpr uint32_t kDirectMaxLen = 1u << 30;
+// A direct receive's result that is no count: the rx ring has bytes (or the socket's bytes
+// cannot go straight to the caller now); read them from the ring, as recv() does.
+inline constexpr int32_t kDirectUseRxRing = INT32_MIN;
+
 // One offloaded socket's channel: its control request/response, its state, and the indices of
 // its own tx and rx rings (the ring bytes live at tx_ring_offset()/rx_ring_offset()).
 struct alignas(kCacheLine) SocketSlot {
@@ -256,7 +281,9 @@ struct alignas(kCacheLine) SocketSlot {
     // send). The engine sends the bytes up to it with MSG_OOB, so that byte is the urgent
     // pointer's. Free-running, 0 none; store (release) before the doorbell.
     std::atomic<uint32_t> urgent_tail;
-    uint32_t client_reserved[1];
+    // MemNet descriptors queued in direct_queue (free-running); store (release) after the
+    // descriptor, before the doorbell. At most kDirectQueueEntries ahead of direct_done.
+    std::atomic<uint32_t> direct_tail;
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> tx_head;   // bytes the kernel has taken from the tx ring
@@ -282,7 +309,10 @@ struct alignas(kCacheLine) SocketSlot {
     // accept() reports EMFILE while connections wait, instead of waiting for ever.
     std::atomic<int32_t> accept_error;
     std::atomic<uint32_t> urgent_mark;  // see kFlagUrgentMark
-    uint32_t engine_reserved[4];
+    // MemNet descriptors done (free-running): direct_results holds their results (bytes, or
+    // -errno, or kDirectUseRxRing); stored (release) after the result.
+    std::atomic<uint32_t> direct_done;
+    uint32_t engine_reserved[3];
 
     // --- control request/response ---
     Request request;    // client
@@ -295,11 +325,15 @@ struct alignas(kCacheLine) SocketSlot {
     // --- accept ring (engine produces, client consumes): indices of engine slots that hold
     // accepted connections, fully initialised before acc_tail is published ---
     uint32_t accept_ring[kAcceptRingEntries];
+
+    // --- MemNet's queue: descriptors (client), and their results (engine) ---
+    DirectDescriptor direct_queue[kDirectQueueEntries];
+    int32_t direct_results[kDirectQueueEntries];
 };
 static_assert(sizeof(SocketSlot) % kCacheLine == 0, "slots are whole cache lines");
 static_assert(offsetof(SocketSlot, tx_head) == kCacheLine, "engine-written indices on line 1");
 static_assert(offsetof(SocketSlot, request) % kCacheLine == 0, "request starts a cache line");
-static_assert(sizeof(SocketSlot) == 1088, "slot size is part of the layout (version bump)");
+static_assert(sizeof(SocketSlot) == 1344, "slot size is part of the layout (version bump)");
 
 // A sleeping client thread. Each waiter has a pipe: the client holds the read end, the engine
 // the write end (registered over the member's control socket; the engine picks the index, resets
@@ -438,7 +472,7 @@ static_assert(kChunksOffset % kPageSize == 0 && kChunkBytes % kPageSize == 0,
 static_assert(kChunkRingsOffset % kPageSize == 0, "rings are page aligned (hole punching)");
 static_assert(kRingPairBytes % kPageSize == 0, "each socket's rings are whole pages");
 static_assert(kChunksOffset == 4096 + 65536 + 256 * 64, "control part: header, waiters, members");
-static_assert(kChunkBytes == 4096 + 32768 + 256ull * 512 + 4096ull * 1088 + 4096ull * 131072,
+static_assert(kChunkBytes == 4096 + 32768 + 256ull * 512 + 4096ull * 1344 + 4096ull * 131072,
               "chunk: queue header + queue + holds + slots + rings");
 
 // Typed views over a mapped region (either side). `base` maps the control part; each chunk is

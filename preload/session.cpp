@@ -419,6 +419,42 @@ int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
 
 }  // namespace
 
+int register_mem_with_engine(int memfd, uint64_t length, uint32_t &id) {
+    if (!session_usable(true) || session_dead()) return -ENOSYS;
+    if (claims_slots()) return -ENOSYS;  // through tcps-relay: no memory shared with the engine
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kRegisterMem);
+    msg.version = ipc::kLayoutVersion;
+    msg.token = length;
+    ipc::ControlMessage reply{};
+    lock_flagged(g_control_mutex, tl_in_control);
+    const int control = g_control_fd.load();
+    int rc = ipc::send_control(control, msg, &memfd, 1);
+    if (rc == 0) {
+        int none = -1;
+        rc = recv_control_timed(control, reply, &none, 0);
+        if (rc == 0 && reply.type != static_cast<uint32_t>(ipc::ControlType::kRegisterMemReply))
+            rc = -EPROTO;
+        if (rc == 0) rc = reply.result;
+    }
+    unlock_flagged(g_control_mutex, tl_in_control);
+    if (rc != 0) return rc;
+    if (reply.arg < 0 || static_cast<uint32_t>(reply.arg) >= ipc::kMaxMemRegistrations)
+        return -EPROTO;
+    id = static_cast<uint32_t>(reply.arg);
+    return 0;
+}
+
+int deregister_mem_with_engine(uint32_t id) {
+    if (!session_usable(false) || session_dead()) return 0;  // gone with the engine
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kDeregisterMem);
+    msg.version = ipc::kLayoutVersion;
+    msg.arg = static_cast<int32_t>(id);
+    ipc::ControlMessage reply{};
+    return control_exchange(msg, reply, ipc::ControlType::kDeregisterMemReply);
+}
+
 int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
                     uint32_t &lost_connections) {
     kernel_fd = -1;
@@ -550,6 +586,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     backlog.store(0);
     options.clear();
     remake_tried.store(false);
+    for (auto &ticket : direct_tickets) ticket = nullptr;
     refs.store(1);
     generation.store(gen, std::memory_order_release);
 }

@@ -12,6 +12,7 @@
 #include "common.hpp"
 #include "fd_table.hpp"
 #include "layout.hpp"
+#include "memnet_hooks.h"
 #include "readiness.hpp"
 
 namespace tcps::shim {
@@ -101,6 +102,10 @@ struct Socket {
     std::atomic<int> backlog{0};
     OptionLog options;
     std::atomic<bool> remake_tried{false};
+    // MemNet (memnet_shim.cpp): the ticket of each entry of the slot's direct queue that this
+    // process queued, so that whoever reuses the entry gives its result to that ticket first.
+    // Under tx_lock.
+    tcps_memnet_ticket *direct_tickets[ipc::kDirectQueueEntries] = {};
 
     // Fresh state for a socket that just became ours.
     void open(int family, bool nonblock, uint32_t gen);
@@ -177,6 +182,10 @@ int request(uint32_t slot, const ipc::Request &req, ipc::Response *response = nu
 
 // kClose without waiting for the response.
 void request_close(uint32_t slot, bool reset);
+
+// MemNet registrations (control messages): 0 and the id, or -errno.
+int register_mem_with_engine(int memfd, uint64_t length, uint32_t &id);
+int deregister_mem_with_engine(uint32_t id);
 
 // ---------------------------------------------------------------------------------------------
 // Error and readiness helpers

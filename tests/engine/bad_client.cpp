@@ -4,10 +4,12 @@
 //
 //   bad_client /path/to/tcpsd [tcpsd arguments...]
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 
@@ -347,6 +349,62 @@ int main(int argc, char **argv) {
                 kWaitMs),
             "(d) closed slot never became free");
         check_engine_ok(engine, good, "(d) unknown op and refused requests");
+    }
+    {  // (i) MemNet: registrations and direct descriptors the engine refuses, one by one
+        RawClient odd;
+        CHECK_OR_FAIL(odd.connect(path) == 0, "(i) hello");
+        auto register_fd = [&](int fd, uint64_t length, int32_t &id) {
+            ipc::ControlMessage msg{};
+            msg.type = uint32_t(ipc::ControlType::kRegisterMem);
+            msg.version = ipc::kLayoutVersion;
+            msg.token = length;
+            CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, &fd, 1) == 0, "(i) send");
+            ipc::ControlMessage reply{};
+            int none = -1;
+            CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &none, 0, kWaitMs) == 0 &&
+                              reply.type == uint32_t(ipc::ControlType::kRegisterMemReply),
+                          "(i) no reply to kRegisterMem");
+            id = reply.arg;
+            return reply.result;
+        };
+        int32_t id = -1;
+        const int unsealed = memfd_create("bad", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        CHECK_OR_FAIL(unsealed >= 0 && ftruncate(unsealed, 8192) == 0, "(i) memfd");
+        CHECK_OR_FAIL(register_fd(unsealed, 8192, id) == -EINVAL, "(i) an unsealed memfd");
+        CHECK_OR_FAIL(fcntl(unsealed, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) == 0, "(i) seal");
+        CHECK_OR_FAIL(register_fd(unsealed, 1 << 20, id) == -EINVAL, "(i) longer than the memfd");
+        int fds[2];
+        CHECK_OR_FAIL(pipe2(fds, O_CLOEXEC) == 0, "(i) pipe");
+        CHECK_OR_FAIL(register_fd(fds[0], 4096, id) == -EINVAL, "(i) a pipe as memory");
+        close(fds[0]);
+        close(fds[1]);
+        CHECK_OR_FAIL(register_fd(unsealed, 8192, id) == 0 && id >= 0, "(i) a good registration");
+        close(unsealed);
+        const uint32_t s = open_socket(odd, AF_INET, "(i)");
+        ipc::SocketSlot &slot = odd.slot(s);
+        // Each refused descriptor is answered with its error; the session lives on.
+        auto refused = [&](uint32_t op, uint32_t mem, uint32_t len, uint64_t offset) {
+            const uint32_t at = slot.direct_tail.load();
+            ipc::DirectDescriptor &d = slot.direct_queue[at % ipc::kDirectQueueEntries];
+            d = ipc::DirectDescriptor{op, mem, len, slot.tx_tail.load(), offset, 0, 0};
+            slot.direct_tail.store(at + 1, std::memory_order_release);
+            odd.ring(s);
+            CHECK_OR_FAIL(wait_until([&] { return slot.direct_done.load() == at + 1; }, kWaitMs),
+                          "(i) descriptor %u not answered", at);
+            return slot.direct_results[at % ipc::kDirectQueueEntries];
+        };
+        const uint32_t send = uint32_t(ipc::DirectOp::kSend);
+        CHECK_OR_FAIL(refused(send, uint32_t(id) + 7, 10, 0) == -EINVAL, "(i) an unknown id");
+        CHECK_OR_FAIL(refused(send, uint32_t(id), 10, 8190) == -EFAULT, "(i) past its end");
+        CHECK_OR_FAIL(refused(send, uint32_t(id), 10, ~0ull - 4) == -EFAULT, "(i) offset wraps");
+        CHECK_OR_FAIL(refused(99, uint32_t(id), 10, 0) == -EINVAL, "(i) an unknown op");
+        CHECK_OR_FAIL(refused(send, uint32_t(id), 0, 0) == -EINVAL, "(i) length 0");
+        CHECK_OR_FAIL(odd.engine_alive(), "(i) refusals must not end the session");
+        // A queue index far ahead of what the engine took: a protocol violation.
+        slot.direct_tail.store(slot.direct_tail.load() + 100, std::memory_order_release);
+        odd.ring(s);
+        expect_session_ended(odd, "(i) direct_tail past the queue");
+        check_engine_ok(engine, good, "(i) bad MemNet registrations and descriptors");
     }
     {  // (e) a client that connects and says nothing: dropped after 2 s, nobody waits on it
         const int silent = connect_control(path);

@@ -1,0 +1,233 @@
+// MemNet (seed 004): memory a family registers with the engine, and sends and receives that go
+// straight from and into it (each socket's queue of ipc::DirectDescriptor), with no copy on the
+// application's side. The client's memfd is untrusted: the engine maps it but never touches it
+// itself; only the kernel does (io_uring send/recv), which reports a bad page as EFAULT.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "log.hpp"
+#include "quota.hpp"
+#include "worker.hpp"
+
+namespace tcps::engine {
+
+namespace {
+
+constexpr uint64_t kPage = 4096;
+
+constexpr uint32_t kDirectChunk = ipc::kDirectMaxLen;  // one send or receive at most
+
+}  // namespace
+
+void Worker::register_mem(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd) {
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kRegisterMemReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.arg = -1;
+    const uid_t uid = s.members[member].creds.uid;
+    const uint64_t length = msg.token;
+    const uint64_t mapped = (length + kPage - 1) & ~(kPage - 1);
+    struct stat st;
+    int result = 0;
+    uint32_t id = 0;
+    while (id < s.mems.size() && s.mems[id].base) ++id;
+    if (fd < 0 || s.client_slots != 0) {
+        result = -EINVAL;
+    } else if (length == 0 || length > (uint64_t{1} << 46)) {
+        result = -EINVAL;
+    } else if (id >= ipc::kMaxMemRegistrations) {
+        result = -ENOMEM;  // the family's registrations: a clear error, as ibv_reg_mr's
+    } else if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+               static_cast<uint64_t>(st.st_size) < mapped) {
+        result = -EINVAL;
+    } else if (!(fcntl(fd, F_GET_SEALS) & F_SEAL_SHRINK)) {
+        // Only a memfd sealed against shrinking: a file that shrinks under our mapping would
+        // make the kernel fault in our sends (EFAULT, harmless), but say so plainly instead.
+        result = -EINVAL;
+    } else if ((result = quotas().charge(uid, 0, mapped)) == 0) {
+        void *base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED) {
+            result = -errno;
+            quotas().release(uid, 0, mapped);
+        } else {
+            if (id == s.mems.size()) s.mems.emplace_back();
+            MemRegistration &mem = s.mems[id];
+            mem.base = static_cast<uint8_t *>(base);
+            mem.length = mapped;
+            mem.charged = uid;
+            reply.arg = static_cast<int32_t>(id);
+        }
+    }
+    if (fd >= 0) close(fd);
+    reply.result = result;
+    reply_control(s, member, reply);
+}
+
+void Worker::deregister_mem(Session &s, uint32_t member, int32_t id) {
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kDeregisterMemReply);
+    reply.version = ipc::kLayoutVersion;
+    if (id < 0 || static_cast<uint32_t>(id) >= s.mems.size() || !s.mems[id].base ||
+        s.mems[id].deregistered) {
+        reply.result = -EINVAL;
+    } else {
+        MemRegistration &mem = s.mems[id];
+        mem.deregistered = true;
+        // A send or receive in progress (another thread's) keeps it mapped until it ends.
+        if (mem.users == 0) release_mem(mem);
+    }
+    reply_control(s, member, reply);
+}
+
+void Worker::take_direct(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
+    while (es.direct == EngineSlot::Direct::kNone && es.direct_head != es.direct_tail &&
+           es.state == ipc::SlotState::kOpen) {
+        // One copy out of the region: the client may rewrite it under us.
+        ipc::DirectDescriptor d;
+        std::memcpy(&d, &slot.direct_queue[es.direct_head & (ipc::kDirectQueueEntries - 1)],
+                    sizeof(d));
+        ++es.direct_head;
+        const bool send = d.op == static_cast<uint32_t>(ipc::DirectOp::kSend);
+        const bool recv = d.op == static_cast<uint32_t>(ipc::DirectOp::kRecv);
+        int32_t error = 0;
+        if ((!send && !recv) || d.len == 0 || d.len > ipc::kDirectMaxLen ||
+            (d.flags & ~static_cast<uint32_t>(MSG_DONTWAIT)) != 0 || d.mem >= s.mems.size() ||
+            !s.mems[d.mem].base || s.mems[d.mem].deregistered) {
+            error = -EINVAL;
+        } else if (d.offset > s.mems[d.mem].length || d.len > s.mems[d.mem].length - d.offset) {
+            error = -EFAULT;
+        } else if (send && d.tx_at - es.tx_head > es.tx_tail - es.tx_head) {
+            error = -EINVAL;  // not a position among the bytes queued and not yet sent
+        }
+        es.direct_mem = d.mem;
+        if (error == 0 && recv &&
+            (es.rx_tail != es.rx_head || es.urgent_watch || es.peeking ||
+             (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) ||
+             !(es.flags & ipc::kFlagConnected) || es.handed_off)) {
+            // Bytes already in the ring come first, and a socket the engine reads in a special
+            // way (urgent data watched, first bytes peeked, at EOF or reset) reads the ring as
+            // recv() does.
+            error = ipc::kDirectUseRxRing;
+        }
+        if (error != 0) {
+            es.direct_mem = UINT32_MAX;  // nothing to let go
+            publish_direct_result(s, i, error);
+            continue;
+        }
+        MemRegistration &mem = s.mems[d.mem];
+        es.direct = send ? EngineSlot::Direct::kSend : EngineSlot::Direct::kRecv;
+        es.direct_tx_at = d.tx_at;
+        es.direct_len = d.len;
+        es.direct_done = 0;
+        es.direct_dontwait = (d.flags & MSG_DONTWAIT) != 0;
+        es.direct_base = mem.base + d.offset;
+        ++mem.users;
+        if (send) {
+            post_send(s, i);
+        } else if (es.recv_posted) {
+            cancel(s, i, Kind::kRecv);  // on_recv goes on with the direct receive
+        } else {
+            post_direct(s, i);
+        }
+    }
+}
+
+void Worker::publish_direct_result(Session &s, uint32_t i, int32_t result) {
+    ipc::SocketSlot &slot = s.region.slot(i);
+    const uint32_t done = slot.direct_done.load(std::memory_order_relaxed);
+    // Release: a client that reads this result (acquire) also sees the ticket answered by a
+    // reuse of the entry that came before it (preload/memnet_shim.cpp).
+    __atomic_store_n(&slot.direct_results[done & (ipc::kDirectQueueEntries - 1)], result,
+                     __ATOMIC_RELEASE);
+    slot.direct_done.store(done + 1, std::memory_order_release);
+    bump_event(s, i);
+}
+
+void Worker::post_direct(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.direct == EngineSlot::Direct::kNone || es.direct_posted ||
+        es.state != ipc::SlotState::kOpen)
+        return;
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    const uint32_t len = std::min(es.direct_len - es.direct_done, kDirectChunk);
+    uint8_t *at = es.direct_base + es.direct_done;
+    const int flags = es.direct_dontwait ? MSG_DONTWAIT : 0;
+    if (es.direct == EngineSlot::Direct::kSend)
+        io_uring_prep_send(sqe, es.fd, at, len, flags | MSG_NOSIGNAL);
+    else
+        io_uring_prep_recv(sqe, es.fd, at, len, flags);
+    track_op(s, i, sqe, Kind::kDirect);
+    es.direct_posted = true;
+}
+
+void Worker::on_direct(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.direct_posted = false;
+    if (es.direct == EngineSlot::Direct::kNone) return;
+    if (es.state != ipc::SlotState::kOpen) {
+        finish_direct(s, i, -EBADF);  // closed: nobody waits for it
+        return maybe_finish_close(s, i);
+    }
+    const bool send = es.direct == EngineSlot::Direct::kSend;
+    if (res == -EINTR || res == -ENOBUFS || res == -ENOMEM ||
+        (res == -EAGAIN && !es.direct_dontwait))
+        return schedule(s, i);  // transient: again on the next tick
+    if (res < 0) {
+        finish_direct(s, i, es.direct_done > 0 ? static_cast<int32_t>(es.direct_done) : res);
+        return send ? post_send(s, i) : post_recv(s, i);
+    }
+    if (send) {
+        es.direct_done += static_cast<uint32_t>(res);
+        stats_.bytes_out.fetch_add(res, std::memory_order_relaxed);
+        stats_.direct_out.fetch_add(res, std::memory_order_relaxed);
+        es.close_progress_ns = now_ns_;
+        // All of it, as the paper's send_direct; with MSG_DONTWAIT what the kernel took.
+        if (es.direct_done < es.direct_len && !es.direct_dontwait && res > 0)
+            return post_direct(s, i);
+        finish_direct(s, i, static_cast<int32_t>(es.direct_done));
+        return post_send(s, i);  // the ring's bytes queued behind it
+    }
+    if (res > 0) {
+        stats_.bytes_in.fetch_add(res, std::memory_order_relaxed);
+        stats_.direct_in.fetch_add(res, std::memory_order_relaxed);
+    }
+    finish_direct(s, i, res);
+    if (res == 0) {
+        // The FIN: from now on every recv() sees it, as after the ring's own receive.
+        update_kernel_mask(s, i);
+        publish_flags(s, i, es.flags | ipc::kFlagRxEof);
+        bump_event(s, i);
+        post_watch(s, i);
+        return;
+    }
+    post_recv(s, i);
+}
+
+void Worker::release_direct(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    es.direct = EngineSlot::Direct::kNone;
+    es.direct_base = nullptr;
+    if (es.direct_mem < s.mems.size()) {
+        MemRegistration &mem = s.mems[es.direct_mem];
+        if (mem.users > 0 && --mem.users == 0 && mem.deregistered) release_mem(mem);
+    }
+    es.direct_mem = UINT32_MAX;
+}
+
+void Worker::finish_direct(Session &s, uint32_t i, int32_t result) {
+    release_direct(s, i);
+    if (s.slots[i].state != ipc::SlotState::kOpen) return;
+    publish_direct_result(s, i, result);
+    take_direct(s, i);
+}
+
+}  // namespace tcps::engine

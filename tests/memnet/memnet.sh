@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The MemNet API: memnet_check natively (the kernel's calls), then under libtcps.so with a
+# private engine (--expect-offload: the sockets are the engine's and the registration shared
+# with it).
+set -euo pipefail
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/../integration/lib.sh"
+
+[[ -x ${MEMNET_CHECK:-} ]] || skip "MEMNET_CHECK is not set (not built)"
+out=$TCPS_TEST_DIR
+timeout 60 "$MEMNET_CHECK" >"$out/native.txt" 2>&1 || {
+    cat "$out/native.txt"
+    fail "natively"
+}
+log "native: $(grep -c '^ok' "$out/native.txt") checks passed"
+need_engine
+start_engine
+timeout 60 "${PRELOAD[@]}" "$MEMNET_CHECK" --expect-offload >"$out/offloaded.txt" 2>&1 || {
+    cat "$out/offloaded.txt"
+    fail "through the engine"
+}
+cat "$out/offloaded.txt"
+grep -q '^PASS' "$out/offloaded.txt" || fail "no PASS line"
+# The engine sent the buffer itself, from the registered memory: send_direct's 1 MiB and the
+# async jobs' bytes, none of it through the tx ring.
+kill -USR1 "$ENGINE_PID"
+# shellcheck disable=SC2317  # called by wait_until
+stats_logged() { grep -q "direct in" "$TCPS_TEST_DIR/engine.log"; }
+wait_until 10 stats_logged || fail "the engine logged no statistics"
+direct_out=$(sed -n 's/.*(direct in [0-9]* out \([0-9]*\)).*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
+direct_in=$(sed -n 's/.*(direct in \([0-9]*\) out.*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
+log "the engine sent $direct_out bytes from registered memory and received $direct_in into it"
+((direct_out >= 2 * 1048576)) || fail "the engine sent only $direct_out bytes from registered memory"
+stop_engine
+log "memnet: $(grep -c '^ok' "$out/offloaded.txt") checks passed through the engine"

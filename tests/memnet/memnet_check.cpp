@@ -1,0 +1,202 @@
+// memnet_check [--expect-offload]: the MemNet API (tcps_memnet.h) over a loopback connection
+// to itself. Direct and asynchronous sends and receives from a registered buffer that is not
+// page-aligned, in order with the socket's ordinary send() bytes, every byte checked; the
+// errors of bad ranges, a busy registration and a job that times out; the buffer's pages keep
+// their contents through register and deregister. Natively it uses the kernel; under
+// libtcps.so with --expect-offload it also checks that the sockets are the engine's and that
+// the registration is shared with it (the buffer's pages are a memfd). Prints one line per
+// check; exits 1 on the first failure.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tcps_memnet.h"
+
+namespace {
+
+[[noreturn]] void fail(const char *what) {
+    std::fprintf(stderr, "memnet_check: FAIL: %s (%s)\n", what, std::strerror(errno));
+    std::exit(1);
+}
+
+void check(bool ok, const char *what) {
+    if (!ok) fail(what);
+    std::printf("ok: %s\n", what);
+}
+
+uint8_t pattern(size_t k, uint32_t seed) {
+    return static_cast<uint8_t>((k * 2654435761u + seed) >> 13);
+}
+
+bool offloaded(int fd) {
+    char path[64], target[64] = {};
+    std::snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    return readlink(path, target, sizeof(target) - 1) > 0 && std::strcmp(target, "/dev/null") == 0;
+}
+
+bool shared_with_engine(const void *at) {
+    std::ifstream maps("/proc/self/maps");
+    const auto address = reinterpret_cast<uintptr_t>(at);
+    for (std::string line; std::getline(maps, line);) {
+        unsigned long from = 0, to = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx", &from, &to) != 2) continue;
+        if (address >= from && address < to)
+            return line.find("memfd:tcps-memnet") != std::string::npos;
+    }
+    return false;
+}
+
+bool read_exact(int fd, uint8_t *out, size_t n) {
+    size_t got = 0;
+    while (got < n) {
+        const ssize_t r = recv(fd, out + got, n - got, 0);
+        if (r <= 0) return false;
+        got += static_cast<size_t>(r);
+    }
+    return true;
+}
+
+bool send_all(int fd, const uint8_t *data, size_t n) {
+    size_t sent = 0;
+    while (sent < n) {
+        const ssize_t r = send(fd, data + sent, n - sent, MSG_NOSIGNAL);
+        if (r <= 0) return false;
+        sent += static_cast<size_t>(r);
+    }
+    return true;
+}
+
+void connected_pair(int &a, int &b) {
+    const int listener = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    if (listener < 0 || bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0 ||
+        listen(listener, 4) != 0 ||
+        getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) != 0)
+        fail("listener");
+    a = socket(AF_INET, SOCK_STREAM, 0);
+    if (a < 0 || connect(a, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0)
+        fail("connect");
+    b = accept(listener, nullptr, nullptr);
+    if (b < 0) fail("accept");
+    close(listener);
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    const bool expect_offload = argc > 1 && std::string(argv[1]) == "--expect-offload";
+    constexpr size_t kBytes = (1u << 20) + 123;
+    constexpr size_t kSkew = 77;  // not page-aligned, with neighbours in its first page
+    std::vector<uint8_t> storage(kBytes + 2 * 4096);
+    uint8_t *buffer = storage.data() + kSkew;
+    for (size_t k = 0; k < storage.size(); ++k) storage[k] = pattern(k, 1);
+
+    memnet_mem_t mem = nullptr;
+    check(memnet_register_mem(buffer, kBytes, &mem) == 0, "register_mem");
+    bool intact = true;
+    for (size_t k = 0; k < storage.size(); ++k) intact &= storage[k] == pattern(k, 1);
+    check(intact, "the buffer and its neighbours keep their bytes through register_mem");
+
+    int client = -1, server = -1;
+    connected_pair(client, server);
+    if (expect_offload) {
+        check(offloaded(client) && offloaded(server), "the sockets are the engine's");
+        check(shared_with_engine(buffer), "the registration is shared with the engine (memfd)");
+    }
+
+    // send_direct, between ordinary send()s: head, the buffer, tail, in that order.
+    for (size_t k = 0; k < kBytes; ++k) buffer[k] = pattern(k, 2);
+    std::vector<uint8_t> got(kBytes + 8);
+    std::thread reader([&] { intact = read_exact(server, got.data(), kBytes + 8); });
+    const bool head = send(client, "head", 4, 0) == 4;
+    const ssize_t sent = memnet_send_direct(client, mem, 0, kBytes);
+    const bool tail = send(client, "tail", 4, 0) == 4;
+    reader.join();
+    check(head && tail && sent == static_cast<ssize_t>(kBytes), "send_direct sends all of it");
+    bool same = intact && std::memcmp(got.data(), "head", 4) == 0 &&
+                std::memcmp(got.data() + 4 + kBytes, "tail", 4) == 0;
+    for (size_t k = 0; same && k < kBytes; ++k) same = got[4 + k] == pattern(k, 2);
+    check(same, "the peer got head, every byte of the buffer, tail, in order");
+
+    // recv_direct: what the peer sends lands in the buffer.
+    std::vector<uint8_t> out(kBytes);
+    for (size_t k = 0; k < kBytes; ++k) out[k] = pattern(k, 3);
+    std::thread writer([&] { intact = send_all(server, out.data(), kBytes); });
+    size_t received = 0;
+    while (received < kBytes) {
+        const ssize_t r = memnet_recv_direct(client, mem, received, kBytes - received);
+        if (r <= 0) fail("recv_direct");
+        received += static_cast<size_t>(r);
+    }
+    writer.join();
+    same = intact;
+    for (size_t k = 0; same && k < kBytes; ++k) same = buffer[k] == pattern(k, 3);
+    check(same, "recv_direct received every byte into the buffer");
+
+    // async_send: four jobs on one socket complete in order.
+    for (size_t k = 0; k < kBytes; ++k) buffer[k] = pattern(k, 4);
+    constexpr size_t kPart = kBytes / 4;
+    memnet_job_t jobs[4];
+    std::thread reader2([&] { intact = read_exact(server, got.data(), 4 * kPart); });
+    bool posted = true;
+    for (int j = 0; j < 4; ++j)
+        posted &= memnet_async_send(client, mem, j * kPart, kPart, &jobs[j]) == 0;
+    check(posted, "async_send posts four jobs");
+    // Through the engine the jobs are in progress until waited for; the kernel's are done.
+    if (expect_offload)
+        check(memnet_deregister_mem(mem) == -1 && errno == EBUSY,
+              "deregister_mem while a job is not done: EBUSY");
+    bool all = true;
+    for (int j = 0; j < 4; ++j)
+        all &= memnet_job_wait(&jobs[j], 10000) == static_cast<ssize_t>(kPart);
+    reader2.join();
+    check(all, "job_wait gives each job's byte count");
+    same = intact;
+    for (size_t k = 0; same && k < 4 * kPart; ++k) same = got[k] == pattern(k, 4);
+    check(same, "the peer got the four jobs' bytes in order");
+    check(memnet_job_done(&jobs[0]) == 1, "job_done of a finished job");
+
+    // async_recv: nothing there yet, then the peer sends.
+    memnet_job_t job;
+    check(memnet_async_recv(client, mem, 100, 5, &job) == 0, "async_recv posts");
+    check(memnet_job_wait(&job, 50) == -1 && errno == ETIMEDOUT,
+          "job_wait before any byte came: ETIMEDOUT");
+    check(send(server, "hello", 5, 0) == 5, "the peer sends");
+    check(memnet_job_wait(&job, 10000) == 5 && std::memcmp(buffer + 100, "hello", 5) == 0,
+          "async_recv received the peer's bytes into the buffer");
+
+    // Errors, as the socket calls give them.
+    check(memnet_send_direct(client, mem, kBytes - 1, 2) == -1 && errno == EFAULT,
+          "a range past the registration: EFAULT");
+    check(memnet_send_direct(-1, mem, 0, 1) == -1 && errno == EBADF, "a bad socket: EBADF");
+    check(memnet_register_mem(buffer, 0, &mem) == -1 && errno == EINVAL, "length 0: EINVAL");
+
+    // EOF: the peer closes.
+    close(server);
+    check(memnet_recv_direct(client, mem, 0, 10) == 0, "recv_direct at EOF: 0");
+
+    for (size_t k = 0; k < kBytes; ++k) buffer[k] = pattern(k, 5);
+    check(memnet_deregister_mem(mem) == 0, "deregister_mem");
+    intact = true;
+    for (size_t k = 0; k < kBytes; ++k) intact &= buffer[k] == pattern(k, 5);
+    for (size_t k = 0; k < kSkew; ++k) intact &= storage[k] == pattern(k, 1);
+    check(intact, "the buffer keeps its bytes through deregister_mem");
+    if (expect_offload) check(!shared_with_engine(buffer), "the pages are private again");
+    close(client);
+    std::printf("PASS\n");
+    return 0;
+}
