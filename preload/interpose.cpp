@@ -335,6 +335,21 @@ TCPS_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
     return pass(libc.sendfile, out_fd, in_fd, offset, count);
 }
 
+TCPS_EXPORT ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t len,
+                           unsigned int flags) {
+    SocketRef in_ref, out_ref;
+    const int saved = errno;
+    const bool in_offloaded = offloaded(fd_in, in_ref);
+    const bool out_offloaded = offloaded(fd_out, out_ref);
+    if (in_offloaded)
+        return finish<ssize_t>(
+            op_splice(in_ref, true, fd_out, out_offloaded, off_in, off_out, len, flags), saved);
+    if (out_offloaded)
+        return finish<ssize_t>(op_splice(out_ref, false, fd_in, false, off_out, off_in, len, flags),
+                               saved);
+    return pass(libc.splice, fd_in, off_in, fd_out, off_out, len, flags);
+}
+
 TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count) __THROW {
     static_assert(sizeof(off64_t) == sizeof(off_t), "64-bit targets only: one offset type");
     SocketRef ref;

@@ -2,7 +2,9 @@
 // awake and the ring has room/data.
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -544,6 +546,100 @@ long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count) {
     else if (pos != start)
         lseek(in_fd, pos, SEEK_SET);
     return rc;
+}
+
+long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_offloaded,
+               const loff_t *socket_offset, const loff_t *other_offset, size_t len,
+               unsigned int flags) {
+    // do_splice()'s checks, in its order: each side opened the right way, one side a pipe,
+    // no offsets (a pipe's is ESPIPE, a socket's EINVAL).
+    if (other_offloaded) return -EINVAL;  // two sockets: neither is a pipe
+    if (g_fds.get(other_fd).kind() == FdKind::kInternal) return -EBADF;
+    const int other_flags = real(libc.fcntl)(other_fd, F_GETFL);
+    if (other_flags < 0) return -EBADF;
+    if ((other_flags & O_PATH) ||
+        (other_flags & O_ACCMODE) == (socket_is_input ? O_RDONLY : O_WRONLY))
+        return -EBADF;
+    struct stat st {};
+    if (fstat(other_fd, &st) != 0) return -errno;
+    if (!S_ISFIFO(st.st_mode)) return -EINVAL;
+    if (other_offset) return -ESPIPE;   // the pipe's
+    if (socket_offset) return -EINVAL;  // a socket cannot be read or written at an offset
+    if (len == 0) return 0;
+    // SPLICE_F_NONBLOCK is about the pipe only; the socket's own O_NONBLOCK is about the socket.
+    const bool pipe_nonblock = flags & SPLICE_F_NONBLOCK;
+    if (!socket_is_input) {
+        // Pipe to socket: the pipe is read straight into the tx ring's free space, so nothing
+        // taken from it can be left over. An empty pipe waits for a writer's bytes, unless the
+        // call moved some already or SPLICE_F_NONBLOCK (EAGAIN), or no writer is left (0).
+        bool pipe_was_empty = false;
+        size_t moved = 0;
+        const long rc =
+            send_stream(ref, len, 0, [&](uint8_t *ring, uint32_t ring_pos, size_t n) -> long {
+                pollfd readable{other_fd, POLLIN, 0};
+                const int wait_ms = moved > 0 || pipe_nonblock ? 0 : -1;
+                int ready;
+                do {
+                    ready = real(libc.poll)(&readable, 1, wait_ms);
+                } while (ready < 0 && errno == EINTR && wait_ms != 0);
+                if (ready < 0) return -errno;
+                if (ready == 0) {
+                    pipe_was_empty = moved == 0;
+                    return 0;
+                }
+                const uint32_t at = ring_pos & (ipc::kTxRingBytes - 1);
+                const size_t first = std::min<size_t>(n, ipc::kTxRingBytes - at);
+                iovec pieces[2] = {{ring + at, first}, {ring, n - first}};
+                const ssize_t got = real(libc.readv)(other_fd, pieces, n > first ? 2 : 1);
+                if (got < 0) return errno == EAGAIN ? 0 : -errno;  // another reader was first
+                moved += static_cast<size_t>(got);
+                return got;
+            });
+        if (rc == 0 && pipe_was_empty) return -EAGAIN;
+        return rc;
+    }
+    // Socket to pipe: peek, write what the pipe takes without waiting, and only then consume
+    // that much from the ring. A pipe counts its room in slots, not bytes, so only a write
+    // that cannot block says how much fits: through a non-blocking file description of our
+    // own when the caller's blocks (its O_NONBLOCK is shared with everyone who holds it).
+    thread_local uint8_t buffer[ipc::kRxRingBytes];
+    int writer = other_fd;
+    if (!(other_flags & O_NONBLOCK)) {
+        char path[40];
+        std::snprintf(path, sizeof(path), "/proc/self/fd/%d", other_fd);
+        writer = ::open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (writer < 0 && errno == ENXIO) {  // no reader left: what pipe_write() does then
+            raise(SIGPIPE);
+            return -EPIPE;
+        }
+        if (writer < 0) return -errno;
+    }
+    long result;
+    for (;;) {
+        iovec peek_at{buffer, std::min(len, sizeof(buffer))};
+        const long peeked = op_recv(ref, &peek_at, 1, MSG_PEEK);
+        if (peeked <= 0) {
+            result = peeked;
+            break;
+        }
+        const ssize_t written = real(libc.write)(writer, buffer, static_cast<size_t>(peeked));
+        if (written > 0) {
+            iovec taken{nullptr, static_cast<size_t>(written)};
+            result = op_recv(ref, &taken, 1, MSG_TRUNC | MSG_DONTWAIT);
+            break;
+        }
+        if (errno != EAGAIN || pipe_nonblock) {
+            result = -errno;
+            break;
+        }
+        pollfd writable{other_fd, POLLOUT, 0};  // a full pipe: wait for its reader
+        if (real(libc.poll)(&writable, 1, -1) < 0 && errno != EINTR) {
+            result = -errno;
+            break;
+        }
+    }
+    if (writer != other_fd) real(libc.close)(writer);
+    return result;
 }
 
 }  // namespace tcps::shim

@@ -46,6 +46,11 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
 long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
 // sendfile() to an offloaded socket: the file's bytes are read here and sent through the ring.
 long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count);
+// splice() with an offloaded socket on one side (`socket_is_input`: it is fd_in) and, on the
+// other, what must be a pipe, as tcp_splice_read() and splice_to_socket() behave.
+long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_offloaded,
+               const loff_t *socket_offset, const loff_t *other_offset, size_t len,
+               unsigned int flags);
 
 // poll.cpp: poll/ppoll and select/pselect on a set that may hold offloaded fds.
 // timeout_ns < 0: forever.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # HAProxy 2.6 (2 threads, epoll) under the shim, with the engine on its own core, as an HTTP
-# proxy (mode http, connections to the backend reused) and as a TCP proxy (mode tcp), in front
+# proxy (mode http, connections to the backend reused) and as a TCP proxy (mode tcp, forwarding
+# with splice() through pipes), in front
 # of a Python HTTP/1.1 backend: first a plain one, then one preloaded too. http_check, a plain
 # client, checks every byte through both: HTTP/1.0, keep-alive and 10 MB bodies. ss proves
 # that both of HAProxy's sides were tcpsd's: its listeners, the connections it accepted and the
@@ -87,6 +88,8 @@ backend web
     server backend 127.0.0.1:$backend_port
 backend web_tcp
     mode tcp
+    option splice-request
+    option splice-response
     server backend 127.0.0.1:$backend_port
 EOF
 "$haproxy" -c -f "$conf" >"$dir/haproxy/configtest.out" 2>&1 ||

@@ -2973,6 +2973,112 @@ void check_urgent(const Family &family) {
     pair.close_both();
 }
 
+// splice() between a socket and a pipe (HAProxy's splice-auto forwards this way): every byte
+// through, in order, both ways; the pipe's room honoured; the errors of bad ends.
+void check_splice(const Family &family) {
+    constexpr size_t kBytes = 300000;  // several rings and several pipes' worth
+    const std::vector<uint8_t> content = deterministic_bytes(kBytes, 0x5711ce);
+    Pair pair = connected_pair(family);
+    int pipe_fds[2];
+    if (pipe2(pipe_fds, O_CLOEXEC) != 0) std::exit(2);
+    // The pipe's ends, blocking: the other side always comes (a thread of ours).
+    auto pipe_read = [](int fd, void *buf, size_t n) {
+        size_t done = 0;
+        while (done < n) {
+            const ssize_t got = read(fd, static_cast<char *>(buf) + done, n - done);
+            if (got <= 0) break;
+            done += static_cast<size_t>(got);
+        }
+        return static_cast<ssize_t>(done);
+    };
+    auto write_all = [](int fd, const void *buf, size_t n) {
+        size_t done = 0;
+        while (done < n) {
+            const ssize_t put = write(fd, static_cast<const char *>(buf) + done, n - done);
+            if (put <= 0) break;
+            done += static_cast<size_t>(put);
+        }
+    };
+    // Socket to pipe: the client sends, splice moves to the pipe, we drain the pipe.
+    std::thread sender([&] { send_all(pair.client, content.data(), kBytes); });
+    std::vector<uint8_t> got;
+    bool moved_ok = true;
+    while (got.size() < kBytes) {
+        const ssize_t n = splice(pair.server, nullptr, pipe_fds[1], nullptr, 70000, 0);
+        if (n <= 0) {
+            moved_ok = false;
+            break;
+        }
+        std::vector<uint8_t> chunk(static_cast<size_t>(n));
+        if (pipe_read(pipe_fds[0], chunk.data(), chunk.size()) != n) moved_ok = false;
+        got.insert(got.end(), chunk.begin(), chunk.end());
+    }
+    sender.join();
+    say("splice socket->pipe: all bytes in order=%s",
+        yes(moved_ok && got.size() == kBytes &&
+            std::equal(got.begin(), got.end(), content.begin())));
+    // A full pipe: non-blocking splice says EAGAIN, and no byte is lost.
+    const int pipe_size = fcntl(pipe_fds[1], F_GETPIPE_SZ);
+    std::vector<uint8_t> filler(static_cast<size_t>(pipe_size), 'f');
+    say("splice: fill the pipe=%s", rc(write(pipe_fds[1], filler.data(), filler.size())).c_str());
+    send_all(pair.client, "abc", 3);
+    wait_available(pair.server, 3);
+    say("splice socket->full pipe, SPLICE_F_NONBLOCK=%s",
+        rc(splice(pair.server, nullptr, pipe_fds[1], nullptr, 100, SPLICE_F_NONBLOCK)).c_str());
+    std::vector<uint8_t> drain(filler.size());
+    pipe_read(pipe_fds[0], drain.data(), drain.size());
+    char abc[4] = {};
+    say("splice: the bytes stayed in the socket: recv=%s data=%s",
+        rc(recv(pair.server, abc, 3, 0)).c_str(), abc);
+    // The socket's O_NONBLOCK is the socket's; SPLICE_F_NONBLOCK is the pipe's.
+    fcntl(pair.server, F_SETFL, O_NONBLOCK);
+    say("splice socket (O_NONBLOCK)->pipe with nothing to read=%s",
+        rc(splice(pair.server, nullptr, pipe_fds[1], nullptr, 100, 0)).c_str());
+    fcntl(pair.server, F_SETFL, 0);
+    // Pipe to socket: we fill the pipe, splice moves it to the socket, the peer reads.
+    got.assign(kBytes, 0);
+    ssize_t received = 0;
+    std::thread reader([&] { received = read_exact(pair.client, got.data(), kBytes); });
+    size_t written = 0;
+    moved_ok = true;
+    while (written < kBytes && moved_ok) {
+        const size_t piece = std::min<size_t>(kBytes - written, 50000);
+        std::thread writer([&] { write_all(pipe_fds[1], content.data() + written, piece); });
+        size_t spliced = 0;
+        while (spliced < piece) {
+            const ssize_t n =
+                splice(pipe_fds[0], nullptr, pair.server, nullptr, piece - spliced, 0);
+            if (n <= 0) {
+                moved_ok = false;
+                break;
+            }
+            spliced += static_cast<size_t>(n);
+        }
+        writer.join();
+        written += spliced;
+    }
+    reader.join();
+    say("splice pipe->socket: all bytes in order=%s",
+        yes(moved_ok && received == static_cast<ssize_t>(kBytes) &&
+            std::equal(got.begin(), got.end(), content.begin())));
+    say("splice empty pipe->socket, SPLICE_F_NONBLOCK=%s",
+        rc(splice(pipe_fds[0], nullptr, pair.server, nullptr, 100, SPLICE_F_NONBLOCK)).c_str());
+    // Bad ends.
+    loff_t offset = 0;
+    say("splice with an offset on the socket=%s",
+        rc(splice(pair.server, &offset, pipe_fds[1], nullptr, 10, 0)).c_str());
+    say("splice socket->socket=%s",
+        rc(splice(pair.server, nullptr, pair.client, nullptr, 10, 0)).c_str());
+    say("splice socket->the pipe's read end=%s",
+        rc(splice(pair.server, nullptr, pipe_fds[0], nullptr, 10, 0)).c_str());
+    say("splice length 0=%s", rc(splice(pair.server, nullptr, pipe_fds[1], nullptr, 0, 0)).c_str());
+    close(pipe_fds[1]);
+    say("splice pipe without writers->socket=%s",
+        rc(splice(pipe_fds[0], nullptr, pair.server, nullptr, 10, 0)).c_str());
+    close(pipe_fds[0]);
+    pair.close_both();
+}
+
 void check_sendfile(const Family &family) {
     constexpr size_t kFileBytes = 200000;  // three rings and a bit: the copy wraps
     const char *dir = std::getenv("TMPDIR");
@@ -3199,6 +3305,7 @@ int main(int argc, char **argv) {
         check_many_iovecs(family);
         check_accept4_flags(family);
         check_sendfile(family);
+        check_splice(family);
         check_urgent(family);
         check_reset_seen(family);
     }
