@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <vector>
 
 #include "memnet_hooks.h"
 #include "tcps_memnet.h"
@@ -202,18 +203,29 @@ int settle(Job &job, int timeout_ms) {
     return 1;
 }
 
+// Whether every page of [span, span + length) is mapped: mincore() says ENOMEM otherwise.
+bool mapped(uint8_t *span, size_t length) {
+    std::vector<unsigned char> pages(length / kPage);
+    return mincore(span, length, pages.data()) == 0;
+}
+
 }  // namespace
 
 MEMNET_EXPORT int memnet_register_mem(void *buffer, size_t length, memnet_mem_t *out) {
     if (!buffer || length == 0 || !out) return static_cast<int>(fail(EINVAL));
     const auto begin = reinterpret_cast<uintptr_t>(buffer);
     if (begin + length < begin) return static_cast<int>(fail(EINVAL));
+    // Memory that is not there is EFAULT, as the socket calls say, never a crash here.
+    auto *const first_page = reinterpret_cast<uint8_t *>(begin & ~(kPage - 1));
+    const size_t span_length =
+        ((begin + length + kPage - 1) & ~(kPage - 1)) - (begin & ~(kPage - 1));
+    if (!mapped(first_page, span_length)) return static_cast<int>(fail(EFAULT));
     auto *mem = new (std::nothrow) memnet_mem;
     if (!mem) return static_cast<int>(fail(ENOMEM));
     mem->buffer = static_cast<uint8_t *>(buffer);
     mem->length = length;
-    mem->span = reinterpret_cast<uint8_t *>(begin & ~(kPage - 1));
-    mem->span_length = ((begin + length + kPage - 1) & ~(kPage - 1)) - (begin & ~(kPage - 1));
+    mem->span = first_page;
+    mem->span_length = span_length;
     if (const tcps_memnet_hooks *h = hooks()) {
         const int memfd = share_pages(mem->span, mem->span_length);
         if (memfd < 0) {

@@ -32,8 +32,8 @@ typedef struct memnet_job {
 } memnet_job_t;
 
 /* Registers [buffer, buffer + length) for direct and asynchronous transfers. 0 and *mem, or
- * -1: EINVAL (length 0), ENOMEM (the family's 1024 registrations, or the uid's share of the
- * engine's memory, are used up), or what mmap() says. */
+ * -1: EINVAL (length 0), EFAULT (not all of it is mapped), ENOMEM (the family's 1024 registrations,
+ * or the uid's share of the engine's memory, are used up), or what mmap() says. */
 int memnet_register_mem(void *buffer, size_t length, memnet_mem_t *mem);
 /* 0, or -1: EBUSY while an asynchronous transfer on it is not done, EINVAL. The memory stays
  * where it is, with its contents, private again. */

@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -184,6 +185,12 @@ int main(int argc, char **argv) {
           "a range past the registration: EFAULT");
     check(memnet_send_direct(-1, mem, 0, 1) == -1 && errno == EBADF, "a bad socket: EBADF");
     check(memnet_register_mem(buffer, 0, &mem) == -1 && errno == EINVAL, "length 0: EINVAL");
+    void *hole = mmap(nullptr, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(static_cast<uint8_t *>(hole) + 4096, 4096);  // its second page is not mapped
+    memnet_mem_t bad = nullptr;
+    check(memnet_register_mem(hole, 8192, &bad) == -1 && errno == EFAULT,
+          "memory not all mapped: EFAULT");
+    munmap(hole, 4096);
 
     // EOF: the peer closes.
     close(server);
