@@ -21,8 +21,6 @@ namespace {
 
 constexpr uint64_t kPage = 4096;
 
-constexpr uint32_t kDirectChunk = ipc::kDirectMaxLen;  // one send or receive at most
-
 }  // namespace
 
 void Worker::register_mem(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd) {
@@ -158,7 +156,7 @@ void Worker::post_direct(Session &s, uint32_t i) {
         return;
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    const uint32_t len = std::min(es.direct_len - es.direct_done, kDirectChunk);
+    const uint32_t len = es.direct_len - es.direct_done;  // at most ipc::kDirectMaxLen
     uint8_t *at = es.direct_base + es.direct_done;
     const int flags = es.direct_dontwait ? MSG_DONTWAIT : 0;
     if (es.direct == EngineSlot::Direct::kSend)

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <memory>
+#include <new>
 
 #include "libc.hpp"
 #include "ops.hpp"
@@ -602,7 +604,12 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
     // that much from the ring. A pipe counts its room in slots, not bytes, so only a write
     // that cannot block says how much fits: through a non-blocking file description of our
     // own when the caller's blocks (its O_NONBLOCK is shared with everyone who holds it).
-    thread_local uint8_t buffer[ipc::kRxRingBytes];
+    // On the heap, once per thread that splices: a 64 KiB static TLS block would be taken
+    // from every thread's stack in every process under the shim.
+    thread_local std::unique_ptr<uint8_t[]> buffer_of_thread;
+    if (!buffer_of_thread) buffer_of_thread.reset(new (std::nothrow) uint8_t[ipc::kRxRingBytes]);
+    uint8_t *const buffer = buffer_of_thread.get();
+    if (!buffer) return -ENOMEM;
     int writer = other_fd;
     if (!(other_flags & O_NONBLOCK)) {
         char path[40];
@@ -616,7 +623,7 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
     }
     long result;
     for (;;) {
-        iovec peek_at{buffer, std::min(len, sizeof(buffer))};
+        iovec peek_at{buffer, std::min<size_t>(len, ipc::kRxRingBytes)};
         const long peeked = op_recv(ref, &peek_at, 1, MSG_PEEK);
         if (peeked <= 0) {
             result = peeked;

@@ -211,13 +211,26 @@ int hook_complete(tcps_memnet_ticket *ticket, int timeout_ms, long *result) {
         *result = -EBADF;
         return 1;
     }
-    // The ring's bytes: now if there are any, else (waiting) as recv() waits.
+    // The ring's bytes: a blocking socket waits for them within the caller's timeout, then
+    // reads as recv() does; a non-blocking one says EAGAIN, as recv() would.
     const bool nonblocking = ref.sock->nonblocking.load(std::memory_order_relaxed);
-    const long got =
-        recv_from_ring(ref, ticket->local, ticket->len, timeout_ms == 0 || nonblocking);
-    if (got == -EAGAIN && timeout_ms == 0 && !nonblocking) return 0;
-    *result = got;
-    return 1;
+    auto readable = [&] {
+        return rx_ring_has_bytes(ref) || stale(ref) || session_dead() || error_pending(ref) ||
+               (ref.shm->flags.load(std::memory_order_acquire) &
+                (ipc::kFlagRxEof | ipc::kFlagReset));
+    };
+    for (;;) {
+        if (!nonblocking && !readable() &&
+            (timeout_ns == 0 ||
+             wait_until(ref.slot, readable, timeout_ns, Interrupt::kNever) == WaitResult::kTimeout))
+            return 0;
+        const long got = recv_from_ring(ref, ticket->local, ticket->len, true);
+        if (got != -EAGAIN || nonblocking) {
+            *result = got;
+            return 1;
+        }
+        // Another thread took the bytes first: wait for the next ones.
+    }
 }
 
 const tcps_memnet_hooks kHooks = {hook_register, hook_deregister, hook_direct, hook_post,

@@ -33,39 +33,9 @@ chmod 644 "$site"/*
 start_offload
 daemon_runner
 port=$(free_port)
-conf=$prefix/nginx.conf
-error_log=$prefix/error.log
-pid_file=$prefix/nginx.pid
-cat >"$conf" <<EOF
-master_process on;
+nginx_configure 'master_process on;
 daemon on;
-worker_processes 2;
-user www-data;
-pid $pid_file;
-error_log $error_log notice;
-events { worker_connections 256; }
-http {
-    access_log off;
-    client_body_temp_path $prefix/tmp/body;
-    proxy_temp_path $prefix/tmp/proxy;
-    fastcgi_temp_path $prefix/tmp/fastcgi;
-    uwsgi_temp_path $prefix/tmp/uwsgi;
-    scgi_temp_path $prefix/tmp/scgi;
-    server {
-        listen 127.0.0.1:$port;
-        root $site;
-    }
-}
-EOF
-nginx_cmd=("$nginx" -p "$prefix" -c "$conf" -e "$error_log")
-"${nginx_cmd[@]}" -t >"$prefix/configtest.out" 2>&1 ||
-    fail "nginx rejects the configuration: $(cat "$prefix/configtest.out")"
-
-nginx_answers() {
-    "$HTTP_CHECK" --port "$port" --path /f16k --expect "$site/f16k" --requests 1 --timeout-s 2 \
-        >/dev/null 2>&1
-}
-workers_of() { pgrep -P "$1" -f 'nginx: worker process' | sort | tr '\n' ' ' || true; }
+worker_processes 2;' ''
 
 log "nginx on port $port"
 "${DAEMON[@]}" "${nginx_cmd[@]}" >"$prefix/stdout" 2>&1 ||

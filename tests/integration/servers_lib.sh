@@ -219,3 +219,42 @@ finish_load() {
     ((status != 124)) || fail "http_check did not stop within 60 s of SIGTERM"
     ((status == 0)) || fail "http_check reported failures (status $status)"
 }
+
+# nginx with a private configuration (nothing from /etc/nginx, every path inside $prefix),
+# serving $site on 127.0.0.1:$port. $1: the process model's directives; $2: extra directives
+# for the http block. Sets conf, error_log, pid_file and nginx_cmd (checked with -t); with
+# nginx_answers (one 16 KB request) and workers_of MASTER (its workers, by title) below.
+# shellcheck disable=SC2154  # prefix, site, port and nginx are the caller's
+nginx_configure() {
+    conf=$prefix/nginx.conf
+    error_log=$prefix/error.log
+    pid_file=$prefix/nginx.pid
+    cat >"$conf" <<EOF
+$1
+user www-data;
+pid $pid_file;
+error_log $error_log notice;
+events { worker_connections 256; }
+http {
+    access_log off;
+$2
+    client_body_temp_path $prefix/tmp/body;
+    proxy_temp_path $prefix/tmp/proxy;
+    fastcgi_temp_path $prefix/tmp/fastcgi;
+    uwsgi_temp_path $prefix/tmp/uwsgi;
+    scgi_temp_path $prefix/tmp/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        root $site;
+    }
+}
+EOF
+    nginx_cmd=("$nginx" -p "$prefix" -c "$conf" -e "$error_log")
+    "${nginx_cmd[@]}" -t >"$prefix/configtest.out" 2>&1 ||
+        fail "nginx rejects the configuration: $(cat "$prefix/configtest.out")"
+}
+nginx_answers() {
+    "$HTTP_CHECK" --port "$port" --path /f16k --expect "$site/f16k" --requests 1 --timeout-s 2 \
+        >/dev/null 2>&1
+}
+workers_of() { pgrep -P "$1" -f 'nginx: worker process' | sort | tr '\n' ' ' || true; }

@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -179,6 +180,15 @@ int main(int argc, char **argv) {
     check(send(server, "hello", 5, 0) == 5, "the peer sends");
     check(memnet_job_wait(&job, 10000) == 5 && std::memcmp(buffer + 100, "hello", 5) == 0,
           "async_recv received the peer's bytes into the buffer");
+
+    // async_recv with bytes already there: they are the job's (through the engine, read from
+    // the rx ring, which holds them first).
+    check(send(server, "xyz", 3, 0) == 3, "the peer sends again");
+    pollfd readable{client, POLLIN, 0};
+    check(poll(&readable, 1, 10000) == 1, "the bytes arrived");
+    check(memnet_async_recv(client, mem, 200, 5, &job) == 0 && memnet_job_wait(&job, 10000) == 3 &&
+              std::memcmp(buffer + 200, "xyz", 3) == 0,
+          "async_recv takes bytes that were there first");
 
     // Errors, as the socket calls give them.
     check(memnet_send_direct(client, mem, kBytes - 1, 2) == -1 && errno == EFAULT,
