@@ -6,12 +6,13 @@
 // alternately, and reports ratios. The peer is `op_cost --peer`, never preloaded.
 //
 // With the MemNet API (preload/tcps_memnet.h), the calls are memnet_send_direct,
-// memnet_recv_direct, or memnet_async_send with up to kAsyncDepth jobs in flight (each call's
-// CPU includes the job_wait of the job whose buffer it reuses), from a registered buffer.
+// memnet_recv_direct, or memnet_async_send/memnet_async_recv with up to kAsyncDepth jobs in
+// flight (each call's CPU includes the job_wait of the job whose buffer it reuses), from and
+// into a registered buffer.
 //
 //   op_cost --peer PORT_FILE                 listen on 127.0.0.1:0, write the port, then serve
 //   op_cost --send|--recv PORT SIZE COUNT    connect, run COUNT calls of SIZE bytes, print a line
-//   op_cost --send-direct|--recv-direct|--async-send PORT SIZE COUNT
+//   op_cost --send-direct|--recv-direct|--async-send|--async-recv PORT SIZE COUNT
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -67,7 +68,7 @@ int run_peer(const char *port_file) {
     }
 }
 
-enum class Call { kSend, kRecv, kSendDirect, kRecvDirect, kAsyncSend };
+enum class Call { kSend, kRecv, kSendDirect, kRecvDirect, kAsyncSend, kAsyncRecv };
 constexpr int kAsyncDepth = 8;
 
 const char *call_name(Call call) {
@@ -82,6 +83,8 @@ const char *call_name(Call call) {
             return "recv_direct";
         case Call::kAsyncSend:
             return "async_send";
+        case Call::kAsyncRecv:
+            return "async_recv";
     }
     return "?";
 }
@@ -100,7 +103,8 @@ int run_client(Call call, int port, size_t size, long count) {
         die("memnet_register_mem");
     memnet_job_t jobs[kAsyncDepth];
     bool in_flight[kAsyncDepth] = {};
-    uint64_t post_ns = 0;  // async_send: wall time inside memnet_async_send itself
+    uint64_t post_ns = 0;   // async_send/recv: wall time inside memnet_async_* itself
+    uint64_t received = 0;  // async_recv: what the jobs waited for brought
     long next = 0;
     auto one_call = [&] {
         // A blocking call moves all `size` bytes for send; recv may return fewer, as an
@@ -129,25 +133,45 @@ int run_client(Call call, int port, size_t size, long count) {
                 n = in_flight[k] ? static_cast<ssize_t>(size) : -1;
                 break;
             }
+            case Call::kAsyncRecv: {
+                // As a receive may, each job can bring fewer than `size` bytes.
+                const int k = static_cast<int>(next++ % kAsyncDepth);
+                if (in_flight[k]) {
+                    const ssize_t got = memnet_job_wait(&jobs[k], -1);
+                    if (got <= 0) die("memnet_job_wait");
+                    received += static_cast<uint64_t>(got);
+                }
+                const uint64_t posting = clock_ns(CLOCK_MONOTONIC);
+                in_flight[k] = memnet_async_recv(fd, mem, k * size, size, &jobs[k]) == 0;
+                post_ns += clock_ns(CLOCK_MONOTONIC) - posting;
+                n = in_flight[k] ? 1 : -1;
+                break;
+            }
         }
         if (n <= 0) die(call_name(call));
         return static_cast<uint64_t>(n);
     };
     auto drain_jobs = [&] {
-        for (int k = 0; k < kAsyncDepth; ++k)
-            if (in_flight[k] && memnet_job_wait(&jobs[k], -1) != static_cast<ssize_t>(size))
+        for (int k = 0; k < kAsyncDepth; ++k) {
+            if (!in_flight[k]) continue;
+            const ssize_t got = memnet_job_wait(&jobs[k], -1);
+            if (got <= 0 || (call == Call::kAsyncSend && got != static_cast<ssize_t>(size)))
                 die("memnet_job_wait");
+            received += static_cast<uint64_t>(got);
+        }
         std::fill(std::begin(in_flight), std::end(in_flight), false);
     };
     for (long i = 0; i < count / 10 + 1; ++i) one_call();  // warm up: rings, caches, windows
     drain_jobs();
     post_ns = 0;
+    received = 0;
 
     const uint64_t cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
     const uint64_t wall0 = clock_ns(CLOCK_MONOTONIC);
     uint64_t bytes = 0;
     for (long i = 0; i < count; ++i) bytes += one_call();
     drain_jobs();  // every job done: its cost counted
+    if (call == Call::kAsyncRecv) bytes = received;
     const uint64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     const uint64_t wall = clock_ns(CLOCK_MONOTONIC) - wall0;
     if (mem && memnet_deregister_mem(mem) != 0) die("memnet_deregister_mem");
@@ -175,13 +199,14 @@ int main(int argc, char **argv) {
                  {"--recv", Call::kRecv},
                  {"--send-direct", Call::kSendDirect},
                  {"--recv-direct", Call::kRecvDirect},
-                 {"--async-send", Call::kAsyncSend}};
+                 {"--async-send", Call::kAsyncSend},
+                 {"--async-recv", Call::kAsyncRecv}};
     for (const auto &entry : calls)
         if (argc == 5 && std::strcmp(argv[1], entry.flag) == 0)
             return run_client(entry.call, std::atoi(argv[2]), std::strtoul(argv[3], nullptr, 10),
                               std::atol(argv[4]));
     std::fprintf(stderr,
                  "usage: op_cost --peer PORT_FILE | op_cost --send|--recv|--send-direct|"
-                 "--recv-direct|--async-send PORT SIZE COUNT\n");
+                 "--recv-direct|--async-send|--async-recv PORT SIZE COUNT\n");
     return 2;
 }

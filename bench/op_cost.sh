@@ -7,7 +7,7 @@
 # CPU comes from the kernel's accounting: the calling thread's CLOCK_THREAD_CPUTIME_ID for the
 # application, and the sum of /proc/PID/task/*/schedstat (ns on CPU) for the engine.
 #
-# With OPS="send_direct recv_direct async_send" the same for the MemNet API (preload/
+# With OPS="send_direct recv_direct async_send async_recv" the same for the MemNet API (preload/
 # tcps_memnet.h) from a registered buffer: natively it is the kernel's send()/recv(), offloaded
 # the engine sends from and receives into the buffer itself.
 #
@@ -122,12 +122,17 @@ for op in dict.fromkeys(r["op"] for r in rows):
         n, o, e = statistics.median(native), statistics.median(off), statistics.median(engine)
         print(f"{op:11} {size:>6}  {fmt(native):>24}  {fmt(off):>24}  {o / n:9.2f}  "
               f"{e:14.0f}  {(o + e) / n:11.2f}")
-# async_send: its app CPU includes waiting for the jobs (job_wait); the posting alone (wall
-# time inside memnet_async_send, the MemNet paper's "cost of send") is shown apart.
-posts = [(size, statistics.median(series("async_send", size, "offloaded", "post_ns_per_call")))
-         for size in ("64", "1024", "4096", "16384") if series("async_send", size, "offloaded", "post_ns_per_call")]
-for size, post in posts:
-    native = statistics.median(series("send", size, "native", "app_cpu_ns_per_call") or [float("nan")])
-    print(f"async_send {size:>6}: posting alone {post:.0f} ns per call, {post / native:.3f}x native send's CPU")
+# async_send/async_recv: their app CPU includes waiting for the jobs (job_wait); the posting
+# alone (wall time inside memnet_async_*, the MemNet paper's "cost of send") is shown apart,
+# against the native send()/recv() of the same size.
+for op, base in (("async_send", "send"), ("async_recv", "recv")):
+    for size in ("64", "1024", "4096", "16384"):
+        posts = series(op, size, "offloaded", "post_ns_per_call")
+        native = series(op, size, "native", "app_cpu_ns_per_call")
+        if not posts or not native:
+            continue
+        post = statistics.median(posts)
+        print(f"{op} {size:>6}: posting alone {post:.0f} ns per call, "
+              f"{post / statistics.median(native):.3f}x native {base}'s CPU")
 EOF
 echo "op_cost: raw results in $out" >&2

@@ -108,7 +108,7 @@ experiment "experiment 1: CPU per send/recv (op_cost.sh)" '^recv +16384 +[0-9]' 
     OUT="$csv_dir/op_cost.csv" RUNS="$runs" SCALE="$op_scale" bash bench/op_cost.sh "$build"
 experiment "experiment 1b: the MemNet API, CPU per call (op_cost.sh)" '^async_send +16384 +[0-9]' \
     OUT="$csv_dir/op_cost_memnet.csv" RUNS="$runs" SCALE="$(awk -v s="$op_scale" 'BEGIN { print s / 4 }')" \
-    OPS="send send_direct async_send recv recv_direct" bash bench/op_cost.sh "$build"
+    OPS="send send_direct async_send recv recv_direct async_recv" bash bench/op_cost.sh "$build"
 experiment "experiment 2: round-trip latency (latency.sh)" '^pingpong +1024 +[0-9]' \
     OUT="$csv_dir/latency.csv" RUNS="$runs" SCALE="$latency_scale" bash bench/latency.sh "$build"
 experiment "experiment 3: bulk throughput, iperf3 (throughput.sh)" '^ +8 +[0-9]' \

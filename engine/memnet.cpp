@@ -3,11 +3,13 @@
 // application's side. The client's memfd is untrusted: the engine maps it but never touches it
 // itself; only the kernel does (io_uring send/recv), which reports a bad page as EFAULT.
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -106,15 +108,17 @@ void Worker::take_direct(Session &s, uint32_t i) {
             error = -EINVAL;  // not a position among the bytes queued and not yet sent
         }
         es.direct_mem = d.mem;
-        if (error == 0 && recv &&
-            (es.rx_tail != es.rx_head || es.urgent_watch || es.peeking ||
-             (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) ||
-             !(es.flags & ipc::kFlagConnected) || es.handed_off)) {
-            // Bytes already in the ring come first, and a socket the engine reads in a special
-            // way (urgent data watched, first bytes peeked, at EOF or reset) reads the ring as
-            // recv() does.
+        // A socket the engine reads in a special way (urgent data watched, first bytes peeked,
+        // at EOF or reset) reads the ring as recv() does.
+        const bool special = es.urgent_watch || es.peeking ||
+                             (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) ||
+                             !(es.flags & ipc::kFlagConnected) || es.handed_off;
+        if (error == 0 && recv && !special && (d.hints & ipc::kDirectHintAhead) &&
+            d.len >= ipc::kDirectModeMinLen)
+            enter_direct_mode(s, i);
+        // Bytes already in the ring come first.
+        if (error == 0 && recv && (special || es.rx_tail != es.rx_head))
             error = ipc::kDirectUseRxRing;
-        }
         if (error != 0) {
             es.direct_mem = UINT32_MAX;  // nothing to let go
             publish_direct_result(s, i, error);
@@ -167,7 +171,7 @@ void Worker::post_direct(Session &s, uint32_t i) {
     es.direct_posted = true;
 }
 
-void Worker::on_direct(Session &s, uint32_t i, int32_t res) {
+void Worker::on_direct(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) {
     EngineSlot &es = s.slots[i];
     es.direct_posted = false;
     if (es.direct == EngineSlot::Direct::kNone) return;
@@ -198,6 +202,14 @@ void Worker::on_direct(Session &s, uint32_t i, int32_t res) {
         stats_.bytes_in.fetch_add(res, std::memory_order_relaxed);
         stats_.direct_in.fetch_add(res, std::memory_order_relaxed);
     }
+    // Whether bytes still wait in the kernel socket, for poll() while in direct mode: the
+    // receive's completion says (the socket's queue after it).
+    if (es.rx_direct && res > 0) {
+        std::atomic<uint32_t> &mask = s.region.slot(i).kernel_mask;
+        const uint32_t before = mask.load(std::memory_order_relaxed);
+        mask.store((cqe_flags & IORING_CQE_F_SOCK_NONEMPTY) ? before | POLLIN : before & ~POLLIN,
+                   std::memory_order_relaxed);
+    }
     finish_direct(s, i, res);
     if (res == 0) {
         // The FIN: from now on every recv() sees it, as after the ring's own receive.
@@ -226,6 +238,99 @@ void Worker::finish_direct(Session &s, uint32_t i, int32_t result) {
     if (s.slots[i].state != ipc::SlotState::kOpen) return;
     publish_direct_result(s, i, result);
     take_direct(s, i);
+}
+
+void Worker::enter_direct_mode(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.rx_direct) return;
+    es.rx_direct = true;
+    publish_flags(s, i, es.flags | ipc::kFlagRxDirect);
+    update_kernel_mask(s, i);
+    // A ring receive in flight would take the next bytes: taken back (on_recv then posts the
+    // direct receive, or the poll).
+    if (es.recv_posted && !es.peek_posted && !es.recv_polling) cancel(s, i, Kind::kRecv);
+}
+
+void Worker::leave_direct_mode(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.rx_direct) return;
+    es.rx_direct = false;
+    publish_flags(s, i, es.flags & ~ipc::kFlagRxDirect);
+    bump_event(s, i);
+    if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);  // on_direct_wait: the ring
+    post_recv(s, i);
+}
+
+void Worker::post_direct_wait(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    const uint32_t known = s.region.slot(i).kernel_mask.load(std::memory_order_relaxed);
+    if (known & (POLLERR | POLLHUP)) return;  // nothing more to learn from the kernel socket
+    if (known & POLLRDHUP) {
+        // The FIN waits behind the bytes: io_uring's polls always include POLLRDHUP, so from
+        // now on only the multishot watch can tell an RST.
+        if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
+        return post_watch(s, i);
+    }
+    // While bytes wait (POLLIN known), only the FIN or an RST is news.
+    const uint32_t events = (known & POLLIN) ? POLLRDHUP : POLLIN | POLLRDHUP;
+    if (es.direct_wait_posted) {
+        // One that waits for less than we need now is taken back and posted again.
+        if (es.direct_wait_events != events && !(events & ~es.direct_wait_events)) return;
+        if (es.direct_wait_events != events) cancel(s, i, Kind::kDirectWait);
+        return;
+    }
+    io_uring_sqe *sqe = get_sqe();
+    if (!sqe) return schedule(s, i);
+    io_uring_prep_poll_add(sqe, es.fd, events);
+    track_op(s, i, sqe, Kind::kDirectWait);
+    es.direct_wait_posted = true;
+    es.direct_wait_events = events;
+}
+
+void Worker::on_direct_wait(Session &s, uint32_t i, int32_t res) {
+    EngineSlot &es = s.slots[i];
+    es.direct_wait_posted = false;
+    if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
+    if (res == -ECANCELED) return post_recv(s, i);  // the ring again, or a poll for more
+    if (res < 0) return schedule(s, i);             // again on the next tick
+    if (res & (POLLERR | POLLHUP)) {
+        int error = 0;
+        socklen_t len = sizeof(error);
+        if (getsockopt(es.fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+        if (error != 0) return record_error(s, i, error);
+    }
+    const uint32_t before = s.region.slot(i).kernel_mask.load(std::memory_order_relaxed);
+    update_kernel_mask(s, i);
+    if (s.region.slot(i).kernel_mask.load(std::memory_order_relaxed) != before) bump_event(s, i);
+    post_recv(s, i);
+}
+
+int Worker::op_leave_direct(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.rx_direct) return 0;
+    // What the kernel socket holds now goes into the ring before the answer, so the recv()
+    // that asked finds it there; a receive in flight (the ring's, being taken back, or a
+    // direct one) brings it instead. Then the ring is filled as usual.
+    const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
+    const uint32_t offset = es.rx_tail & (ipc::kRxRingBytes - 1);
+    const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
+    if (!es.recv_posted && es.direct == EngineSlot::Direct::kNone && len > 0 &&
+        !(es.flags & (ipc::kFlagRxEof | ipc::kFlagReset))) {
+        const ssize_t n = recv(es.fd, s.region.rx_ring(i) + offset, len, MSG_DONTWAIT);
+        if (n > 0) {
+            es.rx_tail += static_cast<uint32_t>(n);
+            s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);
+            stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
+            bump_event(s, i);
+        } else if (n == 0) {
+            update_kernel_mask(s, i);
+            publish_flags(s, i, es.flags | ipc::kFlagRxEof);
+            bump_event(s, i);
+            post_watch(s, i);
+        }
+    }
+    leave_direct_mode(s, i);
+    return 0;
 }
 
 }  // namespace tcps::engine

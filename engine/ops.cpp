@@ -119,6 +119,9 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
         case ipc::Op::kPastMark:
             result = op_past_mark(s, i);
             break;
+        case ipc::Op::kLeaveDirect:
+            result = op_leave_direct(s, i);
+            break;
         case ipc::Op::kRecvOob: {
             uint8_t out[1];
             uint32_t out_len = 0;

@@ -136,6 +136,13 @@ struct EngineSlot {
     uint32_t direct_len = 0;
     uint32_t direct_done = 0;
     uint8_t *direct_base = nullptr;
+    // Direct mode (ipc::kFlagRxDirect): the application takes this socket's bytes with direct
+    // receives, so between them the engine leaves what arrives in the kernel socket and only
+    // polls it (Kind::kDirectWait) to keep kernel_mask current: POLLIN while bytes wait there,
+    // then the FIN or an RST.
+    bool rx_direct = false;
+    bool direct_wait_posted = false;
+    uint32_t direct_wait_events = 0;  // what the poll in flight waits for
 };
 
 // Memory a family registered for MemNet (ControlType::kRegisterMem): the engine's own mapping

@@ -359,6 +359,7 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
     if ((posted & ipc::kPostedUrgentWatch) && !es.urgent_watch) {
         es.applied_posted |= ipc::kPostedUrgentWatch;
         es.urgent_watch = true;
+        leave_direct_mode(s, i);  // the urgent mark is looked for in every read
         // A receive in flight would read past an urgent byte that comes now: take it back,
         // and read by hand from then on (on_recv posts the poll when it is cancelled).
         if (es.recv_posted && !es.recv_polling && !es.peek_posted) cancel(s, i, Kind::kRecv);
@@ -468,7 +469,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kConnect:
         case Kind::kWatch:
         case Kind::kPeekWatch:
-        case Kind::kDirect: {
+        case Kind::kDirect:
+        case Kind::kDirectWait: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
             if ((es.gen & kGenMask) != gen) {
@@ -482,7 +484,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
             if (kind == Kind::kPeekWatch) on_peek_watch(s, i, res);
-            if (kind == Kind::kDirect) on_direct(s, i, res);
+            if (kind == Kind::kDirect) on_direct(s, i, res, cqe_flags);
+            if (kind == Kind::kDirectWait) on_direct_wait(s, i, res);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
@@ -575,6 +578,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.watch_posted) cancel(*s, item.slot, Kind::kWatch);
                 if (es.peek_watch_posted) cancel(*s, item.slot, Kind::kPeekWatch);
                 if (es.direct_posted) cancel(*s, item.slot, Kind::kDirect);
+                if (es.direct_wait_posted) cancel(*s, item.slot, Kind::kDirectWait);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -675,6 +679,7 @@ void Worker::post_recv(Session &s, uint32_t i) {
         (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off)
         return;
     if (es.direct == EngineSlot::Direct::kRecv) return post_direct(s, i);  // instead of the ring
+    if (es.rx_direct) return post_direct_wait(s, i);  // the next direct receive takes them
     if (es.peeking) {
         // Peeked bytes wait in the ring until the client rings (leave_peek); before them, one
         // MSG_PEEK into the empty ring of the new connection.
@@ -850,7 +855,8 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     } else if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
         schedule(s, i);  // transient: try again on the next tick, not in a tight loop
     } else if (res == -ECANCELED) {
-        if (es.urgent_watch) post_recv(s, i);  // taken back to read by hand from now on
+        // Taken back: to read by hand (urgent data watched), or for direct mode.
+        post_recv(s, i);
     } else {
         record_error(s, i, -res);
     }
@@ -1598,6 +1604,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.accept_posted) cancel(s, i, Kind::kAccept);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
+    if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
     stop_listening(s, i);
     maybe_finish_handoff(s, i);
 }
@@ -1607,7 +1614,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (es.handoff_member == kNoMember) return;
     const bool sending = es.send_posted || (es.tx_head != es.tx_tail &&
                                             !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut)));
-    if (es.recv_posted || es.accept_posted || es.watch_posted || es.peek_watch_posted || sending)
+    if (es.recv_posted || es.accept_posted || es.watch_posted || es.peek_watch_posted ||
+        es.direct_wait_posted || sending)
         return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
@@ -1923,6 +1931,7 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.connect_posted) cancel(s, i, Kind::kConnect);
         if (es.watch_posted) cancel(s, i, Kind::kWatch);
         if (es.direct_posted) cancel(s, i, Kind::kDirect);
+        if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
         untrack_connect(s, i);
     }
     // The kernel socket lives on in the application: closing only drops our descriptor.
@@ -1984,6 +1993,7 @@ void Worker::reset_in_place(Session &s, uint32_t i) {
     if (es.recv_posted) cancel(s, i, Kind::kRecv);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
     if (es.peek_watch_posted) cancel(s, i, Kind::kPeekWatch);
+    if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
     record_error(s, i, ECONNRESET);
 }
 

@@ -89,6 +89,7 @@ class Worker {
         kFabricWait,  // the fabric endpoint's wait fd: the relays published something
         kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
         kDirect,      // a MemNet send or receive straight from/into registered memory
+        kDirectWait,  // direct mode: a poll for what waits in the kernel socket
     };
 
     struct TimedSlot {
@@ -243,12 +244,19 @@ class Worker {
     // Starts the next descriptor of the slot's direct queue, if none is in progress.
     void take_direct(Session &s, uint32_t i);
     void post_direct(Session &s, uint32_t i);
-    void on_direct(Session &s, uint32_t i, int32_t res);
+    void on_direct(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags);
     // Publishes the descriptor's result and lets its registration go; then the next one.
     void finish_direct(Session &s, uint32_t i, int32_t result);
     void publish_direct_result(Session &s, uint32_t i, int32_t result);
     // The slot's transfer ends: its registration is let go, nothing is published.
     void release_direct(Session &s, uint32_t i);
+    // Direct mode (EngineSlot::rx_direct): entered when a direct receive is taken, left when a
+    // recv() asks for the ring (Op::kLeaveDirect) or urgent data is watched.
+    void enter_direct_mode(Session &s, uint32_t i);
+    void leave_direct_mode(Session &s, uint32_t i);
+    void post_direct_wait(Session &s, uint32_t i);
+    void on_direct_wait(Session &s, uint32_t i, int32_t res);
+    int op_leave_direct(Session &s, uint32_t i);
 
     // --- members ---
     // A member's process is gone (its connection closed) or its reservation expired: its

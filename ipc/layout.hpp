@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 5;
+inline constexpr uint32_t kLayoutVersion = 6;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -136,8 +136,12 @@ enum class Op : uint32_t {
     // recv() there does on Linux (past the urgent byte, which is then gone). Answered once the
     // engine has taken what the kernel socket has past the mark. Result 0.
     kPastMark = 12,
+    // A recv() that finds the rx ring empty while the engine receives for MemNet only
+    // (kFlagRxDirect): the engine fills the ring again, from now on, and takes what its kernel
+    // socket holds before it answers, so the caller finds those bytes in the ring. Result 0.
+    kLeaveDirect = 13,
 };
-inline constexpr uint32_t kOpCount = 13;
+inline constexpr uint32_t kOpCount = 14;
 
 // Socket states in SocketSlot::state, written by the engine only.
 enum class SlotState : uint32_t {
@@ -173,6 +177,12 @@ inline constexpr uint32_t kFlagAcceptPaused = 1u << 9;
 // (Op::kPastMark), and readability is the kernel socket's (kernel_mask's POLLIN).
 inline constexpr uint32_t kFlagUrgentMark = 1u << 10;
 inline constexpr uint32_t kFlagUrgentStop = 1u << 11;
+// The application receives this socket's bytes into registered memory (MemNet's direct
+// receives): the engine does not fill the rx ring between them, so what arrives waits in its
+// kernel socket for the next one instead of being copied twice. kernel_mask's POLLIN says
+// that bytes wait there (readable); a recv() that finds the ring empty asks for the ring back
+// (Op::kLeaveDirect).
+inline constexpr uint32_t kFlagRxDirect = 1u << 12;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when
@@ -231,7 +241,8 @@ static_assert(sizeof(Response) == 32 + kOptMax, "response record size is part of
 // registered with the engine (ControlType::kRegisterMem), written by the client (untrusted).
 // The engine takes a socket's descriptors in order: a send goes after the tx ring's bytes up
 // to tx_at (the tx_tail when it was queued) and before the rest; a receive first lets the
-// client read what the rx ring holds (result kDirectUseRxRing).
+// client read what the rx ring holds (result kDirectUseRxRing); one posted ahead
+// (kDirectHintAhead) also stops the engine filling the ring (kFlagRxDirect).
 enum class DirectOp : uint32_t { kSend = 1, kRecv = 2 };
 struct DirectDescriptor {
     uint32_t op;      // DirectOp
@@ -240,10 +251,17 @@ struct DirectDescriptor {
     uint32_t tx_at;   // kSend: the tx ring position it goes after
     uint64_t offset;  // in the registration
     uint32_t flags;   // MSG_DONTWAIT or 0
-    uint32_t reserved;
+    uint32_t hints;   // kDirectHint*
 };
 static_assert(sizeof(DirectDescriptor) == 32, "direct descriptor size is part of the layout");
 inline constexpr uint32_t kDirectMaxLen = 1u << 30;
+// A receive posted ahead of the data (memnet_async_recv) of at least kDirectModeMinLen bytes:
+// the application keeps large receives posted on this socket, so the engine stops filling the
+// rx ring for it (kFlagRxDirect). Smaller ones, and one that waits for its answer
+// (memnet_recv_direct), read what the ring has: for them the ring's batching costs less than
+// a transfer per call (docs/performance.md, Experiment 1b).
+inline constexpr uint32_t kDirectHintAhead = 1u << 0;
+inline constexpr uint32_t kDirectModeMinLen = 16 * 1024;
 // A direct receive's result that is no count: the rx ring has bytes (or the socket's bytes
 // cannot go straight to the caller now); read them from the ring, as recv() does.
 inline constexpr int32_t kDirectUseRxRing = INT32_MIN;

@@ -346,6 +346,11 @@ long recv_urgent(SocketRef &ref, const iovec *iov, int iovcnt, size_t total, int
 
 }  // namespace
 
+bool direct_bytes_wait(const ipc::SocketSlot &shm) {
+    return (shm.flags.load(std::memory_order_acquire) & ipc::kFlagRxDirect) &&
+           (shm.kernel_mask.load(std::memory_order_relaxed) & POLLIN);
+}
+
 long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     size_t total;
     if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
@@ -374,6 +379,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     if (peek && (shm.flags.load(std::memory_order_acquire) & ipc::kFlagRxPaused))
         notify_engine(ref.slot);
     CallHold hold(ref);
+    bool asked_ring = false;
     sock.rx_lock.lock();
     for (;;) {
         if (stale(ref)) {
@@ -454,6 +460,15 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             result = -ENOTCONN;
             break;
         }
+        // The engine receives for MemNet only (kFlagRxDirect): what came since waits in its
+        // kernel socket. The ring again, with those bytes in it, once per wait: another
+        // thread's direct receives may take the socket back meanwhile.
+        if (available == 0 && !asked_ring && (state & ipc::kFlagRxDirect)) {
+            asked_ring = true;
+            ipc::Request leave{};
+            leave.op = static_cast<uint32_t>(ipc::Op::kLeaveDirect);
+            if (request(ref.slot, leave) == 0) continue;
+        }
         if (timeout == 0) {
             result = copied ? static_cast<long>(copied) : -EAGAIN;
             break;
@@ -470,6 +485,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                            shm.rx_head.load(std::memory_order_relaxed) >
                        seen ||
                    (!peek && (shm.flags.load(std::memory_order_acquire) & ipc::kFlagUrgentStop)) ||
+                   direct_bytes_wait(shm) ||
                    (effective_flags(ref) &
                     (ipc::kFlagRxEof | ipc::kFlagRxShut | ipc::kFlagReset)) ||
                    sock.shut_rd.load() || error_pending(ref) || session_dead() || stale(ref);
@@ -478,6 +494,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
         const WaitResult waited =
             wait_until(ref.slot, ready, timeout, socket_wait_interrupt(timeout, copied + seen > 0));
         sock.rx_lock.lock();
+        asked_ring = false;
         if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {
             if (peek && !stale(ref)) {
                 // What a peek short of its target saw still counts, as it does for Linux.

@@ -11,7 +11,11 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <deque>
+#include <mutex>
 #include <new>
+#include <unordered_map>
 #include <vector>
 
 #include "memnet_hooks.h"
@@ -46,6 +50,25 @@ static_assert(sizeof(Job) <= sizeof(memnet_job_t), "a job fits its public record
 
 Job &job_of(memnet_job_t *job) {
     return *reinterpret_cast<Job *>(job->state);
+}
+
+// Each socket's kernel receives still waiting, oldest first: their bytes come in the order they
+// were posted, as the engine's do, so a receive posted while an earlier one waits waits too.
+std::mutex g_waiting_mutex;
+std::unordered_map<int, std::deque<Job *>> g_waiting;
+
+// Under g_waiting_mutex: `job`, the oldest waiting receive of its socket, takes what the
+// socket has. True once it is done (then it no longer waits).
+bool take_kernel_bytes(Job &job) {
+    const int fd = static_cast<int>(job.ticket.slot);
+    const ssize_t n = ::recv(fd, job.ticket.local, job.ticket.len, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return false;
+    job.result = n < 0 ? -errno : n;
+    job.phase = kDone;
+    auto found = g_waiting.find(fd);
+    found->second.pop_front();
+    if (found->second.empty()) g_waiting.erase(found);
+    return true;
 }
 
 const tcps_memnet_hooks *hooks() {
@@ -162,15 +185,19 @@ int start_job(int socket, memnet_mem_t mem, size_t offset, size_t length, memnet
         }
     }
     // The kernel's socket: a send is done before returning (the kernel has no asynchronous
-    // send()); a receive takes what is there, or waits in job_wait/job_done.
+    // send()); a receive takes what is there, or waits in job_wait/job_done, behind the
+    // socket's receives that wait already.
     if (recv) {
-        const ssize_t n = ::recv(socket, at, length, MSG_DONTWAIT);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && length > 0 &&
-            !(fcntl(socket, F_GETFL) & O_NONBLOCK)) {
+        std::lock_guard<std::mutex> lock(g_waiting_mutex);
+        const bool behind = g_waiting.count(socket) != 0;
+        const ssize_t n = behind ? -1 : ::recv(socket, at, length, MSG_DONTWAIT);
+        if (behind || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && length > 0 &&
+                       !(fcntl(socket, F_GETFL) & O_NONBLOCK))) {
             job.phase = kKernelRecv;
             job.ticket.slot = static_cast<uint32_t>(socket);
             job.ticket.local = at;
             job.ticket.len = length;
+            g_waiting[socket].push_back(&job);
             return 0;
         }
         job.result = n < 0 ? -errno : n;
@@ -181,19 +208,36 @@ int start_job(int socket, memnet_mem_t mem, size_t offset, size_t length, memnet
     return 0;
 }
 
-// 1 done, 0 not within timeout_ms.
+uint64_t now_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1000 + static_cast<uint64_t>(ts.tv_nsec) / 1'000'000;
+}
+
+// 1 done, 0 not within timeout_ms. A kernel receive takes its bytes only once the receives
+// posted before it on its socket have theirs (they are taken first, into their own buffers).
 int settle(Job &job, int timeout_ms) {
-    if (job.phase == kDone) return 1;
     if (job.phase == kKernelRecv) {
         const int fd = static_cast<int>(job.ticket.slot);
-        pollfd ready{fd, POLLIN, 0};
-        if (poll(&ready, 1, timeout_ms) == 0) return 0;
-        const ssize_t n = ::recv(fd, job.ticket.local, job.ticket.len, MSG_DONTWAIT);
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return 0;
-        job.result = n < 0 ? -errno : n;
-        job.phase = kDone;
-        return 1;
+        const uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : now_ms() + timeout_ms;
+        for (;;) {
+            {
+                std::lock_guard<std::mutex> lock(g_waiting_mutex);
+                if (job.phase == kDone) return 1;
+                auto found = g_waiting.find(fd);
+                if (found == g_waiting.end()) return -EINVAL;  // cannot be: it waits in it
+                const bool front_done = take_kernel_bytes(*found->second.front());
+                if (job.phase == kDone) return 1;
+                if (front_done) continue;  // an earlier one had its turn; ours may be next
+            }
+            const uint64_t now = now_ms();
+            if (now >= deadline) return 0;
+            pollfd ready{fd, POLLIN, 0};
+            const int wait_ms = deadline == UINT64_MAX ? -1 : static_cast<int>(deadline - now);
+            if (poll(&ready, 1, wait_ms) == 0) return 0;
+        }
     }
+    if (job.phase == kDone) return 1;
     if (job.phase != kEngine) return -EINVAL;
     long result = 0;
     if (!hooks()->complete(&job.ticket, timeout_ms, &result)) return 0;

@@ -40,7 +40,7 @@ bool done(const SocketRef &ref, const tcps_memnet_ticket *ticket) {
 // Queues one transfer: 0, or -errno. Waits for a free entry if kDirectQueueEntries are in
 // flight.
 int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint32_t len,
-                   bool dontwait, tcps_memnet_ticket *ticket) {
+                   bool dontwait, tcps_memnet_ticket *ticket, bool ahead = false) {
     Socket &sock = *ref.sock;
     ipc::SocketSlot &shm = *ref.shm;
     // tx_lock: one producer of the queue at a time, and a send's tx_at is the ring position
@@ -71,7 +71,7 @@ int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint
     d.tx_at = shm.tx_tail.load(std::memory_order_relaxed);
     d.offset = offset;
     d.flags = dontwait ? MSG_DONTWAIT : 0;
-    d.reserved = 0;
+    d.hints = ahead ? ipc::kDirectHintAhead : 0;
     ticket->slot = ref.slot;
     ticket->generation = ref.generation;
     ticket->seq = tail;
@@ -121,8 +121,8 @@ long recv_from_ring(SocketRef &ref, void *local, size_t len, bool dontwait) {
 
 long direct_recv(SocketRef &ref, uint32_t id, uint64_t offset, void *local, size_t len) {
     const bool nonblocking = ref.sock->nonblocking.load(std::memory_order_relaxed);
-    // A non-blocking socket takes what the ring has, as recv() does: the engine receives
-    // eagerly, so what the kernel socket has is on its way there.
+    // A non-blocking socket takes what the ring has, as recv() does, and so does a blocking
+    // one when the ring has bytes: a round trip to the engine would cost more than the copy.
     if (nonblocking || rx_ring_has_bytes(ref) || len == 0)
         return recv_from_ring(ref, local, len, nonblocking);
     tcps_memnet_ticket ticket{};
@@ -181,16 +181,18 @@ int hook_post(int fd, int recv, uint32_t id, uint64_t offset, void *local, size_
     const bool nonblocking = ref.sock->nonblocking.load(std::memory_order_relaxed);
     ticket->local = local;
     ticket->len = len;
-    if (recv && (nonblocking || rx_ring_has_bytes(ref))) {
-        // The ring's bytes come first: the job reads them when asked (hook_complete).
+    if (recv && (nonblocking || (len < ipc::kDirectModeMinLen && rx_ring_has_bytes(ref)))) {
+        // As recv() does, from the ring: the job reads what it has when asked (hook_complete).
         ticket->slot = ref.slot;
         ticket->generation = ref.generation;
         ticket->recv = 1;
         give_answer(ticket, ipc::kDirectUseRxRing);
         return 1;
     }
-    const int rc =
-        queue_transfer(ref, recv, id, offset, static_cast<uint32_t>(len), nonblocking, ticket);
+    // A receive posted ahead even when the ring has bytes (the engine then says to read them
+    // there): the engine stops filling the ring, and the bytes after them come straight here.
+    const int rc = queue_transfer(ref, recv, id, offset, static_cast<uint32_t>(len), nonblocking,
+                                  ticket, recv != 0);
     return rc == 0 ? 1 : rc;
 }
 
@@ -215,7 +217,8 @@ int hook_complete(tcps_memnet_ticket *ticket, int timeout_ms, long *result) {
     // reads as recv() does; a non-blocking one says EAGAIN, as recv() would.
     const bool nonblocking = ref.sock->nonblocking.load(std::memory_order_relaxed);
     auto readable = [&] {
-        return rx_ring_has_bytes(ref) || stale(ref) || session_dead() || error_pending(ref) ||
+        return rx_ring_has_bytes(ref) || direct_bytes_wait(*ref.shm) || stale(ref) ||
+               session_dead() || error_pending(ref) ||
                (ref.shm->flags.load(std::memory_order_acquire) &
                 (ipc::kFlagRxEof | ipc::kFlagReset));
     };

@@ -44,6 +44,9 @@ long op_dupfd(int fd, int cmd, int min_fd);
 // io_ops.cpp
 long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
 long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
+// Direct mode (ipc::kFlagRxDirect) with bytes waiting in the engine's kernel socket: a recv()
+// would take them (it asks for the ring back).
+bool direct_bytes_wait(const ipc::SocketSlot &shm);
 // sendfile() to an offloaded socket: the file's bytes are read here and sent through the ring.
 long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count);
 // splice() with an offloaded socket on one side (`socket_is_input`: it is fd_in) and, on the

@@ -36,7 +36,7 @@ uint32_t poll_mask(const SocketSnapshot &s) {
     if (!connecting) {  // SYN_SENT reports nothing but errors
         // tcp_stream_is_readable(): SO_RCVLOWAT bytes (at least one) are there.
         if (s.rx_available > 0 && s.rx_available >= s.rcvlowat) mask |= kIn;
-        if (s.rx_available == 0 && s.past_mark_readable) mask |= kIn;
+        if (s.rx_available == 0 && (s.past_mark_readable || s.direct_readable)) mask |= kIn;
         // Writable while there is room; after SHUT_WR too, so a writer finds EPIPE.
         if (tx_shut || s.tx_used < ipc::kTxRingBytes) mask |= kOut;
         if (s.urgent) mask |= POLLPRI;  // tp->urg_data & TCP_URG_VALID

@@ -18,6 +18,7 @@ struct SocketSnapshot {
     bool error_pending = false;       // so_error set in a generation not yet reported
     bool urgent = false;              // urgent data is there (the kernel socket's POLLPRI)
     bool past_mark_readable = false;  // the engine stopped at the urgent mark, bytes past it
+    bool direct_readable = false;     // direct mode (kFlagRxDirect), bytes in the kernel socket
     bool listening = false;           // listen() succeeded and no shutdown(SHUT_RD) since
     bool connect_started = false;     // connect() was called and its outcome not yet reported
     // Linux disconnected the socket (tcp_disconnect()): after connect() reported a failed

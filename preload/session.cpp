@@ -930,6 +930,9 @@ SocketSnapshot snapshot(const SocketRef &ref) {
     s.past_mark_readable = (s.flags & ipc::kFlagUrgentStop) && (kernel & POLLIN) &&
                            shm.urgent_mark.load(std::memory_order_relaxed) ==
                                shm.rx_head.load(std::memory_order_relaxed);
+    // Bytes wait in the engine's kernel socket for the next direct receive: readable, and a
+    // recv() takes them (Op::kLeaveDirect).
+    s.direct_readable = (s.flags & ipc::kFlagRxDirect) && (kernel & POLLIN);
     s.listening = sock.listening.load(std::memory_order_relaxed);
     s.end_unreported = !sock.end_reported.load(std::memory_order_relaxed);
     s.connect_started = sock.connect_state.load(std::memory_order_relaxed) == kConnecting;

@@ -652,6 +652,12 @@ long op_ioctl(SocketRef &ref, unsigned long request_code, void *arg) {
         case FIONREAD: {  // SIOCINQ
             if (!arg) return -EFAULT;
             if (sock.listening.load()) return -EINVAL;
+            // Bytes that wait in the engine's kernel socket for a direct receive count too.
+            if (direct_bytes_wait(*ref.shm)) {
+                ipc::Request leave{};
+                leave.op = static_cast<uint32_t>(ipc::Op::kLeaveDirect);
+                request(ref.slot, leave);
+            }
             const int n = static_cast<int>(ref.shm->rx_tail.load(std::memory_order_acquire) -
                                            ref.shm->rx_head.load(std::memory_order_relaxed));
             std::memcpy(arg, &n, sizeof(n));

@@ -55,6 +55,14 @@ TEST_CASE("bytes in the rx ring make a socket readable") {
     CHECK(poll_mask(s) == (kIn | kOut));
 }
 
+TEST_CASE("direct mode: bytes waiting in the engine's kernel socket make a socket readable") {
+    SocketSnapshot s = connected();
+    s.flags |= ipc::kFlagRxDirect;
+    CHECK(poll_mask(s) == kOut);  // nothing waits there: not readable
+    s.direct_readable = true;
+    CHECK(poll_mask(s) == (kIn | kOut));
+}
+
 TEST_CASE("the peer's FIN: POLLIN|POLLRDHUP with POLLOUT still (0x2005 on Linux)") {
     SocketSnapshot s = connected();
     s.flags |= ipc::kFlagRxEof;
