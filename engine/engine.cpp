@@ -224,9 +224,13 @@ void Engine::log_stats() {
     log_line("engine: %zu sessions known by id", session_workers_.size());
     for (size_t k = 0; k < workers_.size(); ++k) {
         const WorkerStats &st = workers_[k]->stats();
+        char zerocopy[32] = "unsupported";
+        if (workers_[k]->zerocopy())
+            std::snprintf(zerocopy, sizeof(zerocopy), "%llu",
+                          static_cast<unsigned long long>(st.zerocopy_out.load()));
         log_line(
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, "
-            "bytes in %llu out %llu (direct in %llu out %llu), violations %llu",
+            "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -234,7 +238,7 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.bytes_in.load()),
             static_cast<unsigned long long>(st.bytes_out.load()),
             static_cast<unsigned long long>(st.direct_in.load()),
-            static_cast<unsigned long long>(st.direct_out.load()),
+            static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
             static_cast<unsigned long long>(st.violations.load()));
     }
 }

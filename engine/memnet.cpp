@@ -22,6 +22,9 @@ namespace tcps::engine {
 namespace {
 
 constexpr uint64_t kPage = 4096;
+// Direct sends from this size on go out of the registered pages themselves (SEND_ZC): below it
+// the page pinning and the notification cost more than the copy they save.
+constexpr uint32_t kZeroCopyMinBytes = 64 * 1024;
 
 }  // namespace
 
@@ -163,7 +166,10 @@ void Worker::post_direct(Session &s, uint32_t i) {
     const uint32_t len = es.direct_len - es.direct_done;  // at most ipc::kDirectMaxLen
     uint8_t *at = es.direct_base + es.direct_done;
     const int flags = es.direct_dontwait ? MSG_DONTWAIT : 0;
-    if (es.direct == EngineSlot::Direct::kSend)
+    es.direct_zc = es.direct == EngineSlot::Direct::kSend && send_zc_ && len >= kZeroCopyMinBytes;
+    if (es.direct_zc)
+        io_uring_prep_send_zc(sqe, es.fd, at, len, flags | MSG_NOSIGNAL, 0);
+    else if (es.direct == EngineSlot::Direct::kSend)
         io_uring_prep_send(sqe, es.fd, at, len, flags | MSG_NOSIGNAL);
     else
         io_uring_prep_recv(sqe, es.fd, at, len, flags);
@@ -173,6 +179,17 @@ void Worker::post_direct(Session &s, uint32_t i) {
 
 void Worker::on_direct(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) {
     EngineSlot &es = s.slots[i];
+    if (es.direct_zc) {
+        // SEND_ZC: the result (with IORING_CQE_F_MORE: a notification follows), then the
+        // notification that the pages are the application's again, which ends the transfer.
+        if (!(cqe_flags & IORING_CQE_F_NOTIF) && (cqe_flags & IORING_CQE_F_MORE)) {
+            es.direct_zc_result = res;
+            return;
+        }
+        if (cqe_flags & IORING_CQE_F_NOTIF) res = es.direct_zc_result;
+        es.direct_zc = false;
+        if (res > 0) stats_.zerocopy_out.fetch_add(res, std::memory_order_relaxed);
+    }
     es.direct_posted = false;
     if (es.direct == EngineSlot::Direct::kNone) return;
     if (es.state != ipc::SlotState::kOpen) {

@@ -136,6 +136,10 @@ struct EngineSlot {
     uint32_t direct_len = 0;
     uint32_t direct_done = 0;
     uint8_t *direct_base = nullptr;
+    // A large direct send goes out with SEND_ZC: its result comes first, then a notification
+    // once the kernel let go of the registered pages, which ends the transfer.
+    bool direct_zc = false;
+    int32_t direct_zc_result = 0;
     // Direct mode (ipc::kFlagRxDirect): the application takes this socket's bytes with direct
     // receives, so between them the engine leaves what arrives in the kernel socket and only
     // polls it (Kind::kDirectWait) to keep kernel_mask current: POLLIN while bytes wait there,

@@ -105,6 +105,7 @@ std::string Worker::init() {
             break;
         }
     }
+    send_zc_ = io_uring_opcode_supported(probe, IORING_OP_SEND_ZC);
     io_uring_free_probe(probe);
     if (!missing.empty()) return missing;
     doorbell_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

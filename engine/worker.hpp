@@ -43,6 +43,7 @@ struct WorkerStats {
     // MemNet: network <-> registered memory, straight (counted in bytes_in/out too).
     std::atomic<uint64_t> direct_in{0};
     std::atomic<uint64_t> direct_out{0};
+    std::atomic<uint64_t> zerocopy_out{0};  // of direct_out: sent with SEND_ZC
     std::atomic<uint64_t> violations{0};
 };
 
@@ -63,6 +64,8 @@ class Worker {
     // The eventfd that wakes this worker (signal handler, session hand-off).
     int doorbell_fd() const { return doorbell_fd_; }
     const WorkerStats &stats() const { return stats_; }
+    // Whether this kernel has io_uring's SEND_ZC (large MemNet sends use it).
+    bool zerocopy() const { return send_zc_; }
     uint64_t load() const { return stats_.sessions.load(std::memory_order_relaxed) + queued_; }
 
     // Any thread: hands a session (region created, hello answered) to this worker.
@@ -326,6 +329,7 @@ class Worker {
     std::unordered_multimap<AddressKey, TimedSlot, AddressKeyHash> connected_;
     // io_uring personalities by (uid, gid) of the listeners' owners (personality_for).
     std::vector<std::pair<uint64_t, uint16_t>> personalities_;
+    bool send_zc_ = false;       // IORING_OP_SEND_ZC (Linux 6.0)
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;

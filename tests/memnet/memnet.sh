@@ -27,10 +27,18 @@ kill -USR1 "$ENGINE_PID"
 # shellcheck disable=SC2317  # called by wait_until
 stats_logged() { grep -q "direct in" "$TCPS_TEST_DIR/engine.log"; }
 wait_until 10 stats_logged || fail "the engine logged no statistics"
-direct_out=$(sed -n 's/.*(direct in [0-9]* out \([0-9]*\)).*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
+direct_out=$(sed -n 's/.*(direct in [0-9]* out \([0-9]*\),.*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
+zerocopy=$(sed -n 's/.*zero-copy out \([0-9a-z]*\)).*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
 direct_in=$(sed -n 's/.*(direct in \([0-9]*\) out.*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
-log "the engine sent $direct_out bytes from registered memory and received $direct_in into it"
+log "the engine sent $direct_out bytes from registered memory ($zerocopy with SEND_ZC) and received $direct_in into it"
 ((direct_out >= 2 * 1048576)) || fail "the engine sent only $direct_out bytes from registered memory"
+# Sends of 64 KiB and more go out with SEND_ZC, where the kernel has it: send_direct's 1 MiB and
+# the four async jobs of 256 KiB.
+if [[ $zerocopy == unsupported ]]; then
+    log "this kernel has no io_uring SEND_ZC: large direct sends are copied"
+else
+    ((zerocopy >= 2 * 1048576)) || fail "only $zerocopy bytes went out with SEND_ZC"
+fi
 # The 4 MiB stream received ahead, less what the rx ring held when its first receive was queued
 # (64 KiB) and a ring receive in flight then (64 KiB).
 ((direct_in >= 4 * 1048576 - 2 * 65536)) || fail "the engine received only $direct_in bytes into registered memory"
