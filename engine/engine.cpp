@@ -168,6 +168,7 @@ bool Engine::start_workers() {
         config.index = static_cast<int>(k);
         config.core = cores[k];
         config.spin_us = options_.spin_us;
+        config.handoff_load = options_.handoff_load;
         config.busy_poll = options_.busy_poll;
         if (links_.is_open()) {
             config.fabric = true;
@@ -229,12 +230,14 @@ void Engine::log_stats() {
             std::snprintf(zerocopy, sizeof(zerocopy), "%llu",
                           static_cast<unsigned long long>(st.zerocopy_out.load()));
         log_line(
-            "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, "
+            "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
+            "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
             static_cast<unsigned long long>(st.accepts.load()),
+            static_cast<unsigned long long>(st.kernel_served.load()),
             static_cast<unsigned long long>(st.bytes_in.load()),
             static_cast<unsigned long long>(st.bytes_out.load()),
             static_cast<unsigned long long>(st.direct_in.load()),

@@ -55,11 +55,17 @@ bool parse_core_list(const std::string &text, std::vector<int> &cores) {
 const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
            "[--ready-fd FD] [--verbose] [--max-fds N] [--max-memory-mb N]\n"
+           "             [--handoff-load PERCENT]\n"
            "             [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
            "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
            "  --spin-us N    spin this long without work before sleeping (default 50)\n"
            "  --busy-poll    never sleep\n"
+           "  --handoff-load PERCENT  a worker busy this much of the time (over 100 ms) is\n"
+           "                 saturated: connections it accepts then stay with the kernel, in\n"
+           "                 the application; they are offloaded again once it is busy less\n"
+           "                 than PERCENT - 20 (default: never; 0: always). Experimental:\n"
+           "                 each such connection costs a control round trip\n"
            "  --ready-fd FD  write \"ready\\n\" to FD once listening, then close it\n"
            "  --verbose      log every session\n"
            "  --max-fds N    descriptors the engine spends on its clients (default: as many as\n"
@@ -107,6 +113,14 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 error = "invalid core list '" + value + "'";
                 return false;
             }
+        } else if (name == "--handoff-load") {
+            if (!take_value()) return false;
+            long percent;
+            if (!parse_long(value, 0, 100, percent)) {
+                error = "invalid --handoff-load '" + value + "' (a percentage, 0-100)";
+                return false;
+            }
+            options.handoff_load = static_cast<int>(percent);
         } else if (name == "--spin-us") {
             if (!take_value()) return false;
             long us;

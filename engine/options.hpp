@@ -11,6 +11,9 @@ struct Options {
     std::string socket_path;  // empty: ipc::engine_socket_path()
     std::vector<int> cores;   // one worker per entry, pinned; empty: one unpinned worker
     int spin_us = 50;
+    // Seed 003's handoff: from this percentage of busy time a worker counts as saturated, and
+    // the connections it accepts then stay with the kernel in the application. -1: never.
+    int handoff_load = -1;
     bool busy_poll = false;
     int ready_fd = -1;
     bool verbose = false;

@@ -6,6 +6,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -280,6 +281,16 @@ bool ioctl_allowed(unsigned long request) {
         default:
             return false;
     }
+}
+
+bool LoadGauge::update(uint64_t busy_ns, uint64_t window_ns) {
+    if (high_ < 0 || window_ns == 0) return saturated_;
+    const uint64_t percent = std::min<uint64_t>(busy_ns, window_ns) * 100 / window_ns;
+    if (percent >= static_cast<uint64_t>(high_))
+        saturated_ = true;
+    else if (static_cast<int64_t>(percent) < high_ - 20)
+        saturated_ = false;
+    return saturated_;
 }
 
 }  // namespace tcps::engine

@@ -104,4 +104,20 @@ GetOptionDecision decide_getsockopt(int level, int optname);
 // Only these ioctls reach the kernel socket; each takes an int out-parameter.
 bool ioctl_allowed(unsigned long request);
 
+// Whether a worker is saturated (seed 003's handoff), from the share of each window it spent
+// working, with hysteresis so that it does not flip on every window: saturated from
+// `high_percent` busy on, no longer once below `high_percent - 20`. A negative percentage
+// never saturates; 0 always does.
+class LoadGauge {
+  public:
+    explicit LoadGauge(int high_percent) : high_(high_percent), saturated_(high_percent == 0) {}
+    // One window: busy_ns of window_ns worked. Returns saturated().
+    bool update(uint64_t busy_ns, uint64_t window_ns);
+    bool saturated() const { return saturated_; }
+
+  private:
+    int high_;
+    bool saturated_;
+};
+
 }  // namespace tcps::engine

@@ -145,6 +145,9 @@ struct EngineSlot {
     // polls it (Kind::kDirectWait) to keep kernel_mask current: POLLIN while bytes wait there,
     // then the FIN or an RST.
     bool rx_direct = false;
+    // Accepted while the worker was saturated (ipc::kFlagKernelServed): nothing is received
+    // until the application takes its kernel socket, or rings for it after all.
+    bool kernel_served = false;
     bool direct_wait_posted = false;
     uint32_t direct_wait_events = 0;  // what the poll in flight waits for
 };

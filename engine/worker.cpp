@@ -43,6 +43,8 @@ static_assert(kMaxSessions <= (1u << 12) && ipc::kMaxSockets <= (1u << 20),
 constexpr uint32_t kQueueBatch = 64;  // slots popped per session per iteration
 constexpr unsigned kCqeBatch = 256;
 constexpr uint64_t kTickNs = 100'000'000;
+// The window over which a worker's busy time decides whether it is saturated (LoadGauge).
+constexpr uint64_t kLoadWindowNs = 100'000'000;
 // How long the ring pages of a freed engine slot stay: the free list is a stack, so under load
 // the same few slots cycle through connections, and punching (and faulting in again) their
 // 128 KiB for every connection cost the engine 17% of its CPU at 5,000 connections/s.
@@ -70,7 +72,10 @@ constexpr NamedOp kNeededOps[] = {
 }  // namespace
 
 Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
-    : config_(config), stop_(stop), peek_scratch_(new uint8_t[ipc::kRxRingBytes]) {
+    : config_(config),
+      stop_(stop),
+      peek_scratch_(new uint8_t[ipc::kRxRingBytes]),
+      gauge_(config.handoff_load) {
     table_.resize(kMaxSessions);
     free_indices_.reserve(kMaxSessions);
     for (uint32_t i = kMaxSessions; i-- > 0;) free_indices_.push_back(i);
@@ -182,6 +187,7 @@ void Worker::run() {
             shutdown_all();
             return;
         }
+        const uint64_t iteration_start = now_ns_;
         bool work = false;
         if (has_pending_.load(std::memory_order_acquire)) work |= adopt_pending();
         // Index loop: ending a session may change active_.
@@ -197,6 +203,16 @@ void Worker::run() {
         if (!doorbell_posted_) post_worker_doorbell();
 
         now_ns_ = monotonic_ns();
+        if (work) busy_ns_ += now_ns_ - iteration_start;
+        if (now_ns_ - load_window_start_ns_ >= kLoadWindowNs) {
+            const bool was = gauge_.saturated();
+            if (gauge_.update(busy_ns_, now_ns_ - load_window_start_ns_) != was)
+                TCPS_LOG_VERBOSE("worker %d: %s", config_.index,
+                                 was ? "no longer saturated: offloading new connections"
+                                     : "saturated: new connections stay with the kernel");
+            load_window_start_ns_ = now_ns_;
+            busy_ns_ = 0;
+        }
         if ((!timed_.empty() || reservations_ > 0 || !idle_rings_.empty()) &&
             now_ns_ >= next_housekeeping_ns_) {
             housekeeping(now_ns_);
@@ -298,6 +314,12 @@ void Worker::process_slot(Session &s, uint32_t i) {
         // The client rang: it uses the connection here, so its first bytes need not stay in
         // the kernel socket any more.
         if (es.peeking) leave_peek(s, i);
+        if (es.kernel_served) {
+            // It rang for a connection meant for the kernel (its hand-off failed): ours.
+            es.kernel_served = false;
+            publish_flags(s, i, es.flags & ~ipc::kFlagKernelServed);
+            post_recv(s, i);
+        }
         apply_client_state(s, i);
         if (s.ending) return;
     }
@@ -677,7 +699,7 @@ void Worker::track_op(Session &s, uint32_t i, io_uring_sqe *sqe, Kind kind) {
 void Worker::post_recv(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
-        (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off)
+        (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off || es.kernel_served)
         return;
     if (es.direct == EngineSlot::Direct::kRecv) return post_direct(s, i);  // instead of the ring
     if (es.rx_direct) return post_direct_wait(s, i);  // the next direct receive takes them
@@ -1183,6 +1205,14 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     // cannot pass a socket on, nor with a low-water mark above 1, which the first segment
     // might not reach while nothing more is received.
     conn.peeking = !s.remote && conn.rcvlowat <= 1;
+    // Saturated (seed 003): the application serves this one with the kernel; accept() takes
+    // its kernel socket, of which nothing was read.
+    if (!s.remote && gauge_.saturated()) {
+        conn.kernel_served = true;
+        conn.peeking = false;
+        publish_flags(s, j, conn.flags | ipc::kFlagKernelServed);
+        stats_.kernel_served.fetch_add(1, std::memory_order_relaxed);
+    }
     conn.accepted_by = i;
     conn.accepted_by_gen = es.gen;
     conn.accept_pos = es.acc_tail;
@@ -1592,6 +1622,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     apply_client_state(s, i);
     if (s.ending) return;
     es.handed_off = true;
+    es.kernel_served = false;
     es.handoff_member = static_cast<uint16_t>(member);
     if (es.peeking) {
         // What the client has read of the peeked bytes leaves the kernel socket; the rest

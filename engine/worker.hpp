@@ -18,6 +18,7 @@
 
 #include "control.hpp"
 #include "fabric.hpp"
+#include "policy.hpp"
 #include "session.hpp"
 
 namespace tcps::engine {
@@ -27,6 +28,7 @@ struct WorkerConfig {
     int core = -1;  // -1: not pinned
     int spin_us = 50;
     bool busy_poll = false;
+    int handoff_load = -1;  // Options::handoff_load
     // Serve remote sessions (tcpsd --fabric-listen): the worker opens an endpoint of its own.
     bool fabric = false;
     ipc::FabricConfig fabric_config;
@@ -38,8 +40,9 @@ struct WorkerStats {
     std::atomic<uint64_t> sessions_total{0};
     std::atomic<uint64_t> sockets{0};  // open now
     std::atomic<uint64_t> accepts{0};
-    std::atomic<uint64_t> bytes_in{0};   // network -> rx rings
-    std::atomic<uint64_t> bytes_out{0};  // tx rings -> network
+    std::atomic<uint64_t> kernel_served{0};  // accepted while saturated, left to the kernel
+    std::atomic<uint64_t> bytes_in{0};       // network -> rx rings
+    std::atomic<uint64_t> bytes_out{0};      // tx rings -> network
     // MemNet: network <-> registered memory, straight (counted in bytes_in/out too).
     std::atomic<uint64_t> direct_in{0};
     std::atomic<uint64_t> direct_out{0};
@@ -329,7 +332,11 @@ class Worker {
     std::unordered_multimap<AddressKey, TimedSlot, AddressKeyHash> connected_;
     // io_uring personalities by (uid, gid) of the listeners' owners (personality_for).
     std::vector<std::pair<uint64_t, uint16_t>> personalities_;
-    bool send_zc_ = false;       // IORING_OP_SEND_ZC (Linux 6.0)
+    bool send_zc_ = false;  // IORING_OP_SEND_ZC (Linux 6.0)
+    // Saturation (seed 003): the share of each load window the loop spent working.
+    LoadGauge gauge_;
+    uint64_t load_window_start_ns_ = 0;
+    uint64_t busy_ns_ = 0;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;

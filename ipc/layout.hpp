@@ -183,6 +183,11 @@ inline constexpr uint32_t kFlagUrgentStop = 1u << 11;
 // that bytes wait there (readable); a recv() that finds the ring empty asks for the ring back
 // (Op::kLeaveDirect).
 inline constexpr uint32_t kFlagRxDirect = 1u << 12;
+// An accepted connection the engine gives to the application's kernel (seed 003's handoff: it
+// was saturated when it accepted it). It has received nothing: accept() takes its kernel socket
+// (ControlType::kHandoff) and the application serves it natively from then on. A client that
+// rings for it instead (a failed hand-off) makes the engine serve it as any other.
+inline constexpr uint32_t kFlagKernelServed = 1u << 13;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when

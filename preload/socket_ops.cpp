@@ -390,6 +390,13 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     hold_socket(taken);
     g_fds.set(fd, FdRef::socket(taken, gen));
     if (addr) give_address(region().slot(taken).peer_addr, addr, len);
+    // The engine was saturated when it accepted this one (seed 003's handoff): it stays with
+    // the kernel, and the engine has read nothing of it. Its kernel socket goes under fd; if
+    // that fails, the engine serves it once we use it.
+    if (region().slot(taken).flags.load(std::memory_order_acquire) & ipc::kFlagKernelServed) {
+        SocketRef conn;
+        if (find_socket(fd, conn)) hand_back(conn);
+    }
     return fd;
 }
 

@@ -362,4 +362,30 @@ TEST_CASE("command line", "[cli]") {
     CHECK_FALSE(parse({"--bogus"}, bad, error));
     CHECK(parse({"--cores=3"}, bad, error));
     CHECK(bad.cores == std::vector<int>{3});
+    CHECK(defaults.handoff_load == -1);  // never saturated unless asked
+    CHECK(parse({"--handoff-load", "85"}, bad, error));
+    CHECK(bad.handoff_load == 85);
+    CHECK_FALSE(parse({"--handoff-load", "101"}, bad, error));
+    CHECK_FALSE(parse({"--handoff-load", "-1"}, bad, error));
+}
+
+TEST_CASE("a worker is saturated from its busy share on, and stays so down to 20 points below") {
+    LoadGauge gauge(90);
+    CHECK_FALSE(gauge.saturated());
+    CHECK_FALSE(gauge.update(89, 100));
+    CHECK(gauge.update(90, 100));
+    CHECK(gauge.update(75, 100));  // between the marks: no flip back and forth
+    CHECK(gauge.update(70, 100));
+    CHECK_FALSE(gauge.update(69, 100));
+    CHECK_FALSE(gauge.update(85, 100));
+    CHECK(gauge.update(200, 100));  // busy past the window (clock jitter) counts as all of it
+    CHECK(gauge.update(0, 0));      // an empty window changes nothing
+}
+
+TEST_CASE("handoff load -1 never saturates, 0 always does") {
+    LoadGauge never(-1);
+    CHECK_FALSE(never.update(100, 100));
+    LoadGauge always(0);
+    CHECK(always.saturated());
+    CHECK(always.update(0, 100));
 }
