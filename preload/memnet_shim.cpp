@@ -37,6 +37,12 @@ bool done(const SocketRef &ref, const tcps_memnet_ticket *ticket) {
                                 ticket->seq) > 0;
 }
 
+// What a transfer says once the engine is gone, as send() and recv() do then: EPIPE for a
+// send, ECONNRESET for a receive.
+int engine_gone_error(bool recv) {
+    return recv ? -ECONNRESET : -EPIPE;
+}
+
 // Queues one transfer: 0, or -errno. Waits for a free entry if kDirectQueueEntries are in
 // flight.
 int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint32_t len,
@@ -51,10 +57,11 @@ int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint
         return tail - shm.direct_done.load(std::memory_order_acquire) < ipc::kDirectQueueEntries ||
                session_dead() || stale(ref);
     };
-    if (!entry_free() &&
-        wait_until(ref.slot, entry_free, -1, Interrupt::kNever) != WaitResult::kReady) {
+    if ((!entry_free() &&
+         wait_until(ref.slot, entry_free, -1, Interrupt::kNever) != WaitResult::kReady) ||
+        session_dead()) {
         sock.tx_lock.unlock();
-        return -ECONNRESET;
+        return engine_gone_error(recv);
     }
     if (stale(ref)) {
         sock.tx_lock.unlock();
@@ -92,7 +99,7 @@ int transfer_result(SocketRef &ref, tcps_memnet_ticket *ticket, int64_t timeout_
         if (timeout_ns == 0) return 0;
         const WaitResult waited = wait_until(ref.slot, ready, timeout_ns, Interrupt::kNever);
         if (waited == WaitResult::kDead) {
-            result = -ECONNRESET;
+            result = engine_gone_error(ticket->recv != 0);
             return 1;
         }
         if (waited != WaitResult::kReady) return 0;

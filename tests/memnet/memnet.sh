@@ -44,3 +44,21 @@ fi
 ((direct_in >= 4 * 1048576 - 2 * 65536)) || fail "the engine received only $direct_in bytes into registered memory"
 stop_engine
 log "memnet: $(grep -c '^ok' "$out/offloaded.txt") checks passed through the engine"
+
+# After the engine's end (SIGTERM: it says so in the region), as send() and recv() fail then.
+start_engine
+mkfifo "$out/death.in"
+timeout 60 "${PRELOAD[@]}" "$MEMNET_CHECK" --after-engine-death <"$out/death.in" \
+    >"$out/death.txt" 2>&1 &
+death_pid=$!
+track "$death_pid"
+exec 7>"$out/death.in"
+wait_for_line 10 "$out/death.txt" '^ready' || fail "after-engine-death did not start: $(cat "$out/death.txt")"
+stop_engine
+echo gone >&7
+exec 7>&-
+wait "$death_pid" || {
+    cat "$out/death.txt"
+    fail "after the engine's end"
+}
+cat "$out/death.txt"

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -99,9 +101,39 @@ void connected_pair(int &a, int &b) {
     close(listener);
 }
 
+// Through the engine only: once it has ended (the test stops it when we say "ready"), the
+// MemNet calls fail as send() and recv() then do.
+int after_engine_death() {
+    signal(SIGPIPE, SIG_IGN);
+    std::vector<uint8_t> buffer(65536);
+    memnet_mem_t mem = nullptr;
+    check(memnet_register_mem(buffer.data(), buffer.size(), &mem) == 0, "register_mem");
+    int client = -1, server = -1;
+    connected_pair(client, server);
+    check(offloaded(client), "the socket is the engine's");
+    std::printf("ready\n");
+    std::fflush(stdout);
+    char line[16];
+    if (!std::fgets(line, sizeof(line), stdin)) fail("the test did not say the engine is gone");
+    check(send(client, "x", 1, 0) == -1 && errno == EPIPE, "send() after the engine's end: EPIPE");
+    check(memnet_send_direct(client, mem, 0, 100) == -1 && errno == EPIPE,
+          "send_direct after the engine's end: EPIPE, as send()");
+    memnet_job_t job;
+    check(memnet_async_send(client, mem, 0, 100, &job) == -1 && errno == EPIPE,
+          "async_send after the engine's end: EPIPE");
+    check(recv(client, line, 1, 0) == -1 && errno == ECONNRESET,
+          "recv() after the engine's end: ECONNRESET");
+    check(memnet_recv_direct(client, mem, 0, 100) == -1 && errno == ECONNRESET,
+          "recv_direct after the engine's end: ECONNRESET, as recv()");
+    check(memnet_deregister_mem(mem) == 0, "deregister_mem after the engine's end");
+    std::printf("PASS\n");
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
+    if (argc > 1 && std::string(argv[1]) == "--after-engine-death") return after_engine_death();
     const bool expect_offload = argc > 1 && std::string(argv[1]) == "--expect-offload";
     constexpr size_t kBytes = (1u << 20) + 123;
     constexpr size_t kSkew = 77;  // not page-aligned, with neighbours in its first page
@@ -248,6 +280,26 @@ int main(int argc, char **argv) {
     check(send(server, "de", 2, 0) == 2 && memnet_recv_direct(client, mem, 0, 2) == 2 &&
               std::memcmp(buffer, "de", 2) == 0,
           "recv_direct again");
+    // Direct mode again (a large receive posted ahead), then bytes with none posted: an
+    // edge-triggered epoll sees them.
+    memnet_job_t big;
+    check(memnet_async_recv(client, mem, 0, 16384, &big) == 0 && send(server, "ij", 2, 0) == 2 &&
+              memnet_job_wait(&big, 10000) == 2 && std::memcmp(buffer, "ij", 2) == 0,
+          "async_recv of 16 KiB posted ahead takes the peer's next bytes");
+    check(send(server, "kl", 2, 0) == 2, "the peer sends with no receive posted");
+    {
+        const int ep = epoll_create1(EPOLL_CLOEXEC);
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLET;
+        ev.data.fd = client;
+        epoll_event got_event{};
+        check(ep >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, client, &ev) == 0 &&
+                  epoll_wait(ep, &got_event, 1, 10000) == 1 && (got_event.events & EPOLLIN),
+              "epoll (edge-triggered): readable");
+        close(ep);
+    }
+    check(recv(client, small, sizeof(small), 0) == 2 && std::memcmp(small, "kl", 2) == 0,
+          "recv() takes them");
     check(send(server, "fgh", 3, 0) == 3, "the peer sends once more");
     check(recv(client, small, sizeof(small), MSG_PEEK) == 3 && std::memcmp(small, "fgh", 3) == 0,
           "recv(MSG_PEEK) sees them");
