@@ -232,7 +232,8 @@ void Engine::log_stats() {
         log_line(
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
-            "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu",
+            "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu, "
+            "busy %llu%%%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -242,7 +243,9 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.bytes_out.load()),
             static_cast<unsigned long long>(st.direct_in.load()),
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
-            static_cast<unsigned long long>(st.violations.load()));
+            static_cast<unsigned long long>(st.violations.load()),
+            static_cast<unsigned long long>(st.load_percent.load()),
+            workers_[k]->saturated() ? " (saturated)" : "");
     }
 }
 

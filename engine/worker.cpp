@@ -76,6 +76,7 @@ Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
       stop_(stop),
       peek_scratch_(new uint8_t[ipc::kRxRingBytes]),
       gauge_(config.handoff_load) {
+    saturated_.store(gauge_.saturated(), std::memory_order_relaxed);
     table_.resize(kMaxSessions);
     free_indices_.reserve(kMaxSessions);
     for (uint32_t i = kMaxSessions; i-- > 0;) free_indices_.push_back(i);
@@ -205,8 +206,14 @@ void Worker::run() {
         now_ns_ = monotonic_ns();
         if (work) busy_ns_ += now_ns_ - iteration_start;
         if (now_ns_ - load_window_start_ns_ >= kLoadWindowNs) {
+            stats_.load_percent.store(
+                std::min<uint64_t>(busy_ns_, now_ns_ - load_window_start_ns_) * 100 /
+                    (now_ns_ - load_window_start_ns_),
+                std::memory_order_relaxed);
             const bool was = gauge_.saturated();
-            if (gauge_.update(busy_ns_, now_ns_ - load_window_start_ns_) != was)
+            const bool now_saturated = gauge_.update(busy_ns_, now_ns_ - load_window_start_ns_);
+            saturated_.store(now_saturated, std::memory_order_relaxed);
+            if (now_saturated != was)
                 TCPS_LOG_VERBOSE("worker %d: %s", config_.index,
                                  was ? "no longer saturated: offloading new connections"
                                      : "saturated: new connections stay with the kernel");

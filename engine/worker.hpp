@@ -48,6 +48,8 @@ struct WorkerStats {
     std::atomic<uint64_t> direct_out{0};
     std::atomic<uint64_t> zerocopy_out{0};  // of direct_out: sent with SEND_ZC
     std::atomic<uint64_t> violations{0};
+    // The share of the last load window the loop spent working, in percent (LoadGauge's input).
+    std::atomic<uint64_t> load_percent{0};
 };
 
 class Worker {
@@ -69,6 +71,8 @@ class Worker {
     const WorkerStats &stats() const { return stats_; }
     // Whether this kernel has io_uring's SEND_ZC (large MemNet sends use it).
     bool zerocopy() const { return send_zc_; }
+    // Whether it counts as saturated now (--handoff-load; read by the main thread for logs).
+    bool saturated() const { return saturated_.load(std::memory_order_relaxed); }
     uint64_t load() const { return stats_.sessions.load(std::memory_order_relaxed) + queued_; }
 
     // Any thread: hands a session (region created, hello answered) to this worker.
@@ -335,6 +339,7 @@ class Worker {
     bool send_zc_ = false;  // IORING_OP_SEND_ZC (Linux 6.0)
     // Saturation (seed 003): the share of each load window the loop spent working.
     LoadGauge gauge_;
+    std::atomic<bool> saturated_{false};  // gauge_'s, for other threads
     uint64_t load_window_start_ns_ = 0;
     uint64_t busy_ns_ = 0;
     uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks

@@ -87,6 +87,7 @@ served=$(sed -n 's/.* kernel-served \([0-9]*\),.*/\1/p' <<<"$STATS")
 bytes_in=$(sed -n 's/.* bytes in \([0-9]*\) .*/\1/p' <<<"$STATS")
 ((served == connections)) || fail "the engine left $served connections to the kernel, not $connections"
 ((bytes_in == 0)) || fail "the engine read $bytes_in bytes of connections it left to the kernel"
+grep -q '(saturated)' <<<"$STATS" || fail "the statistics do not say the worker is saturated"
 log "saturated: $connections connections accepted by tcpsd, served by the application's kernel"
 
 run_phase default offloaded
