@@ -48,7 +48,8 @@ ssize_t memnet_recv_direct(int socket, memnet_mem_t mem, size_t offset, size_t l
 
 /* Start the same transfer and return at once (length at most 1 GiB). The memory must not be
  * changed (send) or read (receive) until the job is done; each job must be waited for or
- * polled to the end. Transfers on one socket complete in the order they were started. */
+ * polled to the end, and its record must stay where it is until then (the library keeps its
+ * address). Transfers on one socket complete in the order they were started. */
 int memnet_async_send(int socket, memnet_mem_t mem, size_t offset, size_t length,
                       memnet_job_t *job);
 int memnet_async_recv(int socket, memnet_mem_t mem, size_t offset, size_t length,
