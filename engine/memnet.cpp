@@ -228,14 +228,7 @@ void Worker::on_direct(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) 
                    std::memory_order_relaxed);
     }
     finish_direct(s, i, res);
-    if (res == 0) {
-        // The FIN: from now on every recv() sees it, as after the ring's own receive.
-        update_kernel_mask(s, i);
-        publish_flags(s, i, es.flags | ipc::kFlagRxEof);
-        bump_event(s, i);
-        post_watch(s, i);
-        return;
-    }
+    if (res == 0) return record_fin(s, i);  // as after the ring's own receive
     post_recv(s, i);
 }
 
@@ -340,10 +333,7 @@ int Worker::op_leave_direct(Session &s, uint32_t i) {
             stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
             bump_event(s, i);
         } else if (n == 0) {
-            update_kernel_mask(s, i);
-            publish_flags(s, i, es.flags | ipc::kFlagRxEof);
-            bump_event(s, i);
-            post_watch(s, i);
+            record_fin(s, i);
         }
     }
     leave_direct_mode(s, i);

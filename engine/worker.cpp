@@ -877,11 +877,7 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         bump_event(s, i);
         post_recv(s, i);
     } else if (res == 0) {
-        update_kernel_mask(s, i);
-        publish_flags(s, i, es.flags | ipc::kFlagRxEof);
-        bump_event(s, i);
-        // No recv is posted from now on; an RST must still be seen before the next send.
-        post_watch(s, i);
+        record_fin(s, i);
     } else if (res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
         schedule(s, i);  // transient: try again on the next tick, not in a tight loop
     } else if (res == -ECANCELED) {
@@ -1878,6 +1874,14 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.flags.store(flags, std::memory_order_relaxed);
     slot.event_gen.fetch_add(1, std::memory_order_relaxed);
     if (s.remote) note_remote_init(s, i);
+}
+
+void Worker::record_fin(Session &s, uint32_t i) {
+    update_kernel_mask(s, i);
+    publish_flags(s, i, s.slots[i].flags | ipc::kFlagRxEof);
+    bump_event(s, i);
+    // No recv is posted from now on; an RST must still be seen before the next send.
+    post_watch(s, i);
 }
 
 void Worker::publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst) {

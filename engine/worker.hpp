@@ -214,6 +214,8 @@ class Worker {
     void bump_event(Session &s, uint32_t i);
     void mark_changed(Session &s, uint32_t i);
     void record_error(Session &s, uint32_t i, int error);
+    // The peer's FIN was received (a receive returned 0): every recv() sees it from now on.
+    void record_fin(Session &s, uint32_t i);
     // `also`: bits the kernel reported before the engine consumed them (POLLERR with SO_ERROR).
     void update_kernel_mask(Session &s, uint32_t i, uint32_t also = 0);
     void refresh_addresses(Session &s, uint32_t i, bool peer);
