@@ -37,9 +37,10 @@ wait_file() {  # $1: file that must appear (5 s at most)
 # Scales a count by SCALE (may be fractional), at least $2 (default 1).
 scaled() { awk -v c="$1" -v s="$scale" -v m="${2:-1}" 'BEGIN { n = int(c * s); print (n < m) ? m : n }'; }
 
-# The engine's core (default: the last) and its mode: ENGINE_ARGS in the environment, for
-# example "--busy-poll" or "--spin-us 200" (default: spin 50 µs, then sleep).
-engine_core=${ENGINE_CORE:-$other_core}
+# The engine's core (default: the last; ENGINE_CORES: a list, one worker on each) and its mode:
+# ENGINE_ARGS in the environment, for example "--busy-poll" or "--spin-us 200" (default: spin
+# 50 µs, then sleep).
+engine_core=${ENGINE_CORES:-${ENGINE_CORE:-$other_core}}  # a --cores list
 read -r -a engine_args <<<"${ENGINE_ARGS:-}"
 engine_mode() {
     if [[ " ${engine_args[*]} " == *" --busy-poll "* ]]; then echo "busy-poll"

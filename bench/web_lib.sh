@@ -10,6 +10,8 @@
 #                          single (apache2 -X: mpm_event in one process, no fork)
 #              NGINX_MODE  single (default: master_process off, one process) or workers
 #                          (a master and 2 worker processes)
+#              ENGINE_CORES the engine's workers, a --cores list (e.g. 0,1: one family over
+#                          two workers), instead of the placement's one core
 
 command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
 webtool=(python3 bench/webtool.py)
@@ -23,6 +25,7 @@ split) engine_core=$other_core ;;
 shared) engine_core=$app_core ;;
 *) die "PLACEMENT must be split or shared, not '$placement'" ;;
 esac
+engine_core=${ENGINE_CORES:-$engine_core}
 apache_mode=${APACHE_MODE:-event}
 nginx_mode=${NGINX_MODE:-single}
 

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -11,6 +12,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -125,6 +127,8 @@ class Engine {
     // Returns false when the connection is finished with (closed or handed over).
     bool on_hello_readable(PendingHello &hello);
     void start_session(PendingHello &hello);
+    // Gives a shard of the new session to every worker but its home (several --cores).
+    void share_family(Session &home, Worker *home_worker);
     void forget_freed_sessions();
     void reply_hello_error(int fd, int error);
     // Closes a pending connection that goes nowhere, and gives back its share.
@@ -368,7 +372,46 @@ void Engine::start_session(PendingHello &hello) {
     TCPS_LOG_VERBOSE("session %u: pid %d uid %u gid %u caps %#llx", id, hello.creds.pid,
                      hello.creds.uid, hello.creds.gid,
                      static_cast<unsigned long long>(hello.creds.caps));
+    if (workers_.size() > 1) share_family(*session, best);
     best->adopt(std::move(session));
+}
+
+void Engine::share_family(Session &home, Worker *home_worker) {
+    // Every worker serves the family (Family, session.hpp): the one chosen is its home, each
+    // other one gets a shard of its own over the same region. The shards are handed over
+    // before the home, so each is in its worker's inbox before any message about it.
+    auto family = std::make_shared<Family>();
+    family->workers.push_back(home_worker);
+    family->next_chunk = home.chunks_active;
+    for (uint32_t chunk : home.owned_chunks) family->chunk_owner[chunk].store(0);
+    home.family = family;
+    std::vector<std::unique_ptr<Session>> shards;
+    for (auto &worker : workers_) {
+        if (worker.get() == home_worker) continue;
+        auto shard = std::make_unique<Session>();
+        shard->id = home.id;
+        shard->creds = home.creds;
+        shard->family_token = home.family_token;
+        shard->family = family;
+        shard->memfd = fcntl(home.memfd, F_DUPFD_CLOEXEC, 0);
+        void *base = shard->memfd < 0 ? MAP_FAILED
+                                      : mmap(nullptr, ipc::kChunksOffset, PROT_READ | PROT_WRITE,
+                                             MAP_SHARED | MAP_NORESERVE, shard->memfd, 0);
+        if (base == MAP_FAILED) {
+            // That worker serves none of this family's connections: the others do.
+            log_line("session %u: no shard on a worker: %s", home.id, std::strerror(errno));
+            continue;
+        }
+        shard->region.map_contiguous(static_cast<uint8_t *>(base), 0);
+        shard->shard = static_cast<uint32_t>(family->workers.size());
+        family->workers.push_back(worker.get());
+        shards.push_back(std::move(shard));
+    }
+    for (auto &shard : shards) family->workers[shard->shard]->adopt(std::move(shard));
+    // The home serves the family's control and its own sockets: the first connection its
+    // listeners accept goes to the next worker.
+    home.next_shard = family->workers.size() > 1 ? 1 : 0;
+    if (family->workers.size() == 1) home.family.reset();
 }
 
 // The workers' freed sessions leave session_workers_ here, so it holds live sessions only

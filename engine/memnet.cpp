@@ -63,8 +63,11 @@ void Worker::register_mem(Session &s, uint32_t member, const ipc::ControlMessage
             MemRegistration &mem = s.mems[id];
             mem.base = static_cast<uint8_t *>(base);
             mem.length = mapped;
-            mem.charged = uid;
+            mem.keep = own_mapping(mem.base, mapped, uid);
             reply.arg = static_cast<int32_t>(id);
+            // The family's other shards serve sockets that may use it: before the reply, so a
+            // descriptor queued after it finds it there (take_direct).
+            share_mem(s, id);
         }
     }
     if (fd >= 0) close(fd);
@@ -76,14 +79,12 @@ void Worker::deregister_mem(Session &s, uint32_t member, int32_t id) {
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kDeregisterMemReply);
     reply.version = ipc::kLayoutVersion;
-    if (id < 0 || static_cast<uint32_t>(id) >= s.mems.size() || !s.mems[id].base ||
-        s.mems[id].deregistered) {
+    if (id < 0 || static_cast<uint32_t>(id) >= s.mems.size() || !s.mems[id].base) {
         reply.result = -EINVAL;
     } else {
-        MemRegistration &mem = s.mems[id];
-        mem.deregistered = true;
         // A send or receive in progress (another thread's) keeps it mapped until it ends.
-        if (mem.users == 0) release_mem(mem);
+        release_mem(s.mems[id]);
+        share_mem(s, static_cast<uint32_t>(id));
     }
     reply_control(s, member, reply);
 }
@@ -102,8 +103,7 @@ void Worker::take_direct(Session &s, uint32_t i) {
         const bool recv = d.op == static_cast<uint32_t>(ipc::DirectOp::kRecv);
         int32_t error = 0;
         if ((!send && !recv) || d.len == 0 || d.len > ipc::kDirectMaxLen ||
-            (d.flags & ~static_cast<uint32_t>(MSG_DONTWAIT)) != 0 || d.mem >= s.mems.size() ||
-            !s.mems[d.mem].base || s.mems[d.mem].deregistered) {
+            (d.flags & ~static_cast<uint32_t>(MSG_DONTWAIT)) != 0 || !knows_mem(s, d.mem)) {
             error = -EINVAL;
         } else if (d.offset > s.mems[d.mem].length || d.len > s.mems[d.mem].length - d.offset) {
             error = -EFAULT;
@@ -119,9 +119,12 @@ void Worker::take_direct(Session &s, uint32_t i) {
         if (error == 0 && recv && !special && (d.hints & ipc::kDirectHintAhead) &&
             d.len >= ipc::kDirectModeMinLen)
             enter_direct_mode(s, i);
-        // Bytes already in the ring come first.
-        if (error == 0 && recv && (special || es.rx_tail != es.rx_head))
-            error = ipc::kDirectUseRxRing;
+        // Bytes already in the ring come first: promised to this receive (those not promised
+        // to one before it), and it goes straight to the kernel socket only if there are none.
+        if (error == 0 && recv) {
+            error = promise_ring_bytes(s, i, d.len);
+            if (error == 0 && special) error = ipc::kDirectUseRxRing;
+        }
         if (error != 0) {
             es.direct_mem = UINT32_MAX;  // nothing to let go
             publish_direct_result(s, i, error);
@@ -134,7 +137,7 @@ void Worker::take_direct(Session &s, uint32_t i) {
         es.direct_done = 0;
         es.direct_dontwait = (d.flags & MSG_DONTWAIT) != 0;
         es.direct_base = mem.base + d.offset;
-        ++mem.users;
+        es.direct_keep = mem.keep;
         if (send) {
             post_send(s, i);
         } else if (es.recv_posted) {
@@ -154,6 +157,18 @@ void Worker::publish_direct_result(Session &s, uint32_t i, int32_t result) {
                      __ATOMIC_RELEASE);
     slot.direct_done.store(done + 1, std::memory_order_release);
     bump_event(s, i);
+}
+
+int32_t Worker::promise_ring_bytes(Session &s, uint32_t i, uint32_t len) {
+    EngineSlot &es = s.slots[i];
+    // From the client's head (what it has read is no one's), or past the last promise.
+    const uint32_t head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
+    uint32_t from = rx_head_valid(head, es.rx_tail) ? head : es.rx_head;
+    if (static_cast<int32_t>(es.ring_promised - from) > 0) from = es.ring_promised;
+    if (static_cast<int32_t>(es.rx_tail - from) <= 0) return 0;
+    const uint32_t n = std::min(len, es.rx_tail - from);
+    es.ring_promised = from + n;
+    return ipc::kDirectUseRxRing + static_cast<int32_t>(n);
 }
 
 void Worker::post_direct(Session &s, uint32_t i) {
@@ -236,10 +251,7 @@ void Worker::release_direct(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     es.direct = EngineSlot::Direct::kNone;
     es.direct_base = nullptr;
-    if (es.direct_mem < s.mems.size()) {
-        MemRegistration &mem = s.mems[es.direct_mem];
-        if (mem.users > 0 && --mem.users == 0 && mem.deregistered) release_mem(mem);
-    }
+    es.direct_keep.reset();
     es.direct_mem = UINT32_MAX;
 }
 

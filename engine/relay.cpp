@@ -778,7 +778,8 @@ void Relay::sleep_until_work() {
     auto set_sleeping = [this](uint32_t value) {
         for (auto &c : clients_)
             if (c->phase == Phase::kLinked && !c->engine_gone)
-                c->session->region.header().engine_sleeping.store(value, std::memory_order_seq_cst);
+                c->session->region.chunk_header(0).engine_sleeping.store(value,
+                                                                         std::memory_order_seq_cst);
     };
     set_sleeping(1);
     // engine_sleeping before the last look at the queues: a client that pushed before seeing

@@ -56,9 +56,14 @@ void Session::release() {
 }
 
 void release_mem(MemRegistration &mem) {
-    if (mem.base) munmap(mem.base, mem.length);
-    if (mem.charged != kUncharged) quotas().release(mem.charged, 0, mem.length);
     mem = MemRegistration{};
+}
+
+std::shared_ptr<void> own_mapping(uint8_t *base, uint64_t length, uid_t uid) {
+    return std::shared_ptr<void>(base, [length, uid](void *mapped) {
+        munmap(mapped, length);
+        if (uid != kUncharged) quotas().release(uid, 0, length);
+    });
 }
 
 namespace {
@@ -135,25 +140,42 @@ int accept_control_client(int listener, ClientCreds &creds) {
     }
 }
 
+namespace {
+
+// What one member may do, narrowing `rights` (family_rights).
+void narrow_rights(ClientCreds &rights, int control_fd, pid_t pid, uid_t uid, int socket_fd) {
+    uid_t effective_uid = 0;
+    uint64_t caps = 0;
+    if (!read_rights(control_fd, pid, uid, effective_uid, caps)) {
+        effective_uid = uid == 0 ? 65534 : uid;  // in doubt: none
+        caps = 0;
+    }
+    // Capabilities count only in the namespaces the member's user namespace owns.
+    if (socket_fd >= 0 && caps != 0 && !caps_count_in_netns_of(socket_fd, pid)) caps = 0;
+    rights.caps &= caps;
+    if (effective_uid != 0) rights.uid = effective_uid;
+}
+
+}  // namespace
+
 ClientCreds family_rights(const Session &session, int socket_fd) {
     ClientCreds rights = session.creds;
     // A remote client's processes are not ours to read in /proc: its relay vouched for them.
     if (session.remote) return rights;
-    for (const Member &member : session.members) {
-        if (member.state != ipc::MemberState::kLive) continue;
-        uid_t effective_uid = 0;
-        uint64_t caps = 0;
-        if (!read_rights(member.control_fd, member.creds.pid, member.creds.uid, effective_uid,
-                         caps)) {
-            effective_uid = member.creds.uid == 0 ? 65534 : member.creds.uid;  // in doubt: none
-            caps = 0;
-        }
-        // Capabilities count only in the namespaces the member's user namespace owns.
-        if (socket_fd >= 0 && caps != 0 && !caps_count_in_netns_of(socket_fd, member.creds.pid))
-            caps = 0;
-        rights.caps &= caps;
-        if (effective_uid != 0) rights.uid = effective_uid;
+    if (session.is_shard()) {
+        // The members are the home's: their identities, kept for us under the family's lock
+        // (the home closes a member's connection only after it left the list).
+        Family &family = *session.family;
+        std::lock_guard<std::mutex> lock(family.members_mutex);
+        for (uint32_t m = 0; m < ipc::kMaxMembers; ++m)
+            if (family.member_live[m])
+                narrow_rights(rights, family.members[m].control_fd, family.members[m].pid,
+                              family.members[m].uid, socket_fd);
+        return rights;
     }
+    for (const Member &member : session.members)
+        if (member.state == ipc::MemberState::kLive)
+            narrow_rights(rights, member.control_fd, member.creds.pid, member.creds.uid, socket_fd);
     return rights;
 }
 
@@ -235,7 +257,6 @@ void install_waiter(Session &s, uint32_t w, int fd, uint16_t owner, uid_t charge
 void announce_engine_gone(Session &s) {
     ipc::RegionHeader &header = s.region.header();
     header.engine_alive.store(0, std::memory_order_seq_cst);
-    header.engine_sleeping.store(0, std::memory_order_relaxed);
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
         if (s.waiter_fds[w] < 0) continue;
         uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
@@ -248,7 +269,14 @@ void announce_engine_gone(Session &s) {
 }
 
 int activate_chunk(Session &session) {
-    const uint32_t k = session.chunks_active;
+    // A family's shards take chunks in turn, in order (RegionHeader::chunks_active only grows,
+    // past every chunk initialised): a rare step, under the family's lock.
+    std::unique_lock<std::mutex> lock;
+    uint32_t k = session.chunks_active;
+    if (session.family) {
+        lock = std::unique_lock<std::mutex>(session.family->chunk_mutex);
+        k = session.family->next_chunk;
+    }
     if (k >= session.max_chunks) return -EMFILE;
     if (!session.region.chunk(k)) {
         void *chunk =
@@ -260,13 +288,20 @@ int activate_chunk(Session &session) {
     // Its pages are still zero (nobody had it): every slot kFree, every hold clear.
     ipc::work_queue_init(session.region, k);
     session.slots.add_chunk(k);
-    session.changed_bits.resize(size_t{k + 1} * ipc::kChunkSlots / 64, 0);
+    session.changed_bits.resize(
+        std::max(session.changed_bits.size(), size_t{k + 1} * ipc::kChunkSlots / 64), 0);
     // Highest first so the lowest index is handed out first; a relay session's client claims
     // the first kClientSlots itself.
     const uint32_t first = k * ipc::kChunkSlots + (k == 0 ? session.client_slots : 0);
     for (uint32_t i = (k + 1) * ipc::kChunkSlots; i-- > first;)
         session.free_engine_slots.push_back(i);
+    session.owned_chunks.push_back(k);
     session.chunks_active = k + 1;
+    if (session.family) {
+        session.family->chunk_owner[k].store(static_cast<uint8_t>(session.shard),
+                                             std::memory_order_release);
+        session.family->next_chunk = k + 1;
+    }
     session.region.header().chunks_active.store(k + 1, std::memory_order_release);
     return 0;
 }
@@ -303,7 +338,6 @@ int create_region(Session &session, uint32_t session_id, bool relay) {
         static_cast<ssize_t>(sizeof(session.family_token)))
         return -EIO;
     header.family_token = session.family_token;
-    header.engine_sleeping.store(0, std::memory_order_relaxed);
     if (const int rc = activate_chunk(session); rc != 0) return rc;
     header.engine_alive.store(1, std::memory_order_release);
 

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -86,6 +89,9 @@ struct EngineSlot {
     uint32_t accepted_by_gen = 0;        // and that listener's incarnation
     uint32_t accept_pos = 0;             // its position in that listener's accept ring
     uint32_t accept_reserved = kNoSlot;  // engine slot held for the posted accept
+    // A listener's accepted connections given to other workers (Family) and not yet placed:
+    // they count against the accept ring's room.
+    uint32_t acc_pending = 0;
 
     // Handed back to the kernel (kHandoff): no receive, accept or watch is posted again, and
     // closing it only drops our descriptor. handoff_member waits for the answer; handoff_kept
@@ -129,9 +135,14 @@ struct EngineSlot {
     Direct direct = Direct::kNone;
     bool direct_posted = false;  // Kind::kDirect in flight
     bool direct_dontwait = false;
-    uint32_t direct_head = 0;          // descriptors taken; the one in progress is direct_head - 1
-    uint32_t direct_tail = 0;          // the client's, validated
-    uint32_t direct_mem = UINT32_MAX;  // the registration in use, if any
+    uint32_t direct_head = 0;           // descriptors taken; the one in progress is direct_head - 1
+    uint32_t direct_tail = 0;           // the client's, validated
+    uint32_t direct_mem = UINT32_MAX;   // the registration in use, if any
+    std::shared_ptr<void> direct_keep;  // its mapping, kept until the transfer ends
+    // The rx ring position up to which its bytes are promised to direct receives
+    // (ipc::kDirectUseRxRing + n): a receive gets the ring's bytes not promised yet, and one
+    // that finds none goes to the kernel socket, whose bytes all come after them.
+    uint32_t ring_promised = 0;
     uint32_t direct_tx_at = 0;
     uint32_t direct_len = 0;
     uint32_t direct_done = 0;
@@ -153,14 +164,16 @@ struct EngineSlot {
 };
 
 // Memory a family registered for MemNet (ControlType::kRegisterMem): the engine's own mapping
-// of the client's memfd. Unmapped when deregistered and unused, or with the session.
+// of the client's memfd, shared by the family's shards (Family) and by each transfer in
+// progress (EngineSlot::direct_keep). Unmapped, and its bytes given back to the uid charged,
+// when the last of them lets go.
 struct MemRegistration {
     uint8_t *base = nullptr;
     uint64_t length = 0;  // mapped: page-rounded
-    uint32_t users = 0;   // direct sends/receives in progress
-    bool deregistered = false;
-    uid_t charged = static_cast<uid_t>(-1);
+    std::shared_ptr<void> keep;
 };
+// The shared owner of a mapping of `length` bytes at `base`, charged to `uid`.
+std::shared_ptr<void> own_mapping(uint8_t *base, uint64_t length, uid_t uid);
 
 // The engine's records of a session's slots, one array per active chunk.
 class SlotTable {
@@ -178,6 +191,57 @@ class SlotTable {
 };
 
 struct RemoteLink;  // remote.hpp: a client on another host, behind tcps-relay
+class Worker;
+
+// One family served by several workers (tcpsd --cores with more than one CPU). Each worker
+// holds a shard of the family's session: its own Session object over the same region, with
+// the chunks it activated, their slots and their work queues, so a socket belongs to exactly
+// one worker and the data path takes no lock. Shard 0, the home, also holds everything that
+// is the family's: its members and their control connections, its waiters' registrations,
+// its MemNet registrations, and every socket the family creates itself (listeners, outgoing
+// connections). The home gives the connections its listeners accept to the shards in turn;
+// the shards learn of the family's changes (waiters, registrations, members that end) by
+// message (Worker::post). Chunks are activated under `chunk_mutex`, in order, by whichever
+// shard needs one: a rare event, never on the data path.
+struct Family {
+    std::vector<Worker *> workers;  // by shard, fixed at creation
+    std::mutex chunk_mutex;
+    uint32_t next_chunk = 0;  // under chunk_mutex
+    // The shard that owns each activated chunk.
+    std::array<std::atomic<uint8_t>, ipc::kMaxChunks> chunk_owner{};
+    // The live members' identities, for a shard's privileged requests (family_rights); the
+    // home updates it before it closes a member's connection, under members_mutex.
+    struct MemberIdentity {
+        pid_t pid;
+        uid_t uid;
+        int control_fd;
+    };
+    std::mutex members_mutex;
+    std::array<MemberIdentity, ipc::kMaxMembers> members{};
+    std::array<bool, ipc::kMaxMembers> member_live{};
+};
+
+// What an accepted connection inherits from its listener.
+struct AcceptedFrom {
+    int family = 0;
+    uid_t quota_uid = 0;  // charged when the accept was posted
+    int rcvlowat = 1;
+    uint32_t listener = 0;
+    uint32_t listener_gen = 0;
+};
+
+// An accepted connection the home gave to a shard (or placed itself behind such one), in
+// accept order: published into its listener's accept ring once it and all before it are placed.
+struct PendingAccept {
+    uint64_t seq = 0;
+    uint32_t listener = 0;
+    uint32_t listener_gen = 0;
+    uint32_t fallback = kNoSlot;  // the home's slot reserved for it: used if the shard cannot
+    uint32_t slot = kNoSlot;      // where it was placed, once placed
+    uint32_t shard = 0;           // whose slot that is
+    bool placed = false;
+    AcceptedFrom from;
+};
 
 inline constexpr uint64_t kReservationNs = 10'000'000'000;  // a forked child joins within 10 s
 
@@ -244,6 +308,19 @@ struct Session {
     bool doorbell_posted = false;
     uint64_t doorbell_value = 0;  // the eventfd read's buffer
     uint32_t open_sockets = 0;
+
+    // Shards (Family): null for a family served by one worker.
+    std::shared_ptr<Family> family;
+    uint32_t shard = 0;
+    bool is_shard() const { return shard != 0; }
+    std::vector<uint32_t> owned_chunks;  // the chunks this Session activated, in order
+    // The home's: the shard the next accepted connection goes to, the accept order, the
+    // connections given away and not yet published, and per member the shards that have not
+    // yet released its holds (the member's index is not reused before).
+    uint32_t next_shard = 0;
+    uint64_t next_accept_seq = 0;
+    std::deque<PendingAccept> pending_accepts;
+    std::array<uint16_t, ipc::kMaxMembers> member_acks{};
 
     // Set for a remote session (tcpsd --fabric-listen): the client is on another host and this
     // region is a copy of the client's, mirrored over the fabric (remote.hpp). Null for local

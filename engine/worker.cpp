@@ -150,6 +150,23 @@ void Worker::adopt(std::unique_ptr<Session> session) {
     (void)ignored;
 }
 
+void Worker::post(ShardMessage &&message) {
+    {
+        std::lock_guard<std::mutex> lock(pending_mutex_);
+        messages_.push_back(std::move(message));
+    }
+    // Our flag before its sleeping_, as it sets sleeping_ before it re-reads our flag.
+    has_pending_.store(true, std::memory_order_seq_cst);
+    poke();
+}
+
+void Worker::poke() {
+    if (!sleeping_.load(std::memory_order_seq_cst)) return;
+    const uint64_t one = 1;
+    ssize_t ignored = write(doorbell_fd_, &one, sizeof(one));
+    (void)ignored;
+}
+
 void Worker::take_freed_sessions(std::vector<uint32_t> &ids) {
     std::lock_guard<std::mutex> lock(pending_mutex_);
     ids.insert(ids.end(), freed_ids_.begin(), freed_ids_.end());
@@ -240,35 +257,47 @@ void Worker::run() {
 bool Worker::adopt_pending() {
     std::vector<std::unique_ptr<Session>> incoming;
     std::vector<JoinRequest> joins;
+    std::vector<ShardMessage> messages;
     {
         std::lock_guard<std::mutex> lock(pending_mutex_);
         incoming.swap(pending_);
         joins.swap(pending_joins_);
+        messages.swap(messages_);
         has_pending_.store(false, std::memory_order_relaxed);
     }
     for (auto &owned : incoming) {
         queued_.fetch_sub(1, std::memory_order_relaxed);
         if (free_indices_.empty()) {
-            // Cannot serve it: the client sees engine_alive = 0 and falls back.
             log_line("worker %d: too many sessions, refusing session %u", config_.index, owned->id);
-            owned->region.header().engine_alive.store(0, std::memory_order_seq_cst);
+            // A shard refused costs nothing but the connections it would have served: the
+            // home serves them itself (place_accepted's answer never comes back positive).
+            // A home refused: the client sees engine_alive = 0 and falls back.
+            if (!owned->is_shard())
+                owned->region.header().engine_alive.store(0, std::memory_order_seq_cst);
             continue;  // the destructor closes everything
         }
         Session &s = *owned;
         s.index = free_indices_.back();
         free_indices_.pop_back();
         s.gen = next_session_gen_++;
+        table_[s.index] = std::move(owned);
+        active_.push_back(s.index);
+        by_id_[s.id] = s.index;
+        if (s.is_shard()) {
+            TCPS_LOG_VERBOSE("session %u: shard %u served by worker %d", s.id, s.shard,
+                             config_.index);
+            continue;
+        }
         Member &first = s.members[0];
         const int flags = fcntl(first.control_fd, F_GETFL);
         if (flags >= 0) fcntl(first.control_fd, F_SETFL, flags | O_NONBLOCK);
         first.state = ipc::MemberState::kLive;
         first.creds = s.creds;
         s.live_members = 1;
+        note_member_identity(s, 0, true);
         s.region.member(0).pid.store(s.creds.pid, std::memory_order_relaxed);
         s.region.member(0).state.store(static_cast<uint32_t>(ipc::MemberState::kLive),
                                        std::memory_order_release);
-        table_[s.index] = std::move(owned);
-        active_.push_back(s.index);
         stats_.sessions.fetch_add(1, std::memory_order_relaxed);
         stats_.sessions_total.fetch_add(1, std::memory_order_relaxed);
         TCPS_LOG_VERBOSE("session %u (pid %d uid %u): served by worker %d", s.id, s.creds.pid,
@@ -281,15 +310,22 @@ bool Worker::adopt_pending() {
         post_session_doorbell(s);
     }
     for (const JoinRequest &join : joins) accept_join(join);
-    return !incoming.empty() || !joins.empty();
+    for (ShardMessage &message : messages) handle_message(message);
+    return !incoming.empty() || !joins.empty() || !messages.empty();
+}
+
+Session *Worker::find_session(uint32_t id) {
+    const auto it = by_id_.find(id);
+    return it == by_id_.end() ? nullptr : table_[it->second].get();
 }
 
 bool Worker::process_queue(Session &s) {
     uint32_t n = 0;
-    // Each active chunk's queue in turn, from where the last batch stopped, so that a busy
-    // chunk does not starve the others.
-    for (uint32_t visited = 0; visited < s.chunks_active && n < kQueueBatch; ++visited) {
-        const uint32_t chunk = s.queue_cursor;
+    // Each chunk's queue in turn, from where the last batch stopped, so that a busy chunk does
+    // not starve the others. Only this shard's chunks: the others are other workers'.
+    const auto chunks = static_cast<uint32_t>(s.owned_chunks.size());
+    for (uint32_t visited = 0; visited < chunks && n < kQueueBatch; ++visited) {
+        const uint32_t chunk = s.owned_chunks[s.queue_cursor % chunks];
         for (; n < kQueueBatch; ++n) {
             uint32_t slot;
             const ipc::PopResult result = ipc::work_queue_pop(s.region, chunk, slot);
@@ -301,7 +337,7 @@ bool Worker::process_queue(Session &s) {
             process_slot(s, slot);
             if (s.ending) return true;
         }
-        if (n < kQueueBatch) s.queue_cursor = (chunk + 1) % s.chunks_active;
+        if (n < kQueueBatch) s.queue_cursor = (s.queue_cursor + 1) % chunks;
     }
     return n > 0;
 }
@@ -483,6 +519,9 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kSessionDoorbell:
             s.doorbell_posted = false;
             if (!s.ending) post_session_doorbell(s);
+            // The client rings the home's doorbell when any worker of the family sleeps.
+            if (s.family)
+                for (size_t k = 1; k < s.family->workers.size(); ++k) s.family->workers[k]->poke();
             break;
         case Kind::kLink:
             if (s.remote) on_link(s, res);
@@ -539,10 +578,14 @@ void Worker::flush_wakes() {
 }
 
 void Worker::set_sleeping(uint32_t value) {
+    // Ours before the chunks': a poke (through the family's home) that follows a client's look
+    // at a chunk's flag sees it.
+    sleeping_.store(value != 0, std::memory_order_seq_cst);
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
-        if (s && !s->ending)
-            s->region.header().engine_sleeping.store(value, std::memory_order_seq_cst);
+        if (!s || s->ending) continue;
+        for (uint32_t chunk : s->owned_chunks)
+            s->region.chunk_header(chunk).engine_sleeping.store(value, std::memory_order_seq_cst);
     }
 }
 
@@ -550,7 +593,7 @@ bool Worker::any_queue_has_work() {
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
         if (!s || s->ending) continue;
-        for (uint32_t chunk = 0; chunk < s->chunks_active; ++chunk)
+        for (uint32_t chunk : s->owned_chunks)
             if (ipc::work_queue_ready(s->region, chunk)) return true;
     }
     return false;
@@ -854,6 +897,7 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
     // the ring first: the client reads them there, and the direct receive says so once they
     // are published (below).
     bool direct_to_ring = false;
+    const uint32_t direct_len = es.direct_len;
     if (es.direct == EngineSlot::Direct::kRecv && !es.recv_polling) {
         if (res == -ECANCELED) return post_direct(s, i);
         release_direct(s, i);
@@ -887,7 +931,8 @@ void Worker::on_recv(Session &s, uint32_t i, int32_t res) {
         record_error(s, i, -res);
     }
     if (direct_to_ring && es.state == ipc::SlotState::kOpen) {
-        publish_direct_result(s, i, ipc::kDirectUseRxRing);
+        const int32_t promise = promise_ring_bytes(s, i, direct_len);
+        publish_direct_result(s, i, promise != 0 ? promise : ipc::kDirectUseRxRing);
         take_direct(s, i);
     }
 }
@@ -943,7 +988,10 @@ void Worker::on_peek_watch(Session &s, uint32_t i, int32_t res) {
 bool Worker::discard_received(Session &s, uint32_t i, uint32_t bytes) {
     EngineSlot &es = s.slots[i];
     while (bytes > 0) {
-        const ssize_t n = recv(es.fd, nullptr, bytes, MSG_TRUNC | MSG_DONTWAIT);
+        // The kernel writes nothing with MSG_TRUNC; the buffer is this worker's own all the same,
+        // since a sanitizer's recv() takes it as written (a null one would be shared by all).
+        const uint32_t chunk = std::min<uint32_t>(bytes, ipc::kRxRingBytes);
+        const ssize_t n = recv(es.fd, peek_scratch_.get(), chunk, MSG_TRUNC | MSG_DONTWAIT);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0 || static_cast<uint32_t>(n) > bytes) {
             log_line(
@@ -1110,7 +1158,7 @@ void Worker::post_accept(Session &s, uint32_t i) {
     // connections wait in the kernel while accept() says why (accept_error).
     int error = 0;
     auto has_room = [&] {
-        if (es.acc_tail - es.acc_head >= ipc::kAcceptRingEntries) return false;
+        if (es.acc_tail + es.acc_pending - es.acc_head >= ipc::kAcceptRingEntries) return false;
         if (!has_free_slot(s)) {
             error = EMFILE;
             return false;
@@ -1200,10 +1248,54 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
         return;
     }
     const uint32_t j = reserved;
-    init_slot(s, j, res, es.family, ipc::kFlagConnected | ipc::kFlagBound);
+    // Before the accept returns, as on Linux: the family's own connect that this is settles
+    // first (issue 10). Connecting sockets are the home's.
+    if (!connecting_.empty()) {
+        sockaddr_storage peer;
+        socklen_t peer_len = sizeof(peer);
+        if (getpeername(res, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
+            settle_connect_of(peer, peer_len);
+    }
+    const AcceptedFrom from{es.family, es.quota_uid, es.rcvlowat, i, es.gen};
+    if (s.family) {
+        // The family's connections go to its workers in turn. One given away is published
+        // once that worker has placed it; those accepted after it wait behind it, so that the
+        // application takes them in the kernel's order.
+        const uint32_t shard = s.next_shard;
+        s.next_shard = (shard + 1) % static_cast<uint32_t>(s.family->workers.size());
+        if (shard != 0 || !s.pending_accepts.empty()) {
+            PendingAccept pending;
+            pending.seq = s.next_accept_seq++;
+            pending.listener = i;
+            pending.listener_gen = es.gen;
+            pending.from = from;
+            if (shard == 0) {
+                setup_accepted(s, j, res, from);
+                pending.slot = j;
+                pending.placed = true;
+            } else {
+                pending.fallback = j;
+                ShardMessage message = message_for(s, ShardMessage::Type::kAccepted);
+                message.seq = pending.seq;
+                message.fd = res;
+                message.accepted = from;
+                s.family->workers[shard]->post(std::move(message));
+            }
+            s.pending_accepts.push_back(pending);
+            ++es.acc_pending;
+            return post_accept(s, i);
+        }
+    }
+    setup_accepted(s, j, res, from);
+    publish_accepted(s, i, j);
+    post_accept(s, i);
+}
+
+void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from) {
+    init_slot(s, j, fd, from.family, ipc::kFlagConnected | ipc::kFlagBound);
     EngineSlot &conn = s.slots[j];
-    conn.quota_uid = es.quota_uid;  // charged when the accept was posted
-    conn.rcvlowat = es.rcvlowat;    // inherited from the listener, as the kernel does
+    conn.quota_uid = from.quota_uid;
+    conn.rcvlowat = from.rcvlowat;  // inherited from the listener, as the kernel does
     // Its first bytes are peeked (EngineSlot::peeking): not for a remote session, whose client
     // cannot pass a socket on, nor with a low-water mark above 1, which the first segment
     // might not reach while nothing more is received.
@@ -1216,18 +1308,11 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
         publish_flags(s, j, conn.flags | ipc::kFlagKernelServed);
         stats_.kernel_served.fetch_add(1, std::memory_order_relaxed);
     }
-    conn.accepted_by = i;
-    conn.accepted_by_gen = es.gen;
-    conn.accept_pos = es.acc_tail;
+    conn.accepted_by = from.listener;
+    conn.accepted_by_gen = from.listener_gen;
     refresh_addresses(s, j, true);
     update_kernel_mask(s, j);
     track_connected(s, j);
-    if (!connecting_.empty()) {
-        sockaddr_storage peer;
-        socklen_t peer_len = sizeof(peer);
-        if (getpeername(res, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
-            settle_connect_of(peer, peer_len);
-    }
     ipc::SocketSlot &conn_slot = s.region.slot(j);
     conn.last_req_seq = conn_slot.req_seq.load(std::memory_order_acquire);
     conn_slot.resp_seq.store(conn.last_req_seq, std::memory_order_relaxed);
@@ -1236,14 +1321,42 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
     ++s.open_sockets;
     stats_.sockets.fetch_add(1, std::memory_order_relaxed);
     stats_.accepts.fetch_add(1, std::memory_order_relaxed);
+}
 
-    // Publish only now that the slot is complete.
+void Worker::publish_accepted(Session &s, uint32_t i, uint32_t j) {
+    EngineSlot &es = s.slots[i];
+    if (s.region.mapped(j)) s.slots[j].accept_pos = es.acc_tail;
+    // Only now that the slot is complete (whichever worker completed it: its message to us
+    // ordered its stores before ours).
     ipc::SocketSlot &listener = s.region.slot(i);
     listener.accept_ring[es.acc_tail & kAcceptMask] = j;
     ++es.acc_tail;
     listener.acc_tail.store(es.acc_tail, std::memory_order_release);
     bump_event(s, i);
-    post_accept(s, i);
+}
+
+void Worker::publish_accepts(Session &s) {
+    while (!s.pending_accepts.empty() && s.pending_accepts.front().placed) {
+        const PendingAccept p = s.pending_accepts.front();
+        s.pending_accepts.pop_front();
+        EngineSlot &listener = s.slots[p.listener];
+        const bool same = listener.gen == p.listener_gen;
+        if (same && listener.acc_pending > 0) --listener.acc_pending;
+        if (same && listener.state == ipc::SlotState::kOpen) {
+            publish_accepted(s, p.listener, p.slot);
+        } else {
+            drop_placed(s, p);  // its listener closed meanwhile: it dies with it
+        }
+    }
+}
+
+void Worker::drop_placed(Session &s, const PendingAccept &p) {
+    if (p.shard == 0) return start_close(s, p.slot, true);
+    ShardMessage message = message_for(s, ShardMessage::Type::kDrop);
+    message.slot = p.slot;
+    message.accepted = p.from;
+    message.result = 1;  // close it
+    s.family->workers[p.shard]->post(std::move(message));
 }
 
 void Worker::resume_listeners(Session &s) {
@@ -1590,8 +1703,10 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
             result = -ENOSPC;
         }
     }
-    if (result == 0)
+    if (result == 0) {
         install_waiter(s, static_cast<uint32_t>(index), own, static_cast<uint16_t>(member), uid);
+        share_waiter(s, static_cast<uint32_t>(index));  // before the reply: see share_waiter
+    }
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kWaiterReply);
     reply.version = ipc::kLayoutVersion;
@@ -1603,19 +1718,34 @@ void Worker::register_waiter(Session &s, uint32_t member, int fd) {
 
 void Worker::release_waiters(Session &s, uint32_t member) {
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) {
-        if (s.waiter_owner[w] == member) close_waiter(s, w);
+        if (s.waiter_owner[w] != member) continue;
+        close_waiter(s, w);
+        share_waiter(s, w);
     }
 }
 
 void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
-    if (slot < 0 || static_cast<uint32_t>(slot) >= s.slot_limit() ||
+    if (s.family && !s.is_shard() && slot >= 0 && static_cast<uint32_t>(slot) < ipc::kMaxSockets &&
+        !s.region.mapped(static_cast<uint32_t>(slot))) {
+        // Another worker's connection: it answers through us.
+        const uint32_t chunk = static_cast<uint32_t>(slot) >> ipc::kChunkShift;
+        const uint32_t owner = s.family->chunk_owner[chunk].load(std::memory_order_acquire);
+        if (owner != 0 && owner < s.family->workers.size()) {
+            ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
+            message.member = member;
+            message.slot = static_cast<uint32_t>(slot);
+            s.family->workers[owner]->post(std::move(message));
+            return;
+        }
+    }
+    if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off) {
         ipc::ControlMessage reply{};
         reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
         reply.version = ipc::kLayoutVersion;
         reply.result = -EBADF;
         reply.session_id = s.id;
-        reply_control(s, member, reply);
+        deliver_handoff(s, member, reply, -1);
         return;
     }
     const auto i = static_cast<uint32_t>(slot);
@@ -1654,7 +1784,7 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
         return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
-    if (s.members[member].state != ipc::MemberState::kLive) return;
+    if (!s.is_shard() && s.members[member].state != ipc::MemberState::kLive) return;
     const ipc::SocketSlot &shm = s.region.slot(i);
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
@@ -1672,8 +1802,22 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     es.peek_lowat = false;
     const int copy = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
     reply.result = copy >= 0 ? 0 : -errno;
-    const int rc = ipc::send_control(s.members[member].control_fd, reply, &copy, copy >= 0 ? 1 : 0);
-    if (copy >= 0) close(copy);
+    deliver_handoff(s, member, reply, copy);
+}
+
+void Worker::deliver_handoff(Session &s, uint32_t member, const ipc::ControlMessage &reply,
+                             int fd) {
+    if (s.is_shard()) {
+        ShardMessage message = message_for(s, ShardMessage::Type::kHandoffDone);
+        message.member = member;
+        message.reply = reply;
+        message.fd = fd;
+        return tell_home(s, std::move(message));
+    }
+    int rc = 0;
+    if (member < ipc::kMaxMembers && s.members[member].state == ipc::MemberState::kLive)
+        rc = ipc::send_control(s.members[member].control_fd, reply, &fd, fd >= 0 ? 1 : 0);
+    if (fd >= 0) close(fd);
     if (rc == -EAGAIN || rc == -EWOULDBLOCK)
         violation(s, "client does not read its control replies");
 }
@@ -1681,7 +1825,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
 void Worker::reserve_member(Session &s, uint32_t member) {
     int32_t index = -1;
     for (uint32_t m = 1; m < ipc::kMaxMembers; ++m) {  // 0 is the process that said hello
-        if (s.members[m].state == ipc::MemberState::kFree) {
+        // Not one whose holds another worker has yet to drop (end_member).
+        if (s.members[m].state == ipc::MemberState::kFree && s.member_acks[m] == 0) {
             index = static_cast<int32_t>(m);
             break;
         }
@@ -1695,8 +1840,10 @@ void Worker::reserve_member(Session &s, uint32_t member) {
         ++reservations_;
         // The engine owns a free record: the parent fills `held` once we answer.
         ipc::MemberRecord &record = s.region.member(m);
-        for (uint32_t slot = 0; slot < s.slot_limit(); slot += 64)
-            s.region.held_word(m, slot).store(0, std::memory_order_relaxed);
+        for (uint32_t chunk : s.owned_chunks)
+            for (uint32_t slot = chunk << ipc::kChunkShift; slot < (chunk + 1) << ipc::kChunkShift;
+                 slot += 64)
+                s.region.held_word(m, slot).store(0, std::memory_order_relaxed);
         record.pid.store(0, std::memory_order_relaxed);
         record.state.store(static_cast<uint32_t>(ipc::MemberState::kReserved),
                            std::memory_order_release);
@@ -1714,7 +1861,7 @@ void Worker::accept_join(const JoinRequest &join) {
     Session *found = nullptr;
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
-        if (s && s->id == join.session_id && !s->ending) found = s;
+        if (s && s->id == join.session_id && !s->ending && !s->is_shard()) found = s;
     }
     int result = 0;
     if (!found) {
@@ -1743,6 +1890,7 @@ void Worker::accept_join(const JoinRequest &join) {
     m.control_fd = join.control_fd;
     m.control_charged = join.creds.uid;
     m.creds = join.creds;
+    note_member_identity(s, join.member, true);
     --s.reserved_members;
     --reservations_;
     ++s.live_members;
@@ -1768,46 +1916,67 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
     }
     // Members end from their connection's poll completion (nothing posted on it then) or
     // from an expired reservation (no connection), so the descriptor can go now.
+    note_member_identity(s, member, false);
     close_control(m);
     release_waiters(s, member);
     // Drop the member's hold on each socket it held, as its exit closes its descriptors.
-    ipc::MemberRecord &record = s.region.member(member);
-    for (uint32_t first = 0; first < s.slot_limit(); first += 64) {
-        uint64_t bits = s.region.held_word(member, first).exchange(0, std::memory_order_acq_rel);
-        while (bits) {
-            const uint32_t i = first + static_cast<uint32_t>(__builtin_ctzll(bits));
-            bits &= bits - 1;
-            if (s.slots[i].state != ipc::SlotState::kOpen) continue;
-            std::atomic<uint32_t> &holders = s.region.slot(i).holders;
-            uint32_t count = holders.load(std::memory_order_acquire);
-            while (count > 0 &&
-                   !holders.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) {
-            }
-            if (count == 1) {
-                // The bytes it sent just before dying may not have rung our doorbell yet.
-                const ipc::SocketSlot &slot = s.region.slot(i);
-                const uint32_t head = slot.rx_head.load(std::memory_order_acquire);
-                apply_client_indices(s, i, slot.tx_tail.load(std::memory_order_acquire), head,
-                                     slot.acc_head.load(std::memory_order_acquire));
-                if (s.ending) return;
-                // Unread bytes make the close a reset, as Linux does at exit.
-                start_close(s, i, head != s.slots[i].rx_tail);
-            }
-        }
+    if (!release_holds(s, member)) return;
+    if (s.family) {
+        ShardMessage message = message_for(s, ShardMessage::Type::kMemberEnded);
+        message.member = member;
+        tell_shards(s, message);
+        s.member_acks[member] = static_cast<uint16_t>(s.family->workers.size() - 1);
     }
+    ipc::MemberRecord &record = s.region.member(member);
     record.pid.store(0, std::memory_order_relaxed);
     record.state.store(static_cast<uint32_t>(ipc::MemberState::kFree), std::memory_order_release);
     m = Member{};
     if (s.live_members > 0 || s.reserved_members > 0) return;
     // Nobody is left. What nobody held (connections no process accepted) is reset, as the
     // kernel resets a closed listener's queue; the graceful closes finish sending what their
-    // processes wrote before exiting, and then the session ends (finish_close).
-    for (uint32_t i = 0; i < s.slot_limit(); ++i)
-        if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
+    // processes wrote before exiting, and then the session ends (finish_close). The other
+    // workers do the same with theirs.
+    if (s.family) tell_shards(s, message_for(s, ShardMessage::Type::kOrphaned));
+    for (size_t k = 0; k < s.owned_chunks.size(); ++k)
+        for (uint32_t i = s.owned_chunks[k] << ipc::kChunkShift, end = (s.owned_chunks[k] + 1)
+                                                                       << ipc::kChunkShift;
+             i < end; ++i)
+            if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
     if (s.open_sockets == 0) return end_session(s, why);
     s.orphaned = true;
     TCPS_LOG_VERBOSE("session %u: no member left; ending once %u closes finish", s.id,
                      s.open_sockets);
+}
+
+bool Worker::release_holds(Session &s, uint32_t member) {
+    for (size_t k = 0; k < s.owned_chunks.size(); ++k) {
+        const uint32_t end = (s.owned_chunks[k] + 1) << ipc::kChunkShift;
+        for (uint32_t first = s.owned_chunks[k] << ipc::kChunkShift; first < end; first += 64) {
+            uint64_t bits =
+                s.region.held_word(member, first).exchange(0, std::memory_order_acq_rel);
+            while (bits) {
+                const uint32_t i = first + static_cast<uint32_t>(__builtin_ctzll(bits));
+                bits &= bits - 1;
+                if (s.slots[i].state != ipc::SlotState::kOpen) continue;
+                std::atomic<uint32_t> &holders = s.region.slot(i).holders;
+                uint32_t count = holders.load(std::memory_order_acquire);
+                while (count > 0 && !holders.compare_exchange_weak(count, count - 1,
+                                                                   std::memory_order_acq_rel)) {
+                }
+                if (count == 1) {
+                    // The bytes it sent just before dying may not have rung our doorbell yet.
+                    const ipc::SocketSlot &slot = s.region.slot(i);
+                    const uint32_t head = slot.rx_head.load(std::memory_order_acquire);
+                    apply_client_indices(s, i, slot.tx_tail.load(std::memory_order_acquire), head,
+                                         slot.acc_head.load(std::memory_order_acquire));
+                    if (s.ending) return false;
+                    // Unread bytes make the close a reset, as Linux does at exit.
+                    start_close(s, i, head != s.slots[i].rx_tail);
+                }
+            }
+        }
+    }
+    return true;
 }
 
 void Worker::expire_reservations(uint64_t now) {
@@ -2011,7 +2180,21 @@ void Worker::drop_untaken(Session &s, uint32_t i, bool close) {
     const ipc::SocketSlot &listener = s.region.slot(i);
     for (uint32_t pos = es.acc_head; pos != es.acc_tail; ++pos) {
         const uint32_t j = listener.accept_ring[pos & kAcceptMask];
-        if (j >= s.slot_limit()) continue;
+        if (!s.region.mapped(j)) {
+            // Another worker's (Family): it checks the connection against its own record.
+            const uint32_t owner =
+                s.family && j < ipc::kMaxSockets
+                    ? s.family->chunk_owner[j >> ipc::kChunkShift].load(std::memory_order_acquire)
+                    : 0;
+            if (owner == 0 || owner >= s.family->workers.size()) continue;
+            ShardMessage message = message_for(s, ShardMessage::Type::kDrop);
+            message.slot = j;
+            message.accepted.listener = i;
+            message.accepted.listener_gen = es.gen;
+            message.result = close ? 1 : 0;
+            s.family->workers[owner]->post(std::move(message));
+            continue;
+        }
         const EngineSlot &conn = s.slots[j];
         if (conn.state != ipc::SlotState::kOpen || conn.accepted_by != i ||
             conn.accepted_by_gen != es.gen || conn.accept_pos != pos)
@@ -2142,11 +2325,26 @@ void Worker::end_session(Session &s, const char *why) {
     if (s.ending) return;
     s.ending = true;
     TCPS_LOG_VERBOSE("session %u (pid %d): ending: %s", s.id, s.creds.pid, why);
+    if (s.family) {
+        // A family that ends before its members do (a violation, a failure, the engine's
+        // stop) ends on every worker; one whose members are all gone ends on each worker once
+        // its closes finish (kOrphaned).
+        if (s.is_shard()) {
+            if (!s.orphaned) tell_home(s, message_for(s, ShardMessage::Type::kEnd));
+        } else {
+            if (s.live_members > 0 || s.reserved_members > 0)
+                tell_shards(s, message_for(s, ShardMessage::Type::kEnd));
+            for (uint32_t m = 0; m < ipc::kMaxMembers; ++m) note_member_identity(s, m, false);
+        }
+    }
     // Every registered waiter gets a byte and then EOF: no client thread sleeps on us.
-    announce_engine_gone(s);
+    if (!s.is_shard() || !s.orphaned) announce_engine_gone(s);
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) close_waiter(s, w);
-    for (uint32_t i = 0; i < s.slot_limit(); ++i)
-        if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
+    for (size_t k = 0; k < s.owned_chunks.size(); ++k)
+        for (uint32_t i = s.owned_chunks[k] << ipc::kChunkShift, end = (s.owned_chunks[k] + 1)
+                                                                       << ipc::kChunkShift;
+             i < end; ++i)
+            if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
     // EOF on the control socket tells the client at once and completes our poll on it. The
     // doorbell read is cancelled, not completed by a write: the eventfd's file description is
     // shared with the client, which could make a write from us block.
@@ -2193,14 +2391,17 @@ void Worker::free_session(Session &s) {
             break;
         }
     }
-    TCPS_LOG_VERBOSE("session %u (pid %d): freed", s.id, s.creds.pid);
-    {
+    by_id_.erase(s.id);
+    const bool shard = s.is_shard();
+    TCPS_LOG_VERBOSE("session %u (pid %d): freed%s", s.id, s.creds.pid, shard ? " (a shard)" : "");
+    if (!shard) {
+        // The engine's map of sessions by id names the home.
         std::lock_guard<std::mutex> lock(pending_mutex_);
         freed_ids_.push_back(s.id);
     }
     table_[index].reset();  // unmaps the region, closes its descriptors
     free_indices_.push_back(index);
-    stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
+    if (!shard) stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void Worker::shutdown_all() {
@@ -2226,13 +2427,15 @@ void Worker::shutdown_all() {
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
         if (!s) continue;
-        for (uint32_t i = 0; i < s->slot_limit(); ++i) {
-            if (s->slots[i].fd >= 0) close(s->slots[i].fd);
-            s->slots[i].fd = -1;
+        for (uint32_t chunk : s->owned_chunks) {
+            for (uint32_t i = chunk << ipc::kChunkShift; i < (chunk + 1) << ipc::kChunkShift; ++i) {
+                if (s->slots[i].fd >= 0) close(s->slots[i].fd);
+                s->slots[i].fd = -1;
+            }
         }
         s->region.base = nullptr;
         s->release();
-        stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
+        if (!s->is_shard()) stats_.sessions.fetch_sub(1, std::memory_order_relaxed);
     }
     if (ring_ready_) {
         io_uring_queue_exit(&ring_);

@@ -1,6 +1,8 @@
-// A worker: one thread, one io_uring, the sessions assigned to it and their kernel sockets.
-// Nothing on the data path is shared with other threads; the only cross-thread inputs are the
-// hand-off queue of new sessions (mutex + doorbell eventfd) and the stop flag.
+// A worker: one thread, one io_uring, the sessions (or shards of a family's session: Family in
+// session.hpp) assigned to it and their kernel sockets. Nothing on the data path is shared
+// with other threads; the only cross-thread inputs are the inbox (new sessions, joins, and the
+// messages between the workers serving one family: a mutex and the doorbell eventfd, written
+// only while the worker sleeps) and the stop flag.
 #pragma once
 
 #include <liburing.h>
@@ -22,6 +24,37 @@
 #include "session.hpp"
 
 namespace tcps::engine {
+
+// A message between the workers that serve one family (Family, session.hpp): the home shard
+// gives accepted connections away and tells the other shards of the family's changes; a shard
+// answers, or asks the home to speak for it on a member's control connection.
+struct ShardMessage {
+    enum class Type : uint8_t {
+        kAccepted,        // home -> shard: place connection `fd` of `listener` (accept `seq`)
+        kPlaced,          // shard -> home: placed in `slot` (result 0), or `fd` comes back
+        kDrop,            // home -> shard: an accepted connection nobody will take: reset it
+        kMemberEnded,     // home -> shard: drop member's holds; answered by kMemberReleased
+        kMemberReleased,  // shard -> home
+        kOrphaned,        // home -> shard: no member left; reset what nobody holds
+        kEnd,             // either way: the family ends (a violation, a failure)
+        kWaiter,          // home -> shard: waiter `slot` writes to pipe `fd` now (-1: none)
+        kMem,             // home -> shard: MemNet registration `slot` is `mem` (base null: gone)
+        kHandoff,         // home -> shard: `member` asks for `slot`'s kernel socket (kHandoff)
+        kHandoffDone,     // shard -> home: the answer for `member` (`reply`, and `fd`)
+    };
+    Type type = Type::kEnd;
+    uint32_t session_id = 0;
+    Worker *from = nullptr;
+    uint32_t from_shard = 0;
+    uint32_t slot = 0;
+    uint32_t member = 0;
+    uint64_t seq = 0;
+    int fd = -1;  // travels with the message: its receiver closes it
+    int32_t result = 0;
+    AcceptedFrom accepted;
+    ipc::ControlMessage reply{};
+    MemRegistration mem;
+};
 
 struct WorkerConfig {
     int index = 0;
@@ -80,6 +113,11 @@ class Worker {
     // Any thread: a forked child's control connection that asks to join one of our sessions.
     // The worker checks it and answers kJoinReply (closing the connection if refused).
     void adopt_join(const JoinRequest &join);
+    // Any thread: a message from another worker serving the same family.
+    void post(ShardMessage &&message);
+    // Any thread: wakes this worker if it sleeps (a client rang the doorbell of a family whose
+    // home is another worker).
+    void poke();
     // Any thread: moves the ids of the sessions freed since the last call into `ids`, so the
     // engine can forget where they lived.
     void take_freed_sessions(std::vector<uint32_t> &ids);
@@ -167,6 +205,14 @@ class Worker {
     void on_recv(Session &s, uint32_t i, int32_t res);
     void on_send(Session &s, uint32_t i, int32_t res);
     void on_accept(Session &s, uint32_t i, int32_t res);
+    // Slot j becomes connection `fd`, accepted by `from`'s listener (here or at the home).
+    void setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from);
+    // Publishes connection j (any shard's) in listener i's accept ring.
+    void publish_accepted(Session &s, uint32_t i, uint32_t j);
+    // The home: publishes the given-away connections at the front of the accept order that
+    // are placed (or drops them, their listener gone).
+    void publish_accepts(Session &s);
+    void drop_placed(Session &s, const PendingAccept &p);
     void on_connect(Session &s, uint32_t i, int32_t res);
     void on_connected(Session &s, uint32_t i);
     // Connects in progress, by local address: a connection this worker accepts from one of
@@ -260,6 +306,9 @@ class Worker {
     // Publishes the descriptor's result and lets its registration go; then the next one.
     void finish_direct(Session &s, uint32_t i, int32_t result);
     void publish_direct_result(Session &s, uint32_t i, int32_t result);
+    // The answer of a direct receive of `len` bytes that the rx ring's bytes come before: the
+    // ring's bytes not promised yet (ipc::kDirectUseRxRing + n), or 0 if it has none.
+    int32_t promise_ring_bytes(Session &s, uint32_t i, uint32_t len);
     // The slot's transfer ends: its registration is let go, nothing is published.
     void release_direct(Session &s, uint32_t i);
     // Direct mode (EngineSlot::rx_direct): entered when a direct receive is taken, left when a
@@ -270,7 +319,30 @@ class Worker {
     void on_direct_wait(Session &s, uint32_t i, int32_t res);
     int op_leave_direct(Session &s, uint32_t i);
 
+    // --- families served by several workers (Family) ---
+    Session *find_session(uint32_t id);
+    void handle_message(ShardMessage &message);
+    void place_accepted(Session *s, ShardMessage &message);
+    void on_placed(Session *s, ShardMessage &message);
+    // Sends `message` to every other shard of the family (from the home).
+    void tell_shards(Session &s, const ShardMessage &message);
+    void tell_home(Session &s, ShardMessage &&message);
+    ShardMessage message_for(Session &s, ShardMessage::Type type);
+    // Tells the shards of waiter w's pipe (a copy of it each), or that it has none now.
+    void share_waiter(Session &s, uint32_t w);
+    void share_mem(Session &s, uint32_t id);
+    // Whether registration `id` is known here; a shard first applies the registrations its
+    // inbox holds (the home tells the shards before it answers the client).
+    bool knows_mem(Session &s, uint32_t id);
+    void apply_mem_messages();
+    // The answer to a kHandoff: sent on the member's connection (the home) or to the home.
+    void deliver_handoff(Session &s, uint32_t member, const ipc::ControlMessage &reply, int fd);
+    void note_member_identity(Session &s, uint32_t member, bool live);
+
     // --- members ---
+    // Drops the member's hold on each socket of this Session's chunks; false if the session
+    // ended meanwhile.
+    bool release_holds(Session &s, uint32_t member);
     // A member's process is gone (its connection closed) or its reservation expired: its
     // waiters and its hold on each socket go; the session ends with its last member.
     void end_member(Session &s, uint32_t member, const char *why);
@@ -315,8 +387,11 @@ class Worker {
     std::mutex pending_mutex_;
     std::vector<std::unique_ptr<Session>> pending_;
     std::vector<JoinRequest> pending_joins_;
-    std::vector<uint32_t> freed_ids_;  // under pending_mutex_
+    std::vector<uint32_t> freed_ids_;     // under pending_mutex_
+    std::vector<ShardMessage> messages_;  // under pending_mutex_
     std::atomic<bool> has_pending_{false};
+    std::atomic<bool> sleeping_{false};             // between the sleep's re-check and its wake
+    std::unordered_map<uint32_t, uint32_t> by_id_;  // session id -> index in table_
     std::atomic<uint64_t> queued_{0};
 
     std::vector<std::unique_ptr<Session>> table_;  // by Session::index

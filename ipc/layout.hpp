@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 6;
+inline constexpr uint32_t kLayoutVersion = 7;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -267,9 +267,19 @@ inline constexpr uint32_t kDirectMaxLen = 1u << 30;
 // a transfer per call (docs/performance.md, Experiment 1b).
 inline constexpr uint32_t kDirectHintAhead = 1u << 0;
 inline constexpr uint32_t kDirectModeMinLen = 16 * 1024;
-// A direct receive's result that is no count: the rx ring has bytes (or the socket's bytes
-// cannot go straight to the caller now); read them from the ring, as recv() does.
+// A direct receive's result that is no count: kDirectUseRxRing + n (1 <= n <= kRxRingBytes),
+// take the n bytes the engine promised this receive from the rx ring, which come next after
+// those it promised the socket's receives queued before it (the client takes them in queue
+// order, whichever job is waited for first); kDirectUseRxRing alone, the socket's bytes cannot
+// go straight to the caller now (urgent data watched, EOF, ...): read the ring as recv() does.
 inline constexpr int32_t kDirectUseRxRing = INT32_MIN;
+// n if `result` is kDirectUseRxRing + n, 0 for kDirectUseRxRing; `ring` says whether it is
+// either.
+constexpr uint32_t direct_ring_promise(int32_t result, bool &ring) {
+    const uint32_t n = static_cast<uint32_t>(result) - static_cast<uint32_t>(kDirectUseRxRing);
+    ring = n <= kRxRingBytes;
+    return ring ? n : 0;
+}
 
 // One offloaded socket's channel: its control request/response, its state, and the indices of
 // its own tx and rx rings (the ring bytes live at tx_ring_offset()/rx_ring_offset()).
@@ -406,7 +416,12 @@ struct alignas(kPageSize) ChunkHeader {
     uint32_t reserved0[15];
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> wq_head;
-    uint32_t reserved1[15];
+    // 1 while the worker serving this chunk sleeps: a client that queues one of its slots must
+    // then write the family's doorbell eventfd (received at hello), which wakes that worker
+    // (through the family's home, when the chunk is another worker's). TAS's rule: notify
+    // only an idle peer; per chunk, since the workers of one family sleep on their own.
+    std::atomic<uint32_t> engine_sleeping;
+    uint32_t reserved1[14];
 };
 static_assert(sizeof(ChunkHeader) == kPageSize, "a chunk's header is one page");
 static_assert(offsetof(ChunkHeader, wq_head) == kCacheLine, "engine line");
@@ -431,13 +446,10 @@ struct alignas(kPageSize) RegionHeader {
 
     // --- line 1: written by the engine ---
     std::atomic<uint32_t> engine_alive;  // 1 while the session is served; 0 = dead, fall back
-    // 1 while the worker serving this client sleeps: a client that queues work must then write
-    // the worker's doorbell eventfd (received at hello). TAS's rule: notify only an idle peer.
-    std::atomic<uint32_t> engine_sleeping;
     // Chunks [0, chunks_active) are in use: the engine has initialised them and polls their
     // work queues. Only grows; published (release) before any slot index in a new chunk.
     std::atomic<uint32_t> chunks_active;
-    uint32_t reserved1[13];
+    uint32_t reserved1[14];
 
     // --- line 2: written by the client ---
     std::atomic<uint32_t> waiters_armed;  // a hint: the engine scans waiters only if non-zero

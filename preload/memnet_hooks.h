@@ -26,7 +26,7 @@ struct tcps_memnet_ticket {
     uint32_t answered;
     int32_t result;
     uint32_t hint;
-    uint32_t unused;
+    uint32_t queued; /* 1: in the socket's direct queue, at position seq */
 };
 
 struct tcps_memnet_hooks {

@@ -43,6 +43,37 @@ int engine_gone_error(bool recv) {
     return recv ? -ECONNRESET : -EPIPE;
 }
 
+long recv_from_ring(SocketRef &ref, void *local, size_t len, bool dontwait) {
+    iovec iov{local, len};
+    return op_recv(ref, &iov, 1, dontwait ? MSG_DONTWAIT : 0);
+}
+
+// Takes the ring bytes the engine promised the receives this process queued on the socket
+// before position `upto` (and not taken yet), in queue order, each into its own job's buffer:
+// the ring's bytes reach the receives in the order they were posted, whichever is waited for
+// first, and before the bytes a later receive took straight from the kernel socket. A job not
+// taken yet is not done, so its record is still in place. Under tx_lock.
+void take_promised_before(SocketRef &ref, uint32_t upto) {
+    Socket &sock = *ref.sock;
+    const uint32_t done = ref.shm->direct_done.load(std::memory_order_acquire);
+    while (sock.ring_taken != upto && static_cast<int32_t>(done - sock.ring_taken) > 0) {
+        const uint32_t position = sock.ring_taken++;
+        tcps_memnet_ticket *ticket = sock.direct_tickets[position & kEntryMask];
+        if (!ticket || ticket->seq != position || !ticket->recv) continue;
+        const int32_t result =
+            answered(ticket) ? ticket->result
+                             : __atomic_load_n(&ref.shm->direct_results[position & kEntryMask],
+                                               __ATOMIC_ACQUIRE);
+        bool ring = false;
+        const uint32_t promised = ipc::direct_ring_promise(result, ring);
+        if (promised == 0) continue;  // in its buffer already, or read as recv() does later
+        const long got =
+            recv_from_ring(ref, ticket->local, std::min<uint64_t>(promised, ticket->len), true);
+        // The application took them with recv() meanwhile: this job reads as recv() does.
+        give_answer(ticket, got == -EAGAIN ? ipc::kDirectUseRxRing : static_cast<int32_t>(got));
+    }
+}
+
 // Queues one transfer: 0, or -errno. Waits for a free entry if kDirectQueueEntries are in
 // flight.
 int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint32_t len,
@@ -68,7 +99,10 @@ int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint
         return -EBADF;
     }
     const uint32_t k = tail & kEntryMask;
-    // The entry's last transfer is done: its result goes to its ticket before we reuse it.
+    // The entry's last transfer is done: its ring bytes are taken (in order) and its result
+    // goes to its ticket before we reuse it.
+    const uint32_t reused = tail - ipc::kDirectQueueEntries;  // the position it held
+    if (static_cast<int32_t>(reused - sock.ring_taken) >= 0) take_promised_before(ref, reused + 1);
     if (tcps_memnet_ticket *before = sock.direct_tickets[k]; before && !answered(before))
         give_answer(before, __atomic_load_n(&shm.direct_results[k], __ATOMIC_ACQUIRE));
     ipc::DirectDescriptor &d = shm.direct_queue[k];
@@ -83,6 +117,7 @@ int queue_transfer(SocketRef &ref, bool recv, uint32_t id, uint64_t offset, uint
     ticket->generation = ref.generation;
     ticket->seq = tail;
     ticket->recv = recv ? 1 : 0;
+    ticket->queued = 1;
     __atomic_store_n(&ticket->answered, 0, __ATOMIC_RELAXED);
     sock.direct_tickets[k] = ticket;
     shm.direct_tail.store(tail + 1, std::memory_order_release);
@@ -121,9 +156,17 @@ int transfer_result(SocketRef &ref, tcps_memnet_ticket *ticket, int64_t timeout_
     return 1;
 }
 
-long recv_from_ring(SocketRef &ref, void *local, size_t len, bool dontwait) {
-    iovec iov{local, len};
-    return op_recv(ref, &iov, 1, dontwait ? MSG_DONTWAIT : 0);
+// The result of queued transfer `ticket` once the engine answered: what it says, or, for a
+// receive sent to the ring, the bytes promised to it, taken after those of the receives queued
+// before it. It leaves the socket's queue here. Under tx_lock.
+int32_t settle_queued(SocketRef &ref, tcps_memnet_ticket *ticket, int32_t answer) {
+    if (!ticket->queued) return answer;
+    take_promised_before(ref, ticket->seq + 1);
+    ticket->queued = 0;
+    Socket &sock = *ref.sock;
+    if (sock.direct_tickets[ticket->seq & kEntryMask] == ticket)
+        sock.direct_tickets[ticket->seq & kEntryMask] = nullptr;
+    return answered(ticket) ? ticket->result : answer;
 }
 
 long direct_recv(SocketRef &ref, uint32_t id, uint64_t offset, void *local, size_t len) {
@@ -134,10 +177,16 @@ long direct_recv(SocketRef &ref, uint32_t id, uint64_t offset, void *local, size
         return recv_from_ring(ref, local, len, nonblocking);
     tcps_memnet_ticket ticket{};
     const uint32_t want = static_cast<uint32_t>(std::min<size_t>(len, ipc::kDirectMaxLen));
+    ticket.local = local;  // where the ring's bytes promised to it go
+    ticket.len = want;
     if (const int rc = queue_transfer(ref, true, id, offset, want, false, &ticket); rc != 0)
         return rc;
     int32_t result = 0;
     transfer_result(ref, &ticket, -1, result);
+    {
+        SocketLockGuard guard(ref.sock->tx_lock);
+        result = settle_queued(ref, &ticket, result);
+    }
     if (result == ipc::kDirectUseRxRing) return recv_from_ring(ref, local, len, false);
     return result;
 }
@@ -151,7 +200,11 @@ long direct_send(SocketRef &ref, uint32_t id, uint64_t offset, size_t len) {
             static_cast<uint32_t>(std::min<size_t>(len - sent, ipc::kDirectMaxLen));
         tcps_memnet_ticket ticket{};
         int32_t result = queue_transfer(ref, false, id, offset + sent, want, nonblocking, &ticket);
-        if (result == 0) transfer_result(ref, &ticket, -1, result);
+        if (result == 0) {
+            transfer_result(ref, &ticket, -1, result);
+            SocketLockGuard guard(ref.sock->tx_lock);
+            result = settle_queued(ref, &ticket, result);
+        }
         if (result < 0) {
             error = result;
             break;
@@ -193,6 +246,7 @@ int hook_post(int fd, int recv, uint32_t id, uint64_t offset, void *local, size_
         ticket->slot = ref.slot;
         ticket->generation = ref.generation;
         ticket->recv = 1;
+        ticket->queued = 0;
         give_answer(ticket, ipc::kDirectUseRxRing);
         return 1;
     }
@@ -212,6 +266,10 @@ int hook_complete(tcps_memnet_ticket *ticket, int timeout_ms, long *result) {
     const int64_t timeout_ns = timeout_ms < 0 ? -1 : int64_t{timeout_ms} * 1'000'000;
     int32_t answer = 0;
     if (!transfer_result(ref, ticket, timeout_ns, answer)) return 0;
+    if (ticket->queued) {
+        SocketLockGuard guard(ref.sock->tx_lock);
+        answer = settle_queued(ref, ticket, answer);
+    }
     if (answer != ipc::kDirectUseRxRing) {
         *result = answer;
         return 1;

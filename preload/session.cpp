@@ -587,6 +587,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     options.clear();
     remake_tried.store(false);
     for (auto &ticket : direct_tickets) ticket = nullptr;
+    ring_taken = 0;
     refs.store(1);
     generation.store(gen, std::memory_order_release);
 }
@@ -840,9 +841,11 @@ bool unhold_socket(uint32_t slot) {
 void notify_engine(uint32_t slot) {
     ipc::ring_doorbell(g_region, slot);
     // Our push before our look at engine_sleeping; the engine sets it and then re-checks the
-    // queue (engine worker sleep_until_work): one of us sees the other.
+    // queue (engine worker sleep_until_work): one of us sees the other. The chunk's: each is
+    // served by one worker of the engine, which sleeps on its own.
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (g_region.header().engine_sleeping.load(std::memory_order_relaxed)) {
+    if (g_region.chunk_header(slot >> ipc::kChunkShift)
+            .engine_sleeping.load(std::memory_order_relaxed)) {
         const uint64_t one = 1;
         ssize_t ignored =
             real(libc.write)(g_doorbell_fd.load(std::memory_order_relaxed), &one, sizeof(one));

@@ -106,6 +106,9 @@ struct Socket {
     // process queued, so that whoever reuses the entry gives its result to that ticket first.
     // Under tx_lock.
     tcps_memnet_ticket *direct_tickets[ipc::kDirectQueueEntries] = {};
+    // The queue position up to which this process has taken the ring bytes the engine
+    // promised its receives (ipc::kDirectUseRxRing + n), in queue order. Under tx_lock.
+    uint32_t ring_taken = 0;
 
     // Fresh state for a socket that just became ours.
     void open(int family, bool nonblock, uint32_t gen);

@@ -199,7 +199,7 @@ void setup_good(Good &good, const std::string &path) {
     int conn = -1;
     CHECK_OR_FAIL(wait_until([&] { return (conn = c.accept(L)) >= 0; }, kWaitMs),
                   "accepted connection never appeared in the accept ring");
-    CHECK_OR_FAIL(conn >= 0 && conn < int(ipc::kChunkSlots) && uint32_t(conn) != L,
+    CHECK_OR_FAIL(conn >= 0 && conn < int(ipc::kMaxSockets) && uint32_t(conn) != L,
                   "accept ring holds slot %d, outside the engine's range", conn);
     good.conn = static_cast<uint32_t>(conn);
     ipc::SocketSlot &s = c.slot(good.conn);
@@ -272,7 +272,7 @@ int main(int argc, char **argv) {
         entry.slot = 5000;
         entry.seq.store(1, std::memory_order_release);
         bad.region().chunk_header(0).wq_tail.store(1, std::memory_order_release);
-        bad.kick();
+        bad.kick(0);
         expect_session_ended(bad, "(b) slot index 5000 in the work queue");
         check_engine_ok(engine, good, "(b) out-of-range slot index in the work queue");
     }

@@ -295,10 +295,12 @@ class RawClient {
         return region_.header().engine_alive.load(std::memory_order_acquire) != 0;
     }
 
-    // Writes the worker's doorbell if it sleeps (the store before it is the caller's).
-    void kick() {
+    // Writes the doorbell if the worker serving slot i sleeps (the store before it is the
+    // caller's).
+    void kick(uint32_t i) {
         full_fence();
-        if (region_.header().engine_sleeping.load(std::memory_order_seq_cst) != 0) {
+        if (region_.chunk_header(i >> ipc::kChunkShift)
+                .engine_sleeping.load(std::memory_order_seq_cst) != 0) {
             const uint64_t one = 1;
             ssize_t ignored = write(doorbell_, &one, sizeof(one));
             (void)ignored;
@@ -307,7 +309,7 @@ class RawClient {
 
     void ring(uint32_t i) {
         ipc::ring_doorbell(region_, i);
-        kick();
+        kick(i);
     }
 
     struct Reply {

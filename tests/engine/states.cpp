@@ -373,7 +373,7 @@ void shutdown_listener(RawClient &c) {
                   got);
     close(kept);
     const uint32_t untaken = S().accept_ring[0];
-    CHECK_OR_FAIL(untaken < ipc::kChunkSlots && untaken != slot, "ring entry %u", untaken);
+    CHECK_OR_FAIL(untaken < ipc::kMaxSockets && untaken != slot, "ring entry %u", untaken);
     CHECK_OR_FAIL(
         (flags_of(c, untaken) & ipc::kFlagReset) && c.slot(untaken).so_error.load() == ECONNRESET,
         "the unaccepted connection's slot is not reset");

@@ -16,7 +16,15 @@ source "$(dirname "$0")/servers_lib.sh"
 
 mpm=${1:-}
 [[ $mpm == prefork || $mpm == worker || $mpm == event ]] ||
-    fail "usage: apache.sh prefork|worker|event"
+    fail "usage: apache.sh prefork|worker|event [2-workers]"
+# 2-workers: the engine runs two workers (--cores 0,1) and Apache's connections must be served
+# by both (issue 11: one family over all of the engine's cores).
+two_workers=0
+if [[ ${2:-} == 2-workers ]]; then
+    two_workers=1
+    (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
+    ENGINE_CORES=0,1
+fi
 HTTP_CHECK=${HTTP_CHECK:?HTTP_CHECK names the http_check client}
 apache=/usr/sbin/apache2
 modules=/usr/lib/apache2/modules
@@ -108,6 +116,18 @@ if offloaded; then expect_engine_listener "$port" "$apache_pid"; fi
 wait_until 20 apache_answers ||
     fail "apache2 does not answer on port $port: $(tail -n 5 "$error_log")"
 run_standard_loads "$port" "$site" "$apache_pid"
+if offloaded && ((two_workers)); then
+    # Every byte was checked by the loads above; the workers' own counters say who served.
+    request_stats || fail "the engine logged no statistics"
+    sed 's/^/  /' <<<"$LAST_STATS"
+    for w in 0 1; do
+        accepts=$(worker_stat "$w" accepts)
+        out=$(worker_bytes_out "$w")
+        ((${accepts:-0} >= 500)) || fail "worker $w served ${accepts:-no} of the connections"
+        ((${out:-0} >= 10000000)) || fail "worker $w sent only ${out:-0} bytes"
+    done
+    log "both workers served Apache's connections"
+fi
 check=(--port "$port" --expect "$site/f16k" --path /f16k)
 
 if ((one_process)); then

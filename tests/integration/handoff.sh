@@ -4,9 +4,19 @@
 # Python echo server's accept() returns kernel sockets (ss: the server owns them, the listener
 # stays tcpsd's), every byte is echoed, and the engine read none of them (its counters); with
 # the default (never saturated) the same server gets offloaded sockets that tcpsd owns.
+# With "2-workers" the engine runs two workers (--cores 0,1): the connections alternate between
+# them, so the second worker's are handed back through the family's home (issue 11).
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
+
+cores=()
+workers=1
+if [[ ${1:-} == 2-workers ]]; then
+    (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
+    cores=(--cores "0,1")
+    workers=2
+fi
 
 need_engine
 need_tool "$PYTHON" ss
@@ -39,7 +49,7 @@ run_phase() {
     local name=$1 want=$2
     shift 2
     : >"$dir/engine.log"
-    start_engine "$@"
+    start_engine "${cores[@]}" "$@"
     rm -f "$dir/$name.port"
     mkfifo "$dir/$name.in"
     "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/$name.port" <"$dir/$name.in" \
@@ -76,21 +86,30 @@ run_phase() {
     [[ $(grep -c "$want socket, 100000 bytes echoed" "$dir/$name.out") == "$connections" ]] ||
         fail "$name: accept() did not give $want sockets"
     kill -USR1 "$ENGINE_PID"
-    wait_for_line 10 "$dir/engine.log" "kernel-served" || fail "$name: no statistics"
-    STATS=$(grep "kernel-served" "$dir/engine.log" | tail -1)
-    log "$name: $STATS"
+    # shellcheck disable=SC2317  # called by wait_until
+    stats_logged() { (($(grep -c "kernel-served" "$dir/engine.log") >= workers)); }
+    wait_until 10 stats_logged || fail "$name: no statistics"
+    STATS=$(grep "kernel-served" "$dir/engine.log" | tail -n "$workers")
+    sed "s/^/  $name: /" <<<"$STATS"
     stop_engine
 }
 
+# Every worker's count after "$1 " in STATS, added up.
+stat_sum() { sed -n "s/.* $1 \([0-9]*\)[ ,].*/\1/p" <<<"$STATS" | awk '{ t += $1 } END { print t + 0 }'; }
+
 run_phase saturated kernel --handoff-load 0
-served=$(sed -n 's/.* kernel-served \([0-9]*\),.*/\1/p' <<<"$STATS")
-bytes_in=$(sed -n 's/.* bytes in \([0-9]*\) .*/\1/p' <<<"$STATS")
+served=$(stat_sum kernel-served)
+bytes_in=$(stat_sum "bytes in")
+if ((workers == 2)); then
+    second=$(sed -n 's/.*worker 1: .* kernel-served \([0-9]*\),.*/\1/p' <<<"$STATS")
+    ((second > 0)) || fail "the second worker left no connection to the kernel"
+fi
 ((served == connections)) || fail "the engine left $served connections to the kernel, not $connections"
 ((bytes_in == 0)) || fail "the engine read $bytes_in bytes of connections it left to the kernel"
 grep -q '(saturated)' <<<"$STATS" || fail "the statistics do not say the worker is saturated"
 log "saturated: $connections connections accepted by tcpsd, served by the application's kernel"
 
 run_phase default offloaded
-served=$(sed -n 's/.* kernel-served \([0-9]*\),.*/\1/p' <<<"$STATS")
+served=$(stat_sum kernel-served)
 ((served == 0)) || fail "the engine left $served connections to the kernel while not saturated"
 log "handoff: pass"

@@ -31,7 +31,15 @@ start_offload() {
     fi
     need_engine
     local last_cpu=$(($(nproc) - 1))
-    if ((last_cpu > 0)); then start_engine --cores "$last_cpu"; else start_engine; fi
+    if [[ -n ${ENGINE_CORES:-} ]]; then
+        # Several workers serve each family (ENGINE_CORES="0,1": two).
+        ENGINE_WORKERS=$(tr ',' '\n' <<<"$ENGINE_CORES" | wc -l)
+        start_engine --cores "$ENGINE_CORES"
+    elif ((last_cpu > 0)); then
+        start_engine --cores "$last_cpu"
+    else
+        start_engine
+    fi
     OFFLOAD=("${PRELOAD[@]}")
     # The shim in processes that dropped root (www-data) must reach the engine's socket.
     chmod 755 "$TCPS_TEST_DIR"
@@ -49,6 +57,10 @@ daemon_runner() {
 }
 
 # --- the engine's own account: SIGUSR1 makes it log one stats line per worker ---
+# Worker $1's number after "$2 " in LAST_STATS (e.g. accepts, sockets).
+worker_stat() { sed -n "s/.*worker $1: .*[ ,(]$2 \([0-9]*\).*/\1/p" <<<"$LAST_STATS"; }
+# Worker $1's bytes sent in LAST_STATS.
+worker_bytes_out() { sed -n "s/.*worker $1: .* out \([0-9]*\) (direct.*/\1/p" <<<"$LAST_STATS"; }
 stats_lines() { grep -c 'worker [0-9]*: sessions' "$TCPS_TEST_DIR/engine.log" 2>/dev/null || true; }
 
 # Asks for fresh stats (5 s at most) and keeps the newest line of each worker in LAST_STATS.

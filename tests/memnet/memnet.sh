@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # The MemNet API: memnet_check natively (the kernel's calls), then under libtcps.so with a
 # private engine (--expect-offload: the sockets are the engine's and the registration shared
-# with it).
+# with it). With "2-workers" the engine runs two workers (--cores 0,1): the check's accepted
+# connections alternate between them, so registrations and direct transfers are used on the
+# family's shard too (issue 11).
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
+
+engine_args=()
+check_args=()
+workers=1
+if [[ ${1:-} == 2-workers ]]; then
+    (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
+    engine_args=(--cores "0,1")
+    # The first connection the family accepts goes to the second worker: use that end.
+    check_args=(--accepted-end)
+    workers=2
+fi
 
 [[ -x ${MEMNET_CHECK:-} ]] || skip "MEMNET_CHECK is not set (not built)"
 out=$TCPS_TEST_DIR
@@ -14,8 +27,8 @@ timeout 60 "$MEMNET_CHECK" >"$out/native.txt" 2>&1 || {
 }
 log "native: $(grep -c '^ok' "$out/native.txt") checks passed"
 need_engine
-start_engine
-timeout 60 "${PRELOAD[@]}" "$MEMNET_CHECK" --expect-offload >"$out/offloaded.txt" 2>&1 || {
+start_engine "${engine_args[@]}"
+timeout 60 "${PRELOAD[@]}" "$MEMNET_CHECK" --expect-offload "${check_args[@]}" >"$out/offloaded.txt" 2>&1 || {
     cat "$out/offloaded.txt"
     fail "through the engine"
 }
@@ -25,11 +38,21 @@ grep -q '^PASS' "$out/offloaded.txt" || fail "no PASS line"
 # async jobs' bytes, none of it through the tx ring.
 kill -USR1 "$ENGINE_PID"
 # shellcheck disable=SC2317  # called by wait_until
-stats_logged() { grep -q "direct in" "$TCPS_TEST_DIR/engine.log"; }
+stats_logged() { (($(grep -c "direct in" "$TCPS_TEST_DIR/engine.log") >= workers)); }
 wait_until 10 stats_logged || fail "the engine logged no statistics"
-direct_out=$(sed -n 's/.*(direct in [0-9]* out \([0-9]*\),.*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
-zerocopy=$(sed -n 's/.*zero-copy out \([0-9a-z]*\)).*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
-direct_in=$(sed -n 's/.*(direct in \([0-9]*\) out.*/\1/p' "$TCPS_TEST_DIR/engine.log" | tail -1)
+stats=$(grep "direct in" "$TCPS_TEST_DIR/engine.log" | tail -n "$workers")
+sed 's/^/  /' <<<"$stats"
+# Each worker's counters, added up.
+sum_of() { sed -n "s/$1/\\1/p" <<<"$stats" | awk '{ total += $1 } END { print total + 0 }'; }
+direct_out=$(sum_of '.*(direct in [0-9]* out \([0-9]*\),.*')
+direct_in=$(sum_of '.*(direct in \([0-9]*\) out.*')
+zerocopy=$(sed -n 's/.*zero-copy out \([0-9a-z]*\)).*/\1/p' <<<"$stats" | tail -1)
+[[ $zerocopy == unsupported ]] || zerocopy=$(sum_of '.*zero-copy out \([0-9]*\)).*')
+if ((workers == 2)); then
+    shard_direct=$(sed -n 's/.*worker 1: .*(direct in \([0-9]*\) out \([0-9]*\),.*/\1 \2/p' <<<"$stats")
+    [[ -n $shard_direct && $shard_direct != "0 0" ]] ||
+        fail "the second worker moved no byte from or into registered memory"
+fi
 log "the engine sent $direct_out bytes from registered memory ($zerocopy with SEND_ZC) and received $direct_in into it"
 ((direct_out >= 2 * 1048576)) || fail "the engine sent only $direct_out bytes from registered memory"
 # Sends of 64 KiB and more go out with SEND_ZC, where the kernel has it: send_direct's 1 MiB and
@@ -46,7 +69,7 @@ stop_engine
 log "memnet: $(grep -c '^ok' "$out/offloaded.txt") checks passed through the engine"
 
 # After the engine's end (SIGTERM: it says so in the region), as send() and recv() fail then.
-start_engine
+start_engine "${engine_args[@]}"
 mkfifo "$out/death.in"
 timeout 60 "${PRELOAD[@]}" "$MEMNET_CHECK" --after-engine-death <"$out/death.in" \
     >"$out/death.txt" 2>&1 &

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -83,6 +84,11 @@ bool send_all(int fd, const uint8_t *data, size_t n) {
     return true;
 }
 
+// --accepted-end: the checks use the accepted end of each pair and the connecting end as its
+// peer, instead of the other way round (over two engine workers, the accepted end is the other
+// worker's).
+bool g_accepted_end = false;
+
 void connected_pair(int &a, int &b) {
     const int listener = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
@@ -99,6 +105,7 @@ void connected_pair(int &a, int &b) {
     b = accept(listener, nullptr, nullptr);
     if (b < 0) fail("accept");
     close(listener);
+    if (g_accepted_end) std::swap(a, b);
 }
 
 // Through the engine only: once it has ended (the test stops it when we say "ready"), the
@@ -134,7 +141,11 @@ int after_engine_death() {
 
 int main(int argc, char **argv) {
     if (argc > 1 && std::string(argv[1]) == "--after-engine-death") return after_engine_death();
-    const bool expect_offload = argc > 1 && std::string(argv[1]) == "--expect-offload";
+    bool expect_offload = false;
+    for (int k = 1; k < argc; ++k) {
+        expect_offload |= std::string(argv[k]) == "--expect-offload";
+        g_accepted_end |= std::string(argv[k]) == "--accepted-end";
+    }
     constexpr size_t kBytes = (1u << 20) + 123;
     constexpr size_t kSkew = 77;  // not page-aligned, with neighbours in its first page
     std::vector<uint8_t> storage(kBytes + 2 * 4096);
@@ -266,6 +277,43 @@ int main(int argc, char **argv) {
     streamer.join();
     check(ok && intact && same && promised == 0,
           "async_recv ahead received a 4 MiB stream, every byte in order");
+
+    // Receives posted ahead while bytes wait to be read, then more bytes, and the jobs waited
+    // for last first: the waiting bytes go to the first jobs and what comes after them to the
+    // later ones, in posting order (through the engine: the rx ring's bytes to the first ones,
+    // the kernel socket's, taken straight, to the others).
+    {
+        constexpr size_t kFirst = 20000;
+        constexpr size_t kJob = 16384;
+        constexpr size_t kTotal = 4 * kJob;
+        std::vector<uint8_t> sent(kTotal);
+        for (size_t k = 0; k < kTotal; ++k) sent[k] = pattern(k, 7);
+        bool fine = send_all(server, sent.data(), kFirst);
+        int waiting = 0;
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (fine && waiting < static_cast<int>(kFirst) &&
+               std::chrono::steady_clock::now() < deadline) {
+            pollfd in{client, POLLIN, 0};
+            fine = poll(&in, 1, 1000) >= 0 && ioctl(client, FIONREAD, &waiting) == 0;
+        }
+        fine &= waiting >= static_cast<int>(kFirst);
+        memnet_job_t posted[4];
+        for (size_t j = 0; j < 4; ++j)
+            fine &= memnet_async_recv(client, mem, j * kJob, kJob, &posted[j]) == 0;
+        fine &= send_all(server, sent.data() + kFirst, kTotal - kFirst);
+        ssize_t got[4] = {};
+        for (size_t j = 4; j-- > 0;) got[j] = memnet_job_wait(&posted[j], 10000);
+        size_t at = 0;
+        for (size_t j = 0; j < 4 && fine; ++j) {
+            fine = got[j] > 0 && static_cast<size_t>(got[j]) <= kJob &&
+                   std::memcmp(buffer + j * kJob, sent.data() + at, got[j]) == 0;
+            at += fine ? static_cast<size_t>(got[j]) : 0;
+        }
+        std::vector<uint8_t> rest(kTotal);
+        fine = fine && read_exact(client, rest.data(), kTotal - at) &&
+               std::memcmp(rest.data(), sent.data() + at, kTotal - at) == 0;
+        check(fine, "receives posted ahead of waiting bytes, waited for last first: in order");
+    }
 
     // Between direct receives, what arrives is readable for poll() and FIONREAD, and recv()
     // takes it (through the engine it waited in the kernel socket).
