@@ -39,6 +39,8 @@ namespace {
 constexpr uint64_t kHelloTimeoutNs = 2'000'000'000;
 constexpr size_t kMaxPendingHellos = 1024;
 constexpr int kMaxWakeFds = 260;
+// The elastic engine looks at the workers' load once per load window (worker.cpp's 100 ms).
+constexpr uint64_t kRebalanceNs = 100'000'000;
 
 // --- signals: a flag and eventfd writes, nothing else (async-signal-safe) ---
 std::atomic<bool> g_stop{false};
@@ -137,6 +139,10 @@ class Engine {
     // A relay's session (--fabric-listen): a client on another host (remote.hpp).
     void start_remote_session(int fd, const LinkHello &hello);
     void log_stats();
+    // The elastic engine's window (--min-workers): which workers take new connections.
+    void rebalance(uint64_t now);
+    // The least loaded of the workers that take new families.
+    Worker *pick_home();
     void stop_workers();
 
     Options options_;
@@ -156,6 +162,8 @@ class Engine {
     std::unordered_map<uint32_t, Worker *> session_workers_;
     std::vector<uint32_t> freed_scratch_;
     LinkAcceptor links_;
+    std::unique_ptr<Elasticity> elastic_;  // null unless --min-workers
+    uint64_t next_rebalance_ns_ = UINT64_MAX;
 };
 
 Engine::~Engine() {
@@ -186,6 +194,8 @@ bool Engine::start_workers() {
             }
         }
         auto worker = std::make_unique<Worker>(config, g_stop);
+        // The elastic engine starts with its minimum; the others are parked until needed.
+        if (elastic_) worker->set_active(static_cast<int>(k) < elastic_->active());
         const std::string error = worker->init();
         if (!error.empty()) {
             log_line("worker %zu: %s", k, error.c_str());
@@ -224,6 +234,25 @@ void Engine::stop_workers() {
     for (auto &worker : workers_) worker->join();
 }
 
+Worker *Engine::pick_home() {
+    Worker *best = nullptr;
+    for (auto &worker : workers_)
+        if (worker->active() && (!best || worker->load() < best->load())) best = worker.get();
+    return best ? best : workers_.front().get();
+}
+
+void Engine::rebalance(uint64_t now) {
+    std::vector<int> busy;
+    for (auto &worker : workers_) busy.push_back(worker->busy_percent(now));
+    const int before = elastic_->active();
+    const int active = elastic_->update(busy);
+    if (active == before) return;
+    for (size_t k = 0; k < workers_.size(); ++k)
+        workers_[k]->set_active(static_cast<int>(k) < active);
+    TCPS_LOG_VERBOSE("engine: %d of %zu workers take new connections (busy %d%% %d%%...)", active,
+                     workers_.size(), busy[0], busy.size() > 1 ? busy[1] : 0);
+}
+
 void Engine::log_stats() {
     forget_freed_sessions();
     log_line("engine: %zu sessions known by id", session_workers_.size());
@@ -237,7 +266,7 @@ void Engine::log_stats() {
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu, "
-            "busy %llu%%%s",
+            "busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -249,7 +278,8 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
             static_cast<unsigned long long>(st.violations.load()),
             static_cast<unsigned long long>(st.load_percent.load()),
-            workers_[k]->saturated() ? " (saturated)" : "");
+            workers_[k]->saturated() ? " (saturated)" : "",
+            workers_[k]->active() ? "" : " (parked)");
     }
 }
 
@@ -365,9 +395,7 @@ void Engine::start_session(PendingHello &hello) {
     session->members[0].control_fd = hello.fd;
     hello.fd = -1;  // the session's now
     forget_freed_sessions();
-    Worker *best = workers_.front().get();
-    for (auto &worker : workers_)
-        if (worker->load() < best->load()) best = worker.get();
+    Worker *best = pick_home();
     session_workers_[id] = best;
     TCPS_LOG_VERBOSE("session %u: pid %d uid %u gid %u caps %#llx", id, hello.creds.pid,
                      hello.creds.uid, hello.creds.gid,
@@ -453,9 +481,7 @@ void Engine::start_remote_session(int fd, const LinkHello &hello) {
     std::unique_ptr<Session> session = make_remote_session(fd, hello, id);
     if (!session) return;
     forget_freed_sessions();  // remote sessions are freed too: keep the workers' lists short
-    Worker *best = workers_.front().get();
-    for (auto &worker : workers_)
-        if (worker->load() < best->load()) best = worker.get();
+    Worker *best = pick_home();
     TCPS_LOG_VERBOSE("session %u: remote, pid %d uid %u gid %u caps %#llx (from the relay)", id,
                      hello.pid, hello.uid, hello.gid, static_cast<unsigned long long>(hello.caps));
     best->adopt(std::move(session));
@@ -503,6 +529,19 @@ int Engine::run() {
             return 1;
         }
     }
+    const size_t worker_count = options_.cores.empty() ? 1 : options_.cores.size();
+    if (options_.min_workers > static_cast<int>(worker_count)) {
+        log_line("--min-workers %d: there are only %zu workers (--cores)", options_.min_workers,
+                 worker_count);
+        unlink(path_.c_str());
+        return 1;
+    }
+    if (options_.min_workers > 0 && options_.min_workers < static_cast<int>(worker_count)) {
+        elastic_ =
+            std::make_unique<Elasticity>(options_.min_workers, static_cast<int>(worker_count),
+                                         options_.elastic_high, options_.elastic_low);
+        next_rebalance_ns_ = monotonic_ns() + kRebalanceNs;
+    }
     if (!start_workers()) {
         stop_workers();
         unlink(path_.c_str());
@@ -510,6 +549,9 @@ int Engine::run() {
     }
     log_line("listening on %s with %zu worker%s", path_.c_str(), workers_.size(),
              workers_.size() == 1 ? "" : "s");
+    if (elastic_)
+        log_line("elastic: %d to %zu workers take new connections", elastic_->active(),
+                 workers_.size());
     if (links_.is_open()) log_line("serving relays on %s", options_.fabric_listen.c_str());
     if (options_.ready_fd >= 0) {
         static const char kReady[] = "ready\n";
@@ -531,6 +573,7 @@ int Engine::run() {
         const size_t links_at = fds.size();
         links_.add_pollfds(fds);
         next_deadline = std::min(next_deadline, links_.next_deadline_ns());
+        next_deadline = std::min(next_deadline, next_rebalance_ns_);
         int timeout_ms = -1;
         if (next_deadline != UINT64_MAX) {
             const uint64_t now = monotonic_ns();
@@ -549,6 +592,11 @@ int Engine::run() {
             (void)ignored;
         }
         if (g_dump_stats.exchange(false)) log_stats();
+        if (elastic_ && monotonic_ns() >= next_rebalance_ns_) {
+            const uint64_t now = monotonic_ns();
+            rebalance(now);
+            next_rebalance_ns_ = now + kRebalanceNs;
+        }
         // Hellos first: the vector grows when clients are accepted below.
         const uint64_t now = monotonic_ns();
         std::vector<PendingHello> still_waiting;

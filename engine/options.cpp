@@ -55,7 +55,7 @@ bool parse_core_list(const std::string &text, std::vector<int> &cores) {
 const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
            "[--ready-fd FD] [--verbose] [--max-fds N] [--max-memory-mb N]\n"
-           "             [--handoff-load PERCENT]\n"
+           "             [--handoff-load PERCENT] [--min-workers N [--elastic-marks HIGH,LOW]]\n"
            "             [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
            "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
@@ -66,6 +66,11 @@ const char *usage_text() {
            "                 the application; they are offloaded again once it is busy less\n"
            "                 than PERCENT - 20 (default: never; 0: always). Experimental:\n"
            "                 each such connection costs a control round trip\n"
+           "  --min-workers N  elastic: new connections go to as few workers as their load\n"
+           "                 needs, at least N (default: every worker, always)\n"
+           "  --elastic-marks HIGH,LOW  one more worker once the active ones average HIGH%\n"
+           "                 busy; one fewer once the others would average under LOW%\n"
+           "                 (default 75,35)\n"
            "  --ready-fd FD  write \"ready\\n\" to FD once listening, then close it\n"
            "  --verbose      log every session\n"
            "  --max-fds N    descriptors the engine spends on its clients (default: as many as\n"
@@ -121,6 +126,25 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 return false;
             }
             options.handoff_load = static_cast<int>(percent);
+        } else if (name == "--min-workers") {
+            if (!take_value()) return false;
+            long count;
+            if (!parse_long(value, 1, 4096, count)) {
+                error = "invalid --min-workers '" + value + "' (a count of workers, 1 or more)";
+                return false;
+            }
+            options.min_workers = static_cast<int>(count);
+        } else if (name == "--elastic-marks") {
+            if (!take_value()) return false;
+            const size_t comma = value.find(',');
+            long high = 0, low = 0;
+            if (comma == std::string::npos || !parse_long(value.substr(0, comma), 1, 100, high) ||
+                !parse_long(value.substr(comma + 1), 1, 100, low) || low >= high) {
+                error = "invalid --elastic-marks '" + value + "' (HIGH,LOW: 0 < LOW < HIGH <= 100)";
+                return false;
+            }
+            options.elastic_high = static_cast<int>(high);
+            options.elastic_low = static_cast<int>(low);
         } else if (name == "--spin-us") {
             if (!take_value()) return false;
             long us;

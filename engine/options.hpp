@@ -14,6 +14,12 @@ struct Options {
     // Seed 003's handoff: from this percentage of busy time a worker counts as saturated, and
     // the connections it accepts then stay with the kernel in the application. -1: never.
     int handoff_load = -1;
+    // Seed 001's H4: with N > 0, only the workers needed take new connections, between N and
+    // the number of --cores (Elasticity); 0: every worker always does.
+    int min_workers = 0;
+    // Its watermarks in percent of busy time (Elasticity): 0 < low < high <= 100.
+    int elastic_high = 75;
+    int elastic_low = 35;
     bool busy_poll = false;
     int ready_fd = -1;
     bool verbose = false;

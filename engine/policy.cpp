@@ -293,4 +293,28 @@ bool LoadGauge::update(uint64_t busy_ns, uint64_t window_ns) {
     return saturated_;
 }
 
+Elasticity::Elasticity(int min, int max, int high, int low, int dwell)
+    : min_(std::max(1, min)),
+      max_(std::max(min_, max)),
+      high_(high),
+      low_(low),
+      dwell_(std::max(1, dwell)),
+      active_(min_) {}
+
+int Elasticity::update(const std::vector<int> &busy) {
+    int total = 0;
+    for (int k = 0; k < active_ && k < static_cast<int>(busy.size()); ++k)
+        total += std::clamp(busy[k], 0, 100);
+    over_ = total >= high_ * active_ ? over_ + 1 : 0;
+    under_ = active_ > 1 && total < low_ * (active_ - 1) ? under_ + 1 : 0;
+    if (over_ >= 2 && active_ < max_) {
+        ++active_;
+        over_ = under_ = 0;
+    } else if (under_ >= dwell_ && active_ > min_) {
+        --active_;
+        over_ = under_ = 0;
+    }
+    return active_;
+}
+
 }  // namespace tcps::engine

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 #include "layout.hpp"
 
@@ -118,6 +119,31 @@ class LoadGauge {
   private:
     int high_;
     bool saturated_;
+};
+
+// Seed 001's H4: how many workers take new connections (an elastic engine), between `min` and
+// `max`, from each load window's busy shares, with watermarks. One more when the active
+// workers' average is at `high` or above for two windows running; one fewer when the others
+// would carry the active ones' load at under `low` on average (their total over one worker
+// fewer), for `dwell` windows running. Since low < high, a change never provokes the opposite
+// one at the same load: no ping-pong. The first `active()` workers are the active ones.
+class Elasticity {
+  public:
+    Elasticity(int min, int max, int high = 75, int low = 35, int dwell = 3);
+    // One window: `busy[k]` is worker k's busy share in percent (those past active() count for
+    // nothing). Returns active().
+    int update(const std::vector<int> &busy);
+    int active() const { return active_; }
+
+  private:
+    int min_;
+    int max_;
+    int high_;
+    int low_;
+    int dwell_;
+    int active_;
+    int over_ = 0;   // windows running at or above high
+    int under_ = 0;  // windows running in which one fewer would stay under low
 };
 
 }  // namespace tcps::engine

@@ -160,6 +160,12 @@ void Worker::post(ShardMessage &&message) {
     poke();
 }
 
+int Worker::busy_percent(uint64_t now_ns) const {
+    // A worker asleep computes no window: its last one is stale once a window has passed.
+    if (now_ns - load_window_end_ns_.load(std::memory_order_relaxed) > 2 * kLoadWindowNs) return 0;
+    return static_cast<int>(stats_.load_percent.load(std::memory_order_relaxed));
+}
+
 void Worker::poke() {
     if (!sleeping_.load(std::memory_order_seq_cst)) return;
     const uint64_t one = 1;
@@ -235,6 +241,7 @@ void Worker::run() {
                                  was ? "no longer saturated: offloading new connections"
                                      : "saturated: new connections stay with the kernel");
             load_window_start_ns_ = now_ns_;
+            load_window_end_ns_.store(now_ns_, std::memory_order_relaxed);
             busy_ns_ = 0;
         }
         if ((!timed_.empty() || reservations_ > 0 || !idle_rings_.empty()) &&
@@ -1261,8 +1268,17 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
         // The family's connections go to its workers in turn. One given away is published
         // once that worker has placed it; those accepted after it wait behind it, so that the
         // application takes them in the kernel's order.
-        const uint32_t shard = s.next_shard;
-        s.next_shard = (shard + 1) % static_cast<uint32_t>(s.family->workers.size());
+        // Parked workers (--min-workers) are passed over; the home takes it if all are.
+        const auto shards = static_cast<uint32_t>(s.family->workers.size());
+        uint32_t shard = 0;
+        for (uint32_t tries = 0; tries < shards; ++tries) {
+            const uint32_t next = s.next_shard;
+            s.next_shard = (next + 1) % shards;
+            if (s.family->workers[next]->active()) {
+                shard = next;
+                break;
+            }
+        }
         if (shard != 0 || !s.pending_accepts.empty()) {
             PendingAccept pending;
             pending.seq = s.next_accept_seq++;

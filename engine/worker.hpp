@@ -107,6 +107,12 @@ class Worker {
     // Whether it counts as saturated now (--handoff-load; read by the main thread for logs).
     bool saturated() const { return saturated_.load(std::memory_order_relaxed); }
     uint64_t load() const { return stats_.sessions.load(std::memory_order_relaxed) + queued_; }
+    // Elastic engine (--min-workers): whether this worker takes new connections and families.
+    // A parked one still serves what it has.
+    bool active() const { return takes_new_.load(std::memory_order_relaxed); }
+    void set_active(bool active) { takes_new_.store(active, std::memory_order_relaxed); }
+    // The busy share of its last load window in percent, 0 if it has slept since.
+    int busy_percent(uint64_t now_ns) const;
 
     // Any thread: hands a session (region created, hello answered) to this worker.
     void adopt(std::unique_ptr<Session> session);
@@ -391,6 +397,8 @@ class Worker {
     std::vector<ShardMessage> messages_;  // under pending_mutex_
     std::atomic<bool> has_pending_{false};
     std::atomic<bool> sleeping_{false};             // between the sleep's re-check and its wake
+    std::atomic<bool> takes_new_{true};             // active(): not parked
+    std::atomic<uint64_t> load_window_end_ns_{0};   // when load_percent was last computed
     std::unordered_map<uint32_t, uint32_t> by_id_;  // session id -> index in table_
     std::atomic<uint64_t> queued_{0};
 

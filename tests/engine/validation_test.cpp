@@ -367,6 +367,15 @@ TEST_CASE("command line", "[cli]") {
     CHECK(bad.handoff_load == 85);
     CHECK_FALSE(parse({"--handoff-load", "101"}, bad, error));
     CHECK_FALSE(parse({"--handoff-load", "-1"}, bad, error));
+    CHECK(defaults.min_workers == 0);  // every worker, always
+    CHECK(parse({"--min-workers", "2"}, bad, error));
+    CHECK(bad.min_workers == 2);
+    CHECK_FALSE(parse({"--min-workers", "0"}, bad, error));
+    CHECK((defaults.elastic_high == 75 && defaults.elastic_low == 35));
+    CHECK(parse({"--elastic-marks", "20,10"}, bad, error));
+    CHECK((bad.elastic_high == 20 && bad.elastic_low == 10));
+    CHECK_FALSE(parse({"--elastic-marks", "10,20"}, bad, error));
+    CHECK_FALSE(parse({"--elastic-marks", "50"}, bad, error));
 }
 
 TEST_CASE("a worker is saturated from its busy share on, and stays so down to 20 points below") {
@@ -380,6 +389,31 @@ TEST_CASE("a worker is saturated from its busy share on, and stays so down to 20
     CHECK_FALSE(gauge.update(85, 100));
     CHECK(gauge.update(200, 100));  // busy past the window (clock jitter) counts as all of it
     CHECK(gauge.update(0, 0));      // an empty window changes nothing
+}
+
+TEST_CASE("elastic workers: one more from the high watermark, one fewer below the low one") {
+    Elasticity elastic(1, 3);  // watermarks 75 and 35, 3 windows before one fewer
+    CHECK(elastic.active() == 1);
+    CHECK(elastic.update({74, 0, 0}) == 1);
+    CHECK(elastic.update({80, 0, 0}) == 1);  // one window over: not yet
+    CHECK(elastic.update({80, 0, 0}) == 2);  // two running
+    CHECK(elastic.update({80, 90, 0}) == 2);
+    CHECK(elastic.update({76, 80, 0}) == 3);
+    CHECK(elastic.update({100, 100, 100}) == 3);  // at most max
+    CHECK(elastic.update({100, 100, 100}) == 3);
+    // The load that made it grow does not make it shrink back: 3 x 30 over two is 45, not < 35.
+    for (int k = 0; k < 10; ++k) CHECK(elastic.update({30, 30, 30}) == 3);
+    // 3 x 20 over two is 30: one fewer after three windows running.
+    CHECK(elastic.update({20, 20, 20}) == 3);
+    CHECK(elastic.update({20, 20, 20}) == 3);
+    CHECK(elastic.update({20, 20, 20}) == 2);
+    // And that one fewer does not make it grow again: 2 x 30 is well under 75 each.
+    for (int k = 0; k < 10; ++k) CHECK(elastic.update({30, 30, 0}) == 2);
+    for (int k = 0; k < 3; ++k) elastic.update({0, 0, 0});
+    CHECK(elastic.active() == 1);
+    for (int k = 0; k < 10; ++k) CHECK(elastic.update({0, 0, 0}) == 1);  // at least min
+    // A load around one watermark flips nothing: alternating 70/80 never has two windows over.
+    for (int k = 0; k < 10; ++k) CHECK(elastic.update({k % 2 ? 80 : 70}) == 1);
 }
 
 TEST_CASE("handoff load -1 never saturates, 0 always does") {

@@ -16,15 +16,26 @@ source "$(dirname "$0")/servers_lib.sh"
 
 mpm=${1:-}
 [[ $mpm == prefork || $mpm == worker || $mpm == event ]] ||
-    fail "usage: apache.sh prefork|worker|event [2-workers]"
+    fail "usage: apache.sh prefork|worker|event [2-workers|elastic]"
 # 2-workers: the engine runs two workers (--cores 0,1) and Apache's connections must be served
-# by both (issue 11: one family over all of the engine's cores).
+# by both (issue 11: one family over all of the engine's cores). elastic: the same two workers,
+# elastic (--min-workers 1, low watermarks so that this load surely crosses them): the second
+# is parked before the load, takes connections under it, and is parked again after it.
 two_workers=0
-if [[ ${2:-} == 2-workers ]]; then
-    two_workers=1
+elastic=0
+case ${2:-} in
+    2-workers) two_workers=1 ;;
+    elastic) elastic=1 ENGINE_EXTRA=(--min-workers 1 --elastic-marks "20,10") ;;
+    '') ;;
+    *) fail "unknown mode '${2:-}'" ;;
+esac
+if ((two_workers || elastic)); then
     (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
     ENGINE_CORES=0,1
 fi
+second_parked() {
+    request_stats && grep -q 'worker 1: .*(parked)' <<<"$LAST_STATS"
+}
 HTTP_CHECK=${HTTP_CHECK:?HTTP_CHECK names the http_check client}
 apache=/usr/sbin/apache2
 modules=/usr/lib/apache2/modules
@@ -115,6 +126,10 @@ fi
 if offloaded; then expect_engine_listener "$port" "$apache_pid"; fi
 wait_until 20 apache_answers ||
     fail "apache2 does not answer on port $port: $(tail -n 5 "$error_log")"
+if offloaded && ((elastic)); then
+    wait_until 10 second_parked || fail "the second worker is not parked before the load"
+    log "elastic: the second worker is parked while Apache is idle"
+fi
 run_standard_loads "$port" "$site" "$apache_pid"
 if offloaded && ((two_workers)); then
     # Every byte was checked by the loads above; the workers' own counters say who served.
@@ -127,6 +142,14 @@ if offloaded && ((two_workers)); then
         ((${out:-0} >= 10000000)) || fail "worker $w sent only ${out:-0} bytes"
     done
     log "both workers served Apache's connections"
+fi
+if offloaded && ((elastic)); then
+    request_stats || fail "the engine logged no statistics"
+    sed 's/^/  /' <<<"$LAST_STATS"
+    accepts=$(worker_stat 1 accepts)
+    ((${accepts:-0} > 0)) || fail "the second worker took no connection under load"
+    wait_until 15 second_parked || fail "the second worker was not parked again after the load"
+    log "elastic: the second worker took $accepts connections under load, parked again after it"
 fi
 check=(--port "$port" --expect "$site/f16k" --path /f16k)
 

@@ -7,6 +7,7 @@
 
 NATIVE=${TCPS_NATIVE:-0}
 OFFLOAD=()  # "${OFFLOAD[@]}" PROGRAM...: the program with the shim and this test's engine
+ENGINE_EXTRA=()
 ENGINE_WORKERS=1
 
 offloaded() { [[ $NATIVE != 1 ]]; }
@@ -32,9 +33,10 @@ start_offload() {
     need_engine
     local last_cpu=$(($(nproc) - 1))
     if [[ -n ${ENGINE_CORES:-} ]]; then
-        # Several workers serve each family (ENGINE_CORES="0,1": two).
+        # Several workers serve each family (ENGINE_CORES="0,1": two), with the options in
+        # the array ENGINE_EXTRA if set.
         ENGINE_WORKERS=$(tr ',' '\n' <<<"$ENGINE_CORES" | wc -l)
-        start_engine --cores "$ENGINE_CORES"
+        start_engine --cores "$ENGINE_CORES" "${ENGINE_EXTRA[@]}"
     elif ((last_cpu > 0)); then
         start_engine --cores "$last_cpu"
     else
