@@ -285,6 +285,33 @@ int main(int argc, char **argv) {
         expect_session_ended(bad, "(c) tx_tail far beyond the ring");
         check_engine_ok(engine, good, "(c) tx_tail far beyond the tx ring");
     }
+    {  // (c1) tx_tail far beyond the ring of an accepted connection: with two workers the
+       // family's first accepted connection is the other worker's, whose violation must end
+       // the family on both (ShardMessage::kEnd)
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c1): hello");
+        const uint32_t listener = open_socket(bad, AF_INET, "(c1)");
+        const sockaddr_in any = loopback(0);
+        CHECK_OR_FAIL(
+            bad.request_result(listener, uint32_t(ipc::Op::kBind), 0, 0, 0, &any, sizeof(any)) == 0,
+            "(c1) kBind");
+        CHECK_OR_FAIL(bad.request_result(listener, uint32_t(ipc::Op::kListen), 4) == 0,
+                      "(c1) kListen");
+        const int peer = kernel_connect(port_of(bad.slot(listener).local_addr));
+        int conn = -1;
+        CHECK_OR_FAIL(wait_until([&] { return (conn = bad.accept(listener)) >= 0; }, kWaitMs),
+                      "(c1) no accepted connection");
+        bad.slot(conn).tx_tail.store(1u << 30, std::memory_order_release);
+        bad.ring(static_cast<uint32_t>(conn));
+        expect_session_ended(bad, "(c1) an accepted connection's tx_tail far beyond the ring");
+        check_engine_ok(engine, good, "(c1) an accepted connection's tx_tail far beyond the ring");
+        // Its connection went with it, on whichever worker served it.
+        pollfd ended{peer, POLLIN, 0};
+        char byte;
+        CHECK_OR_FAIL(poll(&ended, 1, kWaitMs) == 1 && recv(peer, &byte, 1, MSG_DONTWAIT) <= 0,
+                      "(c1) the bad family's accepted connection is still open");
+        close(peer);
+    }
     {  // (c2) rx_head past rx_tail
         RawClient bad;
         CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c2): hello");
