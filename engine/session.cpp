@@ -298,8 +298,7 @@ int activate_chunk(Session &session) {
     session.owned_chunks.push_back(k);
     session.chunks_active = k + 1;
     if (session.family) {
-        session.family->chunk_owner[k].store(static_cast<uint8_t>(session.shard),
-                                             std::memory_order_release);
+        session.family->chunk_owner[k].store(session.shard, std::memory_order_release);
         session.family->next_chunk = k + 1;
     }
     session.region.header().chunks_active.store(k + 1, std::memory_order_release);

@@ -208,7 +208,7 @@ struct Family {
     std::mutex chunk_mutex;
     uint32_t next_chunk = 0;  // under chunk_mutex
     // The shard that owns each activated chunk.
-    std::array<std::atomic<uint8_t>, ipc::kMaxChunks> chunk_owner{};
+    std::array<std::atomic<uint32_t>, ipc::kMaxChunks> chunk_owner{};
     // The live members' identities, for a shard's privileged requests (family_rights); the
     // home updates it before it closes a member's connection, under members_mutex.
     struct MemberIdentity {
