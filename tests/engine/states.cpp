@@ -374,9 +374,15 @@ void shutdown_listener(RawClient &c) {
     close(kept);
     const uint32_t untaken = S().accept_ring[0];
     CHECK_OR_FAIL(untaken < ipc::kMaxSockets && untaken != slot, "ring entry %u", untaken);
-    CHECK_OR_FAIL(
-        (flags_of(c, untaken) & ipc::kFlagReset) && c.slot(untaken).so_error.load() == ECONNRESET,
-        "the unaccepted connection's slot is not reset");
+    // Another worker's connection (two workers) is reset by its own worker, told by the
+    // listener's: its peer may see the RST a moment before the slot says so.
+    CHECK_OR_FAIL(wait_until(
+                      [&] {
+                          return (flags_of(c, untaken) & ipc::kFlagReset) &&
+                                 c.slot(untaken).so_error.load() == ECONNRESET;
+                      },
+                      kWaitMs),
+                  "the unaccepted connection's slot is not reset");
     CHECK_OR_FAIL(c.request_result(slot, uint32_t(Op::kShutdown), SHUT_RD) == -ENOTCONN,
                   "a second SHUT_RD: Linux says ENOTCONN");
     const int refused = kernel_connect_nb(port);
