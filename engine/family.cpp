@@ -133,15 +133,7 @@ void Worker::handle_message(ShardMessage &message) {
                 --s->member_acks[message.member];
             break;
         case Type::kOrphaned:
-            if (!live) break;
-            s->orphaned = true;
-            for (size_t k = 0; k < s->owned_chunks.size() && !s->ending; ++k)
-                for (uint32_t i = s->owned_chunks[k] << ipc::kChunkShift,
-                              end = (s->owned_chunks[k] + 1) << ipc::kChunkShift;
-                     i < end && !s->ending; ++i)
-                    if (s->slots[i].state == ipc::SlotState::kOpen) start_close(*s, i, true);
-            if (!s->ending && s->open_sockets == 0)
-                end_session(*s, "its family has no member left");
+            if (live) orphan(*s, "its family has no member left");
             break;
         case Type::kEnd:
             if (live) end_session(*s, "its family ended");
@@ -156,15 +148,7 @@ void Worker::handle_message(ShardMessage &message) {
             s->waiter_scan_limit = std::max(s->waiter_scan_limit, w + 1);
             // Armed before we knew it: woken now, it looks again.
             full_fence();
-            ipc::Waiter &waiter = s->region.waiter(w);
-            uint32_t state = static_cast<uint32_t>(ipc::WaiterState::kArmed);
-            if (waiter.state.compare_exchange_strong(
-                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
-                    std::memory_order_acq_rel)) {
-                const char byte = 1;
-                ssize_t ignored = write(s->waiter_fds[w], &byte, 1);
-                (void)ignored;
-            }
+            signal_waiter(*s, w);
             break;
         }
         case Type::kMem:

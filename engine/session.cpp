@@ -179,6 +179,16 @@ ClientCreds family_rights(const Session &session, int socket_fd) {
     return rights;
 }
 
+void signal_waiter(Session &s, uint32_t w) {
+    uint32_t armed = static_cast<uint32_t>(ipc::WaiterState::kArmed);
+    if (!s.region.waiter(w).state.compare_exchange_strong(
+            armed, static_cast<uint32_t>(ipc::WaiterState::kSignaled), std::memory_order_acq_rel))
+        return;
+    const char byte = 1;
+    ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
+    (void)ignored;
+}
+
 void wake_changed_waiters(Session &s, bool signal) {
     if (signal && s.waiter_scan_limit > 0 &&
         s.region.header().waiters_armed.load(std::memory_order_acquire) != 0) {
@@ -188,15 +198,7 @@ void wake_changed_waiters(Session &s, bool signal) {
             uint32_t state = waiter.state.load(std::memory_order_acquire);
             if (state != static_cast<uint32_t>(ipc::WaiterState::kArmed)) continue;
             const uint32_t slot = waiter.slot.load(std::memory_order_acquire);
-            const bool match = slot == ipc::kWaitAnySlot || s.changed_test(slot);
-            if (!match) continue;
-            if (waiter.state.compare_exchange_strong(
-                    state, static_cast<uint32_t>(ipc::WaiterState::kSignaled),
-                    std::memory_order_acq_rel)) {
-                const char byte = 1;
-                ssize_t ignored = write(s.waiter_fds[w], &byte, 1);  // EAGAIN: already awake
-                (void)ignored;
-            }
+            if (slot == ipc::kWaitAnySlot || s.changed_test(slot)) signal_waiter(s, w);
         }
     }
     for (uint32_t slot : s.changed) s.changed_bits[slot / 64] &= ~(uint64_t{1} << (slot % 64));

@@ -298,8 +298,22 @@ struct Session {
     bool changed_test(uint32_t i) const {
         return i / 64 < changed_bits.size() && (changed_bits[i / 64] >> (i % 64)) & 1;
     }
-    // Slots of the active chunks: loops over every slot stop here.
-    uint32_t slot_limit() const { return chunks_active * ipc::kChunkSlots; }
+    // Calls visit(i) for each slot of this Session's chunks (a shard's own; all, otherwise).
+    template <typename Visit>
+    void for_each_slot(Visit visit) {
+        for (size_t k = 0; k < owned_chunks.size(); ++k)
+            for (uint32_t i = owned_chunks[k] << ipc::kChunkShift, end = (owned_chunks[k] + 1)
+                                                                         << ipc::kChunkShift;
+                 i < end; ++i)
+                visit(i);
+    }
+    // The shard whose chunk holds `slot` (Family), 0 (the home) if none or not a family's.
+    uint32_t shard_of(uint32_t slot) const {
+        if (!family || slot >= ipc::kMaxSockets) return 0;
+        const uint32_t owner =
+            family->chunk_owner[slot >> ipc::kChunkShift].load(std::memory_order_acquire);
+        return owner < family->workers.size() ? owner : 0;
+    }
     bool dirty = false;  // in the worker's list of sessions to wake
 
     bool ending = false;
@@ -360,6 +374,10 @@ ClientCreds family_rights(const Session &session, int socket_fd);
 // stores to the slots must be ordered before this call's loads of the waiters by a full fence
 // (pairs with the client's arm-then-recheck: one of the two sees the other).
 void wake_changed_waiters(Session &session, bool signal = true);
+
+// Signals waiter `w` if it is armed (a byte on its pipe). The caller's stores before it must be
+// ordered before this load by a full fence (wake_changed_waiters).
+void signal_waiter(Session &session, uint32_t w);
 
 // Makes waiter `w` the session's, idle, on the pipe write end `fd`, for member `owner`, counted
 // against uid `charged`'s share.

@@ -1741,18 +1741,15 @@ void Worker::release_waiters(Session &s, uint32_t member) {
 }
 
 void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
-    if (s.family && !s.is_shard() && slot >= 0 && static_cast<uint32_t>(slot) < ipc::kMaxSockets &&
-        !s.region.mapped(static_cast<uint32_t>(slot))) {
-        // Another worker's connection: it answers through us.
-        const uint32_t chunk = static_cast<uint32_t>(slot) >> ipc::kChunkShift;
-        const uint32_t owner = s.family->chunk_owner[chunk].load(std::memory_order_acquire);
-        if (owner != 0 && owner < s.family->workers.size()) {
-            ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
-            message.member = member;
-            message.slot = static_cast<uint32_t>(slot);
-            s.family->workers[owner]->post(std::move(message));
-            return;
-        }
+    // Another worker's connection: it answers through us.
+    if (const uint32_t owner =
+            slot >= 0 && !s.is_shard() ? s.shard_of(static_cast<uint32_t>(slot)) : 0;
+        owner != 0) {
+        ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
+        message.member = member;
+        message.slot = static_cast<uint32_t>(slot);
+        s.family->workers[owner]->post(std::move(message));
+        return;
     }
     if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off) {
@@ -1953,13 +1950,16 @@ void Worker::end_member(Session &s, uint32_t member, const char *why) {
     // processes wrote before exiting, and then the session ends (finish_close). The other
     // workers do the same with theirs.
     if (s.family) tell_shards(s, message_for(s, ShardMessage::Type::kOrphaned));
-    for (size_t k = 0; k < s.owned_chunks.size(); ++k)
-        for (uint32_t i = s.owned_chunks[k] << ipc::kChunkShift, end = (s.owned_chunks[k] + 1)
-                                                                       << ipc::kChunkShift;
-             i < end; ++i)
-            if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
-    if (s.open_sockets == 0) return end_session(s, why);
+    orphan(s, why);
+}
+
+void Worker::orphan(Session &s, const char *why) {
+    s.for_each_slot([&](uint32_t i) {
+        if (s.slots[i].state == ipc::SlotState::kOpen) start_close(s, i, true);
+    });
+    // Only now: a close that finished in the loop must not end the session under it.
     s.orphaned = true;
+    if (s.open_sockets == 0) return end_session(s, why);
     TCPS_LOG_VERBOSE("session %u: no member left; ending once %u closes finish", s.id,
                      s.open_sockets);
 }
@@ -2198,11 +2198,8 @@ void Worker::drop_untaken(Session &s, uint32_t i, bool close) {
         const uint32_t j = listener.accept_ring[pos & kAcceptMask];
         if (!s.region.mapped(j)) {
             // Another worker's (Family): it checks the connection against its own record.
-            const uint32_t owner =
-                s.family && j < ipc::kMaxSockets
-                    ? s.family->chunk_owner[j >> ipc::kChunkShift].load(std::memory_order_acquire)
-                    : 0;
-            if (owner == 0 || owner >= s.family->workers.size()) continue;
+            const uint32_t owner = s.shard_of(j);
+            if (owner == 0) continue;
             ShardMessage message = message_for(s, ShardMessage::Type::kDrop);
             message.slot = j;
             message.accepted.listener = i;
@@ -2356,11 +2353,9 @@ void Worker::end_session(Session &s, const char *why) {
     // Every registered waiter gets a byte and then EOF: no client thread sleeps on us.
     if (!s.is_shard() || !s.orphaned) announce_engine_gone(s);
     for (uint32_t w = 0; w < ipc::kMaxWaiters; ++w) close_waiter(s, w);
-    for (size_t k = 0; k < s.owned_chunks.size(); ++k)
-        for (uint32_t i = s.owned_chunks[k] << ipc::kChunkShift, end = (s.owned_chunks[k] + 1)
-                                                                       << ipc::kChunkShift;
-             i < end; ++i)
-            if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
+    s.for_each_slot([&](uint32_t i) {
+        if (s.slots[i].state != ipc::SlotState::kFree) start_close(s, i, true);
+    });
     // EOF on the control socket tells the client at once and completes our poll on it. The
     // doorbell read is cancelled, not completed by a write: the eventfd's file description is
     // shared with the client, which could make a write from us block.
@@ -2443,12 +2438,10 @@ void Worker::shutdown_all() {
     for (uint32_t index : active_) {
         Session *s = table_[index].get();
         if (!s) continue;
-        for (uint32_t chunk : s->owned_chunks) {
-            for (uint32_t i = chunk << ipc::kChunkShift; i < (chunk + 1) << ipc::kChunkShift; ++i) {
-                if (s->slots[i].fd >= 0) close(s->slots[i].fd);
-                s->slots[i].fd = -1;
-            }
-        }
+        s->for_each_slot([&](uint32_t i) {
+            if (s->slots[i].fd >= 0) close(s->slots[i].fd);
+            s->slots[i].fd = -1;
+        });
         s->region.base = nullptr;
         s->release();
         if (!s->is_shard()) stats_.sessions.fetch_sub(1, std::memory_order_relaxed);

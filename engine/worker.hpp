@@ -352,6 +352,9 @@ class Worker {
     // A member's process is gone (its connection closed) or its reservation expired: its
     // waiters and its hold on each socket go; the session ends with its last member.
     void end_member(Session &s, uint32_t member, const char *why);
+    // Nobody is left in the family: what nobody holds is reset, and the session ends once
+    // its graceful closes have finished (at once if none is left).
+    void orphan(Session &s, const char *why);
     void expire_reservations(uint64_t now);
 
     // --- session lifetime ---

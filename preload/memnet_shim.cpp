@@ -158,9 +158,10 @@ int transfer_result(SocketRef &ref, tcps_memnet_ticket *ticket, int64_t timeout_
 
 // The result of queued transfer `ticket` once the engine answered: what it says, or, for a
 // receive sent to the ring, the bytes promised to it, taken after those of the receives queued
-// before it. It leaves the socket's queue here. Under tx_lock.
+// before it. It leaves the socket's queue here (under the tx lock, as the queue's users).
 int32_t settle_queued(SocketRef &ref, tcps_memnet_ticket *ticket, int32_t answer) {
     if (!ticket->queued) return answer;
+    SocketLockGuard guard(ref.sock->tx_lock);
     take_promised_before(ref, ticket->seq + 1);
     ticket->queued = 0;
     Socket &sock = *ref.sock;
@@ -183,10 +184,7 @@ long direct_recv(SocketRef &ref, uint32_t id, uint64_t offset, void *local, size
         return rc;
     int32_t result = 0;
     transfer_result(ref, &ticket, -1, result);
-    {
-        SocketLockGuard guard(ref.sock->tx_lock);
-        result = settle_queued(ref, &ticket, result);
-    }
+    result = settle_queued(ref, &ticket, result);
     if (result == ipc::kDirectUseRxRing) return recv_from_ring(ref, local, len, false);
     return result;
 }
@@ -202,7 +200,6 @@ long direct_send(SocketRef &ref, uint32_t id, uint64_t offset, size_t len) {
         int32_t result = queue_transfer(ref, false, id, offset + sent, want, nonblocking, &ticket);
         if (result == 0) {
             transfer_result(ref, &ticket, -1, result);
-            SocketLockGuard guard(ref.sock->tx_lock);
             result = settle_queued(ref, &ticket, result);
         }
         if (result < 0) {
@@ -266,10 +263,7 @@ int hook_complete(tcps_memnet_ticket *ticket, int timeout_ms, long *result) {
     const int64_t timeout_ns = timeout_ms < 0 ? -1 : int64_t{timeout_ms} * 1'000'000;
     int32_t answer = 0;
     if (!transfer_result(ref, ticket, timeout_ns, answer)) return 0;
-    if (ticket->queued) {
-        SocketLockGuard guard(ref.sock->tx_lock);
-        answer = settle_queued(ref, ticket, answer);
-    }
+    answer = settle_queued(ref, ticket, answer);
     if (answer != ipc::kDirectUseRxRing) {
         *result = answer;
         return 1;

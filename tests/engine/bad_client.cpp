@@ -250,6 +250,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     const std::vector<std::string> engine_args(argv + 2, argv + argc);
+    // --cores naming more than one CPU ("0,1", "0-1"): every worker serves each family.
+    bool several_workers = false;
+    for (size_t k = 0; k + 1 < engine_args.size(); ++k)
+        several_workers |= engine_args[k] == "--cores" &&
+                           engine_args[k + 1].find_first_of(",-") != std::string::npos;
     if (!cores_available(engine_args)) {
         std::printf("SKIP: this machine lacks the CPUs named by --cores\n");
         return 77;
@@ -290,17 +295,15 @@ int main(int argc, char **argv) {
        // the family on both (ShardMessage::kEnd)
         RawClient bad;
         CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c1): hello");
-        const uint32_t listener = open_socket(bad, AF_INET, "(c1)");
-        const sockaddr_in any = loopback(0);
-        CHECK_OR_FAIL(
-            bad.request_result(listener, uint32_t(ipc::Op::kBind), 0, 0, 0, &any, sizeof(any)) == 0,
-            "(c1) kBind");
-        CHECK_OR_FAIL(bad.request_result(listener, uint32_t(ipc::Op::kListen), 4) == 0,
-                      "(c1) kListen");
+        const uint32_t listener = open_loopback_listener(bad, 4, "(c1)");
         const int peer = kernel_connect(port_of(bad.slot(listener).local_addr));
         int conn = -1;
         CHECK_OR_FAIL(wait_until([&] { return (conn = bad.accept(listener)) >= 0; }, kWaitMs),
                       "(c1) no accepted connection");
+        // The listener is in the home's chunk 0; with two workers the connection is not.
+        CHECK_OR_FAIL((static_cast<uint32_t>(conn) >= ipc::kChunkSlots) == several_workers,
+                      "(c1) accepted into slot %d with %s worker", conn,
+                      several_workers ? "more than one" : "one");
         bad.slot(conn).tx_tail.store(1u << 30, std::memory_order_release);
         bad.ring(static_cast<uint32_t>(conn));
         expect_session_ended(bad, "(c1) an accepted connection's tx_tail far beyond the ring");
@@ -480,12 +483,7 @@ int main(int argc, char **argv) {
     {  // (f) a client that dies with an open connection: the engine closes it
         RawClient dying;
         CHECK_OR_FAIL(dying.connect(path) == 0, "(f) hello");
-        const uint32_t l = open_socket(dying, AF_INET, "(f)");
-        const sockaddr_in addr = loopback(0);
-        CHECK_OR_FAIL(
-            dying.request_result(l, uint32_t(ipc::Op::kBind), 0, 0, 0, &addr, sizeof(addr)) == 0,
-            "(f) bind");
-        CHECK_OR_FAIL(dying.request_result(l, uint32_t(ipc::Op::kListen), 4) == 0, "(f) listen");
+        const uint32_t l = open_loopback_listener(dying, 4, "(f)");
         const int peer = kernel_connect(port_of(dying.slot(l).local_addr));
         CHECK_OR_FAIL(wait_until([&] { return dying.slot(l).acc_tail.load() == 1; }, kWaitMs),
                       "(f) no accepted connection");

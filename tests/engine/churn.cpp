@@ -91,12 +91,7 @@ int main(int argc, char **argv) {
 
     RawClient c;
     CHECK_OR_FAIL(c.connect(path) == 0, "hello");
-    const uint32_t L = open_socket(c, AF_INET, "listener");
-    const sockaddr_in any_port = loopback(0);
-    CHECK_OR_FAIL(
-        c.request_result(L, uint32_t(ipc::Op::kBind), 0, 0, 0, &any_port, sizeof(any_port)) == 0,
-        "kBind");
-    CHECK_OR_FAIL(c.request_result(L, uint32_t(ipc::Op::kListen), 512) == 0, "kListen");
+    const uint32_t L = open_loopback_listener(c, 512, "listener");
     const uint16_t port = port_of(c.slot(L).local_addr);
 
     // Kernel listener for the client's outgoing connections.

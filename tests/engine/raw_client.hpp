@@ -467,6 +467,19 @@ inline uint32_t open_socket(RawClient &c, int family, const char *what) {
     return static_cast<uint32_t>(slot);
 }
 
+// A socket listening on 127.0.0.1, on a port the kernel picks (its local_addr says which).
+inline uint32_t open_loopback_listener(RawClient &c, int backlog, const char *what) {
+    const uint32_t slot = open_socket(c, AF_INET, what);
+    sockaddr_in any{};
+    any.sin_family = AF_INET;
+    any.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kBind), 0, 0, 0, &any, sizeof(any)) == 0,
+                  "%s: kBind", what);
+    CHECK_OR_FAIL(c.request_result(slot, uint32_t(ipc::Op::kListen), backlog) == 0, "%s: kListen",
+                  what);
+    return slot;
+}
+
 // A fresh directory for a private engine's control socket, removed with what is left in it.
 class ControlSocketDir {
   public:
