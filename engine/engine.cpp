@@ -265,8 +265,8 @@ void Engine::log_stats() {
         log_line(
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
-            "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), violations %llu, "
-            "busy %llu%%%s%s",
+            "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
+            "%llu rx %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -276,6 +276,8 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.bytes_out.load()),
             static_cast<unsigned long long>(st.direct_in.load()),
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
+            static_cast<unsigned long long>(st.tx_rings_grown.load()),
+            static_cast<unsigned long long>(st.rx_rings_grown.load()),
             static_cast<unsigned long long>(st.violations.load()),
             static_cast<unsigned long long>(st.load_percent.load()),
             workers_[k]->saturated() ? " (saturated)" : "",

@@ -163,7 +163,7 @@ int32_t Worker::promise_ring_bytes(Session &s, uint32_t i, uint32_t len) {
     EngineSlot &es = s.slots[i];
     // From the client's head (what it has read is no one's), or past the last promise.
     const uint32_t head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
-    uint32_t from = rx_head_valid(head, es.rx_tail) ? head : es.rx_head;
+    uint32_t from = rx_head_valid(head, es.rx_tail, es.rx_ring) ? head : es.rx_head;
     if (static_cast<int32_t>(es.ring_promised - from) > 0) from = es.ring_promised;
     if (static_cast<int32_t>(es.rx_tail - from) <= 0) return 0;
     const uint32_t n = std::min(len, es.rx_tail - from);
@@ -333,12 +333,11 @@ int Worker::op_leave_direct(Session &s, uint32_t i) {
     // What the kernel socket holds now goes into the ring before the answer, so the recv()
     // that asked finds it there; a receive in flight (the ring's, being taken back, or a
     // direct one) brings it instead. Then the ring is filled as usual.
-    const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
-    const uint32_t offset = es.rx_tail & (ipc::kRxRingBytes - 1);
-    const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
+    const uint32_t offset = es.rx_tail & (es.rx_ring - 1);
+    const uint32_t len = std::min(es.rx_room(), es.rx_ring - offset);
     if (!es.recv_posted && es.direct == EngineSlot::Direct::kNone && len > 0 &&
         !(es.flags & (ipc::kFlagRxEof | ipc::kFlagReset))) {
-        const ssize_t n = recv(es.fd, s.region.rx_ring(i) + offset, len, MSG_DONTWAIT);
+        const ssize_t n = recv(es.fd, s.region.rx_ring(i, es.rx_ring) + offset, len, MSG_DONTWAIT);
         if (n > 0) {
             es.rx_tail += static_cast<uint32_t>(n);
             s.region.slot(i).rx_tail.store(es.rx_tail, std::memory_order_release);

@@ -29,16 +29,17 @@ bool parse_cap_eff(std::string_view status_text, uint64_t &caps);
 
 // --- ring indices (free-running u32; every argument loaded once from the region) ---
 
-// The client's tx_tail may not be more than a ring ahead of the engine's tx_head, and may not
-// fall behind bytes the kernel is already sending (`in_flight`).
-constexpr bool tx_tail_valid(uint32_t tx_tail, uint32_t tx_head, uint32_t in_flight) {
+// The client's tx_tail may not be more than its ring (of `ring_bytes`) ahead of the engine's
+// tx_head, and may not fall behind bytes the kernel is already sending (`in_flight`).
+constexpr bool tx_tail_valid(uint32_t tx_tail, uint32_t tx_head, uint32_t in_flight,
+                             uint32_t ring_bytes) {
     const uint32_t queued = tx_tail - tx_head;
-    return queued <= ipc::kTxRingBytes && queued >= in_flight;
+    return queued <= ring_bytes && queued >= in_flight;
 }
 
 // The client's rx_head may not pass rx_tail nor lag it by more than the ring.
-constexpr bool rx_head_valid(uint32_t rx_head, uint32_t rx_tail) {
-    return rx_tail - rx_head <= ipc::kRxRingBytes;
+constexpr bool rx_head_valid(uint32_t rx_head, uint32_t rx_tail, uint32_t ring_bytes) {
+    return rx_tail - rx_head <= ring_bytes;
 }
 
 constexpr bool acc_head_valid(uint32_t acc_head, uint32_t acc_tail) {

@@ -681,7 +681,7 @@ void Relay::forward(Client &c, uint32_t i, bool popped) {
     // The bytes before the index that covers them. An index more than a ring ahead is the
     // client's garbage: passed on for the engine to judge, with no bytes.
     if (tx_tail != forwarded.tx_tail) {
-        out.publish_ring(ipc::tx_ring_offset(i), ipc::kTxRingBytes, forwarded.tx_tail, tx_tail);
+        out.publish_ring(ipc::tx_ring_offset(i), ipc::kRingBytes, forwarded.tx_tail, tx_tail);
         forwarded.tx_tail = tx_tail;
     }
     if (req_seq != forwarded.req_seq) {

@@ -176,8 +176,8 @@ void Worker::publish_remote_slot(Session &s, uint32_t i) {
     // Ring bytes and accept entries before the indices that cover them.
     const uint32_t rx_tail = slot.rx_tail.load(std::memory_order_relaxed);
     if (rx_tail != published.rx_tail) {
-        if (es.state != ipc::SlotState::kFree && rx_tail - published.rx_tail <= ipc::kRxRingBytes)
-            out.publish_ring(ipc::rx_ring_offset(i), ipc::kRxRingBytes, published.rx_tail, rx_tail);
+        if (es.state != ipc::SlotState::kFree && rx_tail - published.rx_tail <= ipc::kRingBytes)
+            out.publish_ring(ipc::rx_ring_offset(i), ipc::kRingBytes, published.rx_tail, rx_tail);
         published.rx_tail = rx_tail;
     }
     const uint32_t acc_tail = slot.acc_tail.load(std::memory_order_relaxed);

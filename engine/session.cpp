@@ -38,8 +38,10 @@ void Session::release() {
         if (client_slots != 0) {
             munmap(region.base, ipc::kRemoteRegionBytes);  // one mapping: map_contiguous
         } else {
-            for (uint32_t k = 0; k < ipc::kMaxChunks; ++k)
-                if (uint8_t *chunk = region.chunk(k)) munmap(chunk, ipc::kChunkBytes);
+            for (uint32_t k = 0; k < ipc::kMaxChunks; ++k) {
+                if (uint8_t *chunk = region.chunk(k)) munmap(chunk, ipc::kChunkBulkOffset);
+                if (uint8_t *bulk = region.bulk(k)) munmap(bulk, ipc::kChunkBulkBytes);
+            }
             munmap(region.base, ipc::kChunksOffset);
         }
         region.map_contiguous(nullptr, 0);
@@ -282,7 +284,7 @@ int activate_chunk(Session &session) {
     if (k >= session.max_chunks) return -EMFILE;
     if (!session.region.chunk(k)) {
         void *chunk =
-            mmap(nullptr, ipc::kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+            mmap(nullptr, ipc::kChunkBulkOffset, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
                  session.memfd, static_cast<off_t>(ipc::chunk_offset(k)));
         if (chunk == MAP_FAILED) return -ENOMEM;
         session.region.chunks[k].store(static_cast<uint8_t *>(chunk), std::memory_order_relaxed);
@@ -307,6 +309,17 @@ int activate_chunk(Session &session) {
     return 0;
 }
 
+bool map_bulk(Session &session, uint32_t chunk) {
+    if (session.region.bulk(chunk)) return true;
+    if (session.client_slots != 0) return false;  // a relay session's chunk has none
+    void *bulk =
+        mmap(nullptr, ipc::kChunkBulkBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+             session.memfd, static_cast<off_t>(ipc::chunk_offset(chunk) + ipc::kChunkBulkOffset));
+    if (bulk == MAP_FAILED) return false;
+    session.region.bulks[chunk].store(static_cast<uint8_t *>(bulk), std::memory_order_release);
+    return true;
+}
+
 int create_region(Session &session, uint32_t session_id, bool relay) {
     const int memfd = memfd_create("tcps-region", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (memfd < 0) return -errno;
@@ -328,8 +341,9 @@ int create_region(Session &session, uint32_t session_id, bool relay) {
     header.region_bytes = ipc::kRegionBytes;
     header.max_sockets = session.max_chunks * ipc::kChunkSlots;
     header.client_slots = session.client_slots;
-    header.tx_ring_bytes = ipc::kTxRingBytes;
-    header.rx_ring_bytes = ipc::kRxRingBytes;
+    header.tx_ring_bytes = ipc::kRingBytes;
+    header.rx_ring_bytes = ipc::kRingBytes;
+    header.ring_max_bytes = session.ring_max();
     header.max_waiters = ipc::kMaxWaiters;
     header.session_id = session_id;
     header.max_members = ipc::kMaxMembers;

@@ -14,6 +14,7 @@
 
 #include "layout.hpp"
 #include "policy.hpp"
+#include "ring.hpp"
 
 namespace tcps::engine {
 
@@ -50,6 +51,23 @@ struct EngineSlot {
     uint32_t rx_head = 0;
     uint32_t acc_tail = 0;
     uint32_t acc_head = 0;
+
+    // Ring sizes (ipc::ring_bytes): the tx ring's as the client last set it (validated), the
+    // rx ring's as we grew it, with our last doubling inside the bulk rings (ipc::ring_room).
+    uint32_t tx_ring = ipc::kRingBytes;
+    uint32_t rx_ring = ipc::kRingBytes;
+    uint32_t rx_before = 0;
+    uint32_t rx_grown_at = 0;
+    uint32_t rx_full_at = 0;  // the client's rx_head when we last found the ring full
+    uint64_t rx_charged = 0;  // the rx ring's growth, charged to quota_uid
+    bool bulk_used = false;   // a ring grew: its bulk rings hold pages to give back
+
+    // Room the rx ring has for us to fill (ipc::ring_room); forgets the last doubling once the
+    // client has read past it, before the free-running indices could wrap onto it.
+    uint32_t rx_room() {
+        if (rx_before != 0 && static_cast<int32_t>(rx_head - rx_grown_at) >= 0) rx_before = 0;
+        return ipc::ring_room(rx_ring, rx_before, rx_grown_at, rx_head, rx_tail);
+    }
 
     uint32_t applied_posted = 0;  // the SocketSlot::posted bits applied to fd
 
@@ -271,6 +289,8 @@ struct Session {
     uint32_t chunks_active = 0;
     uint32_t max_chunks = ipc::kMaxChunks;
     uint32_t client_slots = 0;
+    // How far its rings may grow: a relay session's chunk has no bulk rings.
+    uint32_t ring_max() const { return client_slots != 0 ? ipc::kRingBytes : ipc::kRingMaxBytes; }
     uint32_t queue_cursor = 0;  // the chunk whose work queue process_queue() drains first
 
     // Worker-assigned identity for user_data.
@@ -406,6 +426,9 @@ int create_region(Session &session, uint32_t session_id, bool relay);
 // Maps, initialises and publishes the session's next chunk: its slots join the free list.
 // 0, or -EMFILE (the session has all its chunks), -ENOMEM.
 int activate_chunk(Session &session);
+// Maps chunk `chunk`'s bulk rings (ipc::RegionView::bulk) if they are not yet: once, when the
+// first of its rings grows. False if they cannot be (a relay session; no address space left).
+bool map_bulk(Session &session, uint32_t chunk);
 
 // A pending join: a forked child's control connection, for the worker serving the session.
 struct JoinRequest {

@@ -52,8 +52,8 @@ constexpr uint64_t kIdleRingNs = 1'000'000'000;
 // A graceful close that makes no progress for this long (the peer stopped reading) is reset.
 constexpr uint64_t kDrainTimeoutNs = 30'000'000'000ull;
 constexpr uint64_t kShutdownWaitNs = 500'000'000;
-constexpr uint32_t kRxMask = ipc::kRxRingBytes - 1;
-constexpr uint32_t kTxMask = ipc::kTxRingBytes - 1;
+// A new connection's peeked bytes are in its first, small rx ring (it grows only later).
+constexpr uint32_t kPeekMask = ipc::kRingBytes - 1;
 constexpr uint32_t kAcceptMask = ipc::kAcceptRingEntries - 1;
 
 struct NamedOp {
@@ -74,7 +74,7 @@ constexpr NamedOp kNeededOps[] = {
 Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
     : config_(config),
       stop_(stop),
-      peek_scratch_(new uint8_t[ipc::kRxRingBytes]),
+      peek_scratch_(new uint8_t[ipc::kRingBytes]),
       gauge_(config.handoff_load) {
     saturated_.store(gauge_.saturated(), std::memory_order_relaxed);
     table_.resize(kMaxSessions);
@@ -390,11 +390,12 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
     EngineSlot &es = s.slots[i];
+    if (!adopt_tx_ring(s, i)) return;
     if (posted != es.applied_posted) apply_posted_options(s, i, posted);
     // An urgent byte among the bytes queued and not sent: any other value (a stale one, or
     // garbage) marks nothing.
     if (urgent_tail != es.urgent_tail && urgent_tail - es.tx_head - 1 < tx_tail - es.tx_head &&
-        tx_tail - es.tx_head <= ipc::kTxRingBytes) {
+        tx_tail - es.tx_head <= es.tx_ring) {
         es.urgent_tail = urgent_tail;
         es.urgent_pending = true;
     }
@@ -414,6 +415,31 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
         const bool rd = shut & ipc::kPostedShutRd, wr = shut & ipc::kPostedShutWr;
         op_shutdown(s, i, rd && wr ? SHUT_RDWR : rd ? SHUT_RD : SHUT_WR);
     }
+}
+
+// The tx ring's size as the client set it, loaded after tx_tail: it stores a new size before
+// the bytes queued with it. A send in flight keeps its place in the ring it was posted from;
+// the client grew the ring so that those bytes stay there (ipc::ring_regrow).
+bool Worker::adopt_tx_ring(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    const uint32_t stored = s.region.slot(i).tx_ring_bytes.load(std::memory_order_relaxed);
+    if (!ipc::ring_bytes_valid(stored, s.ring_max())) {
+        violation(s, "slot %u: tx ring size %u", i, stored);
+        return false;
+    }
+    if (stored != 0 && !map_bulk(s, i >> ipc::kChunkShift)) {
+        // The client's bytes are where we cannot reach them: the connection cannot go on.
+        if (!(es.flags & ipc::kFlagReset))
+            log_line("worker %d: session %u slot %u: cannot map the bulk rings; resetting it",
+                     config_.index, s.id, i);
+        reset_in_place(s, i);
+        return false;
+    }
+    if (ipc::ring_bytes(stored) > es.tx_ring)
+        stats_.tx_rings_grown.fetch_add(1, std::memory_order_relaxed);
+    es.tx_ring = ipc::ring_bytes(stored);
+    es.bulk_used = es.bulk_used || es.tx_ring > ipc::kRingBytes;
+    return true;
 }
 
 void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
@@ -444,10 +470,10 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
 void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
                                   uint32_t acc_head) {
     EngineSlot &es = s.slots[i];
-    if (!tx_tail_valid(tx_tail, es.tx_head, es.send_len))
+    if (!tx_tail_valid(tx_tail, es.tx_head, es.send_len, es.tx_ring))
         return violation(s, "slot %u: tx_tail %u outside the tx ring (tx_head %u)", i, tx_tail,
                          es.tx_head);
-    if (!rx_head_valid(rx_head, es.rx_tail))
+    if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring))
         return violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
                          es.rx_tail);
     if (!acc_head_valid(acc_head, es.acc_tail))
@@ -460,8 +486,7 @@ void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint
         post_send(s, i);
     }
     es.rx_head = rx_head;
-    if ((es.flags & ipc::kFlagRxPaused) && es.rx_tail - es.rx_head < ipc::kRxRingBytes)
-        post_recv(s, i);
+    if ((es.flags & ipc::kFlagRxPaused) && es.rx_room() > 0) post_recv(s, i);
     es.acc_head = acc_head;
     if (es.flags & ipc::kFlagAcceptPaused) post_accept(s, i);
 }
@@ -766,27 +791,34 @@ void Worker::post_recv(Session &s, uint32_t i) {
         if (es.peeked > 0) return;
         io_uring_sqe *sqe = get_sqe();
         if (!sqe) return schedule(s, i);
-        const uint32_t offset = es.rx_tail & kRxMask;
-        io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i) + offset, ipc::kRxRingBytes - offset,
-                           MSG_PEEK);
+        const uint32_t offset = es.rx_tail & kPeekMask;
+        io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i, ipc::kRingBytes) + offset,
+                           ipc::kRingBytes - offset, MSG_PEEK);
         track_op(s, i, sqe, Kind::kRecv);
         es.recv_posted = true;
         es.peek_posted = true;
         return;
     }
     ipc::SocketSlot &slot = s.region.slot(i);
-    if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) {
+    if (es.rx_room() == 0) {
         // Full: pause, then look at rx_head once more so a client that freed space just
         // before seeing the flag is not missed (it rings only when it sees the flag).
         if (!(es.flags & ipc::kFlagRxPaused))
             publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
         full_fence();
         const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
-        if (!rx_head_valid(rx_head, es.rx_tail))
+        if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring))
             return violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
                              es.rx_tail);
         es.rx_head = rx_head;
-        if (es.rx_tail - es.rx_head >= ipc::kRxRingBytes) return;
+        if (es.rx_room() == 0) {
+            // Still full. A client that read a whole ring since the ring was last full reads a
+            // stream: give it a bigger ring, as Linux grows the receive buffer of a socket
+            // whose reader keeps up. One that does not read keeps its ring.
+            const bool streaming = es.rx_head - es.rx_full_at >= es.rx_ring;
+            es.rx_full_at = es.rx_head;
+            if (!streaming || !grow_rx(s, i) || es.rx_room() == 0) return;
+        }
     }
     if (es.flags & ipc::kFlagRxPaused) publish_flags(s, i, es.flags & ~ipc::kFlagRxPaused);
     if (es.urgent_watch) {
@@ -806,14 +838,40 @@ void Worker::post_recv(Session &s, uint32_t i) {
         es.poll_events = events;
         return;
     }
-    const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
-    const uint32_t offset = es.rx_tail & kRxMask;
-    const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
+    const uint32_t offset = es.rx_tail & (es.rx_ring - 1);
+    const uint32_t len = std::min(es.rx_room(), es.rx_ring - offset);
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i) + offset, len, 0);
+    io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i, es.rx_ring) + offset, len, 0);
     track_op(s, i, sqe, Kind::kRecv);
     es.recv_posted = true;
+}
+
+// Doubles slot i's rx ring (docs/architecture.md, "Rings that grow"): into its bulk rings, the
+// unread bytes copied to their places in the bigger ring, which the client reads from once it
+// sees a tail past them. False if it may not grow: at its largest, a receive in flight, or the
+// owner's share of the engine's memory used up (the ring then stays as it is, as Linux keeps a
+// socket's buffer under memory pressure).
+bool Worker::grow_rx(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.rx_ring >= s.ring_max() || es.recv_posted || es.peeking) return false;
+    // Full at its whole size: so past the last doubling's limit, whose readers of an older size
+    // a second doubling could no longer spare (ipc::ring_room).
+    if (es.rx_tail - es.rx_head < es.rx_ring) return false;
+    const uint32_t bigger = es.rx_ring * 2;
+    if (!map_bulk(s, i >> ipc::kChunkShift)) return false;
+    if (quotas().charge(es.quota_uid, 0, bigger - es.rx_ring) != 0) return false;
+    es.rx_charged += bigger - es.rx_ring;
+    ipc::ring_regrow(s.region.rx_ring(i, es.rx_ring), es.rx_ring, s.region.rx_ring(i, bigger),
+                     bigger, es.rx_head, es.rx_tail);
+    // Moving out of the small rings needs no care: nobody writes there again.
+    es.rx_before = es.rx_ring > ipc::kRingBytes ? es.rx_ring : 0;
+    es.rx_grown_at = es.rx_tail;
+    es.rx_ring = bigger;
+    es.bulk_used = true;
+    s.region.slot(i).rx_ring_bytes.store(bigger, std::memory_order_release);
+    stats_.rx_rings_grown.fetch_add(1, std::memory_order_relaxed);
+    return true;
 }
 
 void Worker::stop_at_urgent_mark(Session &s, uint32_t i) {
@@ -831,7 +889,7 @@ void Worker::receive_by_hand(Session &s, uint32_t i) {
     ipc::SocketSlot &slot = s.region.slot(i);
     bool moved = false;
     for (int round = 0; round < 16 && !es.urgent_stop; ++round) {
-        const uint32_t free_bytes = ipc::kRxRingBytes - (es.rx_tail - es.rx_head);
+        const uint32_t free_bytes = es.rx_room();
         if (free_bytes == 0) break;  // post_recv() pauses
         // Before each read: a read at the mark would pass it, and the kernel would forget the
         // urgent byte; Linux's recv() stops there, so do we, unless told to go on.
@@ -843,9 +901,9 @@ void Worker::receive_by_hand(Session &s, uint32_t i) {
             }
             es.past_mark_ok = false;
         }
-        const uint32_t offset = es.rx_tail & kRxMask;
-        const uint32_t len = std::min(free_bytes, ipc::kRxRingBytes - offset);
-        const ssize_t n = recv(es.fd, s.region.rx_ring(i) + offset, len, MSG_DONTWAIT);
+        const uint32_t offset = es.rx_tail & (es.rx_ring - 1);
+        const uint32_t len = std::min(free_bytes, es.rx_ring - offset);
+        const ssize_t n = recv(es.fd, s.region.rx_ring(i, es.rx_ring) + offset, len, MSG_DONTWAIT);
         if (n > 0) {
             es.rx_tail += static_cast<uint32_t>(n);
             stats_.bytes_in.fetch_add(n, std::memory_order_relaxed);
@@ -953,7 +1011,7 @@ void Worker::watch_peeked(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.peek_watch_posted || !es.peeking || es.state != ipc::SlotState::kOpen) return;
     const uint32_t base = es.rx_tail - es.peeked;
-    if (es.peeked >= ipc::kRxRingBytes - (base & kRxMask)) return;
+    if (es.peeked >= ipc::kRingBytes - (base & kPeekMask)) return;
     const int lowat = static_cast<int>(es.peeked) + 1;
     io_uring_sqe *sqe = get_sqe();
     if (!sqe || setsockopt(es.fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat)) != 0)
@@ -974,11 +1032,11 @@ void Worker::on_peek_watch(Session &s, uint32_t i, int32_t res) {
     if (res < 0 || (res & (POLLRDHUP | POLLERR | POLLHUP))) return leave_peek(s, i);
     // More bytes: peek again, here and now (they are there), and add what is new to the ring.
     const uint32_t base = es.rx_tail - es.peeked;
-    const uint32_t room = ipc::kRxRingBytes - (base & kRxMask);
+    const uint32_t room = ipc::kRingBytes - (base & kPeekMask);
     const ssize_t n = recv(es.fd, peek_scratch_.get(), room, MSG_PEEK | MSG_DONTWAIT);
     if (n <= static_cast<ssize_t>(es.peeked)) return leave_peek(s, i);
     const auto added = static_cast<uint32_t>(n) - es.peeked;
-    std::memcpy(s.region.rx_ring(i) + ((base + es.peeked) & kRxMask),
+    std::memcpy(s.region.rx_ring(i, ipc::kRingBytes) + ((base + es.peeked) & kPeekMask),
                 peek_scratch_.get() + es.peeked, added);
     es.peeked += added;
     es.rx_tail += added;
@@ -997,7 +1055,7 @@ bool Worker::discard_received(Session &s, uint32_t i, uint32_t bytes) {
     while (bytes > 0) {
         // The kernel writes nothing with MSG_TRUNC; the buffer is this worker's own all the same,
         // since a sanitizer's recv() takes it as written (a null one would be shared by all).
-        const uint32_t chunk = std::min<uint32_t>(bytes, ipc::kRxRingBytes);
+        const uint32_t chunk = std::min<uint32_t>(bytes, ipc::kRingBytes);
         const ssize_t n = recv(es.fd, peek_scratch_.get(), chunk, MSG_TRUNC | MSG_DONTWAIT);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0 || static_cast<uint32_t>(n) > bytes) {
@@ -1055,8 +1113,8 @@ void Worker::post_send(Session &s, uint32_t i) {
         if (es.shut_wr_pending && open) apply_shut_wr(s, i);
         return;
     }
-    const uint32_t offset = es.tx_head & kTxMask;
-    uint32_t len = std::min(pending, ipc::kTxRingBytes - offset);
+    const uint32_t offset = es.tx_head & (es.tx_ring - 1);
+    uint32_t len = std::min(pending, es.tx_ring - offset);
     int flags = MSG_NOSIGNAL;
     if (es.urgent_pending) {
         // The bytes up to the urgent one go as one send(MSG_OOB): Linux makes the last byte of
@@ -1071,7 +1129,7 @@ void Worker::post_send(Session &s, uint32_t i) {
     }
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i) + offset, len, flags);
+    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i, es.tx_ring) + offset, len, flags);
     track_op(s, i, sqe, Kind::kSend);
     es.send_posted = true;
     es.send_len = len;
@@ -1804,7 +1862,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     reply.version = ipc::kLayoutVersion;
     reply.session_id = s.id;
     const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
-    const uint32_t unread = rx_head_valid(rx_head, es.rx_tail) ? es.rx_tail - rx_head : 0;
+    const uint32_t unread =
+        rx_head_valid(rx_head, es.rx_tail, es.rx_ring) ? es.rx_tail - rx_head : 0;
     reply.arg = static_cast<int32_t>(unread - std::min(unread, es.handoff_kept));
     const uint32_t acc_head = shm.acc_head.load(std::memory_order_acquire);
     reply.reserved = acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head : 0;
@@ -1983,8 +2042,10 @@ bool Worker::release_holds(Session &s, uint32_t member) {
                     // The bytes it sent just before dying may not have rung our doorbell yet.
                     const ipc::SocketSlot &slot = s.region.slot(i);
                     const uint32_t head = slot.rx_head.load(std::memory_order_acquire);
-                    apply_client_indices(s, i, slot.tx_tail.load(std::memory_order_acquire), head,
-                                         slot.acc_head.load(std::memory_order_acquire));
+                    const uint32_t tail = slot.tx_tail.load(std::memory_order_acquire);
+                    if (adopt_tx_ring(s, i))
+                        apply_client_indices(s, i, tail, head,
+                                             slot.acc_head.load(std::memory_order_acquire));
                     if (s.ending) return false;
                     // Unread bytes make the close a reset, as Linux does at exit.
                     start_close(s, i, head != s.slots[i].rx_tail);
@@ -2020,6 +2081,7 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.accept_error.store(0, std::memory_order_relaxed);
     slot.urgent_mark.store(0, std::memory_order_relaxed);
     slot.direct_done.store(0, std::memory_order_relaxed);
+    slot.rx_ring_bytes.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
 }
@@ -2046,6 +2108,9 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.posted.store(0, std::memory_order_relaxed);
     slot.urgent_tail.store(0, std::memory_order_relaxed);
     slot.direct_tail.store(0, std::memory_order_relaxed);
+    for (auto *word :
+         {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at, &slot.tx_full_at})
+        word->store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held; the request lock stays with the thread that
     // waits for our answer to kSocket.
     for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
@@ -2280,6 +2345,12 @@ void Worker::finish_close(Session &s, uint32_t i) {
         s.free_engine_slots.push_back(es.accept_reserved);
         quotas().release(es.quota_uid, 1, kSocketBytes);
     }
+    if (es.rx_charged) quotas().release(es.quota_uid, 0, es.rx_charged);
+    // A grown ring's pages at once: few sockets grow theirs, and they hold up to megabytes.
+    if (es.bulk_used && !s.ending)
+        fallocate(s.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(ipc::bulk_rings_offset(i)),
+                  static_cast<off_t>(ipc::kBulkPairBytes));
 
     const uint32_t last_req_seq = es.last_req_seq;
     const uint32_t gen = es.gen;

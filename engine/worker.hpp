@@ -81,6 +81,8 @@ struct WorkerStats {
     std::atomic<uint64_t> direct_out{0};
     std::atomic<uint64_t> zerocopy_out{0};  // of direct_out: sent with SEND_ZC
     std::atomic<uint64_t> violations{0};
+    std::atomic<uint64_t> tx_rings_grown{0};  // tx rings the clients doubled (adopt_tx_ring)
+    std::atomic<uint64_t> rx_rings_grown{0};  // rx rings we doubled (grow_rx)
     // The share of the last load window the loop spent working, in percent (LoadGauge's input).
     std::atomic<uint64_t> load_percent{0};
 };
@@ -185,6 +187,8 @@ class Worker {
     void apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
                               uint32_t acc_head);
     void post_recv(Session &s, uint32_t i);
+    bool grow_rx(Session &s, uint32_t i);
+    bool adopt_tx_ring(Session &s, uint32_t i);
     void post_send(Session &s, uint32_t i);
     void post_accept(Session &s, uint32_t i);
     // Connections wait in listener i's kernel queue that the engine cannot take (`error`):
@@ -411,7 +415,7 @@ class Worker {
     std::vector<Session *> dirty_;
     std::vector<uint32_t> ending_;  // sessions ended, freed once their operations completed
     std::vector<TimedSlot> timed_;
-    std::unique_ptr<uint8_t[]> peek_scratch_;  // kRxRingBytes: a peek of what follows the peeked
+    std::unique_ptr<uint8_t[]> peek_scratch_;  // kRingBytes: a peek of what follows the peeked
     // Freed engine slots whose ring pages are given back once they have stayed free a while
     // (oldest first; an entry whose slot reopened since is stale).
     struct IdleRings {

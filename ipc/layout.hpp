@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 7;
+inline constexpr uint32_t kLayoutVersion = 8;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -61,9 +61,15 @@ inline constexpr uint32_t kMaxSockets = kChunkSlots * kMaxChunks;
 // allocates the rest of chunk 0 for accepted connections.
 inline constexpr uint32_t kClientSlots = 1024;
 
-// Per-socket byte rings. Powers of two so a free-running index maps with a mask.
-inline constexpr uint32_t kTxRingBytes = 64 * 1024;
-inline constexpr uint32_t kRxRingBytes = 64 * 1024;
+// Per-socket byte rings. Powers of two so a free-running index maps with a mask. Each ring
+// starts at kRingBytes in the slot's small rings and grows by doubling, up to kRingMaxBytes, in
+// the slot's bulk rings when a stream keeps it full, as Linux grows a socket's buffers for a
+// bulk stream (docs/architecture.md, "Rings that grow"). Its producer grows it: the client the
+// tx ring (SocketSlot::tx_ring_bytes), the engine the rx ring (SocketSlot::rx_ring_bytes).
+// Relay sessions keep kRingBytes (their one chunk is mirrored over the fabric without bulk
+// rings).
+inline constexpr uint32_t kRingBytes = 64 * 1024;
+inline constexpr uint32_t kRingMaxBytes = 1024 * 1024;
 
 // Connections accepted by the engine but not yet taken by the application's accept().
 inline constexpr uint32_t kAcceptRingEntries = 64;
@@ -84,8 +90,9 @@ inline constexpr uint32_t kWorkQueueEntries = kChunkSlots;
 inline constexpr uint32_t kSockAddrMax = 28;  // sizeof(sockaddr_in6)
 inline constexpr uint32_t kOptMax = 256;      // TCP_INFO (232 bytes on 6.x) fits
 
-static_assert((kTxRingBytes & (kTxRingBytes - 1)) == 0, "tx ring size must be a power of two");
-static_assert((kRxRingBytes & (kRxRingBytes - 1)) == 0, "rx ring size must be a power of two");
+static_assert((kRingBytes & (kRingBytes - 1)) == 0, "ring size must be a power of two");
+static_assert((kRingMaxBytes & (kRingMaxBytes - 1)) == 0, "ring size must be a power of two");
+static_assert(kRingMaxBytes > kRingBytes && kRingMaxBytes <= (1u << 30), "rings grow");
 static_assert((kAcceptRingEntries & (kAcceptRingEntries - 1)) == 0, "accept ring: power of two");
 static_assert((kDirectQueueEntries & (kDirectQueueEntries - 1)) == 0, "direct queue: power of two");
 static_assert((kWorkQueueEntries & (kWorkQueueEntries - 1)) == 0, "work queue: power of two");
@@ -267,7 +274,7 @@ inline constexpr uint32_t kDirectMaxLen = 1u << 30;
 // a transfer per call (docs/performance.md, Experiment 1b).
 inline constexpr uint32_t kDirectHintAhead = 1u << 0;
 inline constexpr uint32_t kDirectModeMinLen = 16 * 1024;
-// A direct receive's result that is no count: kDirectUseRxRing + n (1 <= n <= kRxRingBytes),
+// A direct receive's result that is no count: kDirectUseRxRing + n (1 <= n <= kRingMaxBytes),
 // take the n bytes the engine promised this receive from the rx ring, which come next after
 // those it promised the socket's receives queued before it (the client takes them in queue
 // order, whichever job is waited for first); kDirectUseRxRing alone, the socket's bytes cannot
@@ -277,8 +284,18 @@ inline constexpr int32_t kDirectUseRxRing = INT32_MIN;
 // either.
 constexpr uint32_t direct_ring_promise(int32_t result, bool &ring) {
     const uint32_t n = static_cast<uint32_t>(result) - static_cast<uint32_t>(kDirectUseRxRing);
-    ring = n <= kRxRingBytes;
+    ring = n <= kRingMaxBytes;
     return ring ? n : 0;
+}
+
+// A ring's size from its stored value (SocketSlot::tx_ring_bytes, rx_ring_bytes): 0 is kRingBytes.
+constexpr uint32_t ring_bytes(uint32_t stored) {
+    return stored == 0 ? kRingBytes : stored;
+}
+// Whether a stored size is one a ring may have, up to `max` (kRingMaxBytes, or kRingBytes where
+// rings do not grow).
+constexpr bool ring_bytes_valid(uint32_t stored, uint32_t max) {
+    return stored == 0 || (stored > kRingBytes && stored <= max && (stored & (stored - 1)) == 0);
 }
 
 // One offloaded socket's channel: its control request/response, its state, and the indices of
@@ -345,7 +362,11 @@ struct alignas(kCacheLine) SocketSlot {
     // MemNet descriptors done (free-running): direct_results holds their results (bytes, or
     // -errno, or kDirectUseRxRing); stored (release) after the result.
     std::atomic<uint32_t> direct_done;
-    uint32_t engine_reserved[3];
+    // The rx ring's size, 0 for kRingBytes (ring_bytes()). The engine doubles it when a stream
+    // keeps the ring full, storing it before any rx_tail past the bytes it holds; the client
+    // loads it after rx_tail (acquire) and reads the ring with it.
+    std::atomic<uint32_t> rx_ring_bytes;
+    uint32_t engine_reserved[2];
 
     // --- control request/response ---
     Request request;    // client
@@ -362,11 +383,27 @@ struct alignas(kCacheLine) SocketSlot {
     // --- MemNet's queue: descriptors (client), and their results (engine) ---
     DirectDescriptor direct_queue[kDirectQueueEntries];
     int32_t direct_results[kDirectQueueEntries];
+
+    // --- written by the client (untrusted): the tx ring's size, under the tx lock ---
+    // 0 for kRingBytes (ring_bytes()). The client doubles it when a send finds the ring full,
+    // storing it before any tx_tail past the bytes the ring holds; the engine loads it after
+    // tx_tail (acquire) and sends from the ring with it.
+    alignas(kCacheLine) std::atomic<uint32_t> tx_ring_bytes;
+    // The last doubling inside the bulk rings: the size before it and tx_tail then. Until the
+    // engine's tx_head passes tx_grown_at the client queues at most tx_ring_before bytes
+    // (ring_room()), so it never writes where the engine may still send older bytes from.
+    std::atomic<uint32_t> tx_ring_before;
+    std::atomic<uint32_t> tx_grown_at;
+    // tx_head when a send last found the ring full: the client grows the ring only for a stream
+    // the engine has sent a whole ring of since then (one whose peer reads).
+    std::atomic<uint32_t> tx_full_at;
+    uint32_t client_reserved[12];
 };
 static_assert(sizeof(SocketSlot) % kCacheLine == 0, "slots are whole cache lines");
 static_assert(offsetof(SocketSlot, tx_head) == kCacheLine, "engine-written indices on line 1");
 static_assert(offsetof(SocketSlot, request) % kCacheLine == 0, "request starts a cache line");
-static_assert(sizeof(SocketSlot) == 1344, "slot size is part of the layout (version bump)");
+static_assert(offsetof(SocketSlot, tx_ring_bytes) % kCacheLine == 0, "client line of its own");
+static_assert(sizeof(SocketSlot) == 1408, "slot size is part of the layout (version bump)");
 
 // A sleeping client thread. Each waiter has a pipe: the client holds the read end, the engine
 // the write end (registered over the member's control socket; the engine picks the index, resets
@@ -433,14 +470,14 @@ struct alignas(kPageSize) RegionHeader {
     uint64_t region_bytes;
     uint32_t max_sockets;
     uint32_t client_slots;
-    uint32_t tx_ring_bytes;
+    uint32_t tx_ring_bytes;  // kRingBytes: each ring's first size
     uint32_t rx_ring_bytes;
     uint32_t max_waiters;
     uint32_t session_id;
     uint32_t max_members;
     uint32_t max_chunks;
     uint32_t chunk_slots;
-    uint32_t reserved0;
+    uint32_t ring_max_bytes;  // kRingMaxBytes, or kRingBytes for a relay session
     // Proof of membership: a process that can read the region may join the session (kJoin).
     uint64_t family_token;
 
@@ -477,11 +514,20 @@ inline constexpr size_t kChunkSlotsOffset =
     align_up(kChunkHeldOffset + kMaxMembers * kHeldBytesPerMember, kPageSize);
 inline constexpr size_t kChunkRingsOffset =
     align_up(kChunkSlotsOffset + size_t{kChunkSlots} * sizeof(SocketSlot), kPageSize);
-inline constexpr size_t kRingPairBytes = size_t{kTxRingBytes} + kRxRingBytes;
-inline constexpr size_t kChunkBytes = kChunkRingsOffset + size_t{kChunkSlots} * kRingPairBytes;
-// The whole memfd, and the part a relay session uses (its one chunk, mapped contiguously).
+// Each slot's small rings (tx then rx, kRingBytes each), then each slot's bulk rings (tx then
+// rx, kRingMaxBytes each), which a ring moves to when it first grows. A chunk is mapped in two
+// pieces: up to its bulk rings when it is first used, its bulk rings (8 GiB of address space)
+// only when one of its rings first grows, so a family whose rings never grow costs no more
+// address space than before them. Only the pages a grown ring has used hold memory.
+inline constexpr size_t kRingPairBytes = size_t{2} * kRingBytes;
+inline constexpr size_t kBulkPairBytes = size_t{2} * kRingMaxBytes;
+inline constexpr size_t kChunkBulkOffset = kChunkRingsOffset + size_t{kChunkSlots} * kRingPairBytes;
+inline constexpr size_t kChunkBulkBytes = size_t{kChunkSlots} * kBulkPairBytes;
+inline constexpr size_t kChunkBytes = kChunkBulkOffset + kChunkBulkBytes;
+// The whole memfd, and the part a relay session uses (its one chunk without the bulk rings,
+// mapped contiguously).
 inline constexpr size_t kRegionBytes = kChunksOffset + size_t{kMaxChunks} * kChunkBytes;
-inline constexpr size_t kRemoteRegionBytes = kChunksOffset + kChunkBytes;
+inline constexpr size_t kRemoteRegionBytes = kChunksOffset + kChunkBulkOffset;
 
 // File offsets (from the start of the region).
 constexpr size_t chunk_offset(uint32_t chunk) {
@@ -496,7 +542,11 @@ constexpr size_t tx_ring_offset(uint32_t slot) {
            size_t{slot & kChunkMask} * kRingPairBytes;
 }
 constexpr size_t rx_ring_offset(uint32_t slot) {
-    return tx_ring_offset(slot) + kTxRingBytes;
+    return tx_ring_offset(slot) + kRingBytes;
+}
+constexpr size_t bulk_rings_offset(uint32_t slot) {
+    return chunk_offset(slot >> kChunkShift) + kChunkBulkOffset +
+           size_t{slot & kChunkMask} * kBulkPairBytes;
 }
 // Member `member`'s bitmap of the sockets it holds in chunk `chunk`.
 constexpr size_t held_offset(uint32_t member, uint32_t chunk) {
@@ -505,17 +555,22 @@ constexpr size_t held_offset(uint32_t member, uint32_t chunk) {
 static_assert(kChunksOffset % kPageSize == 0 && kChunkBytes % kPageSize == 0,
               "chunks are whole pages (each is mapped on its own)");
 static_assert(kChunkRingsOffset % kPageSize == 0, "rings are page aligned (hole punching)");
-static_assert(kRingPairBytes % kPageSize == 0, "each socket's rings are whole pages");
+static_assert(kRingPairBytes % kPageSize == 0 && kBulkPairBytes % kPageSize == 0,
+              "each socket's rings are whole pages");
 static_assert(kChunksOffset == 4096 + 65536 + 256 * 64, "control part: header, waiters, members");
-static_assert(kChunkBytes == 4096 + 32768 + 256ull * 512 + 4096ull * 1344 + 4096ull * 131072,
-              "chunk: queue header + queue + holds + slots + rings");
+static_assert(kChunkBulkOffset == 4096 + 32768 + 256ull * 512 + 4096ull * 1408 + 4096ull * 131072,
+              "chunk: queue header + queue + holds + slots + small rings");
+static_assert(kChunkBytes == kChunkBulkOffset + 4096ull * 2 * kRingMaxBytes, "then bulk rings");
 
 // Typed views over a mapped region (either side). `base` maps the control part; each chunk is
-// mapped on its own (or contiguously after the control part: map_contiguous). A chunk pointer
-// is set once, before any slot index of that chunk is handed to another thread.
+// mapped on its own, [0, kChunkBulkOffset) of it, and its bulk rings on their own once needed
+// (or all contiguously after the control part: map_contiguous). A chunk pointer is set once,
+// before any slot index of that chunk is handed to another thread; a bulk pointer before any
+// ring size that needs it is used.
 struct RegionView {
     uint8_t *base = nullptr;
     std::atomic<uint8_t *> chunks[kMaxChunks] = {};
+    std::atomic<uint8_t *> bulks[kMaxChunks] = {};
 
     RegionView() = default;
     // Control part and chunks [0, n) mapped contiguously from `region`.
@@ -523,18 +578,27 @@ struct RegionView {
     RegionView(const RegionView &other) { *this = other; }
     RegionView &operator=(const RegionView &other) {
         base = other.base;
-        for (uint32_t k = 0; k < kMaxChunks; ++k)
+        for (uint32_t k = 0; k < kMaxChunks; ++k) {
             chunks[k].store(other.chunk(k), std::memory_order_relaxed);
+            bulks[k].store(other.bulk(k), std::memory_order_relaxed);
+        }
         return *this;
     }
 
-    // A mapping of [0, kChunksOffset + n * kChunkBytes): the control part and chunks [0, n).
-    void map_contiguous(uint8_t *region, uint32_t n) {
+    // A mapping of [0, kChunksOffset + n * kChunkBytes): the control part and chunks [0, n),
+    // with their bulk rings if `with_bulk` (else the last chunk may end at its bulk rings: a
+    // relay session's kRemoteRegionBytes).
+    void map_contiguous(uint8_t *region, uint32_t n, bool with_bulk = false) {
         base = region;
-        for (uint32_t k = 0; k < kMaxChunks; ++k)
+        for (uint32_t k = 0; k < kMaxChunks; ++k) {
             chunks[k].store(k < n ? region + chunk_offset(k) : nullptr, std::memory_order_relaxed);
+            bulks[k].store(
+                k < n && with_bulk ? region + chunk_offset(k) + kChunkBulkOffset : nullptr,
+                std::memory_order_relaxed);
+        }
     }
     uint8_t *chunk(uint32_t k) const { return chunks[k].load(std::memory_order_relaxed); }
+    uint8_t *bulk(uint32_t k) const { return bulks[k].load(std::memory_order_acquire); }
     bool mapped(uint32_t slot) const {
         return slot < kMaxSockets && chunk(slot >> kChunkShift) != nullptr;
     }
@@ -562,11 +626,16 @@ struct RegionView {
         return reinterpret_cast<SocketSlot *>(chunk(i >> kChunkShift) +
                                               kChunkSlotsOffset)[i & kChunkMask];
     }
-    uint8_t *tx_ring(uint32_t i) const {
-        return chunk(i >> kChunkShift) + kChunkRingsOffset +
-               size_t{i & kChunkMask} * kRingPairBytes;
+    // Slot i's rings at size `bytes` (ring_bytes()): the small ones, or the bulk ones once grown.
+    // The bulk rings must be mapped (bulk()) for a size above kRingBytes.
+    uint8_t *tx_ring(uint32_t i, uint32_t bytes) const {
+        return bytes > kRingBytes ? bulk(i >> kChunkShift) + size_t{i & kChunkMask} * kBulkPairBytes
+                                  : chunk(i >> kChunkShift) + kChunkRingsOffset +
+                                        size_t{i & kChunkMask} * kRingPairBytes;
     }
-    uint8_t *rx_ring(uint32_t i) const { return tx_ring(i) + kTxRingBytes; }
+    uint8_t *rx_ring(uint32_t i, uint32_t bytes) const {
+        return tx_ring(i, bytes) + (bytes > kRingBytes ? kRingMaxBytes : kRingBytes);
+    }
 };
 
 }  // namespace tcps::ipc

@@ -53,6 +53,46 @@ inline size_t ring_copy_out_iov(const uint8_t *ring, uint32_t ring_bytes, uint32
     return done;
 }
 
+// --- growing rings (docs/architecture.md, "Rings that grow") ---
+
+// What a producer may add to a ring of `bytes` holding [head, tail). Once it doubled the ring
+// inside the bulk rings at `grown_at`, from `before` bytes (0: no such doubling), and until the
+// consumer's head passes grown_at, at most `before` bytes may be queued: a byte queued at
+// position q then never lands where position q - before lay in the smaller ring, which a
+// consumer that still uses the smaller size may be reading.
+inline uint32_t ring_room(uint32_t bytes, uint32_t before, uint32_t grown_at, uint32_t head,
+                          uint32_t tail) {
+    const uint32_t used = tail - head;
+    const uint32_t limit =
+        before != 0 && static_cast<int32_t>(head - grown_at) < 0 ? before : bytes;
+    return used < limit ? limit - used : 0;
+}
+
+// The client's room in a socket's tx ring, and the ring's size in `bytes`.
+inline uint32_t tx_ring_room(const SocketSlot &slot, uint32_t &bytes) {
+    const uint32_t tail = slot.tx_tail.load(std::memory_order_relaxed);
+    const uint32_t head = slot.tx_head.load(std::memory_order_acquire);
+    bytes = ring_bytes(slot.tx_ring_bytes.load(std::memory_order_relaxed));
+    return ring_room(bytes, slot.tx_ring_before.load(std::memory_order_relaxed),
+                     slot.tx_grown_at.load(std::memory_order_relaxed), head, tail);
+}
+
+// The producer's part of a doubling: copies the ring's bytes [head, tail) from their places in
+// the ring of `from_bytes` at `from` to their places in the ring of `to_bytes` (2 * from_bytes)
+// at `to`. When `to` is `from` (inside the bulk rings) a byte either keeps its place or moves
+// into the half the smaller ring never used, so what a consumer still reading the smaller ring
+// finds there stays intact.
+inline void ring_regrow(const uint8_t *from, uint32_t from_bytes, uint8_t *to, uint32_t to_bytes,
+                        uint32_t head, uint32_t tail) {
+    for (uint32_t pos = head; pos != tail;) {
+        const uint32_t at = pos & (from_bytes - 1);
+        const uint32_t run = tail - pos < from_bytes - at ? tail - pos : from_bytes - at;
+        uint8_t *const dst = to + (pos & (to_bytes - 1));
+        if (dst != from + at) std::memcpy(dst, from + at, run);
+        pos += run;
+    }
+}
+
 // --- work queues (client threads produce, the engine consumes; one per chunk) ---
 
 // Engine, before it publishes chunk `chunk` as active: entry i is free for position i.

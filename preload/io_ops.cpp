@@ -46,12 +46,12 @@ long iov_total(const iovec *iov, int iovcnt, size_t &total) {
     return 0;
 }
 
-void copy_into_ring(IovCursor &c, uint8_t *ring, uint32_t pos, size_t n) {
+void copy_into_ring(IovCursor &c, uint8_t *ring, uint32_t ring_bytes, uint32_t pos, size_t n) {
     while (n > 0) {
         const iovec &v = c.iov[c.index];
         const size_t chunk = std::min(n, v.iov_len - c.offset);
         if (chunk > 0) {
-            ipc::ring_copy_in(ring, ipc::kTxRingBytes, pos,
+            ipc::ring_copy_in(ring, ring_bytes, pos,
                               static_cast<const uint8_t *>(v.iov_base) + c.offset, chunk);
             pos += static_cast<uint32_t>(chunk);
             n -= chunk;
@@ -66,7 +66,8 @@ void copy_into_ring(IovCursor &c, uint8_t *ring, uint32_t pos, size_t n) {
 }
 
 // `discard`: MSG_TRUNC on TCP drops the bytes without copying them.
-void copy_from_ring(IovCursor &c, const uint8_t *ring, uint32_t pos, size_t n, bool discard) {
+void copy_from_ring(IovCursor &c, const uint8_t *ring, uint32_t ring_bytes, uint32_t pos, size_t n,
+                    bool discard) {
     if (discard) {
         c.remaining -= n;
         return;
@@ -75,8 +76,8 @@ void copy_from_ring(IovCursor &c, const uint8_t *ring, uint32_t pos, size_t n, b
         const iovec &v = c.iov[c.index];
         const size_t chunk = std::min(n, v.iov_len - c.offset);
         if (chunk > 0) {
-            ipc::ring_copy_out(ring, ipc::kRxRingBytes, pos,
-                               static_cast<uint8_t *>(v.iov_base) + c.offset, chunk);
+            ipc::ring_copy_out(ring, ring_bytes, pos, static_cast<uint8_t *>(v.iov_base) + c.offset,
+                               chunk);
             pos += static_cast<uint32_t>(chunk);
             n -= chunk;
             c.offset += chunk;
@@ -87,6 +88,22 @@ void copy_from_ring(IovCursor &c, const uint8_t *ring, uint32_t pos, size_t n, b
             c.offset = 0;
         }
     }
+}
+
+// What the rx ring holds for the client from `head`, and where. The size is loaded after
+// rx_tail: the engine stores a new one (release, after moving the unread bytes into the bigger
+// ring) before any rx_tail past the bytes it held.
+// A null `ring`: the ring grew and this process cannot map its bulk rings (no address space).
+struct RxRing {
+    const uint8_t *ring;
+    uint32_t bytes;
+    uint32_t available;
+};
+RxRing rx_ring_at(const SocketRef &ref, uint32_t head) {
+    const uint32_t tail = ref.shm->rx_tail.load(std::memory_order_acquire);
+    const uint32_t bytes = ipc::ring_bytes(ref.shm->rx_ring_bytes.load(std::memory_order_acquire));
+    if (bytes > ipc::kRingBytes && !map_bulk(ref.slot >> ipc::kChunkShift)) return {nullptr, 0, 0};
+    return {region().rx_ring(ref.slot, bytes), bytes, std::min(tail - head, bytes)};
 }
 
 // Engine flags as this client must read them: once Linux would have disconnected the socket
@@ -164,9 +181,38 @@ void socket_unhold(const SocketRef &ref) {
 
 namespace {
 
-// The send loop of send() and sendfile(). `fill(ring, pos, n)` puts up to n bytes of the
-// caller's source into the tx ring at free-running index pos and returns how many it put
-// (fewer only at the end of the source), or -errno.
+// Doubles the tx ring when a send finds it full and the engine has sent a whole ring since it
+// was last full: a stream whose peer reads, for which Linux would grow the send buffer
+// (docs/architecture.md, "Rings that grow"). Under the tx lock. The queued bytes are copied to
+// their places in the bigger ring (ipc::ring_regrow), which the engine uses once it sees a
+// tail past them; a send it has in flight reads them where they were.
+bool grow_tx(const SocketRef &ref, uint32_t ring_bytes) {
+    ipc::SocketSlot &shm = *ref.shm;
+    const uint32_t head = shm.tx_head.load(std::memory_order_acquire);
+    const uint32_t tail = shm.tx_tail.load(std::memory_order_relaxed);
+    // Full at its whole size: so past the last doubling's limit, whose readers of an older size
+    // a second doubling could no longer spare (ipc::ring_room).
+    if (tail - head < ring_bytes) return false;
+    const bool streaming = head - shm.tx_full_at.load(std::memory_order_relaxed) >= ring_bytes;
+    shm.tx_full_at.store(head, std::memory_order_relaxed);
+    if (!streaming || ring_bytes >= region().header().ring_max_bytes ||
+        !map_bulk(ref.slot >> ipc::kChunkShift))
+        return false;
+    const uint32_t bigger = ring_bytes * 2;
+    ipc::ring_regrow(region().tx_ring(ref.slot, ring_bytes), ring_bytes,
+                     region().tx_ring(ref.slot, bigger), bigger, head, tail);
+    // Moving out of the small rings needs no care: nobody writes there again.
+    shm.tx_ring_before.store(ring_bytes > ipc::kRingBytes ? ring_bytes : 0,
+                             std::memory_order_relaxed);
+    shm.tx_grown_at.store(tail, std::memory_order_relaxed);
+    // Before the next tx_tail (release), which the engine loads first.
+    shm.tx_ring_bytes.store(bigger, std::memory_order_relaxed);
+    return true;
+}
+
+// The send loop of send() and sendfile(). `fill(ring, ring_bytes, pos, n)` puts up to n bytes
+// of the caller's source into the tx ring (of ring_bytes) at free-running index pos and returns
+// how many it put (fewer only at the end of the source), or -errno.
 template <class Fill>
 long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
     Socket &sock = *ref.sock;
@@ -181,7 +227,6 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
         if (nonblock && sock.tx_sleeping.load()) return -EAGAIN;
         sock.tx_lock.lock();
     }
-    uint8_t *ring = region().tx_ring(ref.slot);
     size_t remaining = total;
     size_t sent = 0;
     long result = 0;
@@ -242,11 +287,18 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
             break;
         }
         const uint32_t tail = shm.tx_tail.load(std::memory_order_relaxed);
-        const uint32_t used = tail - shm.tx_head.load(std::memory_order_acquire);
-        const uint32_t space = used < ipc::kTxRingBytes ? ipc::kTxRingBytes - used : 0;
+        uint32_t ring_bytes;
+        uint32_t space = ipc::tx_ring_room(shm, ring_bytes);
+        if (space == 0 && grow_tx(ref, ring_bytes)) space = ipc::tx_ring_room(shm, ring_bytes);
         if (space > 0) {
+            // Forget the last doubling once the engine is past it, before the free-running
+            // indices could wrap onto it.
+            if (shm.tx_ring_before.load(std::memory_order_relaxed) != 0 &&
+                static_cast<int32_t>(shm.tx_head.load(std::memory_order_relaxed) -
+                                     shm.tx_grown_at.load(std::memory_order_relaxed)) >= 0)
+                shm.tx_ring_before.store(0, std::memory_order_relaxed);
             const size_t want = std::min<size_t>(space, remaining);
-            const long put = fill(ring, tail, want);
+            const long put = fill(region().tx_ring(ref.slot, ring_bytes), ring_bytes, tail, want);
             if (put < 0) {
                 result = sent ? static_cast<long>(sent) : put;
                 break;
@@ -273,9 +325,8 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
         }
         if (urgent) notify_engine(ref.slot);  // room comes from the engine's sending
         auto room = [&] {
-            const uint32_t in_ring = shm.tx_tail.load(std::memory_order_relaxed) -
-                                     shm.tx_head.load(std::memory_order_acquire);
-            return in_ring < ipc::kTxRingBytes ||
+            uint32_t ring_bytes;
+            return ipc::tx_ring_room(shm, ring_bytes) > 0 ||
                    (shm.flags.load(std::memory_order_acquire) &
                     (ipc::kFlagReset | ipc::kFlagTxShut)) ||
                    error_pending(ref) || session_dead() || stale(ref);
@@ -316,10 +367,11 @@ long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
     // bytes go to the engine at once, which sends what the ring holds: the same bytes in the
     // same order, possibly in more segments. TCP_CORK reaches the engine's socket and corks there.
     IovCursor cursor{iov, iovcnt, 0, 0, total};
-    return send_stream(ref, total, flags, [&](uint8_t *ring, uint32_t pos, size_t n) -> long {
-        copy_into_ring(cursor, ring, pos, n);
-        return static_cast<long>(n);
-    });
+    return send_stream(ref, total, flags,
+                       [&](uint8_t *ring, uint32_t ring_bytes, uint32_t pos, size_t n) -> long {
+                           copy_into_ring(cursor, ring, ring_bytes, pos, n);
+                           return static_cast<long>(n);
+                       });
 }
 
 namespace {
@@ -371,7 +423,6 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                       static_cast<size_t>(sock.rcvlowat.load(std::memory_order_relaxed)), total);
 
     IovCursor cursor{iov, iovcnt, 0, 0, total};
-    const uint8_t *ring = region().rx_ring(ref.slot);
     size_t copied = 0;
     long result = 0;
     // A peek that finds receiving paused asks for more: the engine holds back whatever
@@ -387,11 +438,15 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             break;
         }
         const uint32_t head = shm.rx_head.load(std::memory_order_relaxed);
-        const uint32_t available =
-            std::min(shm.rx_tail.load(std::memory_order_acquire) - head, ipc::kRxRingBytes);
+        const RxRing rx = rx_ring_at(ref, head);
+        if (!rx.ring) {
+            result = copied ? static_cast<long>(copied) : -ENOMEM;
+            break;
+        }
+        const uint32_t available = rx.available;
         if (available > 0 && !peek) {
             const size_t n = std::min<size_t>(available, cursor.remaining);
-            copy_from_ring(cursor, ring, head, n, discard);
+            copy_from_ring(cursor, rx.ring, rx.bytes, head, n, discard);
             shm.rx_head.store(head + static_cast<uint32_t>(n), std::memory_order_release);
             // Our rx_head before our look at the flag; the engine pauses, then re-reads
             // rx_head (post_recv): one of us sees the other.
@@ -427,7 +482,7 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
                          sock.shut_rd.load();
         if (peek && available > 0 && (available >= target || pending || eof || timeout == 0)) {
             const size_t n = std::min<size_t>(available, total);
-            copy_from_ring(cursor, ring, head, n, discard);
+            copy_from_ring(cursor, rx.ring, rx.bytes, head, n, discard);
             result = static_cast<long>(n);
             break;
         }
@@ -499,10 +554,9 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
             if (peek && !stale(ref)) {
                 // What a peek short of its target saw still counts, as it does for Linux.
                 const uint32_t now_head = shm.rx_head.load(std::memory_order_relaxed);
-                const uint32_t now_available = std::min(
-                    shm.rx_tail.load(std::memory_order_acquire) - now_head, ipc::kRxRingBytes);
-                copied = std::min<size_t>(now_available, total);
-                copy_from_ring(cursor, ring, now_head, copied, discard);
+                const RxRing now = rx_ring_at(ref, now_head);
+                copied = std::min<size_t>(now.available, total);
+                copy_from_ring(cursor, now.ring, now.bytes, now_head, copied, discard);
             }
             result = copied ? static_cast<long>(copied)
                             : (waited == WaitResult::kTimeout ? -EAGAIN : -EINTR);
@@ -547,18 +601,19 @@ long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count) {
     // pieces where it wraps), a ring's worth at a time: no bounce buffer.
     off_t pos = start;
     const long rc =
-        send_stream(ref, count, 0, [&](uint8_t *ring, uint32_t ring_pos, size_t n) -> long {
-            const uint32_t at = ring_pos & (ipc::kTxRingBytes - 1);
-            const size_t first = std::min<size_t>(n, ipc::kTxRingBytes - at);
-            iovec pieces[2] = {{ring + at, first}, {ring, n - first}};
-            ssize_t got;
-            do {
-                got = preadv(in_fd, pieces, n > first ? 2 : 1, pos);
-            } while (got < 0 && errno == EINTR);
-            if (got < 0) return -errno;
-            pos += got;
-            return got;
-        });
+        send_stream(ref, count, 0,
+                    [&](uint8_t *ring, uint32_t ring_bytes, uint32_t ring_pos, size_t n) -> long {
+                        const uint32_t at = ring_pos & (ring_bytes - 1);
+                        const size_t first = std::min<size_t>(n, ring_bytes - at);
+                        iovec pieces[2] = {{ring + at, first}, {ring, n - first}};
+                        ssize_t got;
+                        do {
+                            got = preadv(in_fd, pieces, n > first ? 2 : 1, pos);
+                        } while (got < 0 && errno == EINTR);
+                        if (got < 0) return -errno;
+                        pos += got;
+                        return got;
+                    });
     // sendfile() moves *offset, or the file position when there is none, by what was sent.
     if (offset)
         *offset = pos;
@@ -593,8 +648,9 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
         // call moved some already or SPLICE_F_NONBLOCK (EAGAIN), or no writer is left (0).
         bool pipe_was_empty = false;
         size_t moved = 0;
-        const long rc =
-            send_stream(ref, len, 0, [&](uint8_t *ring, uint32_t ring_pos, size_t n) -> long {
+        const long rc = send_stream(
+            ref, len, 0,
+            [&](uint8_t *ring, uint32_t ring_bytes, uint32_t ring_pos, size_t n) -> long {
                 pollfd readable{other_fd, POLLIN, 0};
                 const int wait_ms = moved > 0 || pipe_nonblock ? 0 : -1;
                 int ready;
@@ -606,8 +662,8 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
                     pipe_was_empty = moved == 0;
                     return 0;
                 }
-                const uint32_t at = ring_pos & (ipc::kTxRingBytes - 1);
-                const size_t first = std::min<size_t>(n, ipc::kTxRingBytes - at);
+                const uint32_t at = ring_pos & (ring_bytes - 1);
+                const size_t first = std::min<size_t>(n, ring_bytes - at);
                 iovec pieces[2] = {{ring + at, first}, {ring, n - first}};
                 const ssize_t got = real(libc.readv)(other_fd, pieces, n > first ? 2 : 1);
                 if (got < 0) return errno == EAGAIN ? 0 : -errno;  // another reader was first
@@ -624,7 +680,7 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
     // On the heap, once per thread that splices: a 64 KiB static TLS block would be taken
     // from every thread's stack in every process under the shim.
     thread_local std::unique_ptr<uint8_t[]> buffer_of_thread;
-    if (!buffer_of_thread) buffer_of_thread.reset(new (std::nothrow) uint8_t[ipc::kRxRingBytes]);
+    if (!buffer_of_thread) buffer_of_thread.reset(new (std::nothrow) uint8_t[ipc::kRingBytes]);
     uint8_t *const buffer = buffer_of_thread.get();
     if (!buffer) return -ENOMEM;
     int writer = other_fd;
@@ -640,7 +696,7 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
     }
     long result;
     for (;;) {
-        iovec peek_at{buffer, std::min<size_t>(len, ipc::kRxRingBytes)};
+        iovec peek_at{buffer, std::min<size_t>(len, ipc::kRingBytes)};
         const long peeked = op_recv(ref, &peek_at, 1, MSG_PEEK);
         if (peeked <= 0) {
             result = peeked;

@@ -38,7 +38,7 @@ uint32_t poll_mask(const SocketSnapshot &s) {
         if (s.rx_available > 0 && s.rx_available >= s.rcvlowat) mask |= kIn;
         if (s.rx_available == 0 && (s.past_mark_readable || s.direct_readable)) mask |= kIn;
         // Writable while there is room; after SHUT_WR too, so a writer finds EPIPE.
-        if (tx_shut || s.tx_used < ipc::kTxRingBytes) mask |= kOut;
+        if (tx_shut || s.tx_room > 0) mask |= kOut;
         if (s.urgent) mask |= POLLPRI;  // tp->urg_data & TCP_URG_VALID
     }
     if (s.error_pending) mask |= POLLERR;

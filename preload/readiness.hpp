@@ -7,20 +7,22 @@
 
 #include <cstdint>
 
+#include "layout.hpp"
+
 namespace tcps::shim {
 
 struct SocketSnapshot {
-    uint32_t flags = 0;               // SocketSlot::flags (ipc::kFlag*)
-    uint32_t tx_used = 0;             // tx_tail - tx_head
-    uint32_t rx_available = 0;        // rx_tail - rx_head
-    uint32_t rcvlowat = 1;            // SO_RCVLOWAT: readable from this many bytes on
-    uint32_t accept_available = 0;    // acc_tail - the client's acc_head
-    bool error_pending = false;       // so_error set in a generation not yet reported
-    bool urgent = false;              // urgent data is there (the kernel socket's POLLPRI)
-    bool past_mark_readable = false;  // the engine stopped at the urgent mark, bytes past it
-    bool direct_readable = false;     // direct mode (kFlagRxDirect), bytes in the kernel socket
-    bool listening = false;           // listen() succeeded and no shutdown(SHUT_RD) since
-    bool connect_started = false;     // connect() was called and its outcome not yet reported
+    uint32_t flags = 0;                  // SocketSlot::flags (ipc::kFlag*)
+    uint32_t tx_room = ipc::kRingBytes;  // what the tx ring can take now (ipc::tx_ring_room)
+    uint32_t rx_available = 0;           // rx_tail - rx_head
+    uint32_t rcvlowat = 1;               // SO_RCVLOWAT: readable from this many bytes on
+    uint32_t accept_available = 0;       // acc_tail - the client's acc_head
+    bool error_pending = false;          // so_error set in a generation not yet reported
+    bool urgent = false;                 // urgent data is there (the kernel socket's POLLPRI)
+    bool past_mark_readable = false;     // the engine stopped at the urgent mark, bytes past it
+    bool direct_readable = false;        // direct mode (kFlagRxDirect), bytes in the kernel socket
+    bool listening = false;              // listen() succeeded and no shutdown(SHUT_RD) since
+    bool connect_started = false;        // connect() was called and its outcome not yet reported
     // Linux disconnected the socket (tcp_disconnect()): after connect() reported a failed
     // attempt, or shutdown(SHUT_RD) of a listener or of a connecting socket. The engine's
     // Reset/RxEof/RxShut/TxShut flags from before no longer count.

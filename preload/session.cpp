@@ -178,7 +178,8 @@ bool header_matches(const ipc::RegionHeader &h) {
            h.region_bytes == ipc::kRegionBytes && h.chunk_slots == ipc::kChunkSlots &&
            h.max_chunks >= 1 && h.max_chunks <= ipc::kMaxChunks &&
            (h.client_slots == 0 || h.client_slots == ipc::kClientSlots) &&
-           h.tx_ring_bytes == ipc::kTxRingBytes && h.rx_ring_bytes == ipc::kRxRingBytes &&
+           h.tx_ring_bytes == ipc::kRingBytes && h.rx_ring_bytes == ipc::kRingBytes &&
+           (h.ring_max_bytes == ipc::kRingBytes || h.ring_max_bytes == ipc::kRingMaxBytes) &&
            h.max_waiters == ipc::kMaxWaiters && h.engine_alive.load(std::memory_order_acquire) == 1;
 }
 
@@ -220,7 +221,7 @@ int dial_engine(const char *&why) {
 // are words in the region shared with the whole family. Under g_chunk_mutex.
 bool map_chunk_locked(uint32_t k, int memfd) {
     if (g_region.chunk(k)) return true;
-    void *chunk = mmap(nullptr, ipc::kChunkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
+    void *chunk = mmap(nullptr, ipc::kChunkBulkOffset, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
                        static_cast<off_t>(ipc::chunk_offset(k)));
     if (chunk == MAP_FAILED) return false;
     Socket *states = g_socket_chunks[k].load(std::memory_order_relaxed);
@@ -228,7 +229,7 @@ bool map_chunk_locked(uint32_t k, int memfd) {
         void *memory = mmap(nullptr, sizeof(Socket) * ipc::kChunkSlots, PROT_READ | PROT_WRITE,
                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (memory == MAP_FAILED) {
-            munmap(chunk, ipc::kChunkBytes);
+            munmap(chunk, ipc::kChunkBulkOffset);
             return false;
         }
         states = static_cast<Socket *>(memory);
@@ -257,8 +258,10 @@ bool map_chunk(uint32_t k) {
 // Unmaps the control part and every chunk (the sockets' client state stays, for reuse).
 void unmap_region() {
     for (uint32_t k = 0; k < ipc::kMaxChunks; ++k) {
-        if (uint8_t *chunk = g_region.chunk(k)) munmap(chunk, ipc::kChunkBytes);
+        if (uint8_t *chunk = g_region.chunk(k)) munmap(chunk, ipc::kChunkBulkOffset);
+        if (uint8_t *bulk = g_region.bulk(k)) munmap(bulk, ipc::kChunkBulkBytes);
         g_region.chunks[k].store(nullptr, std::memory_order_relaxed);
+        g_region.bulks[k].store(nullptr, std::memory_order_relaxed);
     }
     if (g_region.base) munmap(g_region.base, ipc::kChunksOffset);
     g_region.base = nullptr;
@@ -676,6 +679,21 @@ bool map_slot(uint32_t slot) {
     return g_region.chunk(slot >> ipc::kChunkShift) || map_chunk(slot >> ipc::kChunkShift);
 }
 
+bool map_bulk(uint32_t k) {
+    if (g_region.bulk(k)) return true;
+    lock_flagged(g_chunk_mutex, tl_in_chunks);
+    bool ok = g_region.bulk(k) != nullptr;
+    if (!ok && g_region.header().ring_max_bytes > ipc::kRingBytes) {
+        void *bulk =
+            mmap(nullptr, ipc::kChunkBulkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, g_memfd.load(),
+                 static_cast<off_t>(ipc::chunk_offset(k) + ipc::kChunkBulkOffset));
+        ok = bulk != MAP_FAILED;
+        if (ok) g_region.bulks[k].store(static_cast<uint8_t *>(bulk), std::memory_order_release);
+    }
+    unlock_flagged(g_chunk_mutex, tl_in_chunks);
+    return ok;
+}
+
 bool find_socket(int fd, SocketRef &out) {
     const FdRef ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket || !g_region.base || !g_region.mapped(ref.slot()))
@@ -917,8 +935,8 @@ SocketSnapshot snapshot(const SocketRef &ref) {
     const Socket &sock = *ref.sock;
     s.dead = session_dead();
     s.flags = shm.flags.load(std::memory_order_acquire);
-    s.tx_used =
-        shm.tx_tail.load(std::memory_order_relaxed) - shm.tx_head.load(std::memory_order_acquire);
+    uint32_t tx_ring_bytes;
+    s.tx_room = ipc::tx_ring_room(shm, tx_ring_bytes);
     s.rx_available =
         shm.rx_tail.load(std::memory_order_acquire) - shm.rx_head.load(std::memory_order_relaxed);
     s.accept_available =

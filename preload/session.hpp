@@ -119,6 +119,9 @@ Socket &socket_state(uint32_t slot);
 // Maps the chunk of `slot` (a slot index the engine gave us) if this process has not yet.
 // False if it cannot be mapped (then the slot must not be used).
 bool map_slot(uint32_t slot);
+// Maps chunk `k`'s bulk rings (ipc::RegionView::bulk) if this process has not yet: when one of
+// its rings first grows. False if they cannot be (a relay session; no address space left).
+bool map_bulk(uint32_t k);
 
 // What an interposed call needs to act on an offloaded fd.
 struct SocketRef {

@@ -324,6 +324,17 @@ int main(int argc, char **argv) {
         expect_session_ended(bad, "(c2) rx_head past rx_tail");
         check_engine_ok(engine, good, "(c2) rx_head past rx_tail");
     }
+    // (c3) a tx ring size no ring may have: not a power of two, or past the largest
+    for (const uint32_t size : {3 * ipc::kRingBytes, 2 * ipc::kRingMaxBytes}) {
+        RawClient bad;
+        CHECK_OR_FAIL(bad.connect(path) == 0, "bad client (c3): hello");
+        const uint32_t s = open_socket(bad, AF_INET, "(c3)");
+        bad.slot(s).tx_ring_bytes.store(size, std::memory_order_relaxed);
+        bad.slot(s).tx_tail.store(1, std::memory_order_release);
+        bad.ring(s);
+        expect_session_ended(bad, "(c3) a tx ring size no ring may have");
+        check_engine_ok(engine, good, "(c3) a tx ring size no ring may have");
+    }
     {  // (d) requests the engine refuses one by one: the session lives on
         RawClient odd;
         CHECK_OR_FAIL(odd.connect(path) == 0, "client (d): hello");

@@ -110,7 +110,7 @@ int main(int argc, char **argv) {
                       "connect");
         int conn = -1;
         CHECK_OR_FAIL(wait_until([&] { return (conn = c.accept(L)) >= 0; }, kWaitMs), "accept");
-        std::vector<uint8_t> block(ipc::kTxRingBytes);
+        std::vector<uint8_t> block(ipc::kRingBytes);
         for (size_t k = 0; k < block.size(); ++k) block[k] = static_cast<uint8_t>(k * 7 + 3);
         CHECK_OR_FAIL(c.send(uint32_t(conn), block.data(), block.size()) == block.size(),
                       "fill the tx ring");

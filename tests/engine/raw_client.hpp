@@ -235,6 +235,9 @@ inline uint32_t open_socket(RawClient &c, int family, const char *what);
 
 class RawClient {
   public:
+    static constexpr uint32_t kMappedChunks = 4;
+    static constexpr size_t kMappedBytes = ipc::kChunksOffset + kMappedChunks * ipc::kChunkBytes;
+
     RawClient() = default;
     RawClient(const RawClient &) = delete;
     RawClient &operator=(const RawClient &) = delete;
@@ -259,11 +262,13 @@ class RawClient {
         memfd_ = fds[0];
         doorbell_ = fds[1];
         session_id_ = reply.session_id;
-        // The whole region in one sparse mapping: every chunk the engine activates is there.
-        void *base = mmap(nullptr, ipc::kRegionBytes, PROT_READ | PROT_WRITE,
-                          MAP_SHARED | MAP_NORESERVE, memfd_, 0);
+        // The control part and the first chunks, bulk rings included, in one sparse mapping:
+        // the chunks these tests' engines activate (one per worker). Not the whole region: at
+        // 8.5 GiB a chunk, a few hundred sessions of it would take all of the address space.
+        void *base = mmap(nullptr, kMappedBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
+                          memfd_, 0);
         if (base == MAP_FAILED) return -errno;
-        region_.map_contiguous(static_cast<uint8_t *>(base), ipc::kMaxChunks);
+        region_.map_contiguous(static_cast<uint8_t *>(base), kMappedChunks, true);
         if (region_.header().magic != ipc::kRegionMagic ||
             region_.header().version != ipc::kLayoutVersion)
             return -EPROTO;
@@ -278,7 +283,7 @@ class RawClient {
 
     void disconnect() {
         close_control();
-        if (region_.base) munmap(region_.base, ipc::kRegionBytes);
+        if (region_.base) munmap(region_.base, kMappedBytes);
         region_.map_contiguous(nullptr, 0);
         for (int *fd : {&memfd_, &doorbell_}) {
             if (*fd >= 0) close(*fd);
@@ -395,10 +400,10 @@ class RawClient {
         ipc::SocketSlot &s = slot(i);
         const uint32_t tail = s.tx_tail.load(std::memory_order_relaxed);
         const uint32_t head = s.tx_head.load(std::memory_order_acquire);
-        const size_t space = ipc::kTxRingBytes - (tail - head);
+        const size_t space = ipc::kRingBytes - (tail - head);  // this client never grows it
         const size_t n = std::min(space, len);
         if (n == 0) return 0;
-        ipc::ring_copy_in(region_.tx_ring(i), ipc::kTxRingBytes, tail, data, n);
+        ipc::ring_copy_in(region_.tx_ring(i, ipc::kRingBytes), ipc::kRingBytes, tail, data, n);
         s.tx_tail.store(tail + static_cast<uint32_t>(n), std::memory_order_release);
         ring(i);
         return n;
@@ -409,9 +414,11 @@ class RawClient {
         ipc::SocketSlot &s = slot(i);
         const uint32_t head = s.rx_head.load(std::memory_order_relaxed);
         const uint32_t tail = s.rx_tail.load(std::memory_order_acquire);
+        // After rx_tail: the engine stores a grown ring's size before a tail past its bytes.
+        const uint32_t bytes = ipc::ring_bytes(s.rx_ring_bytes.load(std::memory_order_acquire));
         const size_t n = std::min<size_t>(tail - head, len);
         if (n == 0) return 0;
-        ipc::ring_copy_out(region_.rx_ring(i), ipc::kRxRingBytes, head, data, n);
+        ipc::ring_copy_out(region_.rx_ring(i, bytes), bytes, head, data, n);
         s.rx_head.store(head + static_cast<uint32_t>(n), std::memory_order_release);
         full_fence();
         if (s.flags.load(std::memory_order_seq_cst) & ipc::kFlagRxPaused) ring(i);

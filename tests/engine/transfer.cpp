@@ -122,7 +122,7 @@ void run_transfer(const std::string &path, uint64_t total) {
     const auto deadline = started + std::chrono::seconds(60);
     uint64_t sent = 0, received = 0;
     bool shut = false;
-    std::vector<uint8_t> buffer(ipc::kRxRingBytes);
+    std::vector<uint8_t> buffer(ipc::kRingMaxBytes);
     bool mismatch = false;
     while (Clock::now() < deadline) {
         bool progress = false;

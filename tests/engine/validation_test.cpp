@@ -64,30 +64,52 @@ bool passed(const OptionDecision &d) {
 }  // namespace
 
 TEST_CASE("tx_tail may run at most one ring ahead of tx_head", "[rings]") {
-    CHECK(tx_tail_valid(0, 0, 0));
-    CHECK(tx_tail_valid(ipc::kTxRingBytes, 0, 0));
-    CHECK_FALSE(tx_tail_valid(ipc::kTxRingBytes + 1, 0, 0));
-    CHECK_FALSE(tx_tail_valid(1u << 30, 0, 0));
+    constexpr uint32_t kRing = ipc::kRingBytes;
+    CHECK(tx_tail_valid(0, 0, 0, kRing));
+    CHECK(tx_tail_valid(kRing, 0, 0, kRing));
+    CHECK_FALSE(tx_tail_valid(kRing + 1, 0, 0, kRing));
+    CHECK_FALSE(tx_tail_valid(1u << 30, 0, 0, kRing));
+    // A grown ring holds more.
+    CHECK(tx_tail_valid(kRing + 1, 0, 0, 2 * kRing));
+    CHECK(tx_tail_valid(ipc::kRingMaxBytes, 0, 0, ipc::kRingMaxBytes));
+    CHECK_FALSE(tx_tail_valid(ipc::kRingMaxBytes + 1, 0, 0, ipc::kRingMaxBytes));
     // Behind tx_head (a u32 "negative" distance) is a violation.
-    CHECK_FALSE(tx_tail_valid(99, 100, 0));
+    CHECK_FALSE(tx_tail_valid(99, 100, 0, kRing));
     // Wrapping free-running counters.
-    CHECK(tx_tail_valid(5, 0xfffffff0u, 0));
-    CHECK_FALSE(tx_tail_valid(0x10000u + 0x20u, 0xfffffff0u, 0));
+    CHECK(tx_tail_valid(5, 0xfffffff0u, 0, kRing));
+    CHECK_FALSE(tx_tail_valid(0x10000u + 0x20u, 0xfffffff0u, 0, kRing));
 }
 
 TEST_CASE("tx_tail may not fall behind bytes the kernel is sending", "[rings]") {
-    CHECK(tx_tail_valid(1000, 0, 1000));
-    CHECK_FALSE(tx_tail_valid(999, 0, 1000));
-    CHECK(tx_tail_valid(2000, 0, 1000));
+    CHECK(tx_tail_valid(1000, 0, 1000, ipc::kRingBytes));
+    CHECK_FALSE(tx_tail_valid(999, 0, 1000, ipc::kRingBytes));
+    CHECK(tx_tail_valid(2000, 0, 1000, ipc::kRingBytes));
 }
 
 TEST_CASE("rx_head may not pass rx_tail nor lag it by more than the ring", "[rings]") {
-    CHECK(rx_head_valid(0, 0));
-    CHECK(rx_head_valid(0, ipc::kRxRingBytes));
-    CHECK_FALSE(rx_head_valid(0, ipc::kRxRingBytes + 1));
-    CHECK_FALSE(rx_head_valid(12345, 0));
-    CHECK(rx_head_valid(0xffffff00u, 0x100u));
-    CHECK_FALSE(rx_head_valid(0x101u, 0x100u));
+    constexpr uint32_t kRing = ipc::kRingBytes;
+    CHECK(rx_head_valid(0, 0, kRing));
+    CHECK(rx_head_valid(0, kRing, kRing));
+    CHECK_FALSE(rx_head_valid(0, kRing + 1, kRing));
+    CHECK(rx_head_valid(0, kRing + 1, 2 * kRing));
+    CHECK_FALSE(rx_head_valid(12345, 0, kRing));
+    CHECK(rx_head_valid(0xffffff00u, 0x100u, kRing));
+    CHECK_FALSE(rx_head_valid(0x101u, 0x100u, kRing));
+}
+
+TEST_CASE("a ring's stored size is 0 or a power of two up to the session's largest", "[rings]") {
+    CHECK(ipc::ring_bytes(0) == ipc::kRingBytes);
+    CHECK(ipc::ring_bytes(2 * ipc::kRingBytes) == 2 * ipc::kRingBytes);
+    CHECK(ipc::ring_bytes_valid(0, ipc::kRingMaxBytes));
+    CHECK(ipc::ring_bytes_valid(2 * ipc::kRingBytes, ipc::kRingMaxBytes));
+    CHECK(ipc::ring_bytes_valid(ipc::kRingMaxBytes, ipc::kRingMaxBytes));
+    CHECK_FALSE(ipc::ring_bytes_valid(2 * ipc::kRingMaxBytes, ipc::kRingMaxBytes));
+    CHECK_FALSE(ipc::ring_bytes_valid(3 * ipc::kRingBytes, ipc::kRingMaxBytes));
+    CHECK_FALSE(ipc::ring_bytes_valid(ipc::kRingBytes / 2, ipc::kRingMaxBytes));
+    CHECK_FALSE(ipc::ring_bytes_valid(ipc::kRingBytes, ipc::kRingMaxBytes));  // that is 0
+    CHECK_FALSE(ipc::ring_bytes_valid(1u << 31, ipc::kRingMaxBytes));
+    // A relay session's rings do not grow.
+    CHECK_FALSE(ipc::ring_bytes_valid(2 * ipc::kRingBytes, ipc::kRingBytes));
 }
 
 TEST_CASE("acc_head stays within the accept ring", "[rings]") {

@@ -42,7 +42,7 @@ struct Options {
     std::string connect;
     ipc::FabricConfig config = ipc::FabricConfig::from_env();
     uint64_t bytes = 64ull << 20;
-    uint32_t ring_bytes = ipc::kTxRingBytes;
+    uint32_t ring_bytes = ipc::kRingBytes;
     uint32_t count = 1000;
     bool spin = false;
     int timeout_ms = 60000;

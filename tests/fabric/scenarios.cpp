@@ -280,13 +280,13 @@ Outcome run_basic(Side &side, int timeout_ms) {
     Driver driver(side, timeout_ms);
     Outcome outcome;
     ipc::SocketSlot &slot = side.view().slot(kDataSlot);
-    uint8_t *ring = side.view().tx_ring(kDataSlot);
+    uint8_t *ring = side.view().tx_ring(kDataSlot, ipc::kRingBytes);
     constexpr size_t kRequestBytes = 200;
     if (side.role == Role::kA) {
-        for (size_t i = 0; i < ipc::kTxRingBytes; ++i) ring[i] = stream_byte(i);
+        for (size_t i = 0; i < ipc::kRingBytes; ++i) ring[i] = stream_byte(i);
         for (size_t i = 0; i < kRequestBytes; ++i) slot.request.opt[i] = stream_byte(i + 7);
         // The ring goes in place (64 KiB), the request as a snapshot; one notification.
-        if (!driver.publish(ring, ipc::kTxRingBytes, ipc::kNoNotify) ||
+        if (!driver.publish(ring, ipc::kRingBytes, ipc::kNoNotify) ||
             !driver.publish(&slot.request, sizeof(slot.request), kDataSlot))
             return finish(driver, outcome);
         uint32_t tag = 0;
@@ -295,14 +295,14 @@ Outcome run_basic(Side &side, int timeout_ms) {
             if (slot.response.result != 0) driver.fail("B saw different bytes");
         }
         driver.drain();
-        outcome.bytes = ipc::kTxRingBytes + sizeof(slot.request);
+        outcome.bytes = ipc::kRingBytes + sizeof(slot.request);
         return finish(driver, outcome);
     }
     uint32_t tag = 0;
     if (!driver.next(tag)) return finish(driver, outcome);
     if (tag != kDataSlot) driver.fail("unexpected tag " + std::to_string(tag));
     int result = 0;
-    for (size_t i = 0; i < ipc::kTxRingBytes; ++i)
+    for (size_t i = 0; i < ipc::kRingBytes; ++i)
         if (ring[i] != stream_byte(i)) result = -EBADMSG;
     for (size_t i = 0; i < kRequestBytes; ++i)
         if (slot.request.opt[i] != stream_byte(i + 7)) result = -EBADMSG;
@@ -325,7 +325,7 @@ Outcome run_ordering(Side &side, uint32_t count, int timeout_ms) {
     constexpr uint32_t kBlocks = 16;
     auto *payload = reinterpret_cast<uint32_t *>(slot.request.opt);
     auto block = [&](uint32_t version) {
-        return reinterpret_cast<uint32_t *>(side.view().tx_ring(kDataSlot)) +
+        return reinterpret_cast<uint32_t *>(side.view().tx_ring(kDataSlot, ipc::kRingBytes)) +
                (version % kBlocks) * kBlockWords;
     };
     auto block_word = [](uint32_t version, uint32_t i) { return version * 0x9e3779b1u + i; };
@@ -409,7 +409,7 @@ Outcome run_stream(Side &side, uint64_t total, int timeout_ms, uint32_t ring_byt
     Driver driver(side, timeout_ms);
     Outcome outcome;
     ipc::SocketSlot &slot = side.view().slot(kDataSlot);
-    uint8_t *ring = side.view().tx_ring(kDataSlot);
+    uint8_t *ring = side.view().tx_ring(kDataSlot, ipc::kRingBytes);
     const uint32_t kRing = ring_bytes;
     if ((kRing & (kRing - 1)) != 0 || ipc::tx_ring_offset(kDataSlot) + kRing > side.len) {
         outcome.ok = false;

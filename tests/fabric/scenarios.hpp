@@ -25,7 +25,7 @@ inline constexpr size_t kMirrorBytes = ipc::tx_ring_offset(0) + ipc::kRingPairBy
 // for the default (64 KiB), longer for measuring the transport with a larger window.
 constexpr size_t mirror_bytes(uint32_t ring_bytes) {
     return ipc::tx_ring_offset(0) +
-           (ring_bytes > ipc::kTxRingBytes ? ring_bytes : ipc::kRingPairBytes);
+           (ring_bytes > ipc::kRingBytes ? ring_bytes : ipc::kRingPairBytes);
 }
 
 enum class Role { kA, kB };
@@ -81,7 +81,7 @@ Outcome run_ordering(Side &side, uint32_t count, int timeout_ms);
 // exceed the layout's 64 KiB to measure with a larger window; the region must then be
 // mirror_bytes(ring_bytes) long.
 Outcome run_stream(Side &side, uint64_t total, int timeout_ms,
-                   uint32_t ring_bytes = ipc::kTxRingBytes);
+                   uint32_t ring_bytes = ipc::kRingBytes);
 
 // Ping-pong of 4-byte index publishes: A publishes tx_tail = i, B answers tx_head = i.
 // Reports the one-way latency (half the round trip), median and 99th percentile.

@@ -20,6 +20,8 @@
 //   mt-send PORT T N                 T threads send N whole records each on one socket
 //   mt-accept PORTFILE T N           T threads in accept() on one listener, N connections
 //   pingpong N                       two threads, two offloaded sockets, N messages each way
+//   stream MIB                       two offloaded sockets, MIB MiB each way at once, sends
+//                                    and receives of varying sizes and pauses, every byte checked
 //   victim-recv PORT, victim-accept PORTFILE PORT, victim-epoll PORT
 //                                    block, and check what the engine's end does to them
 #include <arpa/inet.h>
@@ -31,6 +33,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -471,9 +474,11 @@ int mode_mt_accept(const char *port_file, int threads, int count) {
     return 0;
 }
 
-// Two threads bounce a counter through two offloaded sockets, every message a sleep and a
-// wake-up when the engine and the threads do not spin. A lost wake-up is a recv that times out.
-int mode_pingpong(int count) {
+// Both ends of one loopback connection in this process, all of it offloaded.
+struct Connection {
+    int listener, client, server;
+};
+Connection offloaded_connection() {
     const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr = loopback(0);
     socklen_t len = sizeof(addr);
@@ -488,6 +493,13 @@ int mode_pingpong(int count) {
     if (server < 0) die("accept: %s", std::strerror(errno));
     require_offloaded(client, "the client socket");
     require_offloaded(server, "the server socket");
+    return {listener, client, server};
+}
+
+// Two threads bounce a counter through two offloaded sockets, every message a sleep and a
+// wake-up when the engine and the threads do not spin. A lost wake-up is a recv that times out.
+int mode_pingpong(int count) {
+    const auto [listener, client, server] = offloaded_connection();
     const timeval limit{5, 0};  // a message takes microseconds; 5 s means it was lost
     setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
     setsockopt(server, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
@@ -730,6 +742,77 @@ uint16_t to_port(const char *text) {
 
 }  // namespace
 
+// The byte at position `pos` of direction `dir`'s stream.
+uint8_t stream_byte(int dir, uint64_t pos) {
+    return static_cast<uint8_t>((pos * 131 + (pos >> 9) + static_cast<uint64_t>(dir) * 7) & 0xff);
+}
+
+// Both directions of one connection stream `mib` MiB at once: each sender writes pieces of
+// 1 B to 300 KiB, each receiver reads pieces of varying sizes (some with readv into two
+// buffers) and now and then stops for a moment, so the rings fill, grow and drain in every
+// order. Every byte is checked against its position in the stream.
+int mode_stream(int mib) {
+    const auto [listener, client, server] = offloaded_connection();
+    set_timeouts(client, kWaitSeconds);
+    set_timeouts(server, kWaitSeconds);
+    const uint64_t total = static_cast<uint64_t>(mib) << 20;
+    auto sender = [&](int fd, int dir) {
+        std::vector<uint8_t> piece(300 * 1024);
+        uint64_t pos = 0, lcg = 12345 + static_cast<uint64_t>(dir);
+        while (pos < total) {
+            lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+            const size_t want = std::min<uint64_t>(1 + (lcg >> 33) % piece.size(), total - pos);
+            for (size_t k = 0; k < want; ++k) piece[k] = stream_byte(dir, pos + k);
+            size_t done = 0;
+            while (done < want) {
+                const ssize_t n = send(fd, piece.data() + done, want - done, MSG_NOSIGNAL);
+                if (n <= 0)
+                    die("stream %d: send at %lu: %s", dir, pos + done, std::strerror(errno));
+                done += static_cast<size_t>(n);
+            }
+            pos += want;
+        }
+    };
+    auto receiver = [&](int fd, int dir) {
+        std::vector<uint8_t> buffer(300 * 1024);
+        uint64_t pos = 0, lcg = 777 + static_cast<uint64_t>(dir), next_pause = 8 << 20;
+        while (pos < total) {
+            lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+            const size_t want = 1 + (lcg >> 33) % buffer.size();
+            ssize_t n;
+            if (lcg & 1) {
+                const size_t first = want / 2;
+                iovec parts[2] = {{buffer.data(), first}, {buffer.data() + first, want - first}};
+                n = readv(fd, parts, 2);
+            } else {
+                n = recv(fd, buffer.data(), want, 0);
+            }
+            if (n <= 0) die("stream %d: recv at %lu: %zd (%s)", dir, pos, n, std::strerror(errno));
+            for (ssize_t k = 0; k < n; ++k)
+                if (buffer[static_cast<size_t>(k)] !=
+                    stream_byte(dir, pos + static_cast<uint64_t>(k)))
+                    die("stream %d: byte %lu is %u, not %u", dir, pos + static_cast<uint64_t>(k),
+                        buffer[static_cast<size_t>(k)],
+                        stream_byte(dir, pos + static_cast<uint64_t>(k)));
+            pos += static_cast<uint64_t>(n);
+            if (pos >= next_pause) {  // a reader that stops: the sender fills the rings
+                next_pause += 8 << 20;
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            }
+        }
+    };
+    const auto start = Clock::now();
+    std::thread a_to_b(sender, client, 0), b_to_a(sender, server, 1);
+    std::thread b_reads(receiver, server, 0), a_reads(receiver, client, 1);
+    for (std::thread *t : {&a_to_b, &b_to_a, &b_reads, &a_reads}) t->join();
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    close(client);
+    close(server);
+    close(listener);
+    say("stream: %d MiB each way, every byte checked, in %.2f s", mib, seconds);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     const int given = argc - 2;
@@ -753,6 +836,7 @@ int main(int argc, char **argv) {
         return mode_mt_send(to_port(argv[2]), to_int(argv[3]), to_int(argv[4]));
     if (wants("mt-accept", 3)) return mode_mt_accept(argv[2], to_int(argv[3]), to_int(argv[4]));
     if (wants("pingpong", 1)) return mode_pingpong(to_int(argv[2]));
+    if (wants("stream", 1)) return mode_stream(to_int(argv[2]));
     if (wants("victim-recv", 1)) return mode_victim_recv(to_port(argv[2]));
     if (wants("victim-accept", 2)) return mode_victim_accept(argv[2], to_port(argv[3]));
     if (wants("victim-epoll", 1)) return mode_victim_epoll(to_port(argv[2]));

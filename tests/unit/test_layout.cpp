@@ -34,22 +34,29 @@ TEST_CASE("the region's parts follow each other page aligned and without overlap
                           kChunkSlotsOffset, kChunkRingsOffset, kChunkBytes})
         CHECK(offset % kPageSize == 0);
     CHECK(kRegionBytes == kChunksOffset + size_t{kMaxChunks} * kChunkBytes);
-    CHECK(kRemoteRegionBytes == chunk_offset(1));
+    CHECK(kRemoteRegionBytes == chunk_offset(0) + kChunkBulkOffset);
 }
 
 TEST_CASE("each slot's tx and rx rings are disjoint, adjacent and inside its chunk") {
     for (uint32_t slot : {0u, 1u, kChunkSlots - 1, kChunkSlots, kMaxSockets - 1}) {
         const uint32_t chunk = slot >> kChunkShift;
         CHECK(tx_ring_offset(slot) % kPageSize == 0);
-        CHECK(rx_ring_offset(slot) == tx_ring_offset(slot) + kTxRingBytes);
+        CHECK(rx_ring_offset(slot) == tx_ring_offset(slot) + kRingBytes);
         CHECK(tx_ring_offset(slot) >= chunk_offset(chunk) + kChunkRingsOffset);
-        CHECK(rx_ring_offset(slot) + kRxRingBytes <= chunk_offset(chunk + 1));
+        CHECK(rx_ring_offset(slot) + kRingBytes <= chunk_offset(chunk) + kChunkBulkOffset);
         CHECK(slot_offset(slot) + sizeof(SocketSlot) <= chunk_offset(chunk) + kChunkRingsOffset);
-        if ((slot & kChunkMask) != kChunkMask)
-            CHECK(tx_ring_offset(slot + 1) == rx_ring_offset(slot) + kRxRingBytes);
+        // The bulk rings, after every small ring of the chunk.
+        CHECK(bulk_rings_offset(slot) % kPageSize == 0);
+        CHECK(bulk_rings_offset(slot) >= chunk_offset(chunk) + kChunkBulkOffset);
+        CHECK(bulk_rings_offset(slot) + kBulkPairBytes <= chunk_offset(chunk + 1));
+        if ((slot & kChunkMask) != kChunkMask) {
+            CHECK(tx_ring_offset(slot + 1) == rx_ring_offset(slot) + kRingBytes);
+            CHECK(bulk_rings_offset(slot + 1) == bulk_rings_offset(slot) + kBulkPairBytes);
+        }
     }
-    CHECK(rx_ring_offset(kChunkSlots - 1) + kRxRingBytes == chunk_offset(1));
-    CHECK(rx_ring_offset(kMaxSockets - 1) + kRxRingBytes == kRegionBytes);
+    CHECK(rx_ring_offset(kChunkSlots - 1) + kRingBytes == kChunkBulkOffset + chunk_offset(0));
+    CHECK(bulk_rings_offset(kChunkSlots - 1) + kBulkPairBytes == chunk_offset(1));
+    CHECK(bulk_rings_offset(kMaxSockets - 1) + kBulkPairBytes == kRegionBytes);
 }
 
 TEST_CASE("a slot's client-written and engine-written fields sit on separate cache lines") {
@@ -92,10 +99,10 @@ TEST_CASE("the constants satisfy the invariants the protocol depends on") {
     CHECK(kClientSlots < kChunkSlots);
     CHECK(kMaxSockets == kChunkSlots * kMaxChunks);
     CHECK(kMaxSockets >= 1'000'000);  // as many sockets as fs.nr_open lets a process have
-    CHECK((kTxRingBytes & (kTxRingBytes - 1)) == 0);
-    CHECK((kRxRingBytes & (kRxRingBytes - 1)) == 0);
+    CHECK((kRingBytes & (kRingBytes - 1)) == 0);
+    CHECK((kRingMaxBytes & (kRingMaxBytes - 1)) == 0);
     CHECK((kAcceptRingEntries & (kAcceptRingEntries - 1)) == 0);
-    CHECK(uint64_t{kTxRingBytes} < (uint64_t{1} << 31));  // tail - head fits in an int32 diff
+    CHECK(uint64_t{kRingMaxBytes} < (uint64_t{1} << 31));  // tail - head fits in an int32 diff
     CHECK(kRegionMagic == 0x53504354u);
     CHECK(kLayoutVersion >= 1);
     CHECK(kOpCount == static_cast<uint32_t>(Op::kLeaveDirect) + 1);
@@ -109,7 +116,7 @@ TEST_CASE("a region view addresses each record at its documented offset") {
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     REQUIRE(mem != MAP_FAILED);
     RegionView view;
-    view.map_contiguous(static_cast<uint8_t *>(mem), 2);
+    view.map_contiguous(static_cast<uint8_t *>(mem), 2, true);
     auto at = [&](const void *p) {
         return static_cast<size_t>(static_cast<const uint8_t *>(p) - view.base);
     };
@@ -121,8 +128,18 @@ TEST_CASE("a region view addresses each record at its documented offset") {
     CHECK(at(&view.work_entry(0, 1)) == chunk_offset(0) + kChunkQueueOffset + sizeof(WorkEntry));
     CHECK(at(&view.slot(0)) == slot_offset(0));
     CHECK(at(&view.slot(kChunkSlots + 5)) == slot_offset(kChunkSlots + 5));
-    CHECK(at(view.tx_ring(3)) == tx_ring_offset(3));
-    CHECK(at(view.rx_ring(kChunkSlots + 3)) == rx_ring_offset(kChunkSlots + 3));
+    CHECK(at(view.tx_ring(3, kRingBytes)) == tx_ring_offset(3));
+    CHECK(at(view.rx_ring(kChunkSlots + 3, kRingBytes)) == rx_ring_offset(kChunkSlots + 3));
+    // A grown ring is in the bulk rings, whatever its size.
+    CHECK(at(view.tx_ring(3, 2 * kRingBytes)) == bulk_rings_offset(3));
+    CHECK(at(view.tx_ring(3, kRingMaxBytes)) == bulk_rings_offset(3));
+    CHECK(at(view.rx_ring(kChunkSlots + 3, kRingMaxBytes)) ==
+          bulk_rings_offset(kChunkSlots + 3) + kRingMaxBytes);
+    // A relay session's view (no bulk rings) has none to give.
+    RegionView relay_view;
+    relay_view.map_contiguous(static_cast<uint8_t *>(mem), 1);
+    CHECK(relay_view.bulk(0) == nullptr);
+    CHECK(at(relay_view.rx_ring(5, kRingBytes)) == rx_ring_offset(5));
     CHECK(at(&view.held_word(2, kChunkSlots + 130)) == held_offset(2, 1) + 2 * sizeof(uint64_t));
     CHECK(view.mapped(kChunkSlots * 2 - 1));
     CHECK_FALSE(view.mapped(kChunkSlots * 2));

@@ -128,13 +128,76 @@ TEST_CASE("a gather then a scatter with different iovec shapes preserve the byte
 }
 
 TEST_CASE("the real ring sizes wrap like the small one") {
-    std::vector<uint8_t> ring(kRxRingBytes, 0);
+    std::vector<uint8_t> ring(kRingBytes, 0);
     auto src = pattern(4096, 3);
-    const uint32_t pos = 5 * kRxRingBytes - 1000;
-    ring_copy_in(ring.data(), kRxRingBytes, pos, src.data(), src.size());
+    const uint32_t pos = 5 * kRingBytes - 1000;
+    ring_copy_in(ring.data(), kRingBytes, pos, src.data(), src.size());
     std::vector<uint8_t> dst(4096);
-    ring_copy_out(ring.data(), kRxRingBytes, pos, dst.data(), dst.size());
+    ring_copy_out(ring.data(), kRingBytes, pos, dst.data(), dst.size());
     CHECK(dst == src);
-    CHECK(ring[kRxRingBytes - 1000] == 3);
+    CHECK(ring[kRingBytes - 1000] == 3);
     CHECK(ring[0] == static_cast<uint8_t>(3 + 1000));
+}
+
+// Growing rings (ring_room, ring_regrow): the byte at stream position p, so a read can be checked.
+uint8_t stream_at(uint32_t pos) {
+    return static_cast<uint8_t>(pos * 7 + (pos >> 8));
+}
+
+std::vector<uint8_t> stream(uint32_t from, uint32_t to) {
+    std::vector<uint8_t> bytes;
+    for (uint32_t p = from; p != to; ++p) bytes.push_back(stream_at(p));
+    return bytes;
+}
+
+std::vector<uint8_t> read_ring(const uint8_t *ring, uint32_t bytes, uint32_t from, uint32_t to) {
+    std::vector<uint8_t> out(to - from);
+    ring_copy_out(ring, bytes, from, out.data(), out.size());
+    return out;
+}
+
+TEST_CASE("a ring moved into a bigger one keeps its bytes at their stream positions") {
+    for (uint32_t head : {0u, 10u, kRing - 1, 5 * kRing + 17, 0xffffffe0u}) {
+        for (uint32_t used : {0u, 1u, kRing / 2, kRing}) {
+            const uint32_t tail = head + used;
+            std::vector<uint8_t> small(kRing), big(2 * kRing, 0xee);
+            auto bytes = stream(head, tail);
+            ring_copy_in(small.data(), kRing, head, bytes.data(), bytes.size());
+            ring_regrow(small.data(), kRing, big.data(), 2 * kRing, head, tail);
+            CHECK(read_ring(big.data(), 2 * kRing, head, tail) == bytes);
+            CHECK(read_ring(small.data(), kRing, head, tail) == bytes);  // left as it was
+        }
+    }
+}
+
+TEST_CASE("a ring doubled in place keeps its bytes for a reader of either size") {
+    // The producer doubles a full ring of kRing at tail, in place, then fills what ring_room
+    // allows under the new size while the consumer has not moved: a consumer that still reads
+    // with the old size must find every byte it was shown, one with the new size all of them.
+    for (uint32_t head : {0u, 1u, kRing / 2, kRing - 1, kRing, 3 * kRing + 5, 0xffffffc0u + 3}) {
+        std::vector<uint8_t> ring(2 * kRing, 0xee);
+        const uint32_t tail = head + kRing;  // full
+        auto before = stream(head, tail);
+        ring_copy_in(ring.data(), kRing, head, before.data(), before.size());
+        ring_regrow(ring.data(), kRing, ring.data(), 2 * kRing, head, tail);
+        CHECK(read_ring(ring.data(), kRing, head, tail) == before);
+        CHECK(read_ring(ring.data(), 2 * kRing, head, tail) == before);
+        // Nothing fits until the consumer reads; then only what keeps the old bytes intact.
+        CHECK(ring_room(2 * kRing, kRing, tail, head, tail) == 0);
+        for (uint32_t consumed : {1u, kRing / 3, kRing - 1}) {
+            const uint32_t now_head = head + consumed;
+            std::vector<uint8_t> copy = ring;
+            const uint32_t room = ring_room(2 * kRing, kRing, tail, now_head, tail);
+            CHECK(room == consumed);
+            auto more = stream(tail, tail + room);
+            ring_copy_in(copy.data(), 2 * kRing, tail, more.data(), more.size());
+            CHECK(read_ring(copy.data(), kRing, now_head, tail) == stream(now_head, tail));
+            CHECK(read_ring(copy.data(), 2 * kRing, now_head, tail + room) ==
+                  stream(now_head, tail + room));
+        }
+        // Once the consumer is past the doubling, the whole ring is the producer's.
+        CHECK(ring_room(2 * kRing, kRing, tail, tail, tail) == 2 * kRing);
+        CHECK(ring_room(2 * kRing, kRing, tail, tail + 1, tail + 1) == 2 * kRing);
+        CHECK(ring_room(2 * kRing, 0, 0, head, tail) == kRing);
+    }
 }
