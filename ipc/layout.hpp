@@ -69,7 +69,7 @@ inline constexpr uint32_t kClientSlots = 1024;
 // Relay sessions keep kRingBytes (their one chunk is mirrored over the fabric without bulk
 // rings).
 inline constexpr uint32_t kRingBytes = 64 * 1024;
-inline constexpr uint32_t kRingMaxBytes = 1024 * 1024;
+inline constexpr uint32_t kRingMaxBytes = 2048 * 1024;
 
 // Connections accepted by the engine but not yet taken by the application's accept().
 inline constexpr uint32_t kAcceptRingEntries = 64;
@@ -516,7 +516,7 @@ inline constexpr size_t kChunkRingsOffset =
     align_up(kChunkSlotsOffset + size_t{kChunkSlots} * sizeof(SocketSlot), kPageSize);
 // Each slot's small rings (tx then rx, kRingBytes each), then each slot's bulk rings (tx then
 // rx, kRingMaxBytes each), which a ring moves to when it first grows. A chunk is mapped in two
-// pieces: up to its bulk rings when it is first used, its bulk rings (8 GiB of address space)
+// pieces: up to its bulk rings when it is first used, its bulk rings (16 GiB of address space)
 // only when one of its rings first grows, so a family whose rings never grow costs no more
 // address space than before them. Only the pages a grown ring has used hold memory.
 inline constexpr size_t kRingPairBytes = size_t{2} * kRingBytes;

@@ -264,7 +264,7 @@ class RawClient {
         session_id_ = reply.session_id;
         // The control part and the first chunks, bulk rings included, in one sparse mapping:
         // the chunks these tests' engines activate (one per worker). Not the whole region: at
-        // 8.5 GiB a chunk, a few hundred sessions of it would take all of the address space.
+        // 16.5 GiB a chunk, a few hundred sessions of it would take all of the address space.
         void *base = mmap(nullptr, kMappedBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
                           memfd_, 0);
         if (base == MAP_FAILED) return -errno;
