@@ -58,9 +58,9 @@ struct EngineSlot {
     uint32_t rx_ring = ipc::kRingBytes;
     uint32_t rx_before = 0;
     uint32_t rx_grown_at = 0;
-    uint32_t rx_full_at = 0;  // the client's rx_head when we last found the ring full
-    uint64_t rx_charged = 0;  // the rx ring's growth, charged to quota_uid
-    bool bulk_used = false;   // a ring grew: its bulk rings hold pages to give back
+    uint32_t rx_head_at_growth = 0;  // the client's rx_head at the last doubling
+    uint64_t rx_charged = 0;         // the rx ring's growth, charged to quota_uid
+    bool bulk_used = false;          // a ring grew: its bulk rings hold pages to give back
 
     // Room the rx ring has for us to fill (ipc::ring_room); forgets the last doubling once the
     // client has read past it, before the free-running indices could wrap onto it.

@@ -812,11 +812,11 @@ void Worker::post_recv(Session &s, uint32_t i) {
                              es.rx_tail);
         es.rx_head = rx_head;
         if (es.rx_room() == 0) {
-            // Still full. A client that read a whole ring since the ring was last full reads a
-            // stream: give it a bigger ring, as Linux grows the receive buffer of a socket
-            // whose reader keeps up. One that does not read keeps its ring.
-            const bool streaming = es.rx_head - es.rx_full_at >= es.rx_ring;
-            es.rx_full_at = es.rx_head;
+            // Still full. A client that has read a whole ring since the last doubling (or
+            // since the start) reads a stream: give it a bigger ring, as Linux grows the
+            // receive buffer of a socket whose reader keeps up. One that stopped reading
+            // keeps its ring (it grows at most once more).
+            const bool streaming = es.rx_head - es.rx_head_at_growth >= es.rx_ring;
             if (!streaming || !grow_rx(s, i) || es.rx_room() == 0) return;
         }
     }
@@ -867,6 +867,7 @@ bool Worker::grow_rx(Session &s, uint32_t i) {
     // Moving out of the small rings needs no care: nobody writes there again.
     es.rx_before = es.rx_ring > ipc::kRingBytes ? es.rx_ring : 0;
     es.rx_grown_at = es.rx_tail;
+    es.rx_head_at_growth = es.rx_head;
     es.rx_ring = bigger;
     es.bulk_used = true;
     s.region.slot(i).rx_ring_bytes.store(bigger, std::memory_order_release);
@@ -2109,7 +2110,7 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.urgent_tail.store(0, std::memory_order_relaxed);
     slot.direct_tail.store(0, std::memory_order_relaxed);
     for (auto *word :
-         {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at, &slot.tx_full_at})
+         {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at, &slot.tx_head_at_growth})
         word->store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held; the request lock stays with the thread that
     // waits for our answer to kSocket.

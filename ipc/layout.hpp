@@ -394,9 +394,9 @@ struct alignas(kCacheLine) SocketSlot {
     // (ring_room()), so it never writes where the engine may still send older bytes from.
     std::atomic<uint32_t> tx_ring_before;
     std::atomic<uint32_t> tx_grown_at;
-    // tx_head when a send last found the ring full: the client grows the ring only for a stream
-    // the engine has sent a whole ring of since then (one whose peer reads).
-    std::atomic<uint32_t> tx_full_at;
+    // tx_head at the last doubling: the client grows the ring only for a stream the engine has
+    // sent a whole ring of since then (one whose peer reads).
+    std::atomic<uint32_t> tx_head_at_growth;
     uint32_t client_reserved[12];
 };
 static_assert(sizeof(SocketSlot) % kCacheLine == 0, "slots are whole cache lines");

@@ -181,11 +181,11 @@ void socket_unhold(const SocketRef &ref) {
 
 namespace {
 
-// Doubles the tx ring when a send finds it full and the engine has sent a whole ring since it
-// was last full: a stream whose peer reads, for which Linux would grow the send buffer
-// (docs/architecture.md, "Rings that grow"). Under the tx lock. The queued bytes are copied to
-// their places in the bigger ring (ipc::ring_regrow), which the engine uses once it sees a
-// tail past them; a send it has in flight reads them where they were.
+// Doubles the tx ring when a send finds it full and the engine has sent a whole ring since the
+// last doubling (or since the start): a stream whose peer reads, for which Linux would grow the
+// send buffer (docs/architecture.md, "Rings that grow"). Under the tx lock. The queued bytes are
+// copied to their places in the bigger ring (ipc::ring_regrow), which the engine uses once it sees
+// a tail past them; a send it has in flight reads them where they were.
 bool grow_tx(const SocketRef &ref, uint32_t ring_bytes) {
     ipc::SocketSlot &shm = *ref.shm;
     const uint32_t head = shm.tx_head.load(std::memory_order_acquire);
@@ -193,8 +193,8 @@ bool grow_tx(const SocketRef &ref, uint32_t ring_bytes) {
     // Full at its whole size: so past the last doubling's limit, whose readers of an older size
     // a second doubling could no longer spare (ipc::ring_room).
     if (tail - head < ring_bytes) return false;
-    const bool streaming = head - shm.tx_full_at.load(std::memory_order_relaxed) >= ring_bytes;
-    shm.tx_full_at.store(head, std::memory_order_relaxed);
+    const bool streaming =
+        head - shm.tx_head_at_growth.load(std::memory_order_relaxed) >= ring_bytes;
     if (!streaming || ring_bytes >= region().header().ring_max_bytes ||
         !map_bulk(ref.slot >> ipc::kChunkShift))
         return false;
@@ -205,6 +205,7 @@ bool grow_tx(const SocketRef &ref, uint32_t ring_bytes) {
     shm.tx_ring_before.store(ring_bytes > ipc::kRingBytes ? ring_bytes : 0,
                              std::memory_order_relaxed);
     shm.tx_grown_at.store(tail, std::memory_order_relaxed);
+    shm.tx_head_at_growth.store(head, std::memory_order_relaxed);
     // Before the next tx_tail (release), which the engine loads first.
     shm.tx_ring_bytes.store(bigger, std::memory_order_relaxed);
     return true;
