@@ -164,7 +164,10 @@ void run_transfer(const std::string &path, uint64_t total) {
     CHECK_OR_FAIL(reader_ok.load(),
                   "kernel peer got %" PRIu64 " of %" PRIu64 " bytes (or bad data)",
                   reader_bytes.load(), total);
-    CHECK_OR_FAIL((s.flags.load() & ipc::kFlagTxShut) != 0, "kFlagTxShut not set");
+    // The kernel peer can read the last bytes before the engine has reaped their send's
+    // completion, which is when it applies the shutdown queued behind them and says so.
+    CHECK_OR_FAIL(wait_until([&] { return (s.flags.load() & ipc::kFlagTxShut) != 0; }, 5000),
+                  "kFlagTxShut not set within 5 s of the peer reading every byte");
 
     CHECK_OR_FAIL(client.request_result(slot, uint32_t(ipc::Op::kClose)) == 0, "kClose");
     CHECK_OR_FAIL(
