@@ -27,6 +27,7 @@
 #include "control.hpp"
 #include "control_listener.hpp"
 #include "log.hpp"
+#include "parked.hpp"
 #include "quota.hpp"
 #include "remote.hpp"
 #include "session.hpp"
@@ -141,6 +142,8 @@ class Engine {
     void log_stats();
     // The elastic engine's window (--min-workers): which workers take new connections.
     void rebalance(uint64_t now);
+    // Drops parked bytes nobody claimed in time (engine/parked.hpp), saying so.
+    void expire_parked(uint64_t now);
     // The least loaded of the workers that take new families.
     Worker *pick_home();
     void stop_workers();
@@ -253,6 +256,18 @@ void Engine::rebalance(uint64_t now) {
                      workers_.size(), busy[0], busy.size() > 1 ? busy[1] : 0);
 }
 
+void Engine::expire_parked(uint64_t now) {
+    uint64_t bytes = 0;
+    const size_t count = parked_bytes().expire(now, bytes);
+    if (count > 0)
+        log_line(
+            "engine: %llu bytes received on %zu sockets passed on with SCM_RIGHTS were not "
+            "read by the sender and never claimed by a receiver with tcps within %llu s: "
+            "dropped",
+            static_cast<unsigned long long>(bytes), count,
+            static_cast<unsigned long long>(kParkedLifetimeNs / 1'000'000'000));
+}
+
 void Engine::log_stats() {
     forget_freed_sessions();
     log_line("engine: %zu sessions known by id", session_workers_.size());
@@ -266,7 +281,8 @@ void Engine::log_stats() {
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
-            "%llu rx %llu, violations %llu, busy %llu%%%s%s",
+            "%llu rx %llu, passed-on bytes parked %llu adopted sockets %llu served %llu, "
+            "violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -278,6 +294,9 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
             static_cast<unsigned long long>(st.tx_rings_grown.load()),
             static_cast<unsigned long long>(st.rx_rings_grown.load()),
+            static_cast<unsigned long long>(st.parked_bytes.load()),
+            static_cast<unsigned long long>(st.adopted.load()),
+            static_cast<unsigned long long>(st.unparked_bytes.load()),
             static_cast<unsigned long long>(st.violations.load()),
             static_cast<unsigned long long>(st.load_percent.load()),
             workers_[k]->saturated() ? " (saturated)" : "",
@@ -576,6 +595,9 @@ int Engine::run() {
         links_.add_pollfds(fds);
         next_deadline = std::min(next_deadline, links_.next_deadline_ns());
         next_deadline = std::min(next_deadline, next_rebalance_ns_);
+        // Parked bytes expire (expire_parked): look once a second while some wait.
+        if (parked_bytes().entries() > 0)
+            next_deadline = std::min(next_deadline, monotonic_ns() + 1'000'000'000);
         int timeout_ms = -1;
         if (next_deadline != UINT64_MAX) {
             const uint64_t now = monotonic_ns();
@@ -594,6 +616,7 @@ int Engine::run() {
             (void)ignored;
         }
         if (g_dump_stats.exchange(false)) log_stats();
+        expire_parked(monotonic_ns());
         if (elastic_ && monotonic_ns() >= next_rebalance_ns_) {
             const uint64_t now = monotonic_ns();
             rebalance(now);

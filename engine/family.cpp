@@ -158,7 +158,8 @@ void Worker::handle_message(ShardMessage &message) {
             break;
         case Type::kHandoff:
             if (live && message.member < ipc::kMaxMembers)
-                start_handoff(*s, message.member, static_cast<int32_t>(message.slot));
+                start_handoff(*s, message.member, static_cast<int32_t>(message.slot),
+                              message.seq != 0);
             break;
         case Type::kHandoffDone:
             if (live && message.member < ipc::kMaxMembers) {

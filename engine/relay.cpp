@@ -588,6 +588,10 @@ void Relay::on_control(Client &c) {
                 // The kernel socket is on the engine's host: it cannot be handed back here.
                 send_reply(control, ipc::ControlType::kHandoffReply, -EOPNOTSUPP, 0, s.id);
                 break;
+            case ipc::ControlType::kAdoptSocket:
+                // Nor can a kernel socket of this host be served from there: it stays here.
+                send_reply(control, ipc::ControlType::kAdoptSocketReply, -EOPNOTSUPP, -1, s.id);
+                break;
             default:
                 return client_gone(c, "unexpected control message");
         }

@@ -115,8 +115,13 @@ struct EngineSlot {
     // closing it only drops our descriptor. handoff_member waits for the answer; handoff_kept
     // of the rx ring's unread bytes are still in the kernel socket (peeked), so not lost.
     bool handed_off = false;
+    bool handoff_park = false;  // the unread bytes go to ParkedBytes (ipc::kHandoffPark)
     uint16_t handoff_member = kNoMember;
     uint32_t handoff_kept = 0;
+    // An adopted socket's parked bytes (kAdoptSocket, engine/parked.hpp): they go into the rx
+    // ring, from prefix_at on, before anything is received from the kernel socket.
+    std::unique_ptr<std::vector<uint8_t>> prefix;
+    uint32_t prefix_at = 0;
 
     // An accepted connection's first receive is a MSG_PEEK: its bytes go into the rx ring and
     // stay in the kernel socket too, as do the bytes that follow (peeked again) while the

@@ -24,6 +24,7 @@
 #include "fence.hpp"
 #include "identity.hpp"
 #include "log.hpp"
+#include "parked.hpp"
 #include "quota.hpp"
 #include "remote.hpp"
 #include "ring.hpp"
@@ -783,6 +784,8 @@ void Worker::post_recv(Session &s, uint32_t i) {
     if (es.recv_posted || es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagConnected) ||
         (es.flags & (ipc::kFlagRxEof | ipc::kFlagReset)) || es.handed_off || es.kernel_served)
         return;
+    // An adopted socket's parked bytes come before anything its kernel socket holds.
+    if (es.prefix && !feed_prefix(s, i)) return;
     if (es.direct == EngineSlot::Direct::kRecv) return post_direct(s, i);  // instead of the ring
     if (es.rx_direct) return post_direct_wait(s, i);  // the next direct receive takes them
     if (es.peeking) {
@@ -799,18 +802,8 @@ void Worker::post_recv(Session &s, uint32_t i) {
         es.peek_posted = true;
         return;
     }
-    ipc::SocketSlot &slot = s.region.slot(i);
     if (es.rx_room() == 0) {
-        // Full: pause, then look at rx_head once more so a client that freed space just
-        // before seeing the flag is not missed (it rings only when it sees the flag).
-        if (!(es.flags & ipc::kFlagRxPaused))
-            publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
-        full_fence();
-        const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
-        if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring))
-            return violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
-                             es.rx_tail);
-        es.rx_head = rx_head;
+        if (!pause_full_rx(s, i)) return;
         if (es.rx_room() == 0) {
             // Still full. A client that has read a whole ring since the last doubling (or
             // since the start) reads a stream: give it a bigger ring, as Linux grows the
@@ -1677,12 +1670,14 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     const auto type = static_cast<ipc::ControlType>(msg.type);
     if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
     if (type == ipc::ControlType::kRegisterMem) return register_mem(s, member, msg, fd);
+    if (type == ipc::ControlType::kAdoptSocket) return adopt_socket(s, member, fd, creds);
     if (fd >= 0) close(fd);
     if (type == ipc::ControlType::kDeregisterMem) return deregister_mem(s, member, msg.arg);
     if (type == ipc::ControlType::kNewSocket) return new_socket(s, member, msg.arg, creds);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
-    if (type == ipc::ControlType::kHandoff) return start_handoff(s, member, msg.arg);
+    if (type == ipc::ControlType::kHandoff)
+        return start_handoff(s, member, msg.arg, msg.reserved & ipc::kHandoffPark);
     violation(s, "unexpected control message type %u", msg.type);
 }
 
@@ -1724,6 +1719,124 @@ void Worker::new_socket(Session &s, uint32_t member, int family, const ipc::Cont
     reply.session_id = s.id;
     if (!reply_control(s, member, reply) && i != kNoSlot && !s.ending)
         start_close(s, i, true);  // nobody will ever hold it
+}
+
+void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds) {
+    const Member &m = s.members[member];
+    int result = 0;
+    int family = 0;
+    uint32_t i = kNoSlot;
+    uint64_t parked = 0;
+    if (s.client_slots != 0) {
+        if (fd >= 0) close(fd);
+        return violation(s, "kAdoptSocket in a session whose client claims");
+    }
+    if (fd < 0) {
+        result = -EBADF;
+    } else if (!creds.present || creds.pid != m.creds.pid) {
+        result = -EPERM;  // as kNewSocket: the socket counts against the sender's own uid
+    } else if ((result = adoptable_socket(fd, family)) == 0) {
+        // Saturated (seed 003): the socket stays with the kernel, unless bytes received
+        // before it was passed on wait for it here (they must come first).
+        if (gauge_.saturated() && !parked_bytes().holds(fd)) {
+            result = -EBUSY;
+        } else if ((result = quotas().charge(creds.uid, 1, kSocketBytes)) == 0) {
+            i = take_free_slot(s);
+            if (i == kNoSlot) {
+                quotas().release(creds.uid, 1, kSocketBytes);
+                result = -EMFILE;  // the family has all 2^20 of its slots
+            }
+        }
+    }
+    if (i != kNoSlot) {
+        init_slot(s, i, fd, family, ipc::kFlagConnected | ipc::kFlagBound);
+        EngineSlot &es = s.slots[i];
+        es.quota_uid = creds.uid;
+        // The application's low-water mark is the engine's to keep (ops.cpp); the kernel
+        // socket's goes back to 1 so that receives keep filling the ring.
+        int lowat = 1;
+        socklen_t len = sizeof(lowat);
+        if (getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0 && lowat > 1) {
+            es.rcvlowat = lowat;
+            const int one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+        }
+        std::vector<uint8_t> bytes = parked_bytes().claim(fd);
+        if (!bytes.empty()) {
+            parked = bytes.size();
+            es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
+        }
+        refresh_addresses(s, i, true);
+        update_kernel_mask(s, i);
+        track_connected(s, i);
+        s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                     std::memory_order_release);
+        ++s.open_sockets;
+        stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+        stats_.adopted.fetch_add(1, std::memory_order_relaxed);
+    } else if (fd >= 0) {
+        close(fd);  // refused: the socket is the client's alone, untouched
+    }
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kAdoptSocketReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.result = result;
+    reply.arg = static_cast<int32_t>(i);
+    reply.token = parked;
+    reply.session_id = s.id;
+    if (!reply_control(s, member, reply)) {
+        // The client keeps its own descriptor: ours only goes, and the parked bytes wait on.
+        if (i != kNoSlot && !s.ending) {
+            EngineSlot &es = s.slots[i];
+            if (es.prefix) {
+                const int keeper = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+                if (keeper >= 0)
+                    parked_bytes().park(keeper, es.quota_uid, std::move(*es.prefix), now_ns_);
+                es.prefix.reset();
+            }
+            es.handed_off = true;
+            start_close(s, i, false);
+        }
+        return;
+    }
+    if (i != kNoSlot) post_recv(s, i);
+}
+
+bool Worker::pause_full_rx(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    // Pause, then look at rx_head once more so a client that freed space just before seeing
+    // the flag is not missed (it rings only when it sees the flag).
+    if (!(es.flags & ipc::kFlagRxPaused)) publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
+    full_fence();
+    const uint32_t rx_head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
+    if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring)) {
+        violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,
+                  es.rx_tail);
+        return false;
+    }
+    es.rx_head = rx_head;
+    return true;
+}
+
+bool Worker::feed_prefix(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.prefix) return true;
+    ipc::SocketSlot &slot = s.region.slot(i);
+    // Full: the client rings once it has read (kFlagRxPaused), as for any full ring.
+    if (es.rx_room() == 0 && (!pause_full_rx(s, i) || es.rx_room() == 0)) return false;
+    const std::vector<uint8_t> &bytes = *es.prefix;
+    const size_t n = std::min<size_t>(es.rx_room(), bytes.size() - es.prefix_at);
+    ipc::ring_copy_in(s.region.rx_ring(i, es.rx_ring), es.rx_ring, es.rx_tail,
+                      bytes.data() + es.prefix_at, n);
+    es.prefix_at += static_cast<uint32_t>(n);
+    es.rx_tail += static_cast<uint32_t>(n);
+    slot.rx_tail.store(es.rx_tail, std::memory_order_release);
+    stats_.unparked_bytes.fetch_add(n, std::memory_order_relaxed);
+    bump_event(s, i);
+    if (es.prefix_at < bytes.size()) return false;
+    es.prefix.reset();
+    es.prefix_at = 0;
+    return true;
 }
 
 bool Worker::reply_control(Session &s, uint32_t member, const ipc::ControlMessage &reply) {
@@ -1799,7 +1912,7 @@ void Worker::release_waiters(Session &s, uint32_t member) {
     }
 }
 
-void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
+void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park) {
     // Another worker's connection: it answers through us.
     if (const uint32_t owner =
             slot >= 0 && !s.is_shard() ? s.shard_of(static_cast<uint32_t>(slot)) : 0;
@@ -1807,6 +1920,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
         ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
         message.member = member;
         message.slot = static_cast<uint32_t>(slot);
+        message.seq = park ? 1 : 0;
         s.family->workers[owner]->post(std::move(message));
         return;
     }
@@ -1828,6 +1942,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot) {
     if (s.ending) return;
     es.handed_off = true;
     es.kernel_served = false;
+    es.handoff_park = park;
     es.handoff_member = static_cast<uint16_t>(member);
     if (es.peeking) {
         // What the client has read of the peeked bytes leaves the kernel socket; the rest
@@ -1865,7 +1980,33 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
     const uint32_t unread =
         rx_head_valid(rx_head, es.rx_tail, es.rx_ring) ? es.rx_tail - rx_head : 0;
-    reply.arg = static_cast<int32_t>(unread - std::min(unread, es.handoff_kept));
+    const uint32_t lost = unread - std::min(unread, es.handoff_kept);
+    // Bytes not yet served from an adopted socket's parked ones come after the ring's.
+    const size_t prefix_left = es.prefix ? es.prefix->size() - es.prefix_at : 0;
+    reply.arg = static_cast<int32_t>(lost + prefix_left);
+    if (es.handoff_park && lost + prefix_left > 0) {
+        // They wait for the socket's next owner (engine/parked.hpp): the ring's unread bytes
+        // past those the kernel socket still has (peeked), then the rest of the prefix.
+        std::vector<uint8_t> bytes(lost + prefix_left);
+        ipc::ring_copy_out(s.region.rx_ring(i, es.rx_ring), es.rx_ring, rx_head + (unread - lost),
+                           bytes.data(), lost);
+        if (prefix_left > 0)
+            std::memcpy(bytes.data() + lost, es.prefix->data() + es.prefix_at, prefix_left);
+        const int keeper = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
+        const size_t count = bytes.size();
+        const int rc = keeper >= 0
+                           ? parked_bytes().park(keeper, es.quota_uid, std::move(bytes), now_ns_)
+                           : -errno;
+        if (rc == 0) {
+            reply.arg = 0;
+            reply.token = count;
+            stats_.parked_bytes.fetch_add(count, std::memory_order_relaxed);
+        } else {
+            TCPS_LOG_VERBOSE("session %u slot %u: cannot park %zu unread bytes: %s", s.id, i, count,
+                             std::strerror(-rc));
+        }
+    }
+    es.prefix.reset();
     const uint32_t acc_head = shm.acc_head.load(std::memory_order_acquire);
     reply.reserved = acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head : 0;
     // The application's low-water mark, which the engine kept for it (ops.cpp), is the
@@ -2228,6 +2369,8 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
         if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
         untrack_connect(s, i);
     }
+    // Parked bytes never served are unread bytes, which make Linux's close() reset.
+    if (es.prefix && es.prefix_at < es.prefix->size()) reset = true;
     // The kernel socket lives on in the application: closing only drops our descriptor.
     if (es.handed_off) reset = false, es.close_tail = es.tx_head;
     if (reset && !es.close_reset) {

@@ -39,7 +39,8 @@ struct ShardMessage {
         kEnd,             // either way: the family ends (a violation, a failure)
         kWaiter,          // home -> shard: waiter `slot` writes to pipe `fd` now (-1: none)
         kMem,             // home -> shard: MemNet registration `slot` is `mem` (base null: gone)
-        kHandoff,         // home -> shard: `member` asks for `slot`'s kernel socket (kHandoff)
+        kHandoff,         // home -> shard: `member` asks for `slot`'s kernel socket (kHandoff;
+                          // `seq` 1: park the unread bytes)
         kHandoffDone,     // shard -> home: the answer for `member` (`reply`, and `fd`)
     };
     Type type = Type::kEnd;
@@ -83,6 +84,11 @@ struct WorkerStats {
     std::atomic<uint64_t> violations{0};
     std::atomic<uint64_t> tx_rings_grown{0};  // tx rings the clients doubled (adopt_tx_ring)
     std::atomic<uint64_t> rx_rings_grown{0};  // rx rings we doubled (grow_rx)
+    // Sockets passed on with SCM_RIGHTS: unread bytes parked at the hand-back (ParkedBytes),
+    // kernel sockets adopted (kAdoptSocket), and parked bytes those served first.
+    std::atomic<uint64_t> parked_bytes{0};
+    std::atomic<uint64_t> adopted{0};
+    std::atomic<uint64_t> unparked_bytes{0};
     // The share of the last load window the loop spent working, in percent (LoadGauge's input).
     std::atomic<uint64_t> load_percent{0};
 };
@@ -247,7 +253,15 @@ class Worker {
     void new_socket(Session &s, uint32_t member, int family, const ipc::ControlCreds &creds);
     void reserve_member(Session &s, uint32_t member);
     void release_waiters(Session &s, uint32_t member);
-    void start_handoff(Session &s, uint32_t member, int32_t slot);
+    void start_handoff(Session &s, uint32_t member, int32_t slot, bool park);
+    // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot.
+    void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds);
+    // Moves what fits of an adopted socket's parked bytes into its rx ring. True once all are
+    // there (receiving from the kernel socket may start).
+    bool feed_prefix(Session &s, uint32_t i);
+    // Slot i's rx ring is full: publishes kFlagRxPaused, then takes the client's rx_head once
+    // more. False after a violation (an rx_head outside the ring).
+    bool pause_full_rx(Session &s, uint32_t i);
     // Answers a pending kHandoff once nothing more can land in the slot's rings.
     void maybe_finish_handoff(Session &s, uint32_t i);
     void accept_join(const JoinRequest &join);

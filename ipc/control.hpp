@@ -31,10 +31,13 @@ enum class ControlType : uint32_t {
     kReleaseWaiters = 9,
     // Hand a socket back to the kernel (the application passes it over SCM_RIGHTS): the
     // engine stops receiving and accepting on slot `arg`, sends what its tx ring holds, and
-    // answers with a descriptor of its kernel socket. The slot stays open until closed.
-    kHandoff = 10,  // client -> engine: {arg = slot}
+    // answers with a descriptor of its kernel socket. The slot stays open until closed. With
+    // kHandoffPark in `reserved`, the bytes received and not read are parked for the socket's
+    // next owner (engine/parked.hpp), who claims them with kAdoptSocket.
+    kHandoff = 10,  // client -> engine: {arg = slot, reserved = 0 or kHandoffPark}
     // engine -> client: {result, arg = bytes received but not read, reserved = connections
-    // accepted but not taken: both were lost to the kernel socket} + fds [the kernel socket]
+    // accepted but not taken: both were lost to the kernel socket, token = bytes parked} +
+    // fds [the kernel socket]
     kHandoffReply = 11,
     // A new TCP socket (a local session's socket()): {arg = family} with SCM_CREDENTIALS
     // naming the caller's pid, effective uid and gid, which the kernel vouches for. The engine
@@ -53,7 +56,16 @@ enum class ControlType : uint32_t {
     // {arg = id}: the engine unmaps it once no send or receive uses it. Answer {result}.
     kDeregisterMem = 16,
     kDeregisterMemReply = 17,
+    // Offload a kernel TCP socket this process holds (one it received with SCM_RIGHTS):
+    // {} + fds [the socket], with SCM_CREDENTIALS as kNewSocket. The engine takes a connected
+    // one (ESTABLISHED or CLOSE_WAIT, no ULP) into a slot it picks, serves first any bytes
+    // parked for it (kHandoffPark), and answers {result, arg = slot, token = parked bytes}.
+    // -EOPNOTSUPP: not a socket it takes; -EBUSY: the engine is saturated (--handoff-load) and
+    // nothing is parked for it. On any error the socket stays the caller's, untouched.
+    kAdoptSocket = 18,
+    kAdoptSocketReply = 19,
 };
+inline constexpr uint32_t kHandoffPark = 1;
 inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 
 struct ControlMessage {

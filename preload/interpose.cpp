@@ -138,6 +138,7 @@ long fcntl_common(int fd, int cmd, unsigned long arg, bool &handled) {
     handled = true;
     if (g_fds.get(fd).kind() == FdKind::kInternal) return -EBADF;  // not the application's
     if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) {
+        adopt_pending(fd);
         const long rc = op_dupfd(fd, cmd, static_cast<int>(arg));
         if (rc != kUseKernel) return rc;
         handled = false;
@@ -385,7 +386,14 @@ TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
     SocketRef ref;
     const int saved = errno;
     if (offloaded(fd, ref)) return finish<ssize_t>(recv_msg(ref, msg, flags), saved);
-    return pass(libc.recvmsg, fd, msg, flags);
+    const ssize_t n = pass(libc.recvmsg, fd, msg, flags);
+    // Sockets that came with it (AF_UNIX SCM_RIGHTS) are offloaded, if the engine takes them.
+    if (n >= 0 && msg && msg->msg_controllen > 0) {
+        const int errno_after = errno;
+        adopt_received_sockets(msg);
+        errno = errno_after;
+    }
+    return n;
 }
 
 TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
@@ -417,6 +425,7 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
 
 TCPS_EXPORT int close(int fd) {
     const int saved = errno;
+    forget_pending(fd);
     if (table_knows(fd)) {
         const long rc = op_close(fd);
         if (rc != kUseKernel) return finish<int>(rc, saved);
@@ -466,6 +475,7 @@ TCPS_EXPORT int ioctl(int fd, unsigned long request, ...) __THROW {
 
 TCPS_EXPORT int dup(int fd) __THROW {
     const int saved = errno;
+    adopt_pending(fd);  // a received socket: both numbers must be ours, or neither
     if (table_knows(fd)) {
         if (g_fds.get(fd).kind() == FdKind::kInternal) return finish<int>(-EBADF, saved);
         const long rc = op_dup(fd);
@@ -476,6 +486,8 @@ TCPS_EXPORT int dup(int fd) __THROW {
 
 TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
     const int saved = errno;
+    adopt_pending(oldfd);
+    if (oldfd != newfd) forget_pending(newfd);
     if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, 0, false);
         if (rc != kUseKernel) return finish<int>(rc, saved);
@@ -485,6 +497,8 @@ TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
 
 TCPS_EXPORT int dup3(int oldfd, int newfd, int flags) __THROW {
     const int saved = errno;
+    adopt_pending(oldfd);
+    if (oldfd != newfd) forget_pending(newfd);
     if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, flags, true);
         if (rc != kUseKernel) return finish<int>(rc, saved);
@@ -530,6 +544,7 @@ long kernel_close_range(unsigned first, unsigned last, int flags) {
 long close_range_common(unsigned first, unsigned last, int flags) {
     if (flags & ~static_cast<int>(CLOSE_RANGE_UNSHARE | CLOSE_RANGE_CLOEXEC)) return -EINVAL;
     if (first > last) return -EINVAL;
+    if (!(flags & CLOSE_RANGE_CLOEXEC)) forget_pending_range(first, last);
     // Marking close-on-exec closes nothing: the shim's descriptors carry the flag already, and
     // a socket's placeholder takes it as the socket's own fd would.
     // In a vfork()ed child the loop below still keeps the shim's descriptors open (an exec

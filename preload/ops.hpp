@@ -81,11 +81,31 @@ void epoll_retain(uint32_t id);
 void epoll_hand_back(FdRef socket);
 
 // handoff.cpp: before an AF_UNIX sendmsg() carrying SCM_RIGHTS, every offloaded socket in it
-// goes back to the kernel (in this process too), so the message carries real sockets.
+// goes back to the kernel (in this process too), so the message carries real sockets; the
+// bytes the engine received on them and the application did not read wait in the engine for
+// the receiver.
 void hand_back_passed_sockets(const msghdr *msg);
 // One socket back to the kernel: every fd number of this process for it becomes the kernel
-// socket. Not in a vfork()ed child (it edits the shim's table).
-void hand_back(const SocketRef &ref);
+// socket. With `park`, its unread bytes wait for the next owner (else they are lost, and said
+// on stderr). Not in a vfork()ed child (it edits the shim's table).
+void hand_back(const SocketRef &ref, bool park);
+// After an AF_UNIX recvmsg() that brought SCM_RIGHTS descriptors: each kernel TCP socket
+// among them that is not a listener is noted, to be offloaded (kAdoptSocket) under the same
+// number when the application first uses it (adopt_pending), with the bytes its sender's
+// engine had received and not read queued first. Not at once: the application may look at the
+// new descriptor with raw system calls first (libuv's fstat() of a received handle, to learn
+// its type), which must see a socket, not our placeholder.
+void adopt_received_sockets(const msghdr *msg);
+// The first interposed call that uses `fd` (a lookup of the table): a noted socket is offered
+// to the engine now. True if `fd` is then one of ours. One load when none is noted.
+bool adopt_pending(int fd);
+// `fd` is closed or replaced (close, dup2 over it): it is no longer the noted socket.
+void forget_pending(int fd);
+void forget_pending_range(unsigned first, unsigned last);
+// In a forked child: its inherited noted sockets stay the kernel's (the parent may use them).
+void forget_all_pending();
+// A new placeholder descriptor (socket_ops.cpp), or -errno.
+int open_placeholder(bool cloexec);
 // After the engine's end (its kernel socket died with it): a listener, or a bound socket, made
 // again in the kernel: a socket of its family with the options the application set on it,
 // bound to its address, listening with `backlog`, under every descriptor number this process

@@ -39,7 +39,10 @@ class Scratch {
 };
 
 bool fd_is_offloaded(int fd) {
-    return g_fds.get(fd).kind() == FdKind::kSocket;
+    FdRef ref = g_fds.get(fd);
+    // A socket received with SCM_RIGHTS is offloaded at its first use.
+    if (__builtin_expect(ref.empty(), 0) && adopt_pending(fd)) ref = g_fds.get(fd);
+    return ref.kind() == FdKind::kSocket;
 }
 
 bool bit_is_set(const fd_set *set, int fd) {

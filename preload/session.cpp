@@ -18,6 +18,7 @@
 
 #include "control.hpp"
 #include "libc.hpp"
+#include "ops.hpp"
 #include "ring.hpp"
 
 namespace tcps::shim {
@@ -406,10 +407,10 @@ bool acquire_waiter() {
 
 // One request/reply on our control connection. 0 or -errno.
 int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
-                     ipc::ControlType reply_type, bool with_creds = false) {
+                     ipc::ControlType reply_type, bool with_creds = false, int fd = -1) {
     lock_flagged(g_control_mutex, tl_in_control);
     const int control = g_control_fd.load();
-    int rc = ipc::send_control(control, msg, nullptr, 0, with_creds);
+    int rc = ipc::send_control(control, msg, fd >= 0 ? &fd : nullptr, fd >= 0 ? 1 : 0, with_creds);
     if (rc == 0) {
         int none = -1;
         rc = recv_control_timed(control, reply, &none, 0);
@@ -418,6 +419,16 @@ int control_exchange(const ipc::ControlMessage &msg, ipc::ControlMessage &reply,
     }
     unlock_flagged(g_control_mutex, tl_in_control);
     return rc;
+}
+
+// The slot an engine reply names (kNewSocketReply, kAdoptSocketReply), mapped here; or
+// -ENOMEM, after closing it (with `reset`) if it is one we cannot map.
+int take_reply_slot(const ipc::ControlMessage &reply, bool reset) {
+    const uint32_t slot = static_cast<uint32_t>(reply.arg);
+    if (reply.arg >= 0 && map_slot(slot)) return static_cast<int>(slot);
+    if (reply.arg >= 0 && slot < ipc::kMaxSockets && g_region.mapped(slot))
+        request_close(slot, reset);
+    return -ENOMEM;
 }
 
 }  // namespace
@@ -458,14 +469,14 @@ int deregister_mem_with_engine(uint32_t id) {
     return control_exchange(msg, reply, ipc::ControlType::kDeregisterMemReply);
 }
 
-int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
-                    uint32_t &lost_connections) {
-    kernel_fd = -1;
+int request_handoff(uint32_t slot, bool park, Handoff &out) {
+    out = Handoff{};
     if (!session_usable(false)) return -ECONNRESET;
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kHandoff);
     msg.version = ipc::kLayoutVersion;
     msg.arg = static_cast<int32_t>(slot);
+    msg.reserved = park ? ipc::kHandoffPark : 0;
     ipc::ControlMessage reply{};
     int fds[1] = {-1};
     lock_flagged(g_control_mutex, tl_in_control);
@@ -487,10 +498,30 @@ int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
         if (fds[0] >= 0) real(libc.close)(fds[0]);
         return rc;
     }
-    kernel_fd = fds[0];
-    lost_bytes = static_cast<uint32_t>(reply.arg);
-    lost_connections = reply.reserved;
+    out.kernel_fd = fds[0];
+    out.lost_bytes = static_cast<uint32_t>(reply.arg);
+    out.lost_connections = reply.reserved;
+    out.parked_bytes = reply.token;
     return 0;
+}
+
+int adopt_with_engine(int kernel_fd, uint64_t &parked) {
+    parked = 0;
+    if (!session_usable(true) || session_dead()) return -ENOSYS;
+    if (claims_slots()) return -EOPNOTSUPP;  // through tcps-relay the socket is not the engine's
+    ipc::ControlMessage msg{};
+    msg.type = static_cast<uint32_t>(ipc::ControlType::kAdoptSocket);
+    msg.version = ipc::kLayoutVersion;
+    ipc::ControlMessage reply{};
+    // With our credentials: the socket counts against our uid, as one we made would.
+    const int rc =
+        control_exchange(msg, reply, ipc::ControlType::kAdoptSocketReply, true, kernel_fd);
+    if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
+    if (rc != 0) return rc;
+    // Not a slot we can use: the engine lets go of its descriptor, ours stays.
+    const int slot = take_reply_slot(reply, false);
+    if (slot >= 0) parked = reply.token;
+    return slot;
 }
 
 namespace {
@@ -695,7 +726,9 @@ bool map_bulk(uint32_t k) {
 }
 
 bool find_socket(int fd, SocketRef &out) {
-    const FdRef ref = g_fds.get(fd);
+    FdRef ref = g_fds.get(fd);
+    // A socket received with SCM_RIGHTS is offloaded at its first use.
+    if (__builtin_expect(ref.empty(), 0) && adopt_pending(fd)) ref = g_fds.get(fd);
     if (ref.kind() != FdKind::kSocket || !g_region.base || !g_region.mapped(ref.slot()))
         return false;
     Socket &sock = socket_state(ref.slot());
@@ -822,15 +855,7 @@ int new_socket(int family) {
     const int rc = control_exchange(msg, reply, ipc::ControlType::kNewSocketReply, true);
     if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
     if (rc != 0) return rc;
-    const uint32_t slot = static_cast<uint32_t>(reply.arg);
-    if (reply.arg < 0 || !map_slot(slot)) {
-        // Not a slot we can use: give it back unused.
-        if (reply.arg >= 0 && static_cast<uint32_t>(reply.arg) < ipc::kMaxSockets &&
-            g_region.mapped(slot))
-            request_close(slot, true);
-        return -ENOMEM;
-    }
-    return static_cast<int>(slot);
+    return take_reply_slot(reply, true);  // one we cannot use is given back unused
 }
 
 void hold_socket(uint32_t slot) {
@@ -1261,6 +1286,7 @@ void leave_parent_session() {
 
 void after_fork_in_child() {
     g_self_pid.store(getpid());
+    forget_all_pending();
     g_setup_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_control_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_chunk_mutex = PTHREAD_MUTEX_INITIALIZER;

@@ -324,10 +324,21 @@ int move_high_internal(int fd);
 void relocate_internal(int fd);
 
 // SCM_RIGHTS: asks the engine for its kernel socket behind `slot`, once it has stopped
-// receiving and sent what the tx ring holds. 0 with kernel_fd set, or -errno. `lost_*`: what
-// the engine had received for it that the application never read (gone with the hand-back).
-int request_handoff(uint32_t slot, int &kernel_fd, uint32_t &lost_bytes,
-                    uint32_t &lost_connections);
+// receiving and sent what the tx ring holds. 0 with `out.kernel_fd` set, or -errno. With
+// `park`, the bytes the engine received and the application never read wait in the engine for
+// the socket's next owner (`parked_bytes`); `lost_*` is what is gone with the hand-back.
+struct Handoff {
+    int kernel_fd = -1;
+    uint32_t lost_bytes = 0;
+    uint32_t lost_connections = 0;
+    uint64_t parked_bytes = 0;
+};
+int request_handoff(uint32_t slot, bool park, Handoff &out);
+
+// Offers the kernel TCP socket `kernel_fd` to the engine (kAdoptSocket; the engine keeps a
+// descriptor of its own). The slot that now serves it (mapped here), with `parked` bytes that
+// were waiting for it queued first, or -errno: the socket stays ours, untouched.
+int adopt_with_engine(int kernel_fd, uint64_t &parked);
 
 // exec: what the new image needs to carry on as the same member of the same session.
 struct ExecHandover {

@@ -19,13 +19,6 @@
 
 namespace tcps::shim {
 
-namespace {
-
-// SO_RCVTIMEO_NEW/SO_SNDTIMEO_NEW (Linux 5.1): same 16-byte layout as timeval on 64-bit.
-constexpr int kSoRcvTimeoNew = 66;
-constexpr int kSoSndTimeoNew = 67;
-constexpr socklen_t kMaxSockAddr = sizeof(sockaddr_storage);  // the kernel's limit
-
 // An O_PATH descriptor of /dev/null keeps the number of an offloaded socket: the kernel
 // never reuses it behind us, and a call we do not intercept gets EBADF, never another
 // object's data. openat directly: an interposed open() (fakeroot, say) has no business here.
@@ -33,6 +26,13 @@ int open_placeholder(bool cloexec) {
     const long fd = syscall(SYS_openat, AT_FDCWD, "/dev/null", O_PATH | (cloexec ? O_CLOEXEC : 0));
     return fd < 0 ? -errno : static_cast<int>(fd);
 }
+
+namespace {
+
+// SO_RCVTIMEO_NEW/SO_SNDTIMEO_NEW (Linux 5.1): same 16-byte layout as timeval on 64-bit.
+constexpr int kSoRcvTimeoNew = 66;
+constexpr int kSoSndTimeoNew = 67;
+constexpr socklen_t kMaxSockAddr = sizeof(sockaddr_storage);  // the kernel's limit
 
 int copy_address(ipc::Request &req, const sockaddr *addr, socklen_t len) {
     if (len > kMaxSockAddr) return -EINVAL;
@@ -395,7 +395,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     // that fails, the engine serves it once we use it.
     if (region().slot(taken).flags.load(std::memory_order_acquire) & ipc::kFlagKernelServed) {
         SocketRef conn;
-        if (find_socket(fd, conn)) hand_back(conn);
+        if (find_socket(fd, conn)) hand_back(conn, false);
     }
     return fd;
 }

@@ -447,6 +447,119 @@ int main(int argc, char **argv) {
         expect_session_ended(odd, "(i) direct_tail past the queue");
         check_engine_ok(engine, good, "(i) bad MemNet registrations and descriptors");
     }
+    {  // (k) kAdoptSocket: descriptors the engine refuses; a kernel socket it takes and serves;
+       // unread bytes parked at a hand-back, which only that same socket's next adopter gets
+        RawClient odd;
+        CHECK_OR_FAIL(odd.connect(path) == 0, "(k) hello");
+        auto adopt = [&](int fd, int32_t &slot, uint64_t &parked) {
+            ipc::ControlMessage msg{};
+            msg.type = uint32_t(ipc::ControlType::kAdoptSocket);
+            msg.version = ipc::kLayoutVersion;
+            CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, fd >= 0 ? &fd : nullptr,
+                                            fd >= 0 ? 1 : 0, true) == 0,
+                          "(k) send");
+            ipc::ControlMessage reply{};
+            int none = -1;
+            CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &none, 0, kWaitMs) == 0 &&
+                              reply.type == uint32_t(ipc::ControlType::kAdoptSocketReply),
+                          "(k) no reply to kAdoptSocket");
+            slot = reply.arg;
+            parked = reply.token;
+            return reply.result;
+        };
+        auto tcp_pair = [](int &connecting, int &accepted) {
+            KernelListener listener;
+            connecting = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            CHECK_OR_FAIL(
+                connecting >= 0 &&
+                    connect(connecting, reinterpret_cast<const sockaddr *>(&listener.address()),
+                            sizeof(sockaddr_in)) == 0,
+                "(k) connect");
+            accepted = accept4(listener.fd(), nullptr, nullptr, SOCK_CLOEXEC);
+            CHECK_OR_FAIL(accepted >= 0, "(k) accept");
+        };
+        auto rx_bytes = [&](uint32_t i, size_t want) {
+            std::string got(want, '\0');
+            size_t have = 0;
+            CHECK_OR_FAIL(wait_until(
+                              [&] {
+                                  have += odd.recv(i, got.data() + have, want - have);
+                                  return have == want;
+                              },
+                              kWaitMs),
+                          "(k) only %zu of %zu bytes arrived in slot %u", have, want, i);
+            return got;
+        };
+        int32_t slot = -1;
+        uint64_t parked = 0;
+        int fds[2];
+        CHECK_OR_FAIL(pipe2(fds, O_CLOEXEC) == 0, "(k) pipe");
+        CHECK_OR_FAIL(adopt(fds[0], slot, parked) == -EOPNOTSUPP, "(k) a pipe");
+        close(fds[0]);
+        close(fds[1]);
+        CHECK_OR_FAIL(adopt(-1, slot, parked) == -EBADF, "(k) no descriptor");
+        const int udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        CHECK_OR_FAIL(adopt(udp, slot, parked) == -EOPNOTSUPP, "(k) a UDP socket");
+        close(udp);
+        CHECK_OR_FAIL(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0, "(k) pair");
+        CHECK_OR_FAIL(adopt(fds[0], slot, parked) == -EOPNOTSUPP, "(k) an AF_UNIX socket");
+        close(fds[0]);
+        close(fds[1]);
+        {
+            KernelListener listener;
+            CHECK_OR_FAIL(adopt(listener.fd(), slot, parked) == -EOPNOTSUPP, "(k) a listener");
+        }
+        CHECK_OR_FAIL(odd.engine_alive(), "(k) refusals must not end the session");
+
+        // A connection of plain kernel sockets: the engine serves its accepted end.
+        int peer = -1, mine = -1;
+        tcp_pair(peer, mine);
+        CHECK_OR_FAIL(adopt(mine, slot, parked) == 0 && slot >= 0 && parked == 0, "(k) adopt");
+        close(mine);  // the engine's descriptor keeps it
+        const auto first = static_cast<uint32_t>(slot);
+        CHECK_OR_FAIL(send(peer, "0123456789", 10, MSG_NOSIGNAL) == 10, "(k) peer send");
+        CHECK_OR_FAIL(rx_bytes(first, 4) == "0123", "(k) the first bytes through the engine");
+        CHECK_OR_FAIL(odd.send(first, "pong", 4) == 4, "(k) send");
+        char pong[4];
+        CHECK_OR_FAIL(recv(peer, pong, 4, MSG_WAITALL) == 4 && std::memcmp(pong, "pong", 4) == 0,
+                      "(k) the peer got what the client sent");
+        // Six bytes received and not read. Handed back with kHandoffPark: they are parked.
+        CHECK_OR_FAIL(wait_until([&] { return odd.slot(first).rx_tail.load() == 10; }, kWaitMs),
+                      "(k) the rest never reached the ring");
+        ipc::ControlMessage msg{};
+        msg.type = uint32_t(ipc::ControlType::kHandoff);
+        msg.version = ipc::kLayoutVersion;
+        msg.arg = slot;
+        msg.reserved = ipc::kHandoffPark;
+        CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, nullptr, 0) == 0, "(k) kHandoff");
+        ipc::ControlMessage reply{};
+        int kernel = -1;
+        CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &kernel, 1, kWaitMs) == 0 &&
+                          reply.type == uint32_t(ipc::ControlType::kHandoffReply) &&
+                          reply.result == 0 && kernel >= 0,
+                      "(k) no kernel socket handed back");
+        CHECK_OR_FAIL(reply.arg == 0 && reply.token == 6, "(k) %d bytes lost, %llu parked",
+                      reply.arg, static_cast<unsigned long long>(reply.token));
+        // Bytes that arrive now wait in the kernel socket, behind the parked ones.
+        CHECK_OR_FAIL(send(peer, "ABC", 3, MSG_NOSIGNAL) == 3, "(k) peer send");
+        // Another connection gets nothing of them.
+        int other_peer = -1, other = -1;
+        tcp_pair(other_peer, other);
+        CHECK_OR_FAIL(adopt(other, slot, parked) == 0 && parked == 0,
+                      "(k) another socket got %llu parked bytes",
+                      static_cast<unsigned long long>(parked));
+        close(other);
+        close(other_peer);
+        // The socket itself: the parked bytes first, then what the kernel socket holds.
+        CHECK_OR_FAIL(adopt(kernel, slot, parked) == 0 && parked == 6, "(k) adopt again: %llu",
+                      static_cast<unsigned long long>(parked));
+        close(kernel);
+        CHECK_OR_FAIL(rx_bytes(static_cast<uint32_t>(slot), 9) == "456789ABC",
+                      "(k) the parked bytes did not come first");
+        CHECK_OR_FAIL(odd.engine_alive(), "(k) the session ended");
+        close(peer);
+        check_engine_ok(engine, good, "(k) adopted sockets");
+    }
     {  // (e) a client that connects and says nothing: dropped after 2 s, nobody waits on it
         const int silent = connect_control(path);
         CHECK_OR_FAIL(silent >= 0, "(e) connect");

@@ -509,35 +509,48 @@ class ControlSocketDir {
     std::string dir_;
 };
 
+// A plain kernel TCP listener on 127.0.0.1 (an ephemeral port), closed with the object.
+class KernelListener {
+  public:
+    KernelListener() {
+        fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        addr_.sin_family = AF_INET;
+        addr_.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof(addr_);
+        if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr *>(&addr_), sizeof(addr_)) ||
+            listen(fd_, 4) || getsockname(fd_, reinterpret_cast<sockaddr *>(&addr_), &len))
+            fail("kernel listener: %s", std::strerror(errno));
+    }
+    ~KernelListener() { close(fd_); }
+    KernelListener(const KernelListener &) = delete;
+    KernelListener &operator=(const KernelListener &) = delete;
+
+    int fd() const { return fd_; }
+    const sockaddr_in &address() const { return addr_; }
+
+  private:
+    int fd_ = -1;
+    sockaddr_in addr_{};
+};
+
 // A plain kernel TCP peer on 127.0.0.1 (not offloaded) that echoes one connection back, with
 // TCP_NODELAY, until it closes or stays silent for 10 s.
 class KernelEchoPeer {
   public:
-    KernelEchoPeer() {
-        listener_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        addr_.sin_family = AF_INET;
-        addr_.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        if (listener_ < 0 || bind(listener_, reinterpret_cast<sockaddr *>(&addr_), sizeof(addr_)) ||
-            listen(listener_, 4))
-            fail("echo peer: %s", std::strerror(errno));
-        socklen_t len = sizeof(addr_);
-        getsockname(listener_, reinterpret_cast<sockaddr *>(&addr_), &len);
-        thread_ = std::thread([this] { serve(); });
-    }
+    KernelEchoPeer() : thread_([this] { serve(); }) {}
     ~KernelEchoPeer() {
         if (thread_.joinable()) thread_.join();
-        close(listener_);
     }
     KernelEchoPeer(const KernelEchoPeer &) = delete;
     KernelEchoPeer &operator=(const KernelEchoPeer &) = delete;
 
-    const sockaddr_in &address() const { return addr_; }
+    const sockaddr_in &address() const { return listener_.address(); }
 
   private:
     void serve() {
-        pollfd p{listener_, POLLIN, 0};
+        pollfd p{listener_.fd(), POLLIN, 0};
         if (poll(&p, 1, 5000) != 1) return;
-        const int fd = accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+        const int fd = accept4(listener_.fd(), nullptr, nullptr, SOCK_CLOEXEC);
         if (fd < 0) return;
         const int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -551,8 +564,7 @@ class KernelEchoPeer {
         close(fd);
     }
 
-    int listener_ = -1;
-    sockaddr_in addr_{};
+    KernelListener listener_;  // first: made before the thread that serves it starts
     std::thread thread_;
 };
 

@@ -1,19 +1,25 @@
 // The engine's checks of client input: ring indices, request records, bind and option
-// permissions, and its command line. Pure functions, no engine running.
+// permissions, sockets offered for adoption, and its command line. Pure functions (and real
+// sockets on loopback where a check looks at one), no engine running.
 #define CATCH_CONFIG_MAIN
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <ctime>
 
 #include "options.hpp"
+#include "parked.hpp"
 #include "policy.hpp"
+#include "quota.hpp"
 
 using namespace tcps;
 using namespace tcps::engine;
@@ -444,4 +450,123 @@ TEST_CASE("handoff load -1 never saturates, 0 always does") {
     LoadGauge always(0);
     CHECK(always.saturated());
     CHECK(always.update(0, 100));
+}
+
+namespace {
+
+// A connected pair on loopback: {connecting end, accepted end}; the listener is closed.
+std::pair<int, int> tcp_pair() {
+    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    REQUIRE(bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0);
+    REQUIRE(listen(listener, 4) == 0);
+    REQUIRE(getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) == 0);
+    const int client = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(connect(client, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) == 0);
+    const int server = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+    REQUIRE(server >= 0);
+    close(listener);
+    return {client, server};
+}
+
+std::vector<uint8_t> bytes_of(const char *text) {
+    return std::vector<uint8_t>(text, text + std::strlen(text));
+}
+
+}  // namespace
+
+TEST_CASE("only connected TCP sockets of AF_INET/AF_INET6 are adopted", "[adopt]") {
+    int family = 0;
+    auto [client, server] = tcp_pair();
+    CHECK(adoptable_socket(client, family) == 0);
+    CHECK(family == AF_INET);
+    CHECK(adoptable_socket(server, family) == 0);
+    // After the peer's FIN (CLOSE_WAIT) still: the FIN is the last thing it holds.
+    REQUIRE(shutdown(client, SHUT_WR) == 0);
+    pollfd pfd{server, POLLRDHUP, 0};
+    REQUIRE(poll(&pfd, 1, 5000) == 1);
+    CHECK(adoptable_socket(server, family) == 0);
+    // The side that sent its FIN is not (FIN_WAIT2): its half-closed state is not a slot's.
+    CHECK(adoptable_socket(client, family) == -EOPNOTSUPP);
+    close(client);
+    close(server);
+
+    const int listener = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    CHECK(adoptable_socket(listener, family) == -EOPNOTSUPP);  // never connected
+    sockaddr_in6 any{};
+    any.sin6_family = AF_INET6;
+    any.sin6_addr = in6addr_loopback;
+    if (bind(listener, reinterpret_cast<sockaddr *>(&any), sizeof(any)) == 0 &&
+        listen(listener, 1) == 0)
+        CHECK(adoptable_socket(listener, family) == -EOPNOTSUPP);  // a listener
+    close(listener);
+    const int udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    CHECK(adoptable_socket(udp, family) == -EOPNOTSUPP);
+    close(udp);
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    CHECK(adoptable_socket(pair[0], family) == -EOPNOTSUPP);
+    close(pair[0]);
+    close(pair[1]);
+    int pipe_fds[2];
+    REQUIRE(pipe(pipe_fds) == 0);
+    CHECK(adoptable_socket(pipe_fds[0], family) == -EOPNOTSUPP);  // ENOTSOCK, untouched
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    CHECK(adoptable_socket(-1, family) == -EOPNOTSUPP);
+}
+
+TEST_CASE("parked bytes go only to the very socket they were parked for", "[adopt]") {
+    ParkedBytes store;
+    auto [a_client, a_server] = tcp_pair();
+    auto [b_client, b_server] = tcp_pair();
+    const uid_t uid = 4242;  // a uid of no process: its share is all the engine's room
+    const QuotaUsage before = quotas().usage(uid);
+    REQUIRE(store.park(dup(a_server), uid, bytes_of("first "), 100) == 0);
+    CHECK(quotas().usage(uid).fds == before.fds + 1);
+    CHECK(quotas().usage(uid).bytes == before.bytes + 6);
+    // Parked again before anyone claimed them: the later bytes follow, on the same entry.
+    REQUIRE(store.park(dup(a_server), uid, bytes_of("second"), 200) == 0);
+    CHECK(store.entries() == 1);
+    // Another socket, or the other end of the same connection, finds nothing.
+    CHECK_FALSE(store.holds(b_server));
+    CHECK(store.claim(b_server).empty());
+    CHECK(store.claim(a_client).empty());
+    // A descriptor of the same socket (as a receiver of SCM_RIGHTS has) claims them, once.
+    const int received = dup(a_server);
+    CHECK(store.holds(received));
+    CHECK(store.claim(received) == bytes_of("first second"));
+    CHECK(store.claim(received).empty());
+    CHECK(store.entries() == 0);
+    CHECK(quotas().usage(uid).fds == before.fds);
+    CHECK(quotas().usage(uid).bytes == before.bytes);
+    // Not a socket: refused, the descriptor closed.
+    int pipe_fds[2];
+    REQUIRE(pipe(pipe_fds) == 0);
+    CHECK(store.park(pipe_fds[0], uid, bytes_of("x"), 0) == -ENOTSOCK);
+    CHECK(fcntl(pipe_fds[0], F_GETFD) == -1);
+    close(pipe_fds[1]);
+    for (int fd : {a_client, a_server, b_client, b_server, received}) close(fd);
+}
+
+TEST_CASE("parked bytes nobody claims expire, their socket and charge released", "[adopt]") {
+    ParkedBytes store;
+    auto [client, server] = tcp_pair();
+    const uid_t uid = 4243;
+    REQUIRE(store.park(dup(server), uid, bytes_of("unclaimed"), 1'000) == 0);
+    uint64_t bytes = 0;
+    CHECK(store.expire(1'000 + kParkedLifetimeNs - 1, bytes) == 0);
+    CHECK(store.entries() == 1);
+    CHECK(store.expire(1'000 + kParkedLifetimeNs, bytes) == 1);
+    CHECK(bytes == 9);
+    CHECK(store.entries() == 0);
+    CHECK(quotas().usage(uid).fds == 0);
+    CHECK(quotas().usage(uid).bytes == 0);
+    CHECK(store.claim(server).empty());
+    close(client);
+    close(server);
 }

@@ -2,7 +2,7 @@
 // talks through it.
 //
 //   scm_rights sender ECHO_PORT PORTFILE   process A, the application (preloaded)
-//   scm_rights receiver FD                 process B after exec (A starts it)
+//   scm_rights receiver FD REST            process B after exec (A starts it)
 //   scm_rights peer-echo PORTFILE          plain echo server (the peer of A's connections)
 //   scm_rights peer-connect PORT N         plain: N connections to A's listener, each echoing
 //
@@ -14,7 +14,13 @@
 //   forked       a child of A that does not exec (it has A's shim state);
 //   exec-kept    a child that execs this program with LD_PRELOAD kept;
 //   exec-plain   a child that execs this program with LD_PRELOAD removed (no shim at all).
+// Before passing it to a B that runs with tcps, A leaves bytes unread: it sends a 300 KB
+// greeting, reads back its first 1,000 bytes only, and waits until at least 32 KiB more have
+// arrived (offloaded: in its rx ring, where the kernel socket cannot take them back). B must read
+// the rest of the greeting, every byte in order, before its own stream. A B without tcps gets
+// a socket with nothing unread (its sender's engine could not give it the bytes).
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
 
 #include <string>
@@ -30,6 +36,10 @@ using namespace tcps_test;
 namespace {
 
 constexpr size_t kStreamBytes = 1 << 20;
+constexpr size_t kGreetingBytes = 300'000;
+constexpr size_t kReadBeforePassing = 1000;
+constexpr int kUnreadAtLeast = 32 * 1024;
+constexpr uint32_t kGreetingSeed = 7;
 const char *g_self = nullptr;
 
 // --- SCM_RIGHTS ---
@@ -95,12 +105,29 @@ void talk_through(int sock, uint32_t seed) {
     if (!tail.empty()) die("B: %zu unexpected bytes before the FIN", tail.size());
 }
 
-[[noreturn]] void run_receiver(int channel) {
+// B: `rest` bytes of the greeting that A left unread come first.
+[[noreturn]] void run_receiver(int channel, size_t rest) {
     const int sock = receive_fd(channel);
-    const std::string target = fd_target(sock);
-    std::printf("  B (pid %d): received fd %d (%s)\n", getpid(), sock, target.c_str());
+    std::printf("  B (pid %d): received fd %d (%s)\n", getpid(), sock, fd_target(sock).c_str());
     std::fflush(stdout);
+    if (rest > 0) {
+        set_timeouts(sock, kWaitSeconds);
+        const std::string greeting = pattern(kGreetingSeed, kGreetingBytes);
+        const std::string got = recv_exactly(sock, rest, "B reading what A left unread");
+        const std::string want = greeting.substr(kGreetingBytes - rest);
+        if (got != want) {
+            size_t at = 0;
+            while (at < got.size() && got[at] == want[at]) ++at;
+            die("B: the greeting A left unread differs from its byte %zu on", at);
+        }
+        std::printf("  B (pid %d): the %zu greeting bytes A left unread came first, intact\n",
+                    getpid(), rest);
+        std::fflush(stdout);
+    }
     talk_through(sock, static_cast<uint32_t>(getpid()));
+    // With tcps, the socket was offloaded at its first use: the number holds a placeholder.
+    std::printf("  B (pid %d): after use, fd %d is %s\n", getpid(), sock, fd_target(sock).c_str());
+    std::fflush(stdout);
     close(sock);
     send_all(channel, "ok", 2, "B reporting");
     close(channel);
@@ -117,13 +144,32 @@ void check_own_round_trip(int sock) {
     if (recv_exactly(sock, hello.size(), "A recv") != hello) die("A: its own echo differs");
 }
 
-pid_t start_receiver(const std::string &how, int channel, int other_end) {
+// A leaves the greeting's echo partly unread (see the top): returns how much.
+size_t leave_unread(int sock) {
+    const std::string greeting = pattern(kGreetingSeed, kGreetingBytes);
+    send_all(sock, greeting.data(), greeting.size(), "A greeting");
+    if (recv_exactly(sock, kReadBeforePassing, "A reading the greeting's start") !=
+        greeting.substr(0, kReadBeforePassing))
+        die("A: the greeting's echo differs");
+    const auto deadline = Clock::now() + std::chrono::seconds(kWaitSeconds);
+    int unread = 0;
+    while (ioctl(sock, FIONREAD, &unread) == 0 && unread < kUnreadAtLeast) {
+        if (Clock::now() >= deadline) die("A: only %d bytes of the echo arrived", unread);
+        wait_ready(sock, POLLIN, deadline, "the greeting's echo");
+        usleep(1000);  // more is on its way: poll() says readable at the first byte
+    }
+    std::printf("  A leaves %d bytes received and unread (%zu in all still to come)\n", unread,
+                kGreetingBytes - kReadBeforePassing);
+    return kGreetingBytes - kReadBeforePassing;
+}
+
+pid_t start_receiver(const std::string &how, int channel, int other_end, size_t rest) {
     std::fflush(stdout);
     const pid_t pid = fork();
     if (pid < 0) die("fork: %s", std::strerror(errno));
     if (pid > 0) return pid;
     close(other_end);
-    if (how == "forked") run_receiver(channel);
+    if (how == "forked") run_receiver(channel, rest);
     // exec: the channel survives it at its number; the environment says whether the shim does.
     const int flags = fcntl(channel, F_GETFD);
     fcntl(channel, F_SETFD, flags & ~FD_CLOEXEC);
@@ -133,8 +179,9 @@ pid_t start_receiver(const std::string &how, int channel, int other_end) {
             env.push_back(*entry);
     env.push_back(nullptr);
     std::string fd_text = std::to_string(channel);
+    std::string rest_text = std::to_string(rest);
     char *args[] = {const_cast<char *>(g_self), const_cast<char *>("receiver"), fd_text.data(),
-                    nullptr};
+                    rest_text.data(), nullptr};
     execve(g_self, args, env.data());
     die("execve %s: %s", g_self, std::strerror(errno));
 }
@@ -145,10 +192,11 @@ bool hand_over(int sock, const std::string &origin, const std::string &how) {
                 fd_target(sock).c_str());
     check_own_round_trip(sock);
     if (how == "forked") hold_point(origin.c_str());  // "connected", then "accepted"
+    const size_t rest = how == "exec-plain" ? 0 : leave_unread(sock);
     int pair[2];
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0)
         die("socketpair: %s", std::strerror(errno));
-    const pid_t receiver = start_receiver(how, pair[1], pair[0]);
+    const pid_t receiver = start_receiver(how, pair[1], pair[0], rest);
     std::printf("  receiver pid %d (%s)\n", receiver, how.c_str());
     std::fflush(stdout);
     close(pair[1]);
@@ -249,12 +297,14 @@ int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "sender" && argc == 4)
         return mode_sender(static_cast<uint16_t>(to_int(argv[2])), argv[3]);
-    if (mode == "receiver" && argc == 3) run_receiver(to_int(argv[2]));
+    if (mode == "receiver" && argc == 4)
+        run_receiver(to_int(argv[2]), static_cast<size_t>(to_int(argv[3])));
     if (mode == "peer-echo" && argc == 3) return mode_peer_echo(argv[2]);
     if (mode == "peer-connect" && argc == 4)
         return mode_peer_connect(static_cast<uint16_t>(to_int(argv[2])), to_int(argv[3]));
-    std::fprintf(stderr,
-                 "usage: scm_rights sender ECHO_PORT PORTFILE | receiver FD | peer-echo PORTFILE |"
-                 " peer-connect PORT N\n");
+    std::fprintf(
+        stderr,
+        "usage: scm_rights sender ECHO_PORT PORTFILE | receiver FD REST | peer-echo PORTFILE |"
+        " peer-connect PORT N\n");
     return 2;
 }

@@ -4,8 +4,12 @@
 # through it against a plain echo peer, checks every byte and the peer's FIN. B is a forked child,
 # then an exec'd child with LD_PRELOAD kept, then one with LD_PRELOAD removed. ss proves that
 # A's sockets belonged to tcpsd until A passed them; passing hands a socket back to the kernel
-# (docs/architecture.md), so from then on only A and the Bs may hold it. At the end the engine
-# holds nothing.
+# (docs/architecture.md), so from then on only A, the Bs and tcpsd may hold it. A B with tcps
+# offloads the socket it receives again at its first use (then its descriptor is a
+# placeholder), and before passing
+# it A leaves at least 32 KiB received and unread: B must read them first, byte for byte, which
+# only works if A's engine parked them and B's served them first (the engine's counters must
+# show both). At the end the engine holds nothing.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
 set -euo pipefail
@@ -54,5 +58,20 @@ receivers=$(sed -n 's/.*receiver pid \([0-9]*\) (.*).*/\1/p' "$dir/sender.out")
 # shellcheck disable=SC2086  # one pid per word
 expect_no_strangers "$dir/ss.txt" "$port and $echo_port" "$sender_pid" $receivers
 expect_engine_empty 20 "$port"
-if offloaded; then stop_engine; fi
+if offloaded; then
+    # The Bs with tcps hold placeholders once they used their sockets (offloaded again).
+    adopted_here=$(grep -c 'B (pid [0-9]*): after use, fd [0-9]* is /dev/null' "$dir/sender.out" || true)
+    ((adopted_here == 4)) || fail "$adopted_here of the 4 Bs with tcps offloaded the socket"
+    first=$(grep -c 'greeting bytes A left unread came first, intact' "$dir/sender.out" || true)
+    ((first == 4)) || fail "$first of the 4 Bs with tcps read what A left unread first"
+    field() { sed -n "s/.*$1 \([0-9]*\).*/\1/p" <<<"$LAST_STATS" | awk '{ s += $1 } END { print s + 0 }'; }
+    parked=$(field "bytes parked")
+    adopted=$(field "adopted sockets")
+    served=$(field "adopted sockets [0-9]* served")
+    ((adopted == 4)) || fail "the engine adopted $adopted sockets, not the 4 the Bs with tcps got"
+    ((parked >= 4 * 32768)) || fail "the engine parked only $parked unread bytes"
+    ((served == parked)) || fail "the engine parked $parked unread bytes and served $served"
+    log "evidence: the engine parked $parked bytes A left unread and served them first to the Bs"
+    stop_engine
+fi
 log "scm_rights: all checks passed"

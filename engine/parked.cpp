@@ -1,0 +1,138 @@
+#include "parked.hpp"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "quota.hpp"
+
+namespace tcps::engine {
+
+bool socket_identity(int fd, SocketIdentity &out) {
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+    out = {st.st_dev, st.st_ino};
+    return true;
+}
+
+namespace {
+
+bool int_option(int fd, int level, int name, int &value) {
+    socklen_t len = sizeof(value);
+    value = 0;
+    return getsockopt(fd, level, name, &value, &len) == 0;
+}
+
+}  // namespace
+
+int adoptable_socket(int fd, int &family) {
+    int type, protocol, repair;
+    if (!int_option(fd, SOL_SOCKET, SO_TYPE, type) || type != SOCK_STREAM ||
+        !int_option(fd, SOL_SOCKET, SO_PROTOCOL, protocol) || protocol != IPPROTO_TCP ||
+        !int_option(fd, SOL_SOCKET, SO_DOMAIN, family) || (family != AF_INET && family != AF_INET6))
+        return -EOPNOTSUPP;
+    tcp_info info{};
+    socklen_t info_len = sizeof(info);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) != 0 ||
+        (info.tcpi_state != TCP_ESTABLISHED && info.tcpi_state != TCP_CLOSE_WAIT))
+        return -EOPNOTSUPP;
+    char ulp[16] = {};
+    socklen_t ulp_len = sizeof(ulp);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &ulp_len) != 0 || (ulp_len > 0 && ulp[0] != 0))
+        return -EOPNOTSUPP;
+    if (int_option(fd, IPPROTO_TCP, TCP_REPAIR, repair) && repair != 0) return -EOPNOTSUPP;
+    return 0;
+}
+
+ParkedBytes::~ParkedBytes() {
+    // At exit: the descriptors only (the quota ledger may be gone already).
+    for (auto &[identity, entry] : entries_)
+        if (entry.fd >= 0) close(entry.fd);
+}
+
+void ParkedBytes::drop(Entry &entry) {
+    quotas().release(entry.uid, 1, entry.bytes.size());
+    if (entry.fd >= 0) close(entry.fd);
+    entry.fd = -1;
+}
+
+int ParkedBytes::park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now) {
+    SocketIdentity identity;
+    if (!socket_identity(fd, identity)) {
+        close(fd);
+        return -ENOTSOCK;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = entries_.find(identity);
+    if (found != entries_.end()) {
+        // The same socket, parked before and not claimed: the new bytes were received later.
+        Entry &entry = found->second;
+        if (const int rc = quotas().charge(entry.uid, 0, bytes.size()); rc != 0) {
+            close(fd);
+            return rc;
+        }
+        entry.bytes.insert(entry.bytes.end(), bytes.begin(), bytes.end());
+        entry.parked_ns = now;
+        close(fd);  // the entry's own descriptor keeps the socket
+        return 0;
+    }
+    if (const int rc = quotas().charge(uid, 1, bytes.size()); rc != 0) {
+        close(fd);
+        return rc;
+    }
+    entries_.emplace(identity, Entry{fd, uid, now, std::move(bytes)});
+    return 0;
+}
+
+std::vector<uint8_t> ParkedBytes::claim(int fd) {
+    SocketIdentity identity;
+    if (!socket_identity(fd, identity)) return {};
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = entries_.find(identity);
+    if (found == entries_.end()) return {};
+    std::vector<uint8_t> bytes = std::move(found->second.bytes);
+    quotas().release(found->second.uid, 1, bytes.size());
+    close(found->second.fd);
+    entries_.erase(found);
+    return bytes;
+}
+
+bool ParkedBytes::holds(int fd) const {
+    SocketIdentity identity;
+    if (!socket_identity(fd, identity)) return false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    return entries_.count(identity) > 0;
+}
+
+size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {
+    bytes = 0;
+    size_t count = 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+        if (now - it->second.parked_ns < kParkedLifetimeNs) {
+            ++it;
+            continue;
+        }
+        bytes += it->second.bytes.size();
+        ++count;
+        drop(it->second);
+        it = entries_.erase(it);
+    }
+    return count;
+}
+
+size_t ParkedBytes::entries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return entries_.size();
+}
+
+ParkedBytes &parked_bytes() {
+    static ParkedBytes store;
+    return store;
+}
+
+}  // namespace tcps::engine
