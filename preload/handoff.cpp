@@ -21,15 +21,10 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <pthread.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <sched.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <cstring>
 
@@ -168,215 +163,12 @@ void hand_back(const SocketRef &ref, bool park) {
     }
 }
 
-namespace {
-
-// Calls `each(fd)` for every descriptor an AF_UNIX message carries with SCM_RIGHTS.
-template <class Each>
-void for_each_passed_fd(const msghdr *msg, Each &&each) {
-    if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(cmsghdr)) return;
-    for (cmsghdr *cmsg = CMSG_FIRSTHDR(const_cast<msghdr *>(msg)); cmsg;
-         cmsg = CMSG_NXTHDR(const_cast<msghdr *>(msg), cmsg)) {
-        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
-            cmsg->cmsg_len < CMSG_LEN(0))
-            continue;
-        const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t k = 0; k < count; ++k) {
-            int fd;
-            std::memcpy(&fd, CMSG_DATA(cmsg) + k * sizeof(int), sizeof(fd));
-            each(fd);
-        }
-    }
-}
-
-}  // namespace
-
 void hand_back_passed_sockets(const msghdr *msg) {
     for_each_passed_fd(msg, [](int fd) {
+        forget_pending(fd);  // the receiver is the one to offload it again
         SocketRef ref;
         if (find_socket(fd, ref)) hand_back(ref, true);
     });
-}
-
-namespace {
-
-// A timeout as Socket keeps it (0: wait for ever) from the kernel socket's SO_RCVTIMEO or
-// SO_SNDTIMEO. Linux reports "never wait" (a negative timeval) as 0 too: taken as for ever.
-int64_t kernel_timeout(int fd, int name) {
-    timeval tv{};
-    socklen_t len = sizeof(tv);
-    if (real(libc.getsockopt)(fd, SOL_SOCKET, name, &tv, &len) != 0 || tv.tv_sec < 0) return 0;
-    return static_cast<int64_t>(tv.tv_sec) * 1'000'000'000 + int64_t{tv.tv_usec} * 1000;
-}
-
-int int_option(int fd, int level, int name, int fallback) {
-    int value = 0;
-    socklen_t len = sizeof(value);
-    return real(libc.getsockopt)(fd, level, name, &value, &len) == 0 ? value : fallback;
-}
-
-// Offloads the kernel socket at `fd` if the engine takes it; else leaves it untouched. The
-// engine checks the socket again, trusting nothing of ours.
-void adopt_received(int fd) {
-    if (fd < 0 || static_cast<size_t>(fd) >= g_fds.size() || !g_fds.get(fd).empty()) return;
-    const int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN, -1);
-    if (domain != AF_INET && domain != AF_INET6) return;  // closed and reused meanwhile
-    // What the kernel socket holds that the shim keeps itself, before the engine changes it
-    // (it keeps the low-water mark itself and puts the kernel socket's back to 1).
-    const int status = real(libc.fcntl)(fd, F_GETFL);
-    const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
-    if (status < 0 || fd_flags < 0) return;
-    const int64_t rcv_timeout = kernel_timeout(fd, SO_RCVTIMEO);
-    const int64_t snd_timeout = kernel_timeout(fd, SO_SNDTIMEO);
-    const int rcvlowat = std::max(1, int_option(fd, SOL_SOCKET, SO_RCVLOWAT, 1));
-    linger lg{};
-    socklen_t lg_len = sizeof(lg);
-    const bool linger_reset = real(libc.getsockopt)(fd, SOL_SOCKET, SO_LINGER, &lg, &lg_len) == 0 &&
-                              lg.l_onoff && lg.l_linger == 0;
-    const int placeholder = open_placeholder(fd_flags & FD_CLOEXEC);
-    if (placeholder < 0) return;
-    uint64_t parked = 0;
-    const int slot = adopt_with_engine(fd, parked);
-    if (slot < 0) {
-        real(libc.close)(placeholder);
-        return;
-    }
-    Socket &sock = socket_state(static_cast<uint32_t>(slot));
-    const uint32_t gen = sock.generation.load() + 1;
-    sock.open(domain, status & O_NONBLOCK, gen);
-    sock.connect_state.store(kConnected);
-    sock.rcv_timeout_ns.store(rcv_timeout);
-    sock.snd_timeout_ns.store(snd_timeout);
-    sock.rcvlowat.store(rcvlowat);
-    sock.linger_reset.store(linger_reset);
-    hold_socket(static_cast<uint32_t>(slot));
-    // Nobody is inside a call on this number: this is the first call that uses it.
-    if (real(libc.dup3)(placeholder, fd, (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
-        real(libc.close)(placeholder);
-        // Still the kernel socket here: the engine lets go of its descriptor. Parked bytes it
-        // had queued for us would be lost: say so.
-        if (unhold_socket(static_cast<uint32_t>(slot)))
-            request_close(static_cast<uint32_t>(slot), false);
-        if (parked > 0) {
-            char line[160];
-            const int n = std::snprintf(line, sizeof(line),
-                                        "tcps: pid %d: a received socket could not be offloaded: "
-                                        "%llu bytes its sender had not read are lost\n",
-                                        getpid(), static_cast<unsigned long long>(parked));
-            if (n > 0) {
-                ssize_t ignored = real(libc.write)(2, line, static_cast<size_t>(n));
-                (void)ignored;
-            }
-        }
-        return;
-    }
-    real(libc.close)(placeholder);
-    g_fds.set(fd, FdRef::socket(static_cast<uint32_t>(slot), gen));
-}
-
-}  // namespace
-
-namespace {
-
-// Received sockets wait for their first use (adopt_pending) in a map indexed by fd number,
-// as long as the fd table (anonymous memory: pages never touched cost nothing), made at the
-// first one: kNoted, then kAdopting while a thread offers it. The count keeps every other
-// lookup at one load.
-enum : uint8_t { kNotNoted = 0, kNoted = 1, kAdopting = 2 };
-std::atomic<std::atomic<uint8_t> *> g_pending{nullptr};
-std::atomic<int> g_pending_count{0};
-std::atomic<int> g_pending_limit{0};  // 1 + the highest fd ever noted: bounds scans
-pthread_mutex_t g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
-
-std::atomic<uint8_t> *pending_entry(int fd) {
-    std::atomic<uint8_t> *map = g_pending.load(std::memory_order_acquire);
-    if (!map || fd < 0 || static_cast<size_t>(fd) >= g_fds.size()) return nullptr;
-    return &map[fd];
-}
-
-void note_pending(int fd) {
-    if (!g_pending.load(std::memory_order_acquire)) {
-        pthread_mutex_lock(&g_pending_mutex);
-        if (!g_pending.load(std::memory_order_relaxed)) {
-            void *memory = mmap(nullptr, g_fds.size(), PROT_READ | PROT_WRITE,
-                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (memory != MAP_FAILED)
-                g_pending.store(static_cast<std::atomic<uint8_t> *>(memory),
-                                std::memory_order_release);
-        }
-        pthread_mutex_unlock(&g_pending_mutex);
-    }
-    std::atomic<uint8_t> *entry = pending_entry(fd);
-    uint8_t expected = kNotNoted;
-    if (!entry || !entry->compare_exchange_strong(expected, kNoted, std::memory_order_acq_rel))
-        return;
-    int limit = g_pending_limit.load(std::memory_order_relaxed);
-    while (limit < fd + 1 && !g_pending_limit.compare_exchange_weak(limit, fd + 1)) {
-    }
-    g_pending_count.fetch_add(1, std::memory_order_release);
-}
-
-void unnote(std::atomic<uint8_t> &entry, uint8_t from) {
-    uint8_t expected = from;
-    if (entry.compare_exchange_strong(expected, kNotNoted, std::memory_order_acq_rel))
-        g_pending_count.fetch_sub(1, std::memory_order_release);
-}
-
-// Whether `fd` could be a socket worth offering: TCP, AF_INET or AF_INET6, not a listener.
-bool worth_offering(int fd) {
-    const int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN, -1);
-    return (domain == AF_INET || domain == AF_INET6) &&
-           int_option(fd, SOL_SOCKET, SO_TYPE, -1) == SOCK_STREAM &&
-           int_option(fd, SOL_SOCKET, SO_PROTOCOL, -1) == IPPROTO_TCP &&
-           int_option(fd, SOL_SOCKET, SO_ACCEPTCONN, 1) == 0;
-}
-
-}  // namespace
-
-void adopt_received_sockets(const msghdr *msg) {
-    if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(cmsghdr)) return;
-    if (in_vfork_child() || g_fds.size() == 0 || !session_usable(true) || claims_slots()) return;
-    for_each_passed_fd(msg, [](int fd) {
-        if (fd >= 0 && static_cast<size_t>(fd) < g_fds.size() && g_fds.get(fd).empty() &&
-            worth_offering(fd))
-            note_pending(fd);
-    });
-}
-
-bool adopt_pending(int fd) {
-    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return false;
-    std::atomic<uint8_t> *entry = pending_entry(fd);
-    if (!entry || entry->load(std::memory_order_acquire) == kNotNoted) return false;
-    if (in_vfork_child() || shim_locked_here()) return false;
-    uint8_t expected = kNoted;
-    if (entry->compare_exchange_strong(expected, kAdopting, std::memory_order_acq_rel)) {
-        adopt_received(fd);
-        unnote(*entry, kAdopting);
-        return !g_fds.get(fd).empty();
-    }
-    // Another thread is adopting it (a round trip to the engine): its outcome is ours.
-    while (entry->load(std::memory_order_acquire) == kAdopting) sched_yield();
-    return !g_fds.get(fd).empty();
-}
-
-void forget_pending(int fd) {
-    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    if (std::atomic<uint8_t> *entry = pending_entry(fd)) unnote(*entry, kNoted);
-}
-
-void forget_pending_range(unsigned first, unsigned last) {
-    if (g_pending_count.load(std::memory_order_acquire) == 0) return;
-    const unsigned limit = static_cast<unsigned>(g_pending_limit.load(std::memory_order_acquire));
-    for (unsigned fd = first; fd <= last && fd < limit; ++fd)
-        if (std::atomic<uint8_t> *entry = pending_entry(static_cast<int>(fd)))
-            unnote(*entry, kNoted);
-}
-
-void forget_all_pending() {
-    // In a forked child: the map's pages are copies; a new one is made if need be.
-    if (std::atomic<uint8_t> *map = g_pending.exchange(nullptr)) munmap(map, g_fds.size());
-    g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
-    g_pending_limit.store(0, std::memory_order_relaxed);
-    g_pending_count.store(0, std::memory_order_release);
 }
 
 }  // namespace tcps::shim

@@ -138,7 +138,7 @@ long fcntl_common(int fd, int cmd, unsigned long arg, bool &handled) {
     handled = true;
     if (g_fds.get(fd).kind() == FdKind::kInternal) return -EBADF;  // not the application's
     if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) {
-        adopt_pending(fd);
+        settle_pending_before_dup(fd);
         const long rc = op_dupfd(fd, cmd, static_cast<int>(arg));
         if (rc != kUseKernel) return rc;
         handled = false;
@@ -475,7 +475,7 @@ TCPS_EXPORT int ioctl(int fd, unsigned long request, ...) __THROW {
 
 TCPS_EXPORT int dup(int fd) __THROW {
     const int saved = errno;
-    adopt_pending(fd);  // a received socket: both numbers must be ours, or neither
+    settle_pending_before_dup(fd);
     if (table_knows(fd)) {
         if (g_fds.get(fd).kind() == FdKind::kInternal) return finish<int>(-EBADF, saved);
         const long rc = op_dup(fd);
@@ -486,7 +486,7 @@ TCPS_EXPORT int dup(int fd) __THROW {
 
 TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
     const int saved = errno;
-    adopt_pending(oldfd);
+    settle_pending_before_dup(oldfd);
     if (oldfd != newfd) forget_pending(newfd);
     if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, 0, false);
@@ -497,7 +497,7 @@ TCPS_EXPORT int dup2(int oldfd, int newfd) __THROW {
 
 TCPS_EXPORT int dup3(int oldfd, int newfd, int flags) __THROW {
     const int saved = errno;
-    adopt_pending(oldfd);
+    settle_pending_before_dup(oldfd);
     if (oldfd != newfd) forget_pending(newfd);
     if (table_knows(oldfd) || table_knows(newfd)) {
         const long rc = op_dup3(oldfd, newfd, flags, true);
@@ -872,7 +872,9 @@ TCPS_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event *event) __THROW 
             return finish<int>(-EFAULT, saved);
         return finish<int>(real(libc.fcntl)(fd, F_GETFD) < 0 ? -EBADF : -EINVAL, saved);
     }
-    return pass(libc.epoll_ctl, epfd, op, fd, event);
+    const int rc = pass(libc.epoll_ctl, epfd, op, fd, event);
+    if (rc == 0) note_epoll_ctl(epfd, op, fd, event);  // a kernel-served socket's, kept
+    return rc;
 }
 
 TCPS_EXPORT int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout) {

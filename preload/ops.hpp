@@ -12,6 +12,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstring>
 
 #include "session.hpp"
 
@@ -80,6 +81,24 @@ void epoll_retain(uint32_t id);
 // into the application's kernel epoll sets, under the same fd numbers, events and data.
 void epoll_hand_back(FdRef socket);
 
+// Calls `each(fd)` for every descriptor an AF_UNIX message carries with SCM_RIGHTS.
+template <class Each>
+inline void for_each_passed_fd(const msghdr *msg, Each &&each) {
+    if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(cmsghdr)) return;
+    for (cmsghdr *cmsg = CMSG_FIRSTHDR(const_cast<msghdr *>(msg)); cmsg;
+         cmsg = CMSG_NXTHDR(const_cast<msghdr *>(msg), cmsg)) {
+        if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS ||
+            cmsg->cmsg_len < CMSG_LEN(0))
+            continue;
+        const size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t k = 0; k < count; ++k) {
+            int fd;
+            std::memcpy(&fd, CMSG_DATA(cmsg) + k * sizeof(int), sizeof(fd));
+            each(fd);
+        }
+    }
+}
+
 // handoff.cpp: before an AF_UNIX sendmsg() carrying SCM_RIGHTS, every offloaded socket in it
 // goes back to the kernel (in this process too), so the message carries real sockets; the
 // bytes the engine received on them and the application did not read wait in the engine for
@@ -99,7 +118,19 @@ void adopt_received_sockets(const msghdr *msg);
 // The first interposed call that uses `fd` (a lookup of the table): a noted socket is offered
 // to the engine now. True if `fd` is then one of ours. One load when none is noted.
 bool adopt_pending(int fd);
-// `fd` is closed or replaced (close, dup2 over it): it is no longer the noted socket.
+// adopt.cpp: a connection the engine left to the kernel at accept (kFlagKernelServed),
+// offloaded again at a later call when the engine has room and it is safe (see adopt.cpp).
+void note_kernel_served(int fd);
+// Before dup() of `fd`: a received socket is adopted first; a kernel-served one stays the
+// kernel's for good.
+void settle_pending_before_dup(int fd);
+// After the kernel accepted epoll_ctl(epfd, op, fd, event) for a kernel fd: a kernel-served
+// socket's registrations are kept, to move with it.
+void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event);
+// In the parent after fork(): its kernel-served sockets stay the kernel's (the child may use
+// them too).
+void forget_kernel_served();
+// `fd` is closed or replaced (close, dup2 over it): it is no longer a noted socket.
 void forget_pending(int fd);
 void forget_pending_range(unsigned first, unsigned last);
 // In a forked child: its inherited noted sockets stay the kernel's (the parent may use them).

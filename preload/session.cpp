@@ -1252,6 +1252,7 @@ void before_fork() {
 }
 
 void after_fork_in_parent() {
+    forget_kernel_served();
     // A failed fork leaves the reservation to expire in the engine, with the holds it carries.
     g_fork_member = -1;
     if (g_fork_locked) {

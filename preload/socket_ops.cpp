@@ -396,6 +396,8 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     if (region().slot(taken).flags.load(std::memory_order_acquire) & ipc::kFlagKernelServed) {
         SocketRef conn;
         if (find_socket(fd, conn)) hand_back(conn, false);
+        // Offloaded again when the engine has room (adopt.cpp).
+        if (g_fds.get(fd).empty()) note_kernel_served(fd);
     }
     return fd;
 }

@@ -3,7 +3,8 @@
 # kernel, in the application. With `tcpsd --handoff-load 0` (always saturated) a preloaded
 # Python echo server's accept() returns kernel sockets (ss: the server owns them, the listener
 # stays tcpsd's), every byte is echoed, and the engine read none of them (its counters); with
-# the default (never saturated) the same server gets offloaded sockets that tcpsd owns.
+# the default (never saturated) the same server gets offloaded sockets that tcpsd owns. Then
+# (one worker) connections left to the kernel under real load are offloaded again once it falls.
 # With "2-workers" the engine runs two workers (--cores 0,1): the connections alternate between
 # them, so the second worker's are handed back through the family's home (issue 11).
 set -euo pipefail
@@ -112,4 +113,79 @@ log "saturated: $connections connections accepted by tcpsd, served by the applic
 run_phase default offloaded
 served=$(stat_sum kernel-served)
 ((served == 0)) || fail "the engine left $served connections to the kernel while not saturated"
+
+# Offloaded again when the load falls. A stream through the engine (tcps_test_app) keeps its
+# worker busy past --handoff-load 21 (saturated from 21% busy, no longer below 1%); the
+# server accepts its connections meanwhile (kernel sockets) and puts them in an epoll, the
+# stream ends, and once the engine has room the server's first calls on them offload them
+# again (adopt.cpp), their epoll registrations with them: the server's event loop sees every
+# byte the clients sent while they were the kernel's, and ss shows tcpsd owning them.
+reoffload() {
+    : >"$dir/engine.log"
+    start_engine --handoff-load 21
+    # The workers' statistics lines, freshly asked for.
+    # shellcheck disable=SC2317  # called by wait_until
+    stats_now() {
+        kill -USR1 "$ENGINE_PID"
+        sleep 0.05  # the main thread logs them at its next poll round: give it one
+        grep 'kernel-served' "$dir/engine.log" | tail -n 1
+    }
+    # shellcheck disable=SC2317
+    saturated() { stats_now | grep -q '(saturated)'; }
+    # shellcheck disable=SC2317
+    has_room() { ! stats_now | grep -q '(saturated)'; }
+    "${PRELOAD[@]}" timeout 120 "$TCPS_TEST_APP" stream 100000 >"$dir/load.out" 2>&1 &
+    local load_pid=$!
+    track "$load_pid"
+    wait_until 30 saturated ||
+        fail "reoffload: a stream through the engine never made it 21% busy: $(stats_now)"
+    log "reoffload: $(stats_now)"
+    rm -f "$dir/later.port"
+    mkfifo "$dir/later.in"
+    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/later.port" later \
+        <"$dir/later.in" >"$dir/later.out" 2>&1 &
+    local server_pid=$!
+    track "$server_pid"
+    exec 7>"$dir/later.in"
+    local port clients=()
+    port=$(wait_for_port_file 10 "$dir/later.port") || fail "reoffload: the server did not start"
+    for k in $(seq 0 $((connections - 1))); do
+        echo_once "$port" "$k" &
+        clients+=($!)
+        wait_for_line 10 "$dir/later.out" "connection $k accepted:" ||
+            fail "reoffload: connection $k was not accepted: $(cat "$dir/later.out")"
+    done
+    kill -TERM "$load_pid"  # timeout passes it on to the stream
+    wait "$load_pid" || true
+    wait_until 10 has_room || fail "reoffload: the engine stayed saturated: $(stats_now)"
+    log "reoffload: the load is gone: $(stats_now)"
+    echo >&7
+    wait_for_line 30 "$dir/later.out" "connection $((connections - 1)): " ||
+        fail "reoffload: the connections were not echoed: $(cat "$dir/later.out")"
+    local lines
+    lines=$(ss -tanpH state established "( sport = :$port )")
+    echo "$lines" | sed 's/^/  ss: /'
+    (($(grep -c "pid=$ENGINE_PID," <<<"$lines") == connections)) ||
+        fail "reoffload: tcpsd does not hold the $connections connections"
+    ! grep -q "pid=$server_pid," <<<"$lines" || fail "reoffload: the server still holds one"
+    echo >&7
+    exec 7>&-
+    for client in "${clients[@]}"; do
+        wait "$client" || fail "reoffload: a connection did not get its bytes back"
+    done
+    wait "$server_pid" || fail "reoffload: the server failed: $(cat "$dir/later.out")"
+    cat "$dir/later.out"
+    (($(grep -c "accepted: kernel socket" "$dir/later.out") == connections)) ||
+        fail "reoffload: the saturated engine did not leave the connections to the kernel"
+    (($(grep -c "100000 bytes echoed, now offloaded" "$dir/later.out") == connections)) ||
+        fail "reoffload: the connections were not offloaded again"
+    STATS=$(stats_now)
+    sed "s/^/  reoffload: /" <<<"$STATS"
+    (($(stat_sum "adopted sockets") == connections)) ||
+        fail "reoffload: the engine adopted $(stat_sum "adopted sockets") sockets"
+    stop_engine
+    log "reoffload: $connections connections left to the kernel under load, offloaded again after"
+}
+# One worker: the stream's load and the adoptions meet on it.
+((workers == 1)) && reoffload
 log "handoff: pass"
