@@ -3,7 +3,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,11 +11,9 @@
 
 namespace tcps::engine {
 
-bool socket_identity(int fd, SocketIdentity &out) {
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
-    out = {st.st_dev, st.st_ino};
-    return true;
+bool socket_cookie(int fd, uint64_t &cookie) {
+    socklen_t len = sizeof(cookie);
+    return getsockopt(fd, SOL_SOCKET, SO_COOKIE, &cookie, &len) == 0 && len == sizeof(cookie);
 }
 
 namespace {
@@ -48,64 +45,41 @@ int adoptable_socket(int fd, int &family) {
     return 0;
 }
 
-ParkedBytes::~ParkedBytes() {
-    // At exit: the descriptors only (the quota ledger may be gone already).
-    for (auto &[identity, entry] : entries_)
-        if (entry.fd >= 0) close(entry.fd);
-}
-
-void ParkedBytes::drop(Entry &entry) {
-    quotas().release(entry.uid, 1, entry.bytes.size());
-    if (entry.fd >= 0) close(entry.fd);
-    entry.fd = -1;
-}
-
 int ParkedBytes::park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now) {
-    SocketIdentity identity;
-    if (!socket_identity(fd, identity)) {
-        close(fd);
-        return -ENOTSOCK;
-    }
+    uint64_t cookie;
+    if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto found = entries_.find(identity);
+    const auto found = entries_.find(cookie);
+    // The same socket, parked before and not claimed: the new bytes were received later.
+    const uid_t owner = found != entries_.end() ? found->second.uid : uid;
+    if (const int rc = quotas().charge(owner, 0, bytes.size()); rc != 0) return rc;
     if (found != entries_.end()) {
-        // The same socket, parked before and not claimed: the new bytes were received later.
         Entry &entry = found->second;
-        if (const int rc = quotas().charge(entry.uid, 0, bytes.size()); rc != 0) {
-            close(fd);
-            return rc;
-        }
         entry.bytes.insert(entry.bytes.end(), bytes.begin(), bytes.end());
         entry.parked_ns = now;
-        close(fd);  // the entry's own descriptor keeps the socket
         return 0;
     }
-    if (const int rc = quotas().charge(uid, 1, bytes.size()); rc != 0) {
-        close(fd);
-        return rc;
-    }
-    entries_.emplace(identity, Entry{fd, uid, now, std::move(bytes)});
+    entries_.emplace(cookie, Entry{uid, now, std::move(bytes)});
     return 0;
 }
 
 std::vector<uint8_t> ParkedBytes::claim(int fd) {
-    SocketIdentity identity;
-    if (!socket_identity(fd, identity)) return {};
+    uint64_t cookie;
+    if (!socket_cookie(fd, cookie)) return {};
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto found = entries_.find(identity);
+    const auto found = entries_.find(cookie);
     if (found == entries_.end()) return {};
     std::vector<uint8_t> bytes = std::move(found->second.bytes);
-    quotas().release(found->second.uid, 1, bytes.size());
-    close(found->second.fd);
+    quotas().release(found->second.uid, 0, bytes.size());
     entries_.erase(found);
     return bytes;
 }
 
 bool ParkedBytes::holds(int fd) const {
-    SocketIdentity identity;
-    if (!socket_identity(fd, identity)) return false;
+    uint64_t cookie;
+    if (!socket_cookie(fd, cookie)) return false;
     std::lock_guard<std::mutex> lock(mutex_);
-    return entries_.count(identity) > 0;
+    return entries_.count(cookie) > 0;
 }
 
 size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {
@@ -119,7 +93,7 @@ size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {
         }
         bytes += it->second.bytes.size();
         ++count;
-        drop(it->second);
+        quotas().release(it->second.uid, 0, it->second.bytes.size());
         it = entries_.erase(it);
     }
     return count;

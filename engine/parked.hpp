@@ -3,11 +3,12 @@
 // When the application passes an offloaded socket on with SCM_RIGHTS, the engine gives the
 // kernel socket back (kHandoff), but the bytes it had already received and the application had
 // not read cannot go back into the kernel socket. They are parked here, keyed by the socket's
-// identity (its sockfs inode), for whoever receives the socket: a receiver that runs with tcps
-// offers the socket to the engine (kAdoptSocket), which serves these bytes before any the
-// kernel socket holds, so the stream arrives whole. Each entry keeps a descriptor of the
-// socket, so its inode cannot be reused while the bytes wait. Bytes nobody claims within
-// kParkedLifetimeNs (the receiver runs without tcps) are dropped and said in the log.
+// cookie (SO_COOKIE: the kernel never gives two sockets the same one), for whoever receives the
+// socket: a receiver that runs with tcps offers the socket to the engine (kAdoptSocket), which
+// serves these bytes before any the kernel socket holds, so the stream arrives whole. The
+// entry holds no reference to the socket: a receiver that closes it unused closes the
+// connection at once, as on Linux. Bytes nobody claims within kParkedLifetimeNs (the receiver
+// runs without tcps, or closed it) are dropped and said in the log.
 #pragma once
 
 #include <sys/types.h>
@@ -22,17 +23,9 @@ namespace tcps::engine {
 
 inline constexpr uint64_t kParkedLifetimeNs = 60'000'000'000;
 
-// A socket's identity while some descriptor keeps it open.
-struct SocketIdentity {
-    dev_t dev = 0;
-    ino_t ino = 0;
-    bool operator<(const SocketIdentity &other) const {
-        return dev != other.dev ? dev < other.dev : ino < other.ino;
-    }
-};
-// fstat() of a socket: false if `fd` is not one (call it on sockets only: fstat() of a file on
-// a FUSE mount, say, could wait for its server).
-bool socket_identity(int fd, SocketIdentity &out);
+// A socket's cookie (SO_COOKIE), unique for the kernel's lifetime: false if `fd` is not a
+// socket.
+bool socket_cookie(int fd, uint64_t &cookie);
 
 // Whether the engine can serve the kernel socket `fd` a client offers (kAdoptSocket): a TCP
 // socket of AF_INET or AF_INET6 (its family in `family`), connected (ESTABLISHED, or
@@ -43,10 +36,9 @@ int adoptable_socket(int fd, int &family);
 
 class ParkedBytes {
   public:
-    ~ParkedBytes();
-    // Parks `bytes` for the socket `fd` refers to, taking `fd` (closed when the entry goes) and
-    // charging the entry to `uid` (quotas()). Bytes parked again for a socket whose earlier
-    // ones wait still come after them. 0, or -errno (then `fd` is closed and nothing kept).
+    // Parks `bytes` for the socket `fd` refers to, charged to `uid` (quotas()). Bytes parked
+    // again for a socket whose earlier ones wait still come after them. 0, or -errno (then
+    // nothing is kept).
     int park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now);
     // The bytes parked for the socket `fd` refers to, which leave the store (none: empty).
     std::vector<uint8_t> claim(int fd);
@@ -59,15 +51,13 @@ class ParkedBytes {
 
   private:
     struct Entry {
-        int fd = -1;
         uid_t uid = 0;
         uint64_t parked_ns = 0;
         std::vector<uint8_t> bytes;
     };
-    void drop(Entry &entry);
 
     mutable std::mutex mutex_;
-    std::map<SocketIdentity, Entry> entries_;
+    std::map<uint64_t, Entry> entries_;  // by socket cookie
 };
 
 // The engine's one store (workers park and claim; the main thread expires).

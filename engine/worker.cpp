@@ -1789,9 +1789,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
         if (i != kNoSlot && !s.ending) {
             EngineSlot &es = s.slots[i];
             if (es.prefix) {
-                const int keeper = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-                if (keeper >= 0)
-                    parked_bytes().park(keeper, es.quota_uid, std::move(*es.prefix), now_ns_);
+                parked_bytes().park(fd, es.quota_uid, std::move(*es.prefix), now_ns_);
                 es.prefix.reset();
             }
             es.handed_off = true;
@@ -1992,11 +1990,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
                            bytes.data(), lost);
         if (prefix_left > 0)
             std::memcpy(bytes.data() + lost, es.prefix->data() + es.prefix_at, prefix_left);
-        const int keeper = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
         const size_t count = bytes.size();
-        const int rc = keeper >= 0
-                           ? parked_bytes().park(keeper, es.quota_uid, std::move(bytes), now_ns_)
-                           : -errno;
+        const int rc = parked_bytes().park(es.fd, es.quota_uid, std::move(bytes), now_ns_);
         if (rc == 0) {
             reply.arg = 0;
             reply.token = count;
