@@ -8,6 +8,8 @@
 #   memcached   memcached -t 4;            memcaslap -T1 -c32, 1 KB values, 90% gets
 #   lighttpd    one process, sendfile;     wrk -t1 -c32, keep-alive, a 16 KB file
 #   node        tests/integration/node_server.js (one process, the file from memory); the same
+#   node_cluster the same as a cluster: a primary that accepts each connection and passes it
+#               with SCM_RIGHTS to one of 2 workers (Node's round-robin); the same load
 #   haproxy     nbthread 1, mode http, in front of a native nginx (one process) that serves a
 #               5-byte file; wrk -t1 -c32, keep-alive (HAProxy reuses its backend connections)
 #   postgresql  fsync off, 32 MB shared buffers, pgbench -i -s 4; pgbench -S -M prepared -c 8
@@ -44,7 +46,7 @@ available() {
     case $1 in
     memcached) command -v memcached && command -v memcaslap ;;
     lighttpd) command -v lighttpd ;;
-    node) command -v node ;;
+    node | node_cluster) command -v node ;;
     haproxy) command -v haproxy && command -v nginx ;;
     postgresql) [[ -n $pg_bin && -x $pg_bin/pgbench ]] && ((EUID == 0)) && id postgres ;;
     *) die "unknown server '$1'" ;;
@@ -92,13 +94,15 @@ EOF
 
 start_node() {
     "${taskset[@]}" "${runner[@]}" node tests/integration/node_server.js "$dir/port" "$docroot" \
-        >"$dir/log" 2>&1 &
+        ${node_workers:+"$node_workers"} >"$dir/log" 2>&1 &
     server_pid=$!
     server_roots+=("$server_pid")
     wait_file "$dir/port"
     server_port=$(<"$dir/port")
     wait_http "http://127.0.0.1:$server_port/tiny.html"
 }
+
+start_node_cluster() { node_workers=2 start_node; }
 
 # The backend of both HAProxies: a native nginx on the load generator's core.
 backend_port=
@@ -186,7 +190,7 @@ m = re.search(r"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)", text)
 sys.exit("no result in memcaslap report") if not m else None
 print(f"{m.group(2)},{m.group(1)},0,0,0")' "$report" >"$work/parsed"
         ;;
-    lighttpd | node | haproxy)
+    lighttpd | node | node_cluster | haproxy)
         local path=/file16k.bin
         [[ $kind == haproxy ]] && path=/tiny.html
         measured_run "$pid" "$report" $((seconds + 20)) \
