@@ -161,6 +161,13 @@ void Worker::handle_message(ShardMessage &message) {
                 start_handoff(*s, message.member, static_cast<int32_t>(message.slot),
                               message.seq != 0);
             break;
+        case Type::kAdopt:
+            place_adopted(live && message.member < ipc::kMaxMembers ? s : nullptr, message);
+            break;
+        case Type::kAdopted:
+            if (live && message.member < ipc::kMaxMembers)
+                answer_adopt(*s, message.member, message.reply);
+            break;
         case Type::kHandoffDone:
             if (live && message.member < ipc::kMaxMembers) {
                 deliver_handoff(*s, message.member, message.reply, message.fd);

@@ -1725,8 +1725,6 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     const Member &m = s.members[member];
     int result = 0;
     int family = 0;
-    uint32_t i = kNoSlot;
-    uint64_t parked = 0;
     if (s.client_slots != 0) {
         if (fd >= 0) close(fd);
         return violation(s, "kAdoptSocket in a session whose client claims");
@@ -1735,69 +1733,112 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
         result = -EBADF;
     } else if (!creds.present || creds.pid != m.creds.pid) {
         result = -EPERM;  // as kNewSocket: the socket counts against the sender's own uid
-    } else if ((result = adoptable_socket(fd, family)) == 0) {
-        // Saturated (seed 003): the socket stays with the kernel, unless bytes received
-        // before it was passed on wait for it here (they must come first).
-        if (gauge_.saturated() && !parked_bytes().holds(fd)) {
-            result = -EBUSY;
-        } else if ((result = quotas().charge(creds.uid, 1, kSocketBytes)) == 0) {
-            i = take_free_slot(s);
-            if (i == kNoSlot) {
-                quotas().release(creds.uid, 1, kSocketBytes);
-                result = -EMFILE;  // the family has all 2^20 of its slots
-            }
-        }
+    } else {
+        result = adoptable_socket(fd, family);
     }
-    if (i != kNoSlot) {
-        init_slot(s, i, fd, family, ipc::kFlagConnected | ipc::kFlagBound);
-        EngineSlot &es = s.slots[i];
-        es.quota_uid = creds.uid;
-        // The application's low-water mark is the engine's to keep (ops.cpp); the kernel
-        // socket's goes back to 1 so that receives keep filling the ring.
-        int lowat = 1;
-        socklen_t len = sizeof(lowat);
-        if (getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0 && lowat > 1) {
-            es.rcvlowat = lowat;
-            const int one = 1;
-            setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+    if (result == 0 && s.family) {
+        // The family's sockets go to its workers in turn, as accepted connections do.
+        const auto shards = static_cast<uint32_t>(s.family->workers.size());
+        for (uint32_t tries = 0; tries < shards; ++tries) {
+            const uint32_t next = s.next_shard;
+            s.next_shard = (next + 1) % shards;
+            if (!s.family->workers[next]->active()) continue;
+            if (next == 0) break;  // ours
+            ShardMessage message = message_for(s, ShardMessage::Type::kAdopt);
+            message.member = member;
+            message.fd = fd;
+            message.accepted.family = family;
+            message.accepted.quota_uid = creds.uid;
+            s.family->workers[next]->post(std::move(message));
+            return;  // the shard answers through us (kAdopted)
         }
-        std::vector<uint8_t> bytes = parked_bytes().claim(fd);
-        if (!bytes.empty()) {
-            parked = bytes.size();
-            es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
-        }
-        refresh_addresses(s, i, true);
-        update_kernel_mask(s, i);
-        track_connected(s, i);
-        s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                     std::memory_order_release);
-        ++s.open_sockets;
-        stats_.sockets.fetch_add(1, std::memory_order_relaxed);
-        stats_.adopted.fetch_add(1, std::memory_order_relaxed);
-    } else if (fd >= 0) {
-        close(fd);  // refused: the socket is the client's alone, untouched
     }
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kAdoptSocketReply);
     reply.version = ipc::kLayoutVersion;
-    reply.result = result;
-    reply.arg = static_cast<int32_t>(i);
-    reply.token = parked;
+    reply.arg = -1;
     reply.session_id = s.id;
-    if (!reply_control(s, member, reply)) {
-        // The client keeps its own descriptor: ours only goes, and the parked bytes wait on.
-        if (i != kNoSlot && !s.ending) {
-            EngineSlot &es = s.slots[i];
-            if (es.prefix) {
-                parked_bytes().park(fd, es.quota_uid, std::move(*es.prefix), now_ns_);
-                es.prefix.reset();
-            }
-            es.handed_off = true;
-            start_close(s, i, false);
-        }
+    if (result == 0) result = setup_adopted(s, fd, family, creds.uid, reply);
+    reply.result = result;
+    if (result != 0 && fd >= 0) close(fd);  // refused: the socket is the client's alone
+    answer_adopt(s, member, reply);
+}
+
+int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply) {
+    // Saturated (seed 003): the socket stays with the kernel, unless bytes received before
+    // it was passed on wait for it here (they must come first).
+    if (gauge_.saturated() && !parked_bytes().holds(fd)) return -EBUSY;
+    if (const int rc = quotas().charge(uid, 1, kSocketBytes); rc != 0) return rc;
+    const uint32_t i = take_free_slot(s);
+    if (i == kNoSlot) {
+        quotas().release(uid, 1, kSocketBytes);
+        return -EMFILE;  // the family has all 2^20 of its slots
+    }
+    init_slot(s, i, fd, family, ipc::kFlagConnected | ipc::kFlagBound);
+    EngineSlot &es = s.slots[i];
+    es.quota_uid = uid;
+    // The application's low-water mark is the engine's to keep (ops.cpp); the kernel
+    // socket's goes back to 1 so that receives keep filling the ring.
+    int lowat = 1;
+    socklen_t len = sizeof(lowat);
+    if (getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0 && lowat > 1) {
+        es.rcvlowat = lowat;
+        const int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+    }
+    std::vector<uint8_t> bytes = parked_bytes().claim(fd);
+    reply.token = bytes.size();
+    if (!bytes.empty()) es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
+    refresh_addresses(s, i, true);
+    update_kernel_mask(s, i);
+    track_connected(s, i);
+    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                 std::memory_order_release);
+    ++s.open_sockets;
+    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    stats_.adopted.fetch_add(1, std::memory_order_relaxed);
+    reply.arg = static_cast<int32_t>(i);
+    post_recv(s, i);
+    return 0;
+}
+
+void Worker::place_adopted(Session *s, ShardMessage &message) {
+    ipc::ControlMessage reply{};
+    reply.type = static_cast<uint32_t>(ipc::ControlType::kAdoptSocketReply);
+    reply.version = ipc::kLayoutVersion;
+    reply.arg = -1;
+    reply.session_id = message.session_id;
+    reply.result = -ECONNRESET;  // the family is ending
+    if (s)
+        reply.result = setup_adopted(*s, message.fd, message.accepted.family,
+                                     message.accepted.quota_uid, reply);
+    if (reply.result == 0) message.fd = -1;  // the slot's now (else handle_message closes it)
+    ShardMessage answer;
+    answer.type = ShardMessage::Type::kAdopted;
+    answer.session_id = message.session_id;
+    answer.from = this;
+    answer.from_shard = s ? s->shard : 0;
+    answer.member = message.member;
+    answer.reply = reply;
+    message.from->post(std::move(answer));
+}
+
+void Worker::answer_adopt(Session &s, uint32_t member, const ipc::ControlMessage &reply) {
+    const bool delivered =
+        s.members[member].state == ipc::MemberState::kLive && reply_control(s, member, reply);
+    if (delivered || reply.result != 0 || reply.arg < 0 || s.ending) return;
+    // Nobody will ever hold it: the member's process is gone with its descriptor (else it
+    // still reads its replies). Closed where it lives.
+    const auto i = static_cast<uint32_t>(reply.arg);
+    if (const uint32_t owner = s.shard_of(i); owner != 0) {
+        ShardMessage message = message_for(s, ShardMessage::Type::kDrop);
+        message.slot = i;
+        message.accepted.listener = kNoSlot;
+        message.result = 1;
+        s.family->workers[owner]->post(std::move(message));
         return;
     }
-    if (i != kNoSlot) post_recv(s, i);
+    start_close(s, i, true);
 }
 
 bool Worker::pause_full_rx(Session &s, uint32_t i) {

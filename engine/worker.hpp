@@ -42,6 +42,9 @@ struct ShardMessage {
         kHandoff,         // home -> shard: `member` asks for `slot`'s kernel socket (kHandoff;
                           // `seq` 1: park the unread bytes)
         kHandoffDone,     // shard -> home: the answer for `member` (`reply`, and `fd`)
+        kAdopt,           // home -> shard: serve kernel socket `fd` for `member` (kAdoptSocket;
+                          // `accepted.family`, `accepted.quota_uid`)
+        kAdopted,         // shard -> home: the answer for `member` (`reply`)
     };
     Type type = Type::kEnd;
     uint32_t session_id = 0;
@@ -254,8 +257,16 @@ class Worker {
     void reserve_member(Session &s, uint32_t member);
     void release_waiters(Session &s, uint32_t member);
     void start_handoff(Session &s, uint32_t member, int32_t slot, bool park);
-    // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot.
+    // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot,
+    // on the family's next worker in turn.
     void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds);
+    // Serves `fd` from a slot of this worker's: 0 with `reply.arg` the slot and `reply.token`
+    // the parked bytes queued first, or -errno (then `fd` stays the caller's).
+    int setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply);
+    // kAdopt on a shard (`s` null: the family is ending there).
+    void place_adopted(Session *s, ShardMessage &message);
+    // The home's answer to kAdoptSocket; a slot whose answer cannot be delivered is closed.
+    void answer_adopt(Session &s, uint32_t member, const ipc::ControlMessage &reply);
     // Moves what fits of an adopted socket's parked bytes into its rx ring. True once all are
     // there (receiving from the kernel socket may start).
     bool feed_prefix(Session &s, uint32_t i);

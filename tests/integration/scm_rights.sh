@@ -9,7 +9,8 @@
 # placeholder), and before passing
 # it A leaves at least 32 KiB received and unread: B must read them first, byte for byte, which
 # only works if A's engine parked them and B's served them first (the engine's counters must
-# show both). At the end the engine holds nothing.
+# show both). At the end the engine holds nothing. With "2-workers" the engine runs two workers
+# (--cores 0,1), and the adopted sockets must be spread over both.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
 set -euo pipefail
@@ -19,6 +20,11 @@ source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/servers_lib.sh"
 
 app=${SCM_RIGHTS:?SCM_RIGHTS names the scm_rights program}
+if [[ ${1:-} == 2-workers ]]; then
+    (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
+    ENGINE_CORES=0,1
+    ENGINE_EXTRA=()
+fi
 need_tool ss
 dir=$TCPS_TEST_DIR
 
@@ -72,6 +78,13 @@ if offloaded; then
     ((parked >= 4 * 32768)) || fail "the engine parked only $parked unread bytes"
     ((served == parked)) || fail "the engine parked $parked unread bytes and served $served"
     log "evidence: the engine parked $parked bytes A left unread and served them first to the Bs"
+    if [[ -n ${ENGINE_CORES:-} ]]; then
+        for worker in 0 1; do
+            mine=$(sed -n "s/.*worker $worker: .*adopted sockets \([0-9]*\).*/\1/p" <<<"$LAST_STATS")
+            ((${mine:-0} > 0)) || fail "worker $worker adopted none of the sockets: $LAST_STATS"
+        done
+        log "evidence: the adopted sockets are spread over both workers"
+    fi
     stop_engine
 fi
 log "scm_rights: all checks passed"
