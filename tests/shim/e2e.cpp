@@ -1123,6 +1123,70 @@ TEST_CASE("a connection passed with SCM_RIGHTS before its first read keeps every
     CHECK(recv_exactly(p.client.get(), 17) == "HTTP/1.1 200 OK\r\n");
 }
 
+// Passes `socket` to this very process with SCM_RIGHTS and closes it: the descriptor received.
+Fd pass_to_self(Fd &socket) {
+    int pair[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
+    Fd sender(pair[0]), receiver(pair[1]);
+    REQUIRE(send_fd(sender.get(), socket.get()));
+    socket.reset();
+    Fd received(recv_fd(receiver.get()));
+    REQUIRE(received.get() >= 0);
+    return received;
+}
+
+TEST_CASE("a received socket is offloaded again at its first use, unread bytes first") {
+    // The sender read part of what came and passed the socket on: the rest, which its engine
+    // had received, comes first to the receiver, then what follows. dup() is the first use
+    // here: both numbers must then be the same offloaded socket.
+    Pair p = make_pair();
+    send_all(p.client.get(), "0123456789", 10);
+    CHECK(recv_exactly(p.server.get(), 3) == "012");
+    if (expect_offload()) {
+        // The other seven in the engine's ring before the socket is passed.
+        const auto deadline = Clock::now() + std::chrono::milliseconds(kTimeoutMs);
+        int unread = 0;
+        while (ioctl(p.server.get(), FIONREAD, &unread) == 0 && unread < 7 &&
+               Clock::now() < deadline)
+            std::this_thread::yield();
+        REQUIRE(unread == 7);
+    }
+    Fd received = pass_to_self(p.server);
+    CHECK_FALSE(is_offloaded(received.get()));  // not before its first use
+    Fd copy(dup(received.get()));
+    REQUIRE(copy.get() >= 0);
+    check_offloaded(received.get());
+    check_offloaded(copy.get());
+    CHECK(recv_exactly(copy.get(), 7) == "3456789");
+    send_all(p.client.get(), "abc", 3);
+    CHECK(recv_exactly(received.get(), 3) == "abc");
+    send_all(received.get(), "back", 4);
+    CHECK(recv_exactly(p.client.get(), 4) == "back");
+}
+
+TEST_CASE("a received socket stays the kernel's in a child forked before its first use") {
+    Pair p = make_pair();
+    Fd received = pass_to_self(p.server);
+    const pid_t child = fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        // Either process may use it from now on: in the child it stays a kernel socket.
+        int type = 0;
+        socklen_t len = sizeof(type);
+        const bool ok = getsockopt(received.get(), SOL_SOCKET, SO_TYPE, &type, &len) == 0 &&
+                        type == SOCK_STREAM && !is_offloaded(received.get());
+        _exit(ok ? 0 : 1);
+    }
+    int status = -1;
+    REQUIRE(waitpid(child, &status, 0) == child);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+    // The parent noted it before the fork and may offload it.
+    send_all(p.client.get(), "hello", 5);
+    CHECK(recv_exactly(received.get(), 5) == "hello");
+    check_offloaded(received.get());
+}
+
 TEST_CASE("SO_RCVLOWAT goes with a socket passed with SCM_RIGHTS") {
     Pair p = make_pair();
     const int lowat = 7;
