@@ -127,6 +127,7 @@ pthread_mutex_t g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
 // When the next kernel-served socket may be offered (after the engine said it is saturated).
 std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
+constexpr uint64_t kThreadsBackoffNs = 1'000'000'000;  // after finding several threads
 
 // A kernel-served socket's registrations in the application's kernel epolls.
 struct Registration {
@@ -201,7 +202,11 @@ bool single_threaded() {
 // now. Called with the entry claimed (kAdopting); leaves it claimed.
 bool reoffload(int fd, bool &keep) {
     keep = true;
-    if (!single_threaded()) return false;
+    if (!single_threaded()) {
+        // Looked at again in a second, not at every call (/proc costs three system calls).
+        g_reoffload_after_ns.store(now_ns() + kThreadsBackoffNs);
+        return false;
+    }
     pthread_mutex_lock(&g_registrations_mutex);
     std::vector<Registration> mine;
     for (const Registration &r : g_registrations)
