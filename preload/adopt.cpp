@@ -321,6 +321,15 @@ void forget_pending(int fd) {
     drop_registrations(fd);
 }
 
+void settle_pending_before_close(int fd) {
+    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
+    std::atomic<uint8_t> *entry = pending_entry(fd);
+    // A received socket closed unused: through the engine, which holds the bytes its sender
+    // left unread, so that the close resets the connection as Linux's would.
+    if (entry && entry->load(std::memory_order_acquire) == kNoted && adopt_pending(fd)) return;
+    forget_pending(fd);
+}
+
 void forget_pending_range(unsigned first, unsigned last) {
     if (g_pending_count.load(std::memory_order_acquire) == 0) return;
     const unsigned limit = static_cast<unsigned>(g_pending_limit.load(std::memory_order_acquire));

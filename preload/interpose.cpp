@@ -425,7 +425,7 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
 
 TCPS_EXPORT int close(int fd) {
     const int saved = errno;
-    forget_pending(fd);
+    settle_pending_before_close(fd);
     if (table_knows(fd)) {
         const long rc = op_close(fd);
         if (rc != kUseKernel) return finish<int>(rc, saved);

@@ -132,6 +132,9 @@ void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event);
 void forget_kernel_served();
 // `fd` is closed or replaced (close, dup2 over it): it is no longer a noted socket.
 void forget_pending(int fd);
+// Before close(fd): a received socket closed unused is adopted first, so that its close goes
+// through the engine (which resets it if bytes its sender left unread wait there).
+void settle_pending_before_close(int fd);
 void forget_pending_range(unsigned first, unsigned last);
 // In a forked child: its inherited noted sockets stay the kernel's (the parent may use them).
 void forget_all_pending();

@@ -1164,6 +1164,26 @@ TEST_CASE("a received socket is offloaded again at its first use, unread bytes f
     CHECK(recv_exactly(p.client.get(), 4) == "back");
 }
 
+TEST_CASE("closing a received socket unused, with bytes its sender left unread, resets it") {
+    // Linux's close() of a socket with unread bytes sends an RST, whichever process had read
+    // part of the stream before.
+    Pair p = make_pair();
+    send_all(p.client.get(), "0123456789", 10);
+    CHECK(recv_exactly(p.server.get(), 3) == "012");
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kTimeoutMs);
+    int unread = 0;
+    while (ioctl(p.server.get(), FIONREAD, &unread) == 0 && unread < 7 && Clock::now() < deadline)
+        std::this_thread::yield();
+    REQUIRE(unread == 7);
+    Fd received = pass_to_self(p.server);
+    received.reset();
+    char byte;
+    pollfd pfd{p.client.get(), POLLIN, 0};
+    REQUIRE(poll(&pfd, 1, kTimeoutMs) == 1);
+    CHECK(recv(p.client.get(), &byte, 1, 0) == -1);
+    CHECK(errno == ECONNRESET);
+}
+
 TEST_CASE("a received socket stays the kernel's in a child forked before its first use") {
     Pair p = make_pair();
     Fd received = pass_to_self(p.server);
