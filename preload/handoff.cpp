@@ -8,8 +8,8 @@
 // then on the kernel serves it, in the sender too. Bytes the engine had already received and
 // the application had not read cannot be put back into the kernel socket: the engine keeps
 // them for the socket's next owner (engine/parked.hpp). A receiver that runs with tcps offers
-// each connected TCP socket it receives to the engine (adopt_received_sockets), which serves
-// those bytes first and the rest of the stream after them: nothing is lost, and the socket is
+// each TCP socket it receives to the engine at its first use (adopt.cpp), which serves those
+// bytes first and the rest of the stream after them: nothing is lost, and the socket is
 // offloaded again. A receiver without tcps would not see them (the engine drops them after a
 // minute and says so in its log). An exec of a program that will not load the shim (static,
 // set-user-ID) hands its inherited sockets back the same way (exec.cpp), their unread bytes

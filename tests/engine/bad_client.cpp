@@ -172,6 +172,25 @@ void round_trip(Good &good, const char *after) {
     CHECK_OR_FAIL(back == pong, "after %s: kernel peer got '%s'", after, back.c_str());
 }
 
+// One control request of `type` (with `fd` if >= 0, `token`, and our credentials if `creds`),
+// and its reply, which must come within kWaitMs and be of `reply_type`.
+ipc::ControlMessage control_call(RawClient &c, ipc::ControlType type, ipc::ControlType reply_type,
+                                 int fd, uint64_t token, bool creds, const char *what) {
+    ipc::ControlMessage msg{};
+    msg.type = uint32_t(type);
+    msg.version = ipc::kLayoutVersion;
+    msg.token = token;
+    CHECK_OR_FAIL(ipc::send_control(c.control_fd(), msg, fd >= 0 ? &fd : nullptr, fd >= 0 ? 1 : 0,
+                                    creds) == 0,
+                  "%s: send", what);
+    ipc::ControlMessage reply{};
+    int none = -1;
+    CHECK_OR_FAIL(recv_control_within(c.control_fd(), reply, &none, 0, kWaitMs) == 0 &&
+                      reply.type == uint32_t(reply_type),
+                  "%s: no reply", what);
+    return reply;
+}
+
 void check_engine_ok(EngineProcess &engine, Good &good, const char *after) {
     CHECK_OR_FAIL(engine.running(), "tcpsd died after %s", after);
     CHECK_OR_FAIL(good.client.engine_alive(), "good session ended after %s", after);
@@ -395,16 +414,9 @@ int main(int argc, char **argv) {
         RawClient odd;
         CHECK_OR_FAIL(odd.connect(path) == 0, "(i) hello");
         auto register_fd = [&](int fd, uint64_t length, int32_t &id) {
-            ipc::ControlMessage msg{};
-            msg.type = uint32_t(ipc::ControlType::kRegisterMem);
-            msg.version = ipc::kLayoutVersion;
-            msg.token = length;
-            CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, &fd, 1) == 0, "(i) send");
-            ipc::ControlMessage reply{};
-            int none = -1;
-            CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &none, 0, kWaitMs) == 0 &&
-                              reply.type == uint32_t(ipc::ControlType::kRegisterMemReply),
-                          "(i) no reply to kRegisterMem");
+            const ipc::ControlMessage reply =
+                control_call(odd, ipc::ControlType::kRegisterMem,
+                             ipc::ControlType::kRegisterMemReply, fd, length, false, "(i)");
             id = reply.arg;
             return reply.result;
         };
@@ -452,17 +464,9 @@ int main(int argc, char **argv) {
         RawClient odd;
         CHECK_OR_FAIL(odd.connect(path) == 0, "(k) hello");
         auto adopt = [&](int fd, int32_t &slot, uint64_t &parked) {
-            ipc::ControlMessage msg{};
-            msg.type = uint32_t(ipc::ControlType::kAdoptSocket);
-            msg.version = ipc::kLayoutVersion;
-            CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, fd >= 0 ? &fd : nullptr,
-                                            fd >= 0 ? 1 : 0, true) == 0,
-                          "(k) send");
-            ipc::ControlMessage reply{};
-            int none = -1;
-            CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &none, 0, kWaitMs) == 0 &&
-                              reply.type == uint32_t(ipc::ControlType::kAdoptSocketReply),
-                          "(k) no reply to kAdoptSocket");
+            const ipc::ControlMessage reply =
+                control_call(odd, ipc::ControlType::kAdoptSocket,
+                             ipc::ControlType::kAdoptSocketReply, fd, 0, true, "(k) kAdoptSocket");
             slot = reply.arg;
             parked = reply.token;
             return reply.result;
