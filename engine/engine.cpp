@@ -282,7 +282,7 @@ void Engine::log_stats() {
             "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
             "%llu rx %llu, passed-on bytes parked %llu adopted sockets %llu served %llu, "
-            "violations %llu, busy %llu%%%s%s",
+            "live connections asked back %llu shed %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -297,6 +297,8 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.parked_bytes.load()),
             static_cast<unsigned long long>(st.adopted.load()),
             static_cast<unsigned long long>(st.unparked_bytes.load()),
+            static_cast<unsigned long long>(st.shed_asked.load()),
+            static_cast<unsigned long long>(st.shed.load()),
             static_cast<unsigned long long>(st.violations.load()),
             static_cast<unsigned long long>(st.load_percent.load()),
             workers_[k]->saturated() ? " (saturated)" : "",

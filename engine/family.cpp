@@ -159,7 +159,7 @@ void Worker::handle_message(ShardMessage &message) {
         case Type::kHandoff:
             if (live && message.member < ipc::kMaxMembers)
                 start_handoff(*s, message.member, static_cast<int32_t>(message.slot),
-                              message.seq != 0);
+                              message.seq & ipc::kHandoffPark, message.seq & ipc::kHandoffShed);
             break;
         case Type::kAdopt:
             place_adopted(live && message.member < ipc::kMaxMembers ? s : nullptr, message);

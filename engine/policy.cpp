@@ -286,6 +286,7 @@ bool ioctl_allowed(unsigned long request) {
 bool LoadGauge::update(uint64_t busy_ns, uint64_t window_ns) {
     if (high_ < 0 || window_ns == 0) return saturated_;
     const uint64_t percent = std::min<uint64_t>(busy_ns, window_ns) * 100 / window_ns;
+    last_percent_ = static_cast<int>(percent);
     if (percent >= static_cast<uint64_t>(high_))
         saturated_ = true;
     else if (static_cast<int64_t>(percent) < high_ - 20)

@@ -116,10 +116,15 @@ class LoadGauge {
     // One window: busy_ns of window_ns worked. Returns saturated().
     bool update(uint64_t busy_ns, uint64_t window_ns);
     bool saturated() const { return saturated_; }
+    // Whether it may take more work from the kernel (connections offloaded again): the last
+    // window was under the low mark (`high_percent - 20`), so that what it takes back does not
+    // push it over the high one at once and shed them again (no ping-pong).
+    bool has_room() const { return high_ < 0 || (!saturated_ && last_percent_ < high_ - 20); }
 
   private:
     int high_;
     bool saturated_;
+    int last_percent_ = 0;
 };
 
 // Seed 001's H4: how many workers take new connections (an elastic engine), between `min` and

@@ -116,6 +116,11 @@ struct EngineSlot {
     // of the rx ring's unread bytes are still in the kernel socket (peeked), so not lost.
     bool handed_off = false;
     bool handoff_park = false;  // the unread bytes go to ParkedBytes (ipc::kHandoffPark)
+    // Seed 003's handoff of a live connection: the saturated worker asked for it back
+    // (ipc::kFlagShed), and the client's hand-back (ipc::kHandoffShed) is under way; it is
+    // undone, answered -EAGAIN, if the receive it cancelled brought bytes after all.
+    bool shed_asked = false;
+    bool handoff_shed = false;
     uint16_t handoff_member = kNoMember;
     uint32_t handoff_kept = 0;
     // An adopted socket's parked bytes (kAdoptSocket, engine/parked.hpp): they go into the rx

@@ -240,7 +240,13 @@ void Worker::run() {
             if (now_saturated != was)
                 TCPS_LOG_VERBOSE("worker %d: %s", config_.index,
                                  was ? "no longer saturated: offloading new connections"
-                                     : "saturated: new connections stay with the kernel");
+                                     : "saturated: new connections stay with the kernel, some "
+                                       "live ones are asked back");
+            adopted_this_window_ = 0;
+            if (now_saturated)
+                ask_to_shed();
+            else if (shed_asks_open_ > 0)
+                withdraw_shed_asks();
             load_window_start_ns_ = now_ns_;
             load_window_end_ns_.store(now_ns_, std::memory_order_relaxed);
             busy_ns_ = 0;
@@ -1677,7 +1683,8 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
     if (type == ipc::ControlType::kHandoff)
-        return start_handoff(s, member, msg.arg, msg.reserved & ipc::kHandoffPark);
+        return start_handoff(s, member, msg.arg, msg.reserved & ipc::kHandoffPark,
+                             msg.reserved & ipc::kHandoffShed);
     violation(s, "unexpected control message type %u", msg.type);
 }
 
@@ -1765,9 +1772,17 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
 }
 
 int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply) {
-    // Saturated (seed 003): the socket stays with the kernel, unless bytes received before
-    // it was passed on wait for it here (they must come first).
-    if (gauge_.saturated() && !parked_bytes().holds(fd)) return -EBUSY;
+    // Saturated, or too close to it (seed 003, LoadGauge::has_room): the socket stays with the
+    // kernel, unless bytes received before it was passed on wait for it here (they must come
+    // first). Under --handoff-load, at most 8 or an eighth of the worker's connections per
+    // load window, as it sheds them: its load rises in steps that the 20 points between its
+    // watermarks can usually hold, rather than past the high one at once (no ping-pong).
+    if (!parked_bytes().holds(fd)) {
+        if (!gauge_.has_room()) return -EBUSY;
+        if (config_.handoff_load >= 0 &&
+            adopted_this_window_ >= std::max<size_t>(8, connected_.size() / 8))
+            return -EBUSY;
+    }
     if (const int rc = quotas().charge(uid, 1, kSocketBytes); rc != 0) return rc;
     const uint32_t i = take_free_slot(s);
     if (i == kNoSlot) {
@@ -1797,6 +1812,7 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     ++s.open_sockets;
     stats_.sockets.fetch_add(1, std::memory_order_relaxed);
     stats_.adopted.fetch_add(1, std::memory_order_relaxed);
+    ++adopted_this_window_;
     reply.arg = static_cast<int32_t>(i);
     post_recv(s, i);
     return 0;
@@ -1951,7 +1967,7 @@ void Worker::release_waiters(Session &s, uint32_t member) {
     }
 }
 
-void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park) {
+void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park, bool shed) {
     // Another worker's connection: it answers through us.
     if (const uint32_t owner =
             slot >= 0 && !s.is_shard() ? s.shard_of(static_cast<uint32_t>(slot)) : 0;
@@ -1959,22 +1975,28 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park)
         ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
         message.member = member;
         message.slot = static_cast<uint32_t>(slot);
-        message.seq = park ? 1 : 0;
+        message.seq = (park ? ipc::kHandoffPark : 0) | (shed ? ipc::kHandoffShed : 0);
         s.family->workers[owner]->post(std::move(message));
         return;
     }
+    int refusal = 0;
     if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
-        s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off) {
+        s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off)
+        refusal = -EBADF;
+    else if (shed)
+        refusal = shed_refusal(s, static_cast<uint32_t>(slot));
+    if (refusal != 0) {
         ipc::ControlMessage reply{};
         reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
         reply.version = ipc::kLayoutVersion;
-        reply.result = -EBADF;
+        reply.result = refusal;
         reply.session_id = s.id;
         deliver_handoff(s, member, reply, -1);
         return;
     }
     const auto i = static_cast<uint32_t>(slot);
     EngineSlot &es = s.slots[i];
+    es.handoff_shed = shed;
     // Bytes the application wrote before passing the socket go out first, as they would
     // have from the kernel's send buffer, with the options and shutdown it posted.
     apply_client_state(s, i);
@@ -2000,6 +2022,73 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park)
     maybe_finish_handoff(s, i);
 }
 
+int Worker::shed_refusal(Session &s, uint32_t i) const {
+    const EngineSlot &es = s.slots[i];
+    if (!es.shed_asked) return -EAGAIN;  // withdrawn meanwhile: the worker has room again
+    // Each byte received and not read, or written and not sent, would be lost or held up:
+    // the client asks again at a later moment, when both rings are empty.
+    const ipc::SocketSlot &shm = s.region.slot(i);
+    const bool idle = shm.rx_head.load(std::memory_order_acquire) == es.rx_tail &&
+                      shm.tx_tail.load(std::memory_order_acquire) == es.tx_head &&
+                      es.tx_tail == es.tx_head && !es.send_posted;
+    const bool plain = !es.prefix && !es.peeking && !es.rx_direct &&
+                       es.direct == EngineSlot::Direct::kNone && !es.urgent_watch &&
+                       !es.shut_wr_pending && !es.kernel_served;
+    if (!idle || !plain) return -EAGAIN;
+    return 0;
+}
+
+bool Worker::sheddable(const Session &s, uint32_t i) const {
+    const EngineSlot &es = s.slots[i];
+    constexpr uint32_t kEnded =
+        ipc::kFlagRxEof | ipc::kFlagReset | ipc::kFlagTxShut | ipc::kFlagRxShut;
+    // A remote client has no kernel to take it; a relay's claims its slots itself.
+    return !s.remote && s.client_slots == 0 && !s.ending && es.state == ipc::SlotState::kOpen &&
+           (es.flags & ipc::kFlagConnected) && !(es.flags & kEnded) && !es.handed_off &&
+           !es.kernel_served && !es.shed_asked && !es.rx_direct &&
+           es.direct == EngineSlot::Direct::kNone;
+}
+
+void Worker::ask_to_shed() {
+    // An eighth of the connections per window (at least one), a different eighth each time:
+    // seed 003 sheds only as many as it takes to leave the saturated state.
+    const size_t want = std::max<size_t>(1, connected_.size() / 8);
+    const uint32_t round = shed_round_++;
+    size_t asked = 0;
+    for (int pass = 0; pass < 2 && asked < want; ++pass) {
+        for (const auto &[key, target] : connected_) {
+            if (asked >= want) break;
+            // The first pass takes this round's eighth, the second any (few connections).
+            if (pass == 0 && (target.slot + round) % 8 != 0) continue;
+            Session *s = table_[target.session_index].get();
+            if (!s || s->gen != target.session_gen ||
+                s->slots[target.slot].gen != target.slot_gen || !sheddable(*s, target.slot))
+                continue;
+            EngineSlot &es = s->slots[target.slot];
+            es.shed_asked = true;
+            // No event: the client looks at the flag at its next call on the socket; one it
+            // does not use costs the worker nothing.
+            publish_flags(*s, target.slot, es.flags | ipc::kFlagShed);
+            ++asked;
+        }
+    }
+    shed_asks_open_ += asked;
+    stats_.shed_asked.fetch_add(asked, std::memory_order_relaxed);
+}
+
+void Worker::withdraw_shed_asks() {
+    for (const auto &[key, target] : connected_) {
+        Session *s = table_[target.session_index].get();
+        if (!s || s->gen != target.session_gen || s->slots[target.slot].gen != target.slot_gen)
+            continue;
+        EngineSlot &es = s->slots[target.slot];
+        if (!es.shed_asked || es.handoff_member != kNoMember) continue;  // one under way ends
+        es.shed_asked = false;
+        publish_flags(*s, target.slot, es.flags & ~ipc::kFlagShed);
+    }
+    shed_asks_open_ = 0;
+}
+
 void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.handoff_member == kNoMember) return;
@@ -2010,13 +2099,25 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
         return;
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
-    if (!s.is_shard() && s.members[member].state != ipc::MemberState::kLive) return;
     const ipc::SocketSlot &shm = s.region.slot(i);
     ipc::ControlMessage reply{};
     reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);
     reply.version = ipc::kLayoutVersion;
     reply.session_id = s.id;
     const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
+    if (std::exchange(es.handoff_shed, false)) {
+        // The receive it cancelled brought bytes after all (or the client read or wrote
+        // meanwhile): the engine goes on serving the socket, nothing lost.
+        const bool gone = !s.is_shard() && s.members[member].state != ipc::MemberState::kLive;
+        if (rx_head != es.rx_tail || gone) {
+            es.handed_off = false;
+            post_recv(s, i);
+            reply.result = -EAGAIN;
+            return deliver_handoff(s, member, reply, -1);
+        }
+        stats_.shed.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (!s.is_shard() && s.members[member].state != ipc::MemberState::kLive) return;
     const uint32_t unread =
         rx_head_valid(rx_head, es.rx_tail, es.rx_ring) ? es.rx_tail - rx_head : 0;
     const uint32_t lost = unread - std::min(unread, es.handoff_kept);

@@ -92,6 +92,10 @@ struct WorkerStats {
     std::atomic<uint64_t> parked_bytes{0};
     std::atomic<uint64_t> adopted{0};
     std::atomic<uint64_t> unparked_bytes{0};
+    // Live connections a saturated worker asked back (ipc::kFlagShed), and those the
+    // application handed to its kernel (seed 003).
+    std::atomic<uint64_t> shed_asked{0};
+    std::atomic<uint64_t> shed{0};
     // The share of the last load window the loop spent working, in percent (LoadGauge's input).
     std::atomic<uint64_t> load_percent{0};
 };
@@ -256,7 +260,17 @@ class Worker {
     void new_socket(Session &s, uint32_t member, int family, const ipc::ControlCreds &creds);
     void reserve_member(Session &s, uint32_t member);
     void release_waiters(Session &s, uint32_t member);
-    void start_handoff(Session &s, uint32_t member, int32_t slot, bool park);
+    // kHandoff; `shed`: only if the worker asked for the socket and nothing can be lost
+    // (shed_refusal), else answered -EAGAIN.
+    void start_handoff(Session &s, uint32_t member, int32_t slot, bool park, bool shed);
+    // 0 if slot i can go back to its client's kernel now without losing a byte, else -errno.
+    int shed_refusal(Session &s, uint32_t i) const;
+    // Whether slot i is a connection a saturated worker may ask back.
+    bool sheddable(const Session &s, uint32_t i) const;
+    // Seed 003's handoff of live connections, once per load window: while saturated, asks some
+    // of this worker's connections back (ipc::kFlagShed); once no longer, withdraws the asks.
+    void ask_to_shed();
+    void withdraw_shed_asks();
     // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot,
     // on the family's next worker in turn.
     void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds);
@@ -459,7 +473,10 @@ class Worker {
     std::atomic<bool> saturated_{false};  // gauge_'s, for other threads
     uint64_t load_window_start_ns_ = 0;
     uint64_t busy_ns_ = 0;
-    uint32_t reservations_ = 0;  // reserved members across our sessions: expire on ticks
+    uint32_t shed_round_ = 0;         // load windows in which it asked: which connections it asks
+    uint64_t shed_asks_open_ = 0;     // asks published and not withdrawn (an upper bound)
+    size_t adopted_this_window_ = 0;  // sockets taken from the kernel (kAdoptSocket)
+    uint32_t reservations_ = 0;       // reserved members across our sessions: expire on ticks
     uint64_t now_ns_ = 0;
     uint64_t next_housekeeping_ns_ = 0;
 

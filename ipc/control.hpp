@@ -33,8 +33,10 @@ enum class ControlType : uint32_t {
     // engine stops receiving and accepting on slot `arg`, sends what its tx ring holds, and
     // answers with a descriptor of its kernel socket. The slot stays open until closed. With
     // kHandoffPark in `reserved`, the bytes received and not read are parked for the socket's
-    // next owner (engine/parked.hpp), who claims them with kAdoptSocket.
-    kHandoff = 10,  // client -> engine: {arg = slot, reserved = 0 or kHandoffPark}
+    // next owner (engine/parked.hpp), who claims them with kAdoptSocket. With kHandoffShed
+    // (the engine asked, kFlagShed), only if nothing can be lost: both rings empty, nothing
+    // parked or peeked; else -EAGAIN, and the engine goes on serving the socket.
+    kHandoff = 10,  // client -> engine: {arg = slot, reserved = kHandoffPark/kHandoffShed bits}
     // engine -> client: {result, arg = bytes received but not read, reserved = connections
     // accepted but not taken: both were lost to the kernel socket, token = bytes parked} +
     // fds [the kernel socket]
@@ -66,6 +68,7 @@ enum class ControlType : uint32_t {
     kAdoptSocketReply = 19,
 };
 inline constexpr uint32_t kHandoffPark = 1;
+inline constexpr uint32_t kHandoffShed = 2;
 inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 
 struct ControlMessage {

@@ -195,6 +195,11 @@ inline constexpr uint32_t kFlagRxDirect = 1u << 12;
 // (ControlType::kHandoff) and the application serves it natively from then on. A client that
 // rings for it instead (a failed hand-off) makes the engine serve it as any other.
 inline constexpr uint32_t kFlagKernelServed = 1u << 13;
+// The engine, saturated, asks for this connection back (seed 003's handoff of live
+// connections): the client may hand it to its kernel (kHandoff with kHandoffShed) at a moment
+// when both rings are empty. The engine keeps serving it meanwhile, and withdraws the flag once
+// it has room again.
+inline constexpr uint32_t kFlagShed = 1u << 14;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when

@@ -4,13 +4,15 @@
 // Two kinds wait here for the moment they can move, each noted in a map by fd number:
 //  * received: a socket another process passed with SCM_RIGHTS (adopt_received_sockets). At
 //    its first use the engine takes it, with the bytes its sender's engine had received and
-//    not read (engine/parked.hpp) queued first.
+//    not read (engine/parked.hpp) queued first. If the engine has no room then (EBUSY), it
+//    becomes a kernel-served one.
 //  * kernel-served: a connection a saturated engine left to the kernel at accept (seed 003's
-//    handoff). When the engine has room again it is offloaded again at a call that uses it,
-//    if that is safe: the process has one thread (no other call can be inside one on it, or
-//    block in it), and its epoll registrations can move (none is EPOLLONESHOT, whose fired
-//    state the kernel does not tell). Its kernel epoll registrations are kept here as the
-//    application makes them, and move into the shim's registries with it.
+//    handoff), or asked back later (handoff.cpp, shed_to_kernel). When the engine has room
+//    again it is offloaded again at a call that uses it, if that is safe: the process has one
+//    thread (no other call can be inside one on it, or block in it), and its epoll
+//    registrations can move (none is EPOLLONESHOT, whose fired state the kernel does not
+//    tell). Its kernel epoll registrations are kept here as the application makes them, and
+//    move into the shim's registries with it.
 // A forked child forgets both kinds, and so does its parent for the kernel-served ones (either
 // may be the one that uses such a socket from then on); so do close() and dup2() over it, and
 // dup() of a kernel-served one (two numbers for one socket: it stays the kernel's).
@@ -181,8 +183,8 @@ void drop_registrations(int fd) {
     pthread_mutex_unlock(&g_registrations_mutex);
 }
 
-// Whether this process has one thread (/proc/self/stat, field 20): then no other call can be
-// inside one on a descriptor while this one looks at it.
+}  // namespace
+
 bool single_threaded() {
     const long file = syscall(SYS_openat, AT_FDCWD, "/proc/self/stat", O_RDONLY | O_CLOEXEC);
     if (file < 0) return false;
@@ -197,6 +199,8 @@ bool single_threaded() {
     for (int field = 2; field < 20 && at; ++field) at = std::strchr(at + 1, ' ');
     return at && std::strtol(at + 1, nullptr, 10) == 1;
 }
+
+namespace {
 
 // A kernel-served connection, offered to the engine again (see the top). True if `fd` is ours
 // now. Called with the entry claimed (kAdopting); leaves it claimed.
@@ -262,6 +266,12 @@ void note_kernel_served(int fd) {
     note(fd, kKernelServed);
 }
 
+void note_shed(int fd) {
+    note(fd, kKernelServed);
+    // The engine that asked for it is saturated: no use offering it back at the next call.
+    g_reoffload_after_ns.store(now_ns() + kReoffloadBackoffNs, std::memory_order_relaxed);
+}
+
 bool adopt_pending(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return false;
     std::atomic<uint8_t> *entry = pending_entry(fd);
@@ -274,7 +284,18 @@ bool adopt_pending(int fd) {
     if (kind != kAdopting &&
         entry->compare_exchange_strong(kind, kAdopting, std::memory_order_acq_rel)) {
         bool keep = false;
-        const bool ours = kind == kNoted ? adopt_socket(fd) == 0 : reoffload(fd, keep);
+        bool ours = false;
+        if (kind == kNoted) {
+            const int rc = adopt_socket(fd);
+            ours = rc == 0;
+            // The engine has no room now: like a connection it left to the kernel at accept.
+            if (rc == -EBUSY) {
+                keep = true;
+                g_reoffload_after_ns.store(now_ns() + kReoffloadBackoffNs);
+            }
+        } else {
+            ours = reoffload(fd, keep);
+        }
         if (keep) {
             entry->store(kKernelServed, std::memory_order_release);
         } else {

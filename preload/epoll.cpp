@@ -505,7 +505,10 @@ void epoll_hand_back(FdRef socket) {
         for (int epfd = 0; epfd < limit; ++epfd) {
             const FdRef ref = g_fds.get(epfd);
             if (ref.kind() != FdKind::kEpoll || ref.id() != item.set_id) continue;
-            real(libc.epoll_ctl)(epfd, EPOLL_CTL_ADD, item.fd, &item.event);
+            // A socket the engine asked back is kept, its registrations with it, to be
+            // offloaded again later (adopt.cpp).
+            if (real(libc.epoll_ctl)(epfd, EPOLL_CTL_ADD, item.fd, &item.event) == 0)
+                note_epoll_ctl(epfd, EPOLL_CTL_ADD, item.fd, &item.event);
             break;
         }
     }

@@ -292,7 +292,7 @@ void hand_back_inherited() {
         if (!find_socket(fd, ref)) continue;
         const int fd_flags = real(libc.fcntl)(fd, F_GETFD);
         if (fd_flags < 0 || (fd_flags & FD_CLOEXEC)) continue;
-        hand_back(ref, false);  // the new image cannot claim parked bytes
+        hand_back(ref, 0);  // the new image cannot claim parked bytes
     }
 }
 

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "control.hpp"
 #include "libc.hpp"
 #include "ops.hpp"
 #include "session.hpp"
@@ -35,6 +36,12 @@
 namespace tcps::shim {
 
 namespace {
+
+// shed_to_kernel: when to look again after the engine refused (bytes raced the hand-back), and
+// after finding several threads.
+std::atomic<uint64_t> g_shed_after_ns{0};
+constexpr uint64_t kShedRetryNs = 1'000'000;
+constexpr uint64_t kShedThreadsBackoffNs = 1'000'000'000;
 
 // Puts `kernel_fd` under every descriptor number this process has for the socket of `ref`,
 // each keeping its FD_CLOEXEC, and closes `kernel_fd`. Its epoll registrations move into the
@@ -143,9 +150,12 @@ void recover_listeners() {
     }
 }
 
-void hand_back(const SocketRef &ref, bool park) {
+bool hand_back(const SocketRef &ref, uint32_t how) {
     Handoff handoff;
-    if (request_handoff(ref.slot, park, handoff) != 0) return;
+    if (request_handoff(ref.slot, how, handoff) != 0) return false;
+    // The timeouts the shim kept are the socket's, as in Linux: they go with it.
+    set_timeout(handoff.kernel_fd, SO_RCVTIMEO, ref.sock->rcv_timeout_ns.load());
+    set_timeout(handoff.kernel_fd, SO_SNDTIMEO, ref.sock->snd_timeout_ns.load());
     put_kernel_socket(ref, handoff.kernel_fd);
     // The engine's descriptor goes too; the kernel socket lives on in ours.
     if (unhold_socket(ref.slot)) request_close(ref.slot, false);
@@ -161,13 +171,49 @@ void hand_back(const SocketRef &ref, bool park) {
             (void)ignored;
         }
     }
+    return true;
+}
+
+bool shed_to_kernel(const SocketRef &ref) {
+    const ipc::SocketSlot &shm = *ref.shm;
+    const Socket &sock = *ref.sock;
+    // Nothing received and not read, nothing written and not sent: no byte can be lost or
+    // overtaken (the engine checks again, and refuses with -EAGAIN if it sees any).
+    if (shm.rx_tail.load(std::memory_order_acquire) !=
+            shm.rx_head.load(std::memory_order_relaxed) ||
+        shm.tx_head.load(std::memory_order_acquire) != shm.tx_tail.load(std::memory_order_relaxed))
+        return false;
+    // Another process of the family holding it (fork) would keep using the engine's slot.
+    if (in_vfork_child() || shim_locked_here() || claims_slots() || sock.listening.load() ||
+        sock.shut_rd.load() || sock.shut_wr.load() || session_dead() ||
+        shm.holders.load(std::memory_order_acquire) != 1)
+        return false;
+    const uint64_t now = now_ns();
+    if (now < g_shed_after_ns.load(std::memory_order_relaxed)) return false;
+    if (!single_threaded()) {
+        // Another thread could be inside a call on it, which would find it gone (EBADF).
+        // Looked at again in a second: /proc costs three system calls.
+        g_shed_after_ns.store(now + kShedThreadsBackoffNs, std::memory_order_relaxed);
+        return false;
+    }
+    // One number only: offloaded again later (kAdoptSocket takes one socket at one number).
+    const FdRef entry = FdRef::socket(ref.slot, ref.generation);
+    int numbers = 0;
+    for (int fd = 0, limit = g_fds.limit(); fd < limit && numbers < 2; ++fd)
+        numbers += g_fds.get(fd) == entry ? 1 : 0;
+    if (numbers == 1) note_shed(ref.fd);
+    if (hand_back(ref, ipc::kHandoffShed)) return true;
+    // Bytes came meanwhile, or the engine has room again: it stays ours.
+    forget_pending(ref.fd);
+    g_shed_after_ns.store(now + kShedRetryNs, std::memory_order_relaxed);
+    return false;
 }
 
 void hand_back_passed_sockets(const msghdr *msg) {
     for_each_passed_fd(msg, [](int fd) {
         forget_pending(fd);  // the receiver is the one to offload it again
         SocketRef ref;
-        if (find_socket(fd, ref)) hand_back(ref, true);
+        if (find_socket(fd, ref)) hand_back(ref, ipc::kHandoffPark);
     });
 }
 

@@ -72,7 +72,12 @@ auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
 }
 
 bool offloaded(int fd, SocketRef &ref) {
-    return __builtin_expect(g_fds.size() != 0, 1) && find_socket(fd, ref);
+    if (!__builtin_expect(g_fds.size() != 0, 1) || !find_socket(fd, ref)) return false;
+    // A saturated engine asked for this connection back (seed 003): the call goes to the
+    // kernel if it could be handed back now.
+    if (__builtin_expect(ref.shm->flags.load(std::memory_order_relaxed) & tcps::ipc::kFlagShed, 0))
+        return !shed_to_kernel(ref);
+    return true;
 }
 
 // Whether a descriptor call on `fd` goes through the shim's op_* functions: the table knows the

@@ -105,9 +105,14 @@ inline void for_each_passed_fd(const msghdr *msg, Each &&each) {
 // the receiver.
 void hand_back_passed_sockets(const msghdr *msg);
 // One socket back to the kernel: every fd number of this process for it becomes the kernel
-// socket. With `park`, its unread bytes wait for the next owner (else they are lost, and said
-// on stderr). Not in a vfork()ed child (it edits the shim's table).
-void hand_back(const SocketRef &ref, bool park);
+// socket. `how`: ipc::kHandoff* bits (request_handoff). With kHandoffPark, its unread bytes wait
+// for the next owner (else they are lost, and said on stderr). Not in a vfork()ed child (it
+// edits the shim's table). True if handed back.
+bool hand_back(const SocketRef &ref, uint32_t how);
+// The engine asked for this connection back (ipc::kFlagShed, seed 003): hands it to the kernel
+// if that is safe now (both rings empty, one thread in the process), to be offloaded again once
+// the engine has room (adopt.cpp). True if it is the kernel's now: the caller's call goes there.
+bool shed_to_kernel(const SocketRef &ref);
 // After an AF_UNIX recvmsg() that brought SCM_RIGHTS descriptors: each kernel TCP socket
 // among them that is not a listener is noted, to be offloaded (kAdoptSocket) under the same
 // number when the application first uses it (adopt_pending), with the bytes its sender's
@@ -121,6 +126,12 @@ bool adopt_pending(int fd);
 // adopt.cpp: a connection the engine left to the kernel at accept (kFlagKernelServed),
 // offloaded again at a later call when the engine has room and it is safe (see adopt.cpp).
 void note_kernel_served(int fd);
+// The same for a live connection handed to the kernel because the engine asked (kFlagShed).
+// Before the hand-back, so that the epoll registrations it moves into the kernel's are kept.
+void note_shed(int fd);
+// Whether this process has one thread (/proc/self/stat, field 20): then no other call can be
+// inside one on a descriptor while this one looks at it. Three system calls.
+bool single_threaded();
 // Before dup() of `fd`: a received socket is adopted first; a kernel-served one stays the
 // kernel's for good.
 void settle_pending_before_dup(int fd);

@@ -469,14 +469,14 @@ int deregister_mem_with_engine(uint32_t id) {
     return control_exchange(msg, reply, ipc::ControlType::kDeregisterMemReply);
 }
 
-int request_handoff(uint32_t slot, bool park, Handoff &out) {
+int request_handoff(uint32_t slot, uint32_t how, Handoff &out) {
     out = Handoff{};
     if (!session_usable(false)) return -ECONNRESET;
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kHandoff);
     msg.version = ipc::kLayoutVersion;
     msg.arg = static_cast<int32_t>(slot);
-    msg.reserved = park ? ipc::kHandoffPark : 0;
+    msg.reserved = how;
     ipc::ControlMessage reply{};
     int fds[1] = {-1};
     lock_flagged(g_control_mutex, tl_in_control);

@@ -324,16 +324,18 @@ int move_high_internal(int fd);
 void relocate_internal(int fd);
 
 // SCM_RIGHTS: asks the engine for its kernel socket behind `slot`, once it has stopped
-// receiving and sent what the tx ring holds. 0 with `out.kernel_fd` set, or -errno. With
-// `park`, the bytes the engine received and the application never read wait in the engine for
-// the socket's next owner (`parked_bytes`); `lost_*` is what is gone with the hand-back.
+// receiving and sent what the tx ring holds. 0 with `out.kernel_fd` set, or -errno. `how`:
+// ipc::kHandoffPark bits. With kHandoffPark, the bytes the engine received and the application
+// never read wait in the engine for the socket's next owner (`parked_bytes`); `lost_*` is what
+// is gone with the hand-back. With kHandoffShed, only if the engine asked (ipc::kFlagShed) and
+// nothing can be lost; else -EAGAIN.
 struct Handoff {
     int kernel_fd = -1;
     uint32_t lost_bytes = 0;
     uint32_t lost_connections = 0;
     uint64_t parked_bytes = 0;
 };
-int request_handoff(uint32_t slot, bool park, Handoff &out);
+int request_handoff(uint32_t slot, uint32_t how, Handoff &out);
 
 // Offers the kernel TCP socket `kernel_fd` to the engine (kAdoptSocket; the engine keeps a
 // descriptor of its own). The slot that now serves it (mapped here), with `parked` bytes that

@@ -395,7 +395,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     // that fails, the engine serves it once we use it.
     if (region().slot(taken).flags.load(std::memory_order_acquire) & ipc::kFlagKernelServed) {
         SocketRef conn;
-        if (find_socket(fd, conn)) hand_back(conn, false);
+        if (find_socket(fd, conn)) hand_back(conn, 0);
         // Offloaded again when the engine has room (adopt.cpp).
         if (g_fds.get(fd).empty()) note_kernel_served(fd);
     }

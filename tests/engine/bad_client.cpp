@@ -564,6 +564,90 @@ int main(int argc, char **argv) {
         close(peer);
         check_engine_ok(engine, good, "(k) adopted sockets");
     }
+    {  // (l) seed 003's shed (kHandoffShed): refused (-EAGAIN) for a socket the engine did not
+       // ask back, and for one with bytes received and not read, which then goes on working;
+       // asked and idle, it is handed back with nothing lost. An engine of its own, always
+       // saturated (--handoff-load 0), which asks back every connection it serves.
+        const ControlSocketDir shed_dir("tcps-shed");
+        std::vector<std::string> args = engine_args;
+        args.insert(args.end(), {"--handoff-load", "0"});
+        EngineProcess saturated;
+        CHECK_OR_FAIL(saturated.start(argv[1], shed_dir.path(), args),
+                      "(l) tcpsd --handoff-load 0 did not become ready");
+        RawClient c;
+        CHECK_OR_FAIL(c.connect(shed_dir.path()) == 0, "(l) hello");
+        auto shed = [&](uint32_t i, int &kernel) {
+            ipc::ControlMessage msg{};
+            msg.type = uint32_t(ipc::ControlType::kHandoff);
+            msg.version = ipc::kLayoutVersion;
+            msg.arg = static_cast<int32_t>(i);
+            msg.reserved = ipc::kHandoffShed;
+            CHECK_OR_FAIL(ipc::send_control(c.control_fd(), msg, nullptr, 0) == 0, "(l) send");
+            ipc::ControlMessage reply{};
+            kernel = -1;
+            CHECK_OR_FAIL(recv_control_within(c.control_fd(), reply, &kernel, 1, kWaitMs) == 0 &&
+                              reply.type == uint32_t(ipc::ControlType::kHandoffReply),
+                          "(l) no reply");
+            return reply.result;
+        };
+        KernelListener listener;
+        const uint32_t i = open_socket(c, AF_INET, "(l) socket");
+        int kernel = -1;
+        CHECK_OR_FAIL(shed(i, kernel) == -EAGAIN && kernel < 0, "(l) handed back unasked");
+        sockaddr_in addr = listener.address();
+        const int rc =
+            c.request_result(i, uint32_t(ipc::Op::kConnect), 0, 0, 0, &addr, sizeof(addr));
+        CHECK_OR_FAIL(rc == 0 || rc == -EINPROGRESS, "(l) kConnect: %d", rc);
+        const int peer = accept4(listener.fd(), nullptr, nullptr, SOCK_CLOEXEC);
+        CHECK_OR_FAIL(peer >= 0, "(l) accept");
+        // The engine asks at the end of a load window; bytes from the peer (one per 10 ms)
+        // keep its loop turning, and stay unread in the ring.
+        size_t sent = 0;
+        auto last = Clock::now() - std::chrono::seconds(1);
+        CHECK_OR_FAIL(wait_until(
+                          [&] {
+                              if (Clock::now() - last >= std::chrono::milliseconds(10)) {
+                                  sent += send(peer, "x", 1, MSG_NOSIGNAL) == 1 ? 1 : 0;
+                                  last = Clock::now();
+                              }
+                              return (c.slot(i).flags.load() & ipc::kFlagShed) != 0;
+                          },
+                          kWaitMs),
+                      "(l) the saturated engine never asked for the connection");
+        CHECK_OR_FAIL(
+            wait_until([&] { return c.slot(i).rx_tail.load() == sent; }, kWaitMs) && sent > 0,
+            "(l) the peer's %zu bytes did not reach the ring", sent);
+        CHECK_OR_FAIL(shed(i, kernel) == -EAGAIN && kernel < 0,
+                      "(l) handed back with %zu bytes unread", sent);
+        // Still served: the bytes are read from the ring, one more comes through the engine.
+        std::string got(sent + 1, '\0');
+        CHECK_OR_FAIL(send(peer, "y", 1, MSG_NOSIGNAL) == 1, "(l) peer send");
+        size_t have = 0;
+        CHECK_OR_FAIL(wait_until(
+                          [&] {
+                              have += c.recv(i, got.data() + have, got.size() - have);
+                              return have == got.size();
+                          },
+                          kWaitMs),
+                      "(l) only %zu of %zu bytes through the engine after the refusal", have,
+                      got.size());
+        CHECK_OR_FAIL(got == std::string(sent, 'x') + "y", "(l) the ring's bytes are wrong");
+        // Both rings empty: handed back; what the peer sends now is the kernel socket's.
+        CHECK_OR_FAIL(shed(i, kernel) == 0 && kernel >= 0, "(l) idle, asked, not handed back");
+        CHECK_OR_FAIL(send(peer, "after", 5, MSG_NOSIGNAL) == 5, "(l) peer send");
+        char after[5];
+        CHECK_OR_FAIL(
+            recv(kernel, after, 5, MSG_WAITALL) == 5 && std::memcmp(after, "after", 5) == 0,
+            "(l) the kernel socket did not get what the peer sent");
+        CHECK_OR_FAIL(send(kernel, "back", 4, MSG_NOSIGNAL) == 4, "(l) kernel send");
+        char back[4];
+        CHECK_OR_FAIL(recv(peer, back, 4, MSG_WAITALL) == 4 && std::memcmp(back, "back", 4) == 0,
+                      "(l) the peer did not get what the kernel socket sent");
+        close(kernel);
+        close(peer);
+        CHECK_OR_FAIL(c.engine_alive() && saturated.running(), "(l) the session or engine ended");
+        check_engine_ok(engine, good, "(l) shed hand-backs");
+    }
     {  // (e) a client that connects and says nothing: dropped after 2 s, nobody waits on it
         const int silent = connect_control(path);
         CHECK_OR_FAIL(silent >= 0, "(e) connect");

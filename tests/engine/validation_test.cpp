@@ -447,9 +447,28 @@ TEST_CASE("elastic workers: one more from the high watermark, one fewer below th
 TEST_CASE("handoff load -1 never saturates, 0 always does") {
     LoadGauge never(-1);
     CHECK_FALSE(never.update(100, 100));
+    CHECK(never.has_room());
     LoadGauge always(0);
     CHECK(always.saturated());
     CHECK(always.update(0, 100));
+    CHECK_FALSE(always.has_room());
+}
+
+TEST_CASE(
+    "a worker takes connections back only under its low mark, so it does not shed them again") {
+    LoadGauge gauge(50);
+    CHECK(gauge.has_room());  // nothing measured yet
+    gauge.update(40, 100);    // not saturated, but over the low mark (30)
+    CHECK_FALSE(gauge.saturated());
+    CHECK_FALSE(gauge.has_room());
+    gauge.update(29, 100);
+    CHECK(gauge.has_room());
+    gauge.update(60, 100);
+    CHECK_FALSE(gauge.has_room());  // saturated
+    gauge.update(35, 100);          // still saturated: between the marks
+    CHECK_FALSE(gauge.has_room());
+    gauge.update(10, 100);
+    CHECK(gauge.has_room());
 }
 
 namespace {

@@ -120,20 +120,21 @@ served=$(stat_sum kernel-served)
 # stream ends, and once the engine has room the server's first calls on them offload them
 # again (adopt.cpp), their epoll registrations with them: the server's event loop sees every
 # byte the clients sent while they were the kernel's, and ss shows tcpsd owning them.
+# The workers' statistics lines, freshly asked for.
+# shellcheck disable=SC2317  # called by wait_until
+stats_now() {
+    kill -USR1 "$ENGINE_PID"
+    sleep 0.05  # the main thread logs them at its next poll round: give it one
+    grep 'kernel-served' "$dir/engine.log" | tail -n 1
+}
+# shellcheck disable=SC2317
+saturated() { stats_now | grep -q '(saturated)'; }
+# shellcheck disable=SC2317
+has_room() { ! stats_now | grep -q '(saturated)'; }
+
 reoffload() {
     : >"$dir/engine.log"
     start_engine --handoff-load 21
-    # The workers' statistics lines, freshly asked for.
-    # shellcheck disable=SC2317  # called by wait_until
-    stats_now() {
-        kill -USR1 "$ENGINE_PID"
-        sleep 0.05  # the main thread logs them at its next poll round: give it one
-        grep 'kernel-served' "$dir/engine.log" | tail -n 1
-    }
-    # shellcheck disable=SC2317
-    saturated() { stats_now | grep -q '(saturated)'; }
-    # shellcheck disable=SC2317
-    has_room() { ! stats_now | grep -q '(saturated)'; }
     "${PRELOAD[@]}" timeout 120 "$TCPS_TEST_APP" stream 100000 >"$dir/load.out" 2>&1 &
     local load_pid=$!
     track "$load_pid"
@@ -186,6 +187,103 @@ reoffload() {
     stop_engine
     log "reoffload: $connections connections left to the kernel under load, offloaded again after"
 }
+
+# Talks to port $1 in rounds until file $2 exists: 1,000 bytes out (a pattern of the round
+# number), the same 1,000 back, checked; a pause of 10 ms between rounds keeps its own load on
+# the engine small. Exits 0 if every byte came back in order; says how many rounds.
+echo_rounds() {
+    "$PYTHON" -c 'import os, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+rounds = 0
+while not os.path.exists(sys.argv[2]):
+    payload = bytes((rounds * 13 + i) % 251 for i in range(1000))
+    s.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit(f"closed after {rounds} rounds")
+        got += chunk
+    if got != payload:
+        sys.exit(f"round {rounds}: the echo differs")
+    rounds += 1
+    time.sleep(0.01)
+s.close()
+print(f"{rounds} rounds echoed")' "$1" "$2"
+}
+
+# Live connections move to the kernel under load, and back after (seed 003: "reclaim any of
+# them at any time"). A preloaded Python event loop echoes 3 connections that clients keep
+# busy in rounds; they start offloaded. The stream makes the engine saturated (--handoff-load
+# 21): it asks connections back, and the server hands each to its kernel at a call that finds
+# both its rings empty (ss: the server owns them). The stream ends: its first calls offload them
+# again (ss: tcpsd). Every round's bytes must come back in order throughout.
+shed() {
+    : >"$dir/engine.log"
+    start_engine --handoff-load 21
+    rm -f "$dir/shed.port" "$dir/shed.stop"
+    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/shed.port" shed \
+        >"$dir/shed.out" 2>&1 &
+    local server_pid=$!
+    track "$server_pid"
+    local port clients=()
+    port=$(wait_for_port_file 10 "$dir/shed.port") || fail "shed: the server did not start"
+    for k in $(seq 0 $((connections - 1))); do
+        echo_rounds "$port" "$dir/shed.stop" >"$dir/shed.client$k" 2>&1 &
+        clients+=($!)
+        wait_for_line 10 "$dir/shed.out" "connection $k accepted: offloaded" ||
+            fail "shed: connection $k was not offloaded: $(cat "$dir/shed.out")"
+    done
+    # How many of the server's established connections process $1 holds, per ss.
+    held_by() {
+        ss -tanpH state established "( sport = :$port )" | grep -c "pid=$1," || true
+    }
+    # shellcheck disable=SC2317  # called by wait_until
+    server_holds_all() { (($(held_by "$server_pid") == connections)); }
+    # shellcheck disable=SC2317
+    engine_holds_all() { (($(held_by "$ENGINE_PID") == connections)); }
+    engine_holds_all || fail "shed: tcpsd does not hold the connections at first"
+    "${PRELOAD[@]}" timeout 120 "$TCPS_TEST_APP" stream 100000 >"$dir/load.out" 2>&1 &
+    local load_pid=$!
+    track "$load_pid"
+    wait_until 30 saturated || fail "shed: the stream never made the engine 21% busy: $(stats_now)"
+    log "shed: $(stats_now)"
+    wait_until 30 server_holds_all ||
+        fail "shed: the connections were not handed to the server's kernel: $(cat "$dir/shed.out")"
+    ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss under load: /'
+    ((workers == 1)) || fail "shed runs with one worker"
+    STATS=$(stats_now)
+    (($(stat_sum shed) == connections)) || fail "shed: the engine counts $(stat_sum shed) shed: $STATS"
+    kill -TERM "$load_pid"
+    wait "$load_pid" || true
+    wait_until 10 has_room || fail "shed: the engine stayed saturated: $(stats_now)"
+    wait_until 30 engine_holds_all ||
+        fail "shed: the connections were not offloaded again: $(cat "$dir/shed.out")"
+    ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss after: /'
+    touch "$dir/shed.stop"
+    for k in $(seq 0 $((connections - 1))); do
+        wait "${clients[$k]}" || fail "shed: connection $k lost or mixed bytes: $(cat "$dir/shed.client$k")"
+        sed "s/^/  client $k: /" "$dir/shed.client$k"
+    done
+    wait "$server_pid" || fail "shed: the server failed: $(cat "$dir/shed.out")"
+    cat "$dir/shed.out"
+    for k in $(seq 0 $((connections - 1))); do
+        grep -q "connection $k: now kernel" "$dir/shed.out" ||
+            fail "shed: the server did not see connection $k become a kernel socket"
+        grep -q "connection $k: now offloaded" "$dir/shed.out" ||
+            fail "shed: the server did not see connection $k offloaded again"
+    done
+    STATS=$(stats_now)
+    sed "s/^/  shed: /" <<<"$STATS"
+    (($(stat_sum "adopted sockets") >= connections)) ||
+        fail "shed: the engine adopted $(stat_sum "adopted sockets") sockets"
+    stop_engine
+    log "shed: $connections live connections handed to the kernel under load, offloaded again after"
+}
+
 # One worker: the stream's load and the adoptions meet on it.
-((workers == 1)) && reoffload
+if ((workers == 1)); then
+    reoffload
+    shed
+fi
 log "handoff: pass"

@@ -4,7 +4,9 @@ socket (seed 003's handoff: the engine was saturated) or an offloaded one (a pla
 what it is once used. Waits for a line on stdin before closing each connection, so the test can
 look at it with ss. With "later", it accepts all N first, registers them with an epoll, says
 so, and waits for a line before it reads any (the test lets the engine's load fall meanwhile);
-then it serves them from the epoll's events.
+then it serves them from the epoll's events. With "shed", it accepts all N, then echoes
+whatever each sends, from an epoll's events, until each closes, and says each time a
+connection changes hands (kernel socket or offloaded) and how many bytes it had echoed then.
 """
 import os
 import selectors
@@ -13,7 +15,8 @@ import sys
 
 count = int(sys.argv[1])
 port_file = sys.argv[2]
-later = len(sys.argv) > 3 and sys.argv[3] == "later"
+mode = sys.argv[3] if len(sys.argv) > 3 else ""
+later = mode == "later"
 
 
 def kind_of(conn):
@@ -33,42 +36,67 @@ def echo(k, conn, kind):
           flush=True)
 
 
+def accept_all():
+    """Accepts all the connections and registers each with one epoll (data: its index)."""
+    accepted = []
+    events = selectors.EpollSelector()
+    for k in range(count):
+        conn, _ = listener.accept()
+        accepted.append([conn, kind_of(conn), 0])
+        events.register(conn, selectors.EVENT_READ, k)
+        print(f"connection {k} accepted: {accepted[-1][1]} socket", flush=True)
+    return accepted, events
+
+
+def reads(accepted, events, timeout):
+    """Yields (index, connection, what one recv() got) for each read event, while any
+    connection is registered (the caller unregisters each when it is done)."""
+    while events.get_map():
+        ready = events.select(timeout=timeout)
+        if not ready:
+            sys.exit(f"no event for {timeout} s with {len(events.get_map())} connections to go")
+        for key, _ in ready:
+            conn = accepted[key.data][0]
+            yield key.data, conn, conn.recv(65536)
+
+
 listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen(16)
 with open(port_file + ".tmp", "w") as f:
     f.write(str(listener.getsockname()[1]))
 os.rename(port_file + ".tmp", port_file)
-if later:
+if mode == "shed":
+    # A saturated engine asks live connections back (seed 003): the event loop must see every
+    # byte whoever serves the socket, and the registrations must follow it both ways.
+    accepted, events = accept_all()
+    for k, conn, chunk in reads(accepted, events, 60):
+        if not chunk:
+            events.unregister(conn)
+            print(f"connection {k}: {accepted[k][2]} bytes echoed, closed", flush=True)
+            conn.close()
+            continue
+        conn.sendall(chunk)
+        accepted[k][2] += len(chunk)
+        kind = kind_of(conn)
+        if kind != accepted[k][1]:
+            accepted[k][1] = kind
+            print(f"connection {k}: now {kind} after {accepted[k][2]} bytes", flush=True)
+elif later:
     # An event loop (epoll) over all of them: registered while they are kernel sockets, their
     # registrations must move with them when they are offloaded again.
-    accepted = []
-    events = selectors.EpollSelector()
-    for k in range(count):
-        conn, _ = listener.accept()
-        accepted.append((conn, kind_of(conn)))
-        events.register(conn, selectors.EVENT_READ, k)
-        print(f"connection {k} accepted: {accepted[-1][1]} socket", flush=True)
+    accepted, events = accept_all()
     sys.stdin.readline()  # the engine has room again
     received = [b""] * count
-    left = count
-    while left > 0:
-        ready = events.select(timeout=30)
-        if not ready:
-            sys.exit(f"no event for 30 s with {left} connections to go: {received!r:.200}")
-        for key, _ in ready:
-            k = key.data
-            conn, kind = accepted[k]
-            chunk = conn.recv(65536)
-            received[k] += chunk
-            if not chunk or len(received[k]) >= 100000:
-                events.unregister(conn)
-                conn.sendall(received[k])
-                print(f"connection {k}: {kind} socket, {len(received[k])} bytes echoed, "
-                      f"now {kind_of(conn)}", flush=True)
-                left -= 1
+    for k, conn, chunk in reads(accepted, events, 30):
+        received[k] += chunk
+        if not chunk or len(received[k]) >= 100000:
+            events.unregister(conn)
+            conn.sendall(received[k])
+            print(f"connection {k}: {accepted[k][1]} socket, {len(received[k])} bytes echoed, "
+                  f"now {kind_of(conn)}", flush=True)
     sys.stdin.readline()  # the test has looked at them
-    for conn, _ in accepted:
+    for conn, _, _ in accepted:
         conn.close()
 else:
     for k in range(count):
