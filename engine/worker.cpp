@@ -2636,6 +2636,7 @@ void Worker::finish_close(Session &s, uint32_t i) {
     const uint32_t last_req_seq = es.last_req_seq;
     const uint32_t gen = es.gen;
     const bool timed = es.timed;
+    const bool handed_off = es.handed_off;
     const bool answer_close = es.close_answer_pending;
     const uint32_t answer_seq = es.close_answer_seq;
     es = EngineSlot{};
@@ -2645,6 +2646,8 @@ void Worker::finish_close(Session &s, uint32_t i) {
 
     if (s.ending) return;  // the whole region goes away
     if (s.orphaned && s.open_sockets == 0) return end_session(s, "its last close finished");
+    // A thread of the client asleep in a receive on it wakes, and finds it the kernel's now.
+    if (handed_off) bump_event(s, i);
     // Before the slot is free: the waiting client reads its answer before anyone can reuse it.
     if (answer_close) respond(s, i, answer_seq, 0);
     ipc::SocketSlot &slot = s.region.slot(i);

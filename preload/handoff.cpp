@@ -37,11 +37,9 @@ namespace tcps::shim {
 
 namespace {
 
-// shed_to_kernel: when to look again after the engine refused (bytes raced the hand-back), and
-// after finding several threads.
+// shed_to_kernel: when to look again after the engine refused (bytes raced the hand-back).
 std::atomic<uint64_t> g_shed_after_ns{0};
 constexpr uint64_t kShedRetryNs = 1'000'000;
-constexpr uint64_t kShedThreadsBackoffNs = 1'000'000'000;
 
 // Puts `kernel_fd` under every descriptor number this process has for the socket of `ref`,
 // each keeping its FD_CLOEXEC, and closes `kernel_fd`. Its epoll registrations move into the
@@ -54,6 +52,9 @@ void put_kernel_socket(const SocketRef &ref, int kernel_fd) {
         real(libc.fcntl)(kernel_fd, F_SETFL,
                          sock.nonblocking.load() ? status | O_NONBLOCK : status & ~O_NONBLOCK);
     const FdRef entry = FdRef::socket(ref.slot, ref.generation);
+    // A close() that takes one of the numbers meanwhile waits for us (op_close), and then
+    // closes what we put there.
+    sock.handing_back.store(true, std::memory_order_seq_cst);
     const int limit = g_fds.limit();
     for (int fd = 0; fd < limit; ++fd) {
         if (!(g_fds.get(fd) == entry)) continue;
@@ -65,7 +66,10 @@ void put_kernel_socket(const SocketRef &ref, int kernel_fd) {
     }
     real(libc.close)(kernel_fd);
     epoll_hand_back(entry);  // its fd numbers are kernel sockets now
-    sock.generation.fetch_add(1, std::memory_order_acq_rel);  // calls in flight find it stale
+    // Calls in flight find it stale, and go on as the kernel's calls (went_to_kernel).
+    sock.kernel_gen.store(ref.generation, std::memory_order_release);
+    sock.generation.fetch_add(1, std::memory_order_acq_rel);
+    sock.handing_back.store(false, std::memory_order_release);
 }
 
 // SO_RCVTIMEO/SO_SNDTIMEO as the shim keeps them (Socket::rcv_timeout_ns) onto a kernel socket.
@@ -150,14 +154,16 @@ void recover_listeners() {
     }
 }
 
-bool hand_back(const SocketRef &ref, uint32_t how) {
+bool hand_back(const SocketRef &ref, uint32_t how, void (*before_close)(Socket &)) {
     Handoff handoff;
     if (request_handoff(ref.slot, how, handoff) != 0) return false;
     // The timeouts the shim kept are the socket's, as in Linux: they go with it.
     set_timeout(handoff.kernel_fd, SO_RCVTIMEO, ref.sock->rcv_timeout_ns.load());
     set_timeout(handoff.kernel_fd, SO_SNDTIMEO, ref.sock->snd_timeout_ns.load());
     put_kernel_socket(ref, handoff.kernel_fd);
-    // The engine's descriptor goes too; the kernel socket lives on in ours.
+    if (before_close) before_close(*ref.sock);
+    // The engine's descriptor goes too; the kernel socket lives on in ours. (After this the
+    // slot may serve another socket at once: nothing of it is ours to touch.)
     if (unhold_socket(ref.slot)) request_close(ref.slot, false);
     if (handoff.lost_bytes > 0 || handoff.lost_connections > 0) {
         char line[200];
@@ -176,13 +182,16 @@ bool hand_back(const SocketRef &ref, uint32_t how) {
 
 bool shed_to_kernel(const SocketRef &ref) {
     const ipc::SocketSlot &shm = *ref.shm;
-    const Socket &sock = *ref.sock;
+    Socket &sock = *ref.sock;
     // Nothing received and not read, nothing written and not sent: no byte can be lost or
     // overtaken (the engine checks again, and refuses with -EAGAIN if it sees any).
-    if (shm.rx_tail.load(std::memory_order_acquire) !=
-            shm.rx_head.load(std::memory_order_relaxed) ||
-        shm.tx_head.load(std::memory_order_acquire) != shm.tx_tail.load(std::memory_order_relaxed))
-        return false;
+    auto idle = [&] {
+        return shm.rx_tail.load(std::memory_order_acquire) ==
+                   shm.rx_head.load(std::memory_order_relaxed) &&
+               shm.tx_head.load(std::memory_order_acquire) ==
+                   shm.tx_tail.load(std::memory_order_relaxed);
+    };
+    if (!idle()) return false;
     // Another process of the family holding it (fork) would keep using the engine's slot.
     if (in_vfork_child() || shim_locked_here() || claims_slots() || sock.listening.load() ||
         sock.shut_rd.load() || sock.shut_wr.load() || session_dead() ||
@@ -190,21 +199,35 @@ bool shed_to_kernel(const SocketRef &ref) {
         return false;
     const uint64_t now = now_ns();
     if (now < g_shed_after_ns.load(std::memory_order_relaxed)) return false;
-    if (!single_threaded()) {
-        // Another thread could be inside a call on it, which would find it gone (EBADF).
-        // Looked at again in a second: /proc costs three system calls.
-        g_shed_after_ns.store(now + kShedThreadsBackoffNs, std::memory_order_relaxed);
+    // Other threads: none is inside a send or a receive on it while we hold both its locks;
+    // one that takes a lock after us finds the socket the kernel's and makes the kernel's call
+    // (went_to_kernel); one asleep in a receive, with no lock held, is woken by the engine's
+    // close of the slot and does the same.
+    if (!sock.tx_lock.try_lock()) return false;
+    if (!sock.rx_lock.try_lock()) {
+        sock.tx_lock.unlock();
         return false;
     }
-    // One number only: offloaded again later (kAdoptSocket takes one socket at one number).
-    const FdRef entry = FdRef::socket(ref.slot, ref.generation);
-    int numbers = 0;
-    for (int fd = 0, limit = g_fds.limit(); fd < limit && numbers < 2; ++fd)
-        numbers += g_fds.get(fd) == entry ? 1 : 0;
-    if (numbers == 1) note_shed(ref.fd);
-    if (hand_back(ref, ipc::kHandoffShed)) return true;
-    // Bytes came meanwhile, or the engine has room again: it stays ours.
-    forget_pending(ref.fd);
+    bool handed = false;
+    if (idle()) {
+        // One number only: offloaded again later (kAdoptSocket takes one socket at one
+        // number), in a process that has one thread by then.
+        const FdRef entry = FdRef::socket(ref.slot, ref.generation);
+        int numbers = 0;
+        for (int fd = 0, limit = g_fds.limit(); fd < limit && numbers < 2; ++fd)
+            numbers += g_fds.get(fd) == entry ? 1 : 0;
+        if (numbers == 1) note_shed(ref.fd);
+        // The locks before the engine's close: the slot's lock words are the next socket's.
+        handed = hand_back(ref, ipc::kHandoffShed, [](Socket &handed_sock) {
+            handed_sock.rx_lock.unlock();
+            handed_sock.tx_lock.unlock();
+        });
+        if (handed) return true;
+        // Bytes came meanwhile, or the engine has room again: it stays ours.
+        forget_pending(ref.fd);
+    }
+    sock.rx_lock.unlock();
+    sock.tx_lock.unlock();
     g_shed_after_ns.store(now + kShedRetryNs, std::memory_order_relaxed);
     return false;
 }

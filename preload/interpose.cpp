@@ -71,6 +71,13 @@ auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
     return fn(args...);
 }
 
+// The call's socket went back to the kernel under it, before it moved a byte (another thread
+// handed it back, handoff.cpp): the kernel's call on the same number then, as if it had been
+// that from the start.
+bool went_to_kernel(const SocketRef &ref, long rc) {
+    return rc == -EBADF && ref.sock->kernel_gen.load(std::memory_order_acquire) == ref.generation;
+}
+
 bool offloaded(int fd, SocketRef &ref) {
     if (!__builtin_expect(g_fds.size() != 0, 1) || !find_socket(fd, ref)) return false;
     // A saturated engine asked for this connection back (seed 003): the call goes to the
@@ -293,7 +300,10 @@ TCPS_EXPORT int setsockopt(int fd, int level, int name, const void *value, sockl
 TCPS_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, flags), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = send_one(ref, buf, len, flags);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     return pass(libc.send, fd, buf, len, flags);
 }
 
@@ -302,7 +312,10 @@ TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const
     SocketRef ref;
     const int saved = errno;
     // TCP ignores the address (tcp_sendmsg never looks at msg_name).
-    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, flags), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = send_one(ref, buf, len, flags);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     return pass(libc.sendto, fd, buf, len, flags, addr, addr_len);
 }
 
@@ -312,8 +325,8 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
     if (offloaded(fd, ref)) {
         if (!msg) return finish<ssize_t>(-EFAULT, saved);
         if (msg->msg_iovlen > IOV_MAX) return finish<ssize_t>(-EMSGSIZE, saved);
-        return finish<ssize_t>(op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags),
-                               saved);
+        const long rc = op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
     }
     if (msg && msg->msg_controllen > 0) hand_back_passed_sockets(msg);
     return pass(libc.sendmsg, fd, msg, flags);
@@ -322,14 +335,20 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
 TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<ssize_t>(send_one(ref, buf, len, 0), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = send_one(ref, buf, len, 0);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     return pass(libc.write, fd, buf, len);
 }
 
 TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<ssize_t>(op_send(ref, iov, iovcnt, 0), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_send(ref, iov, iovcnt, 0);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     return pass(libc.writev, fd, iov, iovcnt);
 }
 
@@ -371,7 +390,10 @@ TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t co
 TCPS_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<ssize_t>(recv_one(ref, buf, len, flags), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = recv_one(ref, buf, len, flags);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     return pass(libc.recv, fd, buf, len, flags);
 }
 
@@ -382,7 +404,7 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
     if (offloaded(fd, ref)) {
         const long rc = recv_one(ref, buf, len, flags);
         if (rc >= 0 && addr && addr_len) *addr_len = 0;  // TCP has no source address to give
-        return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.recvfrom, fd, buf, len, flags, addr, addr_len);
 }
@@ -390,7 +412,10 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
 TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<ssize_t>(recv_msg(ref, msg, flags), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = recv_msg(ref, msg, flags);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+    }
     const ssize_t n = pass(libc.recvmsg, fd, msg, flags);
     // Sockets that came with it (AF_UNIX SCM_RIGHTS) are offloaded, if the engine takes them.
     if (n >= 0 && msg && msg->msg_controllen > 0) {
@@ -406,7 +431,8 @@ TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         if (len == 0) return 0;  // sock_read_iter(): "Match SYS5 behaviour"
-        return finish<ssize_t>(recv_one(ref, buf, len, 0), saved);
+        const long rc = recv_one(ref, buf, len, 0);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.read, fd, buf, len);
 }
@@ -420,7 +446,8 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
             for (int i = 0; iov && i < iovcnt; ++i) total += iov[i].iov_len;
             if (total == 0) return 0;  // as read() of nothing
         }
-        return finish<ssize_t>(op_recv(ref, iov, iovcnt, 0), saved);
+        const long rc = op_recv(ref, iov, iovcnt, 0);
+        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.readv, fd, iov, iovcnt);
 }

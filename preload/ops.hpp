@@ -107,8 +107,9 @@ void hand_back_passed_sockets(const msghdr *msg);
 // One socket back to the kernel: every fd number of this process for it becomes the kernel
 // socket. `how`: ipc::kHandoff* bits (request_handoff). With kHandoffPark, its unread bytes wait
 // for the next owner (else they are lost, and said on stderr). Not in a vfork()ed child (it
-// edits the shim's table). True if handed back.
-bool hand_back(const SocketRef &ref, uint32_t how);
+// edits the shim's table). True if handed back. `before_close`, if given, runs once the kernel
+// socket is in place, before the engine's slot is closed (and may serve another socket).
+bool hand_back(const SocketRef &ref, uint32_t how, void (*before_close)(Socket &) = nullptr);
 // The engine asked for this connection back (ipc::kFlagShed, seed 003): hands it to the kernel
 // if that is safe now (both rings empty, one thread in the process), to be offloaded again once
 // the engine has room (adopt.cpp). True if it is the kernel's now: the caller's call goes there.

@@ -89,20 +89,37 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
         }
     }
 
+    // An offloaded fd that is no longer ours: closed under us, or handed back to the kernel
+    // (another thread passed it on, or the engine asked for it back). Then the fds are sorted
+    // again, and the kernel says which.
+    bool moved = false;
     auto scan = [&] {
         long ready = 0;
         for (nfds_t k = 0; k < offloaded_count; ++k) {
             pollfd &p = fds[offloaded.get()[k]];
             SocketRef ref;
-            uint32_t mask = POLLNVAL;  // closed under us
+            uint32_t mask = 0;
             if (find_socket(p.fd, ref)) {
                 if (p.events & POLLPRI) want_urgent(ref);  // also select()'s exceptfds
                 mask = reported_events(current_mask(ref), static_cast<uint16_t>(p.events));
+            } else if (g_fds.get(p.fd).kind() != FdKind::kSocket) {
+                moved = true;
+            } else {
+                mask = POLLNVAL;  // its slot went to another socket under us
             }
             p.revents = static_cast<short>(mask);
             if (mask) ++ready;
         }
-        return ready;
+        return moved ? 0 : ready;
+    };
+    const uint64_t called = now_ns();
+    auto again = [&]() -> long {
+        int64_t left = timeout_ns;
+        if (timeout_ns > 0) {
+            const uint64_t spent = now_ns() - called;
+            left = spent >= static_cast<uint64_t>(timeout_ns) ? 0 : timeout_ns - spent;
+        }
+        return op_poll(fds, nfds, left, sigmask);
     };
     auto copy_back = [&] {
         for (nfds_t k = 0; k < kernel_count; ++k)
@@ -121,6 +138,7 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
     };
 
     long ready = scan();
+    if (moved) return again();
     if (ready > 0 || timeout_ns == 0) {
         if (ready == 0) {
             timespec zero{0, 0};
@@ -137,13 +155,14 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
     for (unsigned i = 1; now_ns() < spin_end; ++i) {
         cpu_relax();
         if ((i & 7) == 0 && (ready = scan()) > 0) return finish_ready(ready);
+        if (moved) return again();
     }
     const SpinLearner learn{start};
     for (;;) {
         const bool armed = waiter_arm(ipc::kWaitAnySlot);
-        if ((ready = scan()) > 0) {
+        if ((ready = scan()) > 0 || moved) {
             if (armed) waiter_disarm();
-            return finish_ready(ready);
+            return moved ? again() : finish_ready(ready);
         }
         nfds_t count = kernel_count;
         if (armed) kernel.get()[count++] = {waiter_fd(), POLLIN, 0};
@@ -169,6 +188,7 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
         if (n < 0) return -saved;
         const long kernel_ready = n - (pipe_events ? 1 : 0);
         ready = scan();
+        if (moved) return again();
         if (kernel_ready > 0 || ready > 0) {
             copy_back();
             return ready + kernel_ready;

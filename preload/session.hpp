@@ -73,6 +73,12 @@ struct OptionLog {
 struct Socket {
     std::atomic<uint32_t> refs{0};        // fd numbers that refer to it (dup)
     std::atomic<uint32_t> generation{0};  // bumped each time the slot becomes ours
+    // The generation that went back to the kernel (handoff.cpp), under the same fd numbers: a
+    // call in flight on it when it went goes on as the kernel's call. And while that happens
+    // (the numbers being replaced), a close() of one of them waits, so that it closes the
+    // kernel socket rather than a number that the replacement would then take again.
+    std::atomic<uint32_t> kernel_gen{UINT32_MAX};
+    std::atomic<bool> handing_back{false};
     int domain = 0;
     // O_NONBLOCK belongs to the open file description, which dup'ed fds share: so here.
     std::atomic<bool> nonblocking{false};

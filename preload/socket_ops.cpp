@@ -4,6 +4,7 @@
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -774,6 +775,10 @@ long op_close(int fd) {
     }
     // The entry first, then the number (the kernel may hand it out again at once).
     if (!g_fds.take_if(fd, ref)) return kUseKernel;
+    // Another thread is putting the kernel socket under this number (handoff.cpp): our
+    // close() must come after, and close that, or the number would be taken again after it.
+    if (ref.kind() == FdKind::kSocket)
+        while (socket_state(ref.slot()).handing_back.load(std::memory_order_seq_cst)) sched_yield();
     const int rc = real(libc.close)(fd);
     const int saved = errno;
     forget_entry(ref);

@@ -194,6 +194,7 @@ reoffload() {
 echo_rounds() {
     "$PYTHON" -c 'import os, socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(30)
 rounds = 0
 while not os.path.exists(sys.argv[2]):
     payload = bytes((rounds * 13 + i) % 251 for i in range(1000))
@@ -216,13 +217,17 @@ print(f"{rounds} rounds echoed")' "$1" "$2"
 # them at any time"). A preloaded Python event loop echoes 3 connections that clients keep
 # busy in rounds; they start offloaded. The stream makes the engine saturated (--handoff-load
 # 21): it asks connections back, and the server hands each to its kernel at a call that finds
-# both its rings empty (ss: the server owns them). The stream ends: its first calls offload them
-# again (ss: tcpsd). Every round's bytes must come back in order throughout.
+# both its rings empty (ss: the server owns them), with the receive timeout it had set. The
+# stream ends: its first calls offload them again (ss: tcpsd). Every round's bytes must come
+# back in order throughout. With $1 "shed-threads" the server has two threads per connection,
+# one asleep in recv() while the other sends and hands the socket back: the sleeper must go
+# on with the kernel socket. A process with several threads keeps them (no re-offload).
 shed() {
+    local mode=$1
     : >"$dir/engine.log"
     start_engine --handoff-load 21
     rm -f "$dir/shed.port" "$dir/shed.stop"
-    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/shed.port" shed \
+    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/shed.port" "$mode" \
         >"$dir/shed.out" 2>&1 &
     local server_pid=$!
     track "$server_pid"
@@ -257,9 +262,11 @@ shed() {
     kill -TERM "$load_pid"
     wait "$load_pid" || true
     wait_until 10 has_room || fail "shed: the engine stayed saturated: $(stats_now)"
-    wait_until 30 engine_holds_all ||
-        fail "shed: the connections were not offloaded again: $(cat "$dir/shed.out")"
-    ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss after: /'
+    if [[ $mode == shed ]]; then
+        wait_until 30 engine_holds_all ||
+            fail "shed: the connections were not offloaded again: $(cat "$dir/shed.out")"
+        ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss after: /'
+    fi
     touch "$dir/shed.stop"
     for k in $(seq 0 $((connections - 1))); do
         wait "${clients[$k]}" || fail "shed: connection $k lost or mixed bytes: $(cat "$dir/shed.client$k")"
@@ -268,22 +275,23 @@ shed() {
     wait "$server_pid" || fail "shed: the server failed: $(cat "$dir/shed.out")"
     cat "$dir/shed.out"
     for k in $(seq 0 $((connections - 1))); do
-        grep -q "connection $k: now kernel" "$dir/shed.out" ||
-            fail "shed: the server did not see connection $k become a kernel socket"
-        grep -q "connection $k: now offloaded" "$dir/shed.out" ||
+        grep -q "connection $k: now kernel .*, receive timeout 77 s" "$dir/shed.out" ||
+            fail "shed: connection $k did not become a kernel socket with its receive timeout"
+        [[ $mode == shed-threads ]] || grep -q "connection $k: now offloaded" "$dir/shed.out" ||
             fail "shed: the server did not see connection $k offloaded again"
     done
     STATS=$(stats_now)
-    sed "s/^/  shed: /" <<<"$STATS"
-    (($(stat_sum "adopted sockets") >= connections)) ||
+    sed "s/^/  $mode: /" <<<"$STATS"
+    [[ $mode == shed-threads ]] || (($(stat_sum "adopted sockets") >= connections)) ||
         fail "shed: the engine adopted $(stat_sum "adopted sockets") sockets"
     stop_engine
-    log "shed: $connections live connections handed to the kernel under load, offloaded again after"
+    log "$mode: $connections live connections handed to the kernel under load, every byte echoed"
 }
 
 # One worker: the stream's load and the adoptions meet on it.
 if ((workers == 1)); then
     reoffload
-    shed
+    shed shed
+    shed shed-threads
 fi
 log "handoff: pass"

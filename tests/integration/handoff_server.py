@@ -7,11 +7,17 @@ so, and waits for a line before it reads any (the test lets the engine's load fa
 then it serves them from the epoll's events. With "shed", it accepts all N, then echoes
 whatever each sends, from an epoll's events, until each closes, and says each time a
 connection changes hands (kernel socket or offloaded) and how many bytes it had echoed then.
+With "shed-threads", the same with two threads per connection instead of an epoll: one blocks
+in recv() and queues what it gets, the other sends it back (a socket handed to the kernel by
+one thread while the other sleeps in a receive on it).
 """
 import os
+import queue
 import selectors
 import socket
+import struct
 import sys
+import threading
 
 count = int(sys.argv[1])
 port_file = sys.argv[2]
@@ -66,10 +72,64 @@ listener.listen(16)
 with open(port_file + ".tmp", "w") as f:
     f.write(str(listener.getsockname()[1]))
 os.rename(port_file + ".tmp", port_file)
-if mode == "shed":
+def report_change(k, conn, state):
+    """Says when connection k changed hands; state is [kind, bytes echoed]."""
+    kind = kind_of(conn)
+    if kind != state[0]:
+        state[0] = kind
+        timeout = struct.unpack("ll", conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        print(f"connection {k}: now {kind} after {state[1]} bytes, receive timeout "
+              f"{timeout[0]} s", flush=True)
+
+
+def set_receive_timeout(conn):
+    # A receive timeout the shim keeps for an offloaded socket must be the kernel socket's
+    # once it is handed back (the options go with the socket, as in Linux).
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 77, 0))
+
+
+if mode == "shed-threads":
+    def reader(conn, chunks):
+        try:
+            while True:
+                chunk = conn.recv(65536)
+                chunks.put(chunk)
+                if not chunk:
+                    return
+        except OSError as error:
+            print(f"recv failed: {error}", flush=True)
+            os._exit(1)
+
+    def writer(k, conn, chunks, state):
+        while True:
+            chunk = chunks.get()
+            if not chunk:
+                print(f"connection {k}: {state[1]} bytes echoed, closed", flush=True)
+                conn.close()
+                return
+            conn.sendall(chunk)
+            state[1] += len(chunk)
+            report_change(k, conn, state)
+
+    threads = []
+    for k in range(count):
+        conn, _ = listener.accept()
+        set_receive_timeout(conn)
+        state = [kind_of(conn), 0]
+        print(f"connection {k} accepted: {state[0]} socket", flush=True)
+        chunks = queue.Queue()
+        threads.append(threading.Thread(target=reader, args=(conn, chunks)))
+        threads.append(threading.Thread(target=writer, args=(k, conn, chunks, state)))
+        threads[-2].start()
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+elif mode == "shed":
     # A saturated engine asks live connections back (seed 003): the event loop must see every
     # byte whoever serves the socket, and the registrations must follow it both ways.
     accepted, events = accept_all()
+    for conn, _, _ in accepted:
+        set_receive_timeout(conn)
     for k, conn, chunk in reads(accepted, events, 60):
         if not chunk:
             events.unregister(conn)
@@ -78,10 +138,9 @@ if mode == "shed":
             continue
         conn.sendall(chunk)
         accepted[k][2] += len(chunk)
-        kind = kind_of(conn)
-        if kind != accepted[k][1]:
-            accepted[k][1] = kind
-            print(f"connection {k}: now {kind} after {accepted[k][2]} bytes", flush=True)
+        state = accepted[k][1:]
+        report_change(k, conn, state)
+        accepted[k][1:] = state
 elif later:
     # An event loop (epoll) over all of them: registered while they are kernel sockets, their
     # registrations must move with them when they are offloaded again.
