@@ -1983,8 +1983,15 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park,
     if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off)
         refusal = -EBADF;
-    else if (shed)
+    else if (shed && s.slots[slot].shed_asked && !gauge_.saturated()) {
+        // An ask left over from a hand-back that was under way at the withdrawal.
+        EngineSlot &es = s.slots[slot];
+        es.shed_asked = false;
+        publish_flags(s, static_cast<uint32_t>(slot), es.flags & ~ipc::kFlagShed);
+        refusal = -EAGAIN;
+    } else if (shed) {
         refusal = shed_refusal(s, static_cast<uint32_t>(slot));
+    }
     if (refusal != 0) {
         ipc::ControlMessage reply{};
         reply.type = static_cast<uint32_t>(ipc::ControlType::kHandoffReply);

@@ -139,6 +139,11 @@ struct Registration {
 };
 pthread_mutex_t g_registrations_mutex = PTHREAD_MUTEX_INITIALIZER;
 std::vector<Registration> g_registrations;
+std::atomic<size_t> g_registration_count{0};  // its size, for a look without the mutex
+
+void registrations_changed() {
+    g_registration_count.store(g_registrations.size(), std::memory_order_release);
+}
 
 std::atomic<uint8_t> *pending_entry(int fd) {
     std::atomic<uint8_t> *map = g_pending.load(std::memory_order_acquire);
@@ -177,9 +182,11 @@ void unnote(std::atomic<uint8_t> &entry, uint8_t from) {
 
 // Drops the kept registrations of socket `fd`, and those in epoll `fd` (it is closing).
 void drop_registrations(int fd) {
+    if (g_registration_count.load(std::memory_order_acquire) == 0) return;  // every close
     pthread_mutex_lock(&g_registrations_mutex);
     std::erase_if(g_registrations,
                   [fd](const Registration &r) { return r.fd == fd || r.epfd == fd; });
+    registrations_changed();
     pthread_mutex_unlock(&g_registrations_mutex);
 }
 
@@ -330,6 +337,7 @@ void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event) {
     std::erase_if(g_registrations, same);
     if ((op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD) && event)
         g_registrations.push_back({fd, epfd, *event});
+    registrations_changed();
     pthread_mutex_unlock(&g_registrations_mutex);
 }
 
@@ -364,6 +372,7 @@ void forget_kernel_served() {
         if (std::atomic<uint8_t> *entry = pending_entry(fd)) unnote(*entry, kKernelServed);
     pthread_mutex_lock(&g_registrations_mutex);
     g_registrations.clear();
+    registrations_changed();
     pthread_mutex_unlock(&g_registrations_mutex);
 }
 
@@ -373,6 +382,7 @@ void forget_all_pending() {
     g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations.clear();
+    registrations_changed();
     g_pending_limit.store(0, std::memory_order_relaxed);
     g_pending_count.store(0, std::memory_order_release);
 }

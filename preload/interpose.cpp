@@ -73,17 +73,25 @@ auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
 
 // The call's socket went back to the kernel under it, before it moved a byte (another thread
 // handed it back, handoff.cpp): the kernel's call on the same number then, as if it had been
-// that from the start.
-bool went_to_kernel(const SocketRef &ref, long rc) {
-    return rc == -EBADF && ref.sock->kernel_gen.load(std::memory_order_acquire) == ref.generation;
+// that from the start (errno as the caller left it).
+bool went_to_kernel(const SocketRef &ref, long rc, int saved) {
+    if (rc != -EBADF || ref.sock->kernel_gen.load(std::memory_order_acquire) != ref.generation)
+        return false;
+    errno = saved;
+    return true;
 }
 
 bool offloaded(int fd, SocketRef &ref) {
     if (!__builtin_expect(g_fds.size() != 0, 1) || !find_socket(fd, ref)) return false;
     // A saturated engine asked for this connection back (seed 003): the call goes to the
     // kernel if it could be handed back now.
-    if (__builtin_expect(ref.shm->flags.load(std::memory_order_relaxed) & tcps::ipc::kFlagShed, 0))
-        return !shed_to_kernel(ref);
+    if (__builtin_expect(ref.shm->flags.load(std::memory_order_relaxed) & tcps::ipc::kFlagShed,
+                         0)) {
+        const int saved = errno;
+        const bool shed = shed_to_kernel(ref);
+        errno = saved;
+        return !shed;
+    }
     return true;
 }
 
@@ -302,7 +310,7 @@ TCPS_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         const long rc = send_one(ref, buf, len, flags);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.send, fd, buf, len, flags);
 }
@@ -314,7 +322,7 @@ TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const
     // TCP ignores the address (tcp_sendmsg never looks at msg_name).
     if (offloaded(fd, ref)) {
         const long rc = send_one(ref, buf, len, flags);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.sendto, fd, buf, len, flags, addr, addr_len);
 }
@@ -326,7 +334,7 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
         if (!msg) return finish<ssize_t>(-EFAULT, saved);
         if (msg->msg_iovlen > IOV_MAX) return finish<ssize_t>(-EMSGSIZE, saved);
         const long rc = op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     if (msg && msg->msg_controllen > 0) hand_back_passed_sockets(msg);
     return pass(libc.sendmsg, fd, msg, flags);
@@ -337,7 +345,7 @@ TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         const long rc = send_one(ref, buf, len, 0);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.write, fd, buf, len);
 }
@@ -347,7 +355,7 @@ TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         const long rc = op_send(ref, iov, iovcnt, 0);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.writev, fd, iov, iovcnt);
 }
@@ -392,7 +400,7 @@ TCPS_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         const long rc = recv_one(ref, buf, len, flags);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.recv, fd, buf, len, flags);
 }
@@ -404,7 +412,7 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
     if (offloaded(fd, ref)) {
         const long rc = recv_one(ref, buf, len, flags);
         if (rc >= 0 && addr && addr_len) *addr_len = 0;  // TCP has no source address to give
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.recvfrom, fd, buf, len, flags, addr, addr_len);
 }
@@ -414,7 +422,7 @@ TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
     const int saved = errno;
     if (offloaded(fd, ref)) {
         const long rc = recv_msg(ref, msg, flags);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     const ssize_t n = pass(libc.recvmsg, fd, msg, flags);
     // Sockets that came with it (AF_UNIX SCM_RIGHTS) are offloaded, if the engine takes them.
@@ -432,7 +440,7 @@ TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     if (offloaded(fd, ref)) {
         if (len == 0) return 0;  // sock_read_iter(): "Match SYS5 behaviour"
         const long rc = recv_one(ref, buf, len, 0);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.read, fd, buf, len);
 }
@@ -447,7 +455,7 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
             if (total == 0) return 0;  // as read() of nothing
         }
         const long rc = op_recv(ref, iov, iovcnt, 0);
-        if (!went_to_kernel(ref, rc)) return finish<ssize_t>(rc, saved);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
     return pass(libc.readv, fd, iov, iovcnt);
 }
