@@ -211,13 +211,9 @@ bool shed_to_kernel(const SocketRef &ref) {
     bool handed = false;
     if (idle()) {
         // Offloaded again later if it has one number (kAdoptSocket takes one socket at one
-        // number) and the process one thread (adopt.cpp): others are not noted, so that their
-        // closes cost nothing more.
-        const FdRef entry = FdRef::socket(ref.slot, ref.generation);
-        int numbers = 0;
-        for (int fd = 0, limit = g_fds.limit(); fd < limit && numbers < 2; ++fd)
-            numbers += g_fds.get(fd) == entry ? 1 : 0;
-        if (numbers == 1 && single_threaded()) note_shed(ref.fd);
+        // number; refs also counts calls asleep in it) and the process one thread
+        // (adopt.cpp): others are not noted, so that their closes cost nothing more.
+        if (sock.refs.load(std::memory_order_acquire) == 1 && single_threaded()) note_shed(ref.fd);
         // The locks before the engine's close: the slot's lock words are the next socket's.
         handed = hand_back(ref, ipc::kHandoffShed, [](Socket &handed_sock) {
             handed_sock.rx_lock.unlock();
