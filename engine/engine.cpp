@@ -184,6 +184,7 @@ bool Engine::start_workers() {
         config.core = cores[k];
         config.spin_us = options_.spin_us;
         config.handoff_load = options_.handoff_load;
+        config.send_zc = options_.send_zc;
         config.busy_poll = options_.busy_poll;
         if (links_.is_open()) {
             config.fabric = true;
@@ -281,7 +282,8 @@ void Engine::log_stats() {
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
-            "%llu rx %llu, passed-on bytes parked %llu adopted sockets %llu served %llu, "
+            "%llu rx %llu, ring SEND_ZC sends %llu copied %llu bytes %llu, passed-on bytes parked "
+            "%llu adopted sockets %llu served %llu, "
             "live connections asked back %llu shed %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
@@ -294,6 +296,9 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
             static_cast<unsigned long long>(st.tx_rings_grown.load()),
             static_cast<unsigned long long>(st.rx_rings_grown.load()),
+            static_cast<unsigned long long>(st.ring_zc_sends.load()),
+            static_cast<unsigned long long>(st.ring_zc_copied.load()),
+            static_cast<unsigned long long>(st.ring_zc_bytes.load()),
             static_cast<unsigned long long>(st.parked_bytes.load()),
             static_cast<unsigned long long>(st.adopted.load()),
             static_cast<unsigned long long>(st.unparked_bytes.load()),

@@ -107,7 +107,7 @@ void Worker::take_direct(Session &s, uint32_t i) {
             error = -EINVAL;
         } else if (d.offset > s.mems[d.mem].length || d.len > s.mems[d.mem].length - d.offset) {
             error = -EFAULT;
-        } else if (send && d.tx_at - es.tx_head > es.tx_tail - es.tx_head) {
+        } else if (send && d.tx_at - es.tx_sent > es.tx_tail - es.tx_sent) {
             error = -EINVAL;  // not a position among the bytes queued and not yet sent
         }
         es.direct_mem = d.mem;

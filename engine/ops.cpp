@@ -298,7 +298,7 @@ int Worker::op_shutdown(Session &s, uint32_t i, int how) {
     update_kernel_mask(s, i);
     publish_flags(s, i, flags);
     bump_event(s, i);
-    if (es.shut_wr_pending && !es.send_posted && es.tx_head == es.tx_tail) apply_shut_wr(s, i);
+    if (es.shut_wr_pending && !es.send_posted && es.tx_sent == es.tx_tail) apply_shut_wr(s, i);
     return result;
 }
 

@@ -56,6 +56,7 @@ const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
            "[--ready-fd FD] [--verbose] [--max-fds N] [--max-memory-mb N]\n"
            "             [--handoff-load PERCENT] [--min-workers N [--elastic-marks HIGH,LOW]]\n"
+           "             [--send-zc auto|always|off]\n"
            "             [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
            "  --cores LIST   one worker pinned to each CPU, e.g. 1 or 0,1 or 2-3\n"
@@ -68,6 +69,9 @@ const char *usage_text() {
            "                 less than PERCENT - 20, in single-threaded processes (default:\n"
            "                 never; 0: always). Experimental: each such move costs a control\n"
            "                 round trip\n"
+           "  --send-zc auto|always|off  sends of 64 KiB and more out of a socket's ring go\n"
+           "                 zero-copy (io_uring SEND_ZC); auto (default) stops on a socket\n"
+           "                 once the kernel reports copying them anyway (loopback)\n"
            "  --min-workers N  elastic: new connections go to as few workers as their load\n"
            "                 needs, at least N (default: every worker, always)\n"
            "  --elastic-marks HIGH,LOW  one more worker once the active ones average HIGH%\n"
@@ -128,6 +132,18 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 return false;
             }
             options.handoff_load = static_cast<int>(percent);
+        } else if (name == "--send-zc") {
+            if (!take_value()) return false;
+            if (value == "auto") {
+                options.send_zc = SendZeroCopy::kAuto;
+            } else if (value == "always") {
+                options.send_zc = SendZeroCopy::kAlways;
+            } else if (value == "off") {
+                options.send_zc = SendZeroCopy::kOff;
+            } else {
+                error = "invalid --send-zc '" + value + "' (auto, always or off)";
+                return false;
+            }
         } else if (name == "--min-workers") {
             if (!take_value()) return false;
             long count;

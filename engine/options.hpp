@@ -7,6 +7,11 @@
 
 namespace tcps::engine {
 
+// --send-zc: kAuto sends large ring sends zero-copy until the kernel reports that it copied
+// them anyway for that socket (loopback, a device without scatter-gather), then copies;
+// kAlways never stops (for tests: the zero-copy path on loopback); kOff never starts.
+enum class SendZeroCopy { kOff, kAuto, kAlways };
+
 struct Options {
     std::string socket_path;  // empty: ipc::engine_socket_path()
     std::vector<int> cores;   // one worker per entry, pinned; empty: one unpinned worker
@@ -14,6 +19,8 @@ struct Options {
     // Seed 003's handoff: from this percentage of busy time a worker counts as saturated, and
     // the connections it accepts then stay with the kernel in the application. -1: never.
     int handoff_load = -1;
+    // Large sends out of the tx rings with io_uring's SEND_ZC (issue 11, item 4).
+    SendZeroCopy send_zc = SendZeroCopy::kAuto;
     // Seed 001's H4: with N > 0, only the workers needed take new connections, between N and
     // the number of --cores (Elasticity); 0: every worker always does.
     int min_workers = 0;

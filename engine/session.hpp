@@ -45,7 +45,10 @@ struct EngineSlot {
     int family = 0;
 
     // Ring indices: heads/tails the engine owns, and the last validated client values.
+    // tx_head is what the client may write over again; tx_sent what the kernel has taken, which
+    // runs ahead of it while a SEND_ZC's pages are the kernel's (zc_pending).
     uint32_t tx_head = 0;
+    uint32_t tx_sent = 0;
     uint32_t tx_tail = 0;
     uint32_t rx_tail = 0;
     uint32_t rx_head = 0;
@@ -83,7 +86,15 @@ struct EngineSlot {
     bool past_mark_ok = false;  // the client asked to go past it (kPastMark)
 
     uint32_t send_len = 0;  // bytes of the send in flight
-    uint16_t inflight = 0;  // SQEs whose completion refers to this slot
+    // SEND_ZC out of the tx ring (--send-zc): the send in flight is one; one sent and not yet
+    // released (its notification, which holds tx_head back, ends it); the kernel said that it
+    // copied one anyway (auto copies from then on).
+    bool send_zc = false;
+    bool zc_pending = false;
+    bool zc_copies = false;
+    uint32_t zc_len = 0;      // what the one pending sent
+    int32_t zc_unacked = -1;  // closing: the kernel's unacknowledged bytes at the last look
+    uint16_t inflight = 0;    // SQEs whose completion refers to this slot
     bool recv_posted = false;
     bool send_posted = false;
     bool accept_posted = false;

@@ -52,6 +52,21 @@ constexpr uint64_t kLoadWindowNs = 100'000'000;
 constexpr uint64_t kIdleRingNs = 1'000'000'000;
 // A graceful close that makes no progress for this long (the peer stopped reading) is reset.
 constexpr uint64_t kDrainTimeoutNs = 30'000'000'000ull;
+// Ring sends from this size on go zero-copy (--send-zc): below it pinning the pages and the
+// notification cost more than the copy they save (MemNet's direct sends use the same size).
+constexpr uint32_t kRingZeroCopyMinBytes = 64 * 1024;
+// Linux 6.2's uapi, which liburing 2.3's header predates: the notification's res says whether
+// the kernel copied the bytes after all.
+#ifdef IORING_SEND_ZC_REPORT_USAGE
+constexpr uint16_t kReportZeroCopyUsage = IORING_SEND_ZC_REPORT_USAGE;
+#else
+constexpr uint16_t kReportZeroCopyUsage = 1U << 3;
+#endif
+#ifdef IORING_NOTIF_USAGE_ZC_COPIED
+constexpr uint32_t kZeroCopyCopied = IORING_NOTIF_USAGE_ZC_COPIED;
+#else
+constexpr uint32_t kZeroCopyCopied = 1U << 31;
+#endif
 constexpr uint64_t kShutdownWaitNs = 500'000'000;
 // A new connection's peeked bytes are in its first, small rx ring (it grows only later).
 constexpr uint32_t kPeekMask = ipc::kRingBytes - 1;
@@ -401,7 +416,7 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
     if (posted != es.applied_posted) apply_posted_options(s, i, posted);
     // An urgent byte among the bytes queued and not sent: any other value (a stale one, or
     // garbage) marks nothing.
-    if (urgent_tail != es.urgent_tail && urgent_tail - es.tx_head - 1 < tx_tail - es.tx_head &&
+    if (urgent_tail != es.urgent_tail && urgent_tail - es.tx_sent - 1 < tx_tail - es.tx_sent &&
         tx_tail - es.tx_head <= es.tx_ring) {
         es.urgent_tail = urgent_tail;
         es.urgent_pending = true;
@@ -477,7 +492,7 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
 void Worker::apply_client_indices(Session &s, uint32_t i, uint32_t tx_tail, uint32_t rx_head,
                                   uint32_t acc_head) {
     EngineSlot &es = s.slots[i];
-    if (!tx_tail_valid(tx_tail, es.tx_head, es.send_len, es.tx_ring))
+    if (!tx_tail_valid(tx_tail, es.tx_head, es.tx_sent - es.tx_head + es.send_len, es.tx_ring))
         return violation(s, "slot %u: tx_tail %u outside the tx ring (tx_head %u)", i, tx_tail,
                          es.tx_head);
     if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring))
@@ -587,7 +602,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
                 break;
             }
             if (kind == Kind::kRecv) on_recv(s, i, res);
-            if (kind == Kind::kSend) on_send(s, i, res);
+            if (kind == Kind::kSend) on_send(s, i, res, cqe_flags);
             if (kind == Kind::kAccept) on_accept(s, i, res);
             if (kind == Kind::kConnect) on_connect(s, i, res);
             if (kind == Kind::kWatch) on_watch(s, i, res, more);
@@ -678,6 +693,15 @@ void Worker::housekeeping(uint64_t now) {
             const bool draining = !es.close_reset && es.tx_head != es.close_tail &&
                                   (es.flags & ipc::kFlagConnected) &&
                                   !(es.flags & (ipc::kFlagReset | ipc::kFlagTxShut));
+            if (draining && es.zc_pending) {
+                // Bytes a SEND_ZC took stay ours until the peer acknowledges them: the drain
+                // moves while the kernel's unacknowledged bytes fall, as a slow reader's do.
+                int unacked = 0;
+                if (ioctl(es.fd, SIOCOUTQ, &unacked) == 0 && unacked != es.zc_unacked) {
+                    es.zc_unacked = unacked;
+                    es.close_progress_ns = now;
+                }
+            }
             if (draining && now - es.close_progress_ns > kDrainTimeoutNs) {
                 TCPS_LOG_VERBOSE("session %u slot %u: close drain timed out, resetting", s->id,
                                  item.slot);
@@ -1105,21 +1129,21 @@ void Worker::post_send(Session &s, uint32_t i) {
     uint32_t tail = open ? es.tx_tail : es.close_tail;
     if (es.direct == EngineSlot::Direct::kSend && open) {
         // A direct send goes after the ring's bytes queued before it, and before the rest.
-        if (es.tx_head == es.direct_tx_at) return post_direct(s, i);
+        if (es.tx_sent == es.direct_tx_at) return post_direct(s, i);
         tail = es.direct_tx_at;
     }
-    const uint32_t pending = tail - es.tx_head;
+    const uint32_t pending = tail - es.tx_sent;
     if (pending == 0) {
         if (es.shut_wr_pending && open) apply_shut_wr(s, i);
         return;
     }
-    const uint32_t offset = es.tx_head & (es.tx_ring - 1);
+    const uint32_t offset = es.tx_sent & (es.tx_ring - 1);
     uint32_t len = std::min(pending, es.tx_ring - offset);
     int flags = MSG_NOSIGNAL;
     if (es.urgent_pending) {
         // The bytes up to the urgent one go as one send(MSG_OOB): Linux makes the last byte of
         // such a send the urgent pointer's.
-        const uint32_t to_urgent = es.urgent_tail - es.tx_head;
+        const uint32_t to_urgent = es.urgent_tail - es.tx_sent;
         if (to_urgent == 0 || to_urgent > pending) {
             es.urgent_pending = false;
         } else if (to_urgent <= len) {
@@ -1129,24 +1153,60 @@ void Worker::post_send(Session &s, uint32_t i) {
     }
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    io_uring_prep_send(sqe, es.fd, s.region.tx_ring(i, es.tx_ring) + offset, len, flags);
+    uint8_t *from = s.region.tx_ring(i, es.tx_ring) + offset;
+    es.send_zc = open && zero_copy_fits(es, len, flags);
+    if (es.send_zc)
+        io_uring_prep_send_zc(sqe, es.fd, from, len, flags, kReportZeroCopyUsage);
+    else
+        io_uring_prep_send(sqe, es.fd, from, len, flags);
     track_op(s, i, sqe, Kind::kSend);
     es.send_posted = true;
     es.send_len = len;
 }
 
-void Worker::on_send(Session &s, uint32_t i, int32_t res) {
+// Zero-copy saves the kernel's copy of a large send, at the price of pinning its pages and of
+// a notification once the peer has acknowledged it (only then may the client write there
+// again). One such send at a time per socket: each notification then releases a known range
+// (two could arrive in either order).
+bool Worker::zero_copy_fits(const EngineSlot &es, uint32_t len, int flags) const {
+    if (!send_zc_ || config_.send_zc == SendZeroCopy::kOff || es.zc_pending ||
+        len < kRingZeroCopyMinBytes || (flags & MSG_OOB))
+        return false;
+    return config_.send_zc == SendZeroCopy::kAlways || !es.zc_copies;
+}
+
+void Worker::on_send(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) {
     EngineSlot &es = s.slots[i];
+    if (cqe_flags & IORING_CQE_F_NOTIF) return on_send_released(s, i, res);
+    if (es.send_zc) {
+        es.send_zc = false;
+        if (res == -EINVAL && !es.zc_pending) {
+            // A kernel without IORING_SEND_ZC_REPORT_USAGE (before 6.2): copy from now on.
+            log_line("worker %d: SEND_ZC refused (%s): large sends are copied", config_.index,
+                     std::strerror(EINVAL));
+            send_zc_ = false;
+            res = -EAGAIN;  // sent again, copied, on the next tick
+        }
+        // IORING_CQE_F_MORE: a notification follows, and tx_head waits for it.
+        if (cqe_flags & IORING_CQE_F_MORE) {
+            es.zc_pending = true;
+            es.zc_len = res > 0 ? static_cast<uint32_t>(res) : 0;
+            stats_.ring_zc_sends.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
     es.send_posted = false;
     es.send_len = 0;
     if (res > 0) {
-        es.tx_head += static_cast<uint32_t>(res);
-        if (es.urgent_pending && static_cast<int32_t>(es.tx_head - es.urgent_tail) >= 0)
+        es.tx_sent += static_cast<uint32_t>(res);
+        if (es.urgent_pending && static_cast<int32_t>(es.tx_sent - es.urgent_tail) >= 0)
             es.urgent_pending = false;
         es.close_progress_ns = now_ns_;
-        if (es.state != ipc::SlotState::kFree) {
-            s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
-            bump_event(s, i);
+        if (!es.zc_pending) {
+            es.tx_head = es.tx_sent;
+            if (es.state != ipc::SlotState::kFree) {
+                s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
+                bump_event(s, i);
+            }
         }
         stats_.bytes_out.fetch_add(res, std::memory_order_relaxed);
     } else if (res == 0 || res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
@@ -1154,6 +1214,30 @@ void Worker::on_send(Session &s, uint32_t i, int32_t res) {
         return;
     } else if (res < 0 && res != -ECANCELED) {
         record_error(s, i, -res);
+    }
+    if (es.state == ipc::SlotState::kClosing) return maybe_finish_close(s, i);
+    post_send(s, i);
+}
+
+// The notification of a SEND_ZC: the kernel is done with the pages it sent from, so the client
+// may write over them, and over what copying sends took after it.
+void Worker::on_send_released(Session &s, uint32_t i, int32_t usage) {
+    EngineSlot &es = s.slots[i];
+    es.zc_pending = false;
+    if (static_cast<uint32_t>(usage) & kZeroCopyCopied) {
+        es.zc_copies = true;
+        stats_.ring_zc_copied.fetch_add(1, std::memory_order_relaxed);
+    } else {
+        stats_.ring_zc_bytes.fetch_add(es.zc_len, std::memory_order_relaxed);
+    }
+    es.zc_len = 0;
+    es.close_progress_ns = now_ns_;
+    if (es.tx_head != es.tx_sent) {
+        es.tx_head = es.tx_sent;
+        if (es.state != ipc::SlotState::kFree) {
+            s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
+            bump_event(s, i);
+        }
     }
     if (es.state == ipc::SlotState::kClosing) return maybe_finish_close(s, i);
     post_send(s, i);

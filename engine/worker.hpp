@@ -20,6 +20,7 @@
 
 #include "control.hpp"
 #include "fabric.hpp"
+#include "options.hpp"
 #include "policy.hpp"
 #include "session.hpp"
 
@@ -66,6 +67,7 @@ struct WorkerConfig {
     int spin_us = 50;
     bool busy_poll = false;
     int handoff_load = -1;  // Options::handoff_load
+    SendZeroCopy send_zc = SendZeroCopy::kAuto;
     // Serve remote sessions (tcpsd --fabric-listen): the worker opens an endpoint of its own.
     bool fabric = false;
     ipc::FabricConfig fabric_config;
@@ -84,6 +86,10 @@ struct WorkerStats {
     std::atomic<uint64_t> direct_in{0};
     std::atomic<uint64_t> direct_out{0};
     std::atomic<uint64_t> zerocopy_out{0};  // of direct_out: sent with SEND_ZC
+    // Sends out of the tx rings with SEND_ZC, and those the kernel reported it copied anyway.
+    std::atomic<uint64_t> ring_zc_sends{0};
+    std::atomic<uint64_t> ring_zc_copied{0};
+    std::atomic<uint64_t> ring_zc_bytes{0};  // sent from the rings without a copy
     std::atomic<uint64_t> violations{0};
     std::atomic<uint64_t> tx_rings_grown{0};  // tx rings the clients doubled (adopt_tx_ring)
     std::atomic<uint64_t> rx_rings_grown{0};  // rx rings we doubled (grow_rx)
@@ -226,7 +232,9 @@ class Worker {
     void leave_peek(Session &s, uint32_t i);
     bool discard_received(Session &s, uint32_t i, uint32_t bytes);
     void on_recv(Session &s, uint32_t i, int32_t res);
-    void on_send(Session &s, uint32_t i, int32_t res);
+    void on_send(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags);
+    void on_send_released(Session &s, uint32_t i, int32_t usage);
+    bool zero_copy_fits(const EngineSlot &es, uint32_t len, int flags) const;
     void on_accept(Session &s, uint32_t i, int32_t res);
     // Slot j becomes connection `fd`, accepted by `from`'s listener (here or at the home).
     void setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from);

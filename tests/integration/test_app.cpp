@@ -20,8 +20,10 @@
 //   mt-send PORT T N                 T threads send N whole records each on one socket
 //   mt-accept PORTFILE T N           T threads in accept() on one listener, N connections
 //   pingpong N                       two threads, two offloaded sockets, N messages each way
-//   stream MIB                       two offloaded sockets, MIB MiB each way at once, sends
-//                                    and receives of varying sizes and pauses, every byte checked
+//   stream MIB [RCVBUF]              two offloaded sockets, MIB MiB each way at once, sends
+//                                    and receives of varying sizes and pauses, every byte checked;
+//                                    RCVBUF: both ends' SO_RCVBUF (a small one keeps bytes sent
+//                                    waiting in the sender's kernel socket, unacknowledged)
 //   victim-recv PORT, victim-accept PORTFILE PORT, victim-epoll PORT
 //                                    block, and check what the engine's end does to them
 #include <arpa/inet.h>
@@ -742,17 +744,23 @@ uint16_t to_port(const char *text) {
 
 }  // namespace
 
-// The byte at position `pos` of direction `dir`'s stream.
+// The byte at position `pos` of direction `dir`'s stream. It differs from the bytes a whole
+// ring (any power of two) before and after it, so a stale byte from one ring earlier or a byte
+// written one ring too soon is caught.
 uint8_t stream_byte(int dir, uint64_t pos) {
-    return static_cast<uint8_t>((pos * 131 + (pos >> 9) + static_cast<uint64_t>(dir) * 7) & 0xff);
+    const uint64_t mixed = (pos * 131) ^ (pos >> 8) ^ (pos >> 16) ^ (pos >> 24) ^ (pos >> 32);
+    return static_cast<uint8_t>((mixed + static_cast<uint64_t>(dir) * 7) & 0xff);
 }
 
 // Both directions of one connection stream `mib` MiB at once: each sender writes pieces of
 // 1 B to 300 KiB, each receiver reads pieces of varying sizes (some with readv into two
 // buffers) and now and then stops for a moment, so the rings fill, grow and drain in every
 // order. Every byte is checked against its position in the stream.
-int mode_stream(int mib) {
+int mode_stream(int mib, int rcvbuf) {
     const auto [listener, client, server] = offloaded_connection();
+    for (int fd : {client, server})
+        if (rcvbuf > 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)) != 0)
+            die("setsockopt(SO_RCVBUF): %s", std::strerror(errno));
     set_timeouts(client, kWaitSeconds);
     set_timeouts(server, kWaitSeconds);
     const uint64_t total = static_cast<uint64_t>(mib) << 20;
@@ -775,7 +783,10 @@ int mode_stream(int mib) {
     };
     auto receiver = [&](int fd, int dir) {
         std::vector<uint8_t> buffer(300 * 1024);
-        uint64_t pos = 0, lcg = 777 + static_cast<uint64_t>(dir), next_pause = 8 << 20;
+        // With a small receive buffer, shorter and more frequent stops.
+        const uint64_t pause_every = rcvbuf > 0 ? 1 << 20 : 8 << 20;
+        const auto pause = std::chrono::milliseconds(rcvbuf > 0 ? 5 : 20);
+        uint64_t pos = 0, lcg = 777 + static_cast<uint64_t>(dir), next_pause = pause_every;
         while (pos < total) {
             lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
             const size_t want = 1 + (lcg >> 33) % buffer.size();
@@ -796,8 +807,8 @@ int mode_stream(int mib) {
                         stream_byte(dir, pos + static_cast<uint64_t>(k)));
             pos += static_cast<uint64_t>(n);
             if (pos >= next_pause) {  // a reader that stops: the sender fills the rings
-                next_pause += 8 << 20;
-                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                next_pause += pause_every;
+                std::this_thread::sleep_for(pause);
             }
         }
     };
@@ -836,7 +847,8 @@ int main(int argc, char **argv) {
         return mode_mt_send(to_port(argv[2]), to_int(argv[3]), to_int(argv[4]));
     if (wants("mt-accept", 3)) return mode_mt_accept(argv[2], to_int(argv[3]), to_int(argv[4]));
     if (wants("pingpong", 1)) return mode_pingpong(to_int(argv[2]));
-    if (wants("stream", 1)) return mode_stream(to_int(argv[2]));
+    if (mode == "stream" && given == 2) return mode_stream(to_int(argv[2]), to_int(argv[3]));
+    if (wants("stream", 1)) return mode_stream(to_int(argv[2]), 0);
     if (wants("victim-recv", 1)) return mode_victim_recv(to_port(argv[2]));
     if (wants("victim-accept", 2)) return mode_victim_accept(argv[2], to_port(argv[3]));
     if (wants("victim-epoll", 1)) return mode_victim_epoll(to_port(argv[2]));
