@@ -131,6 +131,11 @@ std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
 constexpr uint64_t kThreadsBackoffNs = 1'000'000'000;  // after finding several threads
 
+// No kernel-served socket is offered again for `ns`.
+void back_off_reoffload(uint64_t ns) {
+    g_reoffload_after_ns.store(now_ns() + ns, std::memory_order_relaxed);
+}
+
 // A kernel-served socket's registrations in the application's kernel epolls.
 struct Registration {
     int fd;
@@ -215,7 +220,7 @@ bool reoffload(int fd, bool &keep) {
     keep = true;
     if (!single_threaded()) {
         // Looked at again in a second, not at every call (/proc costs three system calls).
-        g_reoffload_after_ns.store(now_ns() + kThreadsBackoffNs);
+        back_off_reoffload(kThreadsBackoffNs);
         return false;
     }
     pthread_mutex_lock(&g_registrations_mutex);
@@ -244,7 +249,7 @@ bool reoffload(int fd, bool &keep) {
     // Saturated, or out of room for a moment: later. Anything else (it was shut down, say):
     // it stays the kernel's.
     keep = rc == -EBUSY || rc == -ENOMEM || rc == -ENFILE || rc == -ENOBUFS || rc == -EMFILE;
-    if (keep) g_reoffload_after_ns.store(now_ns() + kReoffloadBackoffNs);
+    if (keep) back_off_reoffload(kReoffloadBackoffNs);
     return false;
 }
 
@@ -276,7 +281,7 @@ void note_kernel_served(int fd) {
 void note_shed(int fd) {
     note(fd, kKernelServed);
     // The engine that asked for it is saturated: no use offering it back at the next call.
-    g_reoffload_after_ns.store(now_ns() + kReoffloadBackoffNs, std::memory_order_relaxed);
+    back_off_reoffload(kReoffloadBackoffNs);
 }
 
 bool adopt_pending(int fd) {
@@ -298,7 +303,7 @@ bool adopt_pending(int fd) {
             // The engine has no room now: like a connection it left to the kernel at accept.
             if (rc == -EBUSY) {
                 keep = true;
-                g_reoffload_after_ns.store(now_ns() + kReoffloadBackoffNs);
+                back_off_reoffload(kReoffloadBackoffNs);
             }
         } else {
             ours = reoffload(fd, keep);

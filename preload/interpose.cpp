@@ -82,9 +82,15 @@ bool went_to_kernel(const SocketRef &ref, long rc, int saved) {
 }
 
 bool offloaded(int fd, SocketRef &ref) {
-    if (!__builtin_expect(g_fds.size() != 0, 1) || !find_socket(fd, ref)) return false;
-    // A saturated engine asked for this connection back (seed 003): the call goes to the
-    // kernel if it could be handed back now.
+    return __builtin_expect(g_fds.size() != 0, 1) && find_socket(fd, ref);
+}
+
+// The same for a call that moves bytes. A saturated engine asked for this connection back
+// (seed 003): the call goes to the kernel if it could be handed back now. Only these calls
+// hand it back: the others (options, names, fcntl) would pay the round trip for nothing,
+// and a connection in use makes such calls soon enough.
+bool offloaded_io(int fd, SocketRef &ref) {
+    if (!offloaded(fd, ref)) return false;
     if (__builtin_expect(ref.shm->flags.load(std::memory_order_relaxed) & tcps::ipc::kFlagShed,
                          0)) {
         const int saved = errno;
@@ -308,7 +314,7 @@ TCPS_EXPORT int setsockopt(int fd, int level, int name, const void *value, sockl
 TCPS_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = send_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -320,7 +326,7 @@ TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const
     SocketRef ref;
     const int saved = errno;
     // TCP ignores the address (tcp_sendmsg never looks at msg_name).
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = send_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -330,7 +336,7 @@ TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const
 TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         if (!msg) return finish<ssize_t>(-EFAULT, saved);
         if (msg->msg_iovlen > IOV_MAX) return finish<ssize_t>(-EMSGSIZE, saved);
         const long rc = op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
@@ -343,7 +349,7 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
 TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = send_one(ref, buf, len, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -353,7 +359,7 @@ TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
 TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = op_send(ref, iov, iovcnt, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -363,7 +369,7 @@ TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
 TCPS_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(out_fd, ref))
+    if (offloaded_io(out_fd, ref))
         return finish<ssize_t>(op_sendfile(ref, in_fd, offset, count), saved);
     return pass(libc.sendfile, out_fd, in_fd, offset, count);
 }
@@ -372,8 +378,8 @@ TCPS_EXPORT ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_ou
                            unsigned int flags) {
     SocketRef in_ref, out_ref;
     const int saved = errno;
-    const bool in_offloaded = offloaded(fd_in, in_ref);
-    const bool out_offloaded = offloaded(fd_out, out_ref);
+    const bool in_offloaded = offloaded_io(fd_in, in_ref);
+    const bool out_offloaded = offloaded_io(fd_out, out_ref);
     if (in_offloaded)
         return finish<ssize_t>(
             op_splice(in_ref, true, fd_out, out_offloaded, off_in, off_out, len, flags), saved);
@@ -387,7 +393,7 @@ TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t co
     static_assert(sizeof(off64_t) == sizeof(off_t), "64-bit targets only: one offset type");
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(out_fd, ref))
+    if (offloaded_io(out_fd, ref))
         return finish<ssize_t>(op_sendfile(ref, in_fd, reinterpret_cast<off_t *>(offset), count),
                                saved);
     if (!real(libc.sendfile64))
@@ -398,7 +404,7 @@ TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t co
 TCPS_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = recv_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -409,7 +415,7 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
                              socklen_t *addr_len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = recv_one(ref, buf, len, flags);
         if (rc >= 0 && addr && addr_len) *addr_len = 0;  // TCP has no source address to give
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
@@ -420,7 +426,7 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
 TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         const long rc = recv_msg(ref, msg, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
@@ -437,7 +443,7 @@ TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
 TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         if (len == 0) return 0;  // sock_read_iter(): "Match SYS5 behaviour"
         const long rc = recv_one(ref, buf, len, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
@@ -448,7 +454,7 @@ TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
 TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) {
+    if (offloaded_io(fd, ref)) {
         if (iovcnt >= 0 && iovcnt <= IOV_MAX) {
             size_t total = 0;
             for (int i = 0; iov && i < iovcnt; ++i) total += iov[i].iov_len;

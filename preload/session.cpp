@@ -870,8 +870,13 @@ bool unhold_socket(uint32_t slot) {
     lock_holds();
     // The mark first: if we die between the two, the socket leaks until the family ends,
     // while the other order could drop a hold twice and close it under another process.
-    g_region.held_word(g_member, slot)
-        .fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_acq_rel);
+    const uint64_t bit = uint64_t{1} << (slot % 64);
+    if (!(g_region.held_word(g_member, slot).fetch_and(~bit, std::memory_order_acq_rel) & bit)) {
+        // Our hold went already (a close racing a hand-back in another thread): dropping
+        // another would take one of another process's.
+        unlock_holds();
+        return false;
+    }
     std::atomic<uint32_t> &holders = g_region.slot(slot).holders;
     uint32_t count = holders.load(std::memory_order_acquire);
     while (count > 0 &&
