@@ -8,11 +8,12 @@
 //    becomes a kernel-served one.
 //  * kernel-served: a connection a saturated engine left to the kernel at accept (seed 003's
 //    handoff), or asked back later (handoff.cpp, shed_to_kernel). When the engine has room
-//    again it is offloaded again at a call that uses it, if that is safe: the process has one
-//    thread (no other call can be inside one on it, or block in it), and its epoll
-//    registrations can move (none is EPOLLONESHOT, whose fired state the kernel does not
-//    tell). Its kernel epoll registrations are kept here as the application makes them, and
-//    move into the shim's registries with it.
+//    again it is offloaded again at a call that uses it, if that is safe: no other thread is
+//    inside a kernel call on it (each one that moves bytes or changes its epoll registrations
+//    is counted, KernelCall, and waits while it moves), and its epoll registrations can move
+//    (none is EPOLLONESHOT, whose fired state the kernel does not tell). Its kernel epoll
+//    registrations are kept here as the application makes them, and move into the shim's
+//    registries with it.
 // A forked child forgets both kinds, and so does its parent for the kernel-served ones (either
 // may be the one that uses such a socket from then on); so do close() and dup2() over it, and
 // dup() of a kernel-served one (two numbers for one socket: it stays the kernel's).
@@ -118,18 +119,23 @@ int adopt_socket(int fd) {
     return 0;
 }
 
-// The map: kNoted (received), kKernelServed, and kAdopting while a thread offers either.
-// Anonymous memory as long as the fd table, made at the first note (pages never touched cost
-// nothing). The count keeps every other lookup at one load.
-enum : uint8_t { kNotNoted = 0, kNoted = 1, kAdopting = 2, kKernelServed = 3 };
-std::atomic<std::atomic<uint8_t> *> g_pending{nullptr};
+// The map: kNoted (received), kKernelServed, and kAdopting while a thread offers either, in
+// the low bits of each fd's word; above them, the kernel calls in flight on the number
+// (KernelCall), which a kernel-served socket must have none of to move: the kind and the count
+// in one word, so that one compare-and-swap both sees no call in flight and keeps new ones
+// out. Anonymous memory as long as the fd table, made at the first note (pages never touched
+// cost nothing). The count of noted entries keeps every other lookup at one load.
+enum : uint32_t { kNotNoted = 0, kNoted = 1, kAdopting = 2, kKernelServed = 3 };
+constexpr uint32_t kKindMask = 3;
+constexpr uint32_t kOneCall = 4;
+using Entry = std::atomic<uint32_t>;
+std::atomic<Entry *> g_pending{nullptr};
 std::atomic<int> g_pending_count{0};
 std::atomic<int> g_pending_limit{0};  // 1 + the highest fd ever noted: bounds scans
 pthread_mutex_t g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
 // When the next kernel-served socket may be offered (after the engine said it is saturated).
 std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
-constexpr uint64_t kThreadsBackoffNs = 1'000'000'000;  // after finding several threads
 
 // No kernel-served socket is offered again for `ns`.
 void back_off_reoffload(uint64_t ns) {
@@ -150,38 +156,54 @@ void registrations_changed() {
     g_registration_count.store(g_registrations.size(), std::memory_order_release);
 }
 
-std::atomic<uint8_t> *pending_entry(int fd) {
-    std::atomic<uint8_t> *map = g_pending.load(std::memory_order_acquire);
+Entry *pending_entry(int fd) {
+    Entry *map = g_pending.load(std::memory_order_acquire);
     if (!map || fd < 0 || static_cast<size_t>(fd) >= g_fds.size()) return nullptr;
     return &map[fd];
 }
 
-void note(int fd, uint8_t kind) {
+uint32_t kind_of(uint32_t word) {
+    return word & kKindMask;
+}
+
+// Changes the entry's kind from `from` to `to`, keeping its count of calls. False if it was
+// not `from`.
+bool change_kind(Entry &entry, uint32_t from, uint32_t to) {
+    uint32_t word = entry.load(std::memory_order_acquire);
+    do {
+        if (kind_of(word) != from) return false;
+    } while (
+        !entry.compare_exchange_weak(word, (word & ~kKindMask) | to, std::memory_order_acq_rel));
+    return true;
+}
+
+// Waits while another thread offers the socket at `entry` to the engine (a round trip).
+void wait_while_adopting(Entry &entry) {
+    while (kind_of(entry.load(std::memory_order_acquire)) == kAdopting) sched_yield();
+}
+
+void note(int fd, uint32_t kind) {
     if (fd < 0 || static_cast<size_t>(fd) >= g_fds.size()) return;
     if (!g_pending.load(std::memory_order_acquire)) {
         pthread_mutex_lock(&g_pending_mutex);
         if (!g_pending.load(std::memory_order_relaxed)) {
-            void *memory = mmap(nullptr, g_fds.size(), PROT_READ | PROT_WRITE,
+            void *memory = mmap(nullptr, g_fds.size() * sizeof(Entry), PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
             if (memory != MAP_FAILED)
-                g_pending.store(static_cast<std::atomic<uint8_t> *>(memory),
-                                std::memory_order_release);
+                g_pending.store(static_cast<Entry *>(memory), std::memory_order_release);
         }
         pthread_mutex_unlock(&g_pending_mutex);
     }
-    std::atomic<uint8_t> *entry = pending_entry(fd);
-    uint8_t expected = kNotNoted;
-    if (!entry || !entry->compare_exchange_strong(expected, kind, std::memory_order_acq_rel))
-        return;
+    Entry *entry = pending_entry(fd);
+    if (!entry || !change_kind(*entry, kNotNoted, kind)) return;
     int limit = g_pending_limit.load(std::memory_order_relaxed);
     while (limit < fd + 1 && !g_pending_limit.compare_exchange_weak(limit, fd + 1)) {
     }
     g_pending_count.fetch_add(1, std::memory_order_release);
 }
 
-void unnote(std::atomic<uint8_t> &entry, uint8_t from) {
-    uint8_t expected = from;
-    if (entry.compare_exchange_strong(expected, kNotNoted, std::memory_order_acq_rel))
+void unnote(Entry &entry, uint32_t from) {
+    if (change_kind(entry, from, kNotNoted))
         g_pending_count.fetch_sub(1, std::memory_order_release);
 }
 
@@ -195,34 +217,10 @@ void drop_registrations(int fd) {
     pthread_mutex_unlock(&g_registrations_mutex);
 }
 
-}  // namespace
-
-bool single_threaded() {
-    const long file = syscall(SYS_openat, AT_FDCWD, "/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (file < 0) return false;
-    char text[1024];
-    const long n = syscall(SYS_read, file, text, sizeof(text) - 1);
-    syscall(SYS_close, file);
-    if (n <= 0) return false;
-    text[n] = '\0';
-    const char *at = std::strrchr(text, ')');  // the command name may hold anything
-    if (!at) return false;
-    // Fields 3 onwards follow ") "; num_threads is field 20.
-    for (int field = 2; field < 20 && at; ++field) at = std::strchr(at + 1, ' ');
-    return at && std::strtol(at + 1, nullptr, 10) == 1;
-}
-
-namespace {
-
 // A kernel-served connection, offered to the engine again (see the top). True if `fd` is ours
 // now. Called with the entry claimed (kAdopting); leaves it claimed.
 bool reoffload(int fd, bool &keep) {
     keep = true;
-    if (!single_threaded()) {
-        // Looked at again in a second, not at every call (/proc costs three system calls).
-        back_off_reoffload(kThreadsBackoffNs);
-        return false;
-    }
     pthread_mutex_lock(&g_registrations_mutex);
     std::vector<Registration> mine;
     for (const Registration &r : g_registrations)
@@ -286,45 +284,88 @@ void note_shed(int fd) {
 
 bool adopt_pending(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return false;
-    std::atomic<uint8_t> *entry = pending_entry(fd);
+    Entry *entry = pending_entry(fd);
     if (!entry) return false;
-    uint8_t kind = entry->load(std::memory_order_acquire);
+    uint32_t word = entry->load(std::memory_order_acquire);
+    const uint32_t kind = kind_of(word);
     if (kind == kNotNoted) return false;
     if (in_vfork_child() || shim_locked_here()) return false;
-    if (kind == kKernelServed && now_ns() < g_reoffload_after_ns.load(std::memory_order_relaxed))
-        return false;
-    if (kind != kAdopting &&
-        entry->compare_exchange_strong(kind, kAdopting, std::memory_order_acq_rel)) {
-        bool keep = false;
-        bool ours = false;
-        if (kind == kNoted) {
-            const int rc = adopt_socket(fd);
-            ours = rc == 0;
-            // The engine has no room now: like a connection it left to the kernel at accept.
-            if (rc == -EBUSY) {
-                keep = true;
-                back_off_reoffload(kReoffloadBackoffNs);
-            }
-        } else {
-            ours = reoffload(fd, keep);
-        }
-        if (keep) {
-            entry->store(kKernelServed, std::memory_order_release);
-        } else {
-            unnote(*entry, kAdopting);
-        }
-        return ours;
+    if (kind == kKernelServed) {
+        if (now_ns() < g_reoffload_after_ns.load(std::memory_order_relaxed)) return false;
+        // Not while another thread is inside a kernel call on it: one asleep in a receive
+        // would take bytes meant for the engine's, one in a send would put its bytes among
+        // the ring's. Such calls wait while we hold kAdopting (KernelCall).
+        if (word != kKernelServed) return false;
     }
-    // Another thread is adopting it (a round trip to the engine): its outcome is ours.
-    while (entry->load(std::memory_order_acquire) == kAdopting) sched_yield();
-    return !g_fds.get(fd).empty();
+    if (kind == kAdopting || !entry->compare_exchange_strong(word, (word & ~kKindMask) | kAdopting,
+                                                             std::memory_order_acq_rel)) {
+        // Another thread is adopting it (a round trip to the engine): its outcome is ours.
+        // Or a kernel call came first: this one goes to the kernel too.
+        wait_while_adopting(*entry);
+        return !g_fds.get(fd).empty();
+    }
+    bool keep = false;
+    bool ours = false;
+    if (kind == kNoted) {
+        const int rc = adopt_socket(fd);
+        ours = rc == 0;
+        // The engine has no room now: like a connection it left to the kernel at accept.
+        if (rc == -EBUSY) {
+            keep = true;
+            back_off_reoffload(kReoffloadBackoffNs);
+        }
+    } else {
+        ours = reoffload(fd, keep);
+    }
+    if (keep) {
+        change_kind(*entry, kAdopting, kKernelServed);
+    } else {
+        unnote(*entry, kAdopting);
+    }
+    return ours;
+}
+
+KernelCall::KernelCall(int fd) {
+    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) != 0, 0)) {
+        if (Entry *entry = pending_entry(fd)) {
+            uint32_t word = entry->load(std::memory_order_acquire);
+            for (;;) {
+                const uint32_t kind = kind_of(word);
+                if (kind == kAdopting) {
+                    // A signal handler's call in the middle of our own move (the control
+                    // round trip): the kernel's, as it is still, rather than wait for ever.
+                    if (shim_locked_here()) break;
+                    // After the move the call goes where the number is then.
+                    wait_while_adopting(*entry);
+                    word = entry->load(std::memory_order_acquire);
+                    continue;
+                }
+                if (kind != kKernelServed) break;  // a received one is adopted at its first call
+                if (entry->compare_exchange_weak(word, word + kOneCall,
+                                                 std::memory_order_acq_rel)) {
+                    entry_ = entry;
+                    break;
+                }
+            }
+        }
+    }
+    // Offloaded by another thread between the caller's look at the table and here: the
+    // shim's call, then (the number names our placeholder now).
+    if (__builtin_expect(g_fds.get(fd).empty(), 1)) return;
+    became_ours_ = true;
+    if (entry_) static_cast<Entry *>(entry_)->fetch_sub(kOneCall, std::memory_order_acq_rel);
+    entry_ = nullptr;
+}
+
+KernelCall::~KernelCall() {
+    if (entry_) static_cast<Entry *>(entry_)->fetch_sub(kOneCall, std::memory_order_acq_rel);
 }
 
 void settle_pending_before_dup(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    std::atomic<uint8_t> *entry = pending_entry(fd);
+    Entry *entry = pending_entry(fd);
     if (!entry) return;
-    if (entry->load(std::memory_order_acquire) == kKernelServed) {
+    if (kind_of(entry->load(std::memory_order_acquire)) == kKernelServed) {
         // Two numbers for one kernel socket: it stays the kernel's.
         unnote(*entry, kKernelServed);
         drop_registrations(fd);
@@ -335,8 +376,8 @@ void settle_pending_before_dup(int fd) {
 
 void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    std::atomic<uint8_t> *entry = pending_entry(fd);
-    if (!entry || entry->load(std::memory_order_acquire) != kKernelServed) return;
+    Entry *entry = pending_entry(fd);
+    if (!entry || kind_of(entry->load(std::memory_order_acquire)) != kKernelServed) return;
     pthread_mutex_lock(&g_registrations_mutex);
     auto same = [&](const Registration &r) { return r.fd == fd && r.epfd == epfd; };
     std::erase_if(g_registrations, same);
@@ -348,7 +389,10 @@ void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event) {
 
 void forget_pending(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    if (std::atomic<uint8_t> *entry = pending_entry(fd)) {
+    if (Entry *entry = pending_entry(fd)) {
+        // A close or dup2 over a number another thread is moving: after the move, so that
+        // it closes what the number is then.
+        wait_while_adopting(*entry);
         unnote(*entry, kNoted);
         unnote(*entry, kKernelServed);
     }
@@ -357,10 +401,11 @@ void forget_pending(int fd) {
 
 void settle_pending_before_close(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    std::atomic<uint8_t> *entry = pending_entry(fd);
+    Entry *entry = pending_entry(fd);
     // A received socket closed unused: through the engine, which holds the bytes its sender
     // left unread, so that the close resets the connection as Linux's would.
-    if (entry && entry->load(std::memory_order_acquire) == kNoted && adopt_pending(fd)) return;
+    if (entry && kind_of(entry->load(std::memory_order_acquire)) == kNoted && adopt_pending(fd))
+        return;
     forget_pending(fd);
 }
 
@@ -374,7 +419,7 @@ void forget_kernel_served() {
     if (g_pending_count.load(std::memory_order_acquire) == 0) return;
     const int limit = g_pending_limit.load(std::memory_order_acquire);
     for (int fd = 0; fd < limit; ++fd)
-        if (std::atomic<uint8_t> *entry = pending_entry(fd)) unnote(*entry, kKernelServed);
+        if (Entry *entry = pending_entry(fd)) unnote(*entry, kKernelServed);
     pthread_mutex_lock(&g_registrations_mutex);
     g_registrations.clear();
     registrations_changed();
@@ -383,7 +428,7 @@ void forget_kernel_served() {
 
 void forget_all_pending() {
     // In a forked child: the map's pages are copies; a new one is made if need be.
-    if (std::atomic<uint8_t> *map = g_pending.exchange(nullptr)) munmap(map, g_fds.size());
+    if (Entry *map = g_pending.exchange(nullptr)) munmap(map, g_fds.size() * sizeof(Entry));
     g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations.clear();

@@ -211,9 +211,9 @@ bool shed_to_kernel(const SocketRef &ref) {
     bool handed = false;
     if (idle()) {
         // Offloaded again later if it has one number (kAdoptSocket takes one socket at one
-        // number; refs also counts calls asleep in it) and the process one thread
-        // (adopt.cpp): others are not noted, so that their closes cost nothing more.
-        if (sock.refs.load(std::memory_order_acquire) == 1 && single_threaded()) note_shed(ref.fd);
+        // number) and no other call sleeps in it now (refs counts those too, and cannot tell
+        // them from numbers): others stay the kernel's.
+        if (sock.refs.load(std::memory_order_acquire) == 1) note_shed(ref.fd);
         // The locks before the engine's close: the slot's lock words are the next socket's.
         handed = hand_back(ref, ipc::kHandoffShed, [](Socket &handed_sock) {
             handed_sock.rx_lock.unlock();

@@ -318,6 +318,8 @@ TCPS_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags) {
         const long rc = send_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return send(fd, buf, len, flags);
     return pass(libc.send, fd, buf, len, flags);
 }
 
@@ -330,6 +332,8 @@ TCPS_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags, const
         const long rc = send_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return sendto(fd, buf, len, flags, addr, addr_len);
     return pass(libc.sendto, fd, buf, len, flags, addr, addr_len);
 }
 
@@ -342,6 +346,8 @@ TCPS_EXPORT ssize_t sendmsg(int fd, const msghdr *msg, int flags) {
         const long rc = op_send(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return sendmsg(fd, msg, flags);
     if (msg && msg->msg_controllen > 0) hand_back_passed_sockets(msg);
     return pass(libc.sendmsg, fd, msg, flags);
 }
@@ -353,6 +359,8 @@ TCPS_EXPORT ssize_t write(int fd, const void *buf, size_t len) {
         const long rc = send_one(ref, buf, len, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return write(fd, buf, len);
     return pass(libc.write, fd, buf, len);
 }
 
@@ -363,6 +371,8 @@ TCPS_EXPORT ssize_t writev(int fd, const iovec *iov, int iovcnt) {
         const long rc = op_send(ref, iov, iovcnt, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return writev(fd, iov, iovcnt);
     return pass(libc.writev, fd, iov, iovcnt);
 }
 
@@ -371,6 +381,8 @@ TCPS_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
     const int saved = errno;
     if (offloaded_io(out_fd, ref))
         return finish<ssize_t>(op_sendfile(ref, in_fd, offset, count), saved);
+    const KernelCall kernel_call(out_fd);
+    if (kernel_call.became_ours()) return sendfile(out_fd, in_fd, offset, count);
     return pass(libc.sendfile, out_fd, in_fd, offset, count);
 }
 
@@ -386,6 +398,9 @@ TCPS_EXPORT ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_ou
     if (out_offloaded)
         return finish<ssize_t>(op_splice(out_ref, false, fd_in, false, off_out, off_in, len, flags),
                                saved);
+    const KernelCall in_call(fd_in), out_call(fd_out);
+    if (in_call.became_ours() || out_call.became_ours())
+        return splice(fd_in, off_in, fd_out, off_out, len, flags);
     return pass(libc.splice, fd_in, off_in, fd_out, off_out, len, flags);
 }
 
@@ -396,6 +411,8 @@ TCPS_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t co
     if (offloaded_io(out_fd, ref))
         return finish<ssize_t>(op_sendfile(ref, in_fd, reinterpret_cast<off_t *>(offset), count),
                                saved);
+    const KernelCall kernel_call(out_fd);
+    if (kernel_call.became_ours()) return sendfile64(out_fd, in_fd, offset, count);
     if (!real(libc.sendfile64))
         return pass(libc.sendfile, out_fd, in_fd, reinterpret_cast<off_t *>(offset), count);
     return pass(libc.sendfile64, out_fd, in_fd, offset, count);
@@ -408,6 +425,8 @@ TCPS_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags) {
         const long rc = recv_one(ref, buf, len, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return recv(fd, buf, len, flags);
     return pass(libc.recv, fd, buf, len, flags);
 }
 
@@ -420,6 +439,8 @@ TCPS_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, sockaddr 
         if (rc >= 0 && addr && addr_len) *addr_len = 0;  // TCP has no source address to give
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return recvfrom(fd, buf, len, flags, addr, addr_len);
     return pass(libc.recvfrom, fd, buf, len, flags, addr, addr_len);
 }
 
@@ -430,6 +451,8 @@ TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
         const long rc = recv_msg(ref, msg, flags);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return recvmsg(fd, msg, flags);
     const ssize_t n = pass(libc.recvmsg, fd, msg, flags);
     // Sockets that came with it (AF_UNIX SCM_RIGHTS) are offloaded, if the engine takes them.
     if (n >= 0 && msg && msg->msg_controllen > 0) {
@@ -448,6 +471,8 @@ TCPS_EXPORT ssize_t read(int fd, void *buf, size_t len) {
         const long rc = recv_one(ref, buf, len, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return read(fd, buf, len);
     return pass(libc.read, fd, buf, len);
 }
 
@@ -463,6 +488,8 @@ TCPS_EXPORT ssize_t readv(int fd, const iovec *iov, int iovcnt) {
         const long rc = op_recv(ref, iov, iovcnt, 0);
         if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
     }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return readv(fd, iov, iovcnt);
     return pass(libc.readv, fd, iov, iovcnt);
 }
 
@@ -918,6 +945,10 @@ TCPS_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event *event) __THROW 
             return finish<int>(-EFAULT, saved);
         return finish<int>(real(libc.fcntl)(fd, F_GETFD) < 0 ? -EBADF : -EINVAL, saved);
     }
+    // Counted: a kernel-served socket's registrations move with it, so none may change
+    // while it moves.
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return epoll_ctl(epfd, op, fd, event);
     const int rc = pass(libc.epoll_ctl, epfd, op, fd, event);
     if (rc == 0) note_epoll_ctl(epfd, op, fd, event);  // a kernel-served socket's, kept
     return rc;

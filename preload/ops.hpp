@@ -130,9 +130,22 @@ void note_kernel_served(int fd);
 // The same for a live connection handed to the kernel because the engine asked (kFlagShed).
 // Before the hand-back, so that the epoll registrations it moves into the kernel's are kept.
 void note_shed(int fd);
-// Whether this process has one thread (/proc/self/stat, field 20): then no other call can be
-// inside one on a descriptor while this one looks at it. Three system calls.
-bool single_threaded();
+// A call that goes to the kernel on `fd` (not one of ours), for its whole length: while it is
+// in flight, a kernel-served socket there is not offloaded (adopt_pending), and one that
+// another thread is offloading is waited for. became_ours(): it was offloaded meanwhile, so
+// the caller makes the shim's call instead. One load when no socket is noted.
+class KernelCall {
+  public:
+    explicit KernelCall(int fd);
+    ~KernelCall();
+    KernelCall(const KernelCall &) = delete;
+    KernelCall &operator=(const KernelCall &) = delete;
+    bool became_ours() const { return became_ours_; }
+
+  private:
+    void *entry_ = nullptr;  // the counted entry of adopt.cpp's map
+    bool became_ours_ = false;
+};
 // Before dup() of `fd`: a received socket is adopted first; a kernel-served one stays the
 // kernel's for good.
 void settle_pending_before_dup(int fd);

@@ -132,14 +132,24 @@ saturated() { stats_now | grep -q '(saturated)'; }
 # shellcheck disable=SC2317
 has_room() { ! stats_now | grep -q '(saturated)'; }
 
-reoffload() {
+# A fresh engine with --handoff-load 21, kept saturated by a stream through it (LOAD_PID;
+# `end_load` stops it and waits until the engine has room again). $1 names the phase.
+start_saturated() {
     : >"$dir/engine.log"
     start_engine --handoff-load 21
     "${PRELOAD[@]}" timeout 120 "$TCPS_TEST_APP" stream 100000 >"$dir/load.out" 2>&1 &
-    local load_pid=$!
-    track "$load_pid"
-    wait_until 30 saturated ||
-        fail "reoffload: a stream through the engine never made it 21% busy: $(stats_now)"
+    LOAD_PID=$!
+    track "$LOAD_PID"
+    wait_until 30 saturated || fail "$1: a stream through the engine never made it 21% busy: $(stats_now)"
+}
+end_load() {
+    kill -TERM "$LOAD_PID"  # timeout passes it on to the stream
+    wait "$LOAD_PID" || true
+    wait_until 10 has_room || fail "$1: the engine stayed saturated: $(stats_now)"
+}
+
+reoffload() {
+    start_saturated reoffload
     log "reoffload: $(stats_now)"
     rm -f "$dir/later.port"
     mkfifo "$dir/later.in"
@@ -156,9 +166,7 @@ reoffload() {
         wait_for_line 10 "$dir/later.out" "connection $k accepted:" ||
             fail "reoffload: connection $k was not accepted: $(cat "$dir/later.out")"
     done
-    kill -TERM "$load_pid"  # timeout passes it on to the stream
-    wait "$load_pid" || true
-    wait_until 10 has_room || fail "reoffload: the engine stayed saturated: $(stats_now)"
+    end_load reoffload
     log "reoffload: the load is gone: $(stats_now)"
     echo >&7
     wait_for_line 30 "$dir/later.out" "connection $((connections - 1)): " ||
@@ -213,6 +221,44 @@ s.close()
 print(f"{rounds} rounds echoed")' "$1" "$2"
 }
 
+# How many of the server's established connections (on the caller's $port) process $1 holds,
+# per ss; whether the caller's $server_pid, or the engine, holds all of them.
+held_by() {
+    ss -tanpH state established "( sport = :$port )" | grep -c "pid=$1," || true
+}
+# shellcheck disable=SC2317  # called by wait_until
+server_holds_all() { (($(held_by "$server_pid") == connections)); }
+# shellcheck disable=SC2317
+engine_holds_all() { (($(held_by "$ENGINE_PID") == connections)); }
+
+# Starts handoff_server.py in mode $2 (files $dir/$1.*) and $connections echo_rounds clients;
+# accept() must give each a socket of kind $3 (offloaded or kernel). Sets the caller's
+# server_pid, port and clients. echo_finish $1 then ends the rounds and checks every client
+# got all its bytes back in order.
+echo_start() {
+    rm -f "$dir/$1.port" "$dir/$1.stop"
+    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/$1.port" "$2" >"$dir/$1.out" 2>&1 &
+    server_pid=$!
+    track "$server_pid"
+    port=$(wait_for_port_file 10 "$dir/$1.port") || fail "$1: the server did not start"
+    clients=()
+    for k in $(seq 0 $((connections - 1))); do
+        echo_rounds "$port" "$dir/$1.stop" >"$dir/$1.client$k" 2>&1 &
+        clients+=($!)
+        wait_for_line 10 "$dir/$1.out" "connection $k accepted: $3" ||
+            fail "$1: connection $k was not $3 at accept: $(cat "$dir/$1.out")"
+    done
+}
+echo_finish() {
+    touch "$dir/$1.stop"
+    for k in $(seq 0 $((connections - 1))); do
+        wait "${clients[$k]}" || fail "$1: connection $k lost or mixed bytes: $(cat "$dir/$1.client$k")"
+        sed "s/^/  client $k: /" "$dir/$1.client$k"
+    done
+    wait "$server_pid" || fail "$1: the server failed: $(cat "$dir/$1.out")"
+    cat "$dir/$1.out"
+}
+
 # Live connections move to the kernel under load, and back after (seed 003: "reclaim any of
 # them at any time"). A preloaded Python event loop echoes 3 connections that clients keep
 # busy in rounds; they start offloaded. The stream makes the engine saturated (--handoff-load
@@ -221,32 +267,14 @@ print(f"{rounds} rounds echoed")' "$1" "$2"
 # stream ends: its first calls offload them again (ss: tcpsd). Every round's bytes must come
 # back in order throughout. With $1 "shed-threads" the server has two threads per connection,
 # one asleep in recv() while the other sends and hands the socket back: the sleeper must go
-# on with the kernel socket. A process with several threads keeps them (no re-offload).
+# on with the kernel socket. Such a connection, with a call asleep in it when it went, stays
+# the kernel's (no re-offload: refs cannot tell that call from a second number).
 shed() {
     local mode=$1
     : >"$dir/engine.log"
     start_engine --handoff-load 21
-    rm -f "$dir/shed.port" "$dir/shed.stop"
-    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/shed.port" "$mode" \
-        >"$dir/shed.out" 2>&1 &
-    local server_pid=$!
-    track "$server_pid"
-    local port clients=()
-    port=$(wait_for_port_file 10 "$dir/shed.port") || fail "shed: the server did not start"
-    for k in $(seq 0 $((connections - 1))); do
-        echo_rounds "$port" "$dir/shed.stop" >"$dir/shed.client$k" 2>&1 &
-        clients+=($!)
-        wait_for_line 10 "$dir/shed.out" "connection $k accepted: offloaded" ||
-            fail "shed: connection $k was not offloaded: $(cat "$dir/shed.out")"
-    done
-    # How many of the server's established connections process $1 holds, per ss.
-    held_by() {
-        ss -tanpH state established "( sport = :$port )" | grep -c "pid=$1," || true
-    }
-    # shellcheck disable=SC2317  # called by wait_until
-    server_holds_all() { (($(held_by "$server_pid") == connections)); }
-    # shellcheck disable=SC2317
-    engine_holds_all() { (($(held_by "$ENGINE_PID") == connections)); }
+    local server_pid port clients
+    echo_start shed "$mode" offloaded
     engine_holds_all || fail "shed: tcpsd does not hold the connections at first"
     "${PRELOAD[@]}" timeout 120 "$TCPS_TEST_APP" stream 100000 >"$dir/load.out" 2>&1 &
     local load_pid=$!
@@ -267,13 +295,7 @@ shed() {
             fail "shed: the connections were not offloaded again: $(cat "$dir/shed.out")"
         ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss after: /'
     fi
-    touch "$dir/shed.stop"
-    for k in $(seq 0 $((connections - 1))); do
-        wait "${clients[$k]}" || fail "shed: connection $k lost or mixed bytes: $(cat "$dir/shed.client$k")"
-        sed "s/^/  client $k: /" "$dir/shed.client$k"
-    done
-    wait "$server_pid" || fail "shed: the server failed: $(cat "$dir/shed.out")"
-    cat "$dir/shed.out"
+    echo_finish shed
     for k in $(seq 0 $((connections - 1))); do
         grep -q "connection $k: now kernel .*, receive timeout 77 s" "$dir/shed.out" ||
             fail "shed: connection $k did not become a kernel socket with its receive timeout"
@@ -288,9 +310,84 @@ shed() {
     log "$mode: $connections live connections handed to the kernel under load, every byte echoed"
 }
 
+# Connections a saturated engine left to the kernel, in a server with two threads per
+# connection (handoff_server.py shed-threads: one asleep in recv(), the other sending back what
+# it got), which clients keep busy in rounds. Once the engine has room they are offloaded
+# again at a call that finds no other thread inside a kernel call on them (adopt.cpp,
+# KernelCall), the reader's next recv(): ss shows tcpsd owning them. The writer's calls, made
+# while the reader sleeps in the kernel's recv(), must not move them: the engine's receive and
+# the sleeping one would race for the next round's bytes (a round lost or out of order).
+reoffload_threads() {
+    start_saturated reoffload-threads
+    local server_pid port clients
+    echo_start reoffload-threads shed-threads kernel
+    wait_until 10 server_holds_all || fail "reoffload-threads: the server does not hold them all"
+    end_load reoffload-threads
+    wait_until 30 engine_holds_all ||
+        fail "reoffload-threads: the connections were not offloaded again: $(cat "$dir/reoffload-threads.out")"
+    ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss after: /'
+    echo_finish reoffload-threads
+    for k in $(seq 0 $((connections - 1))); do
+        grep -q "connection $k: now offloaded" "$dir/reoffload-threads.out" ||
+            fail "reoffload-threads: the server did not see connection $k offloaded again"
+    done
+    STATS=$(stats_now)
+    sed "s/^/  reoffload-threads: /" <<<"$STATS"
+    (($(stat_sum "adopted sockets") >= connections)) ||
+        fail "reoffload-threads: the engine adopted $(stat_sum "adopted sockets") sockets"
+    stop_engine
+    log "reoffload-threads: $connections connections of a threaded server offloaded again, every byte echoed"
+}
+
+# The rule itself, without timing: a connection left to the kernel under load, with a thread
+# of the server asleep in the kernel's recv() on it (handoff_server.py blocked-reader, which
+# reads /proc to know). Once the engine has room, another thread's send() must leave it the
+# kernel's; the peer's answer must reach the sleeping reader; the reader's next recv()
+# offloads it, and gets the peer's next bytes through the engine.
+blocked_reader() {
+    start_saturated blocked-reader
+    rm -f "$dir/br.port"
+    mkfifo "$dir/br.in"
+    "${PRELOAD[@]}" "$PYTHON" "$server" 1 "$dir/br.port" blocked-reader \
+        <"$dir/br.in" >"$dir/br.out" 2>&1 &
+    local server_pid=$!
+    track "$server_pid"
+    exec 7>"$dir/br.in"
+    local port
+    port=$(wait_for_port_file 10 "$dir/br.port") || fail "blocked-reader: no server"
+    "$PYTHON" -c 'import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(30)
+for want, answer in ((b"W", b"X"), (b"Z", b"Y")):
+    got = s.recv(1)
+    if got != want:
+        sys.exit(f"got {got!r}, not {want!r}")
+    s.sendall(answer)
+if s.recv(1) != b"":
+    sys.exit("not closed")' "$port" >"$dir/br.client" 2>&1 &
+    local client=$!
+    wait_for_line 10 "$dir/br.out" "accepted: kernel socket, reader asleep" ||
+        fail "blocked-reader: no kernel socket with a reader asleep in it: $(cat "$dir/br.out")"
+    end_load blocked-reader
+    echo >&7
+    exec 7>&-
+    wait "$client" || fail "blocked-reader: the client failed: $(cat "$dir/br.client") $(cat "$dir/br.out")"
+    wait "$server_pid" || fail "blocked-reader: the server failed: $(cat "$dir/br.out")"
+    sed 's/^/  blocked-reader: /' "$dir/br.out"
+    grep -q "trigger sent: now kernel" "$dir/br.out" ||
+        fail "blocked-reader: a send offloaded the socket while a reader slept in the kernel's recv()"
+    grep -q "reader: got b'X'" "$dir/br.out" || fail "blocked-reader: the sleeping reader did not get X"
+    grep -q "reader: got b'Y', now offloaded" "$dir/br.out" ||
+        fail "blocked-reader: the reader's next recv() did not offload it"
+    stop_engine
+    log "blocked-reader: not offloaded under a sleeping kernel recv(), offloaded at the reader's next"
+}
+
 # One worker: the stream's load and the adoptions meet on it.
 if ((workers == 1)); then
     reoffload
+    reoffload_threads
+    blocked_reader
     shed shed
     shed shed-threads
 fi

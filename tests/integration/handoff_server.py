@@ -9,7 +9,8 @@ whatever each sends, from an epoll's events, until each closes, and says each ti
 connection changes hands (kernel socket or offloaded) and how many bytes it had echoed then.
 With "shed-threads", the same with two threads per connection instead of an epoll: one blocks
 in recv() and queues what it gets, the other sends it back (a socket handed to the kernel by
-one thread while the other sleeps in a receive on it).
+one thread while the other sleeps in a receive on it). With "blocked-reader", one connection
+with a thread asleep in the kernel's recv() on it while another thread sends (see below).
 """
 import os
 import queue
@@ -141,6 +142,42 @@ elif mode == "shed":
         state = accepted[k][1:]
         report_change(k, conn, state)
         accepted[k][1:] = state
+elif mode == "blocked-reader":
+    # One connection, accepted while the engine is saturated (a kernel socket), with a thread
+    # asleep in the kernel's recv() on it. Once the engine has room (a line on stdin), another
+    # thread's send() on it must not offload it (the sleeping receive would race the engine's
+    # for the peer's next bytes); the reader's own next recv() does.
+    conn, _ = listener.accept()
+    got = queue.Queue()
+    z_sent = threading.Event()
+
+    def reader():
+        got.put(conn.recv(100))  # asleep in the kernel until the peer answers the trigger
+        z_sent.wait()
+        data = conn.recv(100)  # no other call in flight now: offloaded first
+        print(f"reader: got {data!r}, now {kind_of(conn)}", flush=True)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    # Asleep in recvfrom (45 on x86-64, 207 on arm64) in the kernel, per /proc.
+    recvfrom = 45 if os.uname().machine == "x86_64" else 207
+    for _ in range(1000):
+        with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+            if f.read().split()[0] == str(recvfrom):
+                break
+        threading.Event().wait(0.01)
+    else:
+        sys.exit("the reader never slept in recv()")
+    print(f"connection 0 accepted: {kind_of(conn)} socket, reader asleep in recv()", flush=True)
+    sys.stdin.readline()  # the engine has room again
+    conn.sendall(b"W")  # the peer answers with X, which the sleeping reader must get
+    print(f"trigger sent: now {kind_of(conn)}", flush=True)
+    first = got.get(timeout=30)
+    print(f"reader: got {first!r}", flush=True)
+    conn.sendall(b"Z")  # the peer answers with Y
+    z_sent.set()
+    thread.join()
+    conn.close()
 elif later:
     # An event loop (epoll) over all of them: registered while they are kernel sockets, their
     # registrations must move with them when they are offloaded again.
