@@ -137,6 +137,9 @@ pthread_mutex_t g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
 std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
 
+// A call that KernelCall sent back to the shim (became_ours) is being made again.
+TCPS_TLS bool tl_retrying = false;
+
 // No kernel-served socket is offered again for `ns`.
 void back_off_reoffload(uint64_t ns) {
     g_reoffload_after_ns.store(now_ns() + ns, std::memory_order_relaxed);
@@ -350,14 +353,18 @@ KernelCall::KernelCall(int fd) {
         }
     }
     // Offloaded by another thread between the caller's look at the table and here: the
-    // shim's call, then (the number names our placeholder now).
-    if (__builtin_expect(g_fds.get(fd).empty(), 1)) return;
+    // shim's call, then (the number names our placeholder now). Once per call: the retry
+    // makes the kernel's call whatever it finds (an entry being closed, say), so that no
+    // table entry can make a call go round for ever.
+    if (tl_retrying || __builtin_expect(g_fds.get(fd).kind() != FdKind::kSocket, 1)) return;
     became_ours_ = true;
+    tl_retrying = true;
     if (entry_) static_cast<Entry *>(entry_)->fetch_sub(kOneCall, std::memory_order_acq_rel);
     entry_ = nullptr;
 }
 
 KernelCall::~KernelCall() {
+    if (became_ours_) tl_retrying = false;
     if (entry_) static_cast<Entry *>(entry_)->fetch_sub(kOneCall, std::memory_order_acq_rel);
 }
 

@@ -94,7 +94,7 @@ struct VforkOverlay {
     int fds[kEntries];
     uint64_t refs[kEntries];
 };
-__attribute__((tls_model("initial-exec"))) thread_local VforkOverlay tl_overlay;
+TCPS_TLS VforkOverlay tl_overlay;
 
 // What `fd` is in this process: the overlay's word if this vfork child changed it.
 FdRef effective_entry(int fd, int self) {

@@ -28,8 +28,6 @@ uint64_t g_spin_ns = 20'000;
 
 namespace {
 
-#define TCPS_TLS __attribute__((tls_model("initial-exec"))) thread_local
-
 enum SessionState : int { kNone = 0, kActive = 1, kUnavailable = 2, kDead = 3 };
 
 constexpr uint64_t kRetryNs = 1'000'000'000;           // engine retry: at most once a second

@@ -15,6 +15,10 @@
 #include "memnet_hooks.h"
 #include "readiness.hpp"
 
+// The shim's thread-local state: initial-exec, so that an access is a load from the thread
+// pointer, never a call into the dynamic linker (which may allocate or lock).
+#define TCPS_TLS __attribute__((tls_model("initial-exec"))) thread_local
+
 namespace tcps::shim {
 
 // ---------------------------------------------------------------------------------------------
