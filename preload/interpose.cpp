@@ -71,9 +71,9 @@ auto pass(Fn &slot, Args... args) -> decltype(slot(args...)) {
     return fn(args...);
 }
 
-// The call's socket went back to the kernel under it, before it moved a byte (another thread
-// handed it back, handoff.cpp): the kernel's call on the same number then, as if it had been
-// that from the start (errno as the caller left it).
+// The call's socket went back to the kernel under it, before it moved a byte or changed
+// anything (another thread handed it back, handoff.cpp): the kernel's call on the same number
+// then, as if it had been that from the start (errno as the caller left it).
 bool went_to_kernel(const SocketRef &ref, long rc, int saved) {
     if (rc != -EBADF || ref.sock->kernel_gen.load(std::memory_order_acquire) != ref.generation)
         return false;
@@ -276,35 +276,50 @@ TCPS_EXPORT int connect(int fd, const sockaddr *addr, socklen_t len) {
 TCPS_EXPORT int shutdown(int fd, int how) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_shutdown(ref, how), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_shutdown(ref, how);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.shutdown, fd, how);
 }
 
 TCPS_EXPORT int getsockname(int fd, sockaddr *addr, socklen_t *len) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_getsockname(ref, addr, len), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_getsockname(ref, addr, len);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.getsockname, fd, addr, len);
 }
 
 TCPS_EXPORT int getpeername(int fd, sockaddr *addr, socklen_t *len) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_getpeername(ref, addr, len), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_getpeername(ref, addr, len);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.getpeername, fd, addr, len);
 }
 
 TCPS_EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_getsockopt(ref, level, name, value, len), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_getsockopt(ref, level, name, value, len);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.getsockopt, fd, level, name, value, len);
 }
 
 TCPS_EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t len) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_setsockopt(ref, level, name, value, len), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_setsockopt(ref, level, name, value, len);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.setsockopt, fd, level, name, value, len);
 }
 
@@ -542,7 +557,10 @@ TCPS_EXPORT int ioctl(int fd, unsigned long request, ...) __THROW {
     va_end(args);
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_ioctl(ref, request, arg), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_ioctl(ref, request, arg);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.ioctl, fd, request, arg);
 }
 
@@ -938,7 +956,10 @@ TCPS_EXPORT int epoll_create1(int flags) __THROW {
 TCPS_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event *event) __THROW {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref)) return finish<int>(op_epoll_ctl(epfd, op, ref, event), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = op_epoll_ctl(epfd, op, ref, event);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     if (g_fds.size() != 0 && g_fds.get(epfd).kind() == FdKind::kSocket) {
         // A socket is no epoll (the kernel would see our O_PATH placeholder and say EBADF).
         if ((op == EPOLL_CTL_ADD || op == EPOLL_CTL_MOD) && !event)
