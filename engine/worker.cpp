@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -2481,10 +2482,21 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     for (auto *word :
          {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at, &slot.tx_head_at_growth})
         word->store(0, std::memory_order_relaxed);
-    // Locks a dead member may have left held; the request lock stays with the thread that
-    // waits for our answer to kSocket.
-    for (auto *word : {&slot.rx_lock, &slot.tx_lock, &slot.rx_lock_owner, &slot.tx_lock_owner})
-        word->store(0, std::memory_order_relaxed);
+    // Locks a dead member may have left held. One whose holder lives is its to release: a
+    // thread that took it after the previous socket went away (handed back, closed under it)
+    // finds that socket stale and unlocks; cleared now, that unlock would release the new
+    // socket's holder. The request lock stays with the thread that waits for our answer to
+    // kSocket.
+    const auto clear_abandoned = [](std::atomic<uint32_t> &word, std::atomic<uint32_t> &owner) {
+        const uint32_t pid = owner.load(std::memory_order_relaxed);
+        if (word.load(std::memory_order_relaxed) != 0 && pid != 0 && pid <= INT32_MAX &&
+            !(kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH))
+            return;
+        word.store(0, std::memory_order_relaxed);
+        owner.store(0, std::memory_order_relaxed);
+    };
+    clear_abandoned(slot.rx_lock, slot.rx_lock_owner);
+    clear_abandoned(slot.tx_lock, slot.tx_lock_owner);
     if (i >= s.client_slots) {
         slot.req_lock.store(0, std::memory_order_relaxed);
         slot.req_lock_owner.store(0, std::memory_order_relaxed);

@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <string>
 
@@ -647,6 +648,58 @@ int main(int argc, char **argv) {
         close(peer);
         CHECK_OR_FAIL(c.engine_alive() && saturated.running(), "(l) the session or engine ended");
         check_engine_ok(engine, good, "(l) shed hand-backs");
+    }
+    {  // (m) a socket's lock words when its slot opens again: one a live process holds (a
+       // thread that took it after the socket went away, about to find it stale and let it
+       // go) stays its own; one a dead process left held is cleared.
+        RawClient odd;
+        CHECK_OR_FAIL(odd.connect(path) == 0, "(m) hello");
+        const pid_t gone = fork();
+        if (gone == 0) _exit(0);
+        CHECK_OR_FAIL(gone > 0 && waitpid(gone, nullptr, 0) == gone, "(m) a pid that is gone");
+        // Opens a socket, marks both its locks held by `owner`, closes it, and opens the next,
+        // which takes the same slot (the last freed is reused first).
+        auto reopen = [&](pid_t owner) {
+            const int first = odd.new_socket(AF_INET);
+            CHECK_OR_FAIL(first >= 0, "(m) socket: %d", first);
+            ipc::SocketSlot &slot = odd.slot(static_cast<uint32_t>(first));
+            slot.tx_lock.store(1);
+            slot.tx_lock_owner.store(static_cast<uint32_t>(owner));
+            slot.rx_lock.store(2);  // held, with sleepers
+            slot.rx_lock_owner.store(static_cast<uint32_t>(owner));
+            CHECK_OR_FAIL(
+                odd.request_result(static_cast<uint32_t>(first), uint32_t(ipc::Op::kClose)) == 0,
+                "(m) kClose");
+            CHECK_OR_FAIL(
+                wait_until([&] { return slot.state.load() == uint32_t(ipc::SlotState::kFree); },
+                           kWaitMs),
+                "(m) the closed slot never became free");
+            const int again = odd.new_socket(AF_INET);
+            CHECK_OR_FAIL(again == first, "(m) slot %d, not the freed %d", again, first);
+            return static_cast<uint32_t>(again);
+        };
+        const uint32_t live = reopen(getpid());
+        ipc::SocketSlot &kept = odd.slot(live);
+        CHECK_OR_FAIL(kept.tx_lock.load() == 1 && kept.rx_lock.load() == 2 &&
+                          kept.tx_lock_owner.load() == uint32_t(getpid()) &&
+                          kept.rx_lock_owner.load() == uint32_t(getpid()),
+                      "(m) the locks a live process held were cleared under it");
+        kept.tx_lock.store(0);  // as its holder would
+        kept.tx_lock_owner.store(0);
+        kept.rx_lock.store(0);
+        kept.rx_lock_owner.store(0);
+        CHECK_OR_FAIL(odd.request_result(live, uint32_t(ipc::Op::kClose)) == 0, "(m) kClose");
+        CHECK_OR_FAIL(
+            wait_until([&] { return kept.state.load() == uint32_t(ipc::SlotState::kFree); },
+                       kWaitMs),
+            "(m) the closed slot never became free");
+        const uint32_t dead = reopen(gone);
+        ipc::SocketSlot &cleared = odd.slot(dead);
+        CHECK_OR_FAIL(cleared.tx_lock.load() == 0 && cleared.rx_lock.load() == 0 &&
+                          cleared.tx_lock_owner.load() == 0 && cleared.rx_lock_owner.load() == 0,
+                      "(m) the locks a dead process left held were not cleared");
+        CHECK_OR_FAIL(odd.engine_alive(), "(m) the session ended");
+        check_engine_ok(engine, good, "(m) lock words at a slot's reuse");
     }
     {  // (e) a client that connects and says nothing: dropped after 2 s, nobody waits on it
         const int silent = connect_control(path);
