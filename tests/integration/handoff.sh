@@ -286,7 +286,9 @@ shed() {
     ss -tanpH state established "( sport = :$port )" | sed 's/^/  ss under load: /'
     ((workers == 1)) || fail "shed runs with one worker"
     STATS=$(stats_now)
-    (($(stat_sum shed) == connections)) || fail "shed: the engine counts $(stat_sum shed) shed: $STATS"
+    # At least the server's: the engine asks any of its connections, the load's own two
+    # included, and one of those found idle at a call moves too (ss above counts the server's).
+    (($(stat_sum shed) >= connections)) || fail "shed: the engine counts $(stat_sum shed) shed: $STATS"
     kill -TERM "$load_pid"
     wait "$load_pid" || true
     wait_until 10 has_room || fail "shed: the engine stayed saturated: $(stats_now)"
