@@ -274,10 +274,11 @@ void Engine::log_stats() {
     log_line("engine: %zu sessions known by id", session_workers_.size());
     for (size_t k = 0; k < workers_.size(); ++k) {
         const WorkerStats &st = workers_[k]->stats();
-        char zerocopy[32] = "unsupported";
+        char zerocopy[64] = "unsupported";
         if (workers_[k]->zerocopy())
-            std::snprintf(zerocopy, sizeof(zerocopy), "%llu",
-                          static_cast<unsigned long long>(st.zerocopy_out.load()));
+            std::snprintf(zerocopy, sizeof(zerocopy), "%llu copied %llu",
+                          static_cast<unsigned long long>(st.zerocopy_out.load()),
+                          static_cast<unsigned long long>(st.zerocopy_copied.load()));
         log_line(
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "

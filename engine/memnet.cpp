@@ -22,9 +22,6 @@ namespace tcps::engine {
 namespace {
 
 constexpr uint64_t kPage = 4096;
-// Direct sends from this size on go out of the registered pages themselves (SEND_ZC): below it
-// the page pinning and the notification cost more than the copy they save.
-constexpr uint32_t kZeroCopyMinBytes = 64 * 1024;
 
 }  // namespace
 
@@ -181,9 +178,10 @@ void Worker::post_direct(Session &s, uint32_t i) {
     const uint32_t len = es.direct_len - es.direct_done;  // at most ipc::kDirectMaxLen
     uint8_t *at = es.direct_base + es.direct_done;
     const int flags = es.direct_dontwait ? MSG_DONTWAIT : 0;
-    es.direct_zc = es.direct == EngineSlot::Direct::kSend && send_zc_ && len >= kZeroCopyMinBytes;
+    // Large direct sends go out of the registered pages themselves (SEND_ZC), as --send-zc says.
+    es.direct_zc = es.direct == EngineSlot::Direct::kSend && zero_copy_allowed(es, len);
     if (es.direct_zc)
-        io_uring_prep_send_zc(sqe, es.fd, at, len, flags | MSG_NOSIGNAL, 0);
+        io_uring_prep_send_zc(sqe, es.fd, at, len, flags | MSG_NOSIGNAL, kReportZeroCopyUsage);
     else if (es.direct == EngineSlot::Direct::kSend)
         io_uring_prep_send(sqe, es.fd, at, len, flags | MSG_NOSIGNAL);
     else
@@ -201,9 +199,22 @@ void Worker::on_direct(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) 
             es.direct_zc_result = res;
             return;
         }
-        if (cqe_flags & IORING_CQE_F_NOTIF) res = es.direct_zc_result;
         es.direct_zc = false;
-        if (res > 0) stats_.zerocopy_out.fetch_add(res, std::memory_order_relaxed);
+        if (cqe_flags & IORING_CQE_F_NOTIF) {
+            const bool copied = static_cast<uint32_t>(res) & kZeroCopyCopied;
+            res = es.direct_zc_result;
+            if (copied) es.zc_copies = true;
+            if (res > 0)
+                (copied ? stats_.zerocopy_copied : stats_.zerocopy_out)
+                    .fetch_add(res, std::memory_order_relaxed);
+        } else if (res == -EINVAL) {
+            // A kernel without IORING_SEND_ZC_REPORT_USAGE (before 6.2): copy from now on.
+            log_line("worker %d: SEND_ZC refused (%s): large sends are copied", config_.index,
+                     std::strerror(EINVAL));
+            send_zc_ = false;
+            es.direct_posted = false;
+            return schedule(s, i);  // sent again, copied, on the next tick
+        }
     }
     es.direct_posted = false;
     if (es.direct == EngineSlot::Direct::kNone) return;

@@ -53,21 +53,6 @@ constexpr uint64_t kLoadWindowNs = 100'000'000;
 constexpr uint64_t kIdleRingNs = 1'000'000'000;
 // A graceful close that makes no progress for this long (the peer stopped reading) is reset.
 constexpr uint64_t kDrainTimeoutNs = 30'000'000'000ull;
-// Ring sends from this size on go zero-copy (--send-zc): below it pinning the pages and the
-// notification cost more than the copy they save (MemNet's direct sends use the same size).
-constexpr uint32_t kRingZeroCopyMinBytes = 64 * 1024;
-// Linux 6.2's uapi, which liburing 2.3's header predates: the notification's res says whether
-// the kernel copied the bytes after all.
-#ifdef IORING_SEND_ZC_REPORT_USAGE
-constexpr uint16_t kReportZeroCopyUsage = IORING_SEND_ZC_REPORT_USAGE;
-#else
-constexpr uint16_t kReportZeroCopyUsage = 1U << 3;
-#endif
-#ifdef IORING_NOTIF_USAGE_ZC_COPIED
-constexpr uint32_t kZeroCopyCopied = IORING_NOTIF_USAGE_ZC_COPIED;
-#else
-constexpr uint32_t kZeroCopyCopied = 1U << 31;
-#endif
 constexpr uint64_t kShutdownWaitNs = 500'000'000;
 // A new connection's peeked bytes are in its first, small rx ring (it grows only later).
 constexpr uint32_t kPeekMask = ipc::kRingBytes - 1;
@@ -1170,10 +1155,25 @@ void Worker::post_send(Session &s, uint32_t i) {
 // again). One such send at a time per socket: each notification then releases a known range
 // (two could arrive in either order).
 bool Worker::zero_copy_fits(const EngineSlot &es, uint32_t len, int flags) const {
-    if (!send_zc_ || config_.send_zc == SendZeroCopy::kOff || es.zc_pending ||
-        len < kRingZeroCopyMinBytes || (flags & MSG_OOB))
-        return false;
+    return !es.zc_pending && !(flags & MSG_OOB) && zero_copy_allowed(es, len);
+}
+
+// --send-zc for one send of len bytes on this socket, ring or MemNet: `auto` stops at the
+// kernel's first report that it copied anyway (loopback always does).
+bool Worker::zero_copy_allowed(const EngineSlot &es, uint32_t len) const {
+    if (!send_zc_ || config_.send_zc == SendZeroCopy::kOff || len < kZeroCopyMinBytes) return false;
     return config_.send_zc == SendZeroCopy::kAlways || !es.zc_copies;
+}
+
+// What the kernel is done with (sent, and released if it went zero-copy) is the client's to
+// write over again: publish it.
+void Worker::release_tx(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.tx_head == es.tx_sent) return;
+    es.tx_head = es.tx_sent;
+    if (es.state == ipc::SlotState::kFree) return;
+    s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
+    bump_event(s, i);
 }
 
 void Worker::on_send(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) {
@@ -1202,13 +1202,7 @@ void Worker::on_send(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags) {
         if (es.urgent_pending && static_cast<int32_t>(es.tx_sent - es.urgent_tail) >= 0)
             es.urgent_pending = false;
         es.close_progress_ns = now_ns_;
-        if (!es.zc_pending) {
-            es.tx_head = es.tx_sent;
-            if (es.state != ipc::SlotState::kFree) {
-                s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
-                bump_event(s, i);
-            }
-        }
+        if (!es.zc_pending) release_tx(s, i);
         stats_.bytes_out.fetch_add(res, std::memory_order_relaxed);
     } else if (res == 0 || res == -EAGAIN || res == -EINTR || res == -ENOBUFS || res == -ENOMEM) {
         schedule(s, i);  // transient: try again on the next tick, not in a tight loop
@@ -1233,13 +1227,7 @@ void Worker::on_send_released(Session &s, uint32_t i, int32_t usage) {
     }
     es.zc_len = 0;
     es.close_progress_ns = now_ns_;
-    if (es.tx_head != es.tx_sent) {
-        es.tx_head = es.tx_sent;
-        if (es.state != ipc::SlotState::kFree) {
-            s.region.slot(i).tx_head.store(es.tx_head, std::memory_order_release);
-            bump_event(s, i);
-        }
-    }
+    release_tx(s, i);
     if (es.state == ipc::SlotState::kClosing) return maybe_finish_close(s, i);
     post_send(s, i);
 }

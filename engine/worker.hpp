@@ -26,6 +26,22 @@
 
 namespace tcps::engine {
 
+// Sends from this size on go zero-copy (--send-zc), out of a tx ring or registered memory:
+// below it pinning the pages and the notification cost more than the copy they save.
+constexpr uint32_t kZeroCopyMinBytes = 64 * 1024;
+// Linux 6.2's uapi, which liburing 2.3's header predates: the notification's res says whether
+// the kernel copied the bytes after all.
+#ifdef IORING_SEND_ZC_REPORT_USAGE
+constexpr uint16_t kReportZeroCopyUsage = IORING_SEND_ZC_REPORT_USAGE;
+#else
+constexpr uint16_t kReportZeroCopyUsage = 1U << 3;
+#endif
+#ifdef IORING_NOTIF_USAGE_ZC_COPIED
+constexpr uint32_t kZeroCopyCopied = IORING_NOTIF_USAGE_ZC_COPIED;
+#else
+constexpr uint32_t kZeroCopyCopied = 1U << 31;
+#endif
+
 // A message between the workers that serve one family (Family, session.hpp): the home shard
 // gives accepted connections away and tells the other shards of the family's changes; a shard
 // answers, or asks the home to speak for it on a member's control connection.
@@ -85,7 +101,9 @@ struct WorkerStats {
     // MemNet: network <-> registered memory, straight (counted in bytes_in/out too).
     std::atomic<uint64_t> direct_in{0};
     std::atomic<uint64_t> direct_out{0};
-    std::atomic<uint64_t> zerocopy_out{0};  // of direct_out: sent with SEND_ZC
+    // Of direct_out: sent with SEND_ZC, and of those the bytes the kernel copied anyway.
+    std::atomic<uint64_t> zerocopy_out{0};
+    std::atomic<uint64_t> zerocopy_copied{0};
     // Sends out of the tx rings with SEND_ZC, and those the kernel reported it copied anyway.
     std::atomic<uint64_t> ring_zc_sends{0};
     std::atomic<uint64_t> ring_zc_copied{0};
@@ -235,6 +253,8 @@ class Worker {
     void on_send(Session &s, uint32_t i, int32_t res, uint32_t cqe_flags);
     void on_send_released(Session &s, uint32_t i, int32_t usage);
     bool zero_copy_fits(const EngineSlot &es, uint32_t len, int flags) const;
+    bool zero_copy_allowed(const EngineSlot &es, uint32_t len) const;
+    void release_tx(Session &s, uint32_t i);
     void on_accept(Session &s, uint32_t i, int32_t res);
     // Slot j becomes connection `fd`, accepted by `from`'s listener (here or at the home).
     void setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from);

@@ -117,9 +117,11 @@ served=$(stat_sum kernel-served)
 # Offloaded again when the load falls. A stream through the engine (tcps_test_app) keeps its
 # worker busy past --handoff-load 21 (saturated from 21% busy, no longer below 1%); the
 # server accepts its connections meanwhile (kernel sockets) and puts them in an epoll, the
-# stream ends, and once the engine has room the server's first calls on them offload them
-# again (adopt.cpp), their epoll registrations with them: the server's event loop sees every
-# byte the clients sent while they were the kernel's, and ss shows tcpsd owning them.
+# stream ends, and the server offers each to the engine again by calls on it (a getsockopt,
+# repeated until the engine has room and takes it, bounded: taking one can make the engine
+# refuse the next for a window) before its event loop reads. Each moves with its epoll
+# registrations (adopt.cpp): the event loop sees every byte the clients sent while they were
+# the kernel's, and ss shows tcpsd owning them.
 # The workers' statistics lines, freshly asked for.
 # shellcheck disable=SC2317  # called by wait_until
 stats_now() {
