@@ -283,7 +283,8 @@ void Engine::log_stats() {
             "worker %zu: sessions %llu (%llu total), sockets %llu, accepts %llu, kernel-served "
             "%llu, "
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
-            "%llu rx %llu, ring SEND_ZC sends %llu copied %llu bytes %llu, passed-on bytes parked "
+            "%llu rx %llu, receives across the wrap %llu, ring SEND_ZC sends %llu copied %llu "
+            "bytes %llu, passed-on bytes parked "
             "%llu adopted sockets %llu served %llu, "
             "live connections asked back %llu shed %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
@@ -297,6 +298,7 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.direct_out.load()), zerocopy,
             static_cast<unsigned long long>(st.tx_rings_grown.load()),
             static_cast<unsigned long long>(st.rx_rings_grown.load()),
+            static_cast<unsigned long long>(st.wrapped_recvs.load()),
             static_cast<unsigned long long>(st.ring_zc_sends.load()),
             static_cast<unsigned long long>(st.ring_zc_copied.load()),
             static_cast<unsigned long long>(st.ring_zc_bytes.load()),

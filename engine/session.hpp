@@ -3,6 +3,9 @@
 // the region is the engine's own truth, which it never reads back from shared memory.
 #pragma once
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -85,6 +88,10 @@ struct EngineSlot {
     bool urgent_stop = false;   // stopped at the urgent mark (kFlagUrgentStop)
     bool past_mark_ok = false;  // the client asked to go past it (kPastMark)
 
+    // A receive whose room wraps past the ring's end fills both parts at once (recvmsg): the
+    // kernel reads these at submission.
+    iovec rx_iov[2]{};
+    msghdr rx_msg{};
     uint32_t send_len = 0;  // bytes of the send in flight
     // SEND_ZC out of the tx ring (--send-zc): the send in flight is one; one sent and not yet
     // released (its notification, which holds tx_head back, ends it); the kernel said that it

@@ -847,11 +847,26 @@ void Worker::post_recv(Session &s, uint32_t i) {
         es.poll_events = events;
         return;
     }
+    // One receive takes all the ring's room: where the room wraps past the ring's end, both
+    // its parts, in order (two receives in flight on one stream could complete in either
+    // order, and a linked second one would leave a gap after a short first).
     const uint32_t offset = es.rx_tail & (es.rx_ring - 1);
-    const uint32_t len = std::min(es.rx_room(), es.rx_ring - offset);
+    const uint32_t room = es.rx_room();
+    const uint32_t to_end = std::min(room, es.rx_ring - offset);
+    uint8_t *ring = s.region.rx_ring(i, es.rx_ring);
     io_uring_sqe *sqe = get_sqe();
     if (!sqe) return schedule(s, i);
-    io_uring_prep_recv(sqe, es.fd, s.region.rx_ring(i, es.rx_ring) + offset, len, 0);
+    if (room > to_end) {
+        es.rx_iov[0] = {ring + offset, to_end};
+        es.rx_iov[1] = {ring, room - to_end};
+        es.rx_msg = {};
+        es.rx_msg.msg_iov = es.rx_iov;
+        es.rx_msg.msg_iovlen = 2;
+        io_uring_prep_recvmsg(sqe, es.fd, &es.rx_msg, 0);
+        stats_.wrapped_recvs.fetch_add(1, std::memory_order_relaxed);
+    } else {
+        io_uring_prep_recv(sqe, es.fd, ring + offset, to_end, 0);
+    }
     track_op(s, i, sqe, Kind::kRecv);
     es.recv_posted = true;
 }

@@ -108,6 +108,7 @@ struct WorkerStats {
     std::atomic<uint64_t> ring_zc_sends{0};
     std::atomic<uint64_t> ring_zc_copied{0};
     std::atomic<uint64_t> ring_zc_bytes{0};  // sent from the rings without a copy
+    std::atomic<uint64_t> wrapped_recvs{0};  // ring receives that filled both sides of the wrap
     std::atomic<uint64_t> violations{0};
     std::atomic<uint64_t> tx_rings_grown{0};  // tx rings the clients doubled (adopt_tx_ring)
     std::atomic<uint64_t> rx_rings_grown{0};  // rx rings we doubled (grow_rx)

@@ -63,6 +63,11 @@ total=$((2 * mib * 1024 * 1024))
 ((tx_grown >= 10)) || fail "only $tx_grown tx ring doublings (the senders' rings did not grow)"
 ((rx_grown >= 10)) || fail "only $rx_grown rx ring doublings (the engine did not grow them)"
 ((violations == 0)) || fail "the engine saw $violations protocol violations"
+# A receive whose room wraps past the ring's end fills both parts at once (recvmsg): the
+# checked bytes prove they landed where the reader looks.
+wrapped=$(field "receives across the wrap")
+log "receives across the wrap: $wrapped"
+((wrapped > 0)) || fail "no receive filled both sides of a ring's wrap"
 zc_sends=$(field "ring SEND_ZC sends")
 zc_copied=$(field "ring SEND_ZC sends [0-9]* copied")
 zc_bytes=$(field "ring SEND_ZC sends [0-9]* copied [0-9]* bytes")
