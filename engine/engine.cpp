@@ -267,6 +267,11 @@ void Engine::expire_parked(uint64_t now) {
             "dropped",
             static_cast<unsigned long long>(bytes), count,
             static_cast<unsigned long long>(kParkedLifetimeNs / 1'000'000'000));
+    if (const size_t connections = parked_connections().expire(now); connections > 0)
+        log_line(
+            "engine: %zu connections accepted on listeners passed on with SCM_RIGHTS were not "
+            "taken by the sender and never claimed by a receiver with tcps within %llu s: reset",
+            connections, static_cast<unsigned long long>(kParkedLifetimeNs / 1'000'000'000));
 }
 
 void Engine::log_stats() {
@@ -285,7 +290,8 @@ void Engine::log_stats() {
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
             "%llu rx %llu, receives across the wrap %llu, ring SEND_ZC sends %llu copied %llu "
             "bytes %llu, passed-on bytes parked "
-            "%llu adopted sockets %llu served %llu, "
+            "%llu adopted sockets %llu served %llu, listeners adopted %llu, untaken connections "
+            "parked %llu unparked %llu, "
             "live connections asked back %llu shed %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
@@ -305,6 +311,9 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.parked_bytes.load()),
             static_cast<unsigned long long>(st.adopted.load()),
             static_cast<unsigned long long>(st.unparked_bytes.load()),
+            static_cast<unsigned long long>(st.adopted_listeners.load()),
+            static_cast<unsigned long long>(st.parked_connections.load()),
+            static_cast<unsigned long long>(st.unparked_connections.load()),
             static_cast<unsigned long long>(st.shed_asked.load()),
             static_cast<unsigned long long>(st.shed.load()),
             static_cast<unsigned long long>(st.violations.load()),
@@ -606,7 +615,7 @@ int Engine::run() {
         next_deadline = std::min(next_deadline, links_.next_deadline_ns());
         next_deadline = std::min(next_deadline, next_rebalance_ns_);
         // Parked bytes expire (expire_parked): look once a second while some wait.
-        if (parked_bytes().entries() > 0)
+        if (parked_bytes().entries() > 0 || parked_connections().entries() > 0)
             next_deadline = std::min(next_deadline, monotonic_ns() + 1'000'000'000);
         int timeout_ms = -1;
         if (next_deadline != UINT64_MAX) {

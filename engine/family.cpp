@@ -105,17 +105,41 @@ void Worker::handle_message(ShardMessage &message) {
             return on_placed(live ? s : nullptr, message);
         case Type::kDrop: {
             const uint32_t j = message.slot;
-            if (!live || !s->region.mapped(j)) break;
-            const EngineSlot &conn = s->slots[j];
-            if (conn.state != ipc::SlotState::kOpen ||
-                conn.accepted_by != message.accepted.listener ||
-                conn.accepted_by_gen != message.accepted.listener_gen)
+            const bool ours = live && s->region.mapped(j) &&
+                              s->slots[j].state == ipc::SlotState::kOpen &&
+                              s->slots[j].accepted_by == message.accepted.listener &&
+                              s->slots[j].accepted_by_gen == message.accepted.listener_gen;
+            if (message.result == static_cast<int32_t>(Untaken::kPark)) {
+                // Its listener was passed on: parked for the next owner. The home waits for
+                // each answer before it answers the hand-back.
+                ShardMessage answer;
+                answer.type = Type::kParked;
+                answer.session_id = message.session_id;
+                answer.from = this;
+                answer.slot = j;
+                answer.accepted = message.accepted;
+                // 2: not a connection of that listener (the entry was the client's lie).
+                answer.result = !ours ? 2 : park_connection(*s, j, message.seq) ? 1 : 0;
+                message.from->post(std::move(answer));
                 break;
+            }
+            if (!ours) break;
             if (message.result != 0) {
                 start_close(*s, j, true);
             } else {
                 reset_in_place(*s, j);
             }
+            break;
+        }
+        case Type::kParked: {
+            if (!live) break;
+            const uint32_t i = message.accepted.listener;
+            if (!s->region.mapped(i)) break;
+            EngineSlot &listener = s->slots[i];
+            if (listener.gen != message.accepted.listener_gen || listener.parks_pending == 0) break;
+            --listener.parks_pending;
+            if (message.result == 0) ++listener.untaken_lost;
+            maybe_finish_handoff(*s, i);
             break;
         }
         case Type::kMemberEnded: {

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "identity.hpp"
+#include "parked.hpp"
 #include "quota.hpp"
 #include "worker.hpp"
 
@@ -185,6 +186,7 @@ int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
         s.listeners.push_back(i);
         // What it accepts belongs to its owner, as if the owner had accepted it.
         es.accept_personality = personality_for(es.fd);
+        socket_cookie(es.fd, es.listener_cookie);
     }
     update_kernel_mask(s, i);
     post_accept(s, i);

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstddef>
+#include <iterator>
 
 #include "quota.hpp"
 
@@ -26,7 +28,7 @@ bool int_option(int fd, int level, int name, int &value) {
 
 }  // namespace
 
-int adoptable_socket(int fd, int &family) {
+int adoptable_socket(int fd, int &family, bool &listening) {
     int type, protocol, repair;
     if (!int_option(fd, SOL_SOCKET, SO_TYPE, type) || type != SOCK_STREAM ||
         !int_option(fd, SOL_SOCKET, SO_PROTOCOL, protocol) || protocol != IPPROTO_TCP ||
@@ -35,8 +37,10 @@ int adoptable_socket(int fd, int &family) {
     tcp_info info{};
     socklen_t info_len = sizeof(info);
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) != 0 ||
-        (info.tcpi_state != TCP_ESTABLISHED && info.tcpi_state != TCP_CLOSE_WAIT))
+        (info.tcpi_state != TCP_ESTABLISHED && info.tcpi_state != TCP_CLOSE_WAIT &&
+         info.tcpi_state != TCP_LISTEN))
         return -EOPNOTSUPP;
+    listening = info.tcpi_state == TCP_LISTEN;
     char ulp[16] = {};
     socklen_t ulp_len = sizeof(ulp);
     if (getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &ulp_len) != 0 || (ulp_len > 0 && ulp[0] != 0))
@@ -102,6 +106,62 @@ size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {
 size_t ParkedBytes::entries() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return entries_.size();
+}
+
+int ParkedConnections::park(uint64_t cookie, int fd, uid_t uid, uint64_t now) {
+    if (const int rc = quotas().charge(uid, 1, 0); rc != 0) return rc;
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_[cookie].push_back(Entry{uid, now, fd});
+    ++count_;
+    return 0;
+}
+
+std::vector<int> ParkedConnections::claim(int listener) {
+    uint64_t cookie;
+    if (!socket_cookie(listener, cookie)) return {};
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = entries_.find(cookie);
+    if (found == entries_.end()) return {};
+    std::vector<int> fds;
+    for (const Entry &entry : found->second) {
+        quotas().release(entry.uid, 1, 0);
+        fds.push_back(entry.fd);
+    }
+    count_ -= found->second.size();
+    entries_.erase(found);
+    return fds;
+}
+
+size_t ParkedConnections::expire(uint64_t now) {
+    size_t expired = 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+        std::vector<Entry> &list = it->second;
+        // Parked in order, so the old ones lead.
+        size_t n = 0;
+        while (n < list.size() && now - list[n].parked_ns >= kParkedLifetimeNs) {
+            const linger abortive{1, 0};  // close() resets, as a listener's end resets its queue
+            setsockopt(list[n].fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+            close(list[n].fd);
+            quotas().release(list[n].uid, 1, 0);
+            ++n;
+        }
+        list.erase(list.begin(), list.begin() + static_cast<std::ptrdiff_t>(n));
+        expired += n;
+        count_ -= n;
+        it = list.empty() ? entries_.erase(it) : std::next(it);
+    }
+    return expired;
+}
+
+size_t ParkedConnections::entries() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return count_;
+}
+
+ParkedConnections &parked_connections() {
+    static ParkedConnections store;
+    return store;
 }
 
 ParkedBytes &parked_bytes() {

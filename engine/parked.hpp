@@ -29,10 +29,10 @@ bool socket_cookie(int fd, uint64_t &cookie);
 
 // Whether the engine can serve the kernel socket `fd` a client offers (kAdoptSocket): a TCP
 // socket of AF_INET or AF_INET6 (its family in `family`), connected (ESTABLISHED, or
-// CLOSE_WAIT: the peer's FIN is the last thing it holds), with no upper layer protocol (kTLS)
-// and not in repair mode. 0 or -EOPNOTSUPP. Looks with getsockopt() first, which answers
-// ENOTSOCK for any other file without touching it.
-int adoptable_socket(int fd, int &family);
+// CLOSE_WAIT: the peer's FIN is the last thing it holds) or listening (`listening` says
+// which), with no upper layer protocol (kTLS) and not in repair mode. 0 or -EOPNOTSUPP. Looks
+// with getsockopt() first, which answers ENOTSOCK for any other file without touching it.
+int adoptable_socket(int fd, int &family, bool &listening);
 
 class ParkedBytes {
   public:
@@ -62,5 +62,41 @@ class ParkedBytes {
 
 // The engine's one store (workers park and claim; the main thread expires).
 ParkedBytes &parked_bytes();
+
+// Connections that wait for a listener's next owner. When the application passes an offloaded
+// listener on with SCM_RIGHTS, the connections the engine had accepted and the application had
+// not taken cannot go back into the kernel's accept queue. They wait here, keyed by the
+// listener's cookie, each with its own descriptor (nothing read from it: an untaken
+// connection's first bytes were only peeked), and any bytes already received are parked for
+// it in ParkedBytes. A receiver that runs with tcps offers the listener to the engine
+// (kAdoptSocket), which publishes these in its accept ring before anything it accepts itself:
+// what Linux's shared accept queue would have given it. Holding the listener is what Linux
+// asks of accept(), and all this asks. Those nobody claims within kParkedLifetimeNs are reset,
+// as Linux resets a closed listener's queue, and said in the log.
+class ParkedConnections {
+  public:
+    // Parks connection `fd` (ours from now on) for the listener whose cookie is `cookie`,
+    // charged to `uid` (one descriptor). 0, or -errno (then `fd` is still the caller's).
+    int park(uint64_t cookie, int fd, uid_t uid, uint64_t now);
+    // The connections parked for the listener `listener` refers to, in the order they were
+    // parked, which leave the store (the caller owns the descriptors).
+    std::vector<int> claim(int listener);
+    // Resets and closes those parked before now - kParkedLifetimeNs: how many.
+    size_t expire(uint64_t now);
+    size_t entries() const;
+
+  private:
+    struct Entry {
+        uid_t uid = 0;
+        uint64_t parked_ns = 0;
+        int fd = -1;
+    };
+
+    mutable std::mutex mutex_;
+    std::map<uint64_t, std::vector<Entry>> entries_;  // by listener cookie
+    size_t count_ = 0;
+};
+
+ParkedConnections &parked_connections();
 
 }  // namespace tcps::engine

@@ -141,6 +141,12 @@ struct EngineSlot {
     bool handoff_shed = false;
     uint16_t handoff_member = kNoMember;
     uint32_t handoff_kept = 0;
+    // A listener passed on (kHandoffPark): its untaken connections are parked for its next
+    // owner (ParkedConnections) before the answer; parks_pending of them by other workers.
+    uint64_t listener_cookie = 0;  // SO_COOKIE, for a listener: another offer of it is this one
+    bool untaken_parked = false;
+    uint32_t parks_pending = 0;
+    uint32_t untaken_lost = 0;  // untaken connections that could not be parked
     // An adopted socket's parked bytes (kAdoptSocket, engine/parked.hpp): they go into the rx
     // ring, from prefix_at on, before anything is received from the kernel socket.
     std::unique_ptr<std::vector<uint8_t>> prefix;
@@ -274,6 +280,9 @@ struct AcceptedFrom {
     int rcvlowat = 1;
     uint32_t listener = 0;
     uint32_t listener_gen = 0;
+    // A connection parked when its listener was passed on (ParkedConnections): bytes received
+    // for it before may wait in ParkedBytes, and go first.
+    bool parked = false;
 };
 
 // An accepted connection the home gave to a shard (or placed itself behind such one), in

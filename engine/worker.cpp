@@ -1400,7 +1400,13 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
         if (es.state == ipc::SlotState::kClosing) maybe_finish_close(s, i);
         return;
     }
-    const uint32_t j = reserved;
+    deliver_accepted(s, i, reserved, res, false);
+    post_accept(s, i);
+}
+
+void Worker::deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool parked) {
+    EngineSlot &es = s.slots[i];
+    const int res = fd;
     // Before the accept returns, as on Linux: the family's own connect that this is settles
     // first (issue 10). Connecting sockets are the home's.
     if (!connecting_.empty()) {
@@ -1409,7 +1415,7 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
         if (getpeername(res, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
             settle_connect_of(peer, peer_len);
     }
-    const AcceptedFrom from{es.family, es.quota_uid, es.rcvlowat, i, es.gen};
+    const AcceptedFrom from{es.family, es.quota_uid, es.rcvlowat, i, es.gen, parked};
     if (s.family) {
         // The family's connections go to its workers in turn. One given away is published
         // once that worker has placed it; those accepted after it wait behind it, so that the
@@ -1445,12 +1451,11 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
             }
             s.pending_accepts.push_back(pending);
             ++es.acc_pending;
-            return post_accept(s, i);
+            return;
         }
     }
     setup_accepted(s, j, res, from);
     publish_accepted(s, i, j);
-    post_accept(s, i);
 }
 
 void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from) {
@@ -1462,9 +1467,18 @@ void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &
     // cannot pass a socket on, nor with a low-water mark above 1, which the first segment
     // might not reach while nothing more is received.
     conn.peeking = !s.remote && conn.rcvlowat <= 1;
+    if (from.parked) {
+        // Bytes its first owner's engine had taken from the kernel socket come first.
+        std::vector<uint8_t> bytes = parked_bytes().claim(fd);
+        if (!bytes.empty()) {
+            conn.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
+            conn.peeking = false;
+        }
+        stats_.unparked_connections.fetch_add(1, std::memory_order_relaxed);
+    }
     // Saturated (seed 003): the application serves this one with the kernel; accept() takes
     // its kernel socket, of which nothing was read.
-    if (!s.remote && gauge_.saturated()) {
+    if (!s.remote && gauge_.saturated() && !conn.prefix) {
         conn.kernel_served = true;
         conn.peeking = false;
         publish_flags(s, j, conn.flags | ipc::kFlagKernelServed);
@@ -1506,6 +1520,8 @@ void Worker::publish_accepts(Session &s) {
         if (same && listener.acc_pending > 0) --listener.acc_pending;
         if (same && listener.state == ipc::SlotState::kOpen) {
             publish_accepted(s, p.listener, p.slot);
+            // A listener being passed on waits for these before it parks its untaken ones.
+            if (listener.handoff_member != kNoMember) maybe_finish_handoff(s, p.listener);
         } else {
             drop_placed(s, p);  // its listener closed meanwhile: it dies with it
         }
@@ -1820,6 +1836,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     const Member &m = s.members[member];
     int result = 0;
     int family = 0;
+    bool listening = false;
     if (s.client_slots != 0) {
         if (fd >= 0) close(fd);
         return violation(s, "kAdoptSocket in a session whose client claims");
@@ -1829,9 +1846,10 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     } else if (!creds.present || creds.pid != m.creds.pid) {
         result = -EPERM;  // as kNewSocket: the socket counts against the sender's own uid
     } else {
-        result = adoptable_socket(fd, family);
+        result = adoptable_socket(fd, family, listening);
     }
-    if (result == 0 && s.family) {
+    // Listeners are the home's, as the family's own are.
+    if (result == 0 && s.family && !listening) {
         // The family's sockets go to its workers in turn, as accepted connections do.
         const auto shards = static_cast<uint32_t>(s.family->workers.size());
         for (uint32_t tries = 0; tries < shards; ++tries) {
@@ -1853,10 +1871,95 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     reply.version = ipc::kLayoutVersion;
     reply.arg = -1;
     reply.session_id = s.id;
-    if (result == 0) result = setup_adopted(s, fd, family, creds.uid, reply);
+    if (result == 0 && listening) {
+        result = setup_adopted_listener(s, fd, family, creds.uid, reply);
+        if (result == 0) fd = -1;  // the slot's, or a copy of one it has
+    } else if (result == 0) {
+        result = setup_adopted(s, fd, family, creds.uid, reply);
+    }
     reply.result = result;
     if (result != 0 && fd >= 0) close(fd);  // refused: the socket is the client's alone
     answer_adopt(s, member, reply);
+}
+
+// A listener passed on with SCM_RIGHTS (or any kernel listener a client offers): served as if
+// the client had made it here, and the connections parked for it when an engine slot handed it
+// back (ParkedConnections) come first in its accept ring. Never refused for load: a saturated
+// worker leaves the connections it accepts to the kernel anyway (handoff at accept).
+int Worker::setup_adopted_listener(Session &s, int fd, int family, uid_t uid,
+                                   ipc::ControlMessage &reply) {
+    uint64_t cookie = 0;
+    if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
+    // The family serves it already (a second descriptor of it came, or another member offered
+    // it first): one slot, so that one accept ring holds what the one kernel queue would.
+    for (const uint32_t k : s.listeners) {
+        const EngineSlot &other = s.slots[k];
+        if (other.listener_cookie == cookie && other.state == ipc::SlotState::kOpen &&
+            !other.handed_off) {
+            close(fd);
+            reply.arg = static_cast<int32_t>(k);
+            return 0;
+        }
+    }
+    // Its connections inherit the application's low-water mark (open_adopted).
+    uint32_t i = kNoSlot;
+    if (const int rc = open_adopted(s, fd, family, uid, ipc::kFlagListening, i); rc != 0) return rc;
+    EngineSlot &es = s.slots[i];
+    es.listener_cookie = cookie;
+    s.listeners.push_back(i);
+    es.accept_personality = personality_for(fd);
+    refresh_addresses(s, i, false);
+    update_kernel_mask(s, i);
+    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                 std::memory_order_release);
+    ++s.open_sockets;
+    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    stats_.adopted_listeners.fetch_add(1, std::memory_order_relaxed);
+    // The parked connections, in the order they were accepted, each in a slot of its own as
+    // an accept's would be; one there is no room for is reset, as a full queue drops.
+    uint64_t served = 0;
+    for (const int conn : parked_connections().claim(fd)) {
+        const bool charged = quotas().charge(uid, 1, kSocketBytes) == 0;
+        const uint32_t j = charged ? take_free_slot(s) : kNoSlot;
+        if (j == kNoSlot) {
+            if (charged) quotas().release(uid, 1, kSocketBytes);
+            const linger abortive{1, 0};
+            setsockopt(conn, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+            parked_bytes().claim(conn);
+            close(conn);
+            continue;
+        }
+        deliver_accepted(s, i, j, conn, true);
+        ++served;
+    }
+    reply.token = served;
+    reply.arg = static_cast<int32_t>(i);
+    post_accept(s, i);
+    return 0;
+}
+
+// A slot for the kernel socket `fd` a client offered (kAdoptSocket), charged to `uid`: in `i`,
+// or -errno. The application's low-water mark is the engine's to keep (ops.cpp); the kernel
+// socket's goes back to 1 so that receives keep filling the ring (a listener's connections
+// inherit it).
+int Worker::open_adopted(Session &s, int fd, int family, uid_t uid, uint32_t flags, uint32_t &i) {
+    if (const int rc = quotas().charge(uid, 1, kSocketBytes); rc != 0) return rc;
+    i = take_free_slot(s);
+    if (i == kNoSlot) {
+        quotas().release(uid, 1, kSocketBytes);
+        return -EMFILE;  // the family has all 2^20 of its slots
+    }
+    init_slot(s, i, fd, family, flags | ipc::kFlagBound);
+    EngineSlot &es = s.slots[i];
+    es.quota_uid = uid;
+    int lowat = 1;
+    socklen_t len = sizeof(lowat);
+    if (getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0 && lowat > 1) {
+        es.rcvlowat = lowat;
+        const int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+    }
+    return 0;
 }
 
 int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply) {
@@ -1871,24 +1974,9 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
             adopted_this_window_ >= std::max<size_t>(8, connected_.size() / 8))
             return -EBUSY;
     }
-    if (const int rc = quotas().charge(uid, 1, kSocketBytes); rc != 0) return rc;
-    const uint32_t i = take_free_slot(s);
-    if (i == kNoSlot) {
-        quotas().release(uid, 1, kSocketBytes);
-        return -EMFILE;  // the family has all 2^20 of its slots
-    }
-    init_slot(s, i, fd, family, ipc::kFlagConnected | ipc::kFlagBound);
+    uint32_t i = kNoSlot;
+    if (const int rc = open_adopted(s, fd, family, uid, ipc::kFlagConnected, i); rc != 0) return rc;
     EngineSlot &es = s.slots[i];
-    es.quota_uid = uid;
-    // The application's low-water mark is the engine's to keep (ops.cpp); the kernel
-    // socket's goes back to 1 so that receives keep filling the ring.
-    int lowat = 1;
-    socklen_t len = sizeof(lowat);
-    if (getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &lowat, &len) == 0 && lowat > 1) {
-        es.rcvlowat = lowat;
-        const int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
-    }
     std::vector<uint8_t> bytes = parked_bytes().claim(fd);
     reply.token = bytes.size();
     if (!bytes.empty()) es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
@@ -2192,6 +2280,13 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (es.recv_posted || es.accept_posted || es.watch_posted || es.peek_watch_posted ||
         es.direct_wait_posted || sending)
         return;
+    if ((es.flags & ipc::kFlagListening) && es.handoff_park) {
+        // A listener passed on: its connections accepted and not taken wait for its next
+        // owner, once those given to other workers are published in order.
+        if (es.acc_pending > 0) return;
+        if (!es.untaken_parked) park_untaken(s, i);
+        if (es.parks_pending > 0) return;
+    }
     const uint32_t member = es.handoff_member;
     es.handoff_member = kNoMember;
     const ipc::SocketSlot &shm = s.region.slot(i);
@@ -2240,7 +2335,9 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     }
     es.prefix.reset();
     const uint32_t acc_head = shm.acc_head.load(std::memory_order_acquire);
-    reply.reserved = acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head : 0;
+    reply.reserved = es.untaken_parked                       ? es.untaken_lost
+                     : acc_head_valid(acc_head, es.acc_tail) ? es.acc_tail - acc_head
+                                                             : 0;
     // The application's low-water mark, which the engine kept for it (ops.cpp), is the
     // kernel socket's from now on.
     if (es.rcvlowat != 1 || es.peek_lowat)
@@ -2627,6 +2724,68 @@ void Worker::start_close(Session &s, uint32_t i, bool reset) {
     maybe_finish_close(s, i);
 }
 
+void Worker::park_untaken(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    es.untaken_parked = true;
+    const uint32_t acc_head = s.region.slot(i).acc_head.load(std::memory_order_acquire);
+    if (!acc_head_valid(acc_head, es.acc_tail)) return;  // the client's mess: reset at close
+    for_each_untaken(s, i, acc_head, Untaken::kPark);
+    // They are the store's now (or reset): the ring has nothing left to take.
+    es.acc_head = es.acc_tail;
+}
+
+bool Worker::park_connection(Session &s, uint32_t j, uint64_t cookie) {
+    EngineSlot &conn = s.slots[j];
+    // A receive in flight that is not a peek may be taking bytes into the ring as we look
+    // (a listener with SO_RCVLOWAT above 1 does not peek): reset, as before.
+    const bool receiving = conn.recv_posted && !conn.peek_posted;
+    int copy = -1;
+    if (cookie != 0 && !receiving && !s.remote) copy = fcntl(conn.fd, F_DUPFD_CLOEXEC, 0);
+    if (copy >= 0 && !conn.peeking) {
+        // Bytes taken from the kernel socket go with it: the ring's, then what is left of
+        // bytes parked for it before (none, mostly: a peek leaves them in the kernel socket).
+        const uint32_t unread = conn.rx_tail - conn.rx_head;
+        const size_t prefix_left = conn.prefix ? conn.prefix->size() - conn.prefix_at : 0;
+        std::vector<uint8_t> bytes(unread <= conn.rx_ring ? unread : 0);
+        ipc::ring_copy_out(s.region.rx_ring(j, conn.rx_ring), conn.rx_ring, conn.rx_head,
+                           bytes.data(), static_cast<uint32_t>(bytes.size()));
+        if (prefix_left > 0)
+            bytes.insert(bytes.end(), conn.prefix->begin() + conn.prefix_at, conn.prefix->end());
+        if (!bytes.empty() &&
+            parked_bytes().park(copy, conn.quota_uid, std::move(bytes), now_ns_) != 0) {
+            close(copy);
+            copy = -1;
+        }
+    }
+    if (copy >= 0 && parked_connections().park(cookie, copy, conn.quota_uid, now_ns_) != 0) {
+        parked_bytes().claim(copy);  // dropped with it
+        close(copy);
+        copy = -1;
+    }
+    if (copy < 0) {
+        start_close(s, j, true);
+        return false;
+    }
+    // Everything it holds is still in the kernel socket, which lives on in the store: the
+    // peeked bytes stay there, its low-water mark is back at 1, and closing drops only our
+    // descriptor.
+    if (conn.peeking) {
+        conn.peeking = false;
+        conn.peeked = 0;
+        if (conn.peek_watch_posted) cancel(s, j, Kind::kPeekWatch);
+        if (conn.peek_lowat) {
+            const int one = 1;
+            setsockopt(conn.fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+            conn.peek_lowat = false;
+        }
+    }
+    conn.handed_off = true;
+    conn.prefix.reset();
+    start_close(s, j, false);
+    stats_.parked_connections.fetch_add(1, std::memory_order_relaxed);
+    return true;
+}
+
 void Worker::stop_listening(Session &s, uint32_t i) {
     for (size_t k = 0; k < s.listeners.size(); ++k) {
         if (s.listeners[k] == i) {
@@ -2639,32 +2798,39 @@ void Worker::stop_listening(Session &s, uint32_t i) {
 }
 
 void Worker::drop_untaken(Session &s, uint32_t i, bool close) {
-    const EngineSlot &es = s.slots[i];
-    const uint32_t untaken = es.acc_tail - es.acc_head;
-    if (untaken == 0) return;
+    for_each_untaken(s, i, s.slots[i].acc_head, close ? Untaken::kClose : Untaken::kReset);
+}
+
+void Worker::for_each_untaken(Session &s, uint32_t i, uint32_t from, Untaken what) {
+    EngineSlot &es = s.slots[i];
     // The ring is engine-written but in the region: each entry is checked against our own
     // record of the connection (a client that overwrote one only keeps that connection of its
     // own open until its session ends).
     const ipc::SocketSlot &listener = s.region.slot(i);
-    for (uint32_t pos = es.acc_head; pos != es.acc_tail; ++pos) {
+    for (uint32_t pos = from; pos != es.acc_tail; ++pos) {
         const uint32_t j = listener.accept_ring[pos & kAcceptMask];
         if (!s.region.mapped(j)) {
-            // Another worker's (Family): it checks the connection against its own record.
+            // Another worker's (Family): it checks the connection against its own record (and
+            // answers a park with kParked, which the hand-back waits for).
             const uint32_t owner = s.shard_of(j);
             if (owner == 0) continue;
             ShardMessage message = message_for(s, ShardMessage::Type::kDrop);
             message.slot = j;
             message.accepted.listener = i;
             message.accepted.listener_gen = es.gen;
-            message.result = close ? 1 : 0;
+            message.result = static_cast<int32_t>(what);
+            message.seq = es.listener_cookie;
             s.family->workers[owner]->post(std::move(message));
+            if (what == Untaken::kPark) ++es.parks_pending;
             continue;
         }
         const EngineSlot &conn = s.slots[j];
         if (conn.state != ipc::SlotState::kOpen || conn.accepted_by != i ||
             conn.accepted_by_gen != es.gen || conn.accept_pos != pos)
             continue;
-        if (close) {
+        if (what == Untaken::kPark) {
+            if (!park_connection(s, j, es.listener_cookie)) ++es.untaken_lost;
+        } else if (what == Untaken::kClose) {
             start_close(s, j, true);
         } else {
             reset_in_place(s, j);

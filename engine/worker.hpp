@@ -62,6 +62,9 @@ struct ShardMessage {
         kAdopt,           // home -> shard: serve kernel socket `fd` for `member` (kAdoptSocket;
                           // `accepted.family`, `accepted.quota_uid`)
         kAdopted,         // shard -> home: the answer for `member` (`reply`)
+        kParked,          // shard -> home: untaken connection `slot` of `accepted.listener`
+                          // parked (result 1), reset (0) or not its (2); answers kDrop with
+                          // result 2
     };
     Type type = Type::kEnd;
     uint32_t session_id = 0;
@@ -116,6 +119,11 @@ struct WorkerStats {
     // kernel sockets adopted (kAdoptSocket), and parked bytes those served first.
     std::atomic<uint64_t> parked_bytes{0};
     std::atomic<uint64_t> adopted{0};
+    // Listeners passed on with SCM_RIGHTS: untaken connections parked for the next owner,
+    // listeners adopted, and parked connections those published.
+    std::atomic<uint64_t> parked_connections{0};
+    std::atomic<uint64_t> adopted_listeners{0};
+    std::atomic<uint64_t> unparked_connections{0};
     std::atomic<uint64_t> unparked_bytes{0};
     // Live connections a saturated worker asked back (ipc::kFlagShed), and those the
     // application handed to its kernel (seed 003).
@@ -257,6 +265,9 @@ class Worker {
     bool zero_copy_allowed(const EngineSlot &es, uint32_t len) const;
     void release_tx(Session &s, uint32_t i);
     void on_accept(Session &s, uint32_t i, int32_t res);
+    // Connection `fd`, accepted by listener i into the reserved slot j: placed (here or at a
+    // shard) and published in accept order.
+    void deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool parked);
     // Slot j becomes connection `fd`, accepted by `from`'s listener (here or at the home).
     void setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &from);
     // Publishes connection j (any shard's) in listener i's accept ring.
@@ -305,7 +316,14 @@ class Worker {
     void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds);
     // Serves `fd` from a slot of this worker's: 0 with `reply.arg` the slot and `reply.token`
     // the parked bytes queued first, or -errno (then `fd` stays the caller's).
+    int open_adopted(Session &s, int fd, int family, uid_t uid, uint32_t flags, uint32_t &i);
     int setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply);
+    int setup_adopted_listener(Session &s, int fd, int family, uid_t uid,
+                               ipc::ControlMessage &reply);
+    // A passed-on listener's untaken connections (ParkedConnections): park_untaken() parks
+    // those here and asks the shards for theirs; park_connection() parks one.
+    void park_untaken(Session &s, uint32_t i);
+    bool park_connection(Session &s, uint32_t j, uint64_t cookie);
     // kAdopt on a shard (`s` null: the family is ending there).
     void place_adopted(Session *s, ShardMessage &message);
     // The home's answer to kAdoptSocket; a slot whose answer cannot be delivered is closed.
@@ -349,6 +367,10 @@ class Worker {
     // Connections in listener i's accept ring that the application has not taken: closed
     // (`close`), or reset but kept, since the application may still take their index.
     void drop_untaken(Session &s, uint32_t i, bool close);
+    // What becomes of a listener's accepted connections nobody took, from accept ring position
+    // `from` on (a shard's are told with kDrop, whose result is this).
+    enum class Untaken : int32_t { kReset = 0, kClose = 1, kPark = 2 };
+    void for_each_untaken(Session &s, uint32_t i, uint32_t from, Untaken what);
     void reset_in_place(Session &s, uint32_t i);
     void start_close(Session &s, uint32_t i, bool reset);
     void maybe_finish_close(Session &s, uint32_t i);

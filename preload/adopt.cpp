@@ -64,6 +64,14 @@ int adopt_socket(int fd) {
     if (fd < 0 || static_cast<size_t>(fd) >= g_fds.size() || !g_fds.get(fd).empty()) return -EBADF;
     const int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN, -1);
     if (domain != AF_INET && domain != AF_INET6) return -ENOTSOCK;  // closed, reused meanwhile
+    const bool listening = int_option(fd, SOL_SOCKET, SO_ACCEPTCONN, 0) == 1;
+    // A listener's backlog, to make it again should the engine end (TCP_INFO tells it).
+    tcp_info info{};
+    socklen_t info_len = sizeof(info);
+    const int backlog =
+        listening && real(libc.getsockopt)(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) == 0
+            ? static_cast<int>(info.tcpi_sacked)
+            : SOMAXCONN;
     // What the kernel socket holds that the shim keeps itself, before the engine changes it
     // (it keeps the low-water mark itself and puts the kernel socket's back to 1).
     const int status = real(libc.fcntl)(fd, F_GETFL);
@@ -85,14 +93,26 @@ int adopt_socket(int fd) {
         return slot;
     }
     Socket &sock = socket_state(static_cast<uint32_t>(slot));
-    const uint32_t gen = sock.generation.load() + 1;
-    sock.open(domain, status & O_NONBLOCK, gen);
-    sock.connect_state.store(kConnected);
-    sock.rcv_timeout_ns.store(rcv_timeout);
-    sock.snd_timeout_ns.store(snd_timeout);
-    sock.rcvlowat.store(rcvlowat);
-    sock.linger_reset.store(linger_reset);
-    hold_socket(static_cast<uint32_t>(slot));
+    uint32_t gen = sock.generation.load();
+    if (listening && holds_socket(static_cast<uint32_t>(slot)) && sock.refs.load() > 0) {
+        // A listener this process has already under another number (the engine serves one
+        // kernel listener with one slot): this number is a dup of that one.
+        sock.refs.fetch_add(1);
+    } else {
+        gen += 1;
+        sock.open(domain, status & O_NONBLOCK, gen);
+        if (listening) {
+            sock.listening.store(true);
+            sock.backlog.store(backlog);
+        } else {
+            sock.connect_state.store(kConnected);
+        }
+        sock.rcv_timeout_ns.store(rcv_timeout);
+        sock.snd_timeout_ns.store(snd_timeout);
+        sock.rcvlowat.store(rcvlowat);
+        sock.linger_reset.store(linger_reset);
+        if (!holds_socket(static_cast<uint32_t>(slot))) hold_socket(static_cast<uint32_t>(slot));
+    }
     // Nobody else is inside a call on this number (adopt_pending).
     if (real(libc.dup3)(placeholder, fd, (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
         const int error = errno;
@@ -254,13 +274,17 @@ bool reoffload(int fd, bool &keep) {
     return false;
 }
 
-// Whether `fd` could be a socket worth offering: TCP, AF_INET or AF_INET6, not a listener.
+// Whether `fd` could be a socket worth offering: TCP, AF_INET or AF_INET6 (a listener too:
+// connections its sender's engine had accepted wait for it, engine/parked.hpp).
 bool worth_offering(int fd) {
     const int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN, -1);
     return (domain == AF_INET || domain == AF_INET6) &&
            int_option(fd, SOL_SOCKET, SO_TYPE, -1) == SOCK_STREAM &&
-           int_option(fd, SOL_SOCKET, SO_PROTOCOL, -1) == IPPROTO_TCP &&
-           int_option(fd, SOL_SOCKET, SO_ACCEPTCONN, 1) == 0;
+           int_option(fd, SOL_SOCKET, SO_PROTOCOL, -1) == IPPROTO_TCP;
+}
+
+bool is_listener(int fd) {
+    return int_option(fd, SOL_SOCKET, SO_ACCEPTCONN, 0) == 1;
 }
 
 }  // namespace
@@ -434,7 +458,17 @@ void forget_kernel_served() {
 }
 
 void forget_all_pending() {
-    // In a forked child: the map's pages are copies; a new one is made if need be.
+    // In a forked child: the map's pages are copies; a new one is made if need be. Received
+    // listeners stay noted: a listener is shared by design (a master receives it, its forked
+    // workers accept), and whichever first uses it offers it for the family, once (the engine
+    // serves one kernel listener with one slot).
+    std::vector<int> listeners;
+    if (Entry *map = g_pending.load(std::memory_order_acquire)) {
+        const int limit = g_pending_limit.load(std::memory_order_relaxed);
+        for (int fd = 0; fd < limit; ++fd)
+            if (kind_of(map[fd].load(std::memory_order_relaxed)) == kNoted && is_listener(fd))
+                listeners.push_back(fd);
+    }
     if (Entry *map = g_pending.exchange(nullptr)) munmap(map, g_fds.size() * sizeof(Entry));
     g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -442,6 +476,7 @@ void forget_all_pending() {
     registrations_changed();
     g_pending_limit.store(0, std::memory_order_relaxed);
     g_pending_count.store(0, std::memory_order_release);
+    for (const int fd : listeners) note(fd, kNoted);
 }
 
 }  // namespace tcps::shim

@@ -233,7 +233,17 @@ void hand_back_passed_sockets(const msghdr *msg) {
     for_each_passed_fd(msg, [](int fd) {
         forget_pending(fd);  // the receiver is the one to offload it again
         SocketRef ref;
-        if (find_socket(fd, ref)) hand_back(ref, ipc::kHandoffPark);
+        if (!find_socket(fd, ref)) return;
+        if (!ref.sock->listening.load()) {
+            hand_back(ref, ipc::kHandoffPark);
+            return;
+        }
+        // A listener: the engine parks the connections it accepted and nobody took
+        // (engine/parked.hpp). accept() moves acc_head under the listener's rx lock, so none
+        // is taken here (any thread, any process of the family) while it does.
+        ref.sock->rx_lock.lock();
+        if (!hand_back(ref, ipc::kHandoffPark, [](Socket &listener) { listener.rx_lock.unlock(); }))
+            ref.sock->rx_lock.unlock();
     });
 }
 

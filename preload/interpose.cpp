@@ -252,16 +252,21 @@ TCPS_EXPORT int listen(int fd, int backlog) __THROW {
 TCPS_EXPORT int accept(int fd, sockaddr *addr, socklen_t *len) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref))
-        return finish<int>(held(ref, [&] { return op_accept(ref, addr, len, 0); }), saved);
+    if (offloaded(fd, ref)) {
+        // A listener passed on by another thread meanwhile: the kernel's accept() on it.
+        const long rc = held(ref, [&] { return op_accept(ref, addr, len, 0); });
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.accept, fd, addr, len);
 }
 
 TCPS_EXPORT int accept4(int fd, sockaddr *addr, socklen_t *len, int flags) {
     SocketRef ref;
     const int saved = errno;
-    if (offloaded(fd, ref))
-        return finish<int>(held(ref, [&] { return op_accept(ref, addr, len, flags); }), saved);
+    if (offloaded(fd, ref)) {
+        const long rc = held(ref, [&] { return op_accept(ref, addr, len, flags); });
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
     return pass(libc.accept4, fd, addr, len, flags);
 }
 

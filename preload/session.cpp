@@ -864,6 +864,11 @@ void hold_socket(uint32_t slot) {
     unlock_holds();
 }
 
+bool holds_socket(uint32_t slot) {
+    return g_region.held_word(g_member, slot).load(std::memory_order_acquire) &
+           (uint64_t{1} << (slot % 64));
+}
+
 bool unhold_socket(uint32_t slot) {
     lock_holds();
     // The mark first: if we die between the two, the socket leaks until the family ends,

@@ -184,6 +184,8 @@ void release_client_slot(uint32_t slot);
 // This process starts holding the socket in `slot` (its first fd for it): counted in the
 // slot's holders and marked in this member's record, so the engine drops the hold if we die.
 void hold_socket(uint32_t slot);
+// Whether this process holds the slot (its mark is set).
+bool holds_socket(uint32_t slot);
 // This process's last fd for it is gone. True when no process of the family holds it any
 // more: the caller closes it (kClose).
 bool unhold_socket(uint32_t slot);

@@ -510,10 +510,6 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(adopt(fds[0], slot, parked) == -EOPNOTSUPP, "(k) an AF_UNIX socket");
         close(fds[0]);
         close(fds[1]);
-        {
-            KernelListener listener;
-            CHECK_OR_FAIL(adopt(listener.fd(), slot, parked) == -EOPNOTSUPP, "(k) a listener");
-        }
         CHECK_OR_FAIL(odd.engine_alive(), "(k) refusals must not end the session");
 
         // A connection of plain kernel sockets: the engine serves its accepted end.
@@ -562,6 +558,67 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(rx_bytes(static_cast<uint32_t>(slot), 9) == "456789ABC",
                       "(k) the parked bytes did not come first");
         CHECK_OR_FAIL(odd.engine_alive(), "(k) the session ended");
+
+        // A kernel listener: served with a slot of its own; another descriptor of it gets the
+        // same slot (one accept ring for the one kernel queue).
+        KernelListener listener;
+        int32_t listener_slot = -1;
+        CHECK_OR_FAIL(
+            adopt(listener.fd(), listener_slot, parked) == 0 && listener_slot >= 0 && parked == 0,
+            "(k) adopt a listener");
+        const int listener_copy = fcntl(listener.fd(), F_DUPFD_CLOEXEC, 0);
+        CHECK_OR_FAIL(adopt(listener_copy, slot, parked) == 0 && slot == listener_slot,
+                      "(k) a second descriptor of the listener got slot %d, not %d", slot,
+                      listener_slot);
+        close(listener_copy);
+        const auto l = static_cast<uint32_t>(listener_slot);
+        int waiting[2];
+        for (int &fd : waiting) {
+            fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            CHECK_OR_FAIL(
+                fd >= 0 && connect(fd, reinterpret_cast<const sockaddr *>(&listener.address()),
+                                   sizeof(sockaddr_in)) == 0,
+                "(k) connect to the adopted listener");
+        }
+        CHECK_OR_FAIL(wait_until([&] { return odd.slot(l).acc_tail.load() == 2; }, kWaitMs),
+                      "(k) the engine did not accept on the adopted listener");
+        // A hostile accept ring: its second entry names the first adopted connection, which
+        // the listener never accepted. Passed on (kHandoffPark): the first waiting connection
+        // is parked, the forged entry is ignored (that connection goes on working), nothing
+        // is reset.
+        ipc::SocketSlot &l_shm = odd.slot(l);
+        const uint32_t forged_pos = l_shm.acc_head.load() + 1;
+        const uint32_t displaced = l_shm.accept_ring[forged_pos & (ipc::kAcceptRingEntries - 1)];
+        l_shm.accept_ring[forged_pos & (ipc::kAcceptRingEntries - 1)] = first;
+        msg.arg = listener_slot;
+        CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, nullptr, 0) == 0,
+                      "(k) kHandoff of the listener");
+        int kernel_listener = -1;
+        CHECK_OR_FAIL(
+            recv_control_within(odd.control_fd(), reply, &kernel_listener, 1, kWaitMs) == 0 &&
+                reply.type == uint32_t(ipc::ControlType::kHandoffReply) && reply.result == 0 &&
+                kernel_listener >= 0,
+            "(k) no kernel listener handed back");
+        CHECK_OR_FAIL(reply.reserved == 0, "(k) %u untaken connections lost", reply.reserved);
+        CHECK_OR_FAIL(odd.send(first, "again", 5) == 5, "(k) send on the forged entry's slot");
+        char again[5];
+        CHECK_OR_FAIL(recv(peer, again, 5, MSG_WAITALL) == 5 && std::memcmp(again, "again", 5) == 0,
+                      "(k) the connection a forged accept entry named stopped working");
+        // The next owner of the listener gets the parked one first; the displaced connection
+        // (its entry overwritten) stays the old slot's, closed with it.
+        int32_t next_listener = -1;
+        CHECK_OR_FAIL(
+            adopt(kernel_listener, next_listener, parked) == 0 && next_listener >= 0 && parked == 1,
+            "(k) the listener's next owner got %llu parked connections, not 1",
+            static_cast<unsigned long long>(parked));
+        close(kernel_listener);
+        const int unparked = odd.accept(static_cast<uint32_t>(next_listener));
+        CHECK_OR_FAIL(unparked >= 0 && static_cast<uint32_t>(unparked) != displaced,
+                      "(k) no parked connection in the new accept ring");
+        CHECK_OR_FAIL(send(waiting[0], "first", 5, MSG_NOSIGNAL) == 5, "(k) waiting client send");
+        CHECK_OR_FAIL(rx_bytes(static_cast<uint32_t>(unparked), 5) == "first",
+                      "(k) the parked connection's bytes did not arrive");
+        for (const int fd : waiting) close(fd);
         close(peer);
         check_engine_ok(engine, good, "(k) adopted sockets");
     }

@@ -497,46 +497,52 @@ std::vector<uint8_t> bytes_of(const char *text) {
 
 }  // namespace
 
-TEST_CASE("only connected TCP sockets of AF_INET/AF_INET6 are adopted", "[adopt]") {
+TEST_CASE("only connected or listening TCP sockets of AF_INET/AF_INET6 are adopted", "[adopt]") {
     int family = 0;
+    bool listening = false;
     auto [client, server] = tcp_pair();
-    CHECK(adoptable_socket(client, family) == 0);
+    CHECK(adoptable_socket(client, family, listening) == 0);
     CHECK(family == AF_INET);
-    CHECK(adoptable_socket(server, family) == 0);
+    CHECK(!listening);
+    CHECK(adoptable_socket(server, family, listening) == 0);
     // After the peer's FIN (CLOSE_WAIT) still: the FIN is the last thing it holds.
     REQUIRE(shutdown(client, SHUT_WR) == 0);
     pollfd pfd{server, POLLRDHUP, 0};
     REQUIRE(poll(&pfd, 1, 5000) == 1);
-    CHECK(adoptable_socket(server, family) == 0);
+    CHECK(adoptable_socket(server, family, listening) == 0);
     // The side that sent its FIN is not (FIN_WAIT2): its half-closed state is not a slot's.
-    CHECK(adoptable_socket(client, family) == -EOPNOTSUPP);
+    CHECK(adoptable_socket(client, family, listening) == -EOPNOTSUPP);
     close(client);
     close(server);
 
     const int listener = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
     REQUIRE(listener >= 0);
-    CHECK(adoptable_socket(listener, family) == -EOPNOTSUPP);  // never connected
+    CHECK(adoptable_socket(listener, family, listening) == -EOPNOTSUPP);  // never connected
     sockaddr_in6 any{};
     any.sin6_family = AF_INET6;
     any.sin6_addr = in6addr_loopback;
     if (bind(listener, reinterpret_cast<sockaddr *>(&any), sizeof(any)) == 0 &&
-        listen(listener, 1) == 0)
-        CHECK(adoptable_socket(listener, family) == -EOPNOTSUPP);  // a listener
+        listen(listener, 1) == 0) {
+        // A listener (passed on with SCM_RIGHTS): its queue is the application's to take.
+        CHECK(adoptable_socket(listener, family, listening) == 0);
+        CHECK(listening);
+        CHECK(family == AF_INET6);
+    }
     close(listener);
     const int udp = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    CHECK(adoptable_socket(udp, family) == -EOPNOTSUPP);
+    CHECK(adoptable_socket(udp, family, listening) == -EOPNOTSUPP);
     close(udp);
     int pair[2];
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) == 0);
-    CHECK(adoptable_socket(pair[0], family) == -EOPNOTSUPP);
+    CHECK(adoptable_socket(pair[0], family, listening) == -EOPNOTSUPP);
     close(pair[0]);
     close(pair[1]);
     int pipe_fds[2];
     REQUIRE(pipe(pipe_fds) == 0);
-    CHECK(adoptable_socket(pipe_fds[0], family) == -EOPNOTSUPP);  // ENOTSOCK, untouched
+    CHECK(adoptable_socket(pipe_fds[0], family, listening) == -EOPNOTSUPP);  // ENOTSOCK, untouched
     close(pipe_fds[0]);
     close(pipe_fds[1]);
-    CHECK(adoptable_socket(-1, family) == -EOPNOTSUPP);
+    CHECK(adoptable_socket(-1, family, listening) == -EOPNOTSUPP);
 }
 
 TEST_CASE("parked bytes go only to the very socket they were parked for", "[adopt]") {

@@ -7,7 +7,8 @@
 # that both of HAProxy's sides were tcpsd's: its listeners, the connections it accepted and the
 # connections it made to the backend (and, with the backend preloaded, the backend's ends too).
 # Then HAProxy's master-worker reload (SIGUSR2: the master re-executes itself and starts a new
-# worker that takes over the listeners) under load with no failed request, and SIGTERM, after
+# worker that takes over the listeners, passed with SCM_RIGHTS) under HTTP/1.0 and keep-alive
+# load with no failed request, the listeners offloaded again after it, and SIGTERM, after
 # which the engine holds nothing.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
@@ -152,21 +153,27 @@ start_backend preloaded
 through_both preloaded
 
 # The reload. The new master asks the old worker for the listeners (`_getsocks`) and gets them
-# with SCM_RIGHTS, so they go back to the kernel (docs/architecture.md, "fd passing"): from then
-# on the new worker accepts from kernel listeners, and its connections to the backend are still
-# tcpsd's. Connections the engine had accepted and the old worker had not taken when the
-# listener was passed cannot go back into the kernel's queue and are lost (reset), so the load
-# during the reload makes no new connection around it: 4 keep-alive clients whose connections
-# stay open until the old worker closes them (each client then retries on a new connection,
-# the race every HTTP client meets, RFC 9112 9.3.1).
-log "master-worker reload (SIGUSR2) under keep-alive load through the HTTP proxy"
+# with SCM_RIGHTS, so they go back to the kernel (docs/architecture.md, "Listeners passed on"),
+# with the connections the engine had accepted on them and the old worker had not taken parked
+# for the listener's next owner. The new master, preloaded, offers each received listener to
+# the engine at its first use; its new worker accepts through the engine, the parked ones first.
+# So connections made all through the reload lose nothing: HTTP/1.0 clients (a connection per
+# request, no retry allowed) alongside 4 keep-alive ones (whose connections the old worker
+# closes when it stops: each then retries on a new connection, the race every HTTP client
+# meets, RFC 9112 9.3.1).
+log "master-worker reload (SIGUSR2) under HTTP/1.0 and keep-alive load through the HTTP proxy"
 old_worker=$(worker_of)
 "$HTTP_CHECK" --port "$http_port" --expect "$site/f16k" --path /f16k --concurrency 4 \
     --duration-s 90 --progress-ms 100 --mode 11 --per-conn 1000000 --max-retries 100 \
     >"$dir/reload.out" 2>&1 &
 reload_pid=$!
 track "$reload_pid"
+"$HTTP_CHECK" --port "$http_port" --expect "$site/f16k" --path /f16k --concurrency 4 \
+    --duration-s 90 --progress-ms 100 --mode 10 >"$dir/reload10.out" 2>&1 &
+reload10_pid=$!
+track "$reload10_pid"
 wait_progress "$dir/reload.out" 20 200 || fail "the load through the HTTP proxy made no progress"
+wait_progress "$dir/reload10.out" 20 200 || fail "the HTTP/1.0 load through the HTTP proxy made no progress"
 kill -USR2 "$master_pid"
 new_worker() {
     local now
@@ -181,19 +188,21 @@ log "  worker $old_worker replaced by $worker"
 after=$(progress_ok "$dir/reload.out")
 wait_progress "$dir/reload.out" 30 $((after + 200)) ||
     fail "the load through the HTTP proxy stalled after the reload"
+after=$(progress_ok "$dir/reload10.out")
+wait_progress "$dir/reload10.out" 30 $((after + 200)) ||
+    fail "the HTTP/1.0 load through the HTTP proxy stalled after the reload"
 finish_load "$reload_pid" "$dir/reload.out"
+finish_load "$reload10_pid" "$dir/reload10.out"
 grep -h 'tcps:' "$dir/haproxy/stdout" | sed 's/^/  haproxy: /' || true
 if offloaded; then
-    # Each listener now belongs to the new worker alone (and never to the old one).
+    ! grep -q 'are lost' "$dir/haproxy/stdout" || fail "the reload lost connections (haproxy's stderr)"
+    # Each listener is tcpsd's again, for the new worker, and never the old one's.
     for port in "$http_port" "$tcp_port"; do
-        lines=$(ss -tlnpH "( sport = :$port )")
-        printf '%s\n' "$lines" | sed 's/^/  ss: /'
-        if ! grep -q "pid=$worker," <<<"$lines" ||
-            grep -Eq "pid=($ENGINE_PID|$old_worker)," <<<"$lines"; then
-            fail "after the reload the listener on port $port is not the new worker's kernel socket"
-        fi
+        expect_engine_listener "$port" "$worker"
+        ! grep -q "pid=$old_worker," <<<"$(ss -tlnpH "( sport = :$port )")" ||
+            fail "after the reload the old worker still holds the listener on port $port"
     done
-    log "evidence: the listeners went with SCM_RIGHTS and are the new worker's kernel sockets"
+    log "evidence: the listeners went with SCM_RIGHTS and are offloaded again in the new worker"
 fi
 log "after the reload: loads through both proxies, the backend's connections recorded"
 through_both reloaded
