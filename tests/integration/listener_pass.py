@@ -7,6 +7,10 @@ in it (HAProxy's reload passes its listeners to the new process this way).
   receiver UNIX_PATH COUNT      (under the shim) takes the two descriptors, accepts COUNT
                                 connections through the second, echoes each one's line, and
                                 says what each descriptor is (kernel socket or offloaded)
+  blocked-accept                (under the shim) a thread asleep in accept() on an offloaded
+                                listener while another passes the listener on: the sleeper goes
+                                on with the kernel's accept() and gets the next connection (it
+                                must not fail with EBADF); exits 1 if not
   clients PORT FIRST COUNT      (plain) connects COUNT clients, each sends "hello K\\n" at once
                                 and waits up to 30 s for "echo hello K\\n"; exits 1 if any did
                                 not get it (a reset: the connection was lost)
@@ -71,6 +75,48 @@ def receiver(unix_path, count):
     sys.stdin.readline()
 
 
+def blocked_accept():
+    import threading
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    print(f"listening: {kind_of(listener)}", flush=True)
+    result = {}
+
+    def sleeper():
+        try:
+            conn, _ = listener.accept()
+            result["kind"] = kind_of(conn)
+            conn.sendall(b"echo " + conn.recv(100))
+            conn.close()
+        except OSError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    # Asleep (state S) in the shim's accept(), not spinning: bounded wait.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                break
+        time.sleep(0.01)
+    else:
+        print("the accepting thread never slept", flush=True)
+        sys.exit(1)
+    # Passed on (into a socket nobody reads: the kernel listener is then this process's alone).
+    left, right = socket.socketpair()
+    left.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           array.array("i", [listener.fileno()]))])
+    print(f"passed; the listener here is now a {kind_of(listener)} socket", flush=True)
+    client = socket.create_connection(listener.getsockname(), timeout=30)
+    client.sendall(b"hello\n")
+    got = client.recv(100)
+    thread.join(30)
+    print(f"sleeper: {result}, client got {got!r}", flush=True)
+    sys.exit(0 if result.get("kind") == "kernel" and got == b"echo hello\n" else 1)
+
+
 def clients(port, first, count):
     conns = []
     for k in range(first, first + count):
@@ -106,5 +152,7 @@ if __name__ == "__main__":
         sender(sys.argv[2], sys.argv[3])
     elif mode == "receiver":
         receiver(sys.argv[2], int(sys.argv[3]))
+    elif mode == "blocked-accept":
+        blocked_accept()
     else:
         clients(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -13,7 +13,8 @@
 # ss shows tcpsd owning the listener and the accepted connections, and the counters show 4
 # parked, 4 unparked and one listener adopted. Arguments go to tcpsd (listener_pass_2_workers:
 # --cores 0,1, so the accepted connections are spread over two workers and the second one's
-# are parked through the family's home).
+# are parked through the family's home). Last, a thread asleep in accept() while another
+# passes the listener on must go on with the kernel's accept() and get the next connection.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -112,5 +113,12 @@ echo >&8
 exec 7>&- 8>&-
 wait_pid "$receiver_pid" 10 || true
 wait_pid "$sender_pid" 10 || true
+
+# A thread asleep in accept() on the listener while another thread passes it on: as on Linux,
+# the sleeper goes on waiting, now in the kernel's accept(), and gets the next connection.
+status=0
+"${PRELOAD[@]}" timeout 60 "$PYTHON" "$helper" blocked-accept >"$dir/blocked.out" 2>&1 || status=$?
+sed 's/^/  blocked accept: /' "$dir/blocked.out"
+((status == 0)) || fail "a thread asleep in accept() lost the listener passed on under it (status $status)"
 stop_engine
 log "ok: $waiting connections waiting in a passed listener reached the receiver, through the engine"
