@@ -537,6 +537,10 @@ TCPS_EXPORT int fcntl(int fd, int cmd, ...) {
         const long rc = fcntl_common(fd, cmd, arg, handled);
         if (handled) return finish<int>(rc, saved);
     }
+    // A kernel-served socket's O_NONBLOCK is read when it is offloaded again: not while this
+    // changes it (KernelCall); one offloaded meanwhile takes it through the shim.
+    const KernelCall kernel_call(cmd == F_SETFL ? fd : -1);
+    if (kernel_call.became_ours()) return fcntl(fd, cmd, arg);
     return pass(libc.fcntl, fd, cmd, arg);
 }
 
@@ -551,6 +555,8 @@ TCPS_EXPORT int fcntl64(int fd, int cmd, ...) {
         const long rc = fcntl_common(fd, cmd, arg, handled);
         if (handled) return finish<int>(rc, saved);
     }
+    const KernelCall kernel_call(cmd == F_SETFL ? fd : -1);
+    if (kernel_call.became_ours()) return fcntl64(fd, cmd, arg);
     if (!real(libc.fcntl64)) return pass(libc.fcntl, fd, cmd, arg);
     return pass(libc.fcntl64, fd, cmd, arg);
 }
