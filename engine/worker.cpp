@@ -1278,8 +1278,12 @@ bool Worker::has_free_slot(Session &s) {
 uint16_t Worker::personality_for(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return 0;
-    if (st.st_uid == geteuid() && st.st_gid == getegid()) return 0;
-    const uint64_t key = (uint64_t{st.st_uid} << 32) | st.st_gid;
+    return personality_for(st.st_uid, st.st_gid);
+}
+
+uint16_t Worker::personality_for(uid_t uid, gid_t gid) {
+    if (uid == geteuid() && gid == getegid()) return 0;
+    const uint64_t key = (uint64_t{uid} << 32) | gid;
     for (const auto &known : personalities_)
         if (known.first == key) return known.second;
     // Registered with this thread's credentials, with the owner's ids as fsuid and fsgid: the
@@ -1287,14 +1291,14 @@ uint16_t Worker::personality_for(int fd) {
     // owner (sk_uid, what ss and /proc/net/tcp show, what uid-based routing uses) and its
     // file's fsuid/fsgid (what nft's meta skuid/skgid match). Raw syscalls: glibc's wrappers
     // would change every thread of the engine.
-    const long old_uid = syscall(SYS_setfsuid, st.st_uid);
-    const long old_gid = syscall(SYS_setfsgid, st.st_gid);
+    const long old_uid = syscall(SYS_setfsuid, uid);
+    const long old_gid = syscall(SYS_setfsgid, gid);
     const int id = io_uring_register_personality(&ring_);
     syscall(SYS_setfsgid, old_gid);
     syscall(SYS_setfsuid, old_uid);
     if (id <= 0 || id > UINT16_MAX) {
-        log_line("worker %d: io_uring personality for uid %u gid %u: %s", config_.index, st.st_uid,
-                 st.st_gid, std::strerror(id < 0 ? -id : EINVAL));
+        log_line("worker %d: io_uring personality for uid %u gid %u: %s", config_.index, uid, gid,
+                 std::strerror(id < 0 ? -id : EINVAL));
         return 0;
     }
     personalities_.emplace_back(key, static_cast<uint16_t>(id));
@@ -1872,7 +1876,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     reply.arg = -1;
     reply.session_id = s.id;
     if (result == 0 && listening) {
-        result = setup_adopted_listener(s, fd, family, creds.uid, reply);
+        result = setup_adopted_listener(s, fd, family, creds, reply);
         if (result == 0) fd = -1;  // the slot's, or a copy of one it has
     } else if (result == 0) {
         result = setup_adopted(s, fd, family, creds.uid, reply);
@@ -1886,8 +1890,9 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
 // the client had made it here, and the connections parked for it when an engine slot handed it
 // back (ParkedConnections) come first in its accept ring. Never refused for load: a saturated
 // worker leaves the connections it accepts to the kernel anyway (handoff at accept).
-int Worker::setup_adopted_listener(Session &s, int fd, int family, uid_t uid,
+int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::ControlCreds &creds,
                                    ipc::ControlMessage &reply) {
+    const uid_t uid = creds.uid;
     uint64_t cookie = 0;
     if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
     // The family serves it already (a second descriptor of it came, or another member offered
@@ -1907,7 +1912,9 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, uid_t uid,
     EngineSlot &es = s.slots[i];
     es.listener_cookie = cookie;
     s.listeners.push_back(i);
-    es.accept_personality = personality_for(fd);
+    // What it accepts is the adopter's, as if it had accepted it (the kernel's accept() makes
+    // the new socket with the caller's ids, whoever made the listener).
+    es.accept_personality = personality_for(uid, creds.gid);
     refresh_addresses(s, i, false);
     update_kernel_mask(s, i);
     s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),

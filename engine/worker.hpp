@@ -318,7 +318,7 @@ class Worker {
     // the parked bytes queued first, or -errno (then `fd` stays the caller's).
     int open_adopted(Session &s, int fd, int family, uid_t uid, uint32_t flags, uint32_t &i);
     int setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply);
-    int setup_adopted_listener(Session &s, int fd, int family, uid_t uid,
+    int setup_adopted_listener(Session &s, int fd, int family, const ipc::ControlCreds &creds,
                                ipc::ControlMessage &reply);
     // A passed-on listener's untaken connections (ParkedConnections): park_untaken() parks
     // those here and asks the shards for theirs; park_connection() parks one.
@@ -349,6 +349,7 @@ class Worker {
     // The io_uring personality whose credentials own what an accept on listener `fd` creates:
     // those of the listener's owner (its socket's uid and gid), as if that owner accepted.
     uint16_t personality_for(int fd);
+    uint16_t personality_for(uid_t uid, gid_t gid);
 
     // --- slot state ---
     void init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags);

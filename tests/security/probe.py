@@ -93,7 +93,23 @@ def exhaust(port):
     signal.pause()
 
 
+def adopt_listener():
+    """A listener another user made, received with SCM_RIGHTS on stdin (a socketpair): its
+    first use offers it to the engine; one connection accepted and held."""
+    channel = socket.socket(fileno=0)
+    _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    listener = socket.socket(fileno=fds[0])
+    print("adopted", where(listener), flush=True)
+    listener.settimeout(10)
+    server, _ = listener.accept()
+    print("accepted", where(server), flush=True)
+    signal.pause()
+
+
 def main():
+    if sys.argv[1] == "adopt":
+        adopt_listener()
+        return
     mode, port = sys.argv[1], int(sys.argv[2])
     flag = len(sys.argv) > 3 and sys.argv[3] == "reuseport"
     if mode == "bind":

@@ -11,7 +11,9 @@
 #               ptrace a member (and so read its memory anyway): not by another uid
 #   owner       an offloaded socket belongs to the process's uid (ss shows it for the listener,
 #               the connection and the accepted end), and SO_REUSEPORT groups follow Linux's
-#               same-owner rule, also against native sockets: another uid gets EADDRINUSE
+#               same-owner rule, also against native sockets: another uid gets EADDRINUSE;
+#               a listener root made and passed to another uid, which offloads it: what the
+#               engine accepts on it is that uid's
 #   netns       a socket lives in its process's network namespace; binds follow that namespace's
 #               ip_unprivileged_port_start as it is at the bind; nft rules on meta skuid in it
 #               apply to offloaded sockets as to native ones
@@ -267,6 +269,38 @@ s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); print("ready", flush=True)
     expect_probe "EADDRINUSE offloaded" probe "$user" bind "$native_port" reuseport
     expect_probe "EADDRINUSE kernel" native_probe "$user" bind "$native_port" reuseport
     stop_pid "$holder"
+
+    # A listener root made, passed with SCM_RIGHTS to uid $user's process, which offloads it:
+    # what the engine accepts on it is uid $user's, as the kernel's accept() in that process
+    # would make it, not the listener maker's.
+    port=$(free_port)
+    as_user "$user"
+    "$PYTHON" -c 'import socket, subprocess, sys, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(8)
+mine, theirs = socket.socketpair()
+child = subprocess.Popen(sys.argv[2:], stdin=theirs)
+theirs.close()
+socket.send_fds(mine, [b"L"], [listener.fileno()])
+listener.close()
+client = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+print("ready", flush=True)
+time.sleep(60)' "$port" "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" \
+        "$PYTHON" "$PROBE" adopt >"$TCPS_TEST_DIR/adopt.out" 2>&1 &
+    holder=$!
+    track "$holder"
+    wait_for_line 10 "$TCPS_TEST_DIR/adopt.out" '^accepted' ||
+        fail "the adopter: $(cat "$TCPS_TEST_DIR/adopt.out")"
+    grep -q "adopted offloaded" "$TCPS_TEST_DIR/adopt.out" && grep -q "accepted offloaded" "$TCPS_TEST_DIR/adopt.out" ||
+        fail "not offloaded: $(cat "$TCPS_TEST_DIR/adopt.out")"
+    lines=$(ss -tanpeH state established "( sport = :$port )")
+    printf '  ss: %s\n' "$lines"
+    grep -q "pid=$ENGINE_PID," <<<"$lines" || fail "the accepted end is not the engine's"
+    grep -q "uid:$user " <<<"$lines" || fail "the accepted end on root's passed listener is not uid $user's"
+    log "  a passed listener offloaded by uid $user: its accepted connections are uid $user's"
+    stop_pid "$holder"
+    pkill -f "$PROBE adopt" 2>/dev/null || true
     stop_root_engine
 }
 
