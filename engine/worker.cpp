@@ -882,6 +882,9 @@ bool Worker::grow_rx(Session &s, uint32_t i) {
     // Full at its whole size: so past the last doubling's limit, whose readers of an older size
     // a second doubling could no longer spare (ipc::ring_room).
     if (es.rx_tail - es.rx_head < es.rx_ring) return false;
+    // A member that cannot map the bulk rings could not read a grown ring (client-written:
+    // a lie only keeps this family's rings small).
+    if (s.region.header().bulk_refused.load(std::memory_order_relaxed) != 0) return false;
     const uint32_t bigger = es.rx_ring * 2;
     if (!map_bulk(s, i >> ipc::kChunkShift)) return false;
     if (quotas().charge(es.quota_uid, 0, bigger - es.rx_ring) != 0) return false;

@@ -495,11 +495,16 @@ struct alignas(kPageSize) RegionHeader {
 
     // --- line 2: written by the client ---
     std::atomic<uint32_t> waiters_armed;  // a hint: the engine scans waiters only if non-zero
-    uint32_t reserved2[15];
+    // Non-zero once a member could not map a chunk's bulk rings (its address space is limited,
+    // RLIMIT_AS): the engine grows no rx ring of this family from then on, since that member
+    // could not read it. Each member maps them as it maps the chunk, so before it reads there.
+    std::atomic<uint32_t> bulk_refused;
+    uint32_t reserved2[14];
 };
 static_assert(sizeof(RegionHeader) == kPageSize, "the header is one page");
 static_assert(offsetof(RegionHeader, engine_alive) == kCacheLine, "engine line");
 static_assert(offsetof(RegionHeader, waiters_armed) == 2 * kCacheLine, "client line");
+static_assert(offsetof(RegionHeader, bulk_refused) == 2 * kCacheLine + 4, "client line");
 
 // --- region map: all offsets derive from the constants, never from the region itself ---
 constexpr size_t align_up(size_t value, size_t alignment) {

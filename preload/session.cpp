@@ -218,11 +218,28 @@ int dial_engine(const char *&why) {
 
 // Maps chunk `k` of the region (memfd `memfd`) and its sockets' client state, whose locks
 // are words in the region shared with the whole family. Under g_chunk_mutex.
+// Maps chunk `k`'s bulk rings (16 GiB of address space). Under g_chunk_mutex.
+bool map_bulk_locked(uint32_t k, int memfd) {
+    if (g_region.bulk(k)) return true;
+    if (g_region.header().ring_max_bytes <= ipc::kRingBytes) return false;  // a relay's: none
+    void *bulk = mmap(nullptr, ipc::kChunkBulkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
+                      static_cast<off_t>(ipc::chunk_offset(k) + ipc::kChunkBulkOffset));
+    if (bulk == MAP_FAILED) return false;
+    g_region.bulks[k].store(static_cast<uint8_t *>(bulk), std::memory_order_release);
+    return true;
+}
+
 bool map_chunk_locked(uint32_t k, int memfd) {
     if (g_region.chunk(k)) return true;
     void *chunk = mmap(nullptr, ipc::kChunkBulkOffset, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
                        static_cast<off_t>(ipc::chunk_offset(k)));
     if (chunk == MAP_FAILED) return false;
+    // The bulk rings now, before any of the chunk's slots is used: a process whose address
+    // space cannot hold them says so, and the engine then grows none of the family's rx rings
+    // (it could not read them; Linux's recv() never fails for want of address space).
+    if (g_region.base && g_region.header().ring_max_bytes > ipc::kRingBytes &&
+        !map_bulk_locked(k, memfd))
+        g_region.header().bulk_refused.store(1, std::memory_order_relaxed);
     Socket *states = g_socket_chunks[k].load(std::memory_order_relaxed);
     if (!states) {
         void *memory = mmap(nullptr, sizeof(Socket) * ipc::kChunkSlots, PROT_READ | PROT_WRITE,
@@ -711,14 +728,7 @@ bool map_slot(uint32_t slot) {
 bool map_bulk(uint32_t k) {
     if (g_region.bulk(k)) return true;
     lock_flagged(g_chunk_mutex, tl_in_chunks);
-    bool ok = g_region.bulk(k) != nullptr;
-    if (!ok && g_region.header().ring_max_bytes > ipc::kRingBytes) {
-        void *bulk =
-            mmap(nullptr, ipc::kChunkBulkBytes, PROT_READ | PROT_WRITE, MAP_SHARED, g_memfd.load(),
-                 static_cast<off_t>(ipc::chunk_offset(k) + ipc::kChunkBulkOffset));
-        ok = bulk != MAP_FAILED;
-        if (ok) g_region.bulks[k].store(static_cast<uint8_t *>(bulk), std::memory_order_release);
-    }
+    const bool ok = map_bulk_locked(k, g_memfd.load());
     unlock_flagged(g_chunk_mutex, tl_in_chunks);
     return ok;
 }

@@ -84,5 +84,25 @@ else
         fail "$zc_sends ring sends went with SEND_ZC (auto: one or so per direction on loopback)"
     ((zc_copied == zc_sends)) || fail "only $zc_copied of $zc_sends loopback SEND_ZCs reported copied"
 fi
+
+# A process whose address space cannot hold the bulk rings (RLIMIT_AS): it says so when it maps
+# a chunk, and no ring of its family grows (its recv() must never fail with ENOMEM, which Linux's
+# never does for want of address space); the stream goes through the small rings, every byte
+# checked. Only the default run: the others test the same rings.
+if (($# == 0)) && command -v prlimit >/dev/null; then
+    "${PRELOAD[@]}" prlimit --as=$((4 << 30)) timeout 120 "$app" stream 32 >"$dir/limited.out" 2>&1 || {
+        status=$?
+        sed 's/^/  /' "$dir/limited.out"
+        fail "the stream with a 4 GiB address space failed (status $status)"
+    }
+    sed 's/^/  /' "$dir/limited.out"
+    wait_until 10 closed_and_reported || fail "the engine still holds sockets: $(stats_lines)"
+    lines=$(stats_lines)
+    limited_tx=$(($(field "rings grown tx") - tx_grown))
+    limited_rx=$(($(field "rings grown tx [0-9]* rx") - rx_grown))
+    ((limited_tx == 0 && limited_rx == 0)) ||
+        fail "rings grew for a process that cannot map them: $limited_tx tx, $limited_rx rx"
+    log "ok: 32 MiB each way through the small rings of a process limited to 4 GiB of address space"
+fi
 stop_engine
 log "ok: $mib MiB each way through growing rings, $tx_grown tx and $rx_grown rx doublings"
