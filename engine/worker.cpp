@@ -1503,7 +1503,8 @@ void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &
     post_recv(s, j);
     ++s.open_sockets;
     stats_.sockets.fetch_add(1, std::memory_order_relaxed);
-    stats_.accepts.fetch_add(1, std::memory_order_relaxed);
+    // A parked one was counted when it was first accepted (unparked counts it again).
+    if (!from.parked) stats_.accepts.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Worker::publish_accepted(Session &s, uint32_t i, uint32_t j) {

@@ -239,7 +239,7 @@ int main(int argc, char **argv) {
     // the engine, once the first is queued the engine stops filling the rx ring, so the rest
     // lands in the buffer straight from the kernel socket (memnet.sh counts it in the engine's
     // direct bytes). The jobs ask for no more than the stream has left, so none stays posted.
-    constexpr size_t kStream = 4u << 20;
+    constexpr size_t kStream = 16u << 20;
     constexpr size_t kJobBytes = 64 * 1024;
     constexpr int kAhead = 4;
     std::vector<uint8_t> stream(kStream);
@@ -276,7 +276,7 @@ int main(int argc, char **argv) {
     }
     streamer.join();
     check(ok && intact && same && promised == 0,
-          "async_recv ahead received a 4 MiB stream, every byte in order");
+          "async_recv ahead received a 16 MiB stream, every byte in order");
 
     // Receives posted ahead while bytes wait to be read, then more bytes, and the jobs waited
     // for last first: the waiting bytes go to the first jobs and what comes after them to the
