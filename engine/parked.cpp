@@ -116,9 +116,7 @@ int ParkedConnections::park(uint64_t cookie, int fd, uid_t uid, uint64_t now) {
     return 0;
 }
 
-std::vector<int> ParkedConnections::claim(int listener) {
-    uint64_t cookie;
-    if (!socket_cookie(listener, cookie)) return {};
+std::vector<int> ParkedConnections::claim(uint64_t cookie) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto found = entries_.find(cookie);
     if (found == entries_.end()) return {};

@@ -78,9 +78,9 @@ class ParkedConnections {
     // Parks connection `fd` (ours from now on) for the listener whose cookie is `cookie`,
     // charged to `uid` (one descriptor). 0, or -errno (then `fd` is still the caller's).
     int park(uint64_t cookie, int fd, uid_t uid, uint64_t now);
-    // The connections parked for the listener `listener` refers to, in the order they were
-    // parked, which leave the store (the caller owns the descriptors).
-    std::vector<int> claim(int listener);
+    // The connections parked for the listener whose cookie is `cookie`, in the order they
+    // were parked, which leave the store (the caller owns the descriptors).
+    std::vector<int> claim(uint64_t cookie);
     // Resets and closes those parked before now - kParkedLifetimeNs: how many.
     size_t expire(uint64_t now);
     size_t entries() const;

@@ -1901,36 +1901,45 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::Co
     if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
     // The family serves it already (a second descriptor of it came, or another member offered
     // it first): one slot, so that one accept ring holds what the one kernel queue would.
+    uint32_t i = kNoSlot;
     for (const uint32_t k : s.listeners) {
         const EngineSlot &other = s.slots[k];
         if (other.listener_cookie == cookie && other.state == ipc::SlotState::kOpen &&
-            !other.handed_off) {
-            close(fd);
-            reply.arg = static_cast<int32_t>(k);
-            return 0;
-        }
+            !other.handed_off)
+            i = k;
     }
-    // Its connections inherit the application's low-water mark (open_adopted).
-    uint32_t i = kNoSlot;
-    if (const int rc = open_adopted(s, fd, family, uid, ipc::kFlagListening, i); rc != 0) return rc;
-    EngineSlot &es = s.slots[i];
-    es.listener_cookie = cookie;
-    s.listeners.push_back(i);
-    // What it accepts is the adopter's, as if it had accepted it (the kernel's accept() makes
-    // the new socket with the caller's ids, whoever made the listener).
-    es.accept_personality = personality_for(uid, creds.gid);
-    refresh_addresses(s, i, false);
-    update_kernel_mask(s, i);
-    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                 std::memory_order_release);
-    ++s.open_sockets;
-    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
-    stats_.adopted_listeners.fetch_add(1, std::memory_order_relaxed);
+    if (i != kNoSlot) {
+        close(fd);
+    } else {
+        // Its connections inherit the application's low-water mark (open_adopted).
+        if (const int rc = open_adopted(s, fd, family, uid, ipc::kFlagListening, i); rc != 0)
+            return rc;
+        EngineSlot &es = s.slots[i];
+        es.listener_cookie = cookie;
+        s.listeners.push_back(i);
+        // What it accepts is the adopter's, as if it had accepted it (the kernel's accept()
+        // makes the new socket with the caller's ids, whoever made the listener).
+        es.accept_personality = personality_for(uid, creds.gid);
+        refresh_addresses(s, i, false);
+        update_kernel_mask(s, i);
+        s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                     std::memory_order_release);
+        ++s.open_sockets;
+        stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+        stats_.adopted_listeners.fetch_add(1, std::memory_order_relaxed);
+    }
     // The parked connections, in the order they were accepted, each in a slot of its own as
     // an accept's would be; one there is no room for is reset, as a full queue drops.
     uint64_t served = 0;
-    for (const int conn : parked_connections().claim(fd)) {
-        const bool charged = quotas().charge(uid, 1, kSocketBytes) == 0;
+    const EngineSlot &listener = s.slots[i];
+    const ipc::SocketSlot &listener_shm = s.region.slot(i);
+    for (const int conn : parked_connections().claim(cookie)) {
+        // Room in its accept ring (a listener the family served already may hold some).
+        const uint32_t acc_head = listener_shm.acc_head.load(std::memory_order_acquire);
+        const bool room =
+            acc_head_valid(acc_head, listener.acc_tail) &&
+            listener.acc_tail + listener.acc_pending - acc_head < ipc::kAcceptRingEntries;
+        const bool charged = room && quotas().charge(uid, 1, kSocketBytes) == 0;
         const uint32_t j = charged ? take_free_slot(s) : kNoSlot;
         if (j == kNoSlot) {
             if (charged) quotas().release(uid, 1, kSocketBytes);

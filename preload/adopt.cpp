@@ -94,7 +94,10 @@ int adopt_socket(int fd) {
     }
     Socket &sock = socket_state(static_cast<uint32_t>(slot));
     uint32_t gen = sock.generation.load();
-    if (listening && holds_socket(static_cast<uint32_t>(slot)) && sock.refs.load() > 0) {
+    bool took_hold = false;
+    const bool joined =
+        listening && holds_socket(static_cast<uint32_t>(slot)) && sock.refs.load() > 0;
+    if (joined) {
         // A listener this process has already under another number (the engine serves one
         // kernel listener with one slot): this number is a dup of that one.
         sock.refs.fetch_add(1);
@@ -111,16 +114,23 @@ int adopt_socket(int fd) {
         sock.snd_timeout_ns.store(snd_timeout);
         sock.rcvlowat.store(rcvlowat);
         sock.linger_reset.store(linger_reset);
-        if (!holds_socket(static_cast<uint32_t>(slot))) hold_socket(static_cast<uint32_t>(slot));
+        if (!holds_socket(static_cast<uint32_t>(slot))) {
+            hold_socket(static_cast<uint32_t>(slot));
+            took_hold = true;
+        }
     }
     // Nobody else is inside a call on this number (adopt_pending).
     if (real(libc.dup3)(placeholder, fd, (fd_flags & FD_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
         const int error = errno;
         real(libc.close)(placeholder);
-        // Still the kernel socket here: the engine lets go of its descriptor. Parked bytes it
-        // had queued for us would be lost: say so.
-        if (unhold_socket(static_cast<uint32_t>(slot)))
+        // Still the kernel socket here: the engine lets go of its descriptor (not of a
+        // listener this process holds under another number). Parked bytes it had queued for
+        // us would be lost: say so.
+        if (joined) {
+            sock.refs.fetch_sub(1);
+        } else if (took_hold && unhold_socket(static_cast<uint32_t>(slot))) {
             request_close(static_cast<uint32_t>(slot), false);
+        }
         if (parked > 0) {
             char line[160];
             const int n = std::snprintf(line, sizeof(line),

@@ -216,8 +216,6 @@ int dial_engine(const char *&why) {
     return sock;
 }
 
-// Maps chunk `k` of the region (memfd `memfd`) and its sockets' client state, whose locks
-// are words in the region shared with the whole family. Under g_chunk_mutex.
 // Maps chunk `k`'s bulk rings (16 GiB of address space). Under g_chunk_mutex.
 bool map_bulk_locked(uint32_t k, int memfd) {
     if (g_region.bulk(k)) return true;
@@ -229,6 +227,8 @@ bool map_bulk_locked(uint32_t k, int memfd) {
     return true;
 }
 
+// Maps chunk `k` of the region (memfd `memfd`) and its sockets' client state, whose locks
+// are words in the region shared with the whole family. Under g_chunk_mutex.
 bool map_chunk_locked(uint32_t k, int memfd) {
     if (g_region.chunk(k)) return true;
     void *chunk = mmap(nullptr, ipc::kChunkBulkOffset, PROT_READ | PROT_WRITE, MAP_SHARED, memfd,
