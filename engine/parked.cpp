@@ -138,9 +138,7 @@ size_t ParkedConnections::expire(uint64_t now) {
         // Parked in order, so the old ones lead.
         size_t n = 0;
         while (n < list.size() && now - list[n].parked_ns >= kParkedLifetimeNs) {
-            const linger abortive{1, 0};  // close() resets, as a listener's end resets its queue
-            setsockopt(list[n].fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
-            close(list[n].fd);
+            reset_parked_connection(list[n].fd);
             quotas().release(list[n].uid, 1, 0);
             ++n;
         }
@@ -155,6 +153,13 @@ size_t ParkedConnections::expire(uint64_t now) {
 size_t ParkedConnections::entries() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return count_;
+}
+
+void reset_parked_connection(int fd) {
+    parked_bytes().claim(fd);
+    const linger abortive{1, 0};  // close() sends RST
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+    close(fd);
 }
 
 ParkedConnections &parked_connections() {

@@ -99,4 +99,8 @@ class ParkedConnections {
 
 ParkedConnections &parked_connections();
 
+// Resets and closes a parked connection nobody will serve (bytes parked for it go too), as
+// Linux resets the connections of a listener's queue that nobody takes.
+void reset_parked_connection(int fd);
+
 }  // namespace tcps::engine

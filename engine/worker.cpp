@@ -1413,13 +1413,12 @@ void Worker::on_accept(Session &s, uint32_t i, int32_t res) {
 
 void Worker::deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool parked) {
     EngineSlot &es = s.slots[i];
-    const int res = fd;
     // Before the accept returns, as on Linux: the family's own connect that this is settles
     // first (issue 10). Connecting sockets are the home's.
     if (!connecting_.empty()) {
         sockaddr_storage peer;
         socklen_t peer_len = sizeof(peer);
-        if (getpeername(res, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
+        if (getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0)
             settle_connect_of(peer, peer_len);
     }
     const AcceptedFrom from{es.family, es.quota_uid, es.rcvlowat, i, es.gen, parked};
@@ -1445,14 +1444,14 @@ void Worker::deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool p
             pending.listener_gen = es.gen;
             pending.from = from;
             if (shard == 0) {
-                setup_accepted(s, j, res, from);
+                setup_accepted(s, j, fd, from);
                 pending.slot = j;
                 pending.placed = true;
             } else {
                 pending.fallback = j;
                 ShardMessage message = message_for(s, ShardMessage::Type::kAccepted);
                 message.seq = pending.seq;
-                message.fd = res;
+                message.fd = fd;
                 message.accepted = from;
                 s.family->workers[shard]->post(std::move(message));
             }
@@ -1461,7 +1460,7 @@ void Worker::deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool p
             return;
         }
     }
-    setup_accepted(s, j, res, from);
+    setup_accepted(s, j, fd, from);
     publish_accepted(s, i, j);
 }
 
@@ -1943,10 +1942,7 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::Co
         const uint32_t j = charged ? take_free_slot(s) : kNoSlot;
         if (j == kNoSlot) {
             if (charged) quotas().release(uid, 1, kSocketBytes);
-            const linger abortive{1, 0};
-            setsockopt(conn, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
-            parked_bytes().claim(conn);
-            close(conn);
+            reset_parked_connection(conn);
             continue;
         }
         deliver_accepted(s, i, j, conn, true);
