@@ -292,7 +292,8 @@ void Engine::log_stats() {
             "bytes %llu, passed-on bytes parked "
             "%llu adopted sockets %llu served %llu, listeners adopted %llu, untaken connections "
             "parked %llu unparked %llu, "
-            "live connections asked back %llu shed %llu, violations %llu, busy %llu%%%s%s",
+            "live connections asked back %llu shed %llu, listener twins %llu steered to %llu "
+            "ready %llu parked %llu, violations %llu, busy %llu%%%s%s",
             k, static_cast<unsigned long long>(st.sessions.load()),
             static_cast<unsigned long long>(st.sessions_total.load()),
             static_cast<unsigned long long>(st.sockets.load()),
@@ -316,6 +317,10 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.unparked_connections.load()),
             static_cast<unsigned long long>(st.shed_asked.load()),
             static_cast<unsigned long long>(st.shed.load()),
+            static_cast<unsigned long long>(st.twins.load()),
+            static_cast<unsigned long long>(st.twin_steers.load()),
+            static_cast<unsigned long long>(st.twin_ready.load()),
+            static_cast<unsigned long long>(st.twin_parked.load()),
             static_cast<unsigned long long>(st.violations.load()),
             static_cast<unsigned long long>(st.load_percent.load()),
             workers_[k]->saturated() ? " (saturated)" : "",

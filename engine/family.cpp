@@ -182,8 +182,7 @@ void Worker::handle_message(ShardMessage &message) {
             break;
         case Type::kHandoff:
             if (live && message.member < ipc::kMaxMembers)
-                start_handoff(*s, message.member, static_cast<int32_t>(message.slot),
-                              message.seq & ipc::kHandoffPark, message.seq & ipc::kHandoffShed);
+                start_handoff(*s, message.member, static_cast<int32_t>(message.slot), message.seq);
             break;
         case Type::kAdopt:
             place_adopted(live && message.member < ipc::kMaxMembers ? s : nullptr, message);

@@ -62,16 +62,11 @@ int read_port_start_here() {
 
 }  // namespace
 
-int create_socket_as(int family, uid_t uid, gid_t gid, pid_t pid) {
-    char path[64];
-    std::snprintf(path, sizeof(path), "/proc/%d/ns/net", pid);
-    const ino_t theirs = ns_inode(path);
-    if (theirs == 0) return -ESRCH;
-    int netns = -1;
-    if (theirs != ns_inode("/proc/thread-self/ns/net")) {
-        netns = open(path, O_RDONLY | O_CLOEXEC);
-        if (netns < 0) return -ESRCH;
-    }
+namespace {
+
+// A non-blocking TCP socket owned by uid/gid, in the network namespace `netns` (an nsfs fd; -1:
+// this thread's own).
+int create_socket_in(int netns, int family, uid_t uid, gid_t gid) {
     // fsuid/fsgid become the socket inode's owner (sock_alloc) and the file's credentials.
     // Raw syscalls: glibc's setfsuid() is per thread too, but say so plainly.
     const long old_uid = syscall(SYS_setfsuid, uid);
@@ -82,16 +77,45 @@ int create_socket_as(int family, uid_t uid, gid_t gid, pid_t pid) {
         if (fd < 0) error = errno;
     };
     bool entered = true;
-    if (netns >= 0) {
+    if (netns >= 0)
         entered = in_netns(netns, make);
-        close(netns);
-    } else {
+    else
         make();
-    }
     syscall(SYS_setfsgid, old_gid);
     syscall(SYS_setfsuid, old_uid);
     if (!entered) return -EPERM;
     return fd >= 0 ? fd : -error;
+}
+
+}  // namespace
+
+int create_socket_as(int family, uid_t uid, gid_t gid, pid_t pid) {
+    char path[64];
+    std::snprintf(path, sizeof(path), "/proc/%d/ns/net", pid);
+    const ino_t theirs = ns_inode(path);
+    if (theirs == 0) return -ESRCH;
+    int netns = -1;
+    if (theirs != ns_inode("/proc/thread-self/ns/net")) {
+        netns = open(path, O_RDONLY | O_CLOEXEC);
+        if (netns < 0) return -ESRCH;
+    }
+    const int fd = create_socket_in(netns, family, uid, gid);
+    if (netns >= 0) close(netns);
+    return fd;
+}
+
+int create_socket_like(int fd, int family) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -errno;
+    int netns = ioctl(fd, SIOCGSKNS);
+    if (netns < 0) return -errno;
+    if (fd_inode(netns) == ns_inode("/proc/thread-self/ns/net")) {
+        close(netns);
+        netns = -1;
+    }
+    const int made = create_socket_in(netns, family, st.st_uid, st.st_gid);
+    if (netns >= 0) close(netns);
+    return made;
 }
 
 int unprivileged_port_start_of(int fd) {

@@ -17,6 +17,9 @@ namespace tcps::engine {
 // Changes only this thread's credentials and namespace, and puts both back.
 int create_socket_as(int family, uid_t uid, gid_t gid, pid_t pid);
 
+// The same for a socket like `fd`: its owner, its network namespace. The fd, or -errno.
+int create_socket_like(int fd, int family);
+
 // The ip_unprivileged_port_start of the network namespace socket `fd` lives in, read now.
 int unprivileged_port_start_of(int fd);
 

@@ -179,7 +179,19 @@ int Worker::op_bind(Session &s, uint32_t i, const ipc::Request &req) {
 
 int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
     EngineSlot &es = s.slots[i];
-    if (listen(es.fd, req.arg0) != 0) return -errno;
+    const bool twin = prepare_twin(s, i);
+    if (listen(es.fd, req.arg0) != 0) {
+        const int error = errno;
+        if (twin) {
+            const int off = 0;
+            setsockopt(es.fd, SOL_SOCKET, SO_REUSEPORT, &off, sizeof(off));
+        }
+        return -error;
+    }
+    if (twin)
+        make_twin(s, i, req.arg0);
+    else if (es.twin_fd >= 0)
+        listen(es.twin_fd, req.arg0);  // a new backlog: for both
     refresh_addresses(s, i, false);
     if (!(es.flags & ipc::kFlagListening)) {
         publish_flags(s, i, es.flags | ipc::kFlagListening | ipc::kFlagBound);
@@ -333,6 +345,7 @@ int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
         case OptionAction::kRefuse:
             return decision.error;
         case OptionAction::kEngineOnly: {
+            note_listener_option(s, i, level, optname, req.opt, req.opt_len);
             // SO_RCVLOWAT. The kernel socket computes Linux's value (negative: INT_MAX, 0: 1,
             // at most half the receive buffer) and applies its side effect (a larger
             // SO_RCVBUF); then it goes back to 1, so that the engine's receives keep filling
@@ -347,6 +360,7 @@ int Worker::op_setsockopt(Session &s, uint32_t i, const ipc::Request &req) {
         case OptionAction::kKernel:
             break;
     }
+    note_listener_option(s, i, level, optname, req.opt, req.opt_len);
     if (setsockopt(es.fd, level, optname, req.opt, req.opt_len) != 0) return -errno;
     return 0;
 }
@@ -368,6 +382,8 @@ int Worker::op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8
             value = es.rcvlowat;
             break;
         case GetOptionAction::kKernel: {
+            // The twin's group is the engine's doing, not the application's.
+            if (es.twin_fd >= 0 && req.arg0 == SOL_SOCKET && req.arg1 == SO_REUSEPORT) break;
             uint8_t buffer[ipc::kOptMax] = {};
             // Some options read input from the buffer (the client's opt bytes).
             std::memcpy(buffer, req.opt, std::min<uint32_t>(req.opt_len, ipc::kOptMax));

@@ -116,6 +116,7 @@ class LoadGauge {
     // One window: busy_ns of window_ns worked. Returns saturated().
     bool update(uint64_t busy_ns, uint64_t window_ns);
     bool saturated() const { return saturated_; }
+    bool enabled() const { return high_ >= 0; }
     // Whether it may take more work from the kernel (connections offloaded again): the last
     // window was under the low mark (`high_percent - 20`), so that what it takes back does not
     // push it over the high one at once and shed them again (no ping-pong).

@@ -39,6 +39,13 @@ struct AddressKeyHash {
 bool address_key(const void *addr, uint32_t len, AddressKey &key);
 
 // The engine's view of one socket slot.
+// An option the application set on a listener, for its twin (engine/twin.cpp).
+struct ListenerOption {
+    int level = 0;
+    int name = 0;
+    std::vector<uint8_t> value;
+};
+
 struct EngineSlot {
     int fd = -1;
     uint32_t gen = 0;  // incarnation: bumped each time the slot opens, part of user_data
@@ -147,6 +154,16 @@ struct EngineSlot {
     bool untaken_parked = false;
     uint32_t parks_pending = 0;
     uint32_t untaken_lost = 0;  // untaken connections that could not be parked
+    // Seed 003's handoff at accept without a round trip (engine/twin.cpp, --handoff-load): the
+    // listener's twin, a kernel listener of its owner's on the same address in one
+    // SO_REUSEPORT group with fd; a classic BPF program on the group sends new connections to
+    // the twin while the worker is saturated, and the application accepts them from it.
+    int twin_fd = -1;
+    bool twin_steered = false;       // the program picks the twin now
+    bool twin_watch_posted = false;  // Kind::kTwinWatch in flight
+    uint32_t twin_drained = 0;       // SocketSlot::twin_drained as last seen
+    // What the application set on the listener (with --handoff-load): its twin gets the same.
+    std::unique_ptr<std::vector<ListenerOption>> listener_options;
     // An adopted socket's parked bytes (kAdoptSocket, engine/parked.hpp): they go into the rx
     // ring, from prefix_at on, before anything is received from the kernel socket.
     std::unique_ptr<std::vector<uint8_t>> prefix;

@@ -244,6 +244,7 @@ void Worker::run() {
                                      : "saturated: new connections stay with the kernel, some "
                                        "live ones are asked back");
             adopted_this_window_ = 0;
+            if (now_saturated != was) steer_twins();
             if (now_saturated)
                 ask_to_shed();
             else if (shed_asks_open_ > 0)
@@ -409,6 +410,13 @@ void Worker::apply_client_state(Session &s, uint32_t i) {
     }
     apply_client_indices(s, i, tx_tail, rx_head, acc_head);
     if (s.ending) return;
+    if (es.twin_fd >= 0) {
+        const uint32_t drained = s.region.slot(i).twin_drained.load(std::memory_order_acquire);
+        if (drained != es.twin_drained) {
+            es.twin_drained = drained;
+            twin_drained(s, i);
+        }
+    }
     if (direct_tail != es.direct_tail) {
         if (direct_tail - es.direct_head > ipc::kDirectQueueEntries ||
             direct_tail - es.direct_tail > ipc::kDirectQueueEntries)
@@ -579,7 +587,8 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
         case Kind::kWatch:
         case Kind::kPeekWatch:
         case Kind::kDirect:
-        case Kind::kDirectWait: {
+        case Kind::kDirectWait:
+        case Kind::kTwinWatch: {
             EngineSlot &es = s.slots[i];
             if (es.inflight > 0 && !more) --es.inflight;
             if ((es.gen & kGenMask) != gen) {
@@ -595,6 +604,7 @@ void Worker::handle_completion(uint64_t data, int32_t res, uint32_t cqe_flags) {
             if (kind == Kind::kPeekWatch) on_peek_watch(s, i, res);
             if (kind == Kind::kDirect) on_direct(s, i, res, cqe_flags);
             if (kind == Kind::kDirectWait) on_direct_wait(s, i, res);
+            if (kind == Kind::kTwinWatch) on_twin_watch(s, i, res);
             if (es.handoff_member != kNoMember) maybe_finish_handoff(s, i);
             break;
         }
@@ -701,6 +711,7 @@ void Worker::housekeeping(uint64_t now) {
                 if (es.peek_watch_posted) cancel(*s, item.slot, Kind::kPeekWatch);
                 if (es.direct_posted) cancel(*s, item.slot, Kind::kDirect);
                 if (es.direct_wait_posted) cancel(*s, item.slot, Kind::kDirectWait);
+                if (es.twin_watch_posted) cancel(*s, item.slot, Kind::kTwinWatch);
                 if (es.send_posted && (es.close_reset || !draining))
                     cancel(*s, item.slot, Kind::kSend);
                 maybe_finish_close(*s, item.slot);
@@ -712,6 +723,7 @@ void Worker::housekeeping(uint64_t now) {
         post_recv(*s, item.slot);
         post_send(*s, item.slot);
         post_accept(*s, item.slot);
+        watch_twin(*s, item.slot);
         if (es.flags & ipc::kFlagRxEof) post_watch(*s, item.slot);
     }
 }
@@ -1793,9 +1805,7 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     if (type == ipc::ControlType::kNewSocket) return new_socket(s, member, msg.arg, creds);
     if (type == ipc::ControlType::kReserveMember) return reserve_member(s, member);
     if (type == ipc::ControlType::kReleaseWaiters) return release_waiters(s, member);
-    if (type == ipc::ControlType::kHandoff)
-        return start_handoff(s, member, msg.arg, msg.reserved & ipc::kHandoffPark,
-                             msg.reserved & ipc::kHandoffShed);
+    if (type == ipc::ControlType::kHandoff) return start_handoff(s, member, msg.arg, msg.reserved);
     violation(s, "unexpected control message type %u", msg.type);
 }
 
@@ -2159,7 +2169,7 @@ void Worker::release_waiters(Session &s, uint32_t member) {
     }
 }
 
-void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park, bool shed) {
+void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, uint32_t how) {
     // Another worker's connection: it answers through us.
     if (const uint32_t owner =
             slot >= 0 && !s.is_shard() ? s.shard_of(static_cast<uint32_t>(slot)) : 0;
@@ -2167,10 +2177,15 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park,
         ShardMessage message = message_for(s, ShardMessage::Type::kHandoff);
         message.member = member;
         message.slot = static_cast<uint32_t>(slot);
-        message.seq = (park ? ipc::kHandoffPark : 0) | (shed ? ipc::kHandoffShed : 0);
+        message.seq = how;
         s.family->workers[owner]->post(std::move(message));
         return;
     }
+    if (how & ipc::kHandoffTwin) {
+        if (slot < 0) slot = static_cast<int32_t>(ipc::kMaxSockets);  // no such slot
+        return give_twin(s, member, static_cast<uint32_t>(slot));
+    }
+    const bool park = how & ipc::kHandoffPark, shed = how & ipc::kHandoffShed;
     int refusal = 0;
     if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off)
@@ -2217,7 +2232,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, bool park,
     if (es.accept_posted) cancel(s, i, Kind::kAccept);
     if (es.watch_posted) cancel(s, i, Kind::kWatch);
     if (es.direct_wait_posted) cancel(s, i, Kind::kDirectWait);
-    stop_listening(s, i);
+    stop_listening(s, i, park);
     maybe_finish_handoff(s, i);
 }
 
@@ -2569,6 +2584,7 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.urgent_mark.store(0, std::memory_order_relaxed);
     slot.direct_done.store(0, std::memory_order_relaxed);
     slot.rx_ring_bytes.store(0, std::memory_order_relaxed);
+    slot.twin_ready_at.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
 }
@@ -2595,8 +2611,8 @@ void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flag
     slot.posted.store(0, std::memory_order_relaxed);
     slot.urgent_tail.store(0, std::memory_order_relaxed);
     slot.direct_tail.store(0, std::memory_order_relaxed);
-    for (auto *word :
-         {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at, &slot.tx_head_at_growth})
+    for (auto *word : {&slot.tx_ring_bytes, &slot.tx_ring_before, &slot.tx_grown_at,
+                       &slot.tx_head_at_growth, &slot.twin_drained})
         word->store(0, std::memory_order_relaxed);
     // Locks a dead member may have left held. One whose holder lives is its to release: a
     // thread that took it after the previous socket went away (handed back, closed under it)
@@ -2802,7 +2818,8 @@ bool Worker::park_connection(Session &s, uint32_t j, uint64_t cookie) {
     return true;
 }
 
-void Worker::stop_listening(Session &s, uint32_t i) {
+void Worker::stop_listening(Session &s, uint32_t i, bool park_twin) {
+    retire_twin(s, i, park_twin);
     for (size_t k = 0; k < s.listeners.size(); ++k) {
         if (s.listeners[k] == i) {
             s.listeners[k] = s.listeners.back();
@@ -2910,6 +2927,7 @@ void Worker::finish_close(Session &s, uint32_t i) {
         stats_.sockets.fetch_sub(1, std::memory_order_relaxed);
         quotas().release(es.quota_uid, 1, kSocketBytes);
     }
+    if (es.twin_fd >= 0) close(es.twin_fd);  // retired at stop_listening: never, but never leak it
     if (es.accept_reserved != kNoSlot) {
         s.free_engine_slots.push_back(es.accept_reserved);
         quotas().release(es.quota_uid, 1, kSocketBytes);
@@ -3083,7 +3101,9 @@ void Worker::shutdown_all() {
         if (!s) continue;
         s->for_each_slot([&](uint32_t i) {
             if (s->slots[i].fd >= 0) close(s->slots[i].fd);
+            if (s->slots[i].twin_fd >= 0) close(s->slots[i].twin_fd);
             s->slots[i].fd = -1;
+            s->slots[i].twin_fd = -1;
         });
         s->region.base = nullptr;
         s->release();

@@ -129,6 +129,12 @@ struct WorkerStats {
     // application handed to its kernel (seed 003).
     std::atomic<uint64_t> shed_asked{0};
     std::atomic<uint64_t> shed{0};
+    // Listeners' twins (twin.cpp): made, times a saturated worker sent new connections to one,
+    // times one was found with connections waiting, and those parked at a hand-back.
+    std::atomic<uint64_t> twins{0};
+    std::atomic<uint64_t> twin_steers{0};
+    std::atomic<uint64_t> twin_ready{0};
+    std::atomic<uint64_t> twin_parked{0};
     // The share of the last load window the loop spent working, in percent (LoadGauge's input).
     std::atomic<uint64_t> load_percent{0};
 };
@@ -192,6 +198,7 @@ class Worker {
         kPeekWatch,   // poll for what comes behind an accepted connection's peeked bytes
         kDirect,      // a MemNet send or receive straight from/into registered memory
         kDirectWait,  // direct mode: a poll for what waits in the kernel socket
+        kTwinWatch,   // a poll for connections waiting in a listener's twin (twin.cpp)
     };
 
     struct TimedSlot {
@@ -302,7 +309,8 @@ class Worker {
     void release_waiters(Session &s, uint32_t member);
     // kHandoff; `shed`: only if the worker asked for the socket and nothing can be lost
     // (shed_refusal), else answered -EAGAIN.
-    void start_handoff(Session &s, uint32_t member, int32_t slot, bool park, bool shed);
+    // `how`: ipc::kHandoff* bits.
+    void start_handoff(Session &s, uint32_t member, int32_t slot, uint32_t how);
     // 0 if slot i can go back to its client's kernel now without losing a byte, else -errno.
     int shed_refusal(Session &s, uint32_t i) const;
     // Whether slot i is a connection a saturated worker may ask back.
@@ -363,8 +371,29 @@ class Worker {
     void update_kernel_mask(Session &s, uint32_t i, uint32_t also = 0);
     void refresh_addresses(Session &s, uint32_t i, bool peer);
     void apply_shut_wr(Session &s, uint32_t i);
-    // A listener stops (close, shutdown(SHUT_RD)): no more accepts from its kernel socket.
-    void stop_listening(Session &s, uint32_t i);
+    // A listener stops (close, shutdown(SHUT_RD), hand-back): no more accepts from its kernel
+    // socket; its twin's waiting connections are parked with `park_twin`, else reset.
+    void stop_listening(Session &s, uint32_t i, bool park_twin = false);
+
+    // --- a listener's twin (twin.cpp; seed 003's handoff at accept without a round trip) ---
+    // Before listener i's first listen(): whether it gets a twin, and if so its SO_REUSEPORT.
+    bool prepare_twin(Session &s, uint32_t i);
+    // After it: the twin, bound and listening as the listener is, or none (`prepared` undone).
+    void make_twin(Session &s, uint32_t i, int backlog);
+    // The group's choice, as the worker's load says: the twin while saturated.
+    void steer_twin(Session &s, uint32_t i);
+    void steer_twins();
+    void watch_twin(Session &s, uint32_t i);
+    void on_twin_watch(Session &s, uint32_t i, int32_t res);
+    // The client found the twin empty (SocketSlot::twin_drained): flag off, watch again.
+    void twin_drained(Session &s, uint32_t i);
+    // The twin leaves the group; what waits in it is parked (`park`) or reset.
+    void retire_twin(Session &s, uint32_t i, bool park);
+    // kHandoff with kHandoffTwin: a descriptor of the twin for the member.
+    void give_twin(Session &s, uint32_t member, uint32_t i);
+    // A setsockopt() the application made on listener i: noted for, and applied to, its twin.
+    void note_listener_option(Session &s, uint32_t i, int level, int name, const void *value,
+                              uint32_t len);
     // Connections in listener i's accept ring that the application has not taken: closed
     // (`close`), or reset but kept, since the application may still take their index.
     void drop_untaken(Session &s, uint32_t i, bool close);

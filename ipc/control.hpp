@@ -69,6 +69,9 @@ enum class ControlType : uint32_t {
 };
 inline constexpr uint32_t kHandoffPark = 1;
 inline constexpr uint32_t kHandoffShed = 2;
+// kHandoff of a listener with a twin (ipc::kFlagTwinReady): the socket stays offloaded; the
+// answer's descriptor is the twin, for this process to accept from.
+inline constexpr uint32_t kHandoffTwin = 4;
 inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 
 struct ControlMessage {

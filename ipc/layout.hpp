@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 8;
+inline constexpr uint32_t kLayoutVersion = 9;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -200,6 +200,16 @@ inline constexpr uint32_t kFlagKernelServed = 1u << 13;
 // when both rings are empty. The engine keeps serving it meanwhile, and withdraws the flag once
 // it has room again.
 inline constexpr uint32_t kFlagShed = 1u << 14;
+// A listener's twin has connections waiting (seed 003's handoff at accept without a round
+// trip, `tcpsd --handoff-load`): the twin is a kernel listener of the application's own on the
+// same address, in one SO_REUSEPORT group with the engine's, to which the engine sends new
+// connections while it is saturated. accept() takes them from it with the kernel's accept4()
+// (the descriptor comes once per process with ControlType::kHandoff and kHandoffTwin). The
+// engine sets the flag when the twin becomes readable, with SocketSlot::twin_ready_at; a
+// client that finds the twin empty moves twin_drained past twin_ready_at (once per setting:
+// a CAS) and rings, and the engine clears the flag and watches again. While twin_drained is
+// past it the flag is stale: clients take it as clear.
+inline constexpr uint32_t kFlagTwinReady = 1u << 15;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when
@@ -371,7 +381,10 @@ struct alignas(kCacheLine) SocketSlot {
     // keeps the ring full, storing it before any rx_tail past the bytes it holds; the client
     // loads it after rx_tail (acquire) and reads the ring with it.
     std::atomic<uint32_t> rx_ring_bytes;
-    uint32_t engine_reserved[2];
+    // A listener's: twin_drained as it was when the engine last set kFlagTwinReady. A client
+    // that finds the twin empty reports it once (twin_drained from this value to the next).
+    std::atomic<uint32_t> twin_ready_at;
+    uint32_t engine_reserved[1];
 
     // --- control request/response ---
     Request request;    // client
@@ -402,7 +415,10 @@ struct alignas(kCacheLine) SocketSlot {
     // tx_head at the last doubling: the client grows the ring only for a stream the engine has
     // sent a whole ring of since then (one whose peer reads).
     std::atomic<uint32_t> tx_head_at_growth;
-    uint32_t client_reserved[12];
+    // A listener's: bumped by a client whose accept4() on the twin found it empty
+    // (kFlagTwinReady). Any change makes the engine look at the twin again.
+    std::atomic<uint32_t> twin_drained;
+    uint32_t client_reserved[11];
 };
 static_assert(sizeof(SocketSlot) % kCacheLine == 0, "slots are whole cache lines");
 static_assert(offsetof(SocketSlot, tx_head) == kCacheLine, "engine-written indices on line 1");

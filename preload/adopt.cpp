@@ -309,8 +309,9 @@ void adopt_received_sockets(const msghdr *msg) {
     });
 }
 
-void note_kernel_served(int fd) {
+void note_kernel_served(int fd, bool engine_saturated) {
     note(fd, kKernelServed);
+    if (engine_saturated) back_off_reoffload(kReoffloadBackoffNs);
 }
 
 void note_shed(int fd) {

@@ -52,6 +52,7 @@ void put_kernel_socket(const SocketRef &ref, int kernel_fd) {
         real(libc.fcntl)(kernel_fd, F_SETFL,
                          sock.nonblocking.load() ? status | O_NONBLOCK : status & ~O_NONBLOCK);
     const FdRef entry = FdRef::socket(ref.slot, ref.generation);
+    close_internal(sock.twin_fd);  // a listener's: the kernel listener is the one now
     // A close() that takes one of the numbers meanwhile waits for us (op_close), and then
     // closes what we put there.
     sock.handing_back.store(true, std::memory_order_seq_cst);
@@ -127,6 +128,24 @@ bool bind_when_free(int fd, const ipc::SockAddrRecord &local) {
 }  // namespace
 
 int recover_listener(const SocketRef &ref, int backlog) {
+    // A twin we hold (engine/twin.cpp) is a listener on the address already, with the
+    // application's options, and the connections the engine sent it: it becomes the listener.
+    if (const int twin = ref.sock->twin_fd.load(); twin >= 0) {
+        int listening = 0;
+        socklen_t size = sizeof(listening);
+        const int copy = real(libc.fcntl)(twin, F_DUPFD_CLOEXEC, 0);
+        if (copy >= 0 &&
+            real(libc.getsockopt)(copy, SOL_SOCKET, SO_ACCEPTCONN, &listening, &size) == 0 &&
+            listening) {
+            const int off = 0;
+            real(libc.setsockopt)(copy, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr, 0);
+            real(libc.setsockopt)(copy, SOL_SOCKET, SO_REUSEPORT, &off, sizeof(off));
+            real(libc.listen)(copy, backlog);
+            put_kernel_socket(ref, copy);
+            return 0;
+        }
+        if (copy >= 0) real(libc.close)(copy);
+    }
     // The address the engine's socket had (bind() and listen() refresh it), port included.
     const ipc::SockAddrRecord local = ref.shm->local_addr;
     if (local.len < sizeof(sa_family_t) || local.len > sizeof(local.bytes)) return -EINVAL;
@@ -152,6 +171,49 @@ void recover_listeners() {
             continue;
         recover_listener(ref, ref.sock->backlog.load());
     }
+}
+
+long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, socklen_t *len,
+                      int flags) {
+    Socket &sock = *ref.sock;
+    int twin = sock.twin_fd.load(std::memory_order_acquire);
+    if (twin < 0) {
+        Handoff handoff;
+        const int rc = request_handoff(ref.slot, ipc::kHandoffTwin, handoff);
+        if (rc == -ENOENT) return -EAGAIN;  // retired meanwhile: nothing waits there
+        if (rc != 0) return rc;
+        twin = move_high_internal(handoff.kernel_fd);
+        int none = -1;
+        if (!sock.twin_fd.compare_exchange_strong(none, twin)) {
+            // Another thread of ours asked too: one descriptor is enough.
+            g_fds.take_if(twin, FdRef::internal());
+            real(libc.close)(twin);
+            twin = none;
+        }
+    }
+    // The twin's file is non-blocking (the engine's making): this never sleeps.
+    const int conn = real(libc.accept4)(twin, addr, len, (flags & SOCK_NONBLOCK) | SOCK_CLOEXEC);
+    if (conn < 0) {
+        const int error = errno;
+        if (error == EAGAIN || error == EWOULDBLOCK) return -EAGAIN;
+        // Retired (shut down: EINVAL), or our descriptor is not what it was: none waits there.
+        if (error == EINVAL || error == EBADF || error == ENOTSOCK) {
+            close_internal(sock.twin_fd);
+            return -EAGAIN;
+        }
+        return -error;
+    }
+    // What the kernel's accept() copies from its listener: the timeouts the shim keeps.
+    set_timeout(conn, SO_RCVTIMEO, sock.rcv_timeout_ns.load());
+    set_timeout(conn, SO_SNDTIMEO, sock.snd_timeout_ns.load());
+    // Under the number accept() reserved (the lowest free one when it was called).
+    if (real(libc.dup3)(conn, placeholder, (flags & SOCK_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
+        const int error = errno;
+        real(libc.close)(conn);
+        return -error;
+    }
+    real(libc.close)(conn);
+    return placeholder;
 }
 
 bool hand_back(const SocketRef &ref, uint32_t how, void (*before_close)(Socket &)) {

@@ -110,6 +110,11 @@ void hand_back_passed_sockets(const msghdr *msg);
 // edits the shim's table). True if handed back. `before_close`, if given, runs once the kernel
 // socket is in place, before the engine's slot is closed (and may serve another socket).
 bool hand_back(const SocketRef &ref, uint32_t how, void (*before_close)(Socket &) = nullptr);
+// A connection from listener `ref`'s twin (ipc::kFlagTwinReady; its descriptor asked for the
+// first time): the kernel's accept4() with `flags`, the socket put under `placeholder`, which
+// is returned. -EAGAIN if none waits there; else the kernel's error.
+long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, socklen_t *len,
+                      int flags);
 // The engine asked for this connection back (ipc::kFlagShed, seed 003): hands it to the kernel
 // if that is safe now (both rings empty, one thread in the process), to be offloaded again once
 // the engine has room (adopt.cpp). True if it is the kernel's now: the caller's call goes there.
@@ -126,7 +131,9 @@ void adopt_received_sockets(const msghdr *msg);
 bool adopt_pending(int fd);
 // adopt.cpp: a connection the engine left to the kernel at accept (kFlagKernelServed),
 // offloaded again at a later call when the engine has room and it is safe (see adopt.cpp).
-void note_kernel_served(int fd);
+// `engine_saturated`: known to be now (a connection from a listener's twin), so not offered
+// back at the next call.
+void note_kernel_served(int fd, bool engine_saturated = false);
 // The same for a live connection handed to the kernel because the engine asked (kFlagShed).
 // Before the hand-back, so that the epoll registrations it moves into the kernel's are kept.
 void note_shed(int fd);

@@ -26,6 +26,13 @@ namespace tcps::shim {
 FdTable g_fds;
 uint64_t g_spin_ns = 20'000;
 
+void close_internal(std::atomic<int> &holder) {
+    const int fd = holder.exchange(-1);
+    if (fd < 0) return;
+    g_fds.take_if(fd, FdRef::internal());
+    real(libc.close)(fd);
+}
+
 namespace {
 
 enum SessionState : int { kNone = 0, kActive = 1, kUnavailable = 2, kDead = 3 };
@@ -140,13 +147,6 @@ int dup_high(int fd) {
     int moved = real(libc.fcntl)(fd, F_DUPFD_CLOEXEC, high_fd_base());
     if (moved < 0) moved = real(libc.fcntl)(fd, F_DUPFD_CLOEXEC, 0);
     return moved;
-}
-
-void close_internal(std::atomic<int> &holder) {
-    const int fd = holder.exchange(-1);
-    if (fd < 0) return;
-    g_fds.take_if(fd, FdRef::internal());
-    real(libc.close)(fd);
 }
 
 // Every waiter's pipe and epoll instances.
@@ -635,6 +635,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     backlog.store(0);
     options.clear();
     remake_tried.store(false);
+    close_internal(twin_fd);  // a socket before it in this slot had one (never, but never leak it)
     for (auto &ticket : direct_tickets) ticket = nullptr;
     ring_taken = 0;
     refs.store(1);
@@ -802,9 +803,28 @@ bool session_dead() {
     return state == kActive && g_region.header().engine_alive.load(std::memory_order_relaxed) == 0;
 }
 
+namespace {
+
+// After the engine's end, a listener's twin (engine/twin.cpp) is kept only by the process that
+// makes the listener again (remakes_listener()), which makes the twin its kernel listener
+// (recover_listener()); the others let it go, so that the port is free for that process's
+// new socket if it holds no twin itself (nginx's master, whose workers accepted).
+void release_twins_after_end() {
+    for (uint32_t k = 0; k < ipc::kMaxChunks; ++k) {
+        Socket *chunk = g_socket_chunks[k].load(std::memory_order_acquire);
+        if (!chunk) continue;
+        for (uint32_t i = 0; i < ipc::kChunkSlots; ++i)
+            if (chunk[i].twin_fd.load(std::memory_order_relaxed) >= 0 &&
+                !remakes_listener(k * ipc::kChunkSlots + i))
+                close_internal(chunk[i].twin_fd);
+    }
+}
+
+}  // namespace
+
 void mark_session_dead() {
     int expected = kActive;
-    g_state.compare_exchange_strong(expected, kDead);
+    if (g_state.compare_exchange_strong(expected, kDead)) release_twins_after_end();
 }
 
 const ipc::RegionView &region() {
@@ -972,6 +992,38 @@ void want_urgent(const SocketRef &ref) {
     notify_engine(ref.slot);
 }
 
+bool twin_ready(const SocketRef &ref) {
+    const ipc::SocketSlot &shm = *ref.shm;
+    return (shm.flags.load(std::memory_order_acquire) & ipc::kFlagTwinReady) &&
+           shm.twin_drained.load(std::memory_order_acquire) ==
+               shm.twin_ready_at.load(std::memory_order_relaxed);
+}
+
+void report_twin_drained(const SocketRef &ref) {
+    uint32_t at = ref.shm->twin_ready_at.load(std::memory_order_relaxed);
+    // Once per setting of the flag: whoever moves it past rings.
+    if (ref.shm->twin_drained.compare_exchange_strong(at, at + 1, std::memory_order_acq_rel))
+        notify_engine(ref.slot);
+}
+
+namespace {
+
+// kFlagTwinReady stays set until a client finds the twin empty: a process that holds the twin
+// asks the kernel, so that poll() and epoll do not report a connection another process has
+// taken (or this one, the last), and reports it empty if so.
+bool twin_readable(const SocketRef &ref) {
+    if (!twin_ready(ref)) return false;
+    const int twin = ref.sock->twin_fd.load(std::memory_order_acquire);
+    if (twin < 0) return true;  // accept() asks for it and looks
+    pollfd p{twin, POLLIN, 0};
+    const timespec now{0, 0};
+    if (real(libc.ppoll)(&p, 1, &now, nullptr) != 0) return true;  // readable, or an error
+    report_twin_drained(ref);
+    return false;
+}
+
+}  // namespace
+
 SocketSnapshot snapshot(const SocketRef &ref) {
     SocketSnapshot s;
     const ipc::SocketSlot &shm = *ref.shm;
@@ -987,6 +1039,8 @@ SocketSnapshot snapshot(const SocketRef &ref) {
     // Connections wait that the engine cannot accept: readable, and accept() says why.
     if (s.accept_available == 0 && shm.accept_error.load(std::memory_order_relaxed) > 0)
         s.accept_available = 1;
+    // Connections wait in the listener's twin (engine/twin.cpp): accept() takes them there.
+    if (s.accept_available == 0 && twin_readable(ref)) s.accept_available = 1;
     s.error_pending = error_pending(ref);
     const uint32_t kernel = shm.kernel_mask.load(std::memory_order_relaxed);
     s.urgent = (kernel & POLLPRI) != 0;
@@ -1213,6 +1267,13 @@ void relocate_internal(int fd) {
     for (auto *holders : {g_waiter_fds, g_waiter_eps, g_waiter_nest_eps})
         for (uint32_t i = 0; i < ipc::kMaxWaiters; ++i)
             if (relocate(holders[i])) return;
+    // Listeners' twins (Socket::twin_fd): rare, so a walk over the sockets we have mapped.
+    for (uint32_t k = 0; k < ipc::kMaxChunks; ++k) {
+        Socket *chunk = g_socket_chunks[k].load(std::memory_order_acquire);
+        if (!chunk) continue;
+        for (uint32_t i = 0; i < ipc::kChunkSlots; ++i)
+            if (relocate(chunk[i].twin_fd)) return;
+    }
 }
 
 namespace {

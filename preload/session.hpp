@@ -112,6 +112,9 @@ struct Socket {
     std::atomic<int> backlog{0};
     OptionLog options;
     std::atomic<bool> remake_tried{false};
+    // A listener's twin (ipc::kFlagTwinReady), as this process holds it: an internal
+    // descriptor, asked for the first time accept() finds the flag, closed with the socket.
+    std::atomic<int> twin_fd{-1};
     // MemNet (memnet_shim.cpp): the ticket of each entry of the slot's direct queue that this
     // process queued, so that whoever reuses the entry gives its result to that ticket first.
     // Under tx_lock.
@@ -334,6 +337,12 @@ WaitResult wait_until(uint32_t slot, Ready &&ready, int64_t timeout_ns, Interrup
 int move_high_internal(int fd);
 // The application is about to dup2() onto one of our descriptors: move ours out of the way.
 void relocate_internal(int fd);
+// A listener's twin has connections waiting (ipc::kFlagTwinReady) that no client has found
+// gone since; report_twin_drained(): this client found it empty (tells the engine once).
+bool twin_ready(const SocketRef &ref);
+void report_twin_drained(const SocketRef &ref);
+// Closes the internal descriptor `holder` has, if any, and leaves it -1.
+void close_internal(std::atomic<int> &holder);
 
 // SCM_RIGHTS: asks the engine for its kernel socket behind `slot`, once it has stopped
 // receiving and sent what the tx ring holds. 0 with `out.kernel_fd` set, or -errno. `how`:

@@ -311,6 +311,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     uint32_t taken = ipc::kMaxSockets;
     long error = 0;
     bool waited = false;
+    bool from_twin = false;
     listener.rx_lock.lock();
     while (taken == ipc::kMaxSockets) {
         if (stale(ref)) {
@@ -340,6 +341,23 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
             if (index != ref.slot && map_slot(index)) taken = index;
             continue;
         }
+        // A saturated engine sends new connections to the listener's twin (engine/twin.cpp):
+        // the kernel's own accept.
+        if (twin_ready(ref)) {
+            const long got = accept_from_twin(ref, fd, addr, len, flags);
+            if (got >= 0) {
+                from_twin = true;
+                break;
+            }
+            if (got != -EAGAIN) {
+                error = got;
+                break;
+            }
+            // Taken by another process, or never there: the engine clears the flag and
+            // watches again.
+            report_twin_drained(ref);
+            continue;
+        }
         // Connections wait in the kernel that the engine cannot take for us (the family has
         // all its slots, or our uid its share of the engine): Linux's accept() says EMFILE
         // while a connection waits and no descriptor is left; we say why, and do not wait.
@@ -355,7 +373,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         auto ready = [&] {
             return shm.acc_tail.load(std::memory_order_acquire) !=
                        shm.acc_head.load(std::memory_order_relaxed) ||
-                   shm.accept_error.load(std::memory_order_relaxed) > 0 ||
+                   shm.accept_error.load(std::memory_order_relaxed) > 0 || twin_ready(ref) ||
                    !listener.listening.load() || stale(ref);
         };
         waited = true;
@@ -367,6 +385,12 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         if (error != 0) break;
     }
     listener.rx_lock.unlock();
+    if (from_twin) {
+        // The kernel's, as one a saturated engine left to it at accept: offloaded again when
+        // the engine has room (adopt.cpp).
+        note_kernel_served(fd, true);
+        return fd;
+    }
     if (error != 0) {
         real(libc.close)(fd);
         // The process that is to remake the listener, told of the engine's end, makes it again
@@ -733,6 +757,8 @@ void socket_release(uint32_t slot) {
     ipc::SocketSlot &shm = region().slot(slot);
     // Any thread still inside a call on this socket finds it stale and gives up.
     sock.generation.fetch_add(1, std::memory_order_acq_rel);
+    // A listener's twin, as this process held it: the port goes with the last holder.
+    close_internal(sock.twin_fd);
     // No engine: nothing to close there, and no hold that anyone counts any more.
     if (session_dead()) return;
     // Another process of the family (a forked child, its parent) may still hold it: then

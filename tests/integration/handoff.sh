@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Seed 003's handoff at accept: a saturated engine leaves the connections it accepts to the
-# kernel, in the application. With `tcpsd --handoff-load 0` (always saturated) a preloaded
-# Python echo server's accept() returns kernel sockets (ss: the server owns them, the listener
-# stays tcpsd's), every byte is echoed, and the engine read none of them (its counters); with
-# the default (never saturated) the same server gets offloaded sockets that tcpsd owns. Then
-# (one worker) connections left to the kernel under real load are offloaded again once it falls.
+# Seed 003's handoff at accept: a saturated engine leaves new connections to the kernel, in the
+# application. With `tcpsd --handoff-load 0` (always saturated) a preloaded Python echo
+# server's accept() returns kernel sockets (ss: the server owns them, the listener stays
+# tcpsd's), every byte is echoed, and the engine read none of them (its counters). They reach
+# the server through the listener's twin (engine/twin.cpp: the engine accepted none of them),
+# whether the server sleeps in accept() or waits in epoll; a listener with SO_REUSEPORT of the
+# application's own has no twin, and the engine hands each connection over after accepting it.
+# With the default (never saturated) the same server gets offloaded sockets that tcpsd owns.
+# Then (one worker) connections left to the kernel under real load are offloaded again once it
+# falls.
 # With "2-workers" the engine runs two workers (--cores 0,1): the connections alternate between
 # them, so the second worker's are handed back through the family's home (issue 11).
 set -euo pipefail
@@ -53,8 +57,8 @@ run_phase() {
     start_engine "${cores[@]}" "$@"
     rm -f "$dir/$name.port"
     mkfifo "$dir/$name.in"
-    "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/$name.port" <"$dir/$name.in" \
-        >"$dir/$name.out" 2>&1 &
+    env "${SERVER_ENV[@]}" "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/$name.port" \
+        <"$dir/$name.in" >"$dir/$name.out" 2>&1 &
     local server_pid=$!
     track "$server_pid"
     exec 7>"$dir/$name.in"
@@ -98,13 +102,76 @@ run_phase() {
 # Every worker's count after "$1 " in STATS, added up.
 stat_sum() { sed -n "s/.* $1 \([0-9]*\)[ ,].*/\1/p" <<<"$STATS" | awk '{ t += $1 } END { print t + 0 }'; }
 
-run_phase saturated kernel --handoff-load 0
+SERVER_ENV=()
+# Through the twin: the server asleep in accept(), then waiting in epoll.
+for server_env in HANDOFF_EPOLL=0 HANDOFF_EPOLL=1; do
+    SERVER_ENV=("$server_env")
+    run_phase "saturated-${server_env,,}" kernel --handoff-load 0
+    ((workers == 1)) || grep -q '(saturated)' <<<"$STATS" || fail "a worker is not saturated"
+    (($(stat_sum accepts) == 0)) || fail "$server_env: the engine accepted $(stat_sum accepts) connections"
+    (($(stat_sum kernel-served) == 0)) || fail "$server_env: handed over one by one, not through the twin"
+    (($(stat_sum "listener twins") == 1)) || fail "$server_env: $(stat_sum "listener twins") twins, not 1"
+    (($(stat_sum "steered to") == 1)) || fail "$server_env: the twin was not steered to"
+    (($(stat_sum ready) >= 1)) || fail "$server_env: the engine never saw the twin readable"
+    (($(stat_sum "bytes in") == 0)) || fail "$server_env: the engine read $(stat_sum "bytes in") bytes"
+    log "saturated ($server_env): $connections connections through the listener's twin, none accepted by tcpsd"
+done
+
+# A listener with a twin looks like Linux's: getsockopt(SO_REUSEPORT) says 0, its close
+# resets what waits in it (here, in the twin), and the port can be bound again at once without
+# SO_REUSEADDR (and that listener gets a twin of its own). The same script natively first:
+# its output is what Linux says.
+twin_close() {
+    "$PYTHON" -c 'import socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(4)
+port = l.getsockname()[1]
+print("SO_REUSEPORT", l.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+first = socket.create_connection(("127.0.0.1", port))
+conn, _ = l.accept()  # through the twin: this process holds it from now on
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+conn.close()  # reset: no TIME_WAIT on the port
+first.close()
+second = socket.create_connection(("127.0.0.1", port))
+second.settimeout(10)
+l.close()
+try:
+    print("waiting connection got", second.recv(1))
+except ConnectionResetError:
+    print("waiting connection reset")
+again = socket.socket()
+again.bind(("127.0.0.1", port))
+again.listen(1)
+print("bound again")'
+}
+native_close=$(twin_close)
+: >"$dir/engine.log"
+start_engine "${cores[@]}" --handoff-load 0
+offloaded_close=$("${PRELOAD[@]}" bash -c "$(declare -f twin_close); PYTHON=$PYTHON twin_close")
+kill -USR1 "$ENGINE_PID"
+# shellcheck disable=SC2317  # called by wait_until
+twin_stats() { grep -q "listener twins" "$dir/engine.log"; }
+wait_until 10 twin_stats || fail "twin close: no statistics"
+grep -q "listener twins 2 steered to 2 ready [1-9]" "$dir/engine.log" ||
+    fail "twin close: the connections did not go through a twin: $(grep "listener twins" "$dir/engine.log")"
+stop_engine
+sed 's/^/  native: /' <<<"$native_close"
+sed 's/^/  offloaded: /' <<<"$offloaded_close"
+[[ $offloaded_close == "$native_close" ]] || fail "a listener with a twin differs from Linux's"
+log "twin close: as Linux: $(tr '\n' ' ' <<<"$native_close")"
+
+# The application's own SO_REUSEPORT: no twin; each connection accepted, then handed over.
+SERVER_ENV=(HANDOFF_REUSEPORT=1)
+run_phase saturated-reuseport kernel --handoff-load 0
+SERVER_ENV=()
 served=$(stat_sum kernel-served)
 bytes_in=$(stat_sum "bytes in")
 if ((workers == 2)); then
     second=$(sed -n 's/.*worker 1: .* kernel-served \([0-9]*\),.*/\1/p' <<<"$STATS")
     ((second > 0)) || fail "the second worker left no connection to the kernel"
 fi
+(($(stat_sum "listener twins") == 0)) || fail "a listener with SO_REUSEPORT of its own got a twin"
 ((served == connections)) || fail "the engine left $served connections to the kernel, not $connections"
 ((bytes_in == 0)) || fail "the engine read $bytes_in bytes of connections it left to the kernel"
 grep -q '(saturated)' <<<"$STATS" || fail "the statistics do not say the worker is saturated"

@@ -68,8 +68,33 @@ def reads(accepted, events, timeout):
 
 
 listener = socket.socket()
+# HANDOFF_REUSEPORT=1: a listener with SO_REUSEPORT of its own, which gets no twin (the engine
+# hands its connections over one by one).
+if os.environ.get("HANDOFF_REUSEPORT") == "1":
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 listener.bind(("127.0.0.1", 0))
 listener.listen(16)
+# HANDOFF_EPOLL=1: the default mode accepts from a non-blocking listener on an epoll's events,
+# as nginx does, instead of asleep in accept().
+listener_events = None
+if os.environ.get("HANDOFF_EPOLL") == "1":
+    listener.setblocking(False)
+    listener_events = selectors.EpollSelector()
+    listener_events.register(listener, selectors.EVENT_READ)
+
+
+def accept_one():
+    if listener_events is None:
+        return listener.accept()[0]
+    while True:
+        if not listener_events.select(timeout=30):
+            sys.exit("the listener was not readable for 30 s")
+        try:
+            conn = listener.accept()[0]
+        except BlockingIOError:
+            continue  # readable, and taken by nobody else: the twin's flag, cleared now
+        conn.setblocking(True)
+        return conn
 with open(port_file + ".tmp", "w") as f:
     f.write(str(listener.getsockname()[1]))
 os.rename(port_file + ".tmp", port_file)
@@ -206,7 +231,7 @@ elif later:
         conn.close()
 else:
     for k in range(count):
-        conn, _ = listener.accept()
+        conn = accept_one()
         echo(k, conn, kind_of(conn))
         sys.stdin.readline()  # the test has looked at it
         conn.close()

@@ -15,6 +15,10 @@
 # --cores 0,1, so the accepted connections are spread over two workers and the second one's
 # are parked through the family's home). Last, a thread asleep in accept() while another
 # passes the listener on must go on with the kernel's accept() and get the next connection.
+# listener_pass_twin (--handoff-load 0: the engine always saturated) has the 4 wait in the
+# listener's twin (engine/twin.cpp) instead, where the engine accepted none of them: the
+# hand-back parks them all the same, and the receiver gets them (as kernel sockets, which a
+# saturated engine leaves to the application).
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -28,6 +32,8 @@ waiting=4
 start_engine "$@"
 workers=1
 [[ ${1:-} == --cores ]] && workers=$(tr ',' '\n' <<<"$2" | wc -l)
+twin=0
+[[ ${1:-} == --handoff-load ]] && twin=1
 
 # The workers' statistics lines, freshly logged (SIGUSR1), into STATS.
 # shellcheck disable=SC2317  # called by wait_until
@@ -66,8 +72,20 @@ expect_engine_listener "$port" "$sender_pid"
 "$PYTHON" "$helper" clients "$port" 0 "$waiting" >"$dir/clients.out" 2>&1 &
 clients_pid=$!
 track "$clients_pid"
-wait_until 10 all_accepted || fail "the engine accepted only $(stat_sum accepts) of $waiting connections"
-log "the engine accepted the $waiting clients ahead; the sender took none"
+# shellcheck disable=SC2317  # called by wait_until
+all_in_twin() {
+    (($(ss -tanH state established "( sport = :$port )" | wc -l) >= waiting))
+}
+if ((twin)); then
+    wait_for_line 10 "$dir/clients.out" "^connected $waiting" || fail "the clients did not connect"
+    wait_until 10 all_in_twin || fail "the $waiting clients are not all waiting"
+    fresh_stats
+    (($(stat_sum accepts) == 0)) || fail "the saturated engine accepted $(stat_sum accepts) connections"
+    log "the $waiting clients wait in the listener's twin; the sender took none"
+else
+    wait_until 10 all_accepted || fail "the engine accepted only $(stat_sum accepts) of $waiting connections"
+    log "the engine accepted the $waiting clients ahead; the sender took none"
+fi
 
 echo go >&8
 wait_for_line 10 "$dir/sender.out" '^passed' || fail "the sender did not pass: $(cat "$dir/sender.out")"
@@ -91,8 +109,11 @@ sed 's/^/  late client: /' "$dir/late.out"
 
 grep -q '^first descriptor: offloaded' "$dir/receiver.out" || fail "the receiver's first descriptor stayed a kernel socket"
 grep -q '^second descriptor: offloaded' "$dir/receiver.out" || fail "the receiver's second descriptor stayed a kernel socket"
-offloaded=$(grep -c "^connection 'hello [0-9]*': offloaded" "$dir/receiver.out" || true)
-((offloaded == waiting + 1)) || fail "only $offloaded of $((waiting + 1)) accepted connections were offloaded"
+# A saturated engine leaves what it accepts to the application's kernel.
+want_kind=offloaded
+((twin)) && want_kind=kernel
+accepted=$(grep -c "^connection 'hello [0-9]*': $want_kind" "$dir/receiver.out" || true)
+((accepted == waiting + 1)) || fail "only $accepted of $((waiting + 1)) accepted connections were $want_kind"
 expect_engine_listener "$port" "$receiver_pid"
 
 fresh_stats
@@ -103,6 +124,10 @@ adopted=$(stat_sum "listeners adopted")
 ((parked == waiting)) || fail "the engine parked $parked untaken connections, not $waiting"
 ((unparked == waiting)) || fail "the receiver's listener served $unparked parked connections, not $waiting"
 ((adopted == 1)) || fail "the engine adopted $adopted listeners, not 1 (one slot for both descriptors)"
+if ((twin)); then
+    from_twin=$(stat_sum "listener twins [0-9]* steered to [0-9]* ready [0-9]* parked")
+    ((from_twin == waiting)) || fail "$from_twin of the parked connections came from the twin, not $waiting"
+fi
 if ((workers == 2)); then
     second=$(sed -n 's/.*worker 1: .*untaken connections parked \([0-9]*\).*/\1/p' <<<"$STATS")
     ((second > 0)) || fail "the second worker parked none of the untaken connections"

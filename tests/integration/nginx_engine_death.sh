@@ -7,7 +7,10 @@
 # makes it again in the kernel before it forks, and the new workers inherit a working one.
 # Proved here: nothing listens after the engine's death; after the reload the new workers run
 # (no epoll_ctl EBADF), every byte of 200 responses is right, and the listener and the
-# connections belong to nginx's own processes (ss), not to a tcpsd.
+# connections belong to nginx's own processes (ss), not to a tcpsd. Arguments go to tcpsd:
+# nginx_engine_death_twin (--handoff-load 0) has the workers accept through the listener's twin
+# (engine/twin.cpp), so they hold it when the engine dies: they must let it go, or the master's
+# new listener could not bind the port.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -30,6 +33,7 @@ head -c 16384 /dev/urandom >"$site/f16k"
 chmod 755 "$dir" "$site"
 chmod 644 "$site"/*
 
+ENGINE_ARGS=("$@")
 start_offload
 daemon_runner
 port=$(free_port)
@@ -52,6 +56,14 @@ wait_until 20 nginx_answers || fail "nginx does not answer on port $port: $(tail
 http_load before 60 --port "$port" --expect "$site/f16k" --path /f16k --mode 10 --requests 100 \
     --concurrency 4
 
+if (($# > 0)); then
+    kill -USR1 "$ENGINE_PID"
+    # shellcheck disable=SC2317  # called by wait_until
+    through_twin() { grep -q "listener twins 1 steered to 1 ready [1-9][0-9]* parked 0" "$dir/engine.log"; }
+    wait_until 10 through_twin || fail "the workers did not accept through the twin: $(grep "listener twins" "$dir/engine.log")"
+    grep -q "accepts 0," "$dir/engine.log" || fail "the engine accepted connections itself"
+    log "  the workers accepted through the listener's twin"
+fi
 log "SIGKILL to the engine (pid $ENGINE_PID)"
 kill -KILL "$ENGINE_PID"
 status=0

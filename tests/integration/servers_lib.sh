@@ -8,6 +8,7 @@
 NATIVE=${TCPS_NATIVE:-0}
 OFFLOAD=()  # "${OFFLOAD[@]}" PROGRAM...: the program with the shim and this test's engine
 ENGINE_EXTRA=()
+ENGINE_ARGS=()  # options for tcpsd in every placement (a test's own arguments, say)
 ENGINE_WORKERS=1
 
 offloaded() { [[ $NATIVE != 1 ]]; }
@@ -36,11 +37,11 @@ start_offload() {
         # Several workers serve each family (ENGINE_CORES="0,1": two), with the options in
         # the array ENGINE_EXTRA if set.
         ENGINE_WORKERS=$(tr ',' '\n' <<<"$ENGINE_CORES" | wc -l)
-        start_engine --cores "$ENGINE_CORES" "${ENGINE_EXTRA[@]}"
+        start_engine --cores "$ENGINE_CORES" "${ENGINE_EXTRA[@]}" "${ENGINE_ARGS[@]}"
     elif ((last_cpu > 0)); then
-        start_engine --cores "$last_cpu"
+        start_engine --cores "$last_cpu" "${ENGINE_ARGS[@]}"
     else
-        start_engine
+        start_engine "${ENGINE_ARGS[@]}"
     fi
     OFFLOAD=("${PRELOAD[@]}")
     # The shim in processes that dropped root (www-data) must reach the engine's socket.
