@@ -327,9 +327,12 @@ bool adopt_pending(int fd) {
     uint32_t word = entry->load(std::memory_order_acquire);
     const uint32_t kind = kind_of(word);
     if (kind == kNotNoted) return false;
+    // Backing off (a clock read) before the syscall that in_vfork_child() is: while the
+    // engine is saturated every call on a kernel-served connection passes here.
+    if (kind == kKernelServed && now_ns() < g_reoffload_after_ns.load(std::memory_order_relaxed))
+        return false;
     if (in_vfork_child() || shim_locked_here()) return false;
     if (kind == kKernelServed) {
-        if (now_ns() < g_reoffload_after_ns.load(std::memory_order_relaxed)) return false;
         // Not while another thread is inside a kernel call on it: one asleep in a receive
         // would take bytes meant for the engine's, one in a send would put its bytes among
         // the ring's. Such calls wait while we hold kAdopting (KernelCall).

@@ -192,7 +192,8 @@ long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, soc
         }
     }
     // The twin's file is non-blocking (the engine's making): this never sleeps.
-    const int conn = real(libc.accept4)(twin, addr, len, (flags & SOCK_NONBLOCK) | SOCK_CLOEXEC);
+    const int conn = real(libc.accept4)(
+        twin, addr, len, placeholder < 0 ? flags : (flags & SOCK_NONBLOCK) | SOCK_CLOEXEC);
     if (conn < 0) {
         const int error = errno;
         if (error == EAGAIN || error == EWOULDBLOCK) return -EAGAIN;
@@ -206,6 +207,7 @@ long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, soc
     // What the kernel's accept() copies from its listener: the timeouts the shim keeps.
     set_timeout(conn, SO_RCVTIMEO, sock.rcv_timeout_ns.load());
     set_timeout(conn, SO_SNDTIMEO, sock.snd_timeout_ns.load());
+    if (placeholder < 0) return conn;
     // Under the number accept() reserved (the lowest free one when it was called).
     if (real(libc.dup3)(conn, placeholder, (flags & SOCK_CLOEXEC) ? O_CLOEXEC : 0) < 0) {
         const int error = errno;

@@ -111,8 +111,9 @@ void hand_back_passed_sockets(const msghdr *msg);
 // socket is in place, before the engine's slot is closed (and may serve another socket).
 bool hand_back(const SocketRef &ref, uint32_t how, void (*before_close)(Socket &) = nullptr);
 // A connection from listener `ref`'s twin (ipc::kFlagTwinReady; its descriptor asked for the
-// first time): the kernel's accept4() with `flags`, the socket put under `placeholder`, which
-// is returned. -EAGAIN if none waits there; else the kernel's error.
+// first time): the kernel's accept4() with `flags`, the socket put under `placeholder` (if
+// not -1: else its own number), which is returned. -EAGAIN if none waits there; else the
+// kernel's error.
 long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, socklen_t *len,
                       int flags);
 // The engine asked for this connection back (ipc::kFlagShed, seed 003): hands it to the kernel

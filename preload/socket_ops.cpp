@@ -299,6 +299,22 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     if (addr && !len) return -EFAULT;
     if (addr && static_cast<int>(*len) < 0) return -EINVAL;
 
+    ipc::SocketSlot &shm = *ref.shm;
+    // A saturated engine sends new connections to the listener's twin (engine/twin.cpp): with
+    // none in the accept ring, the kernel's own accept, under the number it picks.
+    if (shm.acc_tail.load(std::memory_order_acquire) ==
+            shm.acc_head.load(std::memory_order_relaxed) &&
+        twin_ready(ref)) {
+        const long got = accept_from_twin(ref, -1, addr, len, flags);
+        if (got >= 0) {
+            // The kernel's, as one a saturated engine left to it at accept: offloaded again
+            // when the engine has room (adopt.cpp).
+            note_kernel_served(static_cast<int>(got), true);
+            return got;
+        }
+        if (got != -EAGAIN) return got;
+        report_twin_drained(ref);  // taken by another process: the engine watches again
+    }
     // The new fd first: without one, Linux's accept fails and the connection stays queued.
     const int fd = open_placeholder(flags & SOCK_CLOEXEC);
     if (fd < 0) return fd;
@@ -307,7 +323,6 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         return -EMFILE;
     }
     const int64_t timeout = effective_timeout(listener, listener.nonblocking.load(), true);
-    ipc::SocketSlot &shm = *ref.shm;
     uint32_t taken = ipc::kMaxSockets;
     long error = 0;
     bool waited = false;
@@ -341,8 +356,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
             if (index != ref.slot && map_slot(index)) taken = index;
             continue;
         }
-        // A saturated engine sends new connections to the listener's twin (engine/twin.cpp):
-        // the kernel's own accept.
+        // Came to the twin while we waited.
         if (twin_ready(ref)) {
             const long got = accept_from_twin(ref, fd, addr, len, flags);
             if (got >= 0) {
@@ -386,8 +400,6 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     }
     listener.rx_lock.unlock();
     if (from_twin) {
-        // The kernel's, as one a saturated engine left to it at accept: offloaded again when
-        // the engine has room (adopt.cpp).
         note_kernel_served(fd, true);
         return fd;
     }
