@@ -33,6 +33,7 @@
 #include "identity.hpp"
 #include "log.hpp"
 #include "parked.hpp"
+#include "quota.hpp"
 #include "worker.hpp"
 
 namespace tcps::engine {
@@ -62,10 +63,11 @@ void set_int_option(int fd, int level, int name, int value) {
     setsockopt(fd, level, name, &value, sizeof(value));
 }
 
-// The options that change what the group or the twin's connections are, which the application
-// may have set in ways the engine does not log (posted ones): copied from the listener.
+// What the application set without a request (posted: ipc::kPostedNoDelay, kPostedCork), which
+// accepted connections inherit from their listener: copied from the listener.
 void copy_posted_options(int from, int to) {
     set_int_option(to, IPPROTO_TCP, TCP_NODELAY, int_option(from, IPPROTO_TCP, TCP_NODELAY));
+    set_int_option(to, IPPROTO_TCP, TCP_CORK, int_option(from, IPPROTO_TCP, TCP_CORK));
 }
 
 void reset_and_close(int fd) {
@@ -91,9 +93,15 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
     sockaddr_storage local;
     socklen_t local_len = sizeof(local);
     int twin = -1;
-    const char *step = "the group's program";
-    // The program before the twin joins: no connection may reach the twin unwatched.
-    bool ok = steer_to(es.fd, kEngineIndex) == 0;
+    const char *step = "the owner's share of the engine";
+    // A descriptor of the engine's, as a socket is: counted against the owner's share.
+    bool ok = quotas().charge(es.quota_uid, 1, kSocketBytes) == 0;
+    bool charged = ok;
+    if (ok) {
+        step = "the group's program";
+        // Before the twin joins: no connection may reach the twin unwatched.
+        ok = steer_to(es.fd, kEngineIndex) == 0;
+    }
     if (ok) {
         step = "socket";
         twin = create_socket_like(es.fd, es.family);
@@ -123,6 +131,7 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
             "engine hands its connections over one by one",
             config_.index, s.id, i, step, std::strerror(errno));
         if (twin >= 0) close(twin);
+        if (charged) quotas().release(es.quota_uid, 1, kSocketBytes);
         setsockopt(es.fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr, 0);
         set_int_option(es.fd, SOL_SOCKET, SO_REUSEPORT, 0);
         return;
@@ -207,17 +216,16 @@ void Worker::retire_twin(Session &s, uint32_t i, bool park) {
         // the twin makes it its kernel listener, with what waits in it (the shim's
         // recover_listener()), so only our descriptor goes.
         if (es.twin_watch_posted) cancel(s, i, Kind::kTwinWatch);
-        close(es.twin_fd);
-        es.twin_fd = -1;
+        close_twin(s, i);
         return;
     }
-    // Out of the group first: from now on new connections reach only the listener.
-    setsockopt(es.fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr, 0);
+    // From now on new connections reach only the listener (a handshake the kernel began on
+    // the twin before this may still complete there, and is reset below).
+    steer_to(es.fd, kEngineIndex);
     const int twin = es.twin_fd;
     if (park) {
         // Those waiting in it would have waited in the one queue Linux has: they go with the
         // listener to its next owner.
-        set_int_option(twin, SOL_SOCKET, SO_REUSEPORT, 0);
         for (int k = 0; k < kMaxTwinParked; ++k) {
             const int conn = accept4(twin, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (conn < 0) break;
@@ -234,12 +242,21 @@ void Worker::retire_twin(Session &s, uint32_t i, bool park) {
     // waits in it, for every process that holds it (their accept() then fails with EINVAL).
     shutdown(twin, SHUT_RD);
     if (es.twin_watch_posted) cancel(s, i, Kind::kTwinWatch);
-    close(twin);
-    es.twin_fd = -1;
+    close_twin(s, i);
     es.twin_steered = false;
+    // The listener alone again, as the application made it.
+    setsockopt(es.fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr, 0);
     set_int_option(es.fd, SOL_SOCKET, SO_REUSEPORT, 0);
     if (es.flags & ipc::kFlagTwinReady) publish_flags(s, i, es.flags & ~ipc::kFlagTwinReady);
     bump_event(s, i);
+}
+
+void Worker::close_twin(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (es.twin_fd < 0) return;
+    close(es.twin_fd);
+    es.twin_fd = -1;
+    quotas().release(es.quota_uid, 1, kSocketBytes);
 }
 
 void Worker::give_twin(Session &s, uint32_t member, uint32_t i) {

@@ -467,6 +467,8 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
         const int on = (posted & value_bit) ? 1 : 0;
         // Cannot fail on a TCP socket; nothing would wait for an error anyway.
         (void)setsockopt(es.fd, IPPROTO_TCP, name, &on, sizeof(on));
+        // A listener's twin: its connections inherit it too.
+        if (es.twin_fd >= 0) (void)setsockopt(es.twin_fd, IPPROTO_TCP, name, &on, sizeof(on));
     };
     // The cork last: clearing it pushes what is queued, with TCP_NODELAY already as wanted.
     apply(ipc::kPostedNoDelaySet, ipc::kPostedNoDelay, TCP_NODELAY);
@@ -2927,7 +2929,7 @@ void Worker::finish_close(Session &s, uint32_t i) {
         stats_.sockets.fetch_sub(1, std::memory_order_relaxed);
         quotas().release(es.quota_uid, 1, kSocketBytes);
     }
-    if (es.twin_fd >= 0) close(es.twin_fd);  // retired at stop_listening: never, but never leak it
+    close_twin(s, i);  // retired at stop_listening: never open here, but never leak it
     if (es.accept_reserved != kNoSlot) {
         s.free_engine_slots.push_back(es.accept_reserved);
         quotas().release(es.quota_uid, 1, kSocketBytes);

@@ -389,6 +389,8 @@ class Worker {
     void twin_drained(Session &s, uint32_t i);
     // The twin leaves the group; what waits in it is parked (`park`) or reset.
     void retire_twin(Session &s, uint32_t i, bool park);
+    // Our descriptor of the twin goes, and its charge to the owner's share.
+    void close_twin(Session &s, uint32_t i);
     // kHandoff with kHandoffTwin: a descriptor of the twin for the member.
     void give_twin(Session &s, uint32_t member, uint32_t i);
     // A setsockopt() the application made on listener i: noted for, and applied to, its twin.

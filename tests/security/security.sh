@@ -14,6 +14,8 @@
 #               same-owner rule, also against native sockets: another uid gets EADDRINUSE;
 #               a listener root made and passed to another uid, which offloads it: what the
 #               engine accepts on it is that uid's
+#   twin        under --handoff-load a listener's twin (engine/twin.cpp) is its owner's too,
+#               and another uid cannot join its SO_REUSEPORT group to take its connections
 #   netns       a socket lives in its process's network namespace; binds follow that namespace's
 #               ip_unprivileged_port_start as it is at the bind; nft rules on meta skuid in it
 #               apply to offloaded sockets as to native ones
@@ -304,6 +306,32 @@ time.sleep(60)' "$port" "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SO
     stop_root_engine
 }
 
+case_twin() {
+    local user=4242 port lines
+    log "twin: a listener's twin is its owner's, and no other uid's way in"
+    start_root_engine --handoff-load 0
+    port=$(free_port)
+    as_user "$user"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
+        "$PROBE" hold "$port" >"$TCPS_TEST_DIR/hold.out" 2>&1 &
+    local holder=$!
+    track "$holder"
+    wait_for_line 10 "$TCPS_TEST_DIR/hold.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/hold.out")"
+    # The saturated engine sent the connection to the twin: the accepted end is the kernel's.
+    grep -q "ready offloaded offloaded kernel" "$TCPS_TEST_DIR/hold.out" ||
+        fail "not through the twin: $(cat "$TCPS_TEST_DIR/hold.out")"
+    lines=$(ss -tlnpeH "( sport = :$port )")
+    printf '  ss: %s\n' "$lines"
+    (($(wc -l <<<"$lines") == 2)) || fail "not a listener and its twin"
+    (($(grep -c "uid:$user " <<<"$lines") == 2)) || fail "the twin is not uid $user's"
+    # Another uid, with SO_REUSEPORT or without, is refused the port (the same-owner rule).
+    expect_probe "EADDRINUSE offloaded" probe 4243 bind "$port" reuseport
+    expect_probe "EADDRINUSE kernel" native_probe 4243 bind "$port" reuseport
+    expect_probe "EADDRINUSE offloaded" probe 4243 bind "$port"
+    stop_pid "$holder"
+    stop_root_engine
+}
+
 case_netns() {
     local user=4242 other=4243 ns port lines
     need_tool ip
@@ -425,7 +453,7 @@ time.sleep(60)' "$port" &
     stop_root_engine
 }
 
-all_cases=(squatting region owner netns exhaustion)
+all_cases=(squatting region owner twin netns exhaustion)
 cases=("$@")
 ((${#cases[@]} > 0)) || cases=("${all_cases[@]}")
 for name in "${cases[@]}"; do
