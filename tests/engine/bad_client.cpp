@@ -947,6 +947,80 @@ int main(int argc, char **argv) {
         std::printf("skip: (h) needs root to create an unprivileged client\n");
     }
 
+    {  // (t) a listener's twin (engine/twin.cpp), with an engine of its own that is always
+       // saturated (--handoff-load 0): twins asked for where there are none, twin_drained
+       // written at will; the twin itself holds what the engine steered to it, and refuses
+       // accept() once the listener is closed
+        const ControlSocketDir twin_dir("tcps-bad-twin");
+        const std::string twin_path = twin_dir.path();
+        EngineProcess saturated;
+        CHECK_OR_FAIL(saturated.start(argv[1], twin_path, {"--handoff-load", "0"}),
+                      "(t) tcpsd --handoff-load 0 did not become ready");
+        RawClient odd;
+        CHECK_OR_FAIL(odd.connect(twin_path) == 0, "(t) hello");
+        // kHandoff with kHandoffTwin for slot `slot`: the answer, and the descriptor if any.
+        auto ask_twin = [&](int32_t slot, int &fd) {
+            ipc::ControlMessage msg{};
+            msg.type = uint32_t(ipc::ControlType::kHandoff);
+            msg.version = ipc::kLayoutVersion;
+            msg.arg = slot;
+            msg.reserved = ipc::kHandoffTwin;
+            CHECK_OR_FAIL(ipc::send_control(odd.control_fd(), msg, nullptr, 0) == 0, "(t) send");
+            ipc::ControlMessage reply{};
+            fd = -1;
+            CHECK_OR_FAIL(recv_control_within(odd.control_fd(), reply, &fd, 1, kWaitMs) == 0 &&
+                              reply.type == uint32_t(ipc::ControlType::kHandoffReply),
+                          "(t) no reply");
+            return reply.result;
+        };
+        const uint32_t plain = open_socket(odd, AF_INET, "(t)");
+        int fd = -1;
+        CHECK_OR_FAIL(ask_twin(static_cast<int32_t>(plain), fd) == -ENOENT && fd < 0,
+                      "(t) a twin of a socket that is no listener");
+        CHECK_OR_FAIL(ask_twin(-1, fd) == -ENOENT && fd < 0, "(t) a twin of slot -1");
+        CHECK_OR_FAIL(ask_twin(int32_t(ipc::kMaxSockets) + 7, fd) == -ENOENT && fd < 0,
+                      "(t) a twin of a slot past the last");
+        const uint32_t listener = open_loopback_listener(odd, 4, "(t)");
+        ipc::SocketSlot &shm = odd.slot(listener);
+        const int peer = kernel_connect(port_of(shm.local_addr));
+        CHECK_OR_FAIL(peer >= 0, "(t) connect");
+        CHECK_OR_FAIL(
+            wait_until([&] { return (shm.flags.load() & ipc::kFlagTwinReady) != 0; }, kWaitMs),
+            "(t) the twin never said it holds the connection");
+        CHECK_OR_FAIL(odd.accept(listener) < 0, "(t) the saturated engine accepted it itself");
+        // Reports of an empty twin that is not: the engine looks again and says so again.
+        for (int k = 0; k < 1000; ++k) {
+            shm.twin_drained.store(static_cast<uint32_t>(k * 7919), std::memory_order_release);
+            odd.ring(listener);
+        }
+        CHECK_OR_FAIL(wait_until(
+                          [&] {
+                              return (shm.flags.load() & ipc::kFlagTwinReady) &&
+                                     shm.twin_ready_at.load() == shm.twin_drained.load();
+                          },
+                          kWaitMs),
+                      "(t) the flag did not come back for the connection still waiting");
+        int twin = -1;
+        CHECK_OR_FAIL(ask_twin(static_cast<int32_t>(listener), twin) == 0 && twin >= 0,
+                      "(t) no twin for the listener");
+        const int conn = accept4(twin, nullptr, nullptr, SOCK_CLOEXEC);
+        CHECK_OR_FAIL(conn >= 0, "(t) accept from the twin: %s", std::strerror(errno));
+        const char byte = 't';
+        CHECK_OR_FAIL(write(peer, &byte, 1) == 1, "(t) write");
+        char got = 0;
+        CHECK_OR_FAIL(kernel_recv_exact(conn, &got, 1, kWaitMs) && got == 't',
+                      "(t) the twin's connection does not carry the peer's byte");
+        // Closed: the twin leaves with it, for every holder of a descriptor of it.
+        CHECK_OR_FAIL(odd.request_result(listener, uint32_t(ipc::Op::kClose), 0) == 0, "(t) close");
+        CHECK_OR_FAIL(accept4(twin, nullptr, nullptr, SOCK_NONBLOCK) < 0 && errno == EINVAL,
+                      "(t) the twin still listens after its listener's close");
+        close(conn);
+        close(twin);
+        close(peer);
+        CHECK_OR_FAIL(saturated.running() && odd.engine_alive(), "(t) the engine or session ended");
+        std::printf("ok: (t) a listener's twin under hostile requests\n");
+    }
+
     // SIGTERM: every session sees engine_alive = 0, waiters wake, sockets close, exit 0.
     int waiter[2];
     CHECK_OR_FAIL(pipe2(waiter, O_CLOEXEC) == 0, "pipe");
