@@ -268,7 +268,7 @@ void Worker::give_twin(Session &s, uint32_t member, uint32_t i) {
     if (!s.region.mapped(i) || s.slots[i].state != ipc::SlotState::kOpen || s.slots[i].twin_fd < 0)
         reply.result = -ENOENT;
     else if ((copy = fcntl(s.slots[i].twin_fd, F_DUPFD_CLOEXEC, 0)) < 0)
-        reply.result = -errno;
+        reply.result = errno == EMFILE ? -ENFILE : -errno;  // ours is, to the client, the system's
     deliver_handoff(s, member, reply, copy);
 }
 

@@ -180,8 +180,11 @@ long accept_from_twin(const SocketRef &ref, int placeholder, sockaddr *addr, soc
     if (twin < 0) {
         Handoff handoff;
         const int rc = request_handoff(ref.slot, ipc::kHandoffTwin, handoff);
-        if (rc == -ENOENT) return -EAGAIN;  // retired meanwhile: nothing waits there
-        if (rc != 0) return rc;
+        // No descriptor left for it (the kernel drops an SCM_RIGHTS descriptor it cannot
+        // install): what Linux's accept() says without one.
+        if (rc == -EPROTO || rc == -EMFILE || rc == -ENFILE) return rc == -EPROTO ? -EMFILE : rc;
+        // Retired meanwhile (-ENOENT), or no engine to ask: nothing to take there now.
+        if (rc != 0) return -EAGAIN;
         twin = move_high_internal(handoff.kernel_fd);
         int none = -1;
         if (!sock.twin_fd.compare_exchange_strong(none, twin)) {

@@ -304,7 +304,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     // none in the accept ring, the kernel's own accept, under the number it picks.
     if (shm.acc_tail.load(std::memory_order_acquire) ==
             shm.acc_head.load(std::memory_order_relaxed) &&
-        twin_ready(ref)) {
+        twin_ready(ref) && !stale(ref) && !session_dead()) {
         const long got = accept_from_twin(ref, -1, addr, len, flags);
         if (got >= 0) {
             // The kernel's, as one a saturated engine left to it at accept: offloaded again
