@@ -95,8 +95,9 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
     int twin = -1;
     const char *step = "the owner's share of the engine";
     // A descriptor of the engine's, as a socket is: counted against the owner's share.
-    bool ok = quotas().charge(es.quota_uid, 1, kSocketBytes) == 0;
-    bool charged = ok;
+    int error = -quotas().charge(es.quota_uid, 1, kSocketBytes);
+    bool ok = error == 0;
+    const bool charged = ok;
     if (ok) {
         step = "the group's program";
         // Before the twin joins: no connection may reach the twin unwatched.
@@ -126,10 +127,11 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
         ok = listen(twin, backlog) == 0;
     }
     if (!ok) {
+        if (error == 0) error = errno;
         log_line(
             "worker %d: session %u slot %u: no twin for the listener (%s: %s); a saturated "
             "engine hands its connections over one by one",
-            config_.index, s.id, i, step, std::strerror(errno));
+            config_.index, s.id, i, step, std::strerror(error));
         if (twin >= 0) close(twin);
         if (charged) quotas().release(es.quota_uid, 1, kSocketBytes);
         setsockopt(es.fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, nullptr, 0);
@@ -181,11 +183,13 @@ void Worker::on_twin_watch(Session &s, uint32_t i, int32_t res) {
     EngineSlot &es = s.slots[i];
     es.twin_watch_posted = false;
     if (es.state != ipc::SlotState::kOpen) return maybe_finish_close(s, i);
-    if (res == -ECANCELED || es.twin_fd < 0) return;
+    // A twin retired (the watch cancelled) and made again meanwhile (shutdown(SHUT_RD), then
+    // listen()) is watched from now on.
+    if (res == -ECANCELED || es.twin_fd < 0) return watch_twin(s, i);
     if (res < 0) {
         log_line("worker %d: session %u slot %u: watching the listener's twin: %s", config_.index,
                  s.id, i, std::strerror(-res));
-        return;
+        return schedule(s, i);  // watched again at the next tick
     }
     // Readable (or an error the client's accept4() reports, as the kernel's would): until a
     // client finds it empty, accept() looks there. A report older than this one is no report

@@ -118,7 +118,8 @@ for server_env in HANDOFF_EPOLL=0 HANDOFF_EPOLL=1; do
 done
 
 # A listener with a twin looks like Linux's: getsockopt(SO_REUSEPORT) says 0, its close
-# resets what waits in it (here, in the twin), and the port can be bound again at once without
+# resets what waits in it (here, in the twin), a listener shut down (SHUT_RD) and listening
+# again accepts (through a new twin), and the port can be bound again at once without
 # SO_REUSEADDR (and that listener gets a twin of its own). The same script natively first:
 # its output is what Linux says.
 twin_close() {
@@ -143,7 +144,14 @@ except ConnectionResetError:
 again = socket.socket()
 again.bind(("127.0.0.1", port))
 again.listen(1)
-print("bound again")'
+print("bound again")
+again.shutdown(socket.SHUT_RD)  # disconnected: listen() may be called again, and accepts
+again.listen(1)
+third = socket.create_connection(("127.0.0.1", port))
+again.settimeout(10)
+conn, _ = again.accept()
+third.sendall(b"3")
+print("listening again, accepted", conn.recv(1))'
 }
 native_close=$(twin_close)
 : >"$dir/engine.log"
@@ -153,7 +161,7 @@ kill -USR1 "$ENGINE_PID"
 # shellcheck disable=SC2317  # called by wait_until
 twin_stats() { grep -q "listener twins" "$dir/engine.log"; }
 wait_until 10 twin_stats || fail "twin close: no statistics"
-grep -q "listener twins 2 steered to 2 ready [1-9]" "$dir/engine.log" ||
+grep -q "listener twins 3 steered to 3 ready [1-9]" "$dir/engine.log" ||
     fail "twin close: the connections did not go through a twin: $(grep "listener twins" "$dir/engine.log")"
 stop_engine
 sed 's/^/  native: /' <<<"$native_close"
