@@ -290,7 +290,8 @@ void Engine::log_stats() {
             "bytes in %llu out %llu (direct in %llu out %llu, zero-copy out %s), rings grown tx "
             "%llu rx %llu, receives across the wrap %llu, ring SEND_ZC sends %llu copied %llu "
             "bytes %llu, passed-on bytes parked "
-            "%llu adopted sockets %llu served %llu, listeners adopted %llu, untaken connections "
+            "%llu adopted sockets %llu served %llu, listeners adopted %llu (on demand %llu), "
+            "untaken connections "
             "parked %llu unparked %llu, "
             "live connections asked back %llu shed %llu, listener twins %llu steered to %llu "
             "ready %llu parked %llu, violations %llu, busy %llu%%%s%s",
@@ -313,6 +314,7 @@ void Engine::log_stats() {
             static_cast<unsigned long long>(st.adopted.load()),
             static_cast<unsigned long long>(st.unparked_bytes.load()),
             static_cast<unsigned long long>(st.adopted_listeners.load()),
+            static_cast<unsigned long long>(st.on_demand_listeners.load()),
             static_cast<unsigned long long>(st.parked_connections.load()),
             static_cast<unsigned long long>(st.unparked_connections.load()),
             static_cast<unsigned long long>(st.shed_asked.load()),

@@ -190,7 +190,7 @@ int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
     }
     if (twin)
         make_twin(s, i, req.arg0);
-    else if (es.twin_fd >= 0)
+    else if (es.twin_fd >= 0 && !es.on_demand)
         listen(es.twin_fd, req.arg0);  // a new backlog: for both
     refresh_addresses(s, i, false);
     if (!(es.flags & ipc::kFlagListening)) {
@@ -383,7 +383,9 @@ int Worker::op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8
             break;
         case GetOptionAction::kKernel: {
             // The twin's group is the engine's doing, not the application's.
-            if (es.twin_fd >= 0 && req.arg0 == SOL_SOCKET && req.arg1 == SO_REUSEPORT) break;
+            if (es.twin_fd >= 0 && !es.on_demand && req.arg0 == SOL_SOCKET &&
+                req.arg1 == SO_REUSEPORT)
+                break;
             uint8_t buffer[ipc::kOptMax] = {};
             // Some options read input from the buffer (the client's opt bytes).
             std::memcpy(buffer, req.opt, std::min<uint32_t>(req.opt_len, ipc::kOptMax));

@@ -162,6 +162,9 @@ struct EngineSlot {
     bool twin_steered = false;       // the program picks the twin now
     bool twin_watch_posted = false;  // Kind::kTwinWatch in flight
     uint32_t twin_drained = 0;       // SocketSlot::twin_drained as last seen
+    // An inherited listener served on demand (ipc::kAdoptOnDemand): twin_fd is a descriptor
+    // of the listener itself, and the engine accepts nothing from it.
+    bool on_demand = false;
     // What the application set on the listener (with --handoff-load): its twin gets the same.
     std::unique_ptr<std::vector<ListenerOption>> listener_options;
     // An adopted socket's parked bytes (kAdoptSocket, engine/parked.hpp): they go into the rx

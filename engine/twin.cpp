@@ -149,7 +149,7 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
 void Worker::steer_twin(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     const bool to_twin = gauge_.saturated();
-    if (es.twin_fd < 0 || es.twin_steered == to_twin) return;
+    if (es.twin_fd < 0 || es.on_demand || es.twin_steered == to_twin) return;
     if (steer_to(es.fd, to_twin ? kTwinIndex : kEngineIndex) != 0) {
         log_line("worker %d: session %u slot %u: steering the listener's group: %s", config_.index,
                  s.id, i, std::strerror(errno));
@@ -215,6 +215,14 @@ void Worker::twin_drained(Session &s, uint32_t i) {
 void Worker::retire_twin(Session &s, uint32_t i, bool park) {
     EngineSlot &es = s.slots[i];
     if (es.twin_fd < 0) return;
+    if (es.on_demand) {
+        // The listener itself: what waits in it is the kernel's queue, for whoever holds it.
+        if (es.twin_watch_posted) cancel(s, i, Kind::kTwinWatch);
+        close_twin(s, i);
+        if (es.flags & ipc::kFlagTwinReady) publish_flags(s, i, es.flags & ~ipc::kFlagTwinReady);
+        bump_event(s, i);
+        return;
+    }
     if (s.ending) {
         // The engine stops serving the family (its stop, a violation): a process that holds
         // the twin makes it its kernel listener, with what waits in it (the shim's
@@ -255,6 +263,30 @@ void Worker::retire_twin(Session &s, uint32_t i, bool park) {
     bump_event(s, i);
 }
 
+void Worker::serve_on_demand(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    // A second descriptor of the listener, as the twin's: charged as one.
+    int copy = -1;
+    if (quotas().charge(es.quota_uid, 1, kSocketBytes) == 0) {
+        copy = fcntl(es.fd, F_DUPFD_CLOEXEC, 0);
+        if (copy < 0) quotas().release(es.quota_uid, 1, kSocketBytes);
+    }
+    if (copy < 0) {
+        // Without it the listener is served as any adopted one: accepted ahead.
+        log_line(
+            "worker %d: session %u slot %u: the inherited listener is accepted from ahead "
+            "(no second descriptor of it)",
+            config_.index, s.id, i);
+        return;
+    }
+    es.on_demand = true;
+    es.twin_fd = copy;
+    es.twin_drained = s.region.slot(i).twin_drained.load(std::memory_order_acquire);
+    publish_flags(s, i, es.flags | ipc::kFlagAcceptOnDemand);
+    stats_.on_demand_listeners.fetch_add(1, std::memory_order_relaxed);
+    watch_twin(s, i);
+}
+
 void Worker::close_twin(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.twin_fd < 0) return;
@@ -279,6 +311,7 @@ void Worker::give_twin(Session &s, uint32_t member, uint32_t i) {
 void Worker::note_listener_option(Session &s, uint32_t i, int level, int name, const void *value,
                                   uint32_t len) {
     EngineSlot &es = s.slots[i];
+    if (es.on_demand) return;  // the listener itself: the option is set on it already
     if (!gauge_.enabled() || s.remote || (es.flags & (ipc::kFlagConnected | ipc::kFlagConnecting)))
         return;
     if (level == SOL_SOCKET &&

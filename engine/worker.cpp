@@ -468,7 +468,8 @@ void Worker::apply_posted_options(Session &s, uint32_t i, uint32_t posted) {
         // Cannot fail on a TCP socket; nothing would wait for an error anyway.
         (void)setsockopt(es.fd, IPPROTO_TCP, name, &on, sizeof(on));
         // A listener's twin: its connections inherit it too.
-        if (es.twin_fd >= 0) (void)setsockopt(es.twin_fd, IPPROTO_TCP, name, &on, sizeof(on));
+        if (es.twin_fd >= 0 && !es.on_demand)
+            (void)setsockopt(es.twin_fd, IPPROTO_TCP, name, &on, sizeof(on));
     };
     // The cork last: clearing it pushes what is queued, with TCP_NODELAY already as wanted.
     apply(ipc::kPostedNoDelaySet, ipc::kPostedNoDelay, TCP_NODELAY);
@@ -1325,7 +1326,7 @@ uint16_t Worker::personality_for(uid_t uid, gid_t gid) {
 void Worker::post_accept(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     if (es.state != ipc::SlotState::kOpen || !(es.flags & ipc::kFlagListening) ||
-        es.accept_posted || es.accept_retry || es.handed_off)
+        es.accept_posted || es.accept_retry || es.handed_off || es.on_demand)
         return;
     // The accept ring full is the application's own backlog (it has not taken them), which
     // pauses accepting as a full queue does. No slot, or no share left, is not: those
@@ -1801,7 +1802,8 @@ void Worker::handle_control_message(Session &s, uint32_t member, const ipc::Cont
     const auto type = static_cast<ipc::ControlType>(msg.type);
     if (type == ipc::ControlType::kRegisterWaiter) return register_waiter(s, member, fd);
     if (type == ipc::ControlType::kRegisterMem) return register_mem(s, member, msg, fd);
-    if (type == ipc::ControlType::kAdoptSocket) return adopt_socket(s, member, fd, creds);
+    if (type == ipc::ControlType::kAdoptSocket)
+        return adopt_socket(s, member, fd, creds, msg.reserved & ipc::kAdoptOnDemand);
     if (fd >= 0) close(fd);
     if (type == ipc::ControlType::kDeregisterMem) return deregister_mem(s, member, msg.arg);
     if (type == ipc::ControlType::kNewSocket) return new_socket(s, member, msg.arg, creds);
@@ -1851,7 +1853,8 @@ void Worker::new_socket(Session &s, uint32_t member, int family, const ipc::Cont
         start_close(s, i, true);  // nobody will ever hold it
 }
 
-void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds) {
+void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds,
+                          bool on_demand) {
     const Member &m = s.members[member];
     int result = 0;
     int family = 0;
@@ -1891,7 +1894,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     reply.arg = -1;
     reply.session_id = s.id;
     if (result == 0 && listening) {
-        result = setup_adopted_listener(s, fd, family, creds, reply);
+        result = setup_adopted_listener(s, fd, family, creds, on_demand, reply);
         if (result == 0) fd = -1;  // the slot's, or a copy of one it has
     } else if (result == 0) {
         result = setup_adopted(s, fd, family, creds.uid, reply);
@@ -1906,7 +1909,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
 // back (ParkedConnections) come first in its accept ring. Never refused for load: a saturated
 // worker leaves the connections it accepts to the kernel anyway (handoff at accept).
 int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::ControlCreds &creds,
-                                   ipc::ControlMessage &reply) {
+                                   bool on_demand, ipc::ControlMessage &reply) {
     const uid_t uid = creds.uid;
     uint64_t cookie = 0;
     if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
@@ -1931,6 +1934,7 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::Co
         // What it accepts is the adopter's, as if it had accepted it (the kernel's accept()
         // makes the new socket with the caller's ids, whoever made the listener).
         es.accept_personality = personality_for(uid, creds.gid);
+        if (on_demand) serve_on_demand(s, i);
         refresh_addresses(s, i, false);
         update_kernel_mask(s, i);
         s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),

@@ -135,6 +135,8 @@ struct WorkerStats {
     std::atomic<uint64_t> twin_steers{0};
     std::atomic<uint64_t> twin_ready{0};
     std::atomic<uint64_t> twin_parked{0};
+    // Inherited listeners served on demand (ipc::kAdoptOnDemand).
+    std::atomic<uint64_t> on_demand_listeners{0};
     // The share of the last load window the loop spent working, in percent (LoadGauge's input).
     std::atomic<uint64_t> load_percent{0};
 };
@@ -321,13 +323,14 @@ class Worker {
     void withdraw_shed_asks();
     // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot,
     // on the family's next worker in turn.
-    void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds);
+    void adopt_socket(Session &s, uint32_t member, int fd, const ipc::ControlCreds &creds,
+                      bool on_demand);
     // Serves `fd` from a slot of this worker's: 0 with `reply.arg` the slot and `reply.token`
     // the parked bytes queued first, or -errno (then `fd` stays the caller's).
     int open_adopted(Session &s, int fd, int family, uid_t uid, uint32_t flags, uint32_t &i);
     int setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::ControlMessage &reply);
     int setup_adopted_listener(Session &s, int fd, int family, const ipc::ControlCreds &creds,
-                               ipc::ControlMessage &reply);
+                               bool on_demand, ipc::ControlMessage &reply);
     // A passed-on listener's untaken connections (ParkedConnections): park_untaken() parks
     // those here and asks the shards for theirs; park_connection() parks one.
     void park_untaken(Session &s, uint32_t i);
@@ -389,6 +392,8 @@ class Worker {
     void twin_drained(Session &s, uint32_t i);
     // The twin leaves the group; what waits in it is parked (`park`) or reset.
     void retire_twin(Session &s, uint32_t i, bool park);
+    // An inherited listener (ipc::kAdoptOnDemand): watched, accepted from by the clients.
+    void serve_on_demand(Session &s, uint32_t i);
     // Our descriptor of the twin goes, and its charge to the owner's share.
     void close_twin(Session &s, uint32_t i);
     // kHandoff with kHandoffTwin: a descriptor of the twin for the member.

@@ -64,6 +64,10 @@ enum class ControlType : uint32_t {
     // parked for it (kHandoffPark), and answers {result, arg = slot, token = parked bytes}.
     // -EOPNOTSUPP: not a socket it takes; -EBUSY: the engine is saturated (--handoff-load) and
     // nothing is parked for it. On any error the socket stays the caller's, untouched.
+    // With kAdoptOnDemand in `reserved`, a listener the process inherited from outside the
+    // shim (socket activation: systemd, a supervisor): others may accept from it too, so the
+    // engine accepts nothing ahead; it watches it, and the client accepts with the kernel's
+    // accept4() on it (ipc::kFlagAcceptOnDemand, as from a twin).
     kAdoptSocket = 18,
     kAdoptSocketReply = 19,
 };
@@ -72,6 +76,7 @@ inline constexpr uint32_t kHandoffShed = 2;
 // kHandoff of a listener with a twin (ipc::kFlagTwinReady): the socket stays offloaded; the
 // answer's descriptor is the twin, for this process to accept from.
 inline constexpr uint32_t kHandoffTwin = 4;
+inline constexpr uint32_t kAdoptOnDemand = 1;
 inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 
 struct ControlMessage {

@@ -210,6 +210,11 @@ inline constexpr uint32_t kFlagShed = 1u << 14;
 // a CAS) and rings, and the engine clears the flag and watches again. While twin_drained is
 // past it the flag is stale: clients take it as clear.
 inline constexpr uint32_t kFlagTwinReady = 1u << 15;
+// A listener served on demand (ControlType::kAdoptSocket with kAdoptOnDemand): its "twin" is the
+// listener itself, which other processes may accept from too; kFlagTwinReady says it has
+// connections waiting, and what accept() takes from it is the kernel's, offloaded at its first
+// use (no saturated engine to wait for).
+inline constexpr uint32_t kFlagAcceptOnDemand = 1u << 16;
 
 // SocketSlot::posted bits, written by the client: operations whose answer the client knows
 // without the engine, so the calling thread does not wait for it. The engine applies them when

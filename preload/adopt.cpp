@@ -17,6 +17,7 @@
 // A forked child forgets both kinds, and so does its parent for the kernel-served ones (either
 // may be the one that uses such a socket from then on); so do close() and dup2() over it, and
 // dup() of a kernel-served one (two numbers for one socket: it stays the kernel's).
+#include <dirent.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -57,6 +58,29 @@ int int_option(int fd, int level, int name, int fallback) {
     return real(libc.getsockopt)(fd, level, name, &value, &len) == 0 ? value : fallback;
 }
 
+// Listeners this image found open at its start that the shim did not make (socket activation:
+// systemd, a supervisor, an inetd "wait" service), by number: others may accept from them too,
+// so the engine serves them on demand (ipc::kAdoptOnDemand). Written at start-up only; an
+// entry goes (-1) when its number is closed or replaced.
+constexpr int kMaxInheritedListeners = 64;
+std::atomic<int> g_inherited[kMaxInheritedListeners];
+std::atomic<int> g_inherited_count{0};
+
+bool inherited_listener(int fd) {
+    const int count = g_inherited_count.load(std::memory_order_acquire);
+    for (int k = 0; k < count; ++k)
+        if (g_inherited[k].load(std::memory_order_relaxed) == fd) return true;
+    return false;
+}
+
+void forget_inherited(int fd) {
+    const int count = g_inherited_count.load(std::memory_order_acquire);
+    for (int k = 0; k < count; ++k) {
+        int expected = fd;
+        g_inherited[k].compare_exchange_strong(expected, -1);
+    }
+}
+
 // Offloads the kernel socket at `fd` if the engine takes it; else leaves it untouched. The
 // engine checks the socket again, trusting nothing of ours. 0, or -errno (-EBUSY: the engine
 // is saturated now).
@@ -87,7 +111,7 @@ int adopt_socket(int fd) {
     const int placeholder = open_placeholder(fd_flags & FD_CLOEXEC);
     if (placeholder < 0) return placeholder;
     uint64_t parked = 0;
-    const int slot = adopt_with_engine(fd, parked);
+    const int slot = adopt_with_engine(fd, parked, listening && inherited_listener(fd));
     if (slot < 0) {
         real(libc.close)(placeholder);
         return slot;
@@ -299,6 +323,45 @@ bool is_listener(int fd) {
 
 }  // namespace
 
+void note_inherited_listeners() {
+    // No session yet (it comes at the first use): a relay's refuses the offer then.
+    if (in_vfork_child() || g_fds.size() == 0) return;
+    // What is open: /proc/self/fd, read with the raw syscall (no allocation); without /proc,
+    // the first numbers.
+    int found[kMaxInheritedListeners];
+    int count = 0;
+    auto consider = [&](int fd) {
+        if (count == kMaxInheritedListeners || fd < 0 || static_cast<size_t>(fd) >= g_fds.size() ||
+            !g_fds.get(fd).empty() || !is_listener(fd) || !worth_offering(fd))
+            return;
+        found[count++] = fd;
+    };
+    const int dir = static_cast<int>(
+        syscall(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (dir >= 0) {
+        alignas(8) char buffer[4096];
+        for (;;) {
+            const long n = syscall(SYS_getdents64, dir, buffer, sizeof(buffer));
+            if (n <= 0) break;
+            for (long at = 0; at < n;) {
+                const auto *entry = reinterpret_cast<const dirent64 *>(buffer + at);
+                at += entry->d_reclen;
+                char *end = nullptr;
+                const long fd = std::strtol(entry->d_name, &end, 10);
+                if (end != entry->d_name && *end == '\0' && fd != dir)
+                    consider(static_cast<int>(fd));
+            }
+        }
+        real(libc.close)(dir);
+    } else {
+        for (int fd = 0; fd < 1024; ++fd) consider(fd);
+    }
+    for (int k = 0; k < count; ++k) g_inherited[k].store(found[k], std::memory_order_relaxed);
+    g_inherited_count.store(count, std::memory_order_release);
+    // Offered at their first use, as received ones are.
+    for (int k = 0; k < count; ++k) note(found[k], kNoted);
+}
+
 void adopt_received_sockets(const msghdr *msg) {
     if (!msg || !msg->msg_control || msg->msg_controllen < sizeof(cmsghdr)) return;
     if (in_vfork_child() || g_fds.size() == 0 || !session_usable(true) || claims_slots()) return;
@@ -434,6 +497,7 @@ void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event) {
 
 void forget_pending(int fd) {
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
+    forget_inherited(fd);
     if (Entry *entry = pending_entry(fd)) {
         // A close or dup2 over a number another thread is moving: after the move, so that
         // it closes what the number is then.

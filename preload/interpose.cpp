@@ -170,6 +170,13 @@ long fcntl_common(int fd, int cmd, unsigned long arg, bool &handled) {
         handled = false;
         return 0;
     }
+    // The descriptor's own flags are no use of the socket: a noted one (received, inherited) is
+    // not offered for them. sd_listen_fds() sets FD_CLOEXEC on each inherited listener before
+    // sd_is_socket() looks at it with fstat(), which must still see a socket.
+    if ((cmd == F_GETFD || cmd == F_SETFD) && g_fds.get(fd).empty()) {
+        handled = false;
+        return 0;
+    }
     SocketRef ref;
     if (offloaded(fd, ref)) return op_fcntl(ref, cmd, arg);
     handled = false;

@@ -127,6 +127,10 @@ bool shed_to_kernel(const SocketRef &ref);
 // new descriptor with raw system calls first (libuv's fstat() of a received handle, to learn
 // its type), which must see a socket, not our placeholder.
 void adopt_received_sockets(const msghdr *msg);
+// At start-up: each kernel TCP listener this image found open and did not get from an exec
+// of ours (socket activation) is noted the same way, to be served on demand once offered: its
+// connections are the kernel's to hand out among all who hold it (ipc::kAdoptOnDemand).
+void note_inherited_listeners();
 // The first interposed call that uses `fd` (a lookup of the table): a noted socket is offered
 // to the engine now. True if `fd` is then one of ours. One load when none is noted.
 bool adopt_pending(int fd);

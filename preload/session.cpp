@@ -520,13 +520,14 @@ int request_handoff(uint32_t slot, uint32_t how, Handoff &out) {
     return 0;
 }
 
-int adopt_with_engine(int kernel_fd, uint64_t &parked) {
+int adopt_with_engine(int kernel_fd, uint64_t &parked, bool on_demand) {
     parked = 0;
     if (!session_usable(true) || session_dead()) return -ENOSYS;
     if (claims_slots()) return -EOPNOTSUPP;  // through tcps-relay the socket is not the engine's
     ipc::ControlMessage msg{};
     msg.type = static_cast<uint32_t>(ipc::ControlType::kAdoptSocket);
     msg.version = ipc::kLayoutVersion;
+    msg.reserved = on_demand ? ipc::kAdoptOnDemand : 0;
     ipc::ControlMessage reply{};
     // With our credentials: the socket counts against our uid, as one we made would.
     const int rc =
@@ -613,6 +614,7 @@ bool shim_init() {
     pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
     g_init_state.store(1, std::memory_order_release);
     adopt_inherited_sockets();
+    note_inherited_listeners();
     return true;
 }
 

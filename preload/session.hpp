@@ -361,7 +361,8 @@ int request_handoff(uint32_t slot, uint32_t how, Handoff &out);
 // Offers the kernel TCP socket `kernel_fd` to the engine (kAdoptSocket; the engine keeps a
 // descriptor of its own). The slot that now serves it (mapped here), with `parked` bytes that
 // were waiting for it queued first, or -errno: the socket stays ours, untouched.
-int adopt_with_engine(int kernel_fd, uint64_t &parked);
+// `on_demand`: a listener inherited from outside the shim (ipc::kAdoptOnDemand).
+int adopt_with_engine(int kernel_fd, uint64_t &parked, bool on_demand = false);
 
 // exec: what the new image needs to carry on as the same member of the same session.
 struct ExecHandover {

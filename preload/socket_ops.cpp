@@ -308,8 +308,9 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         const long got = accept_from_twin(ref, -1, addr, len, flags);
         if (got >= 0) {
             // The kernel's, as one a saturated engine left to it at accept: offloaded again
-            // when the engine has room (adopt.cpp).
-            note_kernel_served(static_cast<int>(got), true);
+            // when the engine has room (adopt.cpp); from an inherited listener, at its first use.
+            note_kernel_served(static_cast<int>(got),
+                               !(shm.flags.load() & ipc::kFlagAcceptOnDemand));
             return got;
         }
         if (got != -EAGAIN) return got;
@@ -400,7 +401,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     }
     listener.rx_lock.unlock();
     if (from_twin) {
-        note_kernel_served(fd, true);
+        note_kernel_served(fd, !(shm.flags.load() & ipc::kFlagAcceptOnDemand));
         return fd;
     }
     if (error != 0) {

@@ -1,0 +1,166 @@
+"""inherited_listener.sh's programs. The parent runs without the shim, as systemd or a
+supervisor would: it makes a TCP listener and starts a child that inherits it (socket
+activation), with the shim (LIBTCPS and TCPS_ENGINE_SOCKET name it and its engine).
+
+  inherited_listener.py alone accept|epoll
+      The child sets FD_CLOEXEC on the listener and looks at it with fstat() first, as
+      sd_listen_fds() and sd_is_socket() do: a socket. Then it serves 4 connections from the inherited listener (asleep in accept(), or a
+      non-blocking listener on an epoll's events, as nginx waits), echoing a line on each and
+      saying what each descriptor is once used: "offloaded" (the shim's placeholder) or
+      "kernel". The parent is their client and checks every echo.
+  inherited_listener.py shared
+      The parent keeps its copy of the listener, as systemd keeps a socket it activated. The
+      child serves 4 connections; then 2 more clients connect and wait, and only then does the
+      child close its copy and exit. On Linux those 2 wait in the listener's one queue for
+      whoever holds it: the parent then accepts them (natively), and 4 more after them. Nothing
+      may have been accepted ahead for the child and lost with its copy.
+Exits 0 if every client got its echo; prints what happened.
+"""
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import threading
+
+CHILD = r"""
+import fcntl, os, selectors, socket, stat, sys
+fd, mode, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def kind(sock):
+    return "offloaded" if os.readlink("/proc/self/fd/%d" % sock.fileno()) == "/dev/null" else "kernel"
+# What sd_listen_fds() and sd_is_socket() do first: FD_CLOEXEC set, then fstat(), which must
+# see a socket.
+fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    sys.exit("fstat() of the inherited listener after F_SETFD: not a socket")
+listener = socket.socket(fileno=fd)
+events = None
+if mode == "epoll":
+    listener.setblocking(False)
+    events = selectors.EpollSelector()
+    events.register(listener, selectors.EVENT_READ)
+print("listener:", kind(listener), flush=True)
+served = 0
+while served < count:
+    if events is not None:
+        if not events.select(timeout=30):
+            sys.exit("no connection for 30 s")
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            continue  # taken by the other process
+        conn.setblocking(True)
+    else:
+        conn, _ = listener.accept()
+    conn.settimeout(30)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(100)
+        if not chunk:
+            break
+        line += chunk
+    conn.sendall(b"child " + line)
+    print("connection %r: %s" % (line.decode().strip(), kind(conn)), flush=True)
+    conn.close()
+    served += 1
+if mode == "shared":
+    print("child served %d" % served, flush=True)
+    sys.stdin.readline()  # the parent's clients wait in the queue now
+listener.close()
+print("child closed its listener after %d" % served, flush=True)
+"""
+
+
+def start_child(listener, mode, count):
+    env = dict(os.environ, LD_PRELOAD=os.environ["LIBTCPS"])
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(listener.fileno()), mode, str(count)],
+        pass_fds=[listener.fileno()], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+
+
+def client(port, k, results):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"hello %d\n" % k)
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = s.recv(100)
+                if not chunk:
+                    break
+                got += chunk
+        results[k] = got.decode().strip()
+    except OSError as error:
+        results[k] = "error: %s" % error
+
+
+def main():
+    phase = sys.argv[1]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    results = {}
+    if phase == "alone":
+        child = start_child(listener, sys.argv[2], 4)
+        listener.close()  # the child's alone now, as after a supervisor's hand-over
+        for k in range(4):
+            client(port, k, results)
+        out, _ = child.communicate(timeout=60)
+        print(out, end="")
+        want = {k: "child hello %d" % k for k in range(4)}
+        ok = child.returncode == 0 and results == want
+    else:
+        child = start_child(listener, "shared", 4)
+        for k in range(4):
+            client(port, k, results)
+        for line in child.stdout:
+            print(line, end="")
+            if line.startswith("child served"):
+                break
+        if not line.startswith("child served 4"):
+            sys.exit("the child did not serve 4: %r" % line)
+        # Two clients that wait in the queue while the child still holds the listener.
+        waiting = [threading.Thread(target=client, args=(port, k, results)) for k in (4, 5)]
+        for t in waiting:
+            t.start()
+        queued = lambda: sum(1 for _ in open("/proc/net/tcp").readlines()[1:]
+                             if (":%04X" % port) in _.split()[1] and _.split()[3] == "01")
+        for _ in range(300):  # the two established, server side (3 s at most)
+            if queued() >= 2:
+                break
+            threading.Event().wait(0.01)
+        out, _ = child.communicate("close\n", timeout=60)
+        print(out, end="")
+        listener.settimeout(30)
+        parent_served = 0
+        later = [threading.Thread(target=client, args=(port, k, results)) for k in range(6, 10)]
+        for t in later:
+            t.start()
+        for _ in range(6):
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                break
+            with conn:
+                conn.settimeout(30)
+                line = b""
+                while not line.endswith(b"\n"):
+                    chunk = conn.recv(100)
+                    if not chunk:
+                        break
+                    line += chunk
+                conn.sendall(b"parent " + line)
+                parent_served += 1
+        for t in waiting + later:
+            t.join(60)
+        print("parent served %d after the child closed its copy" % parent_served)
+        want = {k: "child hello %d" % k for k in range(4)}
+        want.update({k: "parent hello %d" % k for k in range(4, 10)})
+        ok = child.returncode == 0 and parent_served == 6 and results == want
+    for k in sorted(results):
+        print("client %d: %s" % (k, results[k]))
+    sys.exit(0 if ok else 1)
+
+
+main()
