@@ -16,65 +16,74 @@ activation), with the shim (LIBTCPS and TCPS_ENGINE_SOCKET name it and its engin
       may have been accepted ahead for the child and lost with its copy.
 Exits 0 if every client got its echo; prints what happened.
 """
+import fcntl
 import os
 import selectors
+import stat
 import socket
 import subprocess
 import sys
 import threading
 
-CHILD = r"""
-import fcntl, os, selectors, socket, stat, sys
-fd, mode, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-def kind(sock):
-    return "offloaded" if os.readlink("/proc/self/fd/%d" % sock.fileno()) == "/dev/null" else "kernel"
-# What sd_listen_fds() and sd_is_socket() do first: FD_CLOEXEC set, then fstat(), which must
-# see a socket.
-fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
-if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-    sys.exit("fstat() of the inherited listener after F_SETFD: not a socket")
-listener = socket.socket(fileno=fd)
-events = None
-if mode == "epoll":
-    listener.setblocking(False)
-    events = selectors.EpollSelector()
-    events.register(listener, selectors.EVENT_READ)
-print("listener:", kind(listener), flush=True)
-served = 0
-while served < count:
-    if events is not None:
-        if not events.select(timeout=30):
-            sys.exit("no connection for 30 s")
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            continue  # taken by the other process
-        conn.setblocking(True)
-    else:
-        conn, _ = listener.accept()
-    conn.settimeout(30)
+def read_line(sock):
+    """One line (up to its newline, or what came before EOF)."""
     line = b""
     while not line.endswith(b"\n"):
-        chunk = conn.recv(100)
+        chunk = sock.recv(100)
         if not chunk:
             break
         line += chunk
-    conn.sendall(b"child " + line)
-    print("connection %r: %s" % (line.decode().strip(), kind(conn)), flush=True)
-    conn.close()
-    served += 1
-if mode == "shared":
-    print("child served %d" % served, flush=True)
-    sys.stdin.readline()  # the parent's clients wait in the queue now
-listener.close()
-print("child closed its listener after %d" % served, flush=True)
-"""
+    return line
+
+
+def kind(sock):
+    target = os.readlink("/proc/self/fd/%d" % sock.fileno())
+    return "offloaded" if target == "/dev/null" else "kernel"
+
+
+def child(fd, mode, count):
+    """The preloaded child: serves `count` connections from inherited listener `fd`."""
+    # What sd_listen_fds() and sd_is_socket() do first: FD_CLOEXEC set, then fstat(), which
+    # must see a socket.
+    fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        sys.exit("fstat() of the inherited listener after F_SETFD: not a socket")
+    listener = socket.socket(fileno=fd)
+    events = None
+    if mode == "epoll":
+        listener.setblocking(False)
+        events = selectors.EpollSelector()
+        events.register(listener, selectors.EVENT_READ)
+    print("listener:", kind(listener), flush=True)
+    served = 0
+    while served < count:
+        if events is not None:
+            if not events.select(timeout=30):
+                sys.exit("no connection for 30 s")
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue  # taken by the other process
+            conn.setblocking(True)
+        else:
+            conn, _ = listener.accept()
+        conn.settimeout(30)
+        line = read_line(conn)
+        conn.sendall(b"child " + line)
+        print("connection %r: %s" % (line.decode().strip(), kind(conn)), flush=True)
+        conn.close()
+        served += 1
+    if mode == "shared":
+        print("child served %d" % served, flush=True)
+        sys.stdin.readline()  # the parent's clients wait in the queue now
+    listener.close()
+    print("child closed its listener after %d" % served, flush=True)
 
 
 def start_child(listener, mode, count):
     env = dict(os.environ, LD_PRELOAD=os.environ["LIBTCPS"])
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(listener.fileno()), mode, str(count)],
+        [sys.executable, __file__, "child", str(listener.fileno()), mode, str(count)],
         pass_fds=[listener.fileno()], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True)
 
@@ -83,38 +92,35 @@ def client(port, k, results):
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"hello %d\n" % k)
-            got = b""
-            while not got.endswith(b"\n"):
-                chunk = s.recv(100)
-                if not chunk:
-                    break
-                got += chunk
-        results[k] = got.decode().strip()
+            results[k] = read_line(s).decode().strip()
     except OSError as error:
         results[k] = "error: %s" % error
 
 
 def main():
     phase = sys.argv[1]
+    if phase == "child":
+        child(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+        return
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     port = listener.getsockname()[1]
     results = {}
     if phase == "alone":
-        child = start_child(listener, sys.argv[2], 4)
+        server = start_child(listener, sys.argv[2], 4)
         listener.close()  # the child's alone now, as after a supervisor's hand-over
         for k in range(4):
             client(port, k, results)
-        out, _ = child.communicate(timeout=60)
+        out, _ = server.communicate(timeout=60)
         print(out, end="")
         want = {k: "child hello %d" % k for k in range(4)}
-        ok = child.returncode == 0 and results == want
+        ok = server.returncode == 0 and results == want
     else:
-        child = start_child(listener, "shared", 4)
+        server = start_child(listener, "shared", 4)
         for k in range(4):
             client(port, k, results)
-        for line in child.stdout:
+        for line in server.stdout:
             print(line, end="")
             if line.startswith("child served"):
                 break
@@ -130,7 +136,7 @@ def main():
             if queued() >= 2:
                 break
             threading.Event().wait(0.01)
-        out, _ = child.communicate("close\n", timeout=60)
+        out, _ = server.communicate("close\n", timeout=60)
         print(out, end="")
         listener.settimeout(30)
         parent_served = 0
@@ -144,20 +150,14 @@ def main():
                 break
             with conn:
                 conn.settimeout(30)
-                line = b""
-                while not line.endswith(b"\n"):
-                    chunk = conn.recv(100)
-                    if not chunk:
-                        break
-                    line += chunk
-                conn.sendall(b"parent " + line)
+                conn.sendall(b"parent " + read_line(conn))
                 parent_served += 1
         for t in waiting + later:
             t.join(60)
         print("parent served %d after the child closed its copy" % parent_served)
         want = {k: "child hello %d" % k for k in range(4)}
         want.update({k: "parent hello %d" % k for k in range(4, 10)})
-        ok = child.returncode == 0 and parent_served == 6 and results == want
+        ok = server.returncode == 0 and parent_served == 6 and results == want
     for k in sorted(results):
         print("client %d: %s" % (k, results[k]))
     sys.exit(0 if ok else 1)
