@@ -4,10 +4,10 @@ activation), with the shim (LIBTCPS and TCPS_ENGINE_SOCKET name it and its engin
 
   inherited_listener.py alone accept|epoll
       The child sets FD_CLOEXEC on the listener and looks at it with fstat() first, as
-      sd_listen_fds() and sd_is_socket() do: a socket. Then it serves 4 connections from the inherited listener (asleep in accept(), or a
-      non-blocking listener on an epoll's events, as nginx waits), echoing a line on each and
-      saying what each descriptor is once used: "offloaded" (the shim's placeholder) or
-      "kernel". The parent is their client and checks every echo.
+      sd_listen_fds() and sd_is_socket() do: a socket. Then it serves 4 connections from it
+      (asleep in accept(), or a non-blocking listener on an epoll's events, as nginx waits),
+      echoing a line on each and saying what each descriptor is once used: "offloaded" (the
+      shim's placeholder) or "kernel". The parent is their client and checks every echo.
   inherited_listener.py shared
       The parent keeps its copy of the listener, as systemd keeps a socket it activated. The
       child serves 4 connections; then 2 more clients connect and wait, and only then does the
@@ -19,8 +19,8 @@ Exits 0 if every client got its echo; prints what happened.
 import fcntl
 import os
 import selectors
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import threading
