@@ -496,8 +496,8 @@ void note_epoll_ctl(int epfd, int op, int fd, const epoll_event *event) {
 }
 
 void forget_pending(int fd) {
+    forget_inherited(fd);  // one load when nothing was inherited
     if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return;
-    forget_inherited(fd);
     if (Entry *entry = pending_entry(fd)) {
         // A close or dup2 over a number another thread is moving: after the move, so that
         // it closes what the number is then.
