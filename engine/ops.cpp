@@ -149,10 +149,7 @@ int Worker::op_socket(Session &s, uint32_t i, const ipc::Request &req) {
     }
     init_slot(s, i, fd, req.arg0, 0);
     s.slots[i].quota_uid = s.creds.uid;
-    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                 std::memory_order_release);
-    ++s.open_sockets;
-    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    publish_open(s, i);
     return 0;
 }
 

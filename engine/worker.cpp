@@ -1513,10 +1513,8 @@ void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &
     ipc::SocketSlot &conn_slot = s.region.slot(j);
     conn.last_req_seq = conn_slot.req_seq.load(std::memory_order_acquire);
     conn_slot.resp_seq.store(conn.last_req_seq, std::memory_order_relaxed);
-    conn_slot.state.store(static_cast<uint32_t>(ipc::SlotState::kOpen), std::memory_order_release);
+    publish_open(s, j);
     post_recv(s, j);
-    ++s.open_sockets;
-    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
     // A parked one was counted when it was first accepted (unparked counts it again).
     if (!from.parked) stats_.accepts.fetch_add(1, std::memory_order_relaxed);
 }
@@ -1837,10 +1835,7 @@ void Worker::new_socket(Session &s, uint32_t member, int family, const ipc::Cont
         } else {
             init_slot(s, i, fd, family, 0);
             s.slots[i].quota_uid = creds.uid;
-            s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                         std::memory_order_release);
-            ++s.open_sockets;
-            stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+            publish_open(s, i);
         }
     }
     ipc::ControlMessage reply{};
@@ -1937,10 +1932,7 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::Co
         if (on_demand) serve_on_demand(s, i);
         refresh_addresses(s, i, false);
         update_kernel_mask(s, i);
-        s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                     std::memory_order_release);
-        ++s.open_sockets;
-        stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+        publish_open(s, i);
         stats_.adopted_listeners.fetch_add(1, std::memory_order_relaxed);
     }
     // The parked connections, in the order they were accepted, each in a slot of its own as
@@ -2015,10 +2007,7 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     refresh_addresses(s, i, true);
     update_kernel_mask(s, i);
     track_connected(s, i);
-    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
-                                 std::memory_order_release);
-    ++s.open_sockets;
-    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
+    publish_open(s, i);
     stats_.adopted.fetch_add(1, std::memory_order_relaxed);
     ++adopted_this_window_;
     reply.arg = static_cast<int32_t>(i);
@@ -2593,6 +2582,13 @@ static void clear_engine_fields(ipc::SocketSlot &slot) {
     slot.twin_ready_at.store(0, std::memory_order_relaxed);
     slot.local_addr.len = 0;
     slot.peer_addr.len = 0;
+}
+
+void Worker::publish_open(Session &s, uint32_t i) {
+    s.region.slot(i).state.store(static_cast<uint32_t>(ipc::SlotState::kOpen),
+                                 std::memory_order_release);
+    ++s.open_sockets;
+    stats_.sockets.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Worker::init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags) {

@@ -364,6 +364,8 @@ class Worker {
 
     // --- slot state ---
     void init_slot(Session &s, uint32_t i, int fd, int family, uint32_t flags);
+    // Slot i (set up) is open for its client from now on, and counted as such.
+    void publish_open(Session &s, uint32_t i);
     void publish_flags(Session &s, uint32_t i, uint32_t flags, bool seq_cst = false);
     void bump_event(Session &s, uint32_t i);
     void mark_changed(Session &s, uint32_t i);

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 
+
 def read_line(sock):
     """One line (up to its newline, or what came before EOF)."""
     line = b""

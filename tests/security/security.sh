@@ -238,17 +238,26 @@ expect_probe() {
     log "  $*: $got"
 }
 
+# probe.py hold PORT [reuseport] as uid $1, offloaded, in the background until it holds its
+# listener, connection and accepted end (its line in hold.out); sets HOLDER.
+start_holder() {
+    local uid=$1
+    shift
+    as_user "$uid"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
+        "$PROBE" hold "$@" >"$TCPS_TEST_DIR/hold.out" 2>&1 &
+    HOLDER=$!
+    track "$HOLDER"
+    wait_for_line 10 "$TCPS_TEST_DIR/hold.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/hold.out")"
+}
+
 case_owner() {
     local user=4242 port lines
     log "owner: uid $user's offloaded sockets are uid $user's"
     start_root_engine
     port=$(free_port)
-    as_user "$user"
-    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
-        "$PROBE" hold "$port" reuseport >"$TCPS_TEST_DIR/hold.out" 2>&1 &
-    local holder=$!
-    track "$holder"
-    wait_for_line 10 "$TCPS_TEST_DIR/hold.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/hold.out")"
+    start_holder "$user" "$port" reuseport
+    local holder=$HOLDER
     grep -q "ready offloaded offloaded offloaded" "$TCPS_TEST_DIR/hold.out" ||
         fail "not offloaded: $(cat "$TCPS_TEST_DIR/hold.out")"
     lines=$(ss -tanpeH "( sport = :$port or dport = :$port )")
@@ -311,12 +320,8 @@ case_twin() {
     log "twin: a listener's twin is its owner's, and no other uid's way in"
     start_root_engine --handoff-load 0
     port=$(free_port)
-    as_user "$user"
-    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" "$PYTHON" \
-        "$PROBE" hold "$port" >"$TCPS_TEST_DIR/hold.out" 2>&1 &
-    local holder=$!
-    track "$holder"
-    wait_for_line 10 "$TCPS_TEST_DIR/hold.out" ready || fail "the holder: $(cat "$TCPS_TEST_DIR/hold.out")"
+    start_holder "$user" "$port"
+    local holder=$HOLDER
     # The saturated engine sent the connection to the twin: the accepted end is the kernel's.
     grep -q "ready offloaded offloaded kernel" "$TCPS_TEST_DIR/hold.out" ||
         fail "not through the twin: $(cat "$TCPS_TEST_DIR/hold.out")"
