@@ -24,6 +24,14 @@ ShardMessage Worker::message_for(Session &s, ShardMessage::Type type) {
     return message;
 }
 
+uint32_t Worker::next_shard(Session &s, bool adopted) {
+    const std::vector<Worker *> &workers = s.family->workers;
+    return next_worker(
+        s.next_shard, static_cast<uint32_t>(workers.size()),
+        [&](uint32_t k) { return workers[k]->active(); },
+        [&](uint32_t k) { return adopted ? !workers[k]->has_room() : workers[k]->saturated(); });
+}
+
 void Worker::tell_shards(Session &s, const ShardMessage &message) {
     for (size_t k = 1; k < s.family->workers.size(); ++k) {
         ShardMessage copy = message;

@@ -128,6 +128,43 @@ class LoadGauge {
     int last_percent_ = 0;
 };
 
+// Which of a family's `count` workers takes its next connection (issues 11.1 and 11.3): the
+// next in turn from `next` that takes new work (`takes_new(k)`, --min-workers) and is not
+// `busy(k)` (saturated, or without room for an adopted socket, --handoff-load), so that one
+// busy worker does not send the kernel connections the others have room for; while all that
+// take new work are busy, the next of them in turn (it leaves the connection to the kernel);
+// the home (0) when none takes new work. `next` moves past the one chosen.
+template <class TakesNew, class Busy>
+uint32_t next_worker(uint32_t &next, uint32_t count, TakesNew takes_new, Busy busy) {
+    uint32_t first_busy = count;
+    for (uint32_t tries = 0; tries < count; ++tries) {
+        const uint32_t k = (next + tries) % count;
+        if (!takes_new(k)) continue;
+        if (!busy(k)) {
+            next = (k + 1) % count;
+            return k;
+        }
+        if (first_busy == count) first_busy = k;
+    }
+    if (first_busy == count) return 0;
+    next = (first_busy + 1) % count;
+    return first_busy;
+}
+
+// Whether a family's new connections should go to its listeners' twins (seed 003's handoff at
+// accept): every worker that takes new work is saturated (the home's own gauge when none
+// does), as next_worker() would give each one to a busy worker.
+template <class TakesNew, class Saturated>
+bool family_saturated(uint32_t count, TakesNew takes_new, Saturated saturated) {
+    bool any_takes_new = false;
+    for (uint32_t k = 0; k < count; ++k) {
+        if (!takes_new(k)) continue;
+        if (!saturated(k)) return false;
+        any_takes_new = true;
+    }
+    return any_takes_new || saturated(0);
+}
+
 // Seed 001's H4: how many workers take new connections (an elastic engine), between `min` and
 // `max`, from each load window's busy shares, with watermarks. One more when the active
 // workers' average is at `high` or above for two windows running; one fewer when the others

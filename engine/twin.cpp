@@ -148,7 +148,7 @@ void Worker::make_twin(Session &s, uint32_t i, int backlog) {
 
 void Worker::steer_twin(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
-    const bool to_twin = gauge_.saturated();
+    const bool to_twin = twins_wanted(s);
     if (es.twin_fd < 0 || es.on_demand || es.twin_steered == to_twin) return;
     if (steer_to(es.fd, to_twin ? kTwinIndex : kEngineIndex) != 0) {
         log_line("worker %d: session %u slot %u: steering the listener's group: %s", config_.index,
@@ -157,6 +157,14 @@ void Worker::steer_twin(Session &s, uint32_t i) {
     }
     es.twin_steered = to_twin;
     if (to_twin) stats_.twin_steers.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool Worker::twins_wanted(const Session &s) const {
+    if (!s.family) return gauge_.saturated();
+    const std::vector<Worker *> &workers = s.family->workers;
+    return family_saturated(
+        static_cast<uint32_t>(workers.size()), [&](uint32_t k) { return workers[k]->active(); },
+        [&](uint32_t k) { return workers[k]->saturated(); });
 }
 
 void Worker::steer_twins() {

@@ -79,6 +79,7 @@ Worker::Worker(const WorkerConfig &config, const std::atomic<bool> &stop)
       peek_scratch_(new uint8_t[ipc::kRingBytes]),
       gauge_(config.handoff_load) {
     saturated_.store(gauge_.saturated(), std::memory_order_relaxed);
+    room_.store(gauge_.has_room(), std::memory_order_relaxed);
     table_.resize(kMaxSessions);
     free_indices_.reserve(kMaxSessions);
     for (uint32_t i = kMaxSessions; i-- > 0;) free_indices_.push_back(i);
@@ -238,13 +239,15 @@ void Worker::run() {
             const bool was = gauge_.saturated();
             const bool now_saturated = gauge_.update(busy_ns_, now_ns_ - load_window_start_ns_);
             saturated_.store(now_saturated, std::memory_order_relaxed);
+            room_.store(gauge_.has_room(), std::memory_order_relaxed);
             if (now_saturated != was)
                 TCPS_LOG_VERBOSE("worker %d: %s", config_.index,
                                  was ? "no longer saturated: offloading new connections"
                                      : "saturated: new connections stay with the kernel, some "
                                        "live ones are asked back");
             adopted_this_window_ = 0;
-            if (now_saturated != was) steer_twins();
+            // Each window: the family's other workers' gauges may have flipped.
+            steer_twins();
             if (now_saturated)
                 ask_to_shed();
             else if (shed_asks_open_ > 0)
@@ -1442,16 +1445,7 @@ void Worker::deliver_accepted(Session &s, uint32_t i, uint32_t j, int fd, bool p
         // once that worker has placed it; those accepted after it wait behind it, so that the
         // application takes them in the kernel's order.
         // Parked workers (--min-workers) are passed over; the home takes it if all are.
-        const auto shards = static_cast<uint32_t>(s.family->workers.size());
-        uint32_t shard = 0;
-        for (uint32_t tries = 0; tries < shards; ++tries) {
-            const uint32_t next = s.next_shard;
-            s.next_shard = (next + 1) % shards;
-            if (s.family->workers[next]->active()) {
-                shard = next;
-                break;
-            }
-        }
+        const uint32_t shard = next_shard(s, false);
         if (shard != 0 || !s.pending_accepts.empty()) {
             PendingAccept pending;
             pending.seq = s.next_accept_seq++;
@@ -1868,18 +1862,13 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     // Listeners are the home's, as the family's own are.
     if (result == 0 && s.family && !listening) {
         // The family's sockets go to its workers in turn, as accepted connections do.
-        const auto shards = static_cast<uint32_t>(s.family->workers.size());
-        for (uint32_t tries = 0; tries < shards; ++tries) {
-            const uint32_t next = s.next_shard;
-            s.next_shard = (next + 1) % shards;
-            if (!s.family->workers[next]->active()) continue;
-            if (next == 0) break;  // ours
+        if (const uint32_t shard = next_shard(s, true); shard != 0) {
             ShardMessage message = message_for(s, ShardMessage::Type::kAdopt);
             message.member = member;
             message.fd = fd;
             message.accepted.family = family;
             message.accepted.quota_uid = creds.uid;
-            s.family->workers[next]->post(std::move(message));
+            s.family->workers[shard]->post(std::move(message));
             return;  // the shard answers through us (kAdopted)
         }
     }

@@ -162,6 +162,8 @@ class Worker {
     bool zerocopy() const { return send_zc_; }
     // Whether it counts as saturated now (--handoff-load; read by the main thread for logs).
     bool saturated() const { return saturated_.load(std::memory_order_relaxed); }
+    // Whether it takes adopted sockets now (LoadGauge::has_room), for the home's choice.
+    bool has_room() const { return room_.load(std::memory_order_relaxed); }
     uint64_t load() const { return stats_.sessions.load(std::memory_order_relaxed) + queued_; }
     // Elastic engine (--min-workers): whether this worker takes new connections and families.
     // A parked one still serves what it has.
@@ -388,6 +390,11 @@ class Worker {
     // The group's choice, as the worker's load says: the twin while saturated.
     void steer_twin(Session &s, uint32_t i);
     void steer_twins();
+    // Whether the family's new connections go to the twins now (family_saturated()).
+    bool twins_wanted(const Session &s) const;
+    // Which of the family's workers takes its next connection (next_worker()); `adopted`:
+    // a socket offered to the engine, which needs room rather than no saturation.
+    uint32_t next_shard(Session &s, bool adopted);
     void watch_twin(Session &s, uint32_t i);
     void on_twin_watch(Session &s, uint32_t i, int32_t res);
     // The client found the twin empty (SocketSlot::twin_drained): flag off, watch again.
@@ -561,6 +568,7 @@ class Worker {
     // Saturation (seed 003): the share of each load window the loop spent working.
     LoadGauge gauge_;
     std::atomic<bool> saturated_{false};  // gauge_'s, for other threads
+    std::atomic<bool> room_{true};        // gauge_'s has_room(), for other threads
     uint64_t load_window_start_ns_ = 0;
     uint64_t busy_ns_ = 0;
     uint32_t shed_round_ = 0;         // load windows in which it asked: which connections it asks

@@ -454,6 +454,42 @@ TEST_CASE("handoff load -1 never saturates, 0 always does") {
     CHECK_FALSE(always.has_room());
 }
 
+TEST_CASE("a family's connections pass over busy workers while another has room") {
+    // Workers 0-3: 2 parked (takes no new work), 1 busy.
+    const bool takes_new[] = {true, true, false, true};
+    bool busy[] = {false, true, false, false};
+    auto active = [&](uint32_t k) { return takes_new[k]; };
+    auto is_busy = [&](uint32_t k) { return busy[k]; };
+    uint32_t next = 0;
+    std::vector<uint32_t> order;
+    for (int k = 0; k < 6; ++k) order.push_back(next_worker(next, 4, active, is_busy));
+    CHECK(order == std::vector<uint32_t>{0, 3, 0, 3, 0, 3});
+    CHECK_FALSE(family_saturated(4, active, is_busy));
+    // All that take new work busy: in turn among them (each leaves it to the kernel).
+    busy[0] = busy[3] = true;
+    order.clear();
+    next = 2;
+    for (int k = 0; k < 4; ++k) order.push_back(next_worker(next, 4, active, is_busy));
+    CHECK(order == std::vector<uint32_t>{3, 0, 1, 3});
+    CHECK(family_saturated(4, active, is_busy));
+    // One with room again: it takes them all.
+    busy[1] = false;
+    order.clear();
+    for (int k = 0; k < 3; ++k) order.push_back(next_worker(next, 4, active, is_busy));
+    CHECK(order == std::vector<uint32_t>{1, 1, 1});
+    CHECK_FALSE(family_saturated(4, active, is_busy));
+    // None takes new work: the home, saturated or not by its own gauge.
+    auto none = [](uint32_t) { return false; };
+    CHECK(next_worker(next, 4, none, is_busy) == 0);
+    CHECK(family_saturated(4, none, is_busy));  // busy[0]
+    busy[0] = false;
+    CHECK_FALSE(family_saturated(4, none, is_busy));
+    // One worker: always the home.
+    next = 0;
+    CHECK(next_worker(next, 1, active, is_busy) == 0);
+    CHECK(next == 0);
+}
+
 TEST_CASE(
     "a worker takes connections back only under its low mark, so it does not shed them again") {
     LoadGauge gauge(50);
