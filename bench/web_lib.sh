@@ -10,6 +10,10 @@
 #                          single (apache2 -X: mpm_event in one process, no fork)
 #              NGINX_MODE  single (default: master_process off, one process) or workers
 #                          (a master and 2 worker processes)
+#              NGINX_LISTENER own (default: nginx makes its listener) or inherited (made by a
+#                          process without tcps that execs nginx with it, as socket
+#                          activation does: bench/listen_then_exec.py; tcps serves it on
+#                          demand, each connection offloaded at its first use)
 #              ENGINE_CORES the engine's workers, a --cores list (e.g. 0,1: one family over
 #                          two workers), instead of the placement's one core
 
@@ -28,6 +32,12 @@ esac
 engine_core=${ENGINE_CORES:-$engine_core}
 apache_mode=${APACHE_MODE:-event}
 nginx_mode=${NGINX_MODE:-single}
+nginx_listener=${NGINX_LISTENER:-own}
+[[ $nginx_listener == own || $nginx_listener == inherited ]] ||
+    die "NGINX_LISTENER must be own or inherited, not '$nginx_listener'"
+# nginx 1.22 with inherited listeners and master_process off crashes (natively too).
+[[ $nginx_listener == inherited && $nginx_mode == single ]] &&
+    die "NGINX_LISTENER=inherited needs NGINX_MODE=workers"
 
 # Both Apache's children (www-data) and nginx read the document root.
 chmod 755 "$work"
@@ -153,9 +163,11 @@ EOF
 
 nginx_description() {
     case $nginx_mode in
-    single) echo "nginx, one process (master_process off)" ;;
-    workers) echo "nginx, a master and 2 workers" ;;
+    single) echo -n "nginx, one process (master_process off)" ;;
+    workers) echo -n "nginx, a master and 2 workers" ;;
     esac
+    [[ $nginx_listener == inherited ]] && echo -n ", its listener inherited (on demand)"
+    echo
 }
 
 # Starts a server (apache or nginx, $1) natively or offloaded ($2) on a free port, pinned to the
@@ -178,8 +190,11 @@ start_server() {
         ;;
     nginx)
         conf=$(nginx_conf "$dir" "$server_port")
-        taskset -c "$server_core" setsid "${runner[@]}" nginx -p "$dir" -c "$conf" \
-            >"$dir/stdout.log" 2>&1 &
+        local launcher=()
+        [[ $nginx_listener == inherited ]] &&
+            launcher=(python3 bench/listen_then_exec.py "$server_port" env)
+        taskset -c "$server_core" setsid "${launcher[@]}" "${runner[@]}" nginx -p "$dir" \
+            -c "$conf" >"$dir/stdout.log" 2>&1 &
         ;;
     esac
     server_pid=$!

@@ -14,6 +14,11 @@
 //    (none is EPOLLONESHOT, whose fired state the kernel does not tell). Its kernel epoll
 //    registrations are kept here as the application makes them, and move into the shim's
 //    registries with it.
+// A connection accepted from a listener served on demand (an inherited one) is kernel-served
+// from the start and offered at a call once it is kOnDemandOfferAgeNs old: its move costs a
+// round trip with its descriptor, more than a short connection's whole life with the kernel
+// (docs/performance.md, "Listeners inherited from outside the shim"), so only connections
+// that live on are moved.
 // A forked child forgets both kinds, and so does its parent for the kernel-served ones (either
 // may be the one that uses such a socket from then on); so do close() and dup2() over it, and
 // dup() of a kernel-served one (two numbers for one socket: it stays the kernel's).
@@ -187,6 +192,15 @@ std::atomic<Entry *> g_pending{nullptr};
 std::atomic<int> g_pending_count{0};
 std::atomic<int> g_pending_limit{0};  // 1 + the highest fd ever noted: bounds scans
 pthread_mutex_t g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
+// Where each entry keeps when it may be offered first (kOnDemandOfferAgeNs): the map's second
+// half, the same index. CLOCK_MONOTONIC in ms, wrapping; 0 for no such time.
+Entry &offer_at(Entry &entry) {
+    return (&entry)[g_fds.size()];
+}
+size_t map_bytes() {
+    return 2 * g_fds.size() * sizeof(Entry);
+}
+constexpr uint64_t kOnDemandOfferAgeNs = 10'000'000;
 // When the next kernel-served socket may be offered (after the engine said it is saturated).
 std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
@@ -239,12 +253,18 @@ void wait_while_adopting(Entry &entry) {
     while (kind_of(entry.load(std::memory_order_acquire)) == kAdopting) sched_yield();
 }
 
-void note(int fd, uint32_t kind) {
+// Whether `entry` may not be offered yet at `now` (ns).
+bool too_young(Entry &entry, uint64_t now) {
+    const uint32_t at = offer_at(entry).load(std::memory_order_relaxed);
+    return at != 0 && static_cast<int32_t>(at - static_cast<uint32_t>(now / 1'000'000)) > 0;
+}
+
+void note(int fd, uint32_t kind, uint64_t offer_after_ns = 0) {
     if (fd < 0 || static_cast<size_t>(fd) >= g_fds.size()) return;
     if (!g_pending.load(std::memory_order_acquire)) {
         pthread_mutex_lock(&g_pending_mutex);
         if (!g_pending.load(std::memory_order_relaxed)) {
-            void *memory = mmap(nullptr, g_fds.size() * sizeof(Entry), PROT_READ | PROT_WRITE,
+            void *memory = mmap(nullptr, map_bytes(), PROT_READ | PROT_WRITE,
                                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
             if (memory != MAP_FAILED)
                 g_pending.store(static_cast<Entry *>(memory), std::memory_order_release);
@@ -252,7 +272,13 @@ void note(int fd, uint32_t kind) {
         pthread_mutex_unlock(&g_pending_mutex);
     }
     Entry *entry = pending_entry(fd);
-    if (!entry || !change_kind(*entry, kNotNoted, kind)) return;
+    if (!entry || kind_of(entry->load(std::memory_order_acquire)) != kNotNoted) return;
+    // Before the kind: a thread that sees the kind sees the time (one that only now learns
+    // the number; the caller has not returned it yet).
+    const uint32_t at_ms = static_cast<uint32_t>(offer_after_ns / 1'000'000);
+    offer_at(*entry).store(offer_after_ns == 0 ? 0 : std::max<uint32_t>(at_ms, 1),
+                           std::memory_order_relaxed);
+    if (!change_kind(*entry, kNotNoted, kind)) return;
     int limit = g_pending_limit.load(std::memory_order_relaxed);
     while (limit < fd + 1 && !g_pending_limit.compare_exchange_weak(limit, fd + 1)) {
     }
@@ -377,6 +403,10 @@ void note_kernel_served(int fd, bool engine_saturated) {
     if (engine_saturated) back_off_reoffload(kReoffloadBackoffNs);
 }
 
+void note_accepted_on_demand(int fd) {
+    note(fd, kKernelServed, now_ns() + kOnDemandOfferAgeNs);
+}
+
 void note_shed(int fd) {
     note(fd, kKernelServed);
     // The engine that asked for it is saturated: no use offering it back at the next call.
@@ -392,8 +422,11 @@ bool adopt_pending(int fd) {
     if (kind == kNotNoted) return false;
     // Backing off (a clock read) before the syscall that in_vfork_child() is: while the
     // engine is saturated every call on a kernel-served connection passes here.
-    if (kind == kKernelServed && now_ns() < g_reoffload_after_ns.load(std::memory_order_relaxed))
-        return false;
+    if (kind == kKernelServed) {
+        const uint64_t now = now_ns();
+        if (now < g_reoffload_after_ns.load(std::memory_order_relaxed) || too_young(*entry, now))
+            return false;
+    }
     if (in_vfork_child() || shim_locked_here()) return false;
     if (kind == kKernelServed) {
         // Not while another thread is inside a kernel call on it: one asleep in a receive
@@ -547,7 +580,7 @@ void forget_all_pending() {
             if (kind_of(map[fd].load(std::memory_order_relaxed)) == kNoted && is_listener(fd))
                 listeners.push_back(fd);
     }
-    if (Entry *map = g_pending.exchange(nullptr)) munmap(map, g_fds.size() * sizeof(Entry));
+    if (Entry *map = g_pending.exchange(nullptr)) munmap(map, map_bytes());
     g_pending_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations_mutex = PTHREAD_MUTEX_INITIALIZER;
     g_registrations.clear();

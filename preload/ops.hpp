@@ -139,6 +139,9 @@ bool adopt_pending(int fd);
 // `engine_saturated`: known to be now (a connection from a listener's twin), so not offered
 // back at the next call.
 void note_kernel_served(int fd, bool engine_saturated = false);
+// The same for a connection accepted from a listener served on demand (kFlagAcceptOnDemand):
+// offered at a call once it is old enough to be worth the move (adopt.cpp).
+void note_accepted_on_demand(int fd);
 // The same for a live connection handed to the kernel because the engine asked (kFlagShed).
 // Before the hand-back, so that the epoll registrations it moves into the kernel's are kept.
 void note_shed(int fd);

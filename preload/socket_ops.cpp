@@ -292,6 +292,18 @@ long op_connect(SocketRef &ref, const sockaddr *addr, socklen_t len) {
     return -(failure ? failure : ECONNABORTED);
 }
 
+// A connection accept() took from a listener's twin: the kernel's, offloaded when the engine
+// has room again (it is saturated now); from a listener served on demand, once it lives on.
+namespace {
+void note_from_twin(const ipc::SocketSlot &listener, int fd) {
+    if (listener.flags.load() & ipc::kFlagAcceptOnDemand) {
+        note_accepted_on_demand(fd);
+    } else {
+        note_kernel_served(fd, true);
+    }
+}
+}  // namespace
+
 long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     Socket &listener = *ref.sock;
     if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC)) return -EINVAL;
@@ -308,9 +320,8 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
         const long got = accept_from_twin(ref, -1, addr, len, flags);
         if (got >= 0) {
             // The kernel's, as one a saturated engine left to it at accept: offloaded again
-            // when the engine has room (adopt.cpp); from an inherited listener, at its first use.
-            note_kernel_served(static_cast<int>(got),
-                               !(shm.flags.load() & ipc::kFlagAcceptOnDemand));
+            // when the engine has room (adopt.cpp); from an inherited listener, once it lives on.
+            note_from_twin(shm, static_cast<int>(got));
             return got;
         }
         if (got != -EAGAIN) return got;
@@ -401,7 +412,7 @@ long op_accept(SocketRef &ref, sockaddr *addr, socklen_t *len, int flags) {
     }
     listener.rx_lock.unlock();
     if (from_twin) {
-        note_kernel_served(fd, !(shm.flags.load() & ipc::kFlagAcceptOnDemand));
+        note_from_twin(shm, fd);
         return fd;
     }
     if (error != 0) {

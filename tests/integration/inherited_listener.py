@@ -6,8 +6,11 @@ activation), with the shim (LIBTCPS and TCPS_ENGINE_SOCKET name it and its engin
       The child sets FD_CLOEXEC on the listener and looks at it with fstat() first, as
       sd_listen_fds() and sd_is_socket() do: a socket. Then it serves 4 connections from it
       (asleep in accept(), or a non-blocking listener on an epoll's events, as nginx waits),
-      echoing a line on each and saying what each descriptor is once used: "offloaded" (the
-      shim's placeholder) or "kernel". The parent is their client and checks every echo.
+      echoing 3 lines on each, and says what each descriptor is: "offloaded" (the shim's
+      placeholder) or "kernel", after the first echo when that came within 8 ms of the
+      accept() ("young"; the shim moves such a connection once it is 10 ms old) and after the
+      last. The parent is their client: it waits 20 ms after the first echo, so that the
+      connection is old enough to move, and checks every echo.
   inherited_listener.py shared
       The parent keeps its copy of the listener, as systemd keeps a socket it activated. The
       child serves 4 connections; then 2 more clients connect and wait, and only then does the
@@ -24,6 +27,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 
 def read_line(sock):
@@ -42,6 +46,10 @@ def kind(sock):
     return "offloaded" if target == "/dev/null" else "kernel"
 
 
+CHILD_LINES = 3
+OLD_ENOUGH = 0.020  # twice the age at which the shim moves a connection accepted on demand
+
+
 def child(fd, mode, count):
     """The preloaded child: serves `count` connections from inherited listener `fd`."""
     # What sd_listen_fds() and sd_is_socket() do first: FD_CLOEXEC set, then fstat(), which
@@ -58,9 +66,11 @@ def child(fd, mode, count):
     print("listener:", kind(listener), flush=True)
     served = 0
     while served < count:
+        started = time.monotonic()
         if events is not None:
             if not events.select(timeout=30):
                 sys.exit("no connection for 30 s")
+            started = time.monotonic()  # the accept() is not a wait here
             try:
                 conn, _ = listener.accept()
             except BlockingIOError:
@@ -69,9 +79,15 @@ def child(fd, mode, count):
         else:
             conn, _ = listener.accept()
         conn.settimeout(30)
-        line = read_line(conn)
-        conn.sendall(b"child " + line)
-        print("connection %r: %s" % (line.decode().strip(), kind(conn)), flush=True)
+        first = None
+        for k in range(CHILD_LINES):
+            line = read_line(conn)
+            conn.sendall(b"child " + line)
+            if k == 0:
+                first = line.decode().strip()
+                if time.monotonic() - started < 0.008:
+                    print("connection %r young: %s" % (first, kind(conn)), flush=True)
+        print("connection %r: %s" % (first, kind(conn)), flush=True)
         conn.close()
         served += 1
     if mode == "shared":
@@ -89,11 +105,20 @@ def start_child(listener, mode, count):
         text=True)
 
 
-def client(port, k, results):
+def client(port, k, results, lines=1):
+    """Sends `lines` lines on one connection, the second one OLD_ENOUGH after the first
+    echo; results[k] is the first echo if every echo came back."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(b"hello %d\n" % k)
-            results[k] = read_line(s).decode().strip()
+            for n in range(lines):
+                if n == 1:
+                    time.sleep(OLD_ENOUGH)
+                s.sendall(b"hello %d\n" % k)
+                echo = read_line(s).decode().strip()
+                if n == 0:
+                    results[k] = echo
+                elif echo != results[k]:
+                    results[k] = "echo %d: %r" % (n, echo)
     except OSError as error:
         results[k] = "error: %s" % error
 
@@ -112,7 +137,7 @@ def main():
         server = start_child(listener, sys.argv[2], 4)
         listener.close()  # the child's alone now, as after a supervisor's hand-over
         for k in range(4):
-            client(port, k, results)
+            client(port, k, results, CHILD_LINES)
         out, _ = server.communicate(timeout=60)
         print(out, end="")
         want = {k: "child hello %d" % k for k in range(4)}
@@ -120,7 +145,7 @@ def main():
     else:
         server = start_child(listener, "shared", 4)
         for k in range(4):
-            client(port, k, results)
+            client(port, k, results, CHILD_LINES)
         for line in server.stdout:
             print(line, end="")
             if line.startswith("child served"):
