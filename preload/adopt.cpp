@@ -497,6 +497,36 @@ KernelCall::KernelCall(int fd) {
     entry_ = nullptr;
 }
 
+bool kernel_served_any() {
+    return g_pending_count.load(std::memory_order_acquire) != 0;
+}
+
+int begin_kernel_wait(int fd) {
+    Entry *entry = pending_entry(fd);
+    if (!entry) return 0;
+    uint32_t word = entry->load(std::memory_order_acquire);
+    for (;;) {
+        const uint32_t kind = kind_of(word);
+        if (kind == kAdopting) {
+            if (shim_locked_here()) return 0;  // as KernelCall
+            wait_while_adopting(*entry);
+            word = entry->load(std::memory_order_acquire);
+            continue;
+        }
+        if (kind != kKernelServed) break;
+        if (entry->compare_exchange_weak(word, word + kOneCall, std::memory_order_acq_rel)) {
+            if (g_fds.get(fd).kind() != FdKind::kSocket) return 1;
+            entry->fetch_sub(kOneCall, std::memory_order_acq_rel);
+            return -1;
+        }
+    }
+    return g_fds.get(fd).kind() == FdKind::kSocket ? -1 : 0;
+}
+
+void end_kernel_wait(int fd) {
+    if (Entry *entry = pending_entry(fd)) entry->fetch_sub(kOneCall, std::memory_order_acq_rel);
+}
+
 KernelCall::~KernelCall() {
     if (became_ours_) tl_retrying = false;
     if (entry_) static_cast<Entry *>(entry_)->fetch_sub(kOneCall, std::memory_order_acq_rel);

@@ -131,11 +131,12 @@ long recv_one(SocketRef &ref, void *buf, size_t len, int flags) {
 }
 
 // recvfrom()/recvmsg() on TCP: no source address (length 0), no control data, no flags but
-// MSG_OOB's.
-long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
+// MSG_OOB's. `answered_before`: op_recv's.
+long recv_msg(SocketRef &ref, msghdr *msg, int flags, bool answered_before = false) {
     if (!msg) return -EFAULT;
     if (msg->msg_iovlen > IOV_MAX) return -EMSGSIZE;
-    const long rc = op_recv(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags);
+    const long rc =
+        op_recv(ref, msg->msg_iov, static_cast<int>(msg->msg_iovlen), flags, answered_before);
     if (rc >= 0) {
         msg->msg_namelen = 0;
         msg->msg_controllen = 0;
@@ -148,6 +149,81 @@ long recv_msg(SocketRef &ref, msghdr *msg, int flags) {
         }
     }
     return rc;
+}
+
+// sendmmsg()/recvmmsg() on TCP: one sendmsg()/recvmsg() per entry, as the kernel's loops do
+// (net/socket.c), of at most UIO_MAXIOV entries. A send that leaves bytes of its entry unsent
+// ends the loop; an error after the first entry is lost (sendmmsg) or left for the next call
+// (recvmmsg, as sk_err; not EAGAIN); recvmmsg's timeout is looked at after each entry only,
+// and what is left of it written back when any came. Any interruption ends a later entry's
+// wait (the call has an answer, so the kernel does not restart it), and the error it leaves
+// is the wait's own (a pending error is reported before anything is received): ERESTARTSYS (512,
+// which then reaches the program as it is) without a receive timeout, EINTR with one
+// (sock_intr_errno()); tests/semantics check_mmsg.
+constexpr int kErestartsys = 512;
+constexpr unsigned kMaxMessages = 1024;  // UIO_MAXIOV
+
+long send_mmsg(SocketRef &ref, mmsghdr *msgs, unsigned vlen, int flags) {
+    vlen = std::min(vlen, kMaxMessages);
+    unsigned sent = 0;
+    long rc = 0;
+    while (sent < vlen) {
+        if (!msgs) {
+            rc = -EFAULT;
+            break;
+        }
+        const msghdr &msg = msgs[sent].msg_hdr;
+        if (msg.msg_iovlen > IOV_MAX) {
+            rc = -EMSGSIZE;
+            break;
+        }
+        rc = op_send(ref, msg.msg_iov, static_cast<int>(msg.msg_iovlen), flags);
+        if (rc < 0) break;
+        msgs[sent++].msg_len = static_cast<unsigned>(rc);
+        size_t wanted = 0;
+        for (size_t k = 0; k < msg.msg_iovlen; ++k) wanted += msg.msg_iov[k].iov_len;
+        if (static_cast<size_t>(rc) < wanted) break;
+        rc = 0;
+    }
+    return sent > 0 ? sent : rc;
+}
+
+long recv_mmsg(SocketRef &ref, mmsghdr *msgs, unsigned vlen, int flags, timespec *timeout) {
+    const int64_t timeout_ns = timespec_to_ns(timeout);
+    if (timeout && timeout_ns < 0) return -EINVAL;
+    const uint64_t end_ns = timeout ? now_ns() + static_cast<uint64_t>(timeout_ns) : 0;
+    // A pending error first, one a call before left included (do_recvmmsg()): ahead of any
+    // bytes still there, unlike recvmsg().
+    if (!(flags & MSG_ERRQUEUE))
+        if (const int error = take_error(ref)) return -error;
+    vlen = std::min(vlen, kMaxMessages);
+    unsigned got = 0;
+    long rc = 0;
+    while (got < vlen) {
+        if (!msgs) {
+            rc = -EFAULT;
+            break;
+        }
+        rc = recv_msg(ref, &msgs[got].msg_hdr, flags & ~MSG_WAITFORONE, got > 0);
+        if (rc < 0) break;
+        msgs[got++].msg_len = static_cast<unsigned>(rc);
+        rc = 0;
+        if (flags & MSG_WAITFORONE) flags |= MSG_DONTWAIT;
+        if (timeout) {
+            const uint64_t now = now_ns();
+            const uint64_t left = now < end_ns ? end_ns - now : 0;
+            timeout->tv_sec = static_cast<time_t>(left / 1'000'000'000);
+            timeout->tv_nsec = static_cast<long>(left % 1'000'000'000);
+            if (left == 0) break;
+        }
+        if (msgs[got - 1].msg_hdr.msg_flags & MSG_OOB) break;
+    }
+    if (rc == 0) return got;
+    if (got == 0) return rc;
+    if (rc == -EINTR && ref.sock->rcv_timeout_ns.load(std::memory_order_relaxed) == 0)
+        rc = -kErestartsys;
+    if (rc != -EAGAIN) ref.sock->deferred_error.store(static_cast<int>(-rc));
+    return got;
 }
 
 // accept() and connect() may sleep: they hold the socket for the whole call (io_ops.cpp), so a
@@ -485,6 +561,40 @@ TCPS_EXPORT ssize_t recvmsg(int fd, msghdr *msg, int flags) {
     if (n >= 0 && msg && msg->msg_controllen > 0) {
         const int errno_after = errno;
         adopt_received_sockets(msg);
+        errno = errno_after;
+    }
+    return n;
+}
+
+TCPS_EXPORT int sendmmsg(int fd, mmsghdr *msgs, unsigned int vlen, int flags) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded_io(fd, ref)) {
+        const long rc = send_mmsg(ref, msgs, vlen, flags);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return sendmmsg(fd, msgs, vlen, flags);
+    for (unsigned k = 0; msgs && k < std::min(vlen, kMaxMessages); ++k)
+        if (msgs[k].msg_hdr.msg_controllen > 0) hand_back_passed_sockets(&msgs[k].msg_hdr);
+    return pass(libc.sendmmsg, fd, msgs, vlen, flags);
+}
+
+TCPS_EXPORT int recvmmsg(int fd, mmsghdr *msgs, unsigned int vlen, int flags, timespec *timeout) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded_io(fd, ref)) {
+        const long rc = recv_mmsg(ref, msgs, vlen, flags, timeout);
+        if (!went_to_kernel(ref, rc, saved)) return finish<int>(rc, saved);
+    }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return recvmmsg(fd, msgs, vlen, flags, timeout);
+    const int n = pass(libc.recvmmsg, fd, msgs, vlen, flags, timeout);
+    // Sockets that came with them (AF_UNIX SCM_RIGHTS), as for recvmsg().
+    if (n > 0) {
+        const int errno_after = errno;
+        for (int k = 0; k < n; ++k)
+            if (msgs[k].msg_hdr.msg_controllen > 0) adopt_received_sockets(&msgs[k].msg_hdr);
         errno = errno_after;
     }
     return n;
@@ -906,6 +1016,9 @@ TCPS_EXPORT int poll(pollfd *fds, nfds_t nfds, int timeout) {
     bool handled;
     const long rc = poll_common(fds, nfds, ms_to_ns(timeout), nullptr, handled);
     if (handled) return finish<int>(rc, saved);
+    if (timeout == 0) return pass(libc.poll, fds, nfds, timeout);
+    const KernelWaits waits(fds, nfds);
+    if (waits.became_ours()) return poll(fds, nfds, timeout);
     return pass(libc.poll, fds, nfds, timeout);
 }
 
@@ -916,6 +1029,8 @@ TCPS_EXPORT int ppoll(pollfd *fds, nfds_t nfds, const timespec *timeout, const s
         if (timeout && timeout_ns < 0) return finish<int>(-EINVAL, saved);
         return finish<int>(op_poll(fds, nfds, timeout_ns, sigmask), saved);
     }
+    const KernelWaits waits(fds, nfds);
+    if (waits.became_ours()) return ppoll(fds, nfds, timeout, sigmask);
     return pass(libc.ppoll, fds, nfds, timeout, sigmask);
 }
 
@@ -949,6 +1064,8 @@ TCPS_EXPORT int select(int nfds, fd_set *r, fd_set *w, fd_set *e, timeval *timeo
         }
         return finish<int>(rc, saved);
     }
+    const KernelWaits waits(nfds, r, w, e);
+    if (waits.became_ours()) return select(nfds, r, w, e, timeout);
     return pass(libc.select, nfds, r, w, e, timeout);
 }
 
@@ -960,6 +1077,8 @@ TCPS_EXPORT int pselect(int nfds, fd_set *r, fd_set *w, fd_set *e, const timespe
         if (timeout && timeout_ns < 0) return finish<int>(-EINVAL, saved);
         return finish<int>(op_select(nfds, r, w, e, timeout_ns, sigmask, nullptr), saved);
     }
+    const KernelWaits waits(nfds, r, w, e);
+    if (waits.became_ours()) return pselect(nfds, r, w, e, timeout, sigmask);
     return pass(libc.pselect, nfds, r, w, e, timeout, sigmask);
 }
 

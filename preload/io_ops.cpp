@@ -404,7 +404,7 @@ bool direct_bytes_wait(const ipc::SocketSlot &shm) {
            (shm.kernel_mask.load(std::memory_order_relaxed) & POLLIN);
 }
 
-long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
+long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags, bool answered_before) {
     size_t total;
     if (const long rc = iov_total(iov, iovcnt, total); rc != 0) return rc;
     Socket &sock = *ref.sock;
@@ -548,7 +548,8 @@ long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags) {
         };
         // What was copied (or peeked) so far is the call's answer to any interruption.
         const WaitResult waited =
-            wait_until(ref.slot, ready, timeout, socket_wait_interrupt(timeout, copied + seen > 0));
+            wait_until(ref.slot, ready, timeout,
+                       socket_wait_interrupt(timeout, copied + seen > 0 || answered_before));
         sock.rx_lock.lock();
         asked_ring = false;
         if (waited == WaitResult::kTimeout || waited == WaitResult::kInterrupted) {

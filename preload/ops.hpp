@@ -44,7 +44,9 @@ long op_dupfd(int fd, int cmd, int min_fd);
 
 // io_ops.cpp
 long op_send(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
-long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags);
+// `answered_before`: an earlier part of the same call has moved bytes (recvmmsg's later
+// entries), so any interruption ends its wait, as one after bytes of its own would.
+long op_recv(SocketRef &ref, const iovec *iov, int iovcnt, int flags, bool answered_before = false);
 // Direct mode (ipc::kFlagRxDirect) with bytes waiting in the engine's kernel socket: a recv()
 // would take them (it asks for the ring back).
 bool direct_bytes_wait(const ipc::SocketSlot &shm);
@@ -159,6 +161,34 @@ class KernelCall {
 
   private:
     void *entry_ = nullptr;  // the counted entry of adopt.cpp's map
+    bool became_ours_ = false;
+};
+// The same for a kernel poll()/select() that may sleep (KernelWaits, poll.cpp), fd by fd:
+// begin_kernel_wait() returns 1 if a call on kernel-served `fd` is now counted (end it with
+// end_kernel_wait()), 0 if `fd` is no kernel-served socket, -1 if it was offloaded meanwhile.
+bool kernel_served_any();
+int begin_kernel_wait(int fd);
+void end_kernel_wait(int fd);
+// poll.cpp: for the length of a kernel poll()/select() that may sleep, each kernel-served
+// socket among its fds counts as a kernel call (KernelCall), so that it does not move to the
+// engine under the sleeper: the engine would take the bytes the sleeper waits for, and its
+// kernel socket would never wake it. became_ours(): one moved before it could be counted, so
+// the caller looks again through the shim. Nothing to do (one load) when none is noted.
+class KernelWaits {
+  public:
+    KernelWaits(const pollfd *fds, nfds_t nfds);
+    KernelWaits(int nfds, const fd_set *r, const fd_set *w, const fd_set *e);
+    ~KernelWaits();
+    KernelWaits(const KernelWaits &) = delete;
+    KernelWaits &operator=(const KernelWaits &) = delete;
+    bool became_ours() const { return became_ours_; }
+
+  private:
+    void add(int fd);
+    int inline_[8];
+    int *counted_ = inline_;
+    size_t capacity_ = 8;
+    size_t count_ = 0;
     bool became_ours_ = false;
 };
 // Before dup() of `fd`: a received socket is adopted first; a kernel-served one stays the

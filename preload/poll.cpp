@@ -63,6 +63,41 @@ void clear_bits(fd_set *set, int nfds) {
 
 }  // namespace
 
+KernelWaits::KernelWaits(const pollfd *fds, nfds_t nfds) {
+    if (__builtin_expect(!kernel_served_any(), 1) || !fds) return;
+    for (nfds_t i = 0; i < nfds && !became_ours_; ++i)
+        if (fds[i].fd >= 0) add(fds[i].fd);
+}
+
+KernelWaits::KernelWaits(int nfds, const fd_set *r, const fd_set *w, const fd_set *e) {
+    if (__builtin_expect(!kernel_served_any(), 1)) return;
+    const int limit = std::min<int>(nfds, g_fds.limit());
+    for (int fd = 0; fd < limit && !became_ours_; ++fd)
+        if (bit_is_set(r, fd) || bit_is_set(w, fd) || bit_is_set(e, fd)) add(fd);
+}
+
+void KernelWaits::add(int fd) {
+    for (size_t k = 0; k < count_; ++k)
+        if (counted_[k] == fd) return;  // one count per socket is enough
+    if (count_ == capacity_) {
+        // More kernel-served sockets in one set than inline room: rare, and not a data path.
+        int *grown = static_cast<int *>(std::malloc(2 * capacity_ * sizeof(int)));
+        if (!grown) return;  // uncounted: as before counting existed
+        std::memcpy(grown, counted_, count_ * sizeof(int));
+        if (counted_ != inline_) std::free(counted_);
+        counted_ = grown;
+        capacity_ *= 2;
+    }
+    const int rc = begin_kernel_wait(fd);
+    if (rc > 0) counted_[count_++] = fd;
+    if (rc < 0) became_ours_ = true;
+}
+
+KernelWaits::~KernelWaits() {
+    for (size_t k = 0; k < count_; ++k) end_kernel_wait(counted_[k]);
+    if (counted_ != inline_) std::free(counted_);
+}
+
 bool poll_has_offloaded(const pollfd *fds, nfds_t nfds) {
     if (g_fds.size() == 0 || !fds) return false;
     for (nfds_t i = 0; i < nfds; ++i)
@@ -175,9 +210,18 @@ long op_poll(pollfd *fds, nfds_t nfds, int64_t timeout_ns, const sigset_t *sigma
         // without an engine nothing offloaded will change, so no need.
         if (!armed && !session_dead() && wait_ns > 1'000'000) wait_ns = 1'000'000;
         timespec ts = to_timespec(wait_ns);
-        const int n =
-            real(libc.ppoll)(kernel.get(), count, wait_ns == UINT64_MAX ? nullptr : &ts, sigmask);
-        const int saved = errno;
+        int n;
+        int saved;
+        {
+            const KernelWaits waits(kernel.get(), kernel_count);
+            if (waits.became_ours()) {
+                if (armed) waiter_disarm();
+                return again();
+            }
+            n = real(libc.ppoll)(kernel.get(), count, wait_ns == UINT64_MAX ? nullptr : &ts,
+                                 sigmask);
+            saved = errno;
+        }
         short pipe_events = 0;
         if (armed) {
             pipe_events = kernel.get()[kernel_count].revents;

@@ -41,7 +41,7 @@ uint32_t poll_mask(const SocketSnapshot &s) {
         if (tx_shut || s.tx_room > 0) mask |= kOut;
         if (s.urgent) mask |= POLLPRI;  // tp->urg_data & TCP_URG_VALID
     }
-    if (s.error_pending) mask |= POLLERR;
+    if (s.error_pending || s.error_deferred) mask |= POLLERR;
     return mask;
 }
 

@@ -18,6 +18,7 @@ struct SocketSnapshot {
     uint32_t rcvlowat = 1;               // SO_RCVLOWAT: readable from this many bytes on
     uint32_t accept_available = 0;       // acc_tail - the client's acc_head
     bool error_pending = false;          // so_error set in a generation not yet reported
+    bool error_deferred = false;         // Socket::deferred_error (no reset: only POLLERR)
     bool urgent = false;                 // urgent data is there (the kernel socket's POLLPRI)
     bool past_mark_readable = false;     // the engine stopped at the urgent mark, bytes past it
     bool direct_readable = false;        // direct mode (kFlagRxDirect), bytes in the kernel socket

@@ -633,6 +633,7 @@ void Socket::open(int family, bool nonblock, uint32_t gen) {
     snd_timeout_ns.store(0);
     rcvlowat.store(1);
     consumed_error_gen.store(0);  // the engine starts every socket at error_gen 0
+    deferred_error.store(0);
     tx_sleeping.store(false);
     backlog.store(0);
     options.clear();
@@ -974,6 +975,8 @@ void request_close(uint32_t slot, bool reset) {
 // ---------------------------------------------------------------------------------------------
 
 int take_error(SocketRef &ref) {
+    if (ref.sock->deferred_error.load(std::memory_order_relaxed) != 0)
+        if (const int deferred = ref.sock->deferred_error.exchange(0)) return deferred;
     const uint32_t gen = ref.shm->error_gen.load(std::memory_order_acquire);
     uint32_t consumed = ref.sock->consumed_error_gen.load(std::memory_order_relaxed);
     if (gen == consumed) return 0;
@@ -983,6 +986,10 @@ int take_error(SocketRef &ref) {
 }
 
 bool error_pending(const SocketRef &ref) {
+    return ref.sock->deferred_error.load(std::memory_order_relaxed) != 0 || reset_pending(ref);
+}
+
+bool reset_pending(const SocketRef &ref) {
     const uint32_t gen = ref.shm->error_gen.load(std::memory_order_acquire);
     return gen != ref.sock->consumed_error_gen.load(std::memory_order_relaxed) &&
            ref.shm->so_error.load(std::memory_order_relaxed) > 0;
@@ -1043,7 +1050,8 @@ SocketSnapshot snapshot(const SocketRef &ref) {
         s.accept_available = 1;
     // Connections wait in the listener's twin (engine/twin.cpp): accept() takes them there.
     if (s.accept_available == 0 && twin_readable(ref)) s.accept_available = 1;
-    s.error_pending = error_pending(ref);
+    s.error_pending = reset_pending(ref);
+    s.error_deferred = ref.sock->deferred_error.load(std::memory_order_relaxed) != 0;
     const uint32_t kernel = shm.kernel_mask.load(std::memory_order_relaxed);
     s.urgent = (kernel & POLLPRI) != 0;
     // Stopped at the urgent mark with bytes waiting past it: readable, as the kernel socket is.

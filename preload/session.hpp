@@ -102,6 +102,8 @@ struct Socket {
     // SO_RCVLOWAT as the engine's socket holds it (>= 1): recv and readiness honour it.
     std::atomic<int> rcvlowat{1};
     std::atomic<uint32_t> consumed_error_gen{0};
+    // An error a recvmmsg() met after its first message, for the next call (Linux's sk_err).
+    std::atomic<int> deferred_error{0};
     // Locks shared with every process that holds the socket (bound to its slot's words).
     SocketLock rx_lock;                    // recv and accept
     SocketLock tx_lock;                    // send
@@ -211,10 +213,13 @@ int deregister_mem_with_engine(uint32_t id);
 // ---------------------------------------------------------------------------------------------
 // Error and readiness helpers
 
-// The pending error of a socket, reported once per generation (as Linux's sock_error()).
-// Returns the positive errno and consumes it, or 0.
+// The pending error of a socket, reported once per generation (as Linux's sock_error()), or
+// one a recvmmsg() deferred (Socket::deferred_error) first. Returns the positive errno and
+// consumes it, or 0.
 int take_error(SocketRef &ref);
+// Whether take_error() would return one; reset_pending(): the engine's (the connection died).
 bool error_pending(const SocketRef &ref);
+bool reset_pending(const SocketRef &ref);
 
 SocketSnapshot snapshot(const SocketRef &ref);
 

@@ -11,6 +11,13 @@ activation), with the shim (LIBTCPS and TCPS_ENGINE_SOCKET name it and its engin
       accept() ("young"; the shim moves such a connection once it is 10 ms old) and after the
       last. The parent is their client: it waits 20 ms after the first echo, so that the
       connection is old enough to move, and checks every echo.
+  inherited_listener.py alone poll
+      The same, asleep in accept(), but after the first echo a second thread of the child
+      sleeps in poll() on the connection (a kernel socket still), and once the connection is
+      old enough to move, the first thread makes a call on it (getsockopt) and says what it is:
+      "kernel", since a socket a thread sleeps on in the kernel's poll() must not move under
+      it (the engine would take the bytes the sleeper waits for). Then the client is told to
+      go on ("go"), the poll() returns, and the next read moves the connection.
   inherited_listener.py shared
       The parent keeps its copy of the listener, as systemd keeps a socket it activated. The
       child serves 4 connections; then 2 more clients connect and wait, and only then does the
@@ -21,6 +28,7 @@ Exits 0 if every client got its echo; prints what happened.
 """
 import fcntl
 import os
+import select
 import selectors
 import socket
 import stat
@@ -87,6 +95,8 @@ def child(fd, mode, count):
                 first = line.decode().strip()
                 if time.monotonic() - started < 0.008:
                     print("connection %r young: %s" % (first, kind(conn)), flush=True)
+                if mode == "poll":
+                    polled_call(conn, first, started)
         print("connection %r: %s" % (first, kind(conn)), flush=True)
         conn.close()
         served += 1
@@ -97,6 +107,42 @@ def child(fd, mode, count):
     print("child closed its listener after %d" % served, flush=True)
 
 
+def syscall_of(tid):
+    """The number of the system call thread `tid` of this process is in, or None."""
+    try:
+        with open("/proc/self/task/%d/syscall" % tid) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def polled_call(conn, name, started):
+    """A call on `conn` while another thread sleeps in the kernel's poll() on it."""
+    polled = {}
+
+    def poller():
+        polled["tid"] = threading.get_native_id()
+        waiter = select.poll()
+        waiter.register(conn, select.POLLIN)
+        polled["events"] = waiter.poll(30_000)
+
+    thread = threading.Thread(target=poller)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "tid" not in polled or syscall_of(polled["tid"]) not in (7, 271):  # poll, ppoll
+        if time.monotonic() > deadline:
+            sys.exit("the poller never slept in poll()")
+        time.sleep(0.001)
+    # Old enough to move (the rule's age, twice), then a call that would move it.
+    time.sleep(max(0.0, started + OLD_ENOUGH - time.monotonic()))
+    conn.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    print("connection %r while polled: %s" % (name, kind(conn)), flush=True)
+    conn.sendall(b"go\n")
+    thread.join(30)
+    if not polled.get("events"):
+        sys.exit("the poller did not see the client's next line")
+
+
 def start_child(listener, mode, count):
     env = dict(os.environ, LD_PRELOAD=os.environ["LIBTCPS"])
     return subprocess.Popen(
@@ -105,13 +151,19 @@ def start_child(listener, mode, count):
         text=True)
 
 
-def client(port, k, results, lines=1):
+def client(port, k, results, lines=1, wait_go=False):
     """Sends `lines` lines on one connection, the second one OLD_ENOUGH after the first
-    echo; results[k] is the first echo if every echo came back."""
+    echo (or after the server says "go"); results[k] is the first echo if every echo came
+    back."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             for n in range(lines):
-                if n == 1:
+                if n == 1 and wait_go:
+                    go = read_line(s)
+                    if go != b"go\n":
+                        results[k] = "no go: %r" % go
+                        return
+                elif n == 1:
                     time.sleep(OLD_ENOUGH)
                 s.sendall(b"hello %d\n" % k)
                 echo = read_line(s).decode().strip()
@@ -137,7 +189,7 @@ def main():
         server = start_child(listener, sys.argv[2], 4)
         listener.close()  # the child's alone now, as after a supervisor's hand-over
         for k in range(4):
-            client(port, k, results, CHILD_LINES)
+            client(port, k, results, CHILD_LINES, sys.argv[2] == "poll")
         out, _ = server.communicate(timeout=60)
         print(out, end="")
         want = {k: "child hello %d" % k for k in range(4)}

@@ -10,7 +10,8 @@
 # shorter one stays the kernel's: its move would cost more than its life). Proved: every
 # client echoed; the engine accepted none itself, served the listener on demand and adopted
 # each of the child's connections (its counters), so their bytes went through it; none that
-# had its first echo within 8 ms of its accept was offloaded by then. With the listener
+# had its first echo within 8 ms of its accept was offloaded by then; none moved while
+# another thread of the child slept in the kernel's poll() on it. With the listener
 # shared (the parent keeps its copy, as systemd does), 2 clients that connect while the child
 # still holds it and then closes it reach the parent: none was accepted ahead and lost.
 set -euo pipefail
@@ -42,7 +43,7 @@ run_phase() {
 }
 stat_of() { sed -n "s/.* $1 \([0-9]*\)[ ,)].*/\1/p" <<<"$STATS"; }
 
-for mode in accept epoll; do
+for mode in accept epoll poll; do
     run_phase "alone-$mode" alone "$mode"
     grep -q '^listener: offloaded' "$dir/alone-$mode.out" || fail "$mode: the listener stayed the kernel's"
     (($(grep -c "^connection 'hello [0-9]': offloaded" "$dir/alone-$mode.out") == 4)) ||
@@ -50,6 +51,10 @@ for mode in accept epoll; do
     ! grep "young: offloaded" "$dir/alone-$mode.out" ||
         fail "$mode: a connection was offloaded before it was 10 ms old"
     young=$(grep -c "young: kernel" "$dir/alone-$mode.out" || true)
+    if [[ $mode == poll ]]; then
+        (($(grep -c "while polled: kernel" "$dir/alone-$mode.out") == 4)) ||
+            fail "poll: a connection moved to the engine while a thread slept in poll() on it"
+    fi
     (($(stat_of accepts) == 0)) || fail "$mode: the engine accepted $(stat_of accepts) itself"
     (($(stat_of "(on demand") == 1)) || fail "$mode: the listener was not served on demand"
     (($(stat_of "adopted sockets") == 4)) || fail "$mode: the engine adopted $(stat_of "adopted sockets") connections, not 4"

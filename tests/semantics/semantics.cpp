@@ -1853,6 +1853,166 @@ void check_vector_io(const Family &family) {
     pair.close_both();
 }
 
+// sendmmsg()/recvmmsg() on TCP: the kernel's loop of sendmsg()/recvmsg() (net/socket.c).
+void check_mmsg(const Family &family) {
+    Pair pair = connected_pair(family);
+    char a[] = "abc", b[] = "defgh";
+    iovec out[2] = {{a, 3}, {b, 5}};
+    mmsghdr sends[2]{};
+    for (int k = 0; k < 2; ++k) {
+        sends[k].msg_hdr.msg_iov = &out[k];
+        sends[k].msg_hdr.msg_iovlen = 1;
+    }
+    std::string got = rc(sendmmsg(pair.client, sends, 2, 0));
+    say("sendmmsg: 2 messages=%s lens=%u,%u", got.c_str(), sends[0].msg_len, sends[1].msg_len);
+    wait_available(pair.server, 8);
+    char in1[2], in2[16];
+    iovec in[2] = {{in1, sizeof(in1)}, {in2, sizeof(in2)}};
+    mmsghdr recvs[2]{};
+    auto clear = [&] {
+        std::memset(in1, 0, sizeof(in1));
+        std::memset(in2, 0, sizeof(in2));
+        for (int k = 0; k < 2; ++k) {
+            recvs[k] = mmsghdr{};
+            recvs[k].msg_hdr.msg_iov = &in[k];
+            recvs[k].msg_hdr.msg_iovlen = 1;
+            recvs[k].msg_len = 99;
+        }
+    };
+    clear();
+    got = rc(recvmmsg(pair.server, recvs, 2, MSG_DONTWAIT, nullptr));
+    say("recvmmsg: 2 entries=%s lens=%u,%u data=%.2s|%.6s", got.c_str(), recvs[0].msg_len,
+        recvs[1].msg_len, in1, in2);
+    clear();
+    say("recvmmsg: nothing waiting=%s",
+        rc(recvmmsg(pair.server, recvs, 2, MSG_DONTWAIT, nullptr)).c_str());
+    say("recvmmsg: no entries=%s", rc(recvmmsg(pair.server, recvs, 0, 0, nullptr)).c_str());
+    say("recvmmsg: bad fd=%s", rc(recvmmsg(-1, recvs, 2, MSG_DONTWAIT, nullptr)).c_str());
+
+    // MSG_WAITFORONE: waits for the first entry only.
+    send_text(pair.client, "xy");
+    wait_available(pair.server, 2);
+    clear();
+    got = rc(recvmmsg(pair.server, recvs, 2, MSG_WAITFORONE, nullptr));
+    say("recvmmsg: MSG_WAITFORONE=%s lens=%u,%u", got.c_str(), recvs[0].msg_len, recvs[1].msg_len);
+
+    // A timeout is looked at after each entry: a zero one ends the call after the first, and
+    // what is left is written back.
+    send_text(pair.client, "tm");
+    wait_available(pair.server, 2);
+    clear();
+    timespec zero{0, 0};
+    got = rc(recvmmsg(pair.server, recvs, 2, 0, &zero));
+    say("recvmmsg: zero timeout=%s lens=%u,%u left=%ld.%09ld", got.c_str(), recvs[0].msg_len,
+        recvs[1].msg_len, static_cast<long>(zero.tv_sec), zero.tv_nsec);
+    timespec bad{0, 2'000'000'000};
+    say("recvmmsg: malformed timeout=%s",
+        rc(recvmmsg(pair.server, recvs, 2, MSG_DONTWAIT, &bad)).c_str());
+
+    // A message past IOV_MAX iovecs: the ones before it are sent, its error is lost.
+    std::vector<iovec> many(IOV_MAX + 1, iovec{a, 1});
+    sends[1].msg_hdr.msg_iov = many.data();
+    sends[1].msg_hdr.msg_iovlen = many.size();
+    sends[0].msg_len = sends[1].msg_len = 99;
+    got = rc(sendmmsg(pair.client, sends, 2, 0));
+    say("sendmmsg: second past IOV_MAX=%s lens=%u,%u", got.c_str(), sends[0].msg_len,
+        sends[1].msg_len);
+    sends[0].msg_hdr.msg_iov = many.data();
+    sends[0].msg_hdr.msg_iovlen = many.size();
+    say("sendmmsg: first past IOV_MAX=%s", rc(sendmmsg(pair.client, sends, 2, 0)).c_str());
+    wait_available(pair.server, 3);
+    say("sendmmsg: the first arrived=%s", rc(recv(pair.server, in2, sizeof(in2), 0)).c_str());
+
+    // The socket's receive timeout ends the second entry's wait: EAGAIN, not left for later.
+    timeval brief{0, 50'000};
+    setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &brief, sizeof(brief));
+    send_text(pair.client, "to");
+    wait_available(pair.server, 2);
+    clear();
+    got = rc(recvmmsg(pair.server, recvs, 2, 0, nullptr));
+    say("recvmmsg: SO_RCVTIMEO on the second=%s lens=%u,%u, then recv=%s", got.c_str(),
+        recvs[0].msg_len, recvs[1].msg_len,
+        rc(recv(pair.server, in2, sizeof(in2), MSG_DONTWAIT)).c_str());
+    timeval forever{0, 0};
+    setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof(forever));
+
+    // A signal ends the second entry's wait, SA_RESTART or not: the call returns the first,
+    // and the wait's error is left as the socket's for the next call that looks (Linux's
+    // sk_err): ERESTARTSYS (512, which reaches the program as it is) without a receive
+    // timeout, EINTR with one.
+    const pid_t main_tid = static_cast<pid_t>(syscall(SYS_gettid));
+    const pthread_t main_thread = pthread_self();
+    struct SignalCase {
+        const char *name;
+        bool restart;
+        bool timeout;
+        bool so_error;
+    };
+    for (const SignalCase &c : {SignalCase{"no SA_RESTART", false, false, true},
+                                SignalCase{"no SA_RESTART", false, false, false},
+                                SignalCase{"SA_RESTART", true, false, false},
+                                SignalCase{"SO_RCVTIMEO", false, true, true}}) {
+        install(SIGUSR1, count_sigusr1, c.restart);
+        timeval limit{c.timeout ? 30 : 0, 0};
+        setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+        send_text(pair.client, "in");
+        wait_available(pair.server, 2);
+        clear();
+        std::atomic<bool> returned{false};
+        std::thread signaller([&] {
+            const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+            while (!returned.load() && ms_left(deadline) > 0) {
+                if (wait_thread_sleeping(main_tid)) pthread_kill(main_thread, SIGUSR1);
+                for (int i = 0; i < 100 && !returned.load(); ++i) usleep(1000);
+            }
+            if (!returned.load()) send_text(pair.client, "unblock");
+        });
+        got = rc(recvmmsg(pair.server, recvs, 2, 0, nullptr));
+        returned = true;
+        signaller.join();
+        say("recvmmsg: signal (%s) in the second=%s lens=%u,%u, then poll=%s", c.name, got.c_str(),
+            recvs[0].msg_len, recvs[1].msg_len,
+            poll_names(wait_events(pair.server, POLLIN | POLLOUT | POLLRDHUP, 0)).c_str());
+        if (c.so_error)
+            say("recvmmsg: the left error to SO_ERROR=%d",
+                get_int(pair.server, SOL_SOCKET, SO_ERROR));
+        else
+            say("recvmmsg: the left error to recv=%s",
+                rc(recv(pair.server, in2, sizeof(in2), MSG_DONTWAIT)).c_str());
+        say("recvmmsg: then recv=%s",
+            rc(recv(pair.server, in2, sizeof(in2), MSG_DONTWAIT)).c_str());
+    }
+    install(SIGUSR1, SIG_DFL, false);
+    setsockopt(pair.server, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof(forever));
+
+    // At EOF every entry is a 0-byte message.
+    shutdown(pair.client, SHUT_WR);
+    wait_bits(pair.server, POLLIN | POLLRDHUP, POLLRDHUP);
+    clear();
+    got = rc(recvmmsg(pair.server, recvs, 2, MSG_DONTWAIT, nullptr));
+    say("recvmmsg: at EOF=%s lens=%u,%u", got.c_str(), recvs[0].msg_len, recvs[1].msg_len);
+    pair.close_both();
+
+    // An RST behind the data: Linux reports it before the data.
+    pair = connected_pair(family);
+    send_text(pair.client, "end");
+    wait_available(pair.server, 3);
+    reset_close(pair.client);
+    pair.client = -1;
+    wait_bits(pair.server, POLLIN, POLLHUP);
+    clear();
+    got = rc(recvmmsg(pair.server, recvs, 2, MSG_DONTWAIT, nullptr));
+    say("recvmmsg: data then RST=%s lens=%u,%u", got.c_str(), recvs[0].msg_len, recvs[1].msg_len);
+    say("recvmmsg: then poll=%s",
+        poll_names(wait_events(pair.server, POLLIN | POLLOUT | POLLRDHUP, 0)).c_str());
+    say("recvmmsg: then SO_ERROR=%d", get_int(pair.server, SOL_SOCKET, SO_ERROR));
+    char buf[8];
+    say("recvmmsg: then recv=%s", rc(recv(pair.server, buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    say("recvmmsg: then recv again=%s",
+        rc(recv(pair.server, buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    pair.close_both();
+}
+
 void check_bulk(const Family &family) {
     constexpr size_t kBytes = 1 << 20;
     Pair pair = connected_pair(family);
@@ -3299,6 +3459,7 @@ int main(int argc, char **argv) {
         check_accept4(family);
         check_unconnected(family);
         check_vector_io(family);
+        check_mmsg(family);
         check_bulk(family);
         check_bad_input(family);
         check_rcvlowat(family);
