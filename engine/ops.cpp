@@ -4,6 +4,7 @@
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -123,6 +124,12 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
         case ipc::Op::kLeaveDirect:
             result = op_leave_direct(s, i);
             break;
+        case ipc::Op::kStat: {
+            struct statx out {};
+            result = op_stat(s, i, req, out);
+            return respond(s, i, req_seq, result, reinterpret_cast<const uint8_t *>(&out),
+                           result == 0 ? sizeof(out) : 0);
+        }
         case ipc::Op::kRecvOob: {
             uint8_t out[1];
             uint32_t out_len = 0;
@@ -414,6 +421,16 @@ int Worker::op_ioctl(Session &s, uint32_t i, const ipc::Request &req) {
     int value = 0;
     if (ioctl(s.slots[i].fd, request, &value) != 0) return -errno;
     return value;
+}
+
+// What fstat()/statx() of the socket says (st_ino as ss and /proc show it, the owner's uid,
+// sockfs's device): the kernel socket's own. Only the sync bits of the caller's flags: the
+// path is always the socket itself.
+static_assert(sizeof(struct statx) <= ipc::kOptMax, "kStat answers with a struct statx");
+int Worker::op_stat(Session &s, uint32_t i, const ipc::Request &req, struct statx &out) {
+    const int flags = AT_EMPTY_PATH | (req.arg1 & AT_STATX_SYNC_TYPE);
+    if (statx(s.slots[i].fd, "", flags, static_cast<unsigned>(req.arg0), &out) != 0) return -errno;
+    return 0;
 }
 
 // recv(MSG_OOB) is the kernel socket's: it knows whether urgent data is there, read, inline,

@@ -7,6 +7,7 @@
 
 #include <liburing.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <cstdint>
@@ -438,6 +439,7 @@ class Worker {
                       uint32_t &out_len);
     int op_getsockname(Session &s, uint32_t i);
     int op_ioctl(Session &s, uint32_t i, const ipc::Request &req);
+    int op_stat(Session &s, uint32_t i, const ipc::Request &req, struct statx &out);
     int op_recv_oob(Session &s, uint32_t i, const ipc::Request &req, uint8_t *out,
                     uint32_t &out_len);
     int op_past_mark(Session &s, uint32_t i);

@@ -39,7 +39,7 @@
 namespace tcps::ipc {
 
 inline constexpr uint32_t kRegionMagic = 0x53504354;  // "TCPS" in little-endian memory
-inline constexpr uint32_t kLayoutVersion = 9;
+inline constexpr uint32_t kLayoutVersion = 10;
 
 // Hard-coded, not std::hardware_destructive_interference_size: the engine and the shim are built
 // separately and must agree on every offset.
@@ -147,8 +147,12 @@ enum class Op : uint32_t {
     // (kFlagRxDirect): the engine fills the ring again, from now on, and takes what its kernel
     // socket holds before it answers, so the caller finds those bytes in the ring. Result 0.
     kLeaveDirect = 13,
+    // fstat()/statx() of an offloaded socket, which is the engine's kernel socket: arg0 = the
+    // caller's statx mask, arg1 = its AT_STATX_SYNC_TYPE bits. Result 0 with response.opt the
+    // kernel's struct statx of that socket (opt_len its size), or -errno.
+    kStat = 14,
 };
-inline constexpr uint32_t kOpCount = 14;
+inline constexpr uint32_t kOpCount = 15;
 
 // Socket states in SocketSlot::state, written by the engine only.
 enum class SlotState : uint32_t {

@@ -79,8 +79,8 @@ bool starts_with(const char *text, const char *prefix) {
 bool is_placeholder(int fd) {
     struct stat st {};
     const int flags = real(libc.fcntl)(fd, F_GETFL);
-    return flags >= 0 && (flags & O_PATH) && fstat(fd, &st) == 0 && S_ISCHR(st.st_mode) &&
-           st.st_rdev == makedev(1, 3);
+    return flags >= 0 && (flags & O_PATH) && real(libc.fstat)(fd, &st) == 0 &&
+           S_ISCHR(st.st_mode) && st.st_rdev == makedev(1, 3);
 }
 
 // The dups and closes a vfork()ed child made of our sockets before its exec. Its descriptor

@@ -581,7 +581,7 @@ long op_sendfile(SocketRef &ref, int in_fd, off_t *offset, size_t count) {
         if ((fl & O_PATH) || (fl & O_ACCMODE) == O_WRONLY) return -EBADF;
     }
     struct stat st {};
-    if (!source_is_socket && fstat(in_fd, &st) != 0) return -errno;
+    if (!source_is_socket && real(libc.fstat)(in_fd, &st) != 0) return -errno;
     const bool regular = !source_is_socket && (S_ISREG(st.st_mode) || S_ISBLK(st.st_mode));
     off_t start;
     if (offset) {
@@ -637,7 +637,7 @@ long op_splice(SocketRef &ref, bool socket_is_input, int other_fd, bool other_of
         (other_flags & O_ACCMODE) == (socket_is_input ? O_RDONLY : O_WRONLY))
         return -EBADF;
     struct stat st {};
-    if (fstat(other_fd, &st) != 0) return -errno;
+    if (real(libc.fstat)(other_fd, &st) != 0) return -errno;
     if (!S_ISFIFO(st.st_mode)) return -EINVAL;
     if (other_offset) return -ESPIPE;   // the pipe's
     if (socket_offset) return -EINVAL;  // a socket cannot be read or written at an offset

@@ -8,6 +8,7 @@
 #include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 
 #include <climits>
@@ -33,6 +34,10 @@ long op_getpeername(SocketRef &ref, sockaddr *addr, socklen_t *len);
 long op_getsockopt(SocketRef &ref, int level, int name, void *value, socklen_t *len);
 long op_setsockopt(SocketRef &ref, int level, int name, const void *value, socklen_t len);
 long op_fcntl(SocketRef &ref, int cmd, unsigned long arg);
+// fstat()/statx() of the socket: the engine's kernel socket's (Op::kStat), with `mask` and
+// the AT_STATX_SYNC_TYPE bits of `flags`. Without an engine, what Linux says of any socket
+// but its inode and times (0).
+long op_stat(SocketRef &ref, unsigned mask, int flags, struct statx &out);
 long op_ioctl(SocketRef &ref, unsigned long request, void *arg);
 
 // Descriptor bookkeeping for any fd the table knows (socket, epoll, internal). These also

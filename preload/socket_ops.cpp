@@ -670,6 +670,28 @@ long op_setsockopt(SocketRef &ref, int level, int name, const void *value, sockl
     return rc;
 }
 
+long op_stat(SocketRef &ref, unsigned mask, int flags, struct statx &out) {
+    ipc::Request req =
+        make_request(ipc::Op::kStat, static_cast<int>(mask), flags & AT_STATX_SYNC_TYPE);
+    ipc::Response response;
+    const int rc = session_dead() ? -ECONNRESET : request(ref.slot, req, &response);
+    if (rc == 0 && response.opt_len == sizeof(out)) {
+        std::memcpy(&out, response.opt, sizeof(out));
+        return 0;
+    }
+    if (rc < 0 && rc != -ECONNRESET && rc != -EPIPE) return rc;
+    // The engine is gone (its socket with it): a socket still, as the descriptor is.
+    out = {};
+    out.stx_mask =
+        STATX_TYPE | STATX_MODE | STATX_NLINK | STATX_UID | STATX_GID | STATX_SIZE | STATX_BLOCKS;
+    out.stx_mode = S_IFSOCK | 0777;
+    out.stx_nlink = 1;
+    out.stx_uid = geteuid();
+    out.stx_gid = getegid();
+    out.stx_blksize = 4096;
+    return 0;
+}
+
 long op_fcntl(SocketRef &ref, int cmd, unsigned long arg) {
     Socket &sock = *ref.sock;
     switch (cmd) {

@@ -26,6 +26,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/time.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -2013,6 +2014,76 @@ void check_mmsg(const Family &family) {
     pair.close_both();
 }
 
+// Whether /proc/net/tcp(6) lists a socket with local port `port` and inode `ino`.
+bool listed_with_inode(const Family &family, uint16_t port, unsigned long ino) {
+    FILE *table = std::fopen(family.af == AF_INET ? "/proc/net/tcp" : "/proc/net/tcp6", "r");
+    if (!table) return false;
+    char line[512];
+    bool found = false;
+    char local_port[8];
+    std::snprintf(local_port, sizeof(local_port), ":%04X ", port);
+    while (std::fgets(line, sizeof(line), table)) {
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+        char local[64];
+        unsigned long inode = 0;
+        if (std::sscanf(line, "%*s %63s %*s %*s %*s %*s %*s %*s %*s %lu", local, &inode) != 2)
+            continue;
+        std::string at = std::string(local) + " ";
+        if (at.find(local_port) != std::string::npos && inode == ino) found = true;
+    }
+    std::fclose(table);
+    return found;
+}
+
+// What the descriptor is: fstat() and friends, isatty(), sockatmark().
+void check_stat(const Family &family) {
+    Pair pair = connected_pair(family);
+    struct stat st {};
+    std::string got = rc(fstat(pair.server, &st));
+    say("fstat: =%s socket=%s mode=%o nlink=%lu own uid=%s own gid=%s size=%ld blksize=%ld "
+        "blocks=%ld rdev=%lu",
+        got.c_str(), yes(S_ISSOCK(st.st_mode)), static_cast<unsigned>(st.st_mode & 07777),
+        static_cast<unsigned long>(st.st_nlink), yes(st.st_uid == geteuid()),
+        yes(st.st_gid == getegid()), static_cast<long>(st.st_size),
+        static_cast<long>(st.st_blksize), static_cast<long>(st.st_blocks),
+        static_cast<unsigned long>(st.st_rdev));
+    struct stat other {};
+    fstat(pair.client, &other);
+    say("fstat: the same device for every socket=%s, another socket another inode=%s",
+        yes(st.st_dev == other.st_dev), yes(st.st_ino != other.st_ino));
+    say("fstat: its inode is the one /proc/net lists for its port=%s",
+        yes(listed_with_inode(family, local_port(pair.server), st.st_ino)));
+    const int copy = dup(pair.server);
+    struct stat of_copy {};
+    fstat(copy, &of_copy);
+    say("fstat: a dup has its inode=%s", yes(of_copy.st_ino == st.st_ino));
+    close(copy);
+    struct stat at {};
+    got = rc(fstatat(pair.server, "", &at, AT_EMPTY_PATH));
+    say("fstatat: AT_EMPTY_PATH=%s same inode=%s", got.c_str(), yes(at.st_ino == st.st_ino));
+    say("fstatat: empty path without AT_EMPTY_PATH=%s",
+        rc(fstatat(pair.server, "", &at, 0)).c_str());
+    say("fstatat: a path under it=%s", rc(fstatat(pair.server, "x", &at, 0)).c_str());
+    for (int flag : {0x1, 0x10000000}) {
+        at = {};
+        got = rc(fstatat(pair.server, "", &at, AT_EMPTY_PATH | flag));
+        say("fstatat: flag %#x=%s socket=%s", flag, got.c_str(), yes(S_ISSOCK(at.st_mode)));
+    }
+    struct statx x {};
+    got = rc(statx(pair.server, "", AT_EMPTY_PATH, STATX_BASIC_STATS, &x));
+    say("statx: =%s basic stats=%s socket=%s same inode=%s", got.c_str(),
+        yes((x.stx_mask & STATX_BASIC_STATS) == STATX_BASIC_STATS), yes(S_ISSOCK(x.stx_mode)),
+        yes(x.stx_ino == st.st_ino));
+    say("statx: reserved mask bit=%s",
+        rc(statx(pair.server, "", AT_EMPTY_PATH, STATX__RESERVED, &x)).c_str());
+    errno = 0;
+    const int tty = isatty(pair.server);
+    const int tty_errno = errno;
+    say("isatty: =%d errno=%s", tty, err_name(tty_errno).c_str());
+    say("sockatmark: =%d", sockatmark(pair.server));
+    pair.close_both();
+}
+
 void check_bulk(const Family &family) {
     constexpr size_t kBytes = 1 << 20;
     Pair pair = connected_pair(family);
@@ -3460,6 +3531,7 @@ int main(int argc, char **argv) {
         check_unconnected(family);
         check_vector_io(family);
         check_mmsg(family);
+        check_stat(family);
         check_bulk(family);
         check_bad_input(family);
         check_rcvlowat(family);
