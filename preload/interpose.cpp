@@ -763,6 +763,155 @@ TCPS_EXPORT int sockatmark(int fd) __THROW {
     return answer;
 }
 
+// ---------------------------------------------------------------------------------------------
+// calls for files, which a socket answers with an error: ESPIPE for positions, EINVAL for
+// sync and truncate, ENOTTY for terminals (the placeholder would say EBADF); preadv2() and
+// pwritev2() at offset -1 are readv() and writev() with their flags. tests/semantics
+// check_file_calls compares them with Linux.
+
+// The socket's answer `rc` if `fd` is ours, else the real call.
+template <class R, class Fn, class... Args>
+R file_only(int fd, long rc, Fn &slot, Args... args) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded(fd, ref)) return finish<R>(rc, saved);
+    return pass(slot, args...);
+}
+
+constexpr int kSeekMax = SEEK_HOLE;
+long position_answer(long long offset) {
+    return offset < 0 ? -EINVAL : -ESPIPE;  // a negative offset is refused first
+}
+
+TCPS_EXPORT off_t lseek(int fd, off_t offset, int whence) __THROW {
+    return file_only<off_t>(fd, whence > kSeekMax ? -EINVAL : -ESPIPE, libc.lseek, fd, offset,
+                            whence);
+}
+TCPS_EXPORT off64_t lseek64(int fd, off64_t offset, int whence) __THROW {
+    return file_only<off64_t>(fd, whence > kSeekMax ? -EINVAL : -ESPIPE, libc.lseek64, fd, offset,
+                              whence);
+}
+TCPS_EXPORT ssize_t pread(int fd, void *buf, size_t len, off_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pread, fd, buf, len, offset);
+}
+TCPS_EXPORT ssize_t pread64(int fd, void *buf, size_t len, off64_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pread64, fd, buf, len, offset);
+}
+TCPS_EXPORT ssize_t pwrite(int fd, const void *buf, size_t len, off_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pwrite, fd, buf, len, offset);
+}
+TCPS_EXPORT ssize_t pwrite64(int fd, const void *buf, size_t len, off64_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pwrite64, fd, buf, len, offset);
+}
+TCPS_EXPORT ssize_t preadv(int fd, const iovec *iov, int iovcnt, off_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.preadv, fd, iov, iovcnt, offset);
+}
+TCPS_EXPORT ssize_t preadv64(int fd, const iovec *iov, int iovcnt, off64_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.preadv64, fd, iov, iovcnt, offset);
+}
+TCPS_EXPORT ssize_t pwritev(int fd, const iovec *iov, int iovcnt, off_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pwritev, fd, iov, iovcnt, offset);
+}
+TCPS_EXPORT ssize_t pwritev64(int fd, const iovec *iov, int iovcnt, off64_t offset) {
+    return file_only<ssize_t>(fd, position_answer(offset), libc.pwritev64, fd, iov, iovcnt, offset);
+}
+
+// RWF_* flags a socket takes (and ignores, but RWF_NOWAIT): RWF_HIPRI, RWF_DSYNC, RWF_SYNC,
+// RWF_NOWAIT, RWF_APPEND, RWF_NOAPPEND (Linux 6.9). RWF_ATOMIC and RWF_DONTCACHE need a file
+// that supports them, and unknown ones are refused: EOPNOTSUPP.
+constexpr int kRwfNoAppend = 0x20;
+constexpr int kRwfForSockets =
+    RWF_HIPRI | RWF_DSYNC | RWF_SYNC | RWF_NOWAIT | RWF_APPEND | kRwfNoAppend;
+
+// preadv2()/pwritev2() on one of ours: at offset -1 the stream call, after the checks
+// do_iter_readv_writev() makes (the iovec count, then the flags).
+long rw2(SocketRef &ref, const iovec *iov, int iovcnt, long long offset, int flags, bool write) {
+    if (offset != -1) return position_answer(offset);
+    if (iovcnt < 0 || iovcnt > IOV_MAX) return -EINVAL;
+    if (flags & ~kRwfForSockets) return -EOPNOTSUPP;
+    const int msg_flags = (flags & RWF_NOWAIT) ? MSG_DONTWAIT : 0;
+    if (write) return op_send(ref, iov, iovcnt, msg_flags);
+    size_t total = 0;
+    for (int i = 0; iov && i < iovcnt; ++i) total += iov[i].iov_len;
+    if (total == 0) return 0;  // as readv() of nothing
+    return op_recv(ref, iov, iovcnt, msg_flags);
+}
+
+template <class Fn, class Offset>
+ssize_t rw2_common(int fd, const iovec *iov, int iovcnt, Offset offset, int flags, bool write,
+                   Fn &slot) {
+    SocketRef ref;
+    const int saved = errno;
+    if (offloaded_io(fd, ref)) {
+        const long rc = rw2(ref, iov, iovcnt, offset, flags, write);
+        if (!went_to_kernel(ref, rc, saved)) return finish<ssize_t>(rc, saved);
+    }
+    const KernelCall kernel_call(fd);
+    if (kernel_call.became_ours()) return rw2_common(fd, iov, iovcnt, offset, flags, write, slot);
+    return pass(slot, fd, iov, iovcnt, offset, flags);
+}
+
+TCPS_EXPORT ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags) {
+    return rw2_common(fd, iov, iovcnt, offset, flags, false, libc.preadv2);
+}
+TCPS_EXPORT ssize_t preadv64v2(int fd, const iovec *iov, int iovcnt, off64_t offset, int flags) {
+    return rw2_common(fd, iov, iovcnt, offset, flags, false, libc.preadv64v2);
+}
+TCPS_EXPORT ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags) {
+    return rw2_common(fd, iov, iovcnt, offset, flags, true, libc.pwritev2);
+}
+TCPS_EXPORT ssize_t pwritev64v2(int fd, const iovec *iov, int iovcnt, off64_t offset, int flags) {
+    return rw2_common(fd, iov, iovcnt, offset, flags, true, libc.pwritev64v2);
+}
+
+TCPS_EXPORT int fsync(int fd) {
+    return file_only<int>(fd, -EINVAL, libc.fsync, fd);
+}
+TCPS_EXPORT int fdatasync(int fd) {
+    return file_only<int>(fd, -EINVAL, libc.fdatasync, fd);
+}
+TCPS_EXPORT int ftruncate(int fd, off_t length) __THROW {
+    return file_only<int>(fd, -EINVAL, libc.ftruncate, fd, length);
+}
+TCPS_EXPORT int ftruncate64(int fd, off64_t length) __THROW {
+    return file_only<int>(fd, -EINVAL, libc.ftruncate64, fd, length);
+}
+
+// generic_fadvise() for a file without a backing device: a known advice over a length that is
+// not negative is accepted and ignored. It answers with the error number, not errno.
+int fadvise_answer(long long length, int advice) {
+    return length < 0 || advice < POSIX_FADV_NORMAL || advice > POSIX_FADV_NOREUSE ? EINVAL : 0;
+}
+TCPS_EXPORT int posix_fadvise(int fd, off_t offset, off_t length, int advice) __THROW {
+    SocketRef ref;
+    if (offloaded(fd, ref)) return fadvise_answer(length, advice);
+    return pass(libc.posix_fadvise, fd, offset, length, advice);
+}
+TCPS_EXPORT int posix_fadvise64(int fd, off64_t offset, off64_t length, int advice) __THROW {
+    SocketRef ref;
+    if (offloaded(fd, ref)) return fadvise_answer(length, advice);
+    return pass(libc.posix_fadvise64, fd, offset, length, advice);
+}
+
+TCPS_EXPORT int tcgetattr(int fd, termios *tio) __THROW {
+    return file_only<int>(fd, -ENOTTY, libc.tcgetattr, fd, tio);
+}
+// glibc's ttyname() and ttyname_r() look with their internal tcgetattr().
+TCPS_EXPORT int ttyname_r(int fd, char *buf, size_t len) __THROW {
+    SocketRef ref;
+    if (offloaded(fd, ref)) return ENOTTY;
+    return pass(libc.ttyname_r, fd, buf, len);
+}
+TCPS_EXPORT char *ttyname(int fd) __THROW {
+    SocketRef ref;
+    if (offloaded(fd, ref)) {
+        errno = ENOTTY;
+        return nullptr;
+    }
+    const auto real_ttyname = real(libc.ttyname);
+    return real_ttyname ? real_ttyname(fd) : nullptr;
+}
+
 TCPS_EXPORT int close(int fd) {
     const int saved = errno;
     settle_pending_before_close(fd);

@@ -31,6 +31,7 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -2084,6 +2085,45 @@ void check_stat(const Family &family) {
     pair.close_both();
 }
 
+// Calls for files only: on a socket Linux answers ESPIPE for positions, EINVAL for sync and
+// truncate, ENOTTY for terminal calls; preadv2()/pwritev2() at offset -1 are readv()/writev().
+void check_file_calls(const Family &family) {
+    Pair pair = connected_pair(family);
+    char buf[8];
+    iovec iov{buf, sizeof(buf)};
+    say("file calls: lseek=%s", rc(lseek(pair.server, 0, SEEK_CUR)).c_str());
+    say("file calls: lseek bad whence=%s", rc(lseek(pair.server, 0, 99)).c_str());
+    say("file calls: pread=%s", rc(pread(pair.server, buf, sizeof(buf), 0)).c_str());
+    say("file calls: pread at -1=%s", rc(pread(pair.server, buf, sizeof(buf), -1)).c_str());
+    say("file calls: pwrite=%s", rc(pwrite(pair.server, "x", 1, 0)).c_str());
+    say("file calls: preadv=%s", rc(preadv(pair.server, &iov, 1, 0)).c_str());
+    say("file calls: pwritev=%s", rc(pwritev(pair.server, &iov, 1, 0)).c_str());
+    say("file calls: preadv2 at 0=%s", rc(preadv2(pair.server, &iov, 1, 0, 0)).c_str());
+    say("file calls: preadv2 at -1, RWF_NOWAIT, nothing there=%s",
+        rc(preadv2(pair.server, &iov, 1, -1, RWF_NOWAIT)).c_str());
+    say("file calls: preadv2 unknown flag=%s",
+        rc(preadv2(pair.server, &iov, 1, -1, 0x40000000)).c_str());
+    iovec out{const_cast<char *>("pv2"), 3};
+    say("file calls: pwritev2 at -1=%s", rc(pwritev2(pair.client, &out, 1, -1, 0)).c_str());
+    wait_available(pair.server, 3);
+    std::memset(buf, 0, sizeof(buf));
+    const std::string got = rc(preadv2(pair.server, &iov, 1, -1, 0));
+    say("file calls: preadv2 at -1=%s data=%s", got.c_str(), buf);
+    say("file calls: fsync=%s", rc(fsync(pair.server)).c_str());
+    say("file calls: fdatasync=%s", rc(fdatasync(pair.server)).c_str());
+    say("file calls: ftruncate=%s", rc(ftruncate(pair.server, 0)).c_str());
+    termios tio{};
+    say("file calls: tcgetattr=%s", rc(tcgetattr(pair.server, &tio)).c_str());
+    char name[64];
+    say("file calls: ttyname_r=%s", err_name(ttyname_r(pair.server, name, sizeof(name))).c_str());
+    errno = 0;
+    const bool no_name = ttyname(pair.server) == nullptr;
+    const int ttyname_errno = errno;
+    say("file calls: ttyname null=%s errno=%s", yes(no_name), err_name(ttyname_errno).c_str());
+    say("file calls: posix_fadvise=%d", posix_fadvise(pair.server, 0, 0, POSIX_FADV_SEQUENTIAL));
+    pair.close_both();
+}
+
 void check_bulk(const Family &family) {
     constexpr size_t kBytes = 1 << 20;
     Pair pair = connected_pair(family);
@@ -3532,6 +3572,7 @@ int main(int argc, char **argv) {
         check_vector_io(family);
         check_mmsg(family);
         check_stat(family);
+        check_file_calls(family);
         check_bulk(family);
         check_bad_input(family);
         check_rcvlowat(family);
