@@ -394,11 +394,13 @@ void Worker::process_slot(Session &s, uint32_t i) {
 void Worker::apply_client_state(Session &s, uint32_t i) {
     const ipc::SocketSlot &slot = s.region.slot(i);
     const uint32_t posted = slot.posted.load(std::memory_order_acquire) & ipc::kPostedMask;
-    // Before tx_tail: the client stores it after the bytes it marks.
-    const uint32_t urgent_tail = slot.urgent_tail.load(std::memory_order_acquire);
-    // Before tx_tail too: a direct send's tx_at is among the bytes queued before it.
+    // Before tx_tail: a direct send's tx_at is among the bytes queued before it.
     const uint32_t direct_tail = slot.direct_tail.load(std::memory_order_acquire);
     const uint32_t tx_tail = slot.tx_tail.load(std::memory_order_acquire);
+    // After tx_tail: the client stores it before the tx_tail that queues the urgent byte, so
+    // a tx_tail that holds that byte comes with its mark (one seen ahead of its bytes is
+    // checked against tx_tail below and taken at the next look).
+    const uint32_t urgent_tail = slot.urgent_tail.load(std::memory_order_acquire);
     const uint32_t rx_head = slot.rx_head.load(std::memory_order_acquire);
     const uint32_t acc_head = slot.acc_head.load(std::memory_order_acquire);
     EngineSlot &es = s.slots[i];

@@ -353,7 +353,8 @@ struct alignas(kCacheLine) SocketSlot {
     std::atomic<uint32_t> req_lock_owner;
     // send(MSG_OOB): the tx ring position just past the urgent byte (the last byte of that
     // send). The engine sends the bytes up to it with MSG_OOB, so that byte is the urgent
-    // pointer's. Free-running, 0 none; store (release) before the doorbell.
+    // pointer's. Free-running, 0 none; stored (release) before the tx_tail that queues that
+    // byte, and read after tx_tail.
     std::atomic<uint32_t> urgent_tail;
     // MemNet descriptors queued in direct_queue (free-running); store (release) after the
     // descriptor, before the doorbell. At most kDirectQueueEntries ahead of direct_done.

@@ -232,10 +232,13 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
     size_t sent = 0;
     long result = 0;
     bool sigpipe = false;
-    // send(MSG_OOB): the last byte this call queues is the urgent one. The engine learns the
-    // bytes only once urgent_tail marks them (at the end), or when we wait for room, so that it
-    // never sends the last ones without MSG_OOB.
+    // send(MSG_OOB): the last byte this call queues is the urgent one. The engine may look at
+    // the slot at any moment (a doorbell of an earlier send still queued), so the bytes that
+    // end the call are published with urgent_tail stored first: the engine reads tx_tail, then
+    // urgent_tail, and never sees the urgent byte queued without its mark (it would send it as
+    // ordinary data, inline).
     const bool urgent = flags & MSG_OOB;
+    bool marked = false;
     for (;;) {
         if (stale(ref)) {
             result = sent ? static_cast<long>(sent) : -EBADF;
@@ -305,7 +308,13 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
                 break;
             }
             if (put > 0) {
-                shm.tx_tail.store(tail + static_cast<uint32_t>(put), std::memory_order_release);
+                const uint32_t new_tail = tail + static_cast<uint32_t>(put);
+                if (urgent &&
+                    (static_cast<size_t>(put) == remaining || static_cast<size_t>(put) < want)) {
+                    shm.urgent_tail.store(new_tail, std::memory_order_release);
+                    marked = true;
+                }
+                shm.tx_tail.store(new_tail, std::memory_order_release);
                 if (!urgent) notify_engine(ref.slot);
                 sent += static_cast<size_t>(put);
                 remaining -= static_cast<size_t>(put);
@@ -348,8 +357,11 @@ long send_stream(SocketRef &ref, size_t total, int flags, Fill &&fill) {
         }
     }
     if (urgent && sent > 0 && !stale(ref)) {
-        shm.urgent_tail.store(shm.tx_tail.load(std::memory_order_relaxed),
-                              std::memory_order_release);
+        // Cut short after bytes went out while it waited for room (a timeout, a signal, an
+        // error): the last byte queued is the urgent one, as tcp_push() marks it.
+        if (!marked)
+            shm.urgent_tail.store(shm.tx_tail.load(std::memory_order_relaxed),
+                                  std::memory_order_release);
         notify_engine(ref.slot);
     }
     sock.tx_lock.unlock();
