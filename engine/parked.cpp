@@ -86,6 +86,14 @@ bool ParkedBytes::holds(int fd) const {
     return entries_.count(cookie) > 0;
 }
 
+uint64_t ParkedBytes::bytes_for(int fd) const {
+    uint64_t cookie;
+    if (!socket_cookie(fd, cookie)) return 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(cookie);
+    return it == entries_.end() ? 0 : it->second.bytes.size();
+}
+
 size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {
     bytes = 0;
     size_t count = 0;

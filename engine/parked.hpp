@@ -42,8 +42,9 @@ class ParkedBytes {
     int park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now);
     // The bytes parked for the socket `fd` refers to, which leave the store (none: empty).
     std::vector<uint8_t> claim(int fd);
-    // Whether bytes are parked for it.
+    // Whether bytes are parked for it; how many.
     bool holds(int fd) const;
+    uint64_t bytes_for(int fd) const;
     // Drops the entries parked before now - kParkedLifetimeNs. Returns how many, and their
     // bytes in `bytes`.
     size_t expire(uint64_t now, uint64_t &bytes);

@@ -1983,7 +1983,10 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     // first). Under --handoff-load, at most 8 or an eighth of the worker's connections per
     // load window, as it sheds them: its load rises in steps that the 20 points between its
     // watermarks can usually hold, rather than past the high one at once (no ping-pong).
-    if (!parked_bytes().holds(fd)) {
+    // Said in the answer even when the socket is refused (no slot, no share left), so that the
+    // client does not serve the connection from its kernel socket without them.
+    reply.token = parked_bytes().bytes_for(fd);
+    if (reply.token == 0) {
         if (!gauge_.has_room()) return -EBUSY;
         if (config_.handoff_load >= 0 &&
             adopted_this_window_ >= std::max<size_t>(8, connected_.size() / 8))

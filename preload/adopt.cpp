@@ -86,6 +86,26 @@ void forget_inherited(int fd) {
     }
 }
 
+// A received connection that cannot be served with the bytes its sender left unread
+// (`error`: why the engine refused it): reset (connect(AF_UNSPEC) is tcp_disconnect(), which
+// sends the peer an RST), so that neither side goes on with a stream missing them.
+void lose_unread(int fd, uint64_t parked, int error) {
+    sockaddr unspec{};
+    unspec.sa_family = AF_UNSPEC;
+    real(libc.connect)(fd, &unspec, sizeof(unspec));
+    char line[200];
+    const int n =
+        std::snprintf(line, sizeof(line),
+                      "tcps: pid %d: a received connection could not be offloaded "
+                      "(%s): reset, since the %llu bytes its sender had not read "
+                      "could not be delivered first\n",
+                      getpid(), std::strerror(-error), static_cast<unsigned long long>(parked));
+    if (n > 0) {
+        ssize_t ignored = real(libc.write)(2, line, static_cast<size_t>(n));
+        (void)ignored;
+    }
+}
+
 // Offloads the kernel socket at `fd` if the engine takes it; else leaves it untouched. The
 // engine checks the socket again, trusting nothing of ours. 0, or -errno (-EBUSY: the engine
 // is saturated now).
@@ -119,6 +139,10 @@ int adopt_socket(int fd) {
     const int slot = adopt_with_engine(fd, parked, listening && inherited_listener(fd));
     if (slot < 0) {
         real(libc.close)(placeholder);
+        // Refused (no slot, the uid's share used up) while bytes its sender's engine had
+        // received wait there for it: served from its kernel socket, the stream would go on
+        // without them. It is reset instead (a clear end for both sides, said on stderr).
+        if (parked > 0 && !listening) lose_unread(fd, parked, slot);
         return slot;
     }
     Socket &sock = socket_state(static_cast<uint32_t>(slot));
@@ -153,24 +177,14 @@ int adopt_socket(int fd) {
         const int error = errno;
         real(libc.close)(placeholder);
         // Still the kernel socket here: the engine lets go of its descriptor (not of a
-        // listener this process holds under another number). Parked bytes it had queued for
-        // us would be lost: say so.
+        // listener this process holds under another number). Parked bytes it had claimed for
+        // us go with it: reset, as for a refusal.
         if (joined) {
             sock.refs.fetch_sub(1);
         } else if (took_hold && unhold_socket(static_cast<uint32_t>(slot))) {
             request_close(static_cast<uint32_t>(slot), false);
         }
-        if (parked > 0) {
-            char line[160];
-            const int n = std::snprintf(line, sizeof(line),
-                                        "tcps: pid %d: a received socket could not be offloaded: "
-                                        "%llu bytes its sender had not read are lost\n",
-                                        getpid(), static_cast<unsigned long long>(parked));
-            if (n > 0) {
-                ssize_t ignored = real(libc.write)(2, line, static_cast<size_t>(n));
-                (void)ignored;
-            }
-        }
+        if (parked > 0 && !listening) lose_unread(fd, parked, -error);
         return -error;
     }
     real(libc.close)(placeholder);

@@ -533,11 +533,12 @@ int adopt_with_engine(int kernel_fd, uint64_t &parked, bool on_demand) {
     const int rc =
         control_exchange(msg, reply, ipc::ControlType::kAdoptSocketReply, true, kernel_fd);
     if (rc == -ECONNRESET || rc == -EPIPE) mark_session_dead();
+    // Bytes parked for the socket: counted in a refusal too.
+    if (reply.type == static_cast<uint32_t>(ipc::ControlType::kAdoptSocketReply))
+        parked = reply.token;
     if (rc != 0) return rc;
     // Not a slot we can use: the engine lets go of its descriptor, ours stays.
-    const int slot = take_reply_slot(reply, false);
-    if (slot >= 0) parked = reply.token;
-    return slot;
+    return take_reply_slot(reply, false);
 }
 
 namespace {

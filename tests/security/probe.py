@@ -3,6 +3,7 @@ libtcps.so. Each prints one line: what happened (ok or the errno's name), and fo
 socket "offloaded" (its descriptor is the shim's placeholder, not a kernel socket)."""
 import errno
 import os
+import select
 import signal
 import socket
 import sys
@@ -93,6 +94,55 @@ def exhaust(port):
     signal.pause()
 
 
+def pass_unread(port):
+    """A connection whose first bytes the engine has received and nobody read, passed to this
+    same process with SCM_RIGHTS (the engine parks those bytes); then sockets until socket()
+    fails (the uid's share used up); then the received connection's first receive: the engine
+    cannot take it, and a stream without the parked bytes must not be served. Prints what the
+    receive and the peer see."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server, _ = listener.accept()
+    client.sendall(b"first")
+    poller = select.poll()
+    poller.register(server, select.POLLIN)
+    if not poller.poll(10_000):
+        sys.exit("the first bytes never arrived")
+    # Used before it is passed on, so that the engine takes its bytes from the kernel socket
+    # rather than only peeking at them (engine/session.hpp, EngineSlot::peeking).
+    server.sendall(b"ok")
+    client.settimeout(10)
+    if client.recv(2) != b"ok":
+        sys.exit("the server's reply never came")
+    left, right = socket.socketpair()
+    socket.send_fds(left, [b"x"], [server.fileno()])
+    server.close()
+    _, fds, _, _ = socket.recv_fds(right, 16, 1)
+    held, error = [], None
+    while len(held) < 200000:
+        try:
+            held.append(socket.socket())
+        except OSError as e:
+            error = e
+            break
+    received = socket.socket(fileno=fds[0])
+    received.settimeout(5)
+    try:
+        got = received.recv(100)
+        seen = "data %r" % got
+    except OSError as e:
+        seen = outcome(e)
+    client.settimeout(5)
+    try:
+        client.sendall(b"more")
+        peer = "peer got %r" % client.recv(100)
+    except OSError as e:
+        peer = "peer " + outcome(e)
+    print("unread", outcome(error), "receive", seen, peer, flush=True)
+
+
 def adopt_listener():
     """A listener another user made, received with SCM_RIGHTS on stdin (a socketpair): its
     first use offers it to the engine; one connection accepted and held."""
@@ -122,6 +172,8 @@ def main():
         pair(port)
     elif mode == "exhaust":
         exhaust(port)
+    elif mode == "unread":
+        pass_unread(port)
     else:
         sys.exit("unknown mode " + mode)
 

@@ -21,7 +21,9 @@
 #               apply to offloaded sockets as to native ones
 #   exhaustion  a uid that takes all it can of the engine (waiter pipes, sessions, silent
 #               connections, sockets) is refused with a clear error at its share, while other
-#               users are still served; a listener whose connections cannot be taken says so
+#               users are still served; a listener whose connections cannot be taken says so;
+#               a received connection with bytes its sender left unread that the engine
+#               cannot take is reset, never served without them
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
@@ -455,6 +457,21 @@ time.sleep(60)' "$port" &
         fail "a connection the engine cannot take: accept() did not say ENFILE"
     expect_others_served
     stop_pid "$pid"
+    # A received connection with bytes its sender left unread, which the engine cannot take
+    # (the uid's share used up): reset, never served from its kernel socket without them. A
+    # fresh engine: the share follows what others hold, and the engine is still closing the
+    # sockets of the probe above.
+    stop_root_engine
+    start_root_engine --max-fds 1000
+    port=$(free_port)
+    out=$TCPS_TEST_DIR/unread.out
+    as_user "$attacker"
+    "${AS_USER[@]}" env LD_PRELOAD="$LIBTCPS" TCPS_ENGINE_SOCKET="$ENGINE_SOCK" timeout 60 \
+        "$PYTHON" "$PROBE" unread "$port" >"$out" 2>&1 || fail "unread: the probe failed: $(cat "$out")"
+    log "  unread bytes: $(tr '\n' ' ' <"$out")"
+    grep -Eq "^unread ENFILE receive (ECONNRESET|ENOTCONN) peer (ECONNRESET|EPIPE)" "$out" ||
+        fail "unread: a refused connection was not reset, or went on without its first bytes"
+    grep -q "the 5 bytes its sender had not read" "$out" || fail "unread: not said on stderr"
     stop_root_engine
 }
 
