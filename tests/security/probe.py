@@ -68,19 +68,24 @@ def pair(port):
           where(server), flush=True)
 
 
+def fill_share():
+    """Sockets until socket() fails: them, and the error."""
+    held = []
+    while len(held) < 200000:
+        try:
+            held.append(socket.socket())
+        except OSError as e:
+            return held, e
+    return held, None
+
+
 def exhaust(port):
     """A listener on PORT, then sockets until socket() fails; then accepts of the connections
     the script makes, until one fails: what each says. Held until a signal."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", port))
     listener.listen(16)
-    held, error = [], None
-    while len(held) < 200000:
-        try:
-            held.append(socket.socket())
-        except OSError as e:
-            error = e
-            break
+    held, error = fill_share()
     print("exhausted", len(held), outcome(error), where(listener), flush=True)
     listener.settimeout(20)
     accepted = []
@@ -120,13 +125,7 @@ def pass_unread(port):
     socket.send_fds(left, [b"x"], [server.fileno()])
     server.close()
     _, fds, _, _ = socket.recv_fds(right, 16, 1)
-    held, error = [], None
-    while len(held) < 200000:
-        try:
-            held.append(socket.socket())
-        except OSError as e:
-            error = e
-            break
+    held, error = fill_share()
     received = socket.socket(fileno=fds[0])
     received.settimeout(5)
     try:
@@ -141,6 +140,7 @@ def pass_unread(port):
     except OSError as e:
         peer = "peer " + outcome(e)
     print("unread", outcome(error), "receive", seen, peer, flush=True)
+    del held  # the share stayed used up until here
 
 
 def adopt_listener():
