@@ -476,30 +476,32 @@ bool adopt_pending(int fd) {
     return ours;
 }
 
-KernelCall::KernelCall(int fd) {
-    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) != 0, 0)) {
-        if (Entry *entry = pending_entry(fd)) {
-            uint32_t word = entry->load(std::memory_order_acquire);
-            for (;;) {
-                const uint32_t kind = kind_of(word);
-                if (kind == kAdopting) {
-                    // A signal handler's call in the middle of our own move (the control
-                    // round trip): the kernel's, as it is still, rather than wait for ever.
-                    if (shim_locked_here()) break;
-                    // After the move the call goes where the number is then.
-                    wait_while_adopting(*entry);
-                    word = entry->load(std::memory_order_acquire);
-                    continue;
-                }
-                if (kind != kKernelServed) break;  // a received one is adopted at its first call
-                if (entry->compare_exchange_weak(word, word + kOneCall,
-                                                 std::memory_order_acq_rel)) {
-                    entry_ = entry;
-                    break;
-                }
-            }
+// Counts a kernel call on `fd` if it is a kernel-served socket (waiting out a move another
+// thread makes of it): the counted entry, or null.
+Entry *count_kernel_call(int fd) {
+    if (__builtin_expect(g_pending_count.load(std::memory_order_acquire) == 0, 1)) return nullptr;
+    Entry *entry = pending_entry(fd);
+    if (!entry) return nullptr;
+    uint32_t word = entry->load(std::memory_order_acquire);
+    for (;;) {
+        const uint32_t kind = kind_of(word);
+        if (kind == kAdopting) {
+            // A signal handler's call in the middle of our own move (the control round trip):
+            // the kernel's, as it is still, rather than wait for ever.
+            if (shim_locked_here()) return nullptr;
+            // After the move the call goes where the number is then.
+            wait_while_adopting(*entry);
+            word = entry->load(std::memory_order_acquire);
+            continue;
         }
+        if (kind != kKernelServed) return nullptr;  // a received one is adopted at its first call
+        if (entry->compare_exchange_weak(word, word + kOneCall, std::memory_order_acq_rel))
+            return entry;
     }
+}
+
+KernelCall::KernelCall(int fd) {
+    entry_ = count_kernel_call(fd);
     // Offloaded by another thread between the caller's look at the table and here: the
     // shim's call, then (the number names our placeholder now). Once per call: the retry
     // makes the kernel's call whatever it finds (an entry being closed, say), so that no
@@ -516,25 +518,10 @@ bool kernel_served_any() {
 }
 
 int begin_kernel_wait(int fd) {
-    Entry *entry = pending_entry(fd);
-    if (!entry) return 0;
-    uint32_t word = entry->load(std::memory_order_acquire);
-    for (;;) {
-        const uint32_t kind = kind_of(word);
-        if (kind == kAdopting) {
-            if (shim_locked_here()) return 0;  // as KernelCall
-            wait_while_adopting(*entry);
-            word = entry->load(std::memory_order_acquire);
-            continue;
-        }
-        if (kind != kKernelServed) break;
-        if (entry->compare_exchange_weak(word, word + kOneCall, std::memory_order_acq_rel)) {
-            if (g_fds.get(fd).kind() != FdKind::kSocket) return 1;
-            entry->fetch_sub(kOneCall, std::memory_order_acq_rel);
-            return -1;
-        }
-    }
-    return g_fds.get(fd).kind() == FdKind::kSocket ? -1 : 0;
+    Entry *entry = count_kernel_call(fd);
+    if (g_fds.get(fd).kind() != FdKind::kSocket) return entry ? 1 : 0;
+    if (entry) entry->fetch_sub(kOneCall, std::memory_order_acq_rel);
+    return -1;  // ours meanwhile
 }
 
 void end_kernel_wait(int fd) {
