@@ -55,13 +55,19 @@ def hold_pair(port, reuseport):
     signal.pause()
 
 
-def pair(port):
-    """A listener on PORT, a connection to it and its accepted end, then closed."""
+def connected(port):
+    """A listener on PORT, a connection to it and its accepted end."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", port))
     listener.listen(8)
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     server, _ = listener.accept()
+    return listener, client, server
+
+
+def pair(port):
+    """A listener on PORT, a connection to it and its accepted end, then closed."""
+    listener, client, server = connected(port)
     client.sendall(b"ping")
     got = server.recv(4)
     print("ok" if got == b"ping" else "got %r" % got, where(listener), where(client),
@@ -105,11 +111,7 @@ def pass_unread(port):
     fails (the uid's share used up); then the received connection's first receive: the engine
     cannot take it, and a stream without the parked bytes must not be served. Prints what the
     receive and the peer see."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", port))
-    listener.listen(8)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    server, _ = listener.accept()
+    listener, client, server = connected(port)
     client.sendall(b"first")
     poller = select.poll()
     poller.register(server, select.POLLIN)
