@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <string>
@@ -397,6 +398,23 @@ int main(int argc, char **argv) {
         CHECK_OR_FAIL(nodelay.answered && nodelay.result == 0 && nodelay.opt.size() == 4 &&
                           nodelay.opt[0] == 1,
                       "(d) getsockopt TCP_NODELAY");
+        // kStat: the mask and the sync bits go to statx(), which refuses what Linux refuses;
+        // the other bits of arg1 are dropped (statx() of a descriptor ignores them anyway).
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kStat), -1) == -EINVAL,
+                      "(d) kStat with statx's reserved mask bit");
+        CHECK_OR_FAIL(odd.request_result(one_slot, uint32_t(ipc::Op::kStat), STATX_BASIC_STATS,
+                                         -1) == -EINVAL,
+                      "(d) kStat with both sync flags");
+        CHECK_OR_FAIL(odd.request_result(5, uint32_t(ipc::Op::kStat), STATX_BASIC_STATS) == -EBADF,
+                      "(d) kStat on a free slot");
+        RawClient::Reply stat =
+            odd.request(one_slot, uint32_t(ipc::Op::kStat), STATX_BASIC_STATS, ~AT_STATX_SYNC_TYPE);
+        struct statx seen {};
+        if (stat.opt.size() == sizeof(seen)) std::memcpy(&seen, stat.opt.data(), sizeof(seen));
+        CHECK_OR_FAIL(stat.answered && stat.result == 0 && stat.opt.size() == sizeof(seen) &&
+                          S_ISSOCK(seen.stx_mode) && seen.stx_uid == geteuid(),
+                      "(d) kStat with every other flag set: %d, %zu bytes, mode %o", stat.result,
+                      stat.opt.size(), seen.stx_mode);
         int fds[2];
         CHECK_OR_FAIL(pipe2(fds, O_CLOEXEC) == 0, "pipe");
         CHECK_OR_FAIL(odd.register_waiter(0, fds[0]) == -EINVAL, "(d) read end as waiter");
