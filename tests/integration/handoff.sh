@@ -10,7 +10,9 @@
 # Then (one worker) connections left to the kernel under real load are offloaded again once it
 # falls.
 # With "2-workers" the engine runs two workers (--cores 0,1): the connections alternate between
-# them, so the second worker's are handed back through the family's home (issue 11).
+# them, so the second worker's are handed back through the family's home (issue 11); and with
+# one worker saturated by another family's stream, the family's new connections all go to the
+# other one, offloaded.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -55,6 +57,7 @@ run_phase() {
     shift 2
     : >"$dir/engine.log"
     start_engine "${cores[@]}" "$@"
+    [[ -z ${PHASE_START:-} ]] || "$PHASE_START" "$name"
     rm -f "$dir/$name.port"
     mkfifo "$dir/$name.in"
     env "${SERVER_ENV[@]}" "${PRELOAD[@]}" "$PYTHON" "$server" "$connections" "$dir/$name.port" \
@@ -96,6 +99,7 @@ run_phase() {
     wait_until 10 stats_logged || fail "$name: no statistics"
     STATS=$(grep "kernel-served" "$dir/engine.log" | tail -n "$workers")
     sed "s/^/  $name: /" <<<"$STATS"
+    [[ -z ${PHASE_END:-} ]] || "$PHASE_END" "$name"
     stop_engine
 }
 
@@ -461,6 +465,81 @@ if s.recv(1) != b"":
     stop_engine
     log "blocked-reader: not offloaded under a sleeping kernel recv(), offloaded at the reader's next"
 }
+
+# Two workers, one of them saturated by another family's stream (a sink under the shim, fed by
+# a kernel sender: its one connection is one worker's, and stays so), the other with room: the family's new
+# connections all go to the worker with room and are offloaded (engine/policy.hpp
+# next_worker(), family_saturated()); none is given to the busy worker, which would leave it to
+# the kernel, and the listener's twin is not steered to.
+# shellcheck disable=SC2317  # PHASE_START and PHASE_END
+start_sink_load() {
+    rm -f "$dir/sink.port" "$dir/sink.stop"
+    "${PRELOAD[@]}" timeout 120 "$PYTHON" -c 'import os, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(l.getsockname()[1]))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+c, _ = l.accept()
+c.shutdown(socket.SHUT_WR)  # half closed: never asked back (shed_to_kernel), the load stays
+while c.recv(1 << 20):
+    pass' "$dir/sink.port" >"$dir/sink.out" 2>&1 &
+    SINK_PID=$!
+    track "$SINK_PID"
+    local sink_port
+    sink_port=$(wait_for_port_file 10 "$dir/sink.port") || fail "$1: the sink did not start"
+    timeout 120 "$PYTHON" -c 'import os, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+piece = bytes(1 << 20)
+while not os.path.exists(sys.argv[2]):
+    s.sendall(piece)' "$sink_port" "$dir/sink.stop" &
+    SENDER_PID=$!
+    track "$SENDER_PID"
+    wait_until 30 one_saturated || fail "$1: no single saturated worker: $(stats_all)"
+    BUSY_WORKER=$(sed -n 's/^.*worker \([0-9]\): .*(saturated).*$/\1/p' <<<"$(stats_all)")
+    log "$1: worker $BUSY_WORKER saturated by the sink's stream"
+}
+# shellcheck disable=SC2317
+stop_sink_load() {
+    touch "$dir/sink.stop"
+    wait "$SENDER_PID" || true
+    wait "$SINK_PID" || true
+}
+# Every worker's statistics line, freshly asked for.
+# shellcheck disable=SC2317
+stats_all() {
+    local before
+    before=$(grep -c "kernel-served" "$dir/engine.log" || true)
+    kill -USR1 "$ENGINE_PID"
+    # shellcheck disable=SC2317
+    logged() { (($(grep -c "kernel-served" "$dir/engine.log") >= before + workers)); }
+    wait_until 5 logged || fail "no statistics within 5 s"
+    grep "kernel-served" "$dir/engine.log" | tail -n "$workers"
+}
+# shellcheck disable=SC2317
+one_saturated() { (($(stats_all | grep -c '(saturated)') == 1)); }
+# Worker $2's count after "$1 " in STATS.
+worker_stat() { sed -n "s/.*worker $2: .* $1 \([0-9]*\)[ ,].*/\1/p" <<<"$STATS"; }
+
+steer() {
+    PHASE_START=start_sink_load PHASE_END=stop_sink_load
+    run_phase steer offloaded --handoff-load 21
+    PHASE_START='' PHASE_END=''
+    local other=$((1 - BUSY_WORKER))
+    grep -q "worker $BUSY_WORKER: .*(saturated)" <<<"$STATS" ||
+        fail "steer: worker $BUSY_WORKER was no longer saturated at the end"
+    (($(stat_sum kernel-served) == 0)) || fail "steer: $(stat_sum kernel-served) connections left to the kernel"
+    (($(stat_sum "steered to") == 0)) || fail "steer: the twin was steered to with a worker free"
+    (($(worker_stat "bytes in [0-9]* out" "$BUSY_WORKER") == 0)) ||
+        fail "steer: the saturated worker $BUSY_WORKER served a connection"
+    (($(worker_stat "bytes in [0-9]* out" "$other") == connections * 100000)) ||
+        fail "steer: worker $other sent $(worker_stat "bytes in [0-9]* out" "$other") bytes, not $((connections * 100000))"
+    log "steer: worker $BUSY_WORKER saturated; all $connections connections offloaded to worker $other"
+}
+if ((workers == 2)); then
+    steer
+fi
 
 # One worker: the stream's load and the adoptions meet on it.
 if ((workers == 1)); then
