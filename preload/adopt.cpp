@@ -30,6 +30,7 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -218,6 +219,42 @@ constexpr uint64_t kOnDemandOfferAgeNs = 10'000'000;
 // When the next kernel-served socket may be offered (after the engine said it is saturated).
 std::atomic<uint64_t> g_reoffload_after_ns{0};
 constexpr uint64_t kReoffloadBackoffNs = 100'000'000;  // the engine's load window
+
+// Connections asked back lately (shed), by their kernel socket's inode: the same socket
+// moves each way. One asked back again soon after its last move is one whose own load
+// saturates whichever worker takes it (a bulk stream): offered back after the load window,
+// it would saturate the worker with room that takes it and be asked back again, over and over.
+// So each time it is shed within kShedMemoryNs of the last, it stays the kernel's twice as
+// long before it is offered again, up to 6.4 s: its moves thin out.
+class ShedHistory {
+  public:
+    // How long the socket with inode `ino`, shed at `now`, stays the kernel's.
+    uint64_t hold(uint64_t ino, uint64_t now) {
+        Record *slot = &records_[0];
+        for (Record &r : records_) {
+            if (r.ino == ino) {
+                slot = &r;
+                break;
+            }
+            if (r.last_ns < slot->last_ns) slot = &r;  // else the one shed longest ago
+        }
+        if (slot->ino != ino || now - slot->last_ns > kShedMemoryNs) *slot = Record{ino, 0, 0};
+        slot->last_ns = now;
+        const uint32_t doublings = std::min<uint32_t>(slot->times++, kMaxDoublings);
+        return kReoffloadBackoffNs << doublings;
+    }
+
+  private:
+    static constexpr uint64_t kShedMemoryNs = 30'000'000'000;
+    static constexpr uint32_t kMaxDoublings = 6;  // 100 ms << 6
+    struct Record {
+        uint64_t ino;
+        uint32_t times;
+        uint64_t last_ns;
+    };
+    Record records_[32] = {};
+};
+ShedHistory g_shed_history;  // under g_pending_mutex
 
 // A call that KernelCall sent back to the shim (became_ours) is being made again.
 TCPS_TLS bool tl_retrying = false;
@@ -425,6 +462,20 @@ void note_shed(int fd) {
     note(fd, kKernelServed);
     // The engine that asked for it is saturated: no use offering it back at the next call.
     back_off_reoffload(kReoffloadBackoffNs);
+}
+
+void hold_after_shed(int fd) {
+    Entry *entry = pending_entry(fd);
+    struct stat st {};
+    if (!entry || kind_of(entry->load(std::memory_order_acquire)) != kKernelServed ||
+        real(libc.fstat)(fd, &st) != 0)
+        return;
+    const uint64_t now = now_ns();
+    pthread_mutex_lock(&g_pending_mutex);
+    const uint64_t hold = g_shed_history.hold(static_cast<uint64_t>(st.st_ino), now);
+    pthread_mutex_unlock(&g_pending_mutex);
+    offer_at(*entry).store(std::max<uint32_t>(static_cast<uint32_t>((now + hold) / 1'000'000), 1),
+                           std::memory_order_relaxed);
 }
 
 bool adopt_pending(int fd) {

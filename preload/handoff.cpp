@@ -280,13 +280,18 @@ bool shed_to_kernel(const SocketRef &ref) {
         // Offloaded again later if it has one number (kAdoptSocket takes one socket at one
         // number) and no other call sleeps in it now (refs counts those too, and cannot tell
         // them from numbers): others stay the kernel's.
-        if (sock.refs.load(std::memory_order_acquire) == 1) note_shed(ref.fd);
+        const int fd = ref.fd;
+        const bool noted = sock.refs.load(std::memory_order_acquire) == 1;
+        if (noted) note_shed(fd);
         // The locks before the engine's close: the slot's lock words are the next socket's.
         handed = hand_back(ref, ipc::kHandoffShed, [](Socket &handed_sock) {
             handed_sock.rx_lock.unlock();
             handed_sock.tx_lock.unlock();
         });
-        if (handed) return true;
+        if (handed) {
+            if (noted) hold_after_shed(fd);
+            return true;
+        }
         // Bytes came meanwhile, or the engine has room again: it stays ours.
         forget_pending(ref.fd);
     }

@@ -152,6 +152,9 @@ void note_accepted_on_demand(int fd);
 // The same for a live connection handed to the kernel because the engine asked (kFlagShed).
 // Before the hand-back, so that the epoll registrations it moves into the kernel's are kept.
 void note_shed(int fd);
+// After its hand-back: how long it stays the kernel's, longer each time the same connection is
+// asked back again soon (adopt.cpp, ShedHistory).
+void hold_after_shed(int fd);
 // A call that goes to the kernel on `fd` (not one of ours), for its whole length: while it is
 // in flight, a kernel-served socket there is not offloaded (adopt_pending), and one that
 // another thread is offloading is waited for. became_ours(): it was offloaded meanwhile, so

@@ -471,10 +471,11 @@ if s.recv(1) != b"":
 # connections all go to the worker with room and are offloaded (engine/policy.hpp
 # next_worker(), family_saturated()); none is given to the busy worker, which would leave it to
 # the kernel, and the listener's twin is not steered to.
+# $1: the phase; $SINK: half-closed (the default) or open (its connection may be asked back).
 # shellcheck disable=SC2317  # PHASE_START and PHASE_END
 start_sink_load() {
     rm -f "$dir/sink.port" "$dir/sink.stop"
-    "${PRELOAD[@]}" timeout 120 "$PYTHON" -c 'import os, socket, sys
+    "${PRELOAD[@]}" timeout 120 "$PYTHON" -c 'import os, socket, sys, time
 l = socket.socket()
 l.bind(("127.0.0.1", 0))
 l.listen(1)
@@ -482,9 +483,17 @@ with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(str(l.getsockname()[1]))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 c, _ = l.accept()
-c.shutdown(socket.SHUT_WR)  # half closed: never asked back (shed_to_kernel), the load stays
+if sys.argv[2] == "half-closed":
+    c.shutdown(socket.SHUT_WR)  # never asked back (shed_to_kernel): the load stays
+# Else it says each time its connection changes hands, and since when it was where it was.
+where, since = "offloaded", time.monotonic()
 while c.recv(1 << 20):
-    pass' "$dir/sink.port" >"$dir/sink.out" 2>&1 &
+    if sys.argv[2] == "half-closed":
+        continue
+    now = "kernel" if os.readlink(f"/proc/self/fd/{c.fileno()}").startswith("socket:") else "offloaded"
+    if now != where:
+        print(f"now {now}, {where} for {(time.monotonic() - since) * 1000:.0f} ms", flush=True)
+        where, since = now, time.monotonic()' "$dir/sink.port" "${SINK:-half-closed}" >"$dir/sink.out" 2>&1 &
     SINK_PID=$!
     track "$SINK_PID"
     local sink_port
@@ -541,8 +550,31 @@ if ((workers == 2)); then
     steer
 fi
 
+# A bulk stream whose own load saturates the worker: asked back, it leaves the worker idle, and
+# offered again it would saturate it again, over and over (ping-pong). Each time it is asked
+# back again soon it stays the kernel's twice as long (adopt.cpp, ShedHistory: 100 ms, then
+# 200, 400, 800...). The sink says when its connection changes hands: the 4th time it was
+# asked back, it must have stayed the kernel's for most of 800 ms (without the hold, about
+# 300 ms each time: the load windows until the worker has room again).
+ping_pong() {
+    : >"$dir/engine.log"
+    start_engine --handoff-load 21
+    SINK=open start_sink_load ping-pong
+    # shellcheck disable=SC2317  # called by wait_until
+    offloaded_again() { (($(grep -c "now offloaded" "$dir/sink.out") >= 4)); }
+    wait_until 30 offloaded_again || fail "ping-pong: not asked back and offloaded again 4 times: $(cat "$dir/sink.out")"
+    stop_sink_load
+    stop_engine
+    sed 's/^/  ping-pong: sink: /' "$dir/sink.out"
+    local held
+    held=$(sed -n 's/^now offloaded, kernel for \([0-9]*\) ms$/\1/p' "$dir/sink.out" | sed -n 4p)
+    ((held >= 700)) || fail "ping-pong: asked back the 4th time, offloaded again after $held ms"
+    log "ping-pong: asked back the 4th time, the kernel's for $held ms"
+}
+
 # One worker: the stream's load and the adoptions meet on it.
 if ((workers == 1)); then
+    ping_pong
     reoffload
     reoffload_threads
     blocked_reader
