@@ -179,7 +179,7 @@ void Worker::handle_message(ShardMessage &message) {
             message.fd = -1;
             s->waiter_scan_limit = std::max(s->waiter_scan_limit, w + 1);
             // Armed before we knew it: woken now, it looks again.
-            full_fence();
+            ipc::full_fence();
             signal_waiter(*s, w);
             break;
         }

@@ -751,7 +751,7 @@ void Relay::flush_wakes() {
     if (dirty_.empty()) return;
     // What progress() applied before our loads of the waiters and of the client's heads: pairs
     // with the client's arm-then-recheck and its store-then-look-at-the-pause-flags.
-    full_fence();
+    ipc::full_fence();
     for (Client *c : dirty_) {
         Session &s = *c->session;
         s.dirty = false;
@@ -788,7 +788,7 @@ void Relay::sleep_until_work() {
     set_sleeping(1);
     // engine_sleeping before the last look at the queues: a client that pushed before seeing
     // it is caught here, one that pushed after it writes the doorbell (the engine's rule).
-    full_fence();
+    ipc::full_fence();
     bool busy = g_stop.load() || !fabric_->ready_to_sleep();
     for (size_t k = 0; k < clients_.size() && !busy; ++k) {
         const Client &c = *clients_[k];

@@ -625,7 +625,7 @@ void Worker::flush_wakes() {
     if (dirty_.empty()) return;
     // Our stores (indices, flags, event_gen) before our loads of the waiters: pairs with the
     // client's arm-then-recheck, so either it sees our change or we see it armed.
-    full_fence();
+    ipc::full_fence();
     for (size_t k = 0; k < dirty_.size(); ++k) {
         Session *s = dirty_[k];
         if (s->remote) publish_remote(*s);
@@ -661,7 +661,7 @@ void Worker::sleep_until_work() {
     set_sleeping(1);
     // engine_sleeping before re-reading the queues: a client that pushed before seeing our
     // flag is caught by this re-check, one that pushed after it writes the doorbell.
-    full_fence();
+    ipc::full_fence();
     if (stop_.load(std::memory_order_relaxed) || has_pending_.load(std::memory_order_acquire) ||
         io_uring_cq_ready(&ring_) > 0 || any_queue_has_work() || (fabric_ && !fabric_idle())) {
         set_sleeping(0);
@@ -1353,7 +1353,7 @@ void Worker::post_accept(Session &s, uint32_t i) {
         if (error != 0) return refuse_accepts(s, i, error);
         if (!(es.flags & ipc::kFlagAcceptPaused))
             publish_flags(s, i, es.flags | ipc::kFlagAcceptPaused, true);
-        full_fence();
+        ipc::full_fence();
         const uint32_t acc_head = s.region.slot(i).acc_head.load(std::memory_order_acquire);
         if (!acc_head_valid(acc_head, es.acc_tail))
             return violation(s, "slot %u: acc_head %u outside the accept ring (acc_tail %u)", i,
@@ -2053,7 +2053,7 @@ bool Worker::pause_full_rx(Session &s, uint32_t i) {
     // Pause, then look at rx_head once more so a client that freed space just before seeing
     // the flag is not missed (it rings only when it sees the flag).
     if (!(es.flags & ipc::kFlagRxPaused)) publish_flags(s, i, es.flags | ipc::kFlagRxPaused, true);
-    full_fence();
+    ipc::full_fence();
     const uint32_t rx_head = s.region.slot(i).rx_head.load(std::memory_order_acquire);
     if (!rx_head_valid(rx_head, es.rx_tail, es.rx_ring)) {
         violation(s, "slot %u: rx_head %u outside the rx ring (rx_tail %u)", i, rx_head,

@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "fence.hpp"
+
 namespace tcps::ipc {
 
 namespace {
@@ -626,7 +628,7 @@ bool FabricEndpoint::apply_message(const uint8_t *bytes, size_t len,
                     .store(word, std::memory_order_release);
             }
         } else {
-            std::atomic_thread_fence(std::memory_order_release);
+            release_fence();
             std::memcpy(target, source, body);
         }
     }

@@ -1,0 +1,33 @@
+// Memory barriers for the Dekker-style handshakes with clients ("publish, then look at the
+// other side's flag") and for the fabric's mirror. TSan does not model
+// std::atomic_thread_fence (GCC warns -Wtsan), so sanitizer builds use a read-modify-write of
+// the same order instead, which is also such a barrier on the machines we run on.
+#pragma once
+
+#include <atomic>
+
+namespace tcps::ipc {
+
+namespace detail {
+inline std::atomic<unsigned> fence_word{0};
+}  // namespace detail
+
+// StoreLoad: our stores before our later loads.
+inline void full_fence() {
+#if defined(__SANITIZE_THREAD__)
+    detail::fence_word.fetch_add(0, std::memory_order_seq_cst);
+#else
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+// Every store before it is visible before any store after it (a plain memcpy's).
+inline void release_fence() {
+#if defined(__SANITIZE_THREAD__)
+    detail::fence_word.fetch_add(0, std::memory_order_release);
+#else
+    std::atomic_thread_fence(std::memory_order_release);
+#endif
+}
+
+}  // namespace tcps::ipc
