@@ -232,12 +232,18 @@ void Worker::run() {
         now_ns_ = monotonic_ns();
         if (work) busy_ns_ += now_ns_ - iteration_start;
         if (now_ns_ - load_window_start_ns_ >= kLoadWindowNs) {
-            stats_.load_percent.store(
-                std::min<uint64_t>(busy_ns_, now_ns_ - load_window_start_ns_) * 100 /
-                    (now_ns_ - load_window_start_ns_),
-                std::memory_order_relaxed);
+            // Busy: the wall time of the rounds that found work, but no more than the CPU the
+            // thread had in the window. A round that another thread on the core preempted (a
+            // server or a load generator sharing it) did not work meanwhile: counted, it made
+            // a worker with little to do look saturated, which asked its connections back.
+            const uint64_t cpu_now = thread_cpu_ns();
+            const uint64_t busy = std::min(busy_ns_, cpu_now - window_cpu_start_ns_);
+            window_cpu_start_ns_ = cpu_now;
+            stats_.load_percent.store(std::min<uint64_t>(busy, now_ns_ - load_window_start_ns_) *
+                                          100 / (now_ns_ - load_window_start_ns_),
+                                      std::memory_order_relaxed);
             const bool was = gauge_.saturated();
-            const bool now_saturated = gauge_.update(busy_ns_, now_ns_ - load_window_start_ns_);
+            const bool now_saturated = gauge_.update(busy, now_ns_ - load_window_start_ns_);
             saturated_.store(now_saturated, std::memory_order_relaxed);
             room_.store(gauge_.has_room(), std::memory_order_relaxed);
             if (now_saturated != was)

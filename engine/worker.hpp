@@ -572,6 +572,7 @@ class Worker {
     std::atomic<bool> saturated_{false};  // gauge_'s, for other threads
     std::atomic<bool> room_{true};        // gauge_'s has_room(), for other threads
     uint64_t load_window_start_ns_ = 0;
+    uint64_t window_cpu_start_ns_ = 0;  // the thread's CPU time then (thread_cpu_ns)
     uint64_t busy_ns_ = 0;
     uint32_t shed_round_ = 0;         // load windows in which it asked: which connections it asks
     uint64_t shed_asks_open_ = 0;     // asks published and not withdrawn (an upper bound)
