@@ -289,7 +289,7 @@ bool LoadGauge::update(uint64_t busy_ns, uint64_t window_ns) {
     last_percent_ = static_cast<int>(percent);
     if (percent >= static_cast<uint64_t>(high_))
         saturated_ = true;
-    else if (static_cast<int64_t>(percent) < high_ - 20)
+    else if (static_cast<int64_t>(percent) < low_mark())
         saturated_ = false;
     return saturated_;
 }

@@ -4,6 +4,7 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string_view>
 #include <vector>
@@ -108,8 +109,9 @@ bool ioctl_allowed(unsigned long request);
 
 // Whether a worker is saturated (seed 003's handoff), from the share of each window it spent
 // working, with hysteresis so that it does not flip on every window: saturated from
-// `high_percent` busy on, no longer once below `high_percent - 20`. A negative percentage
-// never saturates; 0 always does.
+// `high_percent` busy on, no longer once below the low mark, 20 points lower (half of
+// `high_percent` up to 20, so that every high mark has a low one a window can get under). A
+// negative percentage never saturates; 0 always does.
 class LoadGauge {
   public:
     explicit LoadGauge(int high_percent) : high_(high_percent), saturated_(high_percent == 0) {}
@@ -118,9 +120,10 @@ class LoadGauge {
     bool saturated() const { return saturated_; }
     bool enabled() const { return high_ >= 0; }
     // Whether it may take more work from the kernel (connections offloaded again): the last
-    // window was under the low mark (`high_percent - 20`), so that what it takes back does not
-    // push it over the high one at once and shed them again (no ping-pong).
-    bool has_room() const { return high_ < 0 || (!saturated_ && last_percent_ < high_ - 20); }
+    // window was under the low mark, so that what it takes back does not push it over the
+    // high one at once and shed them again (no ping-pong).
+    bool has_room() const { return high_ < 0 || (!saturated_ && last_percent_ < low_mark()); }
+    int low_mark() const { return high_ > 20 ? high_ - 20 : high_ - high_ / 2; }
 
   private:
     int high_;

@@ -444,6 +444,23 @@ TEST_CASE("elastic workers: one more from the high watermark, one fewer below th
     for (int k = 0; k < 10; ++k) CHECK(elastic.update({k % 2 ? 80 : 70}) == 1);
 }
 
+TEST_CASE("a high mark up to 20 has its low mark at half of it, so a worker can leave it") {
+    LoadGauge gauge(10);
+    CHECK(gauge.low_mark() == 5);
+    CHECK(gauge.update(10, 100));
+    CHECK(gauge.update(5, 100));  // between the marks
+    CHECK_FALSE(gauge.has_room());
+    CHECK_FALSE(gauge.update(4, 100));
+    CHECK(gauge.has_room());
+    CHECK(LoadGauge(20).low_mark() == 10);
+    CHECK(LoadGauge(21).low_mark() == 1);
+    CHECK(LoadGauge(40).low_mark() == 20);
+    CHECK(LoadGauge(90).low_mark() == 70);
+    LoadGauge one(1);  // saturated by any work, no longer by none
+    CHECK(one.update(1, 100));
+    CHECK_FALSE(one.update(0, 100));
+}
+
 TEST_CASE("handoff load -1 never saturates, 0 always does") {
     LoadGauge never(-1);
     CHECK_FALSE(never.update(100, 100));
