@@ -12,22 +12,23 @@ namespace detail {
 inline std::atomic<unsigned> fence_word{0};
 }  // namespace detail
 
+// A fence of `order`, or under TSan the read-modify-write of that order that stands for it.
+inline void fence(std::memory_order order) {
+#if defined(__SANITIZE_THREAD__)
+    detail::fence_word.fetch_add(0, order);
+#else
+    std::atomic_thread_fence(order);
+#endif
+}
+
 // StoreLoad: our stores before our later loads.
 inline void full_fence() {
-#if defined(__SANITIZE_THREAD__)
-    detail::fence_word.fetch_add(0, std::memory_order_seq_cst);
-#else
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-#endif
+    fence(std::memory_order_seq_cst);
 }
 
 // Every store before it is visible before any store after it (a plain memcpy's).
 inline void release_fence() {
-#if defined(__SANITIZE_THREAD__)
-    detail::fence_word.fetch_add(0, std::memory_order_release);
-#else
-    std::atomic_thread_fence(std::memory_order_release);
-#endif
+    fence(std::memory_order_release);
 }
 
 }  // namespace tcps::ipc

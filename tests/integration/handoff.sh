@@ -201,12 +201,17 @@ served=$(stat_sum kernel-served)
 # refuse the next for a window) before its event loop reads. Each moves with its epoll
 # registrations (adopt.cpp): the event loop sees every byte the clients sent while they were
 # the kernel's, and ss shows tcpsd owning them.
-# The workers' statistics lines, freshly asked for.
+# Every worker's statistics line, freshly asked for: waits until the engine's main thread has
+# logged them (at its next poll round).
 # shellcheck disable=SC2317  # called by wait_until
 stats_now() {
+    local before
+    before=$(grep -c "kernel-served" "$dir/engine.log" || true)
     kill -USR1 "$ENGINE_PID"
-    sleep 0.05  # the main thread logs them at its next poll round: give it one
-    grep 'kernel-served' "$dir/engine.log" | tail -n 1
+    # shellcheck disable=SC2317
+    logged() { (($(grep -c "kernel-served" "$dir/engine.log") >= before + workers)); }
+    wait_until 5 logged || fail "no statistics within 5 s"
+    grep "kernel-served" "$dir/engine.log" | tail -n "$workers"
 }
 # shellcheck disable=SC2317
 saturated() { stats_now | grep -q '(saturated)'; }
@@ -505,8 +510,8 @@ while not os.path.exists(sys.argv[2]):
     s.sendall(piece)' "$sink_port" "$dir/sink.stop" &
     SENDER_PID=$!
     track "$SENDER_PID"
-    wait_until 30 one_saturated || fail "$1: no single saturated worker: $(stats_all)"
-    BUSY_WORKER=$(sed -n 's/^.*worker \([0-9]\): .*(saturated).*$/\1/p' <<<"$(stats_all)")
+    wait_until 30 one_saturated || fail "$1: no single saturated worker: $(stats_now)"
+    BUSY_WORKER=$(sed -n 's/^.*worker \([0-9]\): .*(saturated).*$/\1/p' <<<"$(stats_now)")
     log "$1: worker $BUSY_WORKER saturated by the sink's stream"
     if ((workers == 2)); then
         # The stream's processes onto that worker's core (worker k runs on core k): the other
@@ -524,19 +529,8 @@ stop_sink_load() {
     wait "$SENDER_PID" || true
     wait "$SINK_PID" || true
 }
-# Every worker's statistics line, freshly asked for.
 # shellcheck disable=SC2317
-stats_all() {
-    local before
-    before=$(grep -c "kernel-served" "$dir/engine.log" || true)
-    kill -USR1 "$ENGINE_PID"
-    # shellcheck disable=SC2317
-    logged() { (($(grep -c "kernel-served" "$dir/engine.log") >= before + workers)); }
-    wait_until 5 logged || fail "no statistics within 5 s"
-    grep "kernel-served" "$dir/engine.log" | tail -n "$workers"
-}
-# shellcheck disable=SC2317
-one_saturated() { (($(stats_all | grep -c '(saturated)') == 1)); }
+one_saturated() { (($(stats_now | grep -c '(saturated)') == 1)); }
 # Worker $2's count after "$1 " in STATS.
 worker_stat() { sed -n "s/.*worker $2: .* $1 \([0-9]*\)[ ,].*/\1/p" <<<"$STATS"; }
 
