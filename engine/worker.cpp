@@ -45,6 +45,10 @@ static_assert(kMaxSessions <= (1u << 12) && ipc::kMaxSockets <= (1u << 20),
 constexpr uint32_t kQueueBatch = 64;  // slots popped per session per iteration
 constexpr unsigned kCqeBatch = 256;
 constexpr uint64_t kTickNs = 100'000'000;
+// A connection past its FIN, reset or shut down is never handed back to the kernel: its end is
+// the engine's to report (the kernel socket's error was taken by the engine's receive).
+constexpr uint32_t kConnectionEnded =
+    ipc::kFlagRxEof | ipc::kFlagReset | ipc::kFlagTxShut | ipc::kFlagRxShut;
 // The window over which a worker's busy time decides whether it is saturated (LoadGauge).
 constexpr uint64_t kLoadWindowNs = 100'000'000;
 // How long the ring pages of a freed engine slot stay: the free list is a stack, so under load
@@ -2185,11 +2189,11 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, uint32_t h
     if (slot < 0 || !s.region.mapped(static_cast<uint32_t>(slot)) ||
         s.slots[slot].state != ipc::SlotState::kOpen || s.slots[slot].handed_off)
         refusal = -EBADF;
-    else if (shed && s.slots[slot].shed_asked && !gauge_.saturated()) {
-        // An ask left over from a hand-back that was under way at the withdrawal.
-        EngineSlot &es = s.slots[slot];
-        es.shed_asked = false;
-        publish_flags(s, static_cast<uint32_t>(slot), es.flags & ~ipc::kFlagShed);
+    else if (shed && s.slots[slot].shed_asked &&
+             (!gauge_.saturated() || (s.slots[slot].flags & kConnectionEnded))) {
+        // An ask left over from a hand-back that was under way at the withdrawal, or one for a
+        // connection that has ended since (below, maybe_finish_handoff): it stays here.
+        withdraw_shed_ask(s, static_cast<uint32_t>(slot));
         refusal = -EAGAIN;
     } else if (shed) {
         refusal = shed_refusal(s, static_cast<uint32_t>(slot));
@@ -2249,11 +2253,9 @@ int Worker::shed_refusal(Session &s, uint32_t i) const {
 
 bool Worker::sheddable(const Session &s, uint32_t i) const {
     const EngineSlot &es = s.slots[i];
-    constexpr uint32_t kEnded =
-        ipc::kFlagRxEof | ipc::kFlagReset | ipc::kFlagTxShut | ipc::kFlagRxShut;
     // A remote client has no kernel to take it; a relay's claims its slots itself.
     return !s.remote && s.client_slots == 0 && !s.ending && es.state == ipc::SlotState::kOpen &&
-           (es.flags & ipc::kFlagConnected) && !(es.flags & kEnded) && !es.handed_off &&
+           (es.flags & ipc::kFlagConnected) && !(es.flags & kConnectionEnded) && !es.handed_off &&
            !es.kernel_served && !es.shed_asked && !es.rx_direct &&
            es.direct == EngineSlot::Direct::kNone;
 }
@@ -2285,15 +2287,20 @@ void Worker::ask_to_shed() {
     stats_.shed_asked.fetch_add(asked, std::memory_order_relaxed);
 }
 
+void Worker::withdraw_shed_ask(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    if (!es.shed_asked) return;
+    es.shed_asked = false;
+    publish_flags(s, i, es.flags & ~ipc::kFlagShed);
+}
+
 void Worker::withdraw_shed_asks() {
     for (const auto &[key, target] : connected_) {
         Session *s = table_[target.session_index].get();
         if (!s || s->gen != target.session_gen || s->slots[target.slot].gen != target.slot_gen)
             continue;
-        EngineSlot &es = s->slots[target.slot];
-        if (!es.shed_asked || es.handoff_member != kNoMember) continue;  // one under way ends
-        es.shed_asked = false;
-        publish_flags(*s, target.slot, es.flags & ~ipc::kFlagShed);
+        if (s->slots[target.slot].handoff_member != kNoMember) continue;  // one under way ends
+        withdraw_shed_ask(*s, target.slot);
     }
     shed_asks_open_ = 0;
 }
@@ -2324,8 +2331,14 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     if (std::exchange(es.handoff_shed, false)) {
         // The receive it cancelled brought bytes after all (or the client read or wrote
         // meanwhile): the engine goes on serving the socket, nothing lost.
+        // The receive ended in the peer's FIN or an error: the engine took the kernel socket's
+        // error (SO_ERROR), which the kernel socket would no longer report (the first send
+        // after a reset would say EPIPE, not ECONNRESET). The engine keeps the connection and
+        // reports it, as Linux would.
         const bool gone = !s.is_shard() && s.members[member].state != ipc::MemberState::kLive;
-        if (rx_head != es.rx_tail || gone) {
+        const bool ended = es.flags & kConnectionEnded;
+        if (ended) withdraw_shed_ask(s, i);
+        if (rx_head != es.rx_tail || gone || ended) {
             es.handed_off = false;
             post_recv(s, i);
             reply.result = -EAGAIN;

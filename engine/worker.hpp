@@ -323,6 +323,7 @@ class Worker {
     // Seed 003's handoff of live connections, once per load window: while saturated, asks some
     // of this worker's connections back (ipc::kFlagShed); once no longer, withdraws the asks.
     void ask_to_shed();
+    void withdraw_shed_ask(Session &s, uint32_t i);
     void withdraw_shed_asks();
     // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot,
     // on the family's next worker in turn.

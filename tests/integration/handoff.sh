@@ -577,6 +577,42 @@ ping_pong() {
     log "ping-pong: asked back the 4th time, the kernel's for $held ms"
 }
 
+# A connection the saturated engine has asked back, reset by its peer before the application's
+# next call on it: that call must report the reset as Linux's would (ECONNRESET), so the
+# connection stays the engine's (the engine's receive took the kernel socket's error; handed
+# back, its first send said EPIPE). The ask is seen in the statistics before the reset.
+reset_asked() {
+    : >"$dir/engine.log"
+    start_engine "${cores[@]}" --handoff-load 0
+    mkfifo "$dir/reset.in"
+    "${PRELOAD[@]}" "$TCPS_TEST_APP" reset-asked <"$dir/reset.in" >"$dir/reset.out" 2>&1 &
+    local app=$!
+    track "$app"
+    exec 7>"$dir/reset.in"
+    wait_for_line 10 "$dir/reset.out" "reset-asked: ticking" ||
+        fail "reset-asked: no half-closed connection: $(cat "$dir/reset.out")"
+    # The half-closed one may have been asked before its shutdown, never after: asks beyond
+    # these are for the connection to come, the only one the engine can ask for.
+    STATS=$(stats_now)
+    local before
+    before=$(stat_sum "asked back")
+    echo >&7
+    wait_for_line 10 "$dir/reset.out" "reset-asked: connected" ||
+        fail "reset-asked: no connection: $(cat "$dir/reset.out")"
+    # shellcheck disable=SC2317  # called by wait_until
+    asked() { STATS=$(stats_now) && (($(stat_sum "asked back") > before)); }
+    wait_until 10 asked || fail "reset-asked: the engine never asked for the connection: $STATS"
+    echo >&7
+    exec 7>&-
+    wait "$app" || fail "reset-asked: $(cat "$dir/reset.out")"
+    sed 's/^/  /' "$dir/reset.out"
+    grep -q "send=-1 ECONNRESET, then recv=0 0, offloaded" "$dir/reset.out" ||
+        fail "reset-asked: not reported as Linux does: $(cat "$dir/reset.out")"
+    stop_engine
+    log "reset-asked: a connection asked back and reset meanwhile reports ECONNRESET, offloaded"
+}
+reset_asked
+
 # One worker: the stream's load and the adoptions meet on it.
 if ((workers == 1)); then
     ping_pong

@@ -24,6 +24,9 @@
 //                                    and receives of varying sizes and pauses, every byte checked;
 //                                    RCVBUF: both ends' SO_RCVBUF (a small one keeps bytes sent
 //                                    waiting in the sender's kernel socket, unacknowledged)
+//   reset-asked                      a connection the engine asks back (tcpsd --handoff-load
+//                                    0; the script says when, on stdin) is reset by its peer:
+//                                    the first send must say ECONNRESET, as Linux's does
 //   victim-recv PORT, victim-accept PORTFILE PORT, victim-epoll PORT
 //                                    block, and check what the engine's end does to them
 #include <arpa/inet.h>
@@ -476,11 +479,8 @@ int mode_mt_accept(const char *port_file, int threads, int count) {
     return 0;
 }
 
-// Both ends of one loopback connection in this process, all of it offloaded.
-struct Connection {
-    int listener, client, server;
-};
-Connection offloaded_connection() {
+// A listener on 127.0.0.1 at a port the kernel picks (`port`), with bounded accepts.
+int loopback_listener(uint16_t &port) {
     const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr = loopback(0);
     socklen_t len = sizeof(addr);
@@ -488,9 +488,20 @@ Connection offloaded_connection() {
         listen(listener, 8) != 0 ||
         getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) != 0)
         die("listener: %s", std::strerror(errno));
-    require_offloaded(listener, "the listener");
-    const int client = connect_to(ntohs(addr.sin_port));
     set_timeouts(listener, kWaitSeconds);
+    port = ntohs(addr.sin_port);
+    return listener;
+}
+
+// Both ends of one loopback connection in this process, all of it offloaded.
+struct Connection {
+    int listener, client, server;
+};
+Connection offloaded_connection() {
+    uint16_t port;
+    const int listener = loopback_listener(port);
+    require_offloaded(listener, "the listener");
+    const int client = connect_to(port);
     const int server = accept(listener, nullptr, nullptr);
     if (server < 0) die("accept: %s", std::strerror(errno));
     require_offloaded(client, "the client socket");
@@ -566,6 +577,68 @@ const char *errno_name(int error) {
         default:
             return "other";
     }
+}
+
+// The engine asks a saturated worker's connections back at the application's next call on
+// them (seed 003). One reset by its peer meanwhile is no longer the kernel's to report: the
+// engine's receive took the kernel socket's error. The shim and engine keep it offloaded, and
+// the first call reports the reset as Linux would (before: handed back, send said EPIPE).
+// The engine asks at the end of a load window, which only a worker with work ends: a second
+// connection, half closed (never asked back), gets a byte every 20 ms meanwhile.
+int mode_reset_asked() {
+    uint16_t port;
+    const int listener = loopback_listener(port);
+    auto connected_pair = [&] {
+        const int client = connect_to(port);
+        const int server = accept(listener, nullptr, nullptr);
+        if (server < 0) die("accept: %s", std::strerror(errno));
+        require_offloaded(client, "the client socket");
+        return std::pair{client, server};
+    };
+    auto go_ahead = [] {  // the script's newline on stdin
+        pollfd in{0, POLLIN, 0};
+        char newline;
+        if (poll(&in, 1, kWaitSeconds * 1000) != 1 || read(0, &newline, 1) != 1)
+            die("no go-ahead on stdin");
+    };
+    const auto [ticked, ticker] = connected_pair();
+    shutdown(ticked, SHUT_WR);
+    char byte;
+    if (recv(ticker, &byte, 1, 0) != 0) die("the half-closed connection's FIN did not come");
+    std::atomic<bool> stop{false};
+    std::thread ticks([&, ticker = ticker] {
+        const auto end = Clock::now() + std::chrono::seconds(kWaitSeconds);
+        while (!stop.load() && Clock::now() < end && send(ticker, "t", 1, MSG_NOSIGNAL) == 1)
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    });
+    say("reset-asked: ticking");
+    go_ahead();  // the script has counted the engine's asks so far
+    const auto [client, server] = connected_pair();
+    say("reset-asked: connected");
+    go_ahead();  // the engine has asked for it
+    const linger reset{1, 0};
+    if (setsockopt(server, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset)) != 0 || close(server) != 0)
+        die("reset close: %s", std::strerror(errno));
+    const auto deadline = Clock::now() + std::chrono::seconds(kWaitSeconds);
+    pollfd p{client, POLLIN, 0};
+    while (!(p.revents & POLLHUP)) {
+        if (Clock::now() > deadline) die("no POLLHUP after the peer's reset");
+        if (poll(&p, 1, 100) < 0) die("poll: %s", std::strerror(errno));
+    }
+    errno = 0;
+    const ssize_t sent = send(client, "x", 1, MSG_NOSIGNAL);
+    const int send_error = errno;
+    errno = 0;
+    const ssize_t got = recv(client, &byte, 1, 0);
+    say("reset-asked: send=%zd %s, then recv=%zd %s, %s", sent, errno_name(send_error), got,
+        errno_name(errno), is_offloaded(client) ? "offloaded" : "the kernel's");
+    stop.store(true);
+    ticks.join();
+    if (sent != -1 || send_error != ECONNRESET)
+        die("the first send after the reset did not say ECONNRESET");
+    if (got != 0) die("recv after the reported reset did not say 0 (EOF)");
+    for (const int fd : {client, ticked, ticker, listener}) close(fd);
+    return 0;
 }
 
 // How long the blocked call took to return after the engine went: the script reads it.
@@ -849,6 +922,7 @@ int main(int argc, char **argv) {
     if (wants("pingpong", 1)) return mode_pingpong(to_int(argv[2]));
     if (mode == "stream" && given == 2) return mode_stream(to_int(argv[2]), to_int(argv[3]));
     if (wants("stream", 1)) return mode_stream(to_int(argv[2]), 0);
+    if (wants("reset-asked", 0)) return mode_reset_asked();
     if (wants("victim-recv", 1)) return mode_victim_recv(to_port(argv[2]));
     if (wants("victim-accept", 2)) return mode_victim_accept(argv[2], to_port(argv[3]));
     if (wants("victim-epoll", 1)) return mode_victim_epoll(to_port(argv[2]));
