@@ -184,6 +184,7 @@ bool Engine::start_workers() {
         config.core = cores[k];
         config.spin_us = options_.spin_us;
         config.handoff_load = options_.handoff_load;
+        config.ask_back_at_once = options_.ask_back_at_once;
         config.send_zc = options_.send_zc;
         config.busy_poll = options_.busy_poll;
         if (links_.is_open()) {

@@ -55,7 +55,8 @@ bool parse_core_list(const std::string &text, std::vector<int> &cores) {
 const char *usage_text() {
     return "usage: tcpsd [--socket PATH] [--cores LIST] [--spin-us N] [--busy-poll] "
            "[--ready-fd FD] [--verbose] [--max-fds N] [--max-memory-mb N]\n"
-           "             [--handoff-load PERCENT] [--min-workers N [--elastic-marks HIGH,LOW]]\n"
+           "             [--handoff-load PERCENT [--ask-back-at-once]]\n"
+           "             [--min-workers N [--elastic-marks HIGH,LOW]]\n"
            "             [--send-zc auto|always|off]\n"
            "             [--fabric-listen ADDR:PORT [--fabric-node ADDR]]\n"
            "  --socket PATH  control socket (default: $TCPS_ENGINE_SOCKET or the per-user path)\n"
@@ -69,6 +70,8 @@ const char *usage_text() {
            "                 less than PERCENT - 20 (PERCENT / 2 up to 20; default: never;\n"
            "                 0: always).\n"
            "                 Experimental: each such move costs a control round trip\n"
+           "  --ask-back-at-once  (for tests) a saturated worker asks each connection it\n"
+           "                 connects back at once, not an eighth of them per 100 ms\n"
            "  --send-zc auto|always|off  sends of 64 KiB and more out of a socket's ring go\n"
            "                 zero-copy (io_uring SEND_ZC); auto (default) stops on a socket\n"
            "                 once the kernel reports copying them anyway (loopback)\n"
@@ -132,6 +135,8 @@ bool parse_options(int argc, char **argv, Options &options, std::string &error) 
                 return false;
             }
             options.handoff_load = static_cast<int>(percent);
+        } else if (name == "--ask-back-at-once") {
+            options.ask_back_at_once = true;
         } else if (name == "--send-zc") {
             if (!take_value()) return false;
             if (value == "auto") {

@@ -19,6 +19,8 @@ struct Options {
     // Seed 003's handoff: from this percentage of busy time a worker counts as saturated, and
     // the connections it accepts then stay with the kernel in the application. -1: never.
     int handoff_load = -1;
+    // For tests: a saturated worker asks each connection back as soon as it connects.
+    bool ask_back_at_once = false;
     // Large sends out of the tx rings with io_uring's SEND_ZC (issue 11, item 4).
     SendZeroCopy send_zc = SendZeroCopy::kAuto;
     // Seed 001's H4: with N > 0, only the workers needed take new connections, between N and

@@ -1718,6 +1718,12 @@ void Worker::on_connected(Session &s, uint32_t i) {
     bump_event(s, i);
     post_recv(s, i);
     post_send(s, i);
+    // Tests (semantics_shed): every connection meets the hand-back at its first call.
+    if (config_.ask_back_at_once && gauge_.saturated() && sheddable(s, i)) {
+        ask_back(s, i);
+        ++shed_asks_open_;
+        stats_.shed_asked.fetch_add(1, std::memory_order_relaxed);
+    }
 }
 
 void Worker::post_watch(Session &s, uint32_t i) {
@@ -2275,16 +2281,20 @@ void Worker::ask_to_shed() {
             if (!s || s->gen != target.session_gen ||
                 s->slots[target.slot].gen != target.slot_gen || !sheddable(*s, target.slot))
                 continue;
-            EngineSlot &es = s->slots[target.slot];
-            es.shed_asked = true;
-            // No event: the client looks at the flag at its next call on the socket; one it
-            // does not use costs the worker nothing.
-            publish_flags(*s, target.slot, es.flags | ipc::kFlagShed);
+            ask_back(*s, target.slot);
             ++asked;
         }
     }
     shed_asks_open_ += asked;
     stats_.shed_asked.fetch_add(asked, std::memory_order_relaxed);
+}
+
+void Worker::ask_back(Session &s, uint32_t i) {
+    EngineSlot &es = s.slots[i];
+    es.shed_asked = true;
+    // No event: the client looks at the flag at its next call on the socket; one it does not
+    // use costs the worker nothing.
+    publish_flags(s, i, es.flags | ipc::kFlagShed);
 }
 
 void Worker::withdraw_shed_ask(Session &s, uint32_t i) {

@@ -86,7 +86,8 @@ struct WorkerConfig {
     int core = -1;  // -1: not pinned
     int spin_us = 50;
     bool busy_poll = false;
-    int handoff_load = -1;  // Options::handoff_load
+    int handoff_load = -1;          // Options::handoff_load
+    bool ask_back_at_once = false;  // Options::ask_back_at_once
     SendZeroCopy send_zc = SendZeroCopy::kAuto;
     // Serve remote sessions (tcpsd --fabric-listen): the worker opens an endpoint of its own.
     bool fabric = false;
@@ -323,6 +324,7 @@ class Worker {
     // Seed 003's handoff of live connections, once per load window: while saturated, asks some
     // of this worker's connections back (ipc::kFlagShed); once no longer, withdraws the asks.
     void ask_to_shed();
+    void ask_back(Session &s, uint32_t i);
     void withdraw_shed_ask(Session &s, uint32_t i);
     void withdraw_shed_asks();
     // kAdoptSocket: the member's kernel TCP socket `fd` (a connected one) served from a slot,

@@ -395,6 +395,9 @@ TEST_CASE("command line", "[cli]") {
     CHECK(bad.handoff_load == 85);
     CHECK_FALSE(parse({"--handoff-load", "101"}, bad, error));
     CHECK_FALSE(parse({"--handoff-load", "-1"}, bad, error));
+    CHECK_FALSE(defaults.ask_back_at_once);
+    CHECK(parse({"--handoff-load", "0", "--ask-back-at-once"}, bad, error));
+    CHECK(bad.ask_back_at_once);
     CHECK(defaults.min_workers == 0);  // every worker, always
     CHECK(parse({"--min-workers", "2"}, bad, error));
     CHECK(bad.min_workers == 2);

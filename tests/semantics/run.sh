@@ -7,7 +7,10 @@
 # so --expect-offload is left out and the engine's counters must show the twins instead; and
 # the "reset seen" lines are left out of both outputs: a reset that such a kernel socket sends
 # reaches its offloaded peer on this host when the engine next looks, not by the time close()
-# returns (docs/architecture.md, "Handoff at accept").
+# returns (docs/architecture.md, "Handoff at accept"). With `--ask-back-at-once` too
+# (semantics_shed), each connection the engine makes is asked back as soon as it is connected,
+# and the shim hands it to the kernel at its first call if nothing is unread or unsent there:
+# the engine's counters must show them.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
@@ -50,6 +53,14 @@ if (($# > 1)); then
     twins_used() { grep -q 'listener twins [1-9][0-9]* steered to [1-9][0-9]* ready [1-9]' "$TCPS_TEST_DIR/engine.log"; }
     wait_until 10 twins_used || fail "the connections did not go through twins: $(grep 'listener twins' "$TCPS_TEST_DIR/engine.log")"
     grep -o 'accepts [0-9]*, kernel-served [0-9]*' "$TCPS_TEST_DIR/engine.log" | tail -n 1 | sed 's/^/  engine: /'
+    if [[ " ${*:2} " == *" --ask-back-at-once "* ]]; then
+        # Each connection the engine made was asked back at once: those that were idle at
+        # their first call went back to the kernel there.
+        moves=$(grep -o 'asked back [0-9]* shed [0-9]*' "$TCPS_TEST_DIR/engine.log" | tail -n 1)
+        echo "  engine: $moves"
+        read -r asked shed < <(sed 's/asked back \([0-9]*\) shed \([0-9]*\)/\1 \2/' <<<"$moves")
+        ((asked >= 50 && shed >= 25)) || fail "too few connections asked back and handed over: $moves"
+    fi
 fi
 if ! diff -u "$out/native1.txt" "$out/shim.txt" >"$out/shim.diff"; then
     echo "--- native vs offloaded (- native, + offloaded):"
