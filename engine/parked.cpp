@@ -28,7 +28,7 @@ bool int_option(int fd, int level, int name, int &value) {
 
 }  // namespace
 
-int adoptable_socket(int fd, int &family, bool &listening) {
+int adoptable_socket(int fd, int &family, bool &listening, bool reset_parked) {
     int type, protocol, repair;
     if (!int_option(fd, SOL_SOCKET, SO_TYPE, type) || type != SOCK_STREAM ||
         !int_option(fd, SOL_SOCKET, SO_PROTOCOL, protocol) || protocol != IPPROTO_TCP ||
@@ -38,7 +38,7 @@ int adoptable_socket(int fd, int &family, bool &listening) {
     socklen_t info_len = sizeof(info);
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &info_len) != 0 ||
         (info.tcpi_state != TCP_ESTABLISHED && info.tcpi_state != TCP_CLOSE_WAIT &&
-         info.tcpi_state != TCP_LISTEN))
+         info.tcpi_state != TCP_LISTEN && !(reset_parked && info.tcpi_state == TCP_CLOSE)))
         return -EOPNOTSUPP;
     listening = info.tcpi_state == TCP_LISTEN;
     char ulp[16] = {};
@@ -49,7 +49,7 @@ int adoptable_socket(int fd, int &family, bool &listening) {
     return 0;
 }
 
-int ParkedBytes::park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now) {
+int ParkedBytes::park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now, int error) {
     uint64_t cookie;
     if (!socket_cookie(fd, cookie)) return -ENOTSOCK;
     std::lock_guard<std::mutex> lock(mutex_);
@@ -61,18 +61,21 @@ int ParkedBytes::park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t no
         Entry &entry = found->second;
         entry.bytes.insert(entry.bytes.end(), bytes.begin(), bytes.end());
         entry.parked_ns = now;
+        if (error != 0) entry.error = error;
         return 0;
     }
-    entries_.emplace(cookie, Entry{uid, now, std::move(bytes)});
+    entries_.emplace(cookie, Entry{uid, now, std::move(bytes), error});
     return 0;
 }
 
-std::vector<uint8_t> ParkedBytes::claim(int fd) {
+std::vector<uint8_t> ParkedBytes::claim(int fd, int *error) {
+    if (error) *error = 0;
     uint64_t cookie;
     if (!socket_cookie(fd, cookie)) return {};
     std::lock_guard<std::mutex> lock(mutex_);
     const auto found = entries_.find(cookie);
     if (found == entries_.end()) return {};
+    if (error) *error = found->second.error;
     std::vector<uint8_t> bytes = std::move(found->second.bytes);
     quotas().release(found->second.uid, 0, bytes.size());
     entries_.erase(found);
@@ -92,6 +95,14 @@ uint64_t ParkedBytes::bytes_for(int fd) const {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = entries_.find(cookie);
     return it == entries_.end() ? 0 : it->second.bytes.size();
+}
+
+int ParkedBytes::error_for(int fd) const {
+    uint64_t cookie;
+    if (!socket_cookie(fd, cookie)) return 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = entries_.find(cookie);
+    return it == entries_.end() ? 0 : it->second.error;
 }
 
 size_t ParkedBytes::expire(uint64_t now, uint64_t &bytes) {

@@ -29,22 +29,26 @@ bool socket_cookie(int fd, uint64_t &cookie);
 
 // Whether the engine can serve the kernel socket `fd` a client offers (kAdoptSocket): a TCP
 // socket of AF_INET or AF_INET6 (its family in `family`), connected (ESTABLISHED, or
-// CLOSE_WAIT: the peer's FIN is the last thing it holds) or listening (`listening` says
-// which), with no upper layer protocol (kTLS) and not in repair mode. 0 or -EOPNOTSUPP. Looks
-// with getsockopt() first, which answers ENOTSOCK for any other file without touching it.
-int adoptable_socket(int fd, int &family, bool &listening);
+// CLOSE_WAIT: the peer's FIN is the last thing it holds; CLOSE too with `reset_parked`, a
+// reset parked for it) or listening (`listening` says which), with no upper layer protocol
+// (kTLS) and not in repair mode. 0 or -EOPNOTSUPP. Looks with getsockopt() first, which
+// answers ENOTSOCK for any other file without touching it.
+int adoptable_socket(int fd, int &family, bool &listening, bool reset_parked = false);
 
 class ParkedBytes {
   public:
-    // Parks `bytes` for the socket `fd` refers to, charged to `uid` (quotas()). Bytes parked
-    // again for a socket whose earlier ones wait still come after them. 0, or -errno (then
-    // nothing is kept).
-    int park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now);
-    // The bytes parked for the socket `fd` refers to, which leave the store (none: empty).
-    std::vector<uint8_t> claim(int fd);
-    // Whether bytes are parked for it; how many.
+    // Parks `bytes` for the socket `fd` refers to, charged to `uid` (quotas()), and `error`
+    // if not 0: a reset the engine took from the kernel socket and its application had not
+    // reported yet, reported after the bytes. Bytes parked again for a socket whose earlier
+    // ones wait still come after them. 0, or -errno (then nothing is kept).
+    int park(int fd, uid_t uid, std::vector<uint8_t> bytes, uint64_t now, int error = 0);
+    // The bytes parked for the socket `fd` refers to, which leave the store (none: empty),
+    // and the error parked with them in `error` (0: none).
+    std::vector<uint8_t> claim(int fd, int *error = nullptr);
+    // Whether bytes or an error are parked for it; how many bytes; the error.
     bool holds(int fd) const;
     uint64_t bytes_for(int fd) const;
+    int error_for(int fd) const;
     // Drops the entries parked before now - kParkedLifetimeNs. Returns how many, and their
     // bytes in `bytes`.
     size_t expire(uint64_t now, uint64_t &bytes);
@@ -55,6 +59,7 @@ class ParkedBytes {
         uid_t uid = 0;
         uint64_t parked_ns = 0;
         std::vector<uint8_t> bytes;
+        int error = 0;
     };
 
     mutable std::mutex mutex_;

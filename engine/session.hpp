@@ -141,6 +141,10 @@ struct EngineSlot {
     // of the rx ring's unread bytes are still in the kernel socket (peeked), so not lost.
     bool handed_off = false;
     bool handoff_park = false;  // the unread bytes go to ParkedBytes (ipc::kHandoffPark)
+    // So does the reset, not yet reported to the client (ipc::kHandoffErrorPending).
+    bool handoff_error = false;
+    int error = 0;         // the error the engine reported in the slot's so_error (kFlagReset)
+    int prefix_error = 0;  // parked with the prefix (ParkedBytes): reported after its bytes
     // Seed 003's handoff of a live connection: the saturated worker asked for it back
     // (ipc::kFlagShed), and the client's hand-back (ipc::kHandoffShed) is under way; it is
     // undone, answered -EAGAIN, if the receive it cancelled brought bytes after all.

@@ -1875,7 +1875,7 @@ void Worker::adopt_socket(Session &s, uint32_t member, int fd, const ipc::Contro
     } else if (!creds.present || creds.pid != m.creds.pid) {
         result = -EPERM;  // as kNewSocket: the socket counts against the sender's own uid
     } else {
-        result = adoptable_socket(fd, family, listening);
+        result = adoptable_socket(fd, family, listening, parked_bytes().error_for(fd) != 0);
     }
     // Listeners are the home's, as the family's own are.
     if (result == 0 && s.family && !listening) {
@@ -2002,7 +2002,7 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     // Said in the answer even when the socket is refused (no slot, no share left), so that the
     // client does not serve the connection from its kernel socket without them.
     reply.token = parked_bytes().bytes_for(fd);
-    if (reply.token == 0) {
+    if (!parked_bytes().holds(fd)) {
         if (!gauge_.has_room()) return -EBUSY;
         if (config_.handoff_load >= 0 &&
             adopted_this_window_ >= std::max<size_t>(8, connected_.size() / 8))
@@ -2011,12 +2011,19 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     uint32_t i = kNoSlot;
     if (const int rc = open_adopted(s, fd, family, uid, ipc::kFlagConnected, i); rc != 0) return rc;
     EngineSlot &es = s.slots[i];
-    std::vector<uint8_t> bytes = parked_bytes().claim(fd);
+    int parked_error = 0;
+    std::vector<uint8_t> bytes = parked_bytes().claim(fd, &parked_error);
     reply.token = bytes.size();
     if (!bytes.empty()) es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
     refresh_addresses(s, i, true);
     update_kernel_mask(s, i);
     track_connected(s, i);
+    // The reset its sender's engine took from the kernel socket: reported after the parked
+    // bytes (feed_prefix), as the kernel reports sk_err after its receive queue.
+    if (es.prefix)
+        es.prefix_error = parked_error;
+    else if (parked_error != 0)
+        record_error(s, i, parked_error);
     publish_open(s, i);
     stats_.adopted.fetch_add(1, std::memory_order_relaxed);
     ++adopted_this_window_;
@@ -2098,6 +2105,10 @@ bool Worker::feed_prefix(Session &s, uint32_t i) {
     if (es.prefix_at < bytes.size()) return false;
     es.prefix.reset();
     es.prefix_at = 0;
+    if (es.prefix_error != 0) {
+        record_error(s, i, std::exchange(es.prefix_error, 0));
+        return false;  // nothing more to receive: the kernel socket was reset
+    }
     return true;
 }
 
@@ -2223,6 +2234,7 @@ void Worker::start_handoff(Session &s, uint32_t member, int32_t slot, uint32_t h
     es.handed_off = true;
     es.kernel_served = false;
     es.handoff_park = park;
+    es.handoff_error = park && (how & ipc::kHandoffErrorPending);
     es.handoff_member = static_cast<uint16_t>(member);
     if (es.peeking) {
         // What the client has read of the peeked bytes leaves the kernel socket; the rest
@@ -2363,7 +2375,11 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     // Bytes not yet served from an adopted socket's parked ones come after the ring's.
     const size_t prefix_left = es.prefix ? es.prefix->size() - es.prefix_at : 0;
     reply.arg = static_cast<int32_t>(lost + prefix_left);
-    if (es.handoff_park && lost + prefix_left > 0) {
+    // A reset parked with the prefix is unreported still; the client says of one it saw.
+    const int parked_error = es.prefix_error != 0                               ? es.prefix_error
+                             : es.handoff_error && (es.flags & ipc::kFlagReset) ? es.error
+                                                                                : 0;
+    if (es.handoff_park && (lost + prefix_left > 0 || parked_error != 0)) {
         // They wait for the socket's next owner (engine/parked.hpp): the ring's unread bytes
         // past those the kernel socket still has (peeked), then the rest of the prefix.
         std::vector<uint8_t> bytes(lost + prefix_left);
@@ -2372,7 +2388,8 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
         if (prefix_left > 0)
             std::memcpy(bytes.data() + lost, es.prefix->data() + es.prefix_at, prefix_left);
         const size_t count = bytes.size();
-        const int rc = parked_bytes().park(es.fd, es.quota_uid, std::move(bytes), now_ns_);
+        const int rc =
+            parked_bytes().park(es.fd, es.quota_uid, std::move(bytes), now_ns_, parked_error);
         if (rc == 0) {
             reply.arg = 0;
             reply.token = count;
@@ -2707,6 +2724,7 @@ void Worker::record_error(Session &s, uint32_t i, int error) {
     // The error before the flag (both release): a client that sees kFlagReset also sees the
     // new error_gen and so_error, so it never reports a reset without its error. A client that
     // sees the error first treats a pending error as a reset (preload/readiness.cpp).
+    es.error = error;
     slot.so_error.store(error, std::memory_order_relaxed);
     slot.error_gen.fetch_add(1, std::memory_order_release);
     publish_flags(s, i, (es.flags & ~ipc::kFlagConnecting) | ipc::kFlagReset);

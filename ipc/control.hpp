@@ -35,7 +35,10 @@ enum class ControlType : uint32_t {
     // kHandoffPark in `reserved`, the bytes received and not read are parked for the socket's
     // next owner (engine/parked.hpp), who claims them with kAdoptSocket. With kHandoffShed
     // (the engine asked, kFlagShed), only if nothing can be lost: both rings empty, nothing
-    // parked or peeked; else -EAGAIN, and the engine goes on serving the socket.
+    // parked or peeked; else -EAGAIN, and the engine goes on serving the socket. With
+    // kHandoffPark | kHandoffErrorPending, the reset the engine saw was not reported to the
+    // application yet: it is parked too, for the next owner's first call (the kernel socket
+    // no longer has it: the engine's receive took it).
     kHandoff = 10,  // client -> engine: {arg = slot, reserved = kHandoffPark/kHandoffShed bits}
     // engine -> client: {result, arg = bytes received but not read, reserved = connections
     // accepted but not taken: both were lost to the kernel socket, token = bytes parked} +
@@ -76,6 +79,7 @@ inline constexpr uint32_t kHandoffShed = 2;
 // kHandoff of a listener with a twin (ipc::kFlagTwinReady): the socket stays offloaded; the
 // answer's descriptor is the twin, for this process to accept from.
 inline constexpr uint32_t kHandoffTwin = 4;
+inline constexpr uint32_t kHandoffErrorPending = 8;
 inline constexpr uint32_t kAdoptOnDemand = 1;
 inline constexpr uint32_t kMaxMemRegistrations = 1024;  // per family
 

@@ -311,7 +311,10 @@ void hand_back_passed_sockets(const msghdr *msg) {
         SocketRef ref;
         if (!find_socket(fd, ref)) return;
         if (!ref.sock->listening.load()) {
-            hand_back(ref, ipc::kHandoffPark);
+            // A reset this process has not reported goes to the receiver's first call, as the
+            // kernel socket's pending error would (the engine took it from the socket).
+            hand_back(ref,
+                      ipc::kHandoffPark | (reset_pending(ref) ? ipc::kHandoffErrorPending : 0));
             return;
         }
         // A listener: the engine parks the connections it accepted and nobody took

@@ -5,6 +5,9 @@
 //   scm_rights receiver FD REST            process B after exec (A starts it)
 //   scm_rights peer-echo PORTFILE          plain echo server (the peer of A's connections)
 //   scm_rights peer-connect PORT N         plain: N connections to A's listener, each echoing
+//   scm_rights pass-reset [--expect-offload]  connections reset by their peer, passed on; what
+//                                          the receiver's calls say (the script diffs it
+//                                          against a native run)
 //
 // A makes two kinds of socket: one connected to the plain echo server, one accepted from the
 // plain peer-connect. For each it checks its own round trip, creates an AF_UNIX socketpair,
@@ -284,6 +287,71 @@ int mode_peer_connect(uint16_t port, int count) {
     return 0;
 }
 
+// --- a connection reset before it is passed on ---
+
+// Linux keeps a reset connection's error in the socket until a call reports it, whichever
+// process makes that call. One that the engine served had its error taken by the engine's
+// receive: the receiver must still be told (the engine parks it with the unread bytes). Each
+// case: a connection (offloaded) whose peer, this process's kernel socket, sends `greeting`
+// and resets it; the connection sees the reset (POLLHUP), `report_first` reports it here or
+// not, then it goes over an AF_UNIX pair to this same process, which uses it.
+void pass_reset_case(const char *name, int listener, uint16_t port, const std::string &greeting,
+                     bool report_first, bool expect_offload) {
+    const int conn = connect_to(port);
+    const int peer = accept(listener, nullptr, nullptr);
+    if (peer < 0) die("accept: %s", std::strerror(errno));
+    if (expect_offload && fd_target(conn) != "/dev/null") die("%s: not offloaded", name);
+    if (!greeting.empty()) send_all(peer, greeting.data(), greeting.size());
+    const linger reset{1, 0};
+    setsockopt(peer, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+    close(peer);
+    const auto deadline = Clock::now() + std::chrono::seconds(kWaitSeconds);
+    for (pollfd entry{conn, POLLIN, 0}; !(entry.revents & POLLHUP);) {
+        if (Clock::now() > deadline) die("%s: no POLLHUP after the reset", name);
+        if (poll(&entry, 1, 100) < 0 && errno != EINTR) die("poll: %s", std::strerror(errno));
+    }
+    char buf[64];
+    auto said = [](ssize_t n) {
+        return n >= 0 ? std::to_string(n) : std::string("-1 ") + strerrorname_np(errno);
+    };
+    if (report_first) say("%s: before passing, recv=%s", name, said(recv(conn, buf, 0, 0)).c_str());
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) die("socketpair");
+    send_fd(pair[0], conn);
+    close(conn);
+    const int got = receive_fd(pair[1]);
+    close(pair[0]);
+    close(pair[1]);
+    errno = 0;
+    ssize_t n = recv(got, buf, sizeof(buf), 0);
+    std::string first = said(n);
+    if (n > 0) first += " '" + std::string(buf, static_cast<size_t>(n)) + "'";
+    say("%s: received, recv=%s", name, first.c_str());
+    say("%s: then recv=%s", name, said(recv(got, buf, sizeof(buf), 0)).c_str());
+    say("%s: then send=%s", name, said(send(got, "x", 1, MSG_NOSIGNAL)).c_str());
+    // One whose reset was reported has nothing left for the engine: it stays the kernel's.
+    if (expect_offload && !report_first && fd_target(got) != "/dev/null")
+        die("%s: the receiver did not offload it: %s", name, fd_target(got).c_str());
+    close(got);
+}
+
+int mode_pass_reset(bool expect_offload) {
+    const int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr = loopback(0);
+    socklen_t len = sizeof(addr);
+    if (bind(listener, reinterpret_cast<sockaddr *>(&addr), sizeof(addr)) != 0 ||
+        listen(listener, 4) != 0 ||
+        getsockname(listener, reinterpret_cast<sockaddr *>(&addr), &len) != 0)
+        die("listener: %s", std::strerror(errno));
+    set_timeouts(listener, kWaitSeconds);
+    const uint16_t port = ntohs(addr.sin_port);
+    pass_reset_case("unreported", listener, port, "", false, expect_offload);
+    pass_reset_case("reported", listener, port, "", true, expect_offload);
+    pass_reset_case("bytes unread", listener, port, "hello", false, expect_offload);
+    close(listener);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -300,11 +368,14 @@ int main(int argc, char **argv) {
     if (mode == "receiver" && argc == 4)
         run_receiver(to_int(argv[2]), static_cast<size_t>(to_int(argv[3])));
     if (mode == "peer-echo" && argc == 3) return mode_peer_echo(argv[2]);
+    if (mode == "pass-reset" &&
+        (argc == 2 || (argc == 3 && argv[2] == std::string("--expect-offload"))))
+        return mode_pass_reset(argc == 3);
     if (mode == "peer-connect" && argc == 4)
         return mode_peer_connect(static_cast<uint16_t>(to_int(argv[2])), to_int(argv[3]));
     std::fprintf(
         stderr,
         "usage: scm_rights sender ECHO_PORT PORTFILE | receiver FD REST | peer-echo PORTFILE |"
-        " peer-connect PORT N\n");
+        " peer-connect PORT N | pass-reset [--expect-offload]\n");
     return 2;
 }

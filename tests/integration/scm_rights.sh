@@ -10,7 +10,8 @@
 # it A leaves at least 32 KiB received and unread: B must read them first, byte for byte, which
 # only works if A's engine parked them and B's served them first (the engine's counters must
 # show both). At the end the engine holds nothing. With "2-workers" the engine runs two workers
-# (--cores 0,1), and the adopted sockets must be spread over both.
+# (--cores 0,1), and the adopted sockets must be spread over both. Last, connections reset by
+# their peer before A passes them: the receiver is told of the reset as on Linux.
 #
 # Development knob: TCPS_NATIVE=1 (kernel TCP, see servers_lib.sh).
 set -euo pipefail
@@ -85,6 +86,15 @@ if offloaded; then
         done
         log "evidence: the adopted sockets are spread over both workers"
     fi
+    # Connections reset by their peer before they are passed on (scm_rights.cpp, pass-reset):
+    # the receiver's calls must say what Linux's say, the reset too (A's engine took it from
+    # the kernel socket and parks it for the receiver) and the bytes before it.
+    "$app" pass-reset >"$dir/reset.native" 2>&1 || fail "pass-reset natively: $(cat "$dir/reset.native")"
+    "${OFFLOAD[@]}" "$app" pass-reset --expect-offload >"$dir/reset.offloaded" 2>&1 ||
+        fail "pass-reset offloaded: $(cat "$dir/reset.offloaded")"
+    diff -u "$dir/reset.native" "$dir/reset.offloaded" || fail "pass-reset: not what Linux says"
+    sed 's/^/  pass-reset: /' "$dir/reset.offloaded"
+    log "a reset connection passed on: the receiver's calls say what Linux's say"
     stop_engine
 fi
 log "scm_rights: all checks passed"
