@@ -2352,11 +2352,10 @@ void Worker::maybe_finish_handoff(Session &s, uint32_t i) {
     const uint32_t rx_head = shm.rx_head.load(std::memory_order_acquire);
     if (std::exchange(es.handoff_shed, false)) {
         // The receive it cancelled brought bytes after all (or the client read or wrote
-        // meanwhile): the engine goes on serving the socket, nothing lost.
-        // The receive ended in the peer's FIN or an error: the engine took the kernel socket's
-        // error (SO_ERROR), which the kernel socket would no longer report (the first send
-        // after a reset would say EPIPE, not ECONNRESET). The engine keeps the connection and
-        // reports it, as Linux would.
+        // meanwhile): the engine goes on serving the socket, nothing lost. So too if it ended
+        // in the peer's FIN or an error: the engine took the kernel socket's error, which the
+        // kernel socket would no longer report (its first send after a reset would say EPIPE,
+        // not ECONNRESET); the engine reports it, as Linux would.
         const bool gone = !s.is_shard() && s.members[member].state != ipc::MemberState::kLive;
         const bool ended = es.flags & kConnectionEnded;
         if (ended) withdraw_shed_ask(s, i);
