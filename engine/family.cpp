@@ -199,6 +199,20 @@ void Worker::handle_message(ShardMessage &message) {
             if (live && message.member < ipc::kMaxMembers)
                 answer_adopt(*s, message.member, message.reply);
             break;
+        case Type::kPeerReset: {
+            peer_reset_here(message.key, message.peer_key);
+            ShardMessage answer;
+            answer.type = Type::kPeerResetSeen;
+            answer.session_id = message.session_id;
+            answer.from = this;
+            answer.slot = message.slot;
+            answer.seq = message.seq;
+            message.from->post(std::move(answer));
+            break;
+        }
+        case Type::kPeerResetSeen:
+            on_peer_reset_answer(s, message);
+            break;
         case Type::kHandoffDone:
             if (live && message.member < ipc::kMaxMembers) {
                 deliver_handoff(*s, message.member, message.reply, message.fd);

@@ -124,6 +124,8 @@ struct EngineSlot {
     // kClose of a socket that holds a port is answered once the kernel socket is closed.
     bool close_answer_pending = false;
     uint32_t close_answer_seq = 0;
+    // Workers yet to look for the peer of its reset (reset_now): the close waits for them.
+    uint32_t peer_resets_pending = 0;
     bool send_cancelled = false;     // a reset close cancelled the send in flight
     uint32_t close_tail = 0;         // a graceful close drains the tx ring up to here
     uint64_t close_progress_ns = 0;  // last time the drain moved

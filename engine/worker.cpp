@@ -1658,7 +1658,30 @@ void Worker::reset_now(Session &s, uint32_t i) {
     if (!es.connected_tracked) return;
     const AddressKey ours = es.connected_key;
     untrack_connected(s, i);
-    auto [first, last] = connected_.equal_range(es.connected_peer);
+    if (peer_reset_here(ours, es.connected_peer)) return;
+    // A peer on this host (the same address at both ends) may be served by another worker:
+    // each one looks, and the close is answered once all have (maybe_finish_close), so that
+    // the peer's next call sees the reset, as on Linux.
+    if (!s.family || !same_host(ours, es.connected_peer)) return;
+    ShardMessage message = message_for(s, ShardMessage::Type::kPeerReset);
+    message.slot = i;
+    message.seq = es.gen;
+    message.key = ours;
+    message.peer_key = es.connected_peer;
+    for (Worker *worker : s.family->workers) {
+        if (worker == this) continue;
+        ShardMessage copy = message;
+        worker->post(std::move(copy));
+        ++es.peer_resets_pending;
+    }
+}
+
+bool Worker::same_host(const AddressKey &a, const AddressKey &b) {
+    return a.family == b.family && std::memcmp(a.addr, b.addr, sizeof(a.addr)) == 0;
+}
+
+bool Worker::peer_reset_here(const AddressKey &ours, const AddressKey &peer_key) {
+    auto [first, last] = connected_.equal_range(peer_key);
     for (auto it = first; it != last; ++it) {
         const TimedSlot target = it->second;
         Session *ps = table_[target.session_index].get();
@@ -1666,7 +1689,7 @@ void Worker::reset_now(Session &s, uint32_t i) {
         EngineSlot &peer = ps->slots[target.slot];
         if (peer.gen != target.slot_gen || peer.state != ipc::SlotState::kOpen ||
             (peer.flags & ipc::kFlagReset) || !(peer.connected_peer == ours))
-            break;
+            return true;
         // Only with nothing of ours still in its kernel socket, so that no byte sent before the
         // RST is overtaken by it (the receive in flight brings those, then the error).
         int unread = 1;
@@ -1674,10 +1697,19 @@ void Worker::reset_now(Session &s, uint32_t i) {
         socklen_t len = sizeof(error);
         if (ioctl(peer.fd, SIOCINQ, &unread) != 0 || unread != 0 ||
             getsockopt(peer.fd, SOL_SOCKET, SO_ERROR, &error, &len) != 0 || error == 0)
-            break;
+            return true;
         record_error(*ps, target.slot, error);
-        break;
+        return true;
     }
+    return false;
+}
+
+void Worker::on_peer_reset_answer(Session *s, const ShardMessage &message) {
+    const uint32_t i = message.slot;
+    if (!s || !s->region.mapped(i)) return;
+    EngineSlot &es = s->slots[i];
+    if (es.gen != message.seq || es.peer_resets_pending == 0) return;
+    if (--es.peer_resets_pending == 0) maybe_finish_close(*s, i);
 }
 
 void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
@@ -2945,6 +2977,8 @@ void Worker::maybe_finish_close(Session &s, uint32_t i) {
         cancel(s, i, Kind::kSend);
     }
     if (es.inflight > 0) return;
+    // Other workers looking for a peer of a reset (reset_now): the answer waits for them.
+    if (es.peer_resets_pending > 0 && !s.ending) return;
     finish_close(s, i);
 }
 

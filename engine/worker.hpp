@@ -66,6 +66,10 @@ struct ShardMessage {
         kParked,          // shard -> home: untaken connection `slot` of `accepted.listener`
                           // parked (result 1), reset (0) or not its (2); answers kDrop with
                           // result 2
+        kPeerReset,       // any -> each other worker: connection `key` (`slot`, gen `seq`) was
+                          // reset; the worker serving its peer `peer_key` records it now.
+                          // Answered by kPeerResetSeen
+        kPeerResetSeen,   // the answer, to `from`
     };
     Type type = Type::kEnd;
     uint32_t session_id = 0;
@@ -79,6 +83,7 @@ struct ShardMessage {
     AcceptedFrom accepted;
     ipc::ControlMessage reply{};
     MemRegistration mem;
+    AddressKey key, peer_key;  // kPeerReset
 };
 
 struct WorkerConfig {
@@ -303,6 +308,11 @@ class Worker {
     void untrack_connected(Session &s, uint32_t i);
     // Sends slot i's RST now (tcp_disconnect()), and records it on the peer if it is ours.
     void reset_now(Session &s, uint32_t i);
+    // A connection of ours `ours` was reset: if this worker serves its peer `peer_key`, the
+    // reset is recorded there now (when nothing unread could be overtaken). Whether it does.
+    bool peer_reset_here(const AddressKey &ours, const AddressKey &peer_key);
+    static bool same_host(const AddressKey &a, const AddressKey &b);
+    void on_peer_reset_answer(Session *s, const ShardMessage &message);
     void on_watch(Session &s, uint32_t i, int32_t res, bool more);
     void on_control(Session &s, uint32_t member, int32_t res);
     void handle_control_message(Session &s, uint32_t member, const ipc::ControlMessage &msg, int fd,

@@ -2,15 +2,18 @@
 # Runs the semantics program natively (twice: its output must be deterministic), then under
 # libtcps.so with a private engine and --expect-offload, and diffs the offloaded output against
 # the native one. Usage: run.sh PATH/TO/semantics [TCPSD OPTION...]   (TCPSD and LIBTCPS from
-# the environment). With `--handoff-load 0` (semantics_twin) the engine is always saturated:
-# every connection is accepted through its listener's twin (engine/twin.cpp), a kernel socket,
-# so --expect-offload is left out and the engine's counters must show the twins instead; and
-# the "reset seen" lines are left out of both outputs: a reset that such a kernel socket sends
-# reaches its offloaded peer on this host when the engine next looks, not by the time close()
-# returns (docs/architecture.md, "Handoff at accept"). With `--ask-back-at-once` too
-# (semantics_shed), each connection the engine makes is asked back as soon as it is connected,
-# and the shim hands it to the kernel at its first call if nothing is unread or unsent there:
-# the engine's counters must show them.
+# the environment).
+# With `--handoff-load 0` (semantics_twin) the engine is always saturated: every connection is
+# accepted through its listener's twin (engine/twin.cpp), a kernel socket, so --expect-offload
+# is left out and the engine's counters must show the twins instead; and the "reset seen"
+# lines are left out of both outputs: a reset that such a kernel socket sends reaches its
+# offloaded peer on this host when the engine next looks, not by the time close() returns
+# (docs/architecture.md, "Handoff at accept"). With `--ask-back-at-once` too (semantics_shed),
+# each connection the engine makes is asked back as soon as it is connected, and the shim hands
+# it to the kernel at its first call if nothing is unread or unsent there: the engine's
+# counters must show them. With `--cores 0,1` (semantics_2_workers) the family's connections
+# are spread over both workers, so the two ends of one are often on different workers: both
+# workers must have accepted connections.
 set -euo pipefail
 # shellcheck source=tests/integration/lib.sh
 source "$(dirname "$0")/../integration/lib.sh"
@@ -36,14 +39,21 @@ if ! diff -u "$out/native1.txt" "$out/native2.txt" >"$out/native.diff"; then
 fi
 log "native: $(wc -l <"$out/native1.txt") observations, identical in two runs"
 
+twins=0
+[[ " ${*:2} " == *" --handoff-load 0 "* ]] && twins=1
+workers=1
+if [[ " ${*:2} " =~ \ --cores\ [^\ ]*[,-] ]]; then
+    (($(nproc) >= 2)) || skip "this machine has one CPU: no two engine workers"
+    workers=2
+fi
 need_engine
 start_engine "${@:2}"
 status=0
 expect=(--expect-offload)
-(($# > 1)) && expect=()
+((twins)) && expect=()
 "${PRELOAD[@]}" timeout 150 "$program" "${expect[@]}" >"$out/shim.txt" 2>"$out/shim.err" ||
     status=$?
-if (($# > 1)); then
+if ((twins)); then
     for name in native1 shim; do
         grep -v '\] reset seen: ' "$out/$name.txt" >"$out/$name.kept" || true
         mv "$out/$name.kept" "$out/$name.txt"
@@ -73,7 +83,15 @@ if ((status != 0)); then
     ((status == 3)) && fail "the program's TCP sockets were kernel sockets: the shim fell back"
     fail "the offloaded run exited with status $status"
 fi
+if ((workers > 1)); then
+    kill -USR1 "$ENGINE_PID"
+    # shellcheck disable=SC2317  # called by wait_until
+    both_accepted() { (($(grep -c 'worker [01]: .* accepts [1-9]' "$TCPS_TEST_DIR/engine.log") >= 2)); }
+    wait_until 10 both_accepted || fail "not both workers accepted connections: $(grep 'accepts' "$TCPS_TEST_DIR/engine.log")"
+    grep -o 'worker [01]: .* accepts [0-9]*' "$TCPS_TEST_DIR/engine.log" | sed 's/: .* accepts/: accepts/; s/^/  engine: /'
+fi
 stop_engine
 how="sockets offloaded"
-(($# > 1)) && how="accepted through the listeners' twins"
+((twins)) && how="accepted through the listeners' twins"
+((workers > 1)) && how="sockets offloaded, over two workers"
 log "offloaded: identical to native ($(wc -l <"$out/shim.txt") observations), $how"
