@@ -352,6 +352,19 @@ int wait_bits(int fd, short events, int bits) {
     }
 }
 
+// Waits until the connection's TCP state (TCP_INFO) is `state`, or the bound passes.
+void wait_tcp_state(int fd, int state) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    for (;;) {
+        tcp_info info{};
+        socklen_t len = sizeof(info);
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_state == state ||
+            ms_left(deadline) == 0)
+            return;
+        usleep(1000);
+    }
+}
+
 // Waits until at least `n` bytes can be read, without consuming them (MSG_PEEK).
 bool wait_available(int fd, size_t n) {
     std::vector<char> buf(n);
@@ -1026,6 +1039,10 @@ void check_shutdown_after_data(const Family &family) {
     pair.server = -1;
     wait_bits(pair.client, POLLIN | POLLRDHUP, POLLRDHUP);
     const std::string after_fin_wr = rc(shutdown(pair.client, SHUT_WR));
+    // Both FINs through once the peer acknowledged ours (TCP_CLOSE): on loopback at once,
+    // unless the peer's socket was locked by its own close on another core at that moment
+    // (then a moment later, on Linux as with an engine whose workers serve the two ends).
+    wait_tcp_state(pair.client, TCP_CLOSE);
     const std::string after_fin_rd = rc(shutdown(pair.client, SHUT_RD));
     say("shutdown after the peer's FIN: SHUT_WR=%s SHUT_RD=%s", after_fin_wr.c_str(),
         after_fin_rd.c_str());
