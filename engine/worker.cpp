@@ -1751,11 +1751,7 @@ void Worker::on_connected(Session &s, uint32_t i) {
     post_recv(s, i);
     post_send(s, i);
     // Tests (semantics_shed): every connection meets the hand-back at its first call.
-    if (config_.ask_back_at_once && gauge_.saturated() && sheddable(s, i)) {
-        ask_back(s, i);
-        ++shed_asks_open_;
-        stats_.shed_asked.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (config_.ask_back_at_once && gauge_.saturated() && sheddable(s, i)) ask_back(s, i);
 }
 
 void Worker::post_watch(Session &s, uint32_t i) {
@@ -2329,8 +2325,6 @@ void Worker::ask_to_shed() {
             ++asked;
         }
     }
-    shed_asks_open_ += asked;
-    stats_.shed_asked.fetch_add(asked, std::memory_order_relaxed);
 }
 
 void Worker::ask_back(Session &s, uint32_t i) {
@@ -2339,6 +2333,8 @@ void Worker::ask_back(Session &s, uint32_t i) {
     // No event: the client looks at the flag at its next call on the socket; one it does not
     // use costs the worker nothing.
     publish_flags(s, i, es.flags | ipc::kFlagShed);
+    ++shed_asks_open_;
+    stats_.shed_asked.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Worker::withdraw_shed_ask(Session &s, uint32_t i) {

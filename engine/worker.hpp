@@ -306,7 +306,8 @@ class Worker {
     // sockets is recorded on that one before the close that sent it is answered (issue 10).
     void track_connected(Session &s, uint32_t i);
     void untrack_connected(Session &s, uint32_t i);
-    // Sends slot i's RST now (tcp_disconnect()), and records it on the peer if it is ours.
+    // Sends slot i's RST now (tcp_disconnect()), and records it on the peer if it is ours: on
+    // this worker at once, on another one through kPeerReset (its close waits for them).
     void reset_now(Session &s, uint32_t i);
     // A connection of ours `ours` was reset: if this worker serves its peer `peer_key`, the
     // reset is recorded there now (when nothing unread could be overtaken). Whether it does.

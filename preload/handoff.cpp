@@ -261,9 +261,9 @@ bool shed_to_kernel(const SocketRef &ref) {
     if (!idle()) return false;
     // Past the peer's FIN or a reset the connection's end is the engine's to report: the
     // kernel socket no longer has the error the engine took (the engine refuses too).
-    // Another process of the family holding it (fork) would keep using the engine's slot.
     if (shm.flags.load(std::memory_order_acquire) & (ipc::kFlagRxEof | ipc::kFlagReset))
         return false;
+    // Another process of the family holding it (fork) would keep using the engine's slot.
     if (in_vfork_child() || shim_locked_here() || claims_slots() || sock.listening.load() ||
         sock.shut_rd.load() || sock.shut_wr.load() || session_dead() ||
         shm.holders.load(std::memory_order_acquire) != 1)
