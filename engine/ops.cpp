@@ -176,7 +176,7 @@ int Worker::op_bind(Session &s, uint32_t i, const ipc::Request &req) {
         }
     }
     if (bind(es.fd, as_sockaddr(req.addr), req.addr_len) != 0) return -errno;
-    refresh_addresses(s, i, false);
+    refresh_local_address(s, i);
     publish_flags(s, i, es.flags | ipc::kFlagBound);
     return 0;
 }
@@ -196,7 +196,7 @@ int Worker::op_listen(Session &s, uint32_t i, const ipc::Request &req) {
         make_twin(s, i, req.arg0);
     else if (es.twin_fd >= 0 && !es.on_demand)
         listen(es.twin_fd, req.arg0);  // a new backlog: for both
-    refresh_addresses(s, i, false);
+    refresh_local_address(s, i);
     if (!(es.flags & ipc::kFlagListening)) {
         publish_flags(s, i, es.flags | ipc::kFlagListening | ipc::kFlagBound);
         s.listeners.push_back(i);
@@ -230,7 +230,7 @@ int Worker::op_connect(Session &s, uint32_t i, const ipc::Request &req) {
     }
     const int error = errno;
     if (error != EINPROGRESS) return -error;
-    refresh_addresses(s, i, false);
+    refresh_local_address(s, i);
     // A new attempt after a failed one starts clean.
     publish_flags(
         s, i,
@@ -411,7 +411,7 @@ int Worker::op_getsockname(Session &s, uint32_t i) {
     sockaddr_storage addr;
     socklen_t len = sizeof(addr);
     if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) != 0) return -errno;
-    refresh_addresses(s, i, false);
+    refresh_local_address(s, i);
     return 0;
 }
 

@@ -1513,9 +1513,8 @@ void Worker::setup_accepted(Session &s, uint32_t j, int fd, const AcceptedFrom &
     }
     conn.accepted_by = from.listener;
     conn.accepted_by_gen = from.listener_gen;
-    refresh_addresses(s, j, true);
+    note_connected(s, j);
     update_kernel_mask(s, j);
-    track_connected(s, j);
     ipc::SocketSlot &conn_slot = s.region.slot(j);
     conn.last_req_seq = conn_slot.req_seq.load(std::memory_order_acquire);
     conn_slot.resp_seq.store(conn.last_req_seq, std::memory_order_relaxed);
@@ -1620,14 +1619,25 @@ void Worker::settle_connect_of(const sockaddr_storage &peer, socklen_t len) {
     }
 }
 
-void Worker::track_connected(Session &s, uint32_t i) {
+static void store_address(ipc::SockAddrRecord &record, const sockaddr_storage &addr,
+                          socklen_t len) {
+    const uint32_t n = std::min<uint32_t>(len, ipc::kSockAddrMax);
+    std::memcpy(record.bytes, &addr, n);
+    record.len = n;
+}
+
+void Worker::note_connected(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
+    ipc::SocketSlot &slot = s.region.slot(i);
     sockaddr_storage local, peer;
-    socklen_t len = sizeof(local), peer_len = sizeof(peer);
-    if (es.connected_tracked ||
-        getsockname(es.fd, reinterpret_cast<sockaddr *>(&local), &len) != 0 ||
-        !address_key(&local, len, es.connected_key) ||
-        getpeername(es.fd, reinterpret_cast<sockaddr *>(&peer), &peer_len) != 0 ||
+    socklen_t local_len = sizeof(local), peer_len = sizeof(peer);
+    const bool have_local =
+        getsockname(es.fd, reinterpret_cast<sockaddr *>(&local), &local_len) == 0;
+    const bool have_peer = getpeername(es.fd, reinterpret_cast<sockaddr *>(&peer), &peer_len) == 0;
+    if (have_local) store_address(slot.local_addr, local, local_len);
+    if (have_peer) store_address(slot.peer_addr, peer, peer_len);
+    if (es.connected_tracked || !have_local || !have_peer ||
+        !address_key(&local, local_len, es.connected_key) ||
         !address_key(&peer, peer_len, es.connected_peer))
         return;
     connected_.emplace(es.connected_key, TimedSlot{s.index, s.gen, i, es.gen});
@@ -1740,8 +1750,7 @@ void Worker::on_connect(Session &s, uint32_t i, int32_t res) {
 void Worker::on_connected(Session &s, uint32_t i) {
     EngineSlot &es = s.slots[i];
     untrack_connect(s, i);
-    track_connected(s, i);
-    refresh_addresses(s, i, true);
+    note_connected(s, i);
     update_kernel_mask(s, i);
     // Reset/RxEof may remain from a failed earlier attempt when a retry connects at once.
     publish_flags(s, i,
@@ -1965,7 +1974,7 @@ int Worker::setup_adopted_listener(Session &s, int fd, int family, const ipc::Co
         // makes the new socket with the caller's ids, whoever made the listener).
         es.accept_personality = personality_for(uid, creds.gid);
         if (on_demand) serve_on_demand(s, i);
-        refresh_addresses(s, i, false);
+        refresh_local_address(s, i);
         update_kernel_mask(s, i);
         publish_open(s, i);
         stats_.adopted_listeners.fetch_add(1, std::memory_order_relaxed);
@@ -2043,9 +2052,8 @@ int Worker::setup_adopted(Session &s, int fd, int family, uid_t uid, ipc::Contro
     std::vector<uint8_t> bytes = parked_bytes().claim(fd, &parked_error);
     reply.token = bytes.size();
     if (!bytes.empty()) es.prefix = std::make_unique<std::vector<uint8_t>>(std::move(bytes));
-    refresh_addresses(s, i, true);
+    note_connected(s, i);
     update_kernel_mask(s, i);
-    track_connected(s, i);
     // The reset its sender's engine took from the kernel socket: reported after the parked
     // bytes (feed_prefix), as the kernel reports sk_err after its receive queue.
     if (es.prefix)
@@ -2768,24 +2776,11 @@ void Worker::update_kernel_mask(Session &s, uint32_t i, uint32_t also) {
     s.region.slot(i).kernel_mask.store(mask, std::memory_order_relaxed);
 }
 
-static void store_address(ipc::SockAddrRecord &record, const sockaddr_storage &addr,
-                          socklen_t len) {
-    const uint32_t n = std::min<uint32_t>(len, ipc::kSockAddrMax);
-    std::memcpy(record.bytes, &addr, n);
-    record.len = n;
-}
-
-void Worker::refresh_addresses(Session &s, uint32_t i, bool peer) {
-    EngineSlot &es = s.slots[i];
-    ipc::SocketSlot &slot = s.region.slot(i);
+void Worker::refresh_local_address(Session &s, uint32_t i) {
     sockaddr_storage addr;
     socklen_t len = sizeof(addr);
-    if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
-        store_address(slot.local_addr, addr, len);
-    if (!peer) return;
-    len = sizeof(addr);
-    if (getpeername(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
-        store_address(slot.peer_addr, addr, len);
+    if (getsockname(s.slots[i].fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
+        store_address(s.region.slot(i).local_addr, addr, len);
 }
 
 void Worker::start_close(Session &s, uint32_t i, bool reset) {

@@ -302,9 +302,11 @@ class Worker {
     void track_connect(Session &s, uint32_t i);
     void untrack_connect(Session &s, uint32_t i);
     void settle_connect_of(const sockaddr_storage &peer, socklen_t len);
-    // Connected sockets, by local address: a reset this worker sends to another of its own
-    // sockets is recorded on that one before the close that sent it is answered (issue 10).
-    void track_connected(Session &s, uint32_t i);
+    // A socket just connected (accepted, connected, adopted): publishes both its addresses
+    // and tracks it by them, with one getsockname() and one getpeername(). Tracked by local
+    // address, a reset this worker sends to another of its own sockets is recorded on that
+    // one before the close that sent it is answered (issue 10).
+    void note_connected(Session &s, uint32_t i);
     void untrack_connected(Session &s, uint32_t i);
     // Sends slot i's RST now (tcp_disconnect()), and records it on the peer if it is ours: on
     // this worker at once, on another one through kPeerReset (its close waits for them).
@@ -391,7 +393,7 @@ class Worker {
     void record_fin(Session &s, uint32_t i);
     // `also`: bits the kernel reported before the engine consumed them (POLLERR with SO_ERROR).
     void update_kernel_mask(Session &s, uint32_t i, uint32_t also = 0);
-    void refresh_addresses(Session &s, uint32_t i, bool peer);
+    void refresh_local_address(Session &s, uint32_t i);
     void apply_shut_wr(Session &s, uint32_t i);
     // A listener stops (close, shutdown(SHUT_RD), hand-back): no more accepts from its kernel
     // socket; its twin's waiting connections are parked with `park_twin`, else reset.
