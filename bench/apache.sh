@@ -103,15 +103,12 @@ httperf_run() {
 
 # One wrk run: $1 connections, $2 mode, $3 run number.
 wrk_run() {
-    local connections=$1 mode=$2 run=$3 port pid parsed
+    local connections=$1 mode=$2 run=$3 port pid fields
     pick "$mode"
     measured_run "$pid" "$work/wrk.txt" $((seconds + 20)) \
         wrk -t1 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$port/file16k.bin"
-    parsed=$("${webtool[@]}" wrk "$work/wrk.txt") || die "cannot parse wrk's report: $(cat "$work/wrk.txt")"
-    [[ ${parsed%%,*} -gt 0 ]] || die "wrk got no reply ($mode): $(cat "$work/wrk.txt")"
-    IFS=, read -r requests secs p50 p99 errors <<<"$parsed"
-    echo "apache,$connections,$mode,$run,$requests,$secs,$(awk -v r="$requests" -v s="$secs" \
-        'BEGIN { printf "%.1f", (s > 0) ? r / s : 0 }'),$p50,$p99,$errors,$run_cpu" >>"$wrk_csv"
+    fields=$(wrk_fields "$mode") || exit 1
+    echo "apache,$connections,$mode,$run,$fields,$run_cpu" >>"$wrk_csv"
     wait_quiet "$port"
 }
 

@@ -50,12 +50,8 @@ for server in $servers; do
             measured_run "$pid" "$work/wrk.txt" $((seconds + 20)) \
                 wrk -t1 -c"$connections" -d"${seconds}s" --latency -s bench/http10.lua \
                 "http://127.0.0.1:$port/tiny.html"
-            parsed=$("${webtool[@]}" wrk "$work/wrk.txt") ||
-                die "cannot parse wrk's report: $(cat "$work/wrk.txt")"
-            [[ ${parsed%%,*} -gt 0 ]] || die "wrk got no reply ($server, $mode): $(cat "$work/wrk.txt")"
-            IFS=, read -r requests secs p50 p99 errors <<<"$parsed"
-            echo "$server,$connections,$mode,$run,$requests,$secs,$(awk -v r="$requests" -v s="$secs" \
-                'BEGIN { printf "%.1f", (s > 0) ? r / s : 0 }'),$p50,$p99,$errors,$run_cpu" >>"$csv"
+            fields=$(wrk_fields "$server, $mode") || exit 1
+            echo "$server,$connections,$mode,$run,$fields,$run_cpu" >>"$csv"
             wait_quiet "$port"
         done
     done

@@ -13,7 +13,10 @@
 #
 # Usage: bash bench/op_cost.sh [BUILD_DIR]   (default: build)
 # Environment: RUNS (default 5), SCALE (multiplies the call counts, may be fractional, default 1),
-#              OUT (CSV file, default bench/results/op_cost.csv), OPS (default "send recv").
+#              OUT (CSV file, default bench/results/op_cost.csv), OPS (default "send recv"),
+#              PEER_CORE and ENGINE_CORE (default both the last core; on a machine with cores to
+#              spare, two different ones give the engine a core of its own), ENGINE_ARGS (more
+#              tcpsd options, e.g. --busy-poll; default spin-then-sleep, --spin-us 50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +43,9 @@ trap cleanup EXIT
 cores=$(nproc)
 app_core=0
 other_core=$((cores - 1))
+peer_core=${PEER_CORE:-$other_core}
+engine_core=${ENGINE_CORE:-$other_core}
+read -r -a engine_args <<<"${ENGINE_ARGS:-}"
 
 wait_file() {  # $1: file that must appear (5 s at most)
     for _ in $(seq 100); do [[ -s $1 ]] && return 0; sleep 0.05; done
@@ -47,12 +53,13 @@ wait_file() {  # $1: file that must appear (5 s at most)
     exit 1
 }
 
-taskset -c "$other_core" "$op_cost" --peer "$work/port" &
+taskset -c "$peer_core" "$op_cost" --peer "$work/port" &
 pids+=($!)
 wait_file "$work/port"
 port=$(cat "$work/port")
 
-taskset -c "$other_core" "$tcpsd" --socket "$work/engine.sock" --cores "$other_core" --ready-fd 3 \
+taskset -c "$engine_core" "$tcpsd" --socket "$work/engine.sock" --cores "$engine_core" \
+    "${engine_args[@]}" --ready-fd 3 \
     3>"$work/ready" 2>"$work/engine.log" &
 engine_pid=$!
 pids+=("$engine_pid")
@@ -66,8 +73,9 @@ engine_cpu_ns() {
     echo "$total"
 }
 
-echo "op_cost: application on core $app_core; peer and engine (tcpsd --cores $other_core," \
-    "spin-then-sleep, --spin-us 50) on core $other_core; $cores cores; $runs runs each" >&2
+echo "op_cost: application on core $app_core; peer on core $peer_core; engine (tcpsd --cores" \
+    "$engine_core ${engine_args[*]:-spin-then-sleep, --spin-us 50}) on core $engine_core; $cores cores;" \
+    "$runs runs each" >&2
 mkdir -p "$(dirname "$out")"
 echo "op,size,mode,run,app_cpu_ns_per_call,engine_cpu_ns_per_call,wall_ns_per_call,post_ns_per_call" >"$out"
 

@@ -2,8 +2,10 @@
 # Runs every benchmark in turn and prints all their tables: op_cost.sh (experiment 1: CPU per
 # send/recv), latency.sh (experiment 2: round trips), throughput.sh (experiment 3: iperf3),
 # web_demo.sh (the web server demo), apache.sh (experiment 4: Apache under httperf and wrk) and
-# conn_rate.sh (experiment 5: connections/s, nginx and Apache). Each compares native and
-# offloaded in the same run. Then plot.sh draws the web experiments' plots.
+# conn_rate.sh (experiment 5: connections/s, nginx and Apache) and scale.sh (experiment 6:
+# Apache on N cores against N-E cores and E engine workers; on 2 cores the engine shares
+# Apache's). Each compares native and offloaded in the same run. Then plot.sh draws the web
+# experiments' plots.
 #
 # Usage: bash bench/run.sh [--short|--full|--smoke] [BUILD_DIR]   (default: --short build)
 #   --short  RUNS=3, small counts: under 5 minutes on a 2-core machine
@@ -120,6 +122,8 @@ experiment "experiment 4: Apache, 16 KB file, httperf and wrk (apache.sh)" '^ +3
     HTTP11_LOADS="$http11_loads" bash bench/apache.sh "$build"
 experiment "experiment 5: connections/s, HTTP/1.0 (conn_rate.sh)" '^ +apache +[0-9]+ \[' \
     OUT_DIR="$csv_dir" RUNS="$web_runs" SCALE="$web_scale" bash bench/conn_rate.sh "$build"
+experiment "experiment 6: Apache over N cores, native and offloaded (scale.sh)" '^ +1 +[0-9]+ \[' \
+    OUT_DIR="$csv_dir" RUNS="$web_runs" SCALE="$web_scale" bash bench/scale.sh "$build"
 experiment "plots of experiments 4 and 5 (plot.sh)" 'cpu-per-request.svg' \
     bash bench/plot.sh "$csv_dir"
 

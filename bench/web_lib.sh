@@ -16,6 +16,10 @@
 #                          demand, each connection offloaded at its first use)
 #              ENGINE_CORES the engine's workers, a --cores list (e.g. 0,1: one family over
 #                          two workers), instead of the placement's one core
+#              APACHE_MODULES, MIME_TYPES, APACHE_USER where Apache's modules and mime.types
+#                          are and whom its children run as (default Debian's
+#                          /usr/lib/apache2/modules, /etc/mime.types, www-data; a machine
+#                          without the packages uses copies: bench/device_pack.sh)
 
 command -v python3 >/dev/null 2>&1 || die "python3 is not installed"
 webtool=(python3 bench/webtool.py)
@@ -31,6 +35,9 @@ shared) engine_core=$app_core ;;
 esac
 engine_core=${ENGINE_CORES:-$engine_core}
 apache_mode=${APACHE_MODE:-event}
+apache_modules=${APACHE_MODULES:-/usr/lib/apache2/modules}
+mime_types=${MIME_TYPES:-/etc/mime.types}
+apache_user=${APACHE_USER:-www-data}
 nginx_mode=${NGINX_MODE:-single}
 nginx_listener=${NGINX_LISTENER:-own}
 [[ $nginx_listener == own || $nginx_listener == inherited ]] ||
@@ -100,12 +107,12 @@ PidFile $dir/run/httpd.pid
 DefaultRuntimeDir $dir/run
 ErrorLog $dir/logs/error.log
 LogLevel warn
-LoadModule mpm_${mpm}_module /usr/lib/apache2/modules/mod_mpm_${mpm}.so
-LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
-LoadModule mime_module /usr/lib/apache2/modules/mod_mime.so
-TypesConfig /etc/mime.types
-User www-data
-Group www-data
+LoadModule mpm_${mpm}_module $apache_modules/mod_mpm_${mpm}.so
+LoadModule authz_core_module $apache_modules/mod_authz_core.so
+LoadModule mime_module $apache_modules/mod_mime.so
+TypesConfig $mime_types
+User $apache_user
+Group $(id -gn "$apache_user")
 DocumentRoot $docroot
 # As Debian's apache2.conf: no .htaccess files anywhere (without it Apache looks for one in
 # every directory above the file, on every request).
@@ -274,6 +281,16 @@ wait_machine_quiet() {
             -v m="$max_other_cores" 'BEGIN { exit !((c * t - i) / t < m) }' && return 0
     done
     echo "$name: the machine is still busy after 30 s: going on" >&2
+}
+
+# The CSV fields of the wrk report in $work/wrk.txt: requests,seconds,requests_per_s,p50_ms,
+# p99_ms,errors. Dies if wrk got no reply ($1 names the run in the message).
+wrk_fields() {
+    local parsed requests secs p50 p99 errors
+    parsed=$("${webtool[@]}" wrk "$work/wrk.txt") || die "cannot parse wrk's report: $(cat "$work/wrk.txt")"
+    [[ ${parsed%%,*} -gt 0 ]] || die "wrk got no reply ($1): $(cat "$work/wrk.txt")"
+    IFS=, read -r requests secs p50 p99 errors <<<"$parsed"
+    echo "$requests,$secs,$(awk -v r="$requests" -v s="$secs" 'BEGIN { printf "%.1f", (s > 0) ? r / s : 0 }'),$p50,$p99,$errors"
 }
 
 # One measured run of a load generator (the command after $1..$3) against a server:
