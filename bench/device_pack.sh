@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Packs what bench/device_run.sh needs into .device/ (ignored by git) for a machine that has
 # neither our build nor the packages and reaches no registry (the 16-core device machine):
-# tcpsd, libtcps.so and the benchmark programs, Apache (the binary, three modules,
-# mime.types), wrk, curl and ss, each with the shared libraries it loads except glibc's own
+# tcpsd, libtcps.so and the benchmark programs, Apache (the binary, the modules it loads,
+# mime.types), wrk, curl, ss and pgrep, each with the shared libraries it loads except glibc's own
 # (the machine's newer glibc runs what was built against Debian 12's). Each program runs
 # through a wrapper in .device/bin (or at its place under .device/build) that points
 # LD_LIBRARY_PATH at .device/lib for that program alone, so the machine's own programs keep
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 build=${1:-build}
 out=${2:-.device}
 die() { echo "device_pack: $*" >&2; exit 1; }
-for tool in apache2 wrk curl ss; do
+for tool in apache2 wrk curl ss pgrep; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed (bash scripts/setup.sh)"
 done
 for file in engine/tcpsd preload/libtcps.so bench/pingpong bench/op_cost preload/libtcps_memnet.so; do
@@ -58,7 +58,7 @@ EOF
     chmod +x "$wrapper"
 }
 
-for tool in apache2 wrk curl ss; do wrap "$(command -v "$tool")" "$out/bin/$tool"; done
+for tool in apache2 wrk curl ss pgrep; do wrap "$(command -v "$tool")" "$out/bin/$tool"; done
 wrap "$build/engine/tcpsd" "$out/build/engine/tcpsd"
 wrap "$build/bench/pingpong" "$out/build/bench/pingpong"
 wrap "$build/bench/op_cost" "$out/build/bench/op_cost"

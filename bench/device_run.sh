@@ -28,7 +28,7 @@ for part in $parts; do
         {
             echo "== $(date -u +%FT%TZ) $(uname -r), $cores cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
             grep -E 'MemTotal' /proc/meminfo
-            for tool in python3 taskset curl ss wrk; do printf '%s: ' "$tool"; command -v "$tool" || echo missing; done
+            for tool in python3 taskset setsid curl ss pgrep wrk; do printf '%s: ' "$tool"; command -v "$tool" || echo missing; done
             apache2 -v | head -1
             "$device/build/engine/tcpsd" --help 2>&1 | head -1
             cat /proc/loadavg

@@ -3,12 +3,12 @@
 # 16-core measurement), so this keeps it working: bench/device_pack.sh packs the build and the
 # tools into a temporary folder, and bench/device_run.sh runs from it (the probe and a one-run
 # scale.sh). The carried programs must be the ones that ran: the probe names the carried
-# wrk, curl and ss, and a wrapper that cannot find its libraries fails the run.
+# wrk, curl, ss and pgrep, and a wrapper that cannot find its libraries fails the run.
 # Usage: bash tests/bench/device_scripts.sh BUILD_DIR
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=$(realpath "${1:-build}")
-for tool in apache2 wrk curl ss strip; do
+for tool in apache2 wrk curl ss pgrep strip; do
     command -v "$tool" >/dev/null 2>&1 || { echo "device_scripts: $tool is missing: skipped" >&2; exit 77; }
 done
 work=$(mktemp -d "${TMPDIR:-/tmp}/tcps-device.XXXXXX")
@@ -16,7 +16,7 @@ trap 'rm -rf "$work"' EXIT
 fail() { echo "device_scripts: FAIL: $*" >&2; exit 1; }
 
 bash bench/device_pack.sh "$build" "$work/device"
-for program in bin/apache2 bin/wrk bin/curl bin/ss build/engine/tcpsd build/bench/pingpong \
+for program in bin/apache2 bin/wrk bin/curl bin/ss bin/pgrep build/engine/tcpsd build/bench/pingpong \
     build/preload/libtcps.so apache2/modules/mod_mpm_event.so mime.types; do
     [[ -e $work/device/$program ]] || fail "$program was not packed"
 done
@@ -37,7 +37,7 @@ grep -q '^usage: tcpsd' <<<"$said" || fail "the packed tcpsd does not run: $said
 DEVICE_DIR=$work/device OUT=$work/out PARTS="probe scale" SCALE_RUNS=1 SCALE_SCALE=0.2 \
     ENGINE_WORKERS=1 WORKLOADS=keepalive bash bench/device_run.sh >"$work/run.txt" 2>&1 ||
     { cat "$work/run.txt"; fail "device_run.sh failed"; }
-for tool in wrk curl ss; do
+for tool in wrk curl ss pgrep; do
     grep -q "^$tool: $work/device/bin/$tool" "$work/out/probe.txt" || fail "the probe did not find the packed $tool"
 done
 grep -qE '^ +1 +[0-9]+ \[' "$work/out/scale.txt" || { cat "$work/run.txt"; fail "scale.sh printed no table"; }
