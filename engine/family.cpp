@@ -131,11 +131,19 @@ void Worker::handle_message(ShardMessage &message) {
                 message.from->post(std::move(answer));
                 break;
             }
-            if (!ours) break;
-            if (message.result != 0) {
+            if (ours && message.result != 0) {
                 start_close(*s, j, true);
-            } else {
+            } else if (ours) {
                 reset_in_place(*s, j);
+            }
+            // After the RST (and any kPeerReset it sent): the listener's close waits for this.
+            if (message.accepted.listener != kNoSlot) {
+                ShardMessage answer;
+                answer.type = Type::kDropped;
+                answer.session_id = message.session_id;
+                answer.from = this;
+                answer.accepted = message.accepted;
+                message.from->post(std::move(answer));
             }
             break;
         }
@@ -213,6 +221,14 @@ void Worker::handle_message(ShardMessage &message) {
         case Type::kPeerResetSeen:
             on_peer_reset_answer(s, message);
             break;
+        case Type::kDropped: {
+            const uint32_t li = message.accepted.listener;
+            if (!s || !s->region.mapped(li)) break;
+            EngineSlot &listener = s->slots[li];
+            if (listener.gen != message.accepted.listener_gen || listener.drops_pending == 0) break;
+            if (--listener.drops_pending == 0) maybe_finish_close(*s, li);
+            break;
+        }
         case Type::kHandoffDone:
             if (live && message.member < ipc::kMaxMembers) {
                 deliver_handoff(*s, message.member, message.reply, message.fd);

@@ -126,6 +126,11 @@ struct EngineSlot {
     uint32_t close_answer_seq = 0;
     // Workers yet to look for the peer of its reset (reset_now): the close waits for them.
     uint32_t peer_resets_pending = 0;
+    // A listener's untaken connections on other workers, told to close or reset (kDrop) and
+    // not yet answered (kDropped): its close waits for them, and for those still being placed
+    // (acc_pending), so that they are reset when close() returns, as Linux's close() resets
+    // the queue of a listener.
+    uint32_t drops_pending = 0;
     bool send_cancelled = false;     // a reset close cancelled the send in flight
     uint32_t close_tail = 0;         // a graceful close drains the tx ring up to here
     uint64_t close_progress_ns = 0;  // last time the drain moved

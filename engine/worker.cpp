@@ -1549,6 +1549,9 @@ void Worker::publish_accepts(Session &s) {
             if (listener.handoff_member != kNoMember) maybe_finish_handoff(s, p.listener);
         } else {
             drop_placed(s, p);  // its listener closed meanwhile: it dies with it
+            // Its close waits for the connections still being placed (maybe_finish_close).
+            if (same && listener.state == ipc::SlotState::kClosing)
+                maybe_finish_close(s, p.listener);
         }
     }
 }
@@ -1560,6 +1563,9 @@ void Worker::drop_placed(Session &s, const PendingAccept &p) {
     message.accepted = p.from;
     message.result = 1;  // close it
     s.family->workers[p.shard]->post(std::move(message));
+    EngineSlot &listener = s.slots[p.from.listener];
+    if (listener.gen == p.from.listener_gen && listener.state == ipc::SlotState::kClosing)
+        ++listener.drops_pending;
 }
 
 void Worker::resume_listeners(Session &s) {
@@ -2919,7 +2925,10 @@ void Worker::for_each_untaken(Session &s, uint32_t i, uint32_t from, Untaken wha
             message.result = static_cast<int32_t>(what);
             message.seq = es.listener_cookie;
             s.family->workers[owner]->post(std::move(message));
-            if (what == Untaken::kPark) ++es.parks_pending;
+            if (what == Untaken::kPark)
+                ++es.parks_pending;
+            else
+                ++es.drops_pending;  // its close waits for the answer (kDropped)
             continue;
         }
         const EngineSlot &conn = s.slots[j];
@@ -2968,8 +2977,10 @@ void Worker::maybe_finish_close(Session &s, uint32_t i) {
         cancel(s, i, Kind::kSend);
     }
     if (es.inflight > 0) return;
-    // Other workers looking for a peer of a reset (reset_now): the answer waits for them.
-    if (es.peer_resets_pending > 0 && !s.ending) return;
+    // Other workers looking for a peer of a reset (reset_now), or resetting a listener's
+    // untaken connections (kDrop), or placing its last accepted ones: the answer waits for them.
+    if ((es.peer_resets_pending > 0 || es.drops_pending > 0 || es.acc_pending > 0) && !s.ending)
+        return;
     finish_close(s, i);
 }
 

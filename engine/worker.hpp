@@ -51,6 +51,8 @@ struct ShardMessage {
         kAccepted,        // home -> shard: place connection `fd` of `listener` (accept `seq`)
         kPlaced,          // shard -> home: placed in `slot` (result 0), or `fd` comes back
         kDrop,            // home -> shard: an accepted connection nobody will take: reset it
+        kDropped,         // shard -> home: the answer to a kDrop of `accepted.listener`'s
+                          // connection with result 0 or 1 (its close waits: drops_pending)
         kMemberEnded,     // home -> shard: drop member's holds; answered by kMemberReleased
         kMemberReleased,  // shard -> home
         kOrphaned,        // home -> shard: no member left; reset what nobody holds

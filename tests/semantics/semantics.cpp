@@ -2309,6 +2309,27 @@ void check_listener_shutdown(const Family &family) {
     close(lfd);
 }
 
+// close() of a listener resets the connections waiting to be accepted before it returns: on
+// loopback, their clients see the RST at once (with several engine workers, those placed on
+// another worker too).
+void check_listener_close(const Family &family) {
+    int lfd = listener(family);
+    int clients[4];
+    for (int &client : clients) client = connect_to(family, local_port(lfd));
+    say("listener close: pending connections poll=%s",
+        poll_names(wait_events(lfd, POLLIN)).c_str());
+    say("listener close: close=%s", rc(close(lfd)).c_str());
+    int reset_at_once = 0;
+    for (int client : clients) {
+        pollfd p{client, POLLIN, 0};
+        if (poll(&p, 1, 0) == 1 && (p.revents & POLLERR)) ++reset_at_once;
+    }
+    char buf[8];
+    say("listener close: clients reset at once=%d of 4, recv=%s", reset_at_once,
+        rc(recv(clients[0], buf, sizeof(buf), MSG_DONTWAIT)).c_str());
+    for (int client : clients) close(client);
+}
+
 void check_bad_input(const Family &family) {
     int spare = dup(0);
     close(spare);  // a descriptor number that is not open
@@ -3594,6 +3615,7 @@ int main(int argc, char **argv) {
         check_bad_input(family);
         check_rcvlowat(family);
         check_listener_shutdown(family);
+        check_listener_close(family);
         check_dup(family);
         check_close_paths(family);
         check_close_while_blocked(family);
