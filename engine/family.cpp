@@ -24,6 +24,14 @@ ShardMessage Worker::message_for(Session &s, ShardMessage::Type type) {
     return message;
 }
 
+ShardMessage Worker::answer_for(const ShardMessage &message, ShardMessage::Type type) {
+    ShardMessage answer;
+    answer.type = type;
+    answer.session_id = message.session_id;
+    answer.from = this;
+    return answer;
+}
+
 uint32_t Worker::next_shard(Session &s, bool adopted) {
     const std::vector<Worker *> &workers = s.family->workers;
     return next_worker(
@@ -120,10 +128,7 @@ void Worker::handle_message(ShardMessage &message) {
             if (message.result == static_cast<int32_t>(Untaken::kPark)) {
                 // Its listener was passed on: parked for the next owner. The home waits for
                 // each answer before it answers the hand-back.
-                ShardMessage answer;
-                answer.type = Type::kParked;
-                answer.session_id = message.session_id;
-                answer.from = this;
+                ShardMessage answer = answer_for(message, Type::kParked);
                 answer.slot = j;
                 answer.accepted = message.accepted;
                 // 2: not a connection of that listener (the entry was the client's lie).
@@ -138,10 +143,7 @@ void Worker::handle_message(ShardMessage &message) {
             }
             // After the RST (and any kPeerReset it sent): the listener's close waits for this.
             if (message.accepted.listener != kNoSlot) {
-                ShardMessage answer;
-                answer.type = Type::kDropped;
-                answer.session_id = message.session_id;
-                answer.from = this;
+                ShardMessage answer = answer_for(message, Type::kDropped);
                 answer.accepted = message.accepted;
                 message.from->post(std::move(answer));
             }
@@ -160,10 +162,7 @@ void Worker::handle_message(ShardMessage &message) {
         }
         case Type::kMemberEnded: {
             if (live && message.member < ipc::kMaxMembers) release_holds(*s, message.member);
-            ShardMessage answer;
-            answer.type = Type::kMemberReleased;
-            answer.session_id = message.session_id;
-            answer.from = this;
+            ShardMessage answer = answer_for(message, Type::kMemberReleased);
             answer.member = message.member;
             message.from->post(std::move(answer));
             break;
@@ -209,10 +208,7 @@ void Worker::handle_message(ShardMessage &message) {
             break;
         case Type::kPeerReset: {
             peer_reset_here(message.key, message.peer_key);
-            ShardMessage answer;
-            answer.type = Type::kPeerResetSeen;
-            answer.session_id = message.session_id;
-            answer.from = this;
+            ShardMessage answer = answer_for(message, Type::kPeerResetSeen);
             answer.slot = message.slot;
             answer.seq = message.seq;
             message.from->post(std::move(answer));

@@ -494,6 +494,8 @@ class Worker {
     void tell_shards(Session &s, const ShardMessage &message);
     void tell_home(Session &s, ShardMessage &&message);
     ShardMessage message_for(Session &s, ShardMessage::Type type);
+    // An answer to `message`, to its sender, from this worker.
+    ShardMessage answer_for(const ShardMessage &message, ShardMessage::Type type);
     // Tells the shards of waiter w's pipe (a copy of it each), or that it has none now.
     void share_waiter(Session &s, uint32_t w);
     void share_mem(Session &s, uint32_t id);
