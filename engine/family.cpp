@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include "fence.hpp"
 #include "log.hpp"
@@ -222,7 +223,10 @@ void Worker::handle_message(ShardMessage &message) {
             if (!s || !s->region.mapped(li)) break;
             EngineSlot &listener = s->slots[li];
             if (listener.gen != message.accepted.listener_gen || listener.drops_pending == 0) break;
-            if (--listener.drops_pending == 0) maybe_finish_close(*s, li);
+            if (--listener.drops_pending > 0) break;
+            if (std::exchange(listener.shutdown_answer_pending, false))
+                respond(*s, li, listener.shutdown_answer_seq, 0);
+            maybe_finish_close(*s, li);
             break;
         }
         case Type::kHandoffDone:

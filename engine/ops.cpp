@@ -83,6 +83,13 @@ void Worker::handle_request(Session &s, uint32_t i, uint32_t req_seq) {
             break;
         case ipc::Op::kShutdown:
             result = op_shutdown(s, i, req.arg0);
+            // A listener's untaken connections on other workers are reset first (kDropped),
+            // as Linux's shutdown(SHUT_RD) resets the queue before it returns.
+            if (result == 0 && es.drops_pending > 0) {
+                es.shutdown_answer_pending = true;
+                es.shutdown_answer_seq = req_seq;
+                return;
+            }
             break;
         case ipc::Op::kClose: {
             // A socket that holds a port (a listener, or bound and not connected) is answered

@@ -129,8 +129,11 @@ struct EngineSlot {
     // A listener's untaken connections on other workers, told to close or reset (kDrop) and
     // not yet answered (kDropped): its close waits for them, and for those still being placed
     // (acc_pending), so that they are reset when close() returns, as Linux's close() resets
-    // the queue of a listener.
+    // the queue of a listener (and its shutdown(SHUT_RD)).
     uint32_t drops_pending = 0;
+    // A listener's shutdown(SHUT_RD) is answered once drops_pending is 0, for the same reason.
+    bool shutdown_answer_pending = false;
+    uint32_t shutdown_answer_seq = 0;
     bool send_cancelled = false;     // a reset close cancelled the send in flight
     uint32_t close_tail = 0;         // a graceful close drains the tx ring up to here
     uint64_t close_progress_ns = 0;  // last time the drain moved
