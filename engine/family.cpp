@@ -137,10 +137,11 @@ void Worker::handle_message(ShardMessage &message) {
                 message.from->post(std::move(answer));
                 break;
             }
-            if (ours && message.result != 0) {
-                start_close(*s, j, true);
-            } else if (ours) {
-                reset_in_place(*s, j);
+            if (ours) {
+                if (message.result != 0)
+                    start_close(*s, j, true);
+                else
+                    reset_in_place(*s, j);
             }
             // After the RST (and any kPeerReset it sent): the listener's close waits for this.
             if (message.accepted.listener != kNoSlot) {

@@ -414,12 +414,7 @@ int Worker::op_getsockopt(Session &s, uint32_t i, const ipc::Request &req, uint8
 }
 
 int Worker::op_getsockname(Session &s, uint32_t i) {
-    EngineSlot &es = s.slots[i];
-    sockaddr_storage addr;
-    socklen_t len = sizeof(addr);
-    if (getsockname(es.fd, reinterpret_cast<sockaddr *>(&addr), &len) != 0) return -errno;
-    refresh_local_address(s, i);
-    return 0;
+    return refresh_local_address(s, i);
 }
 
 int Worker::op_ioctl(Session &s, uint32_t i, const ipc::Request &req) {

@@ -2782,11 +2782,12 @@ void Worker::update_kernel_mask(Session &s, uint32_t i, uint32_t also) {
     s.region.slot(i).kernel_mask.store(mask, std::memory_order_relaxed);
 }
 
-void Worker::refresh_local_address(Session &s, uint32_t i) {
+int Worker::refresh_local_address(Session &s, uint32_t i) {
     sockaddr_storage addr;
     socklen_t len = sizeof(addr);
-    if (getsockname(s.slots[i].fd, reinterpret_cast<sockaddr *>(&addr), &len) == 0)
-        store_address(s.region.slot(i).local_addr, addr, len);
+    if (getsockname(s.slots[i].fd, reinterpret_cast<sockaddr *>(&addr), &len) != 0) return -errno;
+    store_address(s.region.slot(i).local_addr, addr, len);
+    return 0;
 }
 
 void Worker::start_close(Session &s, uint32_t i, bool reset) {

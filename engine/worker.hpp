@@ -395,7 +395,8 @@ class Worker {
     void record_fin(Session &s, uint32_t i);
     // `also`: bits the kernel reported before the engine consumed them (POLLERR with SO_ERROR).
     void update_kernel_mask(Session &s, uint32_t i, uint32_t also = 0);
-    void refresh_local_address(Session &s, uint32_t i);
+    // The kernel socket's local address into the slot; 0 or -errno (getsockname()).
+    int refresh_local_address(Session &s, uint32_t i);
     void apply_shut_wr(Session &s, uint32_t i);
     // A listener stops (close, shutdown(SHUT_RD), hand-back): no more accepts from its kernel
     // socket; its twin's waiting connections are parked with `park_twin`, else reset.

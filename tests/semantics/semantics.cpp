@@ -355,15 +355,15 @@ int wait_bits(int fd, short events, int bits) {
 // Run with --expect-offload: the engine serves the sockets.
 bool offloaded_run = false;
 
-// Waits until a listener's kernel queue (TCP_INFO's tcpi_unacked) holds `count`, or the bound
-// passes.
-void wait_kernel_queue(int lfd, unsigned count) {
+// Waits until `done` says yes of the socket's TCP_INFO, or the bound passes.
+template <typename Done>
+void wait_tcp_info(int fd, Done done) {
     const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
     for (;;) {
         tcp_info info{};
         socklen_t len = sizeof(info);
-        if (getsockopt(lfd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 ||
-            info.tcpi_unacked == count || ms_left(deadline) == 0)
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || done(info) ||
+            ms_left(deadline) == 0)
             return;
         usleep(1000);
     }
@@ -371,15 +371,7 @@ void wait_kernel_queue(int lfd, unsigned count) {
 
 // Waits until the connection's TCP state (TCP_INFO) is `state`, or the bound passes.
 void wait_tcp_state(int fd, int state) {
-    const auto deadline = Clock::now() + std::chrono::milliseconds(kWaitMs);
-    for (;;) {
-        tcp_info info{};
-        socklen_t len = sizeof(info);
-        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0 || info.tcpi_state == state ||
-            ms_left(deadline) == 0)
-            return;
-        usleep(1000);
-    }
+    wait_tcp_info(fd, [&](const tcp_info &info) { return info.tcpi_state == state; });
 }
 
 // Waits until at least `n` bytes can be read, without consuming them (MSG_PEEK).
@@ -2343,7 +2335,8 @@ void check_listener_close(const Family &family) {
     // Offloaded, the engine takes them from its kernel listener's queue ahead (into the accept
     // ring); the case is about those, so it waits until it has taken all four. Natively they
     // are in the kernel's queue from the start.
-    if (offloaded_run) wait_kernel_queue(lfd, 0);
+    if (offloaded_run)
+        wait_tcp_info(lfd, [](const tcp_info &info) { return info.tcpi_unacked == 0; });
     say("listener close: close=%s", rc(close(lfd)).c_str());
     int reset_at_once = 0;
     for (int client : clients) {
@@ -3577,10 +3570,8 @@ int check_keepers(const Keepers &keepers, bool expect_offload) {
 }  // namespace
 
 int main(int argc, char **argv) {
-    bool expect_offload = false;
     for (int i = 1; i < argc; ++i) {
         if (std::strcmp(argv[i], "--expect-offload") == 0) {
-            expect_offload = true;
             offloaded_run = true;
         } else {
             std::fprintf(stderr, "usage: %s [--expect-offload]\n", argv[0]);
@@ -3659,7 +3650,7 @@ int main(int argc, char **argv) {
     g_prefix = "[passthrough] ";
     check_passthrough();
 
-    const int status = check_keepers(keepers, expect_offload);
+    const int status = check_keepers(keepers, offloaded_run);
     end_stopper();
     std::fflush(stdout);
     return status;
